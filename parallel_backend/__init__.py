@@ -1,0 +1,1 @@
+"""Parallel DiT backend: pure torch + diffusers + safetensors. Never imports ComfyUI."""

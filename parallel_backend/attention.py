@@ -1,0 +1,144 @@
+"""Sequence-parallel attention: Ulysses all-to-all, Ring with log-sum-exp merge, and both (USP).
+
+Layout everywhere: q, k, v are (batch, seq, heads, head_dim), as diffusers' processors hold
+them. The sequence is split over `ring x ulysses` ranks, ulysses inner: rank (r, u) holds chunk
+r * ulysses + u. A padded tail (tokens not dividing the sequence degree) is masked out of the
+keys by `valid_len`, the number of real tokens in the full sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .collectives import all_to_all_single, ring_exchange
+
+
+@dataclass
+class SequenceParallelGroups:
+    """The process groups attention needs on one rank (None = axis of size 1)."""
+    ulysses: object = None
+    ulysses_size: int = 1
+    ring: object = None
+    ring_size: int = 1
+    ring_rank: int = 0
+    backend: str = "sdpa"
+
+    @property
+    def degree(self) -> int:
+        return self.ulysses_size * self.ring_size
+
+
+def _key_mask(q_len: int, k_start: int, k_len: int, valid_len: int | None, device) -> torch.Tensor | None:
+    """Boolean mask (q_len, k_len), True = attend; None when every key is real."""
+    if valid_len is None or k_start + k_len <= valid_len:
+        return None
+    keep = torch.arange(k_start, k_start + k_len, device=device) < valid_len
+    return keep.view(1, k_len).expand(q_len, k_len)
+
+
+def local_attention(q, k, v, backend: str = "sdpa", mask=None) -> torch.Tensor:
+    """Plain attention on (B, S, H, D) tensors."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if backend == "math":
+        out = _math_attention(q, k, v, mask)[0]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def _math_attention(q, k, v, mask=None):
+    """(B, H, S, D) attention returning (out, lse) in fp32 accumulation."""
+    scale = q.shape[-1] ** -0.5
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    return torch.matmul(p, v.float()).to(q.dtype), lse
+
+
+def attention_with_lse(q, k, v, backend: str = "sdpa", mask=None):
+    """(B, H, S, D) attention returning (out, lse (B, H, S) fp32) for the ring merge.
+
+    Uses a fused kernel that exposes the log-sum-exp where torch has one, the math form otherwise.
+    """
+    if backend != "math" and mask is None:
+        try:
+            if q.device.type == "cpu":
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+                return out, lse.float()
+            if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+                return out, lse.float()
+        except (RuntimeError, NotImplementedError):
+            pass
+    return _math_attention(q, k, v, mask)
+
+
+def merge_attention(out, lse, out_b, lse_b):
+    """Merge two partial attentions over disjoint key sets by their log-sum-exp."""
+    if out is None:
+        return out_b.float(), lse_b
+    new_lse = torch.logaddexp(lse, lse_b)
+    w_a = torch.exp(lse - new_lse).unsqueeze(-1)
+    w_b = torch.exp(lse_b - new_lse).unsqueeze(-1)
+    return out * w_a + out_b.float() * w_b, new_lse
+
+
+def ring_attention(q, k, v, group, ring_size: int, ring_rank: int, backend: str = "sdpa",
+                   valid_len: int | None = None, k_offset: int = 0) -> torch.Tensor:
+    """Attention of local queries against the keys of every rank in `group`, K/V passed around the ring.
+
+    q, k, v: (B, S_local, H, D); rank i of the ring holds key positions
+    [k_offset + i * S_local, ...) of the (possibly padded) sequence.
+    """
+    qh = q.transpose(1, 2)
+    s_local = k.shape[1]
+    kv = torch.stack((k, v)).contiguous()
+    out = lse = None
+    for step in range(ring_size):
+        nxt = ring_exchange(kv, group) if step < ring_size - 1 else None
+        src = (ring_rank - step) % ring_size
+        k_start = k_offset + src * s_local
+        if valid_len is None or k_start < valid_len:  # a block of padding only contributes nothing
+            mask = _key_mask(qh.shape[2], k_start, s_local, valid_len, q.device)
+            kb, vb = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+            o_b, lse_b = attention_with_lse(qh, kb, vb, backend, mask)
+            out, lse = merge_attention(out, lse, o_b, lse_b)
+        if nxt is not None:
+            kv = nxt.wait()
+    return out.to(q.dtype).transpose(1, 2)
+
+
+def _seq_to_heads(x, group, size):
+    """(B, S/u, H, D) -> (B, S, H/u, D): scatter heads, gather sequence."""
+    b, s, h, d = x.shape
+    x = x.reshape(b, s, size, h // size, d).permute(2, 0, 1, 3, 4).contiguous()
+    x = all_to_all_single(x, group)  # dim 0 now indexes the source rank = sequence chunk
+    return x.permute(1, 0, 2, 3, 4).reshape(b, size * s, h // size, d)
+
+
+def _heads_to_seq(x, group, size):
+    """(B, S, H/u, D) -> (B, S/u, H, D): the inverse all-to-all."""
+    b, s, h, d = x.shape
+    x = x.reshape(b, size, s // size, h, d).permute(1, 0, 2, 3, 4).contiguous()
+    x = all_to_all_single(x, group)  # dim 0 now indexes the source rank = head group
+    return x.permute(1, 2, 0, 3, 4).reshape(b, s // size, size * h, d)
+
+
+def ulysses_attention(q, k, v, groups: SequenceParallelGroups, valid_len: int | None = None) -> torch.Tensor:
+    """USP: Ulysses all-to-all inside `groups.ulysses`, Ring across `groups.ring` (either may be 1)."""
+    u = groups.ulysses_size
+    if u > 1:
+        q, k, v = (_seq_to_heads(t, groups.ulysses, u) for t in (q, k, v))
+    if groups.ring_size > 1:
+        out = ring_attention(q, k, v, groups.ring, groups.ring_size, groups.ring_rank, groups.backend, valid_len)
+    else:
+        mask = _key_mask(q.shape[1], 0, k.shape[1], valid_len, q.device)
+        out = local_attention(q, k, v, groups.backend, None if mask is None else mask.view(1, 1, *mask.shape))
+    if u > 1:
+        out = _heads_to_seq(out.contiguous(), groups.ulysses, u)
+    return out

@@ -1,0 +1,186 @@
+"""ParallelConfig: the mesh a worker group runs on, and its validation.
+
+world = dp x cfg x ring x ulysses x tp. Validation is one pure function so every rule can be
+tested without starting a process; each message names the value the user should change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+AXES = ("dp", "cfg", "ring", "ulysses", "tp")  # outermost first: the mesh dim order
+DTYPES = ("fp32", "bf16", "fp16")
+DEVICE_KINDS = ("cuda", "cpu")
+ATTENTION_BACKENDS = ("sdpa", "math", "flash")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    world_size: int = 2
+    dp: int = 1
+    cfg: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    tp: int = 1
+    dtype: str = "bf16"
+    device: str = "cuda"
+    attention: str = "sdpa"
+    # first device index used by rank 0 (ranks take consecutive devices)
+    first_device: int = 0
+    # CPU ranks: torch threads per rank (0 = cores // world)
+    threads_per_rank: int = 0
+
+    def degrees(self) -> dict:
+        return {a: getattr(self, a) for a in AXES}
+
+    @property
+    def sequence_degree(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def replica_degree(self) -> int:
+        return self.dp * self.cfg
+
+    def key(self) -> tuple:
+        """Cache key: two configs with the same key can share a warm worker group."""
+        return dataclasses.astuple(self)
+
+    def describe(self) -> str:
+        parts = [f"{a}={getattr(self, a)}" for a in AXES if getattr(self, a) > 1] or ["single rank"]
+        return f"{self.world_size} x {self.device} ({', '.join(parts)}), {self.dtype}, {self.attention}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate_config(cfg: ParallelConfig, available_devices: int | None = None) -> None:
+    """Refuse a config that cannot run, before any process starts.
+
+    `available_devices` is the number of devices of `cfg.device` kind this machine has
+    (None: do not check; CPU ranks are limited only by sanity).
+    """
+    if cfg.device not in DEVICE_KINDS:
+        raise ConfigError(f"device '{cfg.device}' is not one of {DEVICE_KINDS}; pick cuda for GPUs or cpu for testing")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype '{cfg.dtype}' is not one of {DTYPES}")
+    if cfg.attention not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention backend '{cfg.attention}' is not one of {ATTENTION_BACKENDS}")
+    if cfg.world_size < 1:
+        raise ConfigError(f"world_size {cfg.world_size} must be at least 1")
+    for axis, deg in cfg.degrees().items():
+        if deg < 1:
+            raise ConfigError(f"{axis} degree {deg} must be at least 1 (use 0 in the node for 'auto')")
+    product = math.prod(cfg.degrees().values())
+    if product != cfg.world_size:
+        detail = " x ".join(f"{a}{d}" for a, d in cfg.degrees().items())
+        raise ConfigError(
+            f"the degrees multiply to {product} ({detail}) but world_size is {cfg.world_size}: "
+            f"set world_size to {product} or change the degrees so they multiply to {cfg.world_size}"
+        )
+    if available_devices is not None and cfg.device == "cuda":
+        if available_devices == 0:
+            raise ConfigError("device is 'cuda' but no CUDA GPU is visible to this process: "
+                              "check the driver / CUDA_VISIBLE_DEVICES, or set device to 'cpu'")
+        needed = cfg.first_device + cfg.world_size
+        if needed > available_devices:
+            raise ConfigError(
+                f"world_size {cfg.world_size} (from device {cfg.first_device}) needs {needed} GPUs but only "
+                f"{available_devices} are visible: set world_size to at most {available_devices - cfg.first_device}"
+            )
+    if cfg.device == "cpu" and cfg.dtype == "fp16":
+        raise ConfigError("fp16 compute on CPU ranks is not supported by torch's CPU kernels: use fp32 or bf16 with device 'cpu'")
+    if cfg.device == "cpu" and cfg.attention == "flash":
+        raise ConfigError("attention 'flash' needs CUDA GPUs: use 'sdpa' or 'math' with device 'cpu'")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What validation needs to know of a model: taken from the checkpoint header."""
+    family: str
+    num_heads: int
+    head_dim: int
+    ffn_dim: int
+    num_layers: int
+    in_channels: int
+    out_channels: int
+    patch_size: tuple
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+def validate_for_model(cfg: ParallelConfig, shape: ModelShape) -> None:
+    """Rules that depend on the model: heads and widths must split over the mesh."""
+    heads, u, tp = shape.num_heads, cfg.ulysses, cfg.tp
+    if heads % (u * tp) != 0:
+        ok = [d for d in range(1, heads + 1) if heads % d == 0]
+        raise ConfigError(
+            f"{shape.family} has {heads} attention heads, which do not divide by ulysses x tp = {u} x {tp} = {u * tp}: "
+            f"choose ulysses x tp among {ok}, and use ring for the rest of the sequence split"
+        )
+    if shape.ffn_dim % tp != 0:
+        raise ConfigError(f"{shape.family} ffn width {shape.ffn_dim} does not divide by tp={tp}: lower tp")
+    if shape.dim % tp != 0:
+        raise ConfigError(f"{shape.family} width {shape.dim} does not divide by tp={tp}: lower tp")
+
+
+def validate_latent(shape: ModelShape, latent_shape: tuple) -> None:
+    """A latent the model cannot take: wrong rank or channels (spatial sizes are padded)."""
+    if len(latent_shape) != 5:
+        raise ConfigError(f"{shape.family} takes a 5-D video latent (batch, channels, frames, height, width), "
+                          f"got shape {tuple(latent_shape)}: use a video latent node (e.g. EmptyHunyuanLatentVideo)")
+    if latent_shape[1] > shape.in_channels:
+        raise ConfigError(f"latent has {latent_shape[1]} channels but the model takes {shape.in_channels}: "
+                          f"use the latent node that matches this model")
+    if min(latent_shape[2:]) < 1 or latent_shape[0] < 1:
+        raise ConfigError(f"latent shape {tuple(latent_shape)} is empty")
+
+
+def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_one_device: bool = True,
+                 fixed: dict | None = None) -> tuple[dict, str]:
+    """Pick degrees for axes left at 0, following the measured communication ranking:
+    CFG outermost (no traffic until the end), then Ulysses (all-to-all, least bytes) while heads
+    divide, then Ring for what remains, TP only when the model would not fit one device.
+
+    Returns (degrees, explanation).
+    """
+    fixed = {a: d for a, d in (fixed or {}).items() if d}
+    deg = {a: fixed.get(a, 1) for a in AXES}
+    fixed_product = math.prod(deg.values())
+    if world_size % fixed_product != 0:
+        raise ConfigError(f"the fixed degrees {fixed} multiply to {fixed_product}, which does not divide world_size "
+                          f"{world_size}: change them or world_size")
+    left = world_size // fixed_product
+    why = []
+    if not fits_one_device and "tp" not in fixed:
+        # Smallest tp that divides heads and what is left; 2 halves the weights.
+        for d in (2, 4, 8):
+            if left % d == 0 and num_heads % d == 0:
+                deg["tp"], left = d, left // d
+                why.append(f"tp={d} because the model does not fit one device")
+                break
+    if uses_cfg and "cfg" not in fixed and left % 2 == 0:
+        deg["cfg"], left = 2, left // 2
+        why.append("cfg=2 (cond/uncond on separate ranks: no traffic inside the model)")
+    if "ulysses" not in fixed:
+        u = 1
+        for d in range(left, 0, -1):
+            if left % d == 0 and num_heads % (d * deg["tp"]) == 0:
+                u = d
+                break
+        deg["ulysses"], left = u, left // u
+        if u > 1:
+            why.append(f"ulysses={u} (all-to-all: least bytes per forward)")
+    if left > 1 and "ring" not in fixed:
+        deg["ring"], left = left, 1
+        why.append(f"ring={deg['ring']} because {num_heads} heads do not split further")
+    if left > 1:
+        deg["dp"] *= left
+        why.append(f"dp={deg['dp']} for the rest")
+    return deg, "; ".join(why) or "single rank"

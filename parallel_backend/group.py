@@ -1,0 +1,260 @@
+"""WorkerGroup: the persistent ranks behind one ParallelConfig, seen from the ComfyUI process.
+
+- spawns `world_size` ranks with torch.multiprocessing (spawn), one duplex Pipe each: the control
+  channel is local only, nothing listens on the network; ranks rendezvous through a FileStore;
+- every wait watches the pipes *and* the process sentinels, so a rank that dies is reported at
+  once (rank, exit code / signal) and the whole group is torn down, never left hanging;
+- tensors go through ShmTensorSlot segments; the pipes carry only descriptors;
+- groups are cached by config key, so a second prompt reuses warm ranks and loaded weights.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from multiprocessing import resource_tracker
+from multiprocessing.connection import wait
+
+import torch
+
+from .config import ParallelConfig, validate_config
+from .transport import ShmTensorSlot
+
+
+class WorkerGroupError(RuntimeError):
+    """A rank failed; the message names the rank, the config and the cause."""
+
+
+class WorkerGroupInterrupted(RuntimeError):
+    pass
+
+
+def _exit_cause(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def available_devices(kind: str) -> int | None:
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return None
+
+
+class WorkerGroup:
+    start_timeout = 300.0
+    load_timeout = 3600.0
+    step_timeout = 3600.0
+
+    def __init__(self, config: ParallelConfig):
+        validate_config(config, available_devices(config.device))
+        self.config = config
+        self.procs, self.conns = [], []
+        self.pids: list[int] = []
+        self.model_key = None
+        self.model_info: dict | None = None
+        self.load_count = 0
+        self._lock = threading.RLock()
+        self._tmpdir = None
+        self._in = self._out = None
+        self.closed = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "WorkerGroup":
+        import torch.multiprocessing as mp
+
+        from . import worker  # noqa: F401  (imported by plain name; see worker.py)
+
+        resource_tracker.ensure_running()  # ranks share this tracker, so shm names stay tracked once
+        ctx = mp.get_context("spawn")
+        self._tmpdir = tempfile.mkdtemp(prefix="pdit_group_")
+        store = os.path.join(self._tmpdir, "store")
+        try:
+            for rank in range(self.config.world_size):
+                parent, child = ctx.Pipe(duplex=True)
+                p = ctx.Process(target=worker.worker_main, name=f"pdit-rank{rank}",
+                                args=(rank, self.config.to_dict(), store, child, os.getpid()), daemon=True)
+                p.start()
+                child.close()
+                self.procs.append(p)
+                self.conns.append(parent)
+            replies = self._collect(self.start_timeout, "start")
+            self.pids = [r["pid"] for r in replies]
+            self._in, self._out = ShmTensorSlot("in"), ShmTensorSlot("out")
+        except BaseException:
+            self.stop(graceful=False)
+            raise
+        return self
+
+    def alive(self) -> bool:
+        return not self.closed and bool(self.procs) and all(p.is_alive() for p in self.procs)
+
+    def stop(self, graceful: bool = True) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if graceful:
+                for c in self.conns:
+                    try:
+                        c.send(("shutdown", None))
+                    except (OSError, BrokenPipeError):
+                        pass
+                deadline = time.monotonic() + 10
+                for p in self.procs:
+                    p.join(timeout=max(0.0, deadline - time.monotonic()))
+            for p in self.procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in self.procs:
+                p.join(timeout=3)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=3)
+            for c in self.conns:
+                c.close()
+            for slot in (self._in, self._out):
+                if slot is not None:
+                    slot.close()
+            if self._tmpdir:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+            _forget(self)
+
+    # ---- control channel -----------------------------------------------------------------------
+    def _collect(self, timeout: float, what: str, interrupt=None) -> list:
+        """Wait for one reply per rank, watching for dead ranks; tear down on any failure."""
+        replies = [None] * len(self.conns)
+        pending = dict(enumerate(self.conns))
+        sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
+        deadline = time.monotonic() + timeout
+        errors = []
+        while pending:
+            ready = wait(list(pending.values()) + list(sentinels), timeout=0.05)
+            for obj in ready:
+                if obj in sentinels:
+                    rank = sentinels[obj]
+                    if rank in pending and not pending[rank].poll():
+                        code = self.procs[rank].exitcode
+                        self.stop(graceful=False)
+                        raise WorkerGroupError(
+                            f"rank {rank} of {self.config.describe()} died during {what} ({_exit_cause(code)}); "
+                            f"the group was stopped and the next run starts a fresh one")
+                    continue
+                rank = next(r for r, c in pending.items() if c is obj)
+                try:
+                    msg = obj.recv()
+                except (EOFError, OSError):
+                    continue  # the sentinel reports the death
+                del pending[rank]
+                if msg[0] == "error":
+                    errors.append((msg[1], msg[2]))
+                    if what != "load":  # peers may be blocked in a collective: do not wait for them
+                        pending.clear()
+                else:
+                    replies[rank] = msg[1]
+            if time.monotonic() > deadline:
+                self.stop(graceful=False)
+                raise WorkerGroupError(f"ranks {sorted(pending)} of {self.config.describe()} did not answer {what} "
+                                       f"within {timeout:.0f} s; the group was stopped")
+        if errors:
+            rank, text = errors[0]
+            if what != "load":
+                self.stop(graceful=False)
+            raise WorkerGroupError(f"rank {rank} of {self.config.describe()} failed during {what}:\n{text}")
+        return replies
+
+    def _call(self, op: str, payload, timeout: float) -> list:
+        with self._lock:
+            if not self.alive():
+                raise WorkerGroupError("the worker group is not running (it was stopped or a rank died)")
+            for c in self.conns:
+                c.send((op, payload))
+            return self._collect(timeout, op)
+
+    # ---- model ---------------------------------------------------------------------------------
+    @staticmethod
+    def model_key_for(path: str, precision: str) -> tuple:
+        st = os.stat(path)
+        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, precision)
+
+    def load(self, path: str, precision: str) -> dict:
+        """Load (or keep) a model on every rank; a no-op when the same file and precision are loaded."""
+        key = self.model_key_for(path, precision)
+        if key == self.model_key and self.model_info is not None:
+            return self.model_info
+        self.model_key = self.model_info = None
+        replies = self._call("load", {"path": path, "precision": precision}, self.load_timeout)
+        self.model_key, self.model_info = key, replies[0]
+        self.load_count += 1
+        self.rank_load_stats = replies
+        return self.model_info
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, fault=None,
+                **extras) -> torch.Tensor:
+        """One model evaluation on the group: inputs and output cross through shared memory."""
+        if self.model_info is None:
+            raise WorkerGroupError("no model is loaded on the worker group")
+        tensors = {"x": x, "timestep": timestep.reshape(-1).expand(x.shape[0]) if timestep.numel() == 1 else timestep,
+                   "context": context}
+        tensors.update({k: v for k, v in extras.items() if v is not None})
+        with self._lock:
+            refs = self._in.write(tensors)
+            out_shape = (x.shape[0], self.model_info["out_channels"], *x.shape[2:])
+            out_ref = self._out.layout({"out": (out_shape, torch.float32)})["out"]
+            self._call("forward", {"inputs": refs, "out": out_ref, "fault": fault}, self.step_timeout)
+            return self._out.read(out_ref)
+
+    def stats(self) -> list:
+        return self._call("stats", None, 60)
+
+
+# ---- cache of warm groups, one per config -------------------------------------------------------
+_groups: dict = {}
+_groups_lock = threading.RLock()
+starts = 0  # how many groups this process has started (tests assert warm reuse with it)
+
+
+def _forget(group: WorkerGroup) -> None:
+    with _groups_lock:
+        for k, g in list(_groups.items()):
+            if g is group:
+                del _groups[k]
+
+
+def get_group(config: ParallelConfig) -> WorkerGroup:
+    """The warm group for `config`, started if there is none (or the old one died)."""
+    global starts
+    with _groups_lock:
+        g = _groups.get(config.key())
+        if g is not None and g.alive():
+            return g
+        if g is not None:
+            g.stop(graceful=False)
+        # one group at a time holds the devices: a new config replaces the old group
+        for other in list(_groups.values()):
+            other.stop()
+        g = WorkerGroup(config).start()
+        _groups[config.key()] = g
+        starts += 1
+        return g
+
+
+def stop_all() -> None:
+    for g in list(_groups.values()):
+        g.stop()
+
+
+def active_groups() -> list:
+    return list(_groups.values())
+
+
+atexit.register(stop_all)

@@ -1,0 +1,22 @@
+"""Model families: one module each, holding detection, build, key map and parallel plan."""
+from __future__ import annotations
+
+from . import wan
+
+FAMILIES = {wan.FAMILY: wan}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def detect_family(shapes: dict, path: str = "<file>"):
+    """The family module whose keys and shapes this checkpoint has."""
+    for fam in FAMILIES.values():
+        if fam.detect(shapes):
+            return fam
+    sample = ", ".join(sorted(shapes)[:4])
+    raise UnsupportedModelError(
+        f"{path} is not a diffusion transformer this pack supports (supported: {', '.join(FAMILIES)}); "
+        f"its first keys are: {sample}. Pick a Wan DiT file from models/diffusion_models "
+        f"(text encoders, VAEs and LoRAs go in their own loaders)")

@@ -1,0 +1,147 @@
+"""Apply a model family's parallel plan (data in parallel_backend/models/<family>.py) to a model.
+
+A plan says, by module path pattern:
+  - tp:         which layers become column / row parallel, which norms become head-sharded;
+  - seq_split:  which module inputs / outputs are split over the sequence ranks (padded tail);
+  - seq_gather: which module output is gathered back to the full sequence;
+  - attention:  which attention modules get the family's parallel processor.
+The way diffusers keeps `_cp_plan` beside a model and torchtitan keeps `parallelize_<model>`.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import SequenceParallelGroups
+from .collectives import all_gather
+from .tensor_parallel import TP_STYLES
+
+
+@dataclass(frozen=True)
+class SeqSplit:
+    """Split a tensor over the sequence ranks along `dim`; skip tensors whose ndim differs."""
+    dim: int
+    expected_ndim: int | None = None
+
+
+@dataclass(frozen=True)
+class SeqGather:
+    dim: int
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    tp: dict = field(default_factory=dict)            # pattern -> "colwise" | "rowwise" | "head_norm"
+    seq_split_inputs: dict = field(default_factory=dict)   # module -> {arg index: SeqSplit}
+    seq_split_outputs: dict = field(default_factory=dict)  # module -> {output index: SeqSplit}
+    seq_gather_outputs: dict = field(default_factory=dict)  # module -> SeqGather
+    attention_heads: tuple = ()                       # patterns of modules with a `heads` attr to divide by tp
+
+
+class SequenceState:
+    """Per-forward facts the split hooks learn and attention needs (real length before padding)."""
+
+    def __init__(self, groups: SequenceParallelGroups, index: int):
+        self.groups, self.index = groups, index
+        self.valid_len: int | None = None
+        self.padded = False
+
+    @property
+    def degree(self) -> int:
+        return self.groups.degree
+
+    def split(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        s = t.shape[dim]
+        pad = (-s) % self.degree
+        self.valid_len, self.padded = s, pad > 0
+        if pad:
+            widths = [0, 0] * (t.ndim - 1 - dim % t.ndim) + [0, pad]
+            t = F.pad(t, widths)
+        n = t.shape[dim] // self.degree
+        return t.narrow(dim, self.index * n, n).contiguous()
+
+    def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        g = self.groups
+        if g.ulysses_size > 1:
+            t = all_gather(t, g.ulysses, dim)
+        if g.ring_size > 1:
+            t = all_gather(t, g.ring, dim)
+        return t.narrow(dim, 0, self.valid_len) if self.padded else t
+
+    @property
+    def key_valid_len(self) -> int | None:
+        """valid_len for attention masks, or None when nothing was padded."""
+        return self.valid_len if self.padded else None
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, group, tp_rank: int, tp_size: int) -> None:
+    """Swap planned layers for their sharded versions (works on meta modules before loading)."""
+    if tp_size == 1:
+        return
+    for name, module in list(model.named_modules()):
+        for pattern, style in plan.tp.items():
+            if _matches(name, pattern):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, TP_STYLES[style](module, group, tp_rank, tp_size))
+                break
+    for name, module in model.named_modules():
+        if any(_matches(name, p) for p in plan.attention_heads):
+            assert module.heads % tp_size == 0
+            module.heads //= tp_size
+
+
+def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: SequenceState) -> list:
+    """Register the split / gather hooks; returns their handles."""
+    if state.degree == 1:
+        return []
+    handles = []
+
+    def split_inputs(spec):
+        def hook(_module, args, kwargs):
+            args = list(args)
+            for i, s in spec.items():
+                if i < len(args) and torch.is_tensor(args[i]) and (s.expected_ndim in (None, args[i].ndim)):
+                    args[i] = state.split(args[i], s.dim)
+            return tuple(args), kwargs
+        return hook
+
+    def split_outputs(spec):
+        def hook(_module, _args, output):
+            out = list(output) if isinstance(output, (tuple, list)) else [output]
+            for i, s in spec.items():
+                if s.expected_ndim in (None, out[i].ndim):
+                    out[i] = state.split(out[i], s.dim)
+            return type(output)(out) if isinstance(output, (tuple, list)) else out[0]
+        return hook
+
+    def gather_output(spec):
+        def hook(_module, _args, output):
+            return state.gather(output, spec.dim)
+        return hook
+
+    for name, spec in plan.seq_split_inputs.items():
+        handles.append(model.get_submodule(name).register_forward_pre_hook(split_inputs(spec), with_kwargs=True))
+    for name, spec in plan.seq_split_outputs.items():
+        handles.append(model.get_submodule(name).register_forward_hook(split_outputs(spec)))
+    for name, spec in plan.seq_gather_outputs.items():
+        handles.append(model.get_submodule(name).register_forward_hook(gather_output(spec)))
+    return handles
+
+
+def shard_dim_of(model: nn.Module, param_name: str) -> tuple[int | None, int, int]:
+    """(dim, tp_rank, tp_size) for a parameter: where the loader must slice it."""
+    module_name, _, pname = param_name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    dims = getattr(module, "shard_dims", None)
+    if not dims or dims.get(pname) is None:
+        return None, 0, 1
+    return dims[pname], module.tp_rank, module.tp_size

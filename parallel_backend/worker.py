@@ -1,0 +1,136 @@
+"""The worker rank's process: join the mesh, hold the shard, serve the control pipe.
+
+Started by WorkerGroup with torch.multiprocessing (spawn). Imported by its plain module name
+(`parallel_backend.worker`) so a spawn child can find it even when ComfyUI imported the pack
+under its folder path.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+
+def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Exit when the ComfyUI process is gone: a rank must never outlive its owner."""
+    def loop():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            time.sleep(interval)
+    threading.Thread(target=loop, name="pdit-parent-watch", daemon=True).start()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid: int) -> None:
+    _watch_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the ComfyUI terminal is the owner's to handle
+    import torch
+    import torch.distributed as dist
+
+    from .config import ParallelConfig
+    from .mesh import build_mesh, init_process_group
+    from .runner import ShardedModel
+    from .transport import ShmReader
+
+    config = ParallelConfig(**config_dict)
+    try:
+        if config.device == "cpu":
+            n = config.threads_per_rank or max(1, (os.cpu_count() or 1) // config.world_size)
+            torch.set_num_threads(n)
+        device = init_process_group(config, rank, store_path)
+        mesh = build_mesh(config, rank, device)
+    except BaseException:
+        conn.send(("error", rank, traceback.format_exc()))
+        return
+    conn.send(("ok", {"rank": rank, "pid": os.getpid(), "coord": mesh.coord}))
+
+    reader = ShmReader()
+    model: ShardedModel | None = None
+    loads = 0
+    while True:
+        try:
+            op, payload = conn.recv()
+        except (EOFError, OSError):
+            break  # owner closed the pipe: leave
+        try:
+            if op == "shutdown":
+                conn.send(("ok", None))
+                break
+            elif op == "load":
+                model = None
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                model = ShardedModel(mesh, payload["path"], payload["precision"])
+                loads += 1
+                conn.send(("ok", {**model.info(), "loads": loads, "rss": _rss_bytes(),
+                                  "peak_rss": _peak_rss_bytes()}))
+            elif op == "forward":
+                if model is None:
+                    raise RuntimeError("no model loaded on this worker group")
+                refs, out_ref = payload["inputs"], payload["out"]
+                fault = payload.get("fault")
+                if fault and fault.get("rank") == rank:
+                    _inject_fault(fault)
+                x = reader.view(refs["x"])
+                t = reader.view(refs["timestep"])
+                ctx = reader.view(refs["context"])
+                extras = {k: reader.view(r) for k, r in refs.items() if k not in ("x", "timestep", "context")}
+                out = model.forward_rows(x, t, ctx, **extras)
+                del x, t, ctx, extras
+                if out is not None and mesh.is_replica_leader:
+                    rows = model.rows(out_ref.shape[0])
+                    reader.view(out_ref)[rows].copy_(out.to("cpu"))
+                del out
+                conn.send(("ok", None))
+            elif op == "stats":
+                conn.send(("ok", {"rank": rank, "pid": os.getpid(), "rss": _rss_bytes(), "loads": loads,
+                                  "peak_rss": _peak_rss_bytes(),
+                                  "param_bytes": 0 if model is None else model.load_stats["param_bytes"]}))
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except BaseException as e:
+            conn.send(("error", rank, _describe(e, config)))
+    reader.close()
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def _describe(e: BaseException, config) -> str:
+    text = "".join(traceback.format_exception(e))
+    msg = str(e).lower()
+    if "out of memory" in msg:
+        text += (f"\nHint: rank ran out of memory with {config.describe()}; raise tp (splits the weights) or "
+                 f"ulysses/ring (splits the activations), or lower the resolution / frame count.")
+    return text
+
+
+def _inject_fault(fault: dict) -> None:
+    """Test hook: simulate a failing rank (only reachable through the group's test API)."""
+    kind = fault.get("kind")
+    if kind == "raise":
+        raise RuntimeError(fault.get("message", "injected fault"))
+    if kind == "exit":
+        os._exit(fault.get("code", 17))
+    if kind == "sleep":
+        time.sleep(fault.get("seconds", 1.0))
