@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
+import types
 from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
 
@@ -50,6 +53,22 @@ def available_devices(kind: str) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _plain_main_module():
+    """Spawn children re-run the parent's __main__ script unless told otherwise. Under ComfyUI that
+    is main.py, whose argument parser rejects the child's `--multiprocessing-fork` and whose
+    imports would load all of ComfyUI into every rank. While ranks start, show multiprocessing a
+    bare __main__ so children import only `parallel_backend.worker`."""
+    real = sys.modules["__main__"]
+    stub = types.ModuleType("__main__")
+    stub.__spec__ = None
+    sys.modules["__main__"] = stub
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = real
+
+
 class WorkerGroup:
     start_timeout = 300.0
     load_timeout = 3600.0
@@ -79,14 +98,15 @@ class WorkerGroup:
         self._tmpdir = tempfile.mkdtemp(prefix="pdit_group_")
         store = os.path.join(self._tmpdir, "store")
         try:
-            for rank in range(self.config.world_size):
-                parent, child = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=worker.worker_main, name=f"pdit-rank{rank}",
-                                args=(rank, self.config.to_dict(), store, child, os.getpid()), daemon=True)
-                p.start()
-                child.close()
-                self.procs.append(p)
-                self.conns.append(parent)
+            with _plain_main_module():
+                for rank in range(self.config.world_size):
+                    parent, child = ctx.Pipe(duplex=True)
+                    p = ctx.Process(target=worker.worker_main, name=f"pdit-rank{rank}",
+                                    args=(rank, self.config.to_dict(), store, child, os.getpid()), daemon=True)
+                    p.start()
+                    child.close()
+                    self.procs.append(p)
+                    self.conns.append(parent)
             replies = self._collect(self.start_timeout, "start")
             self.pids = [r["pid"] for r in replies]
             self._in, self._out = ShmTensorSlot("in"), ShmTensorSlot("out")

@@ -1,0 +1,121 @@
+"""Shared bits of the bench scripts: repo on sys.path, the machine header, plain-text tables.
+
+Every script prints `header(title)` first, so a pasted table always says where and how it was made.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `python bench/x.py` puts bench/ on sys.path, not the repo root
+    sys.path.insert(0, REPO)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_lines() -> list[str]:
+    import torch
+
+    cores = os.cpu_count() or 0
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = cores
+    lines = [f"cpu:     {cpu_model()} ({cores} logical cores, {usable} usable by this process)",
+             f"python:  {platform.python_version()}   torch: {torch.__version__}"]
+    try:
+        with open("/proc/meminfo") as f:
+            total_kb = int(f.readline().split()[1])
+        lines.append(f"memory:  {total_kb / 2**20:.1f} GiB")
+    except (OSError, ValueError, IndexError):
+        pass
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        lines.append(f"gpu:     {len(names)} x {', '.join(sorted(set(names)))} (CUDA {torch.version.cuda})")
+    else:
+        lines.append("gpu:     none (CPU only)")
+    return lines
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+def header(title: str) -> None:
+    print("=" * 100)
+    print(title)
+    print("-" * 100)
+    for line in machine_lines():
+        print(line)
+    print(f"command: {command_line()}")
+    print("=" * 100)
+
+
+def table(rows: list[list], headers: list[str], align: str | None = None) -> str:
+    """Rows of cells as an aligned text table; `align` is one char per column, 'l' or 'r'."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def fmt(r):
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align)).rstrip()
+
+    out = [fmt(headers), "  ".join("-" * w for w in widths)]
+    out += [fmt(r) for r in cells]
+    return "\n".join(out)
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def write_fast_checkpoint(path: str, shapes: dict, dtype=None, seed: int = 0) -> str:
+    """A synthetic checkpoint of real shapes, written fast.
+
+    parallel_backend.synthetic.write_checkpoint draws every value with torch.randn (about 40 s for
+    Wan 14B's width with 2 blocks on a 2-core box). Benchmarks that measure bytes and memory only
+    need the right shapes, dtypes and O(1) activations, so here each tensor is a tiled pool of 1 M
+    normal values with synthetic.random_tensor's per-kind scaling (norm weights ~1, biases small,
+    matrices / sqrt(fan_in), modulation / sqrt(dim)).
+    """
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = dtype or torch.bfloat16
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(1 << 20, generator=g)
+    sd = {}
+    for i, (key, shape) in enumerate(shapes.items()):
+        n = math.prod(shape)
+        start = (i * 7919) % pool.numel()
+        reps = (start + n + pool.numel() - 1) // pool.numel()
+        t = (pool.repeat(reps)[start:start + n] if reps > 1 else pool[start:start + n]).view(shape)
+        if "modulation" in key:
+            t = t / math.sqrt(shape[-1])
+        elif key.endswith("bias"):
+            t = t * 0.02
+        elif len(shape) == 1:
+            t = 1.0 + 0.1 * t
+        else:
+            t = t / math.sqrt(math.prod(shape[1:]))
+        sd[key] = t.to(dtype).contiguous()
+    save_file(sd, path)
+    return path

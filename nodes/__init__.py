@@ -1,0 +1,18 @@
+"""ComfyUI adapters: widgets, validation, progress, interrupt. No torch.distributed here."""
+from .config_node import ParallelConfigNode
+from .loader_node import ParallelModelLoader
+from .sampler_node import ParallelSampler
+from .unload_node import ParallelUnload
+
+NODE_CLASS_MAPPINGS = {
+    "ParallelConfig": ParallelConfigNode,
+    "ParallelModelLoader": ParallelModelLoader,
+    "ParallelSampler": ParallelSampler,
+    "ParallelUnload": ParallelUnload,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ParallelConfig": "Parallel Config",
+    "ParallelModelLoader": "Parallel Model Loader",
+    "ParallelSampler": "Parallel Sampler",
+    "ParallelUnload": "Parallel Unload",
+}

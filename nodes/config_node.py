@@ -1,0 +1,64 @@
+from .backend import CATEGORY, CONFIG_TYPE, backend
+
+_AXIS_HELP = {
+    "cfg": "CFG parallel: cond and uncond on separate rank groups (no traffic inside the model). 2 or 1; 0 = auto.",
+    "ulysses": "Ulysses sequence parallel (all-to-all of heads; least traffic). Must divide the model's heads "
+               "together with tp. 0 = auto.",
+    "ring": "Ring attention sequence parallel (K/V passed around a ring); for when heads do not divide further "
+            "or across nodes. 0 = auto.",
+    "tp": "Tensor parallel: splits the weights; only to make a model fit (most traffic). 0 = auto (1 unless the "
+          "model does not fit one device).",
+    "dp": "Data parallel: a latent batch (several seeds) split over replica groups. 0 = auto (1).",
+}
+
+
+class ParallelConfigNode:
+    """Describes the worker group: how many devices and how the model is split over them."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        cfgmod = backend("config")
+        axes = {a: ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": _AXIS_HELP[a]})
+                for a in ("cfg", "ulysses", "ring", "tp", "dp")}
+        return {"required": {
+            "world_size": ("INT", {"default": 2, "min": 1, "max": 64,
+                                   "tooltip": "Number of devices (ranks). The degrees multiply to this."}),
+            **axes,
+            "dtype": (list(cfgmod.DTYPES), {"default": "bf16", "tooltip": "Compute precision of the ranks."}),
+            "device": (list(cfgmod.DEVICE_KINDS), {"default": "cuda",
+                       "tooltip": "cuda: one GPU per rank (NCCL). cpu: gloo ranks, for testing without GPUs."}),
+            "attention": (list(cfgmod.ATTENTION_BACKENDS), {"default": "sdpa",
+                          "tooltip": "Attention kernel: sdpa (torch's fused), math (reference), flash (CUDA only)."}),
+            "first_device": ("INT", {"default": 0, "min": 0, "max": 63,
+                             "tooltip": "GPU index of rank 0; ranks take consecutive GPUs."}),
+        }}
+
+    RETURN_TYPES = (CONFIG_TYPE,)
+    RETURN_NAMES = ("parallel_config",)
+    OUTPUT_TOOLTIPS = ("The mesh to run on; connect to Parallel Model Loader.",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "How many devices the DiT is sampled on, and how it is split: cfg x ring x ulysses x tp (x dp)."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, world_size=1, cfg=0, ulysses=0, ring=0, tp=0, dp=0, **kw):
+        fixed = [d for d in (cfg, ulysses, ring, tp, dp) if d]
+        prod = 1
+        for d in fixed:
+            prod *= d
+        if prod > world_size or world_size % prod:
+            return (f"the fixed degrees multiply to {prod}, which does not divide world_size {world_size}: "
+                    f"change world_size or set some degrees to 0 (auto)")
+        if len(fixed) == 5 and prod != world_size:
+            return f"the degrees multiply to {prod} but world_size is {world_size}"
+        return True
+
+    def make(self, world_size, cfg, ulysses, ring, tp, dp, dtype, device, attention, first_device=0):
+        spec = {"world_size": world_size, "cfg": cfg, "ulysses": ulysses, "ring": ring, "tp": tp, "dp": dp,
+                "dtype": dtype, "device": device, "attention": attention, "first_device": first_device}
+        cfgmod = backend("config")
+        if all(spec[a] for a in cfgmod.AXES):  # fully fixed: refuse now, before any process starts
+            group = backend("group")
+            c = cfgmod.ParallelConfig(**spec)
+            cfgmod.validate_config(c, group.available_devices(device))
+        return (spec,)

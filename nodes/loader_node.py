@@ -1,0 +1,78 @@
+import logging
+
+from .backend import CATEGORY, CONFIG_TYPE, backend
+from .comfy_model import build_model_patcher
+
+
+def resolve_config(spec: dict, shape, header) -> tuple:
+    """ParallelConfig from the Config node's spec, filling auto (0) degrees for this model."""
+    cfgmod, group = backend("config"), backend("group")
+    fixed = {a: spec.get(a, 0) for a in cfgmod.AXES}
+    if all(fixed.values()):
+        picked, why = fixed, "as set"
+    else:
+        picked, why = cfgmod.auto_degrees(spec["world_size"], shape.num_heads, uses_cfg=True,
+                                          fits_one_device=_fits_one_device(spec, header), fixed=fixed)
+    config = cfgmod.ParallelConfig(world_size=spec["world_size"], dtype=spec["dtype"], device=spec["device"],
+                                   attention=spec["attention"], first_device=spec.get("first_device", 0),
+                                   **picked)
+    cfgmod.validate_config(config, group.available_devices(config.device))
+    cfgmod.validate_for_model(config, shape)
+    return config, why
+
+
+def _fits_one_device(spec, header) -> bool:
+    if spec["device"] != "cuda":
+        return True
+    import math
+
+    import torch
+    if not torch.cuda.is_available():
+        return True
+    nbytes = sum(math.prod(s) for s, _ in header.values()) * (4 if spec["dtype"] == "fp32" else 2)
+    return nbytes < 0.7 * torch.cuda.get_device_properties(spec.get("first_device", 0)).total_memory
+
+
+class ParallelModelLoader:
+    """Starts (or reuses) the worker group and loads a DiT file onto it, sharded."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+        return {"required": {
+            "model_name": (folder_paths.get_filename_list("diffusion_models"),
+                           {"tooltip": "A DiT file from ComfyUI's models/diffusion_models (safetensors, "
+                                       "ComfyUI / original key layout)."}),
+            "base_precision": (["bf16", "fp16", "fp32"], {"default": "bf16",
+                               "tooltip": "Precision the weights are cast to on load."}),
+            "parallel_config": (CONFIG_TYPE, {"tooltip": "From the Parallel Config node."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "parallel_plan")
+    OUTPUT_TOOLTIPS = ("A normal MODEL: use it with Parallel Sampler or the native samplers.",
+                       "The mesh the loader picked, and why.")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads a diffusion transformer onto a persistent worker group that holds it sharded over "
+                   "several devices. A second run with the same config and file reuses the warm group.")
+
+    def load(self, model_name, base_precision, parallel_config):
+        import folder_paths
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        loading, models = backend("loading"), backend("models")
+        header = loading.read_header(path)  # refuses pickles, truncated and non-safetensors files
+        family = models.detect_family(header, path)
+        shape = family.model_shape(header)
+        config, why = resolve_config(parallel_config, shape, header)
+        group = backend("group").get_group(config)  # starts ranks only when no warm group matches
+        loads_before = group.load_count
+        info = group.load(path, base_precision)  # loads weights only when file or precision changed
+        if group.load_count != loads_before:
+            logging.info("parallel_dit: loaded weights of %s onto pids %s (load #%d of this group)",
+                         model_name, group.pids, group.load_count)
+        else:
+            logging.info("parallel_dit: reusing warm group pids %s with %s", group.pids, model_name)
+        plan = f"{config.describe()} [{why}] for {shape.family} ({shape.num_heads} heads, {shape.num_layers} blocks)"
+        logging.info("parallel_dit: %s", plan)
+        return (build_model_patcher(config, path, base_precision, header, info), plan)
