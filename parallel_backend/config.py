@@ -181,6 +181,9 @@ def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_on
         deg["ring"], left = left, 1
         why.append(f"ring={deg['ring']} because {num_heads} heads do not split further")
     if left > 1:
+        if "dp" in fixed:  # a fixed degree is never changed: nothing can take the rest
+            raise ConfigError(f"the fixed degrees {fixed} leave a factor {left} of world_size {world_size} to no "
+                              f"axis: set ring or dp to 0 (auto), or change world_size")
         deg["dp"] *= left
         why.append(f"dp={deg['dp']} for the rest")
     return deg, "; ".join(why) or "single rank"

@@ -164,3 +164,99 @@ class ComfyServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# ---- turning a shipped workflow into one that runs here (no umt5, no VAE, CPU ranks) ----------
+def load_workflow(name: str) -> dict:
+    with open(os.path.join(REPO, "workflows", name)) as f:
+        return json.load(f)
+
+
+def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees: dict | None = None,
+                     dtype: str = "fp32", seed: int = 3, steps: int = 4, width: int = 64, height: int = 64,
+                     length: int = 5, prefix: str = "latents/parallel") -> dict:
+    """The shipped graph with the text encoder replaced by the test conditioning node, the VAE decode
+    and video save by SaveLatent, and the pack's nodes set for CPU ranks. The pack's nodes and their
+    wiring stay exactly as shipped."""
+    import copy
+    degrees = {"cfg": 1, "ulysses": 1, "ring": 1, "tp": 1, "dp": 1, **(degrees or {"ulysses": 2})}
+    g = copy.deepcopy(api)
+    decoded_from = {}
+    for nid, node in list(g.items()):
+        ct, inp = node["class_type"], node["inputs"]
+        if ct in ("CLIPLoader", "VAELoader"):
+            del g[nid]
+        elif ct == "CLIPTextEncode":
+            g[nid] = {"class_type": "PditTestConditioning", "inputs": {"seed": 100 + int(nid), "tokens": 12,
+                                                                       "width": 4096}}
+        elif ct == "VAEDecode":
+            decoded_from[nid] = inp["samples"]
+            del g[nid]
+        elif ct == "ParallelConfig":
+            inp.update(world_size=world_size, dtype=dtype, device="cpu", attention="sdpa", **degrees)
+        elif ct == "ParallelModelLoader":
+            inp.update(model_name=model_name, base_precision=dtype)
+        elif ct == "EmptyHunyuanLatentVideo":
+            inp.update(width=width, height=height, length=length, batch_size=1)
+        elif ct in ("ParallelSampler", "KSampler"):
+            inp.update(seed=seed, steps=steps, sampler_name="euler", scheduler="simple")
+    for nid, node in list(g.items()):
+        if node["class_type"].startswith("Save") and node["class_type"] != "SaveLatent":
+            src = decoded_from[node["inputs"]["images"][0]]
+            g[nid] = {"class_type": "SaveLatent", "inputs": {"samples": src, "filename_prefix": prefix}}
+    return g
+
+
+def native_variant(api: dict, prefix: str = "latents/native") -> dict:
+    """The same graph on ComfyUI's native Load Diffusion Model + KSampler: the parity oracle."""
+    import copy
+    g = copy.deepcopy(api)
+    for nid, node in list(g.items()):
+        ct, inp = node["class_type"], node["inputs"]
+        if ct == "ParallelConfig":
+            del g[nid]
+        elif ct == "ParallelModelLoader":
+            g[nid] = {"class_type": "UNETLoader", "inputs": {"unet_name": inp["model_name"], "weight_dtype": "default"}}
+        elif ct == "ParallelSampler":
+            node["class_type"] = "KSampler"
+        elif ct == "SaveLatent":
+            inp["filename_prefix"] = prefix
+    return g
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """Convert a UI-format workflow to API format using the server's node definitions
+    (what the frontend does when it queues a drag-and-dropped graph)."""
+    links = {l[0]: l for l in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        info = object_info[node["type"]]["input"]
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        widgets = list(node.get("widgets_values", []))
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, spec in info.get(section, {}).items():
+                if name in linked:
+                    l = linked[name]
+                    inputs[name] = [str(l[1]), l[2]]
+                    continue
+                kind = spec[0]
+                is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+                if is_widget and widgets:
+                    inputs[name] = widgets.pop(0)
+                    opts = spec[1] if len(spec) > 1 else {}
+                    if opts.get("control_after_generate"):
+                        widgets.pop(0)
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def saved_latent(base_dir: str, prefix: str):
+    """The newest .latent file SaveLatent wrote under output/<prefix>*, as a tensor."""
+    import glob
+
+    from safetensors.torch import load_file
+    files = sorted(glob.glob(os.path.join(base_dir, "output", prefix + "*.latent")), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no latent saved under output/{prefix}*")
+    return load_file(files[-1])["latent_tensor"], files[-1]

@@ -1,0 +1,357 @@
+"""Bytes communicated per forward, per parallel axis, for Wan models: analytic formula vs measurement.
+
+    python bench/comm_volume.py                      # Wan 1.3B + 14B, 480p + 720p, degrees 2/4/8
+    python bench/comm_volume.py --measure-degrees 2,4  # also measure on 4 ranks (slower)
+    python bench/comm_volume.py --no-measure         # formula only (instant)
+
+CONVENTION (the one that reproduces design.md's table)
+    Bytes SENT BY ONE RANK (every rank of an axis sends the same amount) during ONE forward of ONE
+    batch row (the cond or the uncond half, batch 1), activations in bf16 (2 bytes), GB = 1e9 bytes.
+    This is also what parallel_backend.collectives.count_bytes() counts on each rank:
+      all-to-all  : nbytes(local tensor) * (n-1)/n   (the part that leaves the rank)
+      all-reduce  : 2 * nbytes * (n-1)/n             (ring all-reduce: reduce-scatter + all-gather)
+      all-gather  : nbytes(local chunk) * (n-1)
+      ring p2p    : nbytes of the K/V block passed to the next rank, per ring step
+    Multiply by the degree for the bytes summed over all ranks of the axis (printed too).
+
+    With S tokens, width D = heads x 128, L blocks, e = 2 bytes, degree n, context C = 512 tokens:
+      Ulysses : per block 4 all-to-alls (q, k, v to head-sharded, output back), each of a local
+                (S/n, D) tensor:                 4 * S*D*e * (n-1) / n^2
+      Ring    : per block n-1 passes of the local K and V:   2 * S*D*e * (n-1) / n
+      TP      : per block 3 all-reduces of the full (S, D) activation (self-attn out, cross-attn
+                out, FFN down):                  3 * 2 * S*D*e * (n-1) / n
+                + the distributed qk RMSNorm: one fp32 sum of squares per token for self q, k,
+                  cross q (S tokens) and cross k (C tokens): 2 * 4 * (3S + C) * (n-1) / n
+      CFG     : nothing inside the model (each replica runs its own rows; the result reaches the
+                host through shared memory, not a collective)
+      Outside the blocks, Ulysses and Ring gather the final projection (S/n, 64 = 16 ch x 1x2x2
+      patch) back to the full sequence: S/n * 64 * e * (n-1).
+    design.md's anchors (Wan 14B 720p: S = 75600, D = 5120, L = 40) are the leading terms times L:
+      Ulysses 4*S*D*e*L*(n-1)/n^2 = 31.0 / 23.2 / 13.5 GB at n = 2 / 4 / 8   (13.55 printed as 13.5)
+      Ring    2*S*D*e*L*(n-1)/n   = 31.0 / 46.5 / 54.2 GB
+      TP      6*S*D*e*L*(n-1)/n   = 92.9 / 139.4 / 162.6 GB (quoted 93 / 139 / 163)
+    i.e. per rank, batch 1, bf16; the small terms (qk-norm sums, final gather) add < 0.1 %.
+    Summed over all ranks they would be n times larger (62 / 93 / 108 GB for Ulysses), and an
+    fp32 count twice as large, so neither of those is the convention behind the quoted numbers.
+
+MEASURED
+    parallel_backend.runner.ShardedModel runs a real forward on CPU gloo ranks (NCCL GPUs with
+    --device cuda) under collectives.count_bytes(), on a synthetic checkpoint with the real width,
+    heads and FFN width of the named model but only --measure-blocks blocks, at two small latent
+    sizes. Byte counters are snapshotted around the blocks, so per-block bytes and outside-block
+    bytes are known separately. Both are affine in the token count, so a line through the two token
+    counts, evaluated at the real token count, times the real layer count (plus the outside part)
+    is the scaled measurement compared with the formula. The formula is also checked at the shape
+    actually run (no scaling).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import torch  # noqa: E402
+
+from bench._common import gb, header, table, write_fast_checkpoint  # noqa: E402
+from parallel_backend.config import ConfigError, ModelShape, ParallelConfig, validate_for_model  # noqa: E402
+from parallel_backend.synthetic import WAN_PRESETS, wan_shapes  # noqa: E402
+
+AXES = ("ulysses", "ring", "tp", "cfg")
+HEAD_DIM = 128
+PATCH = (1, 2, 2)
+CONTEXT_LEN = 512  # Wan's umt5 text context as ComfyUI passes it
+MODELS = {"1.3b": "wan2.1-1.3b", "14b": "wan2.1-14b"}
+# name -> (width, height, frames); latent = ((frames-1)/4+1, height/8, width/8); tokens after 1x2x2 patches
+RESOLUTIONS = {"480p": (832, 480, 81), "720p": (1280, 720, 81)}
+# design.md: Wan 14B, 720p, 75,600 tokens, one forward (GB)
+DESIGN_ANCHORS = {"ulysses": {2: 31.0, 4: 23.2, 8: 13.5}, "ring": {2: 31.0, 4: 46.5, 8: 54.2},
+                  "tp": {2: 93.0, 4: 139.0, 8: 163.0}}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the formula needs: model width and depth, tokens, context length, batch and dtype size."""
+    dim: int
+    heads: int
+    ffn: int
+    layers: int
+    tokens: int
+    ctx_len: int = CONTEXT_LEN
+    batch: int = 1
+    elt: int = 2
+    out_patch: int = 16 * math.prod(PATCH)  # proj_out width: out channels x patch volume
+
+
+def latent_grid(width: int, height: int, frames: int) -> tuple:
+    """Wan VAE: 4x temporal (first frame kept), 8x spatial compression."""
+    return ((frames - 1) // 4 + 1, height // 8, width // 8)
+
+
+def grid_tokens(grid) -> int:
+    return math.prod(-(-g // p) for g, p in zip(grid, PATCH))
+
+
+def model_shape(preset: str, tokens: int, layers: int | None = None, **kw) -> Shape:
+    p = WAN_PRESETS[preset]
+    return Shape(p["dim"], p["dim"] // HEAD_DIM, p["ffn_dim"], layers or p["num_layers"], tokens,
+                 out_patch=p["out_dim"] * math.prod(PATCH), **kw)
+
+
+def invalid_reason(axis: str, degree: int, s: Shape) -> str | None:
+    """Why this axis cannot take this degree on this model (the pack's own validation), or None."""
+    cfg = ParallelConfig(world_size=degree, device="cpu", **{axis: degree})
+    try:
+        validate_for_model(cfg, ModelShape("wan", s.heads, HEAD_DIM, s.ffn, s.layers, 16, 16, PATCH))
+    except ConfigError:
+        return f"{s.heads} heads % {degree}"
+    if axis in ("ulysses", "ring") and s.tokens % degree:
+        return f"{s.tokens} tokens % {degree} (padded)"
+    return None
+
+
+def analytic(axis: str, n: int, s: Shape) -> dict:
+    """Bytes one rank sends in one forward: {"per_block": {kind: bytes}, "outside": {kind: bytes}}."""
+    S, D, e, B = s.tokens, s.dim, s.elt, s.batch
+    per_block, outside = {}, {}
+    if n > 1 and axis == "ulysses":
+        per_block["all_to_all"] = 4 * B * (S // n) * D * e * (n - 1) // n
+        outside["all_gather"] = B * (S // n) * s.out_patch * e * (n - 1)
+    elif n > 1 and axis == "ring":
+        per_block["ring_p2p"] = (n - 1) * 2 * B * (S // n) * D * e
+        outside["all_gather"] = B * (S // n) * s.out_patch * e * (n - 1)
+    elif n > 1 and axis == "tp":
+        per_block["all_reduce"] = (3 * 2 * B * S * D * e * (n - 1) // n
+                                   + 2 * B * (3 * S + s.ctx_len) * 4 * (n - 1) // n)
+    return {"per_block": per_block, "outside": outside}
+
+
+def total(parts: dict, layers: int) -> int:
+    return layers * sum(parts["per_block"].values()) + sum(parts["outside"].values())
+
+
+def leading_term(axis: str, n: int, s: Shape) -> int:
+    """design.md's convention: the big per-block collective only, times the layer count."""
+    S, D, e, L = s.tokens, s.dim, s.elt, s.layers
+    return {"ulysses": 4 * S * D * e * L * (n - 1) / n**2, "ring": 2 * S * D * e * L * (n - 1) / n,
+            "tp": 6 * S * D * e * L * (n - 1) / n, "cfg": 0}[axis]
+
+
+# ---- measurement on real ranks ------------------------------------------------------------------
+
+def _rank_measure(mesh0, jobs: list, grids: list, ctx_len: int, precision: str) -> list:
+    """On every rank: for each job (model file x axis config) load ShardedModel, run one forward per
+    latent grid under count_bytes(), and record total and in-block bytes by collective kind."""
+    from parallel_backend.collectives import count_bytes
+    from parallel_backend.mesh import build_mesh
+    from parallel_backend.runner import ShardedModel
+
+    results = []
+    for job in jobs:
+        mesh = build_mesh(ParallelConfig(**job["config"]), mesh0.rank, mesh0.device)
+        model = ShardedModel(mesh, job["path"], precision)
+        blocks = model.model.blocks
+        live, snaps = {}, {}
+        hooks = [blocks[0].register_forward_pre_hook(lambda *_: snaps.__setitem__("start", dict(live["c"]))),
+                 blocks[-1].register_forward_hook(lambda *_: snaps.__setitem__("end", dict(live["c"])))]
+        for grid in grids:
+            g = torch.Generator().manual_seed(0)  # same inputs on every rank
+            b = job["batch"]
+            x = torch.randn(b, model.shape.in_channels, *grid, generator=g)
+            ctx = torch.randn(b, ctx_len, 4096, generator=g)
+            t = torch.full((b,), 500.0)
+            with count_bytes() as counted:
+                live["c"] = counted
+                out = model.forward_rows(x, t, ctx)
+            kinds = set(counted) | set(snaps["end"])
+            in_blocks = {k: snaps["end"].get(k, 0) - snaps["start"].get(k, 0) for k in kinds}
+            results.append({"name": job["name"], "grid": tuple(grid), "total": dict(counted), "blocks": in_blocks,
+                            "finite": None if out is None else bool(torch.isfinite(out).all())})
+        for h in hooks:
+            h.remove()
+        del model, blocks
+        gc.collect()
+    return results
+
+
+def measure(jobs: list, world: int, grids: list, precision: str = "bf16", device: str = "cpu",
+            ctx_len: int = CONTEXT_LEN) -> dict:
+    """Run `jobs` (dicts: name, path, config, batch) on `world` ranks; -> {(name, grid): rank-0 record}.
+
+    Raises if ranks disagree (each rank of a symmetric axis must send the same bytes)."""
+    from parallel_backend.spmd import run_on_ranks
+
+    base = ParallelConfig(world_size=world, ulysses=world, device=device, dtype=precision)
+    per_rank = run_on_ranks(_rank_measure, base, jobs, grids, ctx_len, precision, timeout=1800)
+    out = {}
+    for i, rec in enumerate(per_rank[0]):
+        others = [r[i]["total"] for r in per_rank[1:]]
+        if any(o != rec["total"] for o in others):
+            raise AssertionError(f"ranks sent different bytes for {rec['name']}: {[rec['total'], *others]}")
+        out[(rec["name"], rec["grid"])] = rec
+    return out
+
+
+def job(name: str, path: str, axis: str, degree: int, device: str, precision: str, batch: int = 1) -> dict:
+    return {"name": name, "path": path, "batch": 2 * batch if axis == "cfg" else batch,
+            "config": dict(world_size=degree, device=device, dtype=precision, **{axis: degree})}
+
+
+def fit_and_scale(records: list, measured_blocks: int, tokens_real: int, layers_real: int) -> dict:
+    """From [(tokens, record)] at two token counts: per-block and outside bytes as lines in tokens,
+    evaluated at the real token count; per-block times the real layer count."""
+    (s1, r1), (s2, r2) = sorted(records, key=lambda tr: tr[0])[:2]
+    pb1, pb2 = sum(r1["blocks"].values()) / measured_blocks, sum(r2["blocks"].values()) / measured_blocks
+    o1, o2 = sum(r1["total"].values()) - pb1 * measured_blocks, sum(r2["total"].values()) - pb2 * measured_blocks
+    line = lambda a, b: a + (b - a) * (tokens_real - s1) / (s2 - s1)
+    pb, o = line(pb1, pb2), line(o1, o2)
+    return {"per_block": pb, "outside": o, "total": pb * layers_real + o}
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def pct(a: float, b: float) -> str:
+    if b == 0:
+        return "exact" if a == 0 else "inf"
+    return f"{100 * (a - b) / b:+.2f}%"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="1.3b,14b", help=f"comma list of {list(MODELS)}")
+    ap.add_argument("--resolutions", default="480p,720p", help=f"comma list of {list(RESOLUTIONS)}")
+    ap.add_argument("--degrees", default="2,4,8", help="degrees for the analytic table")
+    ap.add_argument("--measure-degrees", default="2", help="degrees to measure on real ranks ('' = none)")
+    ap.add_argument("--no-measure", action="store_true", help="formula only")
+    ap.add_argument("--measure-blocks", type=int, default=2)
+    ap.add_argument("--measure-grids", default="2x8x8,4x8x8", help="two latent T x H x W to run (tokens divide degrees)")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="ranks' device; auto = cuda when enough GPUs, else cpu/gloo")
+    args = ap.parse_args(argv)
+
+    models = [MODELS[m.strip().lower()] for m in args.models.split(",") if m.strip()]
+    resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
+    degrees = [int(d) for d in args.degrees.split(",") if d.strip()]
+    mdegrees = [] if args.no_measure else [int(d) for d in args.measure_degrees.split(",") if d.strip()]
+    grids = [tuple(int(v) for v in g.split("x")) for g in args.measure_grids.split(",")]
+    elt = 2 if args.precision == "bf16" else 4
+    if mdegrees:
+        want = max(mdegrees)
+        device = args.device if args.device != "auto" else (
+            "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= want else "cpu")
+    else:
+        device = "none"
+
+    header("Communication volume per forward, per parallel axis (Wan DiT)")
+    print(f"Convention: bytes SENT BY ONE RANK in one forward of one batch row (cond or uncond), {args.precision} "
+          f"activations ({elt} B), GB = 1e9 B; 'all ranks' = x degree. CFG: batch of 2 rows (cond+uncond),")
+    print(f"one per replica. Context {CONTEXT_LEN} text tokens. Formulas in this script's docstring.\n")
+
+    # ---- 1. design.md anchors
+    s14 = model_shape("wan2.1-14b", grid_tokens(latent_grid(*RESOLUTIONS["720p"])), elt=2)
+    rows = []
+    for axis, anchors in DESIGN_ANCHORS.items():
+        for n, ref in anchors.items():
+            lead, full = leading_term(axis, n, s14), total(analytic(axis, n, s14), s14.layers)
+            rel = 100 * (lead / 1e9 - ref) / ref
+            rows.append([axis, n, f"{ref:.1f}", f"{lead / 1e9:.2f}", f"{full / 1e9:.2f}", f"{rel:+.2f}%",
+                         "agree" if abs(rel) < 1.0 else "DISAGREE", f"{n * full / 1e9:.1f}"])
+    print(f"[1] design.md anchors: Wan 14B 720p ({s14.tokens} tokens, {s14.layers} blocks, dim {s14.dim}), "
+          f"bf16, per rank")
+    print(table(rows, ["axis", "n", "design GB", "leading GB", "analytic GB", "lead vs design", "verdict",
+                       "all ranks GB"]))
+    print("leading = the big per-block collective only (design.md's count); analytic adds qk-norm sums and the "
+          "final gather.\n")
+
+    # ---- 2. measurement
+    measured, mtime, meta = {}, 0.0, {}
+    if mdegrees:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="pdit_bench_comm_") as tmp:
+            paths = {}
+            for preset in models:
+                cfg = {**WAN_PRESETS[preset], "num_layers": args.measure_blocks}
+                paths[preset] = write_fast_checkpoint(os.path.join(tmp, f"{preset}.safetensors"), wan_shapes(**cfg),
+                                                      dtype=torch.bfloat16)
+            for n in mdegrees:
+                jobs = []
+                for preset in models:
+                    small = model_shape(preset, math.lcm(*[grid_tokens(g) for g in grids]), args.measure_blocks)
+                    for axis in AXES:
+                        if invalid_reason(axis, n, small) is None and not (axis == "cfg" and n > 2):
+                            jobs.append(job(f"{preset}/{axis}{n}", paths[preset], axis, n, device, args.precision))
+                measured.update(measure(jobs, n, grids, args.precision, device))
+        mtime = time.perf_counter() - t0
+        meta = dict(grids=grids, tokens=[grid_tokens(g) for g in grids])
+
+        rows, worst = [], 0.0
+        for (name, grid), rec in sorted(measured.items()):
+            preset, axcfg = name.split("/")
+            axis, n = axcfg.rstrip("0123456789"), int(axcfg[len(axcfg.rstrip("0123456789")):])
+            s = model_shape(preset, grid_tokens(grid), args.measure_blocks, elt=elt,
+                            batch=2 if axis == "cfg" else 1)
+            an = analytic(axis, n, s)
+            a_tot, m_tot = total(an, s.layers), sum(rec["total"].values())
+            a_blk, m_blk = s.layers * sum(an["per_block"].values()), sum(rec["blocks"].values())
+            if a_tot:
+                worst = max(worst, abs(m_tot - a_tot) / a_tot)
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(rec["total"].items()) if v) or "-"
+            rows.append([preset, axis, n, "x".join(map(str, grid)), s.tokens, a_blk, m_blk, a_tot, m_tot,
+                         pct(m_tot, a_tot), kinds, "yes" if rec["finite"] in (True, None) else "NO"])
+        print(f"[2] MEASURED at the shape actually run: ShardedModel forward on {device} ranks "
+              f"({'nccl' if device == 'cuda' else 'gloo'}), {args.precision}, synthetic checkpoints with the real "
+              f"width/heads/ffn and {args.measure_blocks} blocks, context {CONTEXT_LEN}. Bytes per rank (rank 0; "
+              f"every rank sent the same).")
+        print(table(rows, ["model", "axis", "n", "latent", "tokens", "analytic blk B", "measured blk B", "analytic B",
+                           "measured B", "diff", "measured by kind", "finite out"], "llrlrrrrrrll"))
+        print(f"worst |measured - analytic| / analytic at the measured shapes: {100 * worst:.3f}%   "
+              f"(measurement wall time {mtime:.0f} s)\n")
+
+    # ---- 3. full-size table
+    print("[3] One forward at full size, per rank (GB). MEASURED = measured per-block bytes fitted as a + b x tokens "
+          f"from {', '.join(map(str, meta.get('tokens', [])))} tokens" if mdegrees else
+          "[3] One forward at full size, per rank (GB); no measurement requested.")
+    if mdegrees:
+        print(f"    ({args.measure_blocks}-block files), evaluated at the real token count, x the real layer count, "
+              f"+ the outside-block bytes (final gather) fitted the same way.")
+    for preset in models:
+        for res in resolutions:
+            grid = latent_grid(*RESOLUTIONS[res])
+            s = model_shape(preset, grid_tokens(grid), elt=elt)
+            rows = []
+            for axis in AXES:
+                for n in degrees:
+                    if axis == "cfg" and n > 2:
+                        continue  # two rows (cond, uncond): a cfg degree above 2 only idles ranks
+                    why = invalid_reason(axis, n, s)
+                    if why:
+                        rows.append([axis, n, "n/a", "", "", "", why])
+                        continue
+                    a = total(analytic(axis, n, replace(s, batch=2 if axis == "cfg" else 1)), s.layers)
+                    m_cell = diff = ""
+                    recs = [(grid_tokens(g), measured.get((f"{preset}/{axis}{n}", g))) for g in meta.get("grids", [])]
+                    if len(recs) >= 2 and all(r is not None for _, r in recs):
+                        m = fit_and_scale(recs, args.measure_blocks, s.tokens, s.layers)["total"]
+                        m_cell, diff = gb(m), pct(m, a)
+                    rows.append([axis, n, gb(a), gb(n * a), m_cell, diff, ""])
+            w, h, f = RESOLUTIONS[res]
+            print(f"\n{preset} ({s.layers} blocks, dim {s.dim}, {s.heads} heads), {res} {w}x{h} {f} frames -> latent "
+                  f"{'x'.join(map(str, grid))} -> {s.tokens} tokens")
+            print(table(rows, ["axis", "n", "ANALYTIC", "all ranks", "MEASURED", "meas vs an", "note"], "lrrrrrl"))
+    print("\nCFG row: batch 2 (cond + uncond) split over the cfg replicas; no collective inside the model. "
+          "Ulysses / Ring / TP rows: batch 1;\na CFG-batched forward without a cfg axis carries 2 rows and moves twice "
+          "these bytes.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

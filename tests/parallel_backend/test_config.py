@@ -1,0 +1,308 @@
+"""Validation rules of parallel_backend/config.py and the batch split of parallel_backend/cfg.py.
+
+Every rule is a pure function, so each one is checked here without starting a process: the
+config is refused with a ConfigError whose message names the value the user should change.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from parallel_backend.cfg import replica_slice
+from parallel_backend.config import (
+    ATTENTION_BACKENDS,
+    AXES,
+    DTYPES,
+    ConfigError,
+    ModelShape,
+    ParallelConfig,
+    auto_degrees,
+    validate_config,
+    validate_for_model,
+    validate_latent,
+)
+
+# The tiny Wan of parallel_backend/synthetic.py: 4 heads of 128, ffn 1024.
+WAN_TINY = ModelShape("wan", num_heads=4, head_dim=128, ffn_dim=1024, num_layers=2, in_channels=16,
+                      out_channels=16, patch_size=(1, 2, 2))
+WAN_14B = ModelShape("wan", num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40, in_channels=16,
+                     out_channels=16, patch_size=(1, 2, 2))
+
+
+def cpu(**kw) -> ParallelConfig:
+    return ParallelConfig(**{"device": "cpu", "dtype": "fp32", **kw})
+
+
+def refused(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- validate_config
+
+
+def test_valid_configs_pass():
+    validate_config(ParallelConfig(world_size=1), available_devices=1)
+    validate_config(ParallelConfig(world_size=8, cfg=2, ulysses=2, ring=2), available_devices=8)
+    validate_config(ParallelConfig(world_size=4, cfg=2, tp=2, dtype="fp16", attention="flash"), available_devices=4)
+    validate_config(cpu(world_size=4, dp=2, ulysses=2, attention="math"))
+    validate_config(cpu(world_size=2, ring=2, dtype="bf16"), available_devices=0)  # GPU count is irrelevant on cpu
+
+
+def test_degrees_not_multiplying_to_world_size():
+    msg = refused(validate_config, ParallelConfig(world_size=4, ulysses=2))
+    # names both numbers and the fix
+    assert "multiply to 2" in msg and "world_size is 4" in msg
+    assert "set world_size to 2" in msg
+    msg = refused(validate_config, ParallelConfig(world_size=2, cfg=2, ulysses=2))
+    assert "cfg2" in msg and "ulysses2" in msg and "set world_size to 4" in msg
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_degree_below_one(axis):
+    msg = refused(validate_config, ParallelConfig(world_size=1, **{axis: 0}))
+    assert f"{axis} degree 0" in msg
+
+
+def test_world_size_below_one():
+    assert "world_size 0" in refused(validate_config, ParallelConfig(world_size=0))
+
+
+def test_more_gpus_than_visible():
+    msg = refused(validate_config, ParallelConfig(world_size=4, ulysses=4), available_devices=2)
+    assert "needs 4 GPUs" in msg and "only 2 are visible" in msg
+    assert "set world_size to at most 2" in msg
+    # the ranks start at first_device: devices below it do not count
+    msg = refused(validate_config, ParallelConfig(world_size=2, ulysses=2, first_device=3), available_devices=4)
+    assert "needs 5 GPUs" in msg and "set world_size to at most 1" in msg
+    validate_config(ParallelConfig(world_size=2, ulysses=2, first_device=2), available_devices=4)
+
+
+def test_zero_gpus_with_cuda():
+    msg = refused(validate_config, ParallelConfig(world_size=1), available_devices=0)
+    assert "no CUDA GPU" in msg and "set device to 'cpu'" in msg
+    validate_config(ParallelConfig(world_size=1))  # None: the count is not checked
+
+
+def test_fp16_on_cpu():
+    msg = refused(validate_config, cpu(world_size=1, dtype="fp16"))
+    assert "fp16" in msg and "use fp32 or bf16" in msg
+    validate_config(ParallelConfig(world_size=1, dtype="fp16"), available_devices=1)
+
+
+def test_flash_on_cpu():
+    msg = refused(validate_config, cpu(world_size=1, attention="flash"))
+    assert "'flash'" in msg and "'sdpa' or 'math'" in msg
+    validate_config(ParallelConfig(world_size=1, attention="flash"), available_devices=1)
+
+
+def test_bad_dtype_name():
+    msg = refused(validate_config, cpu(world_size=1, dtype="float32"))
+    assert "dtype 'float32'" in msg
+    assert all(d in msg for d in DTYPES)
+
+
+def test_bad_attention_backend_name():
+    msg = refused(validate_config, cpu(world_size=1, attention="xformers"))
+    assert "attention backend 'xformers'" in msg
+    assert all(b in msg for b in ATTENTION_BACKENDS)
+
+
+def test_bad_device_name():
+    msg = refused(validate_config, ParallelConfig(world_size=1, device="mps"))
+    assert "device 'mps'" in msg and "cuda" in msg and "cpu" in msg
+
+
+# ---------------------------------------------------------------- validate_for_model
+
+
+def test_model_rules_pass_for_fitting_meshes():
+    for kw in (dict(ulysses=4), dict(ulysses=2, tp=2), dict(tp=4), dict(ring=8), dict(cfg=2, ulysses=2, ring=2)):
+        validate_for_model(cpu(world_size=math.prod(kw.values()), **kw), WAN_TINY)
+    validate_for_model(cpu(world_size=8, ulysses=8), WAN_14B)  # 40 heads / 8
+
+
+def test_heads_not_divisible_by_ulysses_times_tp():
+    msg = refused(validate_for_model, cpu(world_size=8, ulysses=8), WAN_TINY)
+    assert "4 attention heads" in msg and "ulysses x tp = 8 x 1 = 8" in msg
+    assert "[1, 2, 4]" in msg and "ring" in msg  # the choices and where the rest goes
+    msg = refused(validate_for_model, cpu(world_size=8, ulysses=4, tp=2), WAN_TINY)
+    assert "4 x 2 = 8" in msg
+    msg = refused(validate_for_model, cpu(world_size=3, ulysses=3), WAN_14B)
+    assert "40 attention heads" in msg and "= 3" in msg
+
+
+def test_ffn_not_divisible_by_tp():
+    shape = ModelShape("wan", 4, 128, ffn_dim=1030, num_layers=1, in_channels=16, out_channels=16,
+                       patch_size=(1, 2, 2))
+    msg = refused(validate_for_model, cpu(world_size=4, tp=4), shape)
+    assert "ffn width 1030" in msg and "tp=4" in msg and "lower tp" in msg
+
+
+def test_width_not_divisible_by_tp():
+    # dim = heads x head_dim, so a width that does not split over tp always has heads that do not
+    # either: the heads rule refuses it first, and its message names tp.
+    shape = ModelShape("odd", num_heads=3, head_dim=5, ffn_dim=8, num_layers=1, in_channels=4, out_channels=4,
+                       patch_size=(1, 1, 1))
+    assert shape.dim % 2 != 0
+    msg = refused(validate_for_model, cpu(world_size=2, tp=2), shape)
+    assert "3 attention heads" in msg and "1 x 2 = 2" in msg
+
+
+# ---------------------------------------------------------------- validate_latent
+
+
+def test_latent_rules():
+    validate_latent(WAN_TINY, (2, 16, 3, 6, 10))
+    validate_latent(WAN_TINY, (1, 16, 1, 1, 1))
+    msg = refused(validate_latent, WAN_TINY, (1, 4, 64, 64))
+    assert "5-D video latent" in msg and "(1, 4, 64, 64)" in msg
+    msg = refused(validate_latent, WAN_TINY, (1, 36, 2, 8, 8))
+    assert "36 channels" in msg and "takes 16" in msg
+    assert "empty" in refused(validate_latent, WAN_TINY, (1, 16, 0, 8, 8))
+    assert "empty" in refused(validate_latent, WAN_TINY, (0, 16, 2, 8, 8))
+
+
+# ---------------------------------------------------------------- auto_degrees
+
+
+def _check_auto(deg, world, heads):
+    assert set(deg) == set(AXES)
+    assert math.prod(deg.values()) == world
+    validate_config(cpu(world_size=world, **deg))
+    validate_for_model(cpu(world_size=world, **deg),
+                       ModelShape("m", heads, 128, 128 * 8, 1, 16, 16, (1, 2, 2)))
+
+
+def test_auto_cfg_outermost_then_ulysses():
+    deg, why = auto_degrees(8, 4)
+    assert deg == dict(dp=1, cfg=2, ring=1, ulysses=4, tp=1)
+    assert why.index("cfg=2") < why.index("ulysses=4")
+    deg, _ = auto_degrees(2, 4)
+    assert deg["cfg"] == 2 and deg["ulysses"] == 1  # cfg first: no traffic inside the model
+    deg, _ = auto_degrees(4, 4, uses_cfg=False)
+    assert deg == dict(dp=1, cfg=1, ring=1, ulysses=4, tp=1)
+
+
+def test_auto_ulysses_while_heads_divide_then_ring():
+    deg, why = auto_degrees(8, 2)  # cfg 2, then 4 sequence ranks but only 2 heads
+    assert deg == dict(dp=1, cfg=2, ring=2, ulysses=2, tp=1)
+    assert "ring=2 because 2 heads" in why
+    deg, why = auto_degrees(8, 3, uses_cfg=False)  # 3 heads: no ulysses degree divides
+    assert deg == dict(dp=1, cfg=1, ring=8, ulysses=1, tp=1)
+    deg, _ = auto_degrees(8, 40, uses_cfg=False)
+    assert deg == dict(dp=1, cfg=1, ring=1, ulysses=8, tp=1)
+
+
+def test_auto_tp_only_when_not_fitting():
+    for world in (1, 2, 4, 8):
+        assert auto_degrees(world, 4)[0]["tp"] == 1
+    deg, why = auto_degrees(8, 4, fits_one_device=False)
+    assert deg == dict(dp=1, cfg=2, ring=1, ulysses=2, tp=2)
+    assert "tp=2 because the model does not fit" in why
+    _check_auto(deg, 8, 4)
+    deg, _ = auto_degrees(4, 3, fits_one_device=False)  # heads do not split: no tp possible
+    assert deg["tp"] == 1
+
+
+def test_auto_fixed_degrees_respected():
+    deg, _ = auto_degrees(8, 4, fixed={"ring": 2})
+    assert deg["ring"] == 2 and deg == dict(dp=1, cfg=2, ring=2, ulysses=2, tp=1)
+    deg, _ = auto_degrees(4, 4, fixed={"cfg": 1})  # 1 is a fixed choice, not "auto"
+    assert deg["cfg"] == 1 and deg["ulysses"] == 4
+    deg, _ = auto_degrees(4, 4, uses_cfg=False, fixed={"ulysses": 1})
+    assert deg == dict(dp=1, cfg=1, ring=4, ulysses=1, tp=1)
+    deg, _ = auto_degrees(8, 4, fixed={"tp": 2, "cfg": 0})  # 0 = auto
+    assert deg["tp"] == 2 and deg["cfg"] == 2 and deg["ulysses"] == 2
+    deg, _ = auto_degrees(8, 4, fixed={"cfg": 2, "ring": 2, "ulysses": 1})  # nothing left for ring: dp
+    assert deg == dict(dp=2, cfg=2, ring=2, ulysses=1, tp=1)
+    msg = refused(auto_degrees, 8, 4, fixed={"ring": 3})
+    assert "multiply to 3" in msg and "world_size 8" in msg
+
+
+def test_auto_always_valid():
+    for world in range(1, 17):
+        for heads in (1, 2, 3, 4, 5, 12, 24, 40):
+            for uses_cfg in (True, False):
+                for fits in (True, False):
+                    deg, why = auto_degrees(world, heads, uses_cfg=uses_cfg, fits_one_device=fits)
+                    _check_auto(deg, world, heads)
+                    assert why
+
+
+# ---------------------------------------------------------------- fuzz
+
+
+def _rand_config(rng: random.Random) -> tuple[ParallelConfig, int | None]:
+    deg = {a: rng.choice((1, 1, 1, 2, 2, 4, 3, 0, -1)) for a in AXES}
+    world = math.prod(deg.values()) if rng.random() < 0.7 else rng.randint(-1, 17)
+    cfg = ParallelConfig(
+        world_size=world, **deg,
+        dtype=rng.choice(DTYPES + ("fp8", "", None)),
+        device=rng.choice(("cuda", "cpu", "cpu", "mps", None)),
+        attention=rng.choice(ATTENTION_BACKENDS + ("xformers", None)),
+        first_device=rng.randint(0, 3),
+    )
+    return cfg, rng.choice((None, 0, 1, 2, 4, 8))
+
+
+def test_fuzz_validation_only_raises_config_error():
+    rng = random.Random(1234)
+    passed = refused_count = 0
+    for _ in range(400):
+        cfg, devices = _rand_config(rng)
+        shape = ModelShape("m", rng.choice((1, 2, 3, 4, 12, 40)), rng.choice((64, 128)),
+                           rng.choice((1024, 1030, 13824)), 2, 16, 16, (1, 2, 2))
+        latent = tuple(rng.randint(0, 3) if i else rng.randint(0, 2) for i in range(rng.choice((4, 5, 5))))
+        try:
+            validate_config(cfg, devices)
+            validate_for_model(cfg, shape)
+            validate_latent(shape, latent)
+        except ConfigError as e:
+            assert str(e)
+            refused_count += 1
+        else:  # what passes is runnable
+            passed += 1
+            assert math.prod(cfg.degrees().values()) == cfg.world_size >= 1
+            assert shape.num_heads % (cfg.ulysses * cfg.tp) == 0 and shape.ffn_dim % cfg.tp == 0
+        fixed = {a: rng.choice((0, 0, 1, 2, 3, 4)) for a in AXES if rng.random() < 0.3}
+        world = rng.randint(1, 16)
+        try:
+            deg, _ = auto_degrees(world, shape.num_heads, uses_cfg=rng.random() < 0.5,
+                                  fits_one_device=rng.random() < 0.5, fixed=fixed)
+        except ConfigError:
+            refused_count += 1
+        else:
+            assert math.prod(deg.values()) == world
+            assert all(deg[a] == d for a, d in fixed.items() if d)
+            validate_config(cpu(world_size=world, **deg))
+    assert passed > 20 and refused_count > 20  # both outcomes really exercised
+
+
+# ---------------------------------------------------------------- cfg.replica_slice
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("batch", [0, 1, 2, 3, 5, 8, 13])
+def test_replica_slice_covers_every_row_once(batch, replicas):
+    import torch
+
+    slices = [replica_slice(batch, i, replicas) for i in range(replicas)]
+    rows = [r for s in slices for r in range(batch)[s]]
+    assert rows == list(range(batch))  # each row exactly once, in order, contiguous chunks
+    sizes = [s.stop - s.start for s in slices]
+    assert max(sizes) - min(sizes) <= 1
+    # the torch.tensor_split rule the docstring promises
+    assert sizes == [len(c) for c in torch.tensor_split(torch.arange(batch), replicas)]
+
+
+def test_replica_slice_empty_chunks_when_batch_smaller():
+    # cfg == 1.0 on a cfg=2 mesh: ComfyUI sends one row, the uncond replica idles
+    assert replica_slice(1, 0, 2) == slice(0, 1)
+    s = replica_slice(1, 1, 2)
+    assert s.start == s.stop
+    empties = [i for i in range(4) if (lambda s: s.start == s.stop)(replica_slice(3, i, 4))]
+    assert empties == [3]
