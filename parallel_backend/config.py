@@ -138,7 +138,7 @@ def validate_latent(shape: ModelShape, latent_shape: tuple) -> None:
     if latent_shape[1] > shape.in_channels:
         raise ConfigError(f"latent has {latent_shape[1]} channels but the model takes {shape.in_channels}: "
                           f"use the latent node that matches this model")
-    if min(latent_shape[2:]) < 1 or latent_shape[0] < 1:
+    if min(latent_shape) < 1:
         raise ConfigError(f"latent shape {tuple(latent_shape)} is empty")
 
 

@@ -163,11 +163,7 @@ class WorkerGroup:
                 if obj in sentinels:
                     rank = sentinels[obj]
                     if rank in pending and not pending[rank].poll():
-                        code = self.procs[rank].exitcode
-                        self.stop(graceful=False)
-                        raise WorkerGroupError(
-                            f"rank {rank} of {self.config.describe()} died during {what} ({_exit_cause(code)}); "
-                            f"the group was stopped and the next run starts a fresh one")
+                        raise self._died(rank, what)
                     continue
                 rank = next(r for r, c in pending.items() if c is obj)
                 try:
@@ -188,9 +184,27 @@ class WorkerGroup:
         if errors:
             rank, text = errors[0]
             if what != "load":
+                # A peer's death shows up on the other ranks as a collective error ("connection closed"),
+                # which can arrive before the dead rank's sentinel is seen: name the dead rank, not its echo.
+                reporters = {r for r, _ in errors}
+                others = {p.sentinel: r for r, p in enumerate(self.procs) if r not in reporters}
+                dead = wait(list(others), timeout=0.5) if others else []
+                if dead:
+                    last = next((ln for ln in reversed(text.strip().splitlines()) if ln.strip()), "")
+                    raise self._died(min(others[s] for s in dead), what, f"; rank {rank} then failed: {last.strip()}")
                 self.stop(graceful=False)
             raise WorkerGroupError(f"rank {rank} of {self.config.describe()} failed during {what}:\n{text}")
         return replies
+
+    def _died(self, rank: int, what: str, extra: str = "") -> WorkerGroupError:
+        """Stop the group after rank `rank` died; the error names the rank and its exit code / signal."""
+        proc = self.procs[rank]
+        proc.join(timeout=2.0)  # the sentinel fires as the process closes its fds, a moment before it is reapable
+        code = proc.exitcode
+        self.stop(graceful=False)
+        return WorkerGroupError(
+            f"rank {rank} of {self.config.describe()} died during {what} ({_exit_cause(code)}){extra}; "
+            f"the group was stopped and the next run starts a fresh one")
 
     def _call(self, op: str, payload, timeout: float) -> list:
         with self._lock:

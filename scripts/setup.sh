@@ -27,5 +27,5 @@ if [ ! -f "$stamp" ]; then
   fi
   touch "$stamp"
 fi
-echo "PDIT_PY=$py"
-echo "COMFYUI_PATH=${COMFYUI_PATH:-$home/comfyui}"
+printf "PDIT_PY=%q\n" "$py"
+printf "COMFYUI_PATH=%q\n" "${COMFYUI_PATH:-$home/comfyui}"

@@ -132,13 +132,18 @@ class ComfyServer:
             raise RuntimeError(f"POST {route} -> {e.code}: {e.read().decode(errors='replace')}") from None
 
     def queue(self, prompt: dict) -> str:
-        return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
+        return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex}, timeout=60)["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.5) -> dict:
         """Poll /history until the prompt finishes (bounded in time and so in request count)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            h = self.get(f"/history/{prompt_id}")
+            try:
+                h = self.get(f"/history/{prompt_id}", timeout=30)
+            except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"ComfyUI died while running the prompt:\n{self.log_tail()}") from e
+                continue  # a busy server answers late; the deadline still bounds the loop
             if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
                 return h[prompt_id]
             if prompt_id in h and h[prompt_id].get("status", {}).get("status_str") == "error":

@@ -1,0 +1,79 @@
+"""Bad input is refused by the nodes before any process starts, with a message naming the fix."""
+import os
+import pickle
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+
+@pytest.fixture
+def no_new_processes():
+    import parallel_backend.group as group
+    before = (group.starts, {c.pid for c in psutil.Process().children(recursive=True)})
+    yield
+    assert group.starts == before[0], "a worker group was started"
+    new = {c.pid for c in psutil.Process().children(recursive=True)} - before[1]
+    assert not [p for p in new if "resource_tracker" not in " ".join(psutil.Process(p).cmdline())]
+
+
+def _loader(pack):
+    return pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]()
+
+
+def test_more_gpus_than_visible(comfy, pack, config_spec, no_new_processes):
+    from parallel_backend.config import ConfigError
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible|set world_size to at most"):
+        config_spec(world_size=2, device="cuda", ulysses=2)
+
+
+def test_degrees_not_multiplying_to_world(comfy, pack, config_spec, no_new_processes):
+    from parallel_backend.config import ConfigError
+    with pytest.raises(ConfigError, match="set world_size to 4"):
+        config_spec(world_size=2, ulysses=2, ring=2)
+    node = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]
+    assert "does not divide world_size" in node.VALIDATE_INPUTS(world_size=3, ulysses=2)
+
+
+def test_heads_not_divisible_by_ulysses(comfy, pack, config_spec, no_new_processes):
+    from parallel_backend.config import ConfigError
+    spec = config_spec(world_size=3, ulysses=3)  # the tiny Wan has 4 heads
+    with pytest.raises(ConfigError, match=r"4 attention heads.*ulysses x tp = 3 x 1.*\[1, 2, 4\]"):
+        _loader(pack).load("tiny_wan.safetensors", "fp32", spec)
+
+
+def test_not_a_dit_file(comfy, pack, config_spec, no_new_processes):
+    from parallel_backend.models import UnsupportedModelError
+    path = os.path.join(comfy["models_dir"], "some_vae.safetensors")
+    save_file({"encoder.conv1.weight": torch.zeros(4, 3, 3, 3), "decoder.conv_out.bias": torch.zeros(3)}, path)
+    with pytest.raises(UnsupportedModelError, match=r"some_vae\.safetensors.*supported: wan"):
+        _loader(pack).load("some_vae.safetensors", "fp32", config_spec(ulysses=2))
+
+
+class _Booby:
+    def __reduce__(self):
+        return (open, (os.environ["PDIT_BOOBY_TRAP"], "w"))
+
+
+def test_pickle_checkpoint_is_refused_unopened(comfy, pack, config_spec, tmp_path, monkeypatch, no_new_processes):
+    from parallel_backend.loading import CheckpointError
+    marker = tmp_path / "unpickled"
+    monkeypatch.setenv("PDIT_BOOBY_TRAP", str(marker))
+    path = os.path.join(comfy["models_dir"], "evil.ckpt")
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": _Booby()}, f)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt.*pickle.*refused"):
+        _loader(pack).load("evil.ckpt", "fp32", config_spec(ulysses=2))
+    assert not marker.exists()
+
+
+def test_truncated_file(comfy, pack, config_spec, no_new_processes):
+    from parallel_backend.loading import CheckpointError
+    src = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
+    dst = os.path.join(comfy["models_dir"], "truncated.safetensors")
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        g.write(f.read(os.path.getsize(src) // 2))
+    with pytest.raises(CheckpointError, match=r"truncated\.safetensors.*truncated"):
+        _loader(pack).load("truncated.safetensors", "fp32", config_spec(ulysses=2))

@@ -1,0 +1,297 @@
+"""WorkerGroup reliability (parallel_backend/group.py, worker.py) on CPU/gloo ranks.
+
+One warm group (2 ranks, ulysses=2) is shared by the tests through the module's `warm()` helper;
+tests that break it (a killed or failing rank) end by checking that `get_group` starts a fresh one.
+Every output is compared with the single-rank reference (`ShardedModel` on `single_rank_mesh`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from parallel_backend import group as group_mod
+from parallel_backend import transport, worker
+from parallel_backend.config import ParallelConfig
+from parallel_backend.group import WorkerGroup, WorkerGroupError, get_group, stop_all
+from parallel_backend.mesh import single_rank_mesh
+from parallel_backend.runner import ShardedModel
+from parallel_backend.synthetic import write_tiny_wan
+
+CONFIG = ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype="fp32")
+TOL = 1e-5
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory) -> str:
+    return write_tiny_wan(str(tmp_path_factory.mktemp("group") / "tiny_wan.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_wan):
+    """Single-process forward of the same checkpoint (no process group)."""
+    ref_cfg = ParallelConfig(world_size=1, device="cpu", dtype="fp32")
+    model = ShardedModel(single_rank_mesh(ref_cfg, torch.device("cpu")), tiny_wan, "fp32")
+
+    def forward(x, t, ctx):
+        return model.forward_rows(x, t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t, ctx)
+    return forward
+
+
+@pytest.fixture(scope="module")
+def warm(tiny_wan):
+    """`warm(config)`: the cached group for `config` with the tiny Wan loaded (started only if needed)."""
+    def get(config: ParallelConfig = CONFIG) -> WorkerGroup:
+        g = get_group(config)
+        g.load(tiny_wan, "fp32")
+        return g
+    yield get
+    stop_all()
+
+
+def inputs(batch=1, thw=(2, 8, 8), ctx_len=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, *thw, generator=g)
+    t = torch.tensor([500.0]) if batch == 1 else torch.linspace(900.0, 100.0, batch)
+    ctx = torch.randn(batch, ctx_len, 4096, generator=g)
+    return x, t, ctx
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until(pred, timeout: float, interval: float = 0.05) -> float | None:
+    """Seconds until `pred()` held, or None if it did not within `timeout`."""
+    t0 = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            return None
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.multirank
+def test_forward_matches_single_rank_and_group_is_reused(warm, reference):
+    g = warm()
+    starts, loads = group_mod.starts, g.load_count
+    for batch in (1, 2):
+        x, t, ctx = inputs(batch)
+        out = g.forward(x, t, ctx)
+        ref = reference(x, t, ctx)
+        assert out.shape == ref.shape == (batch, 16, 2, 8, 8)
+        diff = (out - ref).abs().max().item()
+        print(f"batch {batch}: max abs diff vs single rank {diff:.2e}")
+        assert diff <= TOL
+    # a second prompt reuses the warm ranks and the loaded weights
+    assert warm() is g and group_mod.starts == starts and g.load_count == loads
+
+
+# ------------------------------------------------------------------------------------ a killed rank
+
+
+@pytest.mark.multirank
+def test_rank_killed_mid_forward_is_reported_and_cleaned_up(warm, reference):
+    g = warm()
+    pids = list(g.pids)
+    x, t, ctx = inputs()
+    killed_at = []
+
+    def kill():
+        time.sleep(0.8)  # rank 1 is sleeping in the injected fault, rank 0 waits in the all-to-all
+        killed_at.append(time.monotonic())
+        os.kill(pids[1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    with pytest.raises(WorkerGroupError) as info:
+        g.forward(x, t, ctx, fault={"rank": 1, "kind": "sleep", "seconds": 3.0})
+    raised_at = time.monotonic()
+    killer.join()
+    detect = raised_at - killed_at[0]
+    msg = str(info.value)
+    print(f"death detected {detect:.2f} s after SIGKILL: {msg}")
+    assert detect < 10
+    assert "rank 1" in msg and "SIGKILL" in msg and CONFIG.describe() in msg
+    assert g.closed and not g.alive()
+    assert all(gone(p) for p in pids), [(p, psutil.Process(p).status()) for p in pids if not gone(p)]
+    assert transport.leftover_segments(os.getpid()) == []
+    # the next run starts a fresh group that works
+    g2 = warm()
+    assert g2 is not g and set(g2.pids).isdisjoint(pids)
+    out = g2.forward(x, t, ctx)
+    assert (out - reference(x, t, ctx)).abs().max().item() <= TOL
+
+
+# ------------------------------------------------------------------------------------ a failing rank
+
+
+@pytest.mark.multirank
+def test_rank_raising_is_reported_with_rank_config_and_message(warm, reference):
+    g = warm()
+    pids = list(g.pids)
+    x, t, ctx = inputs()
+    t0 = time.monotonic()
+    with pytest.raises(WorkerGroupError) as info:
+        g.forward(x, t, ctx, fault={"rank": 1, "kind": "raise", "message": "simulated out of memory"})
+    took = time.monotonic() - t0
+    msg = str(info.value)
+    print(f"failure reported after {took:.2f} s")
+    assert "rank 1" in msg and CONFIG.describe() in msg and "simulated out of memory" in msg
+    assert "Hint:" in msg and "raise tp" in msg  # the out-of-memory hint reaches the user
+    assert took < 10  # rank 0, blocked in the all-to-all, is not waited for
+    # not left hung: the ranks are gone and the next forward (on a fresh group) succeeds
+    assert all(gone(p) for p in pids)
+    out = warm().forward(x, t, ctx)
+    assert (out - reference(x, t, ctx)).abs().max().item() <= TOL
+
+
+def test_out_of_memory_hint_text():
+    cfg = ParallelConfig(world_size=4, ulysses=4, device="cuda", dtype="bf16")
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity "
+                                 "of 23.64 GiB of which 1.02 GiB is free.")
+    text = worker._describe(oom, cfg)
+    assert "CUDA out of memory. Tried to allocate 2.50 GiB" in text  # the original message stays
+    hint = text[text.index("Hint:"):]
+    assert cfg.describe() in hint and "raise tp" in hint and "resolution" in hint
+    # other errors get no hint
+    assert "Hint:" not in worker._describe(RuntimeError("shape mismatch"), cfg)
+
+
+# ------------------------------------------------------------------------------------ the owner dies
+
+DRIVER = r"""
+import json, sys, time
+from parallel_backend.config import ParallelConfig
+from parallel_backend.group import WorkerGroup
+if __name__ == "__main__":
+    g = WorkerGroup(ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype="fp32", threads_per_rank=1)).start()
+    print(json.dumps({"pids": g.pids, "segments": [g._in.name, g._out.name]}), flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.multirank
+def test_workers_and_segments_go_when_the_owner_is_killed():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        line = []
+        reader = threading.Thread(target=lambda: line.append(driver.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=180)
+        assert line and line[0].strip(), f"driver did not start its group:\n{driver.stderr.read() if driver.poll() is not None else ''}"
+        info = json.loads(line[0])
+        children = [c.pid for c in psutil.Process(driver.pid).children(recursive=True)]
+        assert set(info["pids"]) <= set(children)  # the ranks (plus the resource tracker)
+        segs = transport.leftover_segments(driver.pid)
+        assert sorted(info["segments"]) == segs, segs
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=10)
+        t_workers = wait_until(lambda: all(gone(p) for p in info["pids"]), 10)
+        t_segments = wait_until(lambda: not transport.leftover_segments(driver.pid), 15)
+        t_all = wait_until(lambda: all(gone(p) for p in children), 10)  # the resource tracker too
+        print(f"owner SIGKILL: ranks exited after {t_workers} s, segments unlinked after {t_segments} s, "
+              f"all children gone after {t_all} s")
+        assert t_workers is not None, [p for p in info["pids"] if not gone(p)]
+        assert t_segments is not None, transport.leftover_segments(driver.pid)
+        assert t_all is not None, [p for p in children if not gone(p)]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+
+
+# ------------------------------------------------------------------------------------ network surface
+
+
+def _listening(pid: int) -> list:
+    return [c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+
+@pytest.mark.multirank
+def test_ranks_listen_on_loopback_only_and_groups_do_not_collide(warm, reference):
+    g = warm()
+    x, t, ctx = inputs()
+    g.forward(x, t, ctx)
+    for pid in g.pids:
+        addrs = _listening(pid)
+        assert addrs, f"rank pid {pid} listens nowhere: is gloo not connected?"
+        assert all(a.ip in ("127.0.0.1", "::1") for a in addrs), addrs
+        for c in psutil.Process(pid).net_connections(kind="inet"):
+            assert not c.raddr or c.raddr.ip in ("127.0.0.1", "::1"), c
+    # a second group with another mesh starts while the first is up: each has its own FileStore
+    ring = ParallelConfig(world_size=2, ring=2, device="cpu", dtype="fp32")
+    other = WorkerGroup(ring).start()
+    try:
+        assert other._tmpdir != g._tmpdir and set(other.pids).isdisjoint(g.pids)
+        assert [s["rank"] for s in other.stats()] == [0, 1]
+        for pid in other.pids:
+            assert all(a.ip in ("127.0.0.1", "::1") for a in _listening(pid))
+    finally:
+        other.stop()
+    assert all(gone(p) for p in other.pids)
+    # and the first one still serves
+    assert g.alive() and (g.forward(x, t, ctx) - reference(x, t, ctx)).abs().max().item() <= TOL
+
+
+# ------------------------------------------------------------------------------------ soak
+
+SOAK_SHAPES = [  # (batch, (T, H, W), context tokens); 15 / 35 / 27 tokens do not divide by ulysses=2
+    (1, (2, 8, 8), 12), (2, (1, 6, 10), 12), (1, (3, 7, 9), 40), (2, (3, 6, 6), 40), (1, (1, 14, 10), 12),
+]
+
+
+@pytest.mark.multirank
+def test_soak_with_faults(warm, reference):
+    me = psutil.Process()
+    g = warm()
+    x, t, ctx = inputs()
+    g.forward(x, t, ctx)
+    fds0 = me.num_fds()
+    starts0 = group_mod.starts
+    max_diff, max_segs, rss_growth, faults = 0.0, 0, [], 0
+    rss_first = {r["pid"]: r["rss"] for r in g.stats()}
+    t0 = time.monotonic()
+    for i in range(30):
+        if i and i % 10 == 0:  # every 10th step: a rank fails, the group is replaced
+            rss_growth += [r["rss"] - rss_first[r["pid"]] for r in g.stats()]
+            with pytest.raises(WorkerGroupError, match=f"rank {i // 10 % 2}"):
+                g.forward(x, t, ctx, fault={"rank": i // 10 % 2, "kind": "raise", "message": f"soak fault {i}"})
+            faults += 1
+            g = warm()
+            rss_first = {r["pid"]: r["rss"] for r in g.stats()}
+        batch, thw, n_ctx = SOAK_SHAPES[i % len(SOAK_SHAPES)]
+        xi, ti, ci = inputs(batch, thw, n_ctx, seed=i)
+        out = g.forward(xi, ti, ci)
+        diff = (out - reference(xi, ti, ci)).abs().max().item()
+        assert out.shape == (batch, 16, *thw) and diff <= TOL, (i, batch, thw, diff)
+        max_diff = max(max_diff, diff)
+        max_segs = max(max_segs, len(transport.leftover_segments(os.getpid())))
+    rss_growth += [r["rss"] - rss_first[r["pid"]] for r in g.stats()]
+    fds = me.num_fds()
+    print(f"soak: 30 forwards + {faults} faults in {time.monotonic() - t0:.1f} s; max diff {max_diff:.2e}; "
+          f"fds {fds0} -> {fds}; shm segments max {max_segs}; "
+          f"worker RSS growth per group (MB) {[round(b / 2**20, 1) for b in rss_growth]}")
+    assert faults == 2 and group_mod.starts == starts0 + faults
+    assert fds <= fds0 + 5
+    assert max_segs <= 2
+    assert max(rss_growth) < 50 * 2**20
