@@ -105,3 +105,22 @@ def parallel_model_of(model):
     """The proxy inside a MODEL from Parallel Model Loader, or None for any other MODEL."""
     dm = getattr(getattr(model, "model", None), "diffusion_model", None)
     return dm if isinstance(dm, ParallelDiffusionModel) else None
+
+
+def install_unload_hook():
+    """ComfyUI's "Unload models" / POST /free {"unload_models": true} calls
+    comfy.model_management.unload_all_models(); the worker group's devices are invisible to ComfyUI's
+    memory manager, so stop the group there too (it restarts on the next load)."""
+    import comfy.model_management as mm
+    if getattr(mm.unload_all_models, "_pdit_wrapped", False):
+        return
+    original = mm.unload_all_models
+
+    def unload_all_models(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            backend("group").stop_all()
+
+    unload_all_models._pdit_wrapped = True
+    mm.unload_all_models = unload_all_models

@@ -1,7 +1,7 @@
 import logging
 
 from .backend import CATEGORY, CONFIG_TYPE, backend
-from .comfy_model import build_model_patcher
+from .comfy_model import build_model_patcher, install_unload_hook
 
 
 def resolve_config(spec: dict, shape, header) -> tuple:
@@ -65,6 +65,7 @@ class ParallelModelLoader:
         family = models.detect_family(header, path)
         shape = family.model_shape(header)
         config, why = resolve_config(parallel_config, shape, header)
+        install_unload_hook()
         group = backend("group").get_group(config)  # starts ranks only when no warm group matches
         loads_before = group.load_count
         info = group.load(path, base_precision)  # loads weights only when file or precision changed
