@@ -14,12 +14,16 @@ WAN_PRESETS = {
     # 4 heads of 128 (ComfyUI derives heads as dim // 128), 2 blocks: ~10.7 M params
     "tiny": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256),
     "wan2.1-1.3b": dict(dim=1536, ffn_dim=8960, num_layers=30, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256),
+    "tiny-i2v": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=36, out_dim=16, text_dim=4096, freq_dim=256,
+                     i2v=True),
+    "tiny-flf2v": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=36, out_dim=16, text_dim=4096, freq_dim=256,
+                       i2v=True, flf2v=True),
     "wan2.1-14b": dict(dim=5120, ffn_dim=13824, num_layers=40, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256),
 }
 
 
 def wan_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
-               patch=(1, 2, 2), i2v=False, clip_dim=1280) -> dict:
+               patch=(1, 2, 2), i2v=False, clip_dim=1280, flf2v=False) -> dict:
     """key -> shape of a Wan 2.x DiT in the original (ComfyUI) layout."""
     s = {
         "patch_embedding.weight": (dim, in_dim, *patch), "patch_embedding.bias": (dim,),
@@ -56,6 +60,8 @@ def wan_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4096, f
                   "img_emb.proj.1.weight": (clip_dim, clip_dim), "img_emb.proj.1.bias": (clip_dim,),
                   "img_emb.proj.3.weight": (dim, clip_dim), "img_emb.proj.3.bias": (dim,),
                   "img_emb.proj.4.weight": (dim,), "img_emb.proj.4.bias": (dim,)})
+        if flf2v:  # first-last-frame: learned positions for two CLIP images of 257 tokens
+            s["img_emb.emb_pos"] = (1, 514, clip_dim)
     return s
 
 
@@ -83,6 +89,6 @@ def write_checkpoint(path: str, shapes: dict, dtype=torch.float32, seed: int = 0
     return path
 
 
-def write_tiny_wan(path: str, seed: int = 0, dtype=torch.float32, **overrides) -> str:
-    cfg = {**WAN_PRESETS["tiny"], **overrides}
+def write_tiny_wan(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", **overrides) -> str:
+    cfg = {**WAN_PRESETS[preset], **overrides}
     return write_checkpoint(path, wan_shapes(**cfg), dtype=dtype, seed=seed)

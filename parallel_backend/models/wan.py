@@ -16,7 +16,6 @@ from ..parallelize import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "wan"
 HEAD_DIM = 128  # ComfyUI derives heads as dim // 128 for every Wan release
-TEXT_CONTEXT_LEN = 512  # diffusers' I2V processor splits image tokens off the context at this length
 
 # Parallel plan as data (see parallelize.py).
 PLAN = ParallelPlan(
@@ -139,13 +138,14 @@ class WanParallelAttnProcessor:
     """diffusers' WanAttnProcessor with the sequence split (Ulysses / Ring) on self-attention and
     local heads under tensor parallelism (`attn.heads` is already heads / tp)."""
 
-    def __init__(self, seq_state, backend: str):
-        self.seq_state, self.backend = seq_state, backend
+    def __init__(self, seq_state, backend: str, call_state: dict):
+        self.seq_state, self.backend, self.call_state = seq_state, backend, call_state
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         img = None
-        if attn.add_k_proj is not None:
-            n_img = encoder_hidden_states.shape[1] - TEXT_CONTEXT_LEN
+        n_img = self.call_state.get("image_tokens", 0)
+        if attn.add_k_proj is not None and n_img:
+            # diffusers assumes a 512-token text context here; ComfyUI's varies, so count image tokens instead
             img, encoder_hidden_states = encoder_hidden_states[:, :n_img], encoder_hidden_states[:, n_img:]
         is_self = encoder_hidden_states is None
         ctx = hidden_states if is_self else encoder_hidden_states
@@ -168,9 +168,10 @@ class WanParallelAttnProcessor:
 
 
 def install_attention(model, seq_state, backend: str) -> None:
+    model._pdit_call_state = {}  # per-call facts the processors read (image token count)
     for block in model.blocks:
         for attn in (block.attn1, block.attn2):
-            attn.set_processor(WanParallelAttnProcessor(seq_state, backend))
+            attn.set_processor(WanParallelAttnProcessor(seq_state, backend, model._pdit_call_state))
 
 
 def pad_to_patch(x: torch.Tensor, patch) -> torch.Tensor:
@@ -185,6 +186,16 @@ def forward(model, x, timestep, context, clip_fea=None):
     """ComfyUI's WanModel call convention on the diffusers model: pad, run, crop."""
     t, h, w = x.shape[2:]
     x = pad_to_patch(x, model.config.patch_size)
+    state = getattr(model, "_pdit_call_state", {})
+    state["image_tokens"] = 0
+    if clip_fea is not None:
+        if model.condition_embedder.image_embedder is None:
+            clip_fea = None  # a T2V model ignores CLIP vision input, as ComfyUI's does
+        else:
+            state["image_tokens"] = clip_fea.shape[1]
+            pos = model.condition_embedder.image_embedder.pos_embed
+            if pos is not None:  # FLF2V: ComfyUI passes (B, 2*257, C); diffusers views (2B, 257, C) in pairs
+                clip_fea = clip_fea[:, :pos.shape[1]].reshape(-1, pos.shape[1] // 2, clip_fea.shape[-1])
     out = model(hidden_states=x, timestep=timestep, encoder_hidden_states=context,
                 encoder_hidden_states_image=clip_fea, return_dict=False)[0]
     return out[:, :, :t, :h, :w]
