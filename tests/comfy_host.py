@@ -41,6 +41,10 @@ def import_comfy():
     import nodes  # ComfyUI's nodes.py
     assert hasattr(nodes, "common_ksampler"), f"'nodes' resolved to {nodes.__file__}, not ComfyUI's"
     import folder_paths
+    # Now that ComfyUI's `nodes` holds the name, put ComfyUI last: it also has a `tests` package,
+    # which must not shadow ours in spawned ranks (they inherit sys.path).
+    sys.path.remove(path)
+    sys.path.append(path)
     return folder_paths
 
 

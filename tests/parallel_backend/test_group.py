@@ -140,6 +140,79 @@ def test_rank_killed_mid_forward_is_reported_and_cleaned_up(warm, reference):
     assert (out - reference(x, t, ctx)).abs().max().item() <= TOL
 
 
+# ------------------------------------------------------------------------------------ _collect, deterministic
+# Stand-in ranks (plain forked processes, no torch) put the control channel into exact states that
+# real ranks reach only by timing: all events in one wait() batch, EOF before the sentinel, a
+# sentinel that fires before the process can be reaped.
+
+
+def _fake_rank(conn, behaviour: str) -> None:
+    if behaviour == "echo_error":  # like rank 0 whose all-to-all broke because its peer died
+        conn.recv()
+        conn.send(("error", 0, "Traceback (most recent call last):\nRuntimeError: [gloo] Connection closed by peer"))
+    elif behaviour == "sentinel_first":  # drop every fd but the pipe (the sentinel fires), live on, then die
+        fd = conn.fileno()
+        os.closerange(3, fd)
+        os.closerange(fd + 1, 1 << 16)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+
+
+def _fake_group(*behaviours) -> WorkerGroup:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    g = WorkerGroup(CONFIG)
+    for b in behaviours:
+        parent, child = ctx.Pipe(duplex=True)
+        p = ctx.Process(target=_fake_rank, args=(child, b), daemon=True)
+        p.start()
+        child.close()
+        g.procs.append(p)
+        g.conns.append(parent)
+    g.pids = [p.pid for p in g.procs]
+    return g
+
+
+def _collect_error(g: WorkerGroup) -> tuple[str, float]:
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(WorkerGroupError) as info:
+            g._collect(10.0, "forward")
+    finally:
+        g.stop(graceful=False)
+    assert all(gone(p) for p in g.pids) and g.closed
+    return str(info.value), time.monotonic() - t0
+
+
+def test_collect_names_the_dead_rank_not_the_peer_that_echoed_it():
+    """Rank 1 is killed, rank 0 then reports the broken collective; both arrive in one batch."""
+    g = _fake_group("echo_error", "silent")
+    os.kill(g.pids[1], signal.SIGKILL)
+    assert wait_until(lambda: psutil.Process(g.pids[1]).status() == psutil.STATUS_ZOMBIE, 5) is not None
+    g.conns[0].send(("go", None))
+    assert wait_until(g.conns[0].poll, 5) is not None
+    msg, took = _collect_error(g)
+    assert "rank 1" in msg and "SIGKILL" in msg and "rank 0 then failed" in msg and "Connection closed" in msg, msg
+    assert took < 3
+
+
+def test_collect_reports_a_silent_death():
+    """A rank dies while its peer just waits (no collective error to help): reported at once."""
+    g = _fake_group("silent", "silent")
+    os.kill(g.pids[1], signal.SIGKILL)
+    msg, took = _collect_error(g)
+    assert "rank 1" in msg and "SIGKILL" in msg, msg
+    assert took < 3
+
+
+def test_collect_exit_cause_when_the_sentinel_fires_before_the_exit():
+    g = _fake_group("silent", "sentinel_first")
+    msg, took = _collect_error(g)
+    assert "rank 1" in msg and "killed by signal SIGKILL" in msg, msg
+
+
 # ------------------------------------------------------------------------------------ a failing rank
 
 
@@ -268,8 +341,7 @@ def test_soak_with_faults(warm, reference):
     g.forward(x, t, ctx)
     fds0 = me.num_fds()
     starts0 = group_mod.starts
-    max_diff, max_segs, rss_growth, faults = 0.0, 0, [], 0
-    rss_first = {r["pid"]: r["rss"] for r in g.stats()}
+    max_diff, max_segs, rss_growth, faults, rss_first = 0.0, 0, [], 0, None
     t0 = time.monotonic()
     for i in range(30):
         if i and i % 10 == 0:  # every 10th step: a rank fails, the group is replaced
@@ -277,8 +349,7 @@ def test_soak_with_faults(warm, reference):
             with pytest.raises(WorkerGroupError, match=f"rank {i // 10 % 2}"):
                 g.forward(x, t, ctx, fault={"rank": i // 10 % 2, "kind": "raise", "message": f"soak fault {i}"})
             faults += 1
-            g = warm()
-            rss_first = {r["pid"]: r["rss"] for r in g.stats()}
+            g, rss_first = warm(), None
         batch, thw, n_ctx = SOAK_SHAPES[i % len(SOAK_SHAPES)]
         xi, ti, ci = inputs(batch, thw, n_ctx, seed=i)
         out = g.forward(xi, ti, ci)
@@ -286,6 +357,8 @@ def test_soak_with_faults(warm, reference):
         assert out.shape == (batch, 16, *thw) and diff <= TOL, (i, batch, thw, diff)
         max_diff = max(max_diff, diff)
         max_segs = max(max_segs, len(transport.leftover_segments(os.getpid())))
+        if rss_first is None:  # RSS baseline of this group: after its first forward
+            rss_first = {r["pid"]: r["rss"] for r in g.stats()}
     rss_growth += [r["rss"] - rss_first[r["pid"]] for r in g.stats()]
     fds = me.num_fds()
     print(f"soak: 30 forwards + {faults} faults in {time.monotonic() - t0:.1f} s; max diff {max_diff:.2e}; "
