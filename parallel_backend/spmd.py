@@ -6,6 +6,7 @@ that parity tests and benchmarks use to compare a mesh against a single-process 
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import tempfile
 import time
@@ -26,7 +27,9 @@ def _entry(rank, fn, config, store_path, args, queue):
         device = init_process_group(config, rank, store_path)
         mesh = build_mesh(config, rank, device)
         result = fn(mesh, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensor data into the message. torch's queue reducer would send a file
+        # descriptor served by this process, which is gone if it exits before the parent reads it.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -58,7 +61,7 @@ def run_on_ranks(fn, config: ParallelConfig, *args, timeout: float = 300.0) -> l
                         errors.append(f"ranks did not finish within {timeout:.0f} s")
                     continue
                 if status == "ok":
-                    results[rank] = payload
+                    results[rank] = pickle.loads(payload)
                 else:
                     errors.append(f"rank {rank}:\n{payload}")
         finally:

@@ -256,7 +256,7 @@ from parallel_backend.config import ParallelConfig
 from parallel_backend.group import WorkerGroup
 if __name__ == "__main__":
     g = WorkerGroup(ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype="fp32", threads_per_rank=1)).start()
-    print(json.dumps({"pids": g.pids, "segments": [g._in.name, g._out.name]}), flush=True)
+    print(json.dumps({"pids": g.pids, "segments": [g._in.name, g._out.name], "store": g._tmpdir}), flush=True)
     time.sleep(600)
 """
 
@@ -277,16 +277,19 @@ def test_workers_and_segments_go_when_the_owner_is_killed():
         assert set(info["pids"]) <= set(children)  # the ranks (plus the resource tracker)
         segs = transport.leftover_segments(driver.pid)
         assert sorted(info["segments"]) == segs, segs
+        assert os.path.isdir(info["store"])
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=10)
         t_workers = wait_until(lambda: all(gone(p) for p in info["pids"]), 10)
         t_segments = wait_until(lambda: not transport.leftover_segments(driver.pid), 15)
         t_all = wait_until(lambda: all(gone(p) for p in children), 10)  # the resource tracker too
+        t_store = wait_until(lambda: not os.path.exists(info["store"]), 10)  # the ranks remove the rendezvous dir
         print(f"owner SIGKILL: ranks exited after {t_workers} s, segments unlinked after {t_segments} s, "
-              f"all children gone after {t_all} s")
+              f"all children gone after {t_all} s, store dir removed after {t_store} s")
         assert t_workers is not None, [p for p in info["pids"] if not gone(p)]
         assert t_segments is not None, transport.leftover_segments(driver.pid)
         assert t_all is not None, [p for p in children if not gone(p)]
+        assert t_store is not None, os.listdir(info["store"])
     finally:
         if driver.poll() is None:
             driver.kill()
