@@ -27,5 +27,14 @@ if [ ! -f "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+# the browser test drives Debian's chromium (never a browser downloaded by a test tool)
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >&2 \
+      || echo "setup: could not install chromium; the browser test will fail" >&2
+  else
+    echo "setup: install Debian's chromium (apt-get install chromium) for the browser test" >&2
+  fi
+fi
 printf "PDIT_PY=%q\n" "$py"
 printf "COMFYUI_PATH=%q\n" "${COMFYUI_PATH:-$home/comfyui}"

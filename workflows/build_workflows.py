@@ -23,9 +23,11 @@ OUTPUTS = {
     "VAEDecode": [("IMAGE", "IMAGE")],
     "SaveAnimatedWEBP": [],
     "SaveLatent": [],
+    "UNETLoader": [("MODEL", "MODEL")],
+    "PditTestConditioning": [("CONDITIONING", "CONDITIONING")],  # test-only node (tests/comfy_test_nodes)
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
-SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed")}
+SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("PditTestConditioning", "seed")}
 
 
 def link(node: int, slot: int = 0):
@@ -55,6 +57,16 @@ WAN21_T2V = {
 }
 
 WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V}
+
+
+def spec_from_api(api: dict, title: str) -> dict:
+    """The inverse of to_api: lets a test lay out a rewritten API graph for the browser."""
+    nodes = []
+    for nid in sorted(api, key=int):
+        node = api[nid]
+        inputs = {k: (link(int(v[0]), v[1]) if isinstance(v, list) else v) for k, v in node["inputs"].items()}
+        nodes.append((int(nid), node["class_type"], inputs))
+    return {"title": title, "nodes": nodes}
 
 
 def to_api(spec: dict) -> dict:

@@ -52,7 +52,7 @@ def test_scaled_measurement_equals_formula_at_full_size(measured):
     for name in ("tiny/ulysses2", "tiny/tp2", "tiny/ring2"):
         recs = [(cv.grid_tokens(g), c, measured[(name, g, c)]) for g, c in cv.measure_points(GRIDS, CONTEXTS)]
         scaled = cv.fit_and_scale(recs, 2, 75600, 40, ctx_real=512)["total"]
-        axis, an, s = _analytic_for(name, (21, 180, 320), 512, layers=40)  # 21 x 90 x 160 patches = 75600 tokens
+        axis, an, s = _analytic_for(name, (21, 90, 160), 512, layers=40)  # 720p latent: 21 x 45 x 80 patches
         assert s.tokens == 75600
         analytic = cv.total(an, 40)
         assert abs(scaled - analytic) <= 0.05 * analytic, f"{name}: scaled {scaled:.4g} vs analytic {analytic:.4g}"

@@ -7,7 +7,8 @@ class PditTestConditioning:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed of the fake embedding"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": True,
+                             "tooltip": "seed of the fake embedding"}),
             "tokens": ("INT", {"default": 12, "min": 1, "max": 512, "tooltip": "fake prompt length"}),
             "width": ("INT", {"default": 4096, "min": 1, "max": 8192, "tooltip": "embedding width (umt5: 4096)"}),
         }}
