@@ -105,9 +105,7 @@ def write_fast_checkpoint(path: str, shapes: dict, dtype=None, seed: int = 0) ->
     sd = {}
     for i, (key, shape) in enumerate(shapes.items()):
         n = math.prod(shape)
-        start = (i * 7919) % pool.numel()
-        reps = (start + n + pool.numel() - 1) // pool.numel()
-        t = (pool.repeat(reps)[start:start + n] if reps > 1 else pool[start:start + n]).view(shape)
+        t = pool.roll(-((i * 7919) % pool.numel()))[:n]  # a different window of the pool per tensor
         if "modulation" in key:
             t = t / math.sqrt(shape[-1])
         elif key.endswith("bias"):
@@ -116,6 +114,9 @@ def write_fast_checkpoint(path: str, shapes: dict, dtype=None, seed: int = 0) ->
             t = 1.0 + 0.1 * t
         else:
             t = t / math.sqrt(math.prod(shape[1:]))
-        sd[key] = t.to(dtype).contiguous()
+        t = t.to(dtype)
+        if n > t.numel():  # tile in the target dtype: one pass over the output bytes
+            t = t.repeat(-(-n // t.numel()))[:n]
+        sd[key] = t.reshape(shape).contiguous()
     save_file(sd, path)
     return path

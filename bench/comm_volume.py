@@ -147,9 +147,10 @@ def leading_term(axis: str, n: int, s: Shape) -> int:
 
 # ---- measurement on real ranks ------------------------------------------------------------------
 
-def _rank_measure(mesh0, jobs: list, grids: list, ctx_len: int, precision: str) -> list:
+def _rank_measure(mesh0, jobs: list, points: list, precision: str) -> list:
     """On every rank: for each job (model file x axis config) load ShardedModel, run one forward per
-    latent grid under count_bytes(), and record total and in-block bytes by collective kind."""
+    (latent grid, context length) point under count_bytes(), and record total and in-block bytes
+    by collective kind."""
     from parallel_backend.collectives import count_bytes
     from parallel_backend.mesh import build_mesh
     from parallel_backend.runner import ShardedModel
@@ -162,7 +163,7 @@ def _rank_measure(mesh0, jobs: list, grids: list, ctx_len: int, precision: str) 
         live, snaps = {}, {}
         hooks = [blocks[0].register_forward_pre_hook(lambda *_: snaps.__setitem__("start", dict(live["c"]))),
                  blocks[-1].register_forward_hook(lambda *_: snaps.__setitem__("end", dict(live["c"])))]
-        for grid in grids:
+        for grid, ctx_len in points:
             g = torch.Generator().manual_seed(0)  # same inputs on every rank
             b = job["batch"]
             x = torch.randn(b, model.shape.in_channels, *grid, generator=g)
@@ -173,8 +174,8 @@ def _rank_measure(mesh0, jobs: list, grids: list, ctx_len: int, precision: str) 
                 out = model.forward_rows(x, t, ctx)
             kinds = set(counted) | set(snaps["end"])
             in_blocks = {k: snaps["end"].get(k, 0) - snaps["start"].get(k, 0) for k in kinds}
-            results.append({"name": job["name"], "grid": tuple(grid), "total": dict(counted), "blocks": in_blocks,
-                            "finite": None if out is None else bool(torch.isfinite(out).all())})
+            results.append({"name": job["name"], "grid": tuple(grid), "ctx": ctx_len, "total": dict(counted),
+                            "blocks": in_blocks, "finite": None if out is None else bool(torch.isfinite(out).all())})
         for h in hooks:
             h.remove()
         del model, blocks
@@ -182,21 +183,20 @@ def _rank_measure(mesh0, jobs: list, grids: list, ctx_len: int, precision: str) 
     return results
 
 
-def measure(jobs: list, world: int, grids: list, precision: str = "bf16", device: str = "cpu",
-            ctx_len: int = CONTEXT_LEN) -> dict:
-    """Run `jobs` (dicts: name, path, config, batch) on `world` ranks; -> {(name, grid): rank-0 record}.
-
-    Raises if ranks disagree (each rank of a symmetric axis must send the same bytes)."""
+def measure(jobs: list, world: int, points: list, precision: str = "bf16", device: str = "cpu") -> dict:
+    """Run `jobs` (dicts: name, path, config, batch) on `world` ranks at each (grid, context length)
+    point; -> {(name, grid, ctx): rank-0 record}. Raises if ranks disagree (each rank of these axes
+    must send the same bytes)."""
     from parallel_backend.spmd import run_on_ranks
 
     base = ParallelConfig(world_size=world, ulysses=world, device=device, dtype=precision)
-    per_rank = run_on_ranks(_rank_measure, base, jobs, grids, ctx_len, precision, timeout=1800)
+    per_rank = run_on_ranks(_rank_measure, base, jobs, points, precision, timeout=1800)
     out = {}
     for i, rec in enumerate(per_rank[0]):
         others = [r[i]["total"] for r in per_rank[1:]]
         if any(o != rec["total"] for o in others):
             raise AssertionError(f"ranks sent different bytes for {rec['name']}: {[rec['total'], *others]}")
-        out[(rec["name"], rec["grid"])] = rec
+        out[(rec["name"], rec["grid"], rec["ctx"])] = rec
     return out
 
 
@@ -205,15 +205,36 @@ def job(name: str, path: str, axis: str, degree: int, device: str, precision: st
             "config": dict(world_size=degree, device=device, dtype=precision, **{axis: degree})}
 
 
-def fit_and_scale(records: list, measured_blocks: int, tokens_real: int, layers_real: int) -> dict:
-    """From [(tokens, record)] at two token counts: per-block and outside bytes as lines in tokens,
-    evaluated at the real token count; per-block times the real layer count."""
-    (s1, r1), (s2, r2) = sorted(records, key=lambda tr: tr[0])[:2]
-    pb1, pb2 = sum(r1["blocks"].values()) / measured_blocks, sum(r2["blocks"].values()) / measured_blocks
-    o1, o2 = sum(r1["total"].values()) - pb1 * measured_blocks, sum(r2["total"].values()) - pb2 * measured_blocks
-    line = lambda a, b: a + (b - a) * (tokens_real - s1) / (s2 - s1)
-    pb, o = line(pb1, pb2), line(o1, o2)
+def fit_and_scale(records: list, measured_blocks: int, tokens_real: int, layers_real: int,
+                  ctx_real: int = CONTEXT_LEN) -> dict:
+    """From three records [(tokens, ctx, record)] at (S1, C1), (S2, C1), (S1, C2): per-block and
+    outside-block bytes fitted as a + b*tokens + c*context, evaluated at the real size; per-block
+    bytes times the real layer count."""
+    (s1, c1, r1), (s2, _, r2), (_, c2, r3) = records
+
+    def parts(r):
+        blk = sum(r["blocks"].values()) / measured_blocks
+        return blk, sum(r["total"].values()) - blk * measured_blocks
+
+    def fit(v1, v2, v3):
+        b, c = (v2 - v1) / (s2 - s1), (v3 - v1) / (c2 - c1)
+        return v1 + b * (tokens_real - s1) + c * (ctx_real - c1)
+
+    (pb1, o1), (pb2, o2), (pb3, o3) = parts(r1), parts(r2), parts(r3)
+    pb, o = fit(pb1, pb2, pb3), fit(o1, o2, o3)
     return {"per_block": pb, "outside": o, "total": pb * layers_real + o}
+
+
+def split_name(name: str) -> tuple:
+    """'wan2.1-14b/ulysses2' -> ('wan2.1-14b', 'ulysses', 2)."""
+    preset, axcfg = name.split("/")
+    axis = axcfg.rstrip("0123456789")
+    return preset, axis, int(axcfg[len(axis):])
+
+
+def measure_points(grids: list, contexts: list) -> list:
+    """(S1, C1), (S2, C1), (S1, C2): enough for an affine fit in tokens and context length."""
+    return [(grids[0], contexts[0]), (grids[1], contexts[0]), (grids[0], contexts[1])]
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -232,7 +253,10 @@ def main(argv=None) -> int:
     ap.add_argument("--measure-degrees", default="2", help="degrees to measure on real ranks ('' = none)")
     ap.add_argument("--no-measure", action="store_true", help="formula only")
     ap.add_argument("--measure-blocks", type=int, default=2)
-    ap.add_argument("--measure-grids", default="2x8x8,4x8x8", help="two latent T x H x W to run (tokens divide degrees)")
+    ap.add_argument("--measure-grids", default="2x4x4,4x4x4",
+                    help="two latent T x H x W to run (their token counts must divide the degrees)")
+    ap.add_argument("--measure-contexts", default="8,16",
+                    help="two text context lengths to run (the full 512 makes bf16 CPU matmuls slow)")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="ranks' device; auto = cuda when enough GPUs, else cpu/gloo")
@@ -243,6 +267,10 @@ def main(argv=None) -> int:
     degrees = [int(d) for d in args.degrees.split(",") if d.strip()]
     mdegrees = [] if args.no_measure else [int(d) for d in args.measure_degrees.split(",") if d.strip()]
     grids = [tuple(int(v) for v in g.split("x")) for g in args.measure_grids.split(",")]
+    contexts = [int(c) for c in args.measure_contexts.split(",")]
+    if len(grids) != 2 or len(contexts) != 2 or grid_tokens(grids[0]) == grid_tokens(grids[1]) or \
+            contexts[0] == contexts[1]:
+        ap.error("--measure-grids and --measure-contexts need two different values each")
     elt = 2 if args.precision == "bf16" else 4
     if mdegrees:
         want = max(mdegrees)
@@ -273,7 +301,8 @@ def main(argv=None) -> int:
           "final gather.\n")
 
     # ---- 2. measurement
-    measured, mtime, meta = {}, 0.0, {}
+    measured, mtime = {}, 0.0
+    points = measure_points(grids, contexts)
     if mdegrees:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="pdit_bench_comm_") as tmp:
@@ -289,15 +318,13 @@ def main(argv=None) -> int:
                     for axis in AXES:
                         if invalid_reason(axis, n, small) is None and not (axis == "cfg" and n > 2):
                             jobs.append(job(f"{preset}/{axis}{n}", paths[preset], axis, n, device, args.precision))
-                measured.update(measure(jobs, n, grids, args.precision, device))
+                measured.update(measure(jobs, n, points, args.precision, device))
         mtime = time.perf_counter() - t0
-        meta = dict(grids=grids, tokens=[grid_tokens(g) for g in grids])
 
         rows, worst = [], 0.0
-        for (name, grid), rec in sorted(measured.items()):
-            preset, axcfg = name.split("/")
-            axis, n = axcfg.rstrip("0123456789"), int(axcfg[len(axcfg.rstrip("0123456789")):])
-            s = model_shape(preset, grid_tokens(grid), args.measure_blocks, elt=elt,
+        for (name, grid, ctx_len), rec in sorted(measured.items()):
+            preset, axis, n = split_name(name)
+            s = model_shape(preset, grid_tokens(grid), args.measure_blocks, elt=elt, ctx_len=ctx_len,
                             batch=2 if axis == "cfg" else 1)
             an = analytic(axis, n, s)
             a_tot, m_tot = total(an, s.layers), sum(rec["total"].values())
@@ -305,24 +332,28 @@ def main(argv=None) -> int:
             if a_tot:
                 worst = max(worst, abs(m_tot - a_tot) / a_tot)
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(rec["total"].items()) if v) or "-"
-            rows.append([preset, axis, n, "x".join(map(str, grid)), s.tokens, a_blk, m_blk, a_tot, m_tot,
+            rows.append([preset, axis, n, "x".join(map(str, grid)), s.tokens, ctx_len, a_blk, m_blk, a_tot, m_tot,
                          pct(m_tot, a_tot), kinds, "yes" if rec["finite"] in (True, None) else "NO"])
         print(f"[2] MEASURED at the shape actually run: ShardedModel forward on {device} ranks "
               f"({'nccl' if device == 'cuda' else 'gloo'}), {args.precision}, synthetic checkpoints with the real "
-              f"width/heads/ffn and {args.measure_blocks} blocks, context {CONTEXT_LEN}. Bytes per rank (rank 0; "
-              f"every rank sent the same).")
-        print(table(rows, ["model", "axis", "n", "latent", "tokens", "analytic blk B", "measured blk B", "analytic B",
-                           "measured B", "diff", "measured by kind", "finite out"], "llrlrrrrrrll"))
-        print(f"worst |measured - analytic| / analytic at the measured shapes: {100 * worst:.3f}%   "
-              f"(measurement wall time {mtime:.0f} s)\n")
+              f"width/heads/ffn and {args.measure_blocks} blocks.\n    Bytes per rank (rank 0; every rank sent the "
+              f"same); 'blk' = inside the blocks (counter snapshotted around them).")
+        print(table(rows, ["model", "axis", "n", "latent", "tokens", "ctx", "analytic blk B", "measured blk B",
+                           "analytic B", "measured B", "diff", "measured by kind", "finite out"],
+                    "llrlrrrrrrrll"))
+        print(f"worst |measured - analytic| / analytic at the measured shapes: {100 * worst:.4f}%   "
+              f"(measurement wall time incl. writing the files and spawning ranks: {mtime:.0f} s)\n")
 
     # ---- 3. full-size table
-    print("[3] One forward at full size, per rank (GB). MEASURED = measured per-block bytes fitted as a + b x tokens "
-          f"from {', '.join(map(str, meta.get('tokens', [])))} tokens" if mdegrees else
-          "[3] One forward at full size, per rank (GB); no measurement requested.")
     if mdegrees:
-        print(f"    ({args.measure_blocks}-block files), evaluated at the real token count, x the real layer count, "
+        (g1, c1), (g2, _), (_, c2) = points
+        print(f"[3] One forward at full size, per rank (GB). MEASURED is SCALED: per-block bytes measured on the "
+              f"{args.measure_blocks}-block files at\n    (tokens, context) = ({grid_tokens(g1)}, {c1}), "
+              f"({grid_tokens(g2)}, {c1}), ({grid_tokens(g1)}, {c2}) are fitted as a + b x tokens + c x context, "
+              f"evaluated at the real\n    token count and {CONTEXT_LEN} context tokens, x the real layer count, "
               f"+ the outside-block bytes (final gather) fitted the same way.")
+    else:
+        print("[3] One forward at full size, per rank (GB); no measurement requested.")
     for preset in models:
         for res in resolutions:
             grid = latent_grid(*RESOLUTIONS[res])
@@ -338,8 +369,8 @@ def main(argv=None) -> int:
                         continue
                     a = total(analytic(axis, n, replace(s, batch=2 if axis == "cfg" else 1)), s.layers)
                     m_cell = diff = ""
-                    recs = [(grid_tokens(g), measured.get((f"{preset}/{axis}{n}", g))) for g in meta.get("grids", [])]
-                    if len(recs) >= 2 and all(r is not None for _, r in recs):
+                    recs = [(grid_tokens(g), c, measured.get((f"{preset}/{axis}{n}", g, c))) for g, c in points]
+                    if mdegrees and all(r is not None for *_, r in recs):
                         m = fit_and_scale(recs, args.measure_blocks, s.tokens, s.layers)["total"]
                         m_cell, diff = gb(m), pct(m, a)
                     rows.append([axis, n, gb(a), gb(n * a), m_cell, diff, ""])
