@@ -84,7 +84,10 @@ def load_sharded(model: torch.nn.Module, path: str, key_map: dict, dtype: torch.
             target = torch.float32 if keep_fp32(name) else dtype
             module_name, _, pname = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
-            module._parameters[pname] = torch.nn.Parameter(t.to(device=device, dtype=target), requires_grad=False)
+            # one real, contiguous copy: safetensors hands back views into the mmapped file (and row
+            # shards are strided views of the full tensor), which would keep the file's pages resident
+            weight = torch.empty(t.shape, dtype=target, device=device).copy_(t)
+            module._parameters[pname] = torch.nn.Parameter(weight, requires_grad=False)
             del t
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -15,11 +16,14 @@ import time
 import traceback
 
 
-def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
-    """Exit when the ComfyUI process is gone: a rank must never outlive its owner."""
+def _watch_parent(parent_pid: int, store_dir: str | None = None, interval: float = 0.5) -> None:
+    """Exit when the ComfyUI process is gone: a rank must never outlive its owner. The owner can no
+    longer remove the group's rendezvous directory then, so the ranks do."""
     def loop():
         while True:
             if os.getppid() != parent_pid:
+                if store_dir:
+                    shutil.rmtree(store_dir, ignore_errors=True)
                 os._exit(3)
             time.sleep(interval)
     threading.Thread(target=loop, name="pdit-parent-watch", daemon=True).start()
@@ -34,12 +38,28 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """VmHWM of this process (ru_maxrss would start at the spawning parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
 
 
 def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid: int) -> None:
-    _watch_parent(parent_pid)
+    store_dir = os.path.dirname(store_path)
+    _watch_parent(parent_pid, store_dir)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the ComfyUI terminal is the owner's to handle
     import torch
     import torch.distributed as dist
@@ -64,11 +84,13 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
     reader = ShmReader()
     model: ShardedModel | None = None
     loads = 0
+    owner_gone = False
     while True:
         try:
             op, payload = conn.recv()
         except (EOFError, OSError):
-            break  # owner closed the pipe: leave
+            owner_gone = True  # the owner died (or is tearing the group down): leave
+            break
         try:
             if op == "shutdown":
                 conn.send(("ok", None))
@@ -78,6 +100,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                _reset_peak_rss()
                 model = ShardedModel(mesh, payload["path"], payload["precision"])
                 loads += 1
                 conn.send(("ok", {**model.info(), "loads": loads, "rss": _rss_bytes(),
@@ -114,6 +137,8 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
             dist.destroy_process_group()
     except Exception:
         pass
+    if owner_gone:
+        shutil.rmtree(store_dir, ignore_errors=True)
 
 
 def _describe(e: BaseException, config) -> str:
