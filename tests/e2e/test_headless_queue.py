@@ -2,6 +2,7 @@
 the pack on 2 CPU ranks, equals the native Load Diffusion Model + KSampler run in the same server."""
 import os
 import re
+import time
 
 import psutil
 import pytest
@@ -62,6 +63,27 @@ def test_shipped_workflow_through_prompt_queue(tmp_path):
         assert "parallel_dit: reusing warm group" in log
         second, _ = comfy_host.saved_latent(base, "latents/second")
         assert not torch.equal(second, out)
+
+        # Cancel over the API mid-run: the prompt stops, the group survives, the next prompt succeeds
+        long_run = comfy_host.tiny_cpu_variant(shipped, MODEL, seed=9, steps=2000, prefix="latents/cancelled")
+        pid = server.queue(long_run)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not server.get("/queue", timeout=30)["queue_running"]:
+            time.sleep(0.2)
+        time.sleep(3)  # let it take some steps
+        t_cancel = time.monotonic()
+        server.post("/interrupt", {})
+        h = server.wait(pid, timeout=60)
+        stopped_after = time.monotonic() - t_cancel
+        msgs = [m[0] for m in h["status"].get("messages", [])]
+        assert "execution_interrupted" in msgs, h["status"]
+        print(f"cancel over /interrupt: prompt ended {stopped_after:.2f} s after the request")
+        h = server.wait(server.queue(comfy_host.tiny_cpu_variant(shipped, MODEL, seed=3, prefix="latents/after")),
+                        timeout=240)
+        assert h["status"]["status_str"] == "success", h["status"]
+        assert _worker_pids(server) == pids
+        after, _ = comfy_host.saved_latent(base, "latents/after")
+        assert torch.equal(after, out)  # same seed as the first run: same latent from the same warm group
         server_pid = server.proc.pid
     # server stopped by its pid: its ranks exit (they watch their parent) and leave no shm behind
     for pid in pids:
