@@ -80,8 +80,10 @@ class WorkerGroup:
         self.procs, self.conns = [], []
         self.pids: list[int] = []
         self.model_key = None
+        self.lora_key: tuple = ()
         self.model_info: dict | None = None
-        self.load_count = 0
+        self.load_count = 0   # model (re)builds on the ranks
+        self.lora_count = 0   # LoRA list changes merged on the ranks
         self._lock = threading.RLock()
         self._tmpdir = None
         self._in = self._out = None
@@ -165,11 +167,13 @@ class WorkerGroup:
                     if rank in pending and not pending[rank].poll():
                         raise self._died(rank, what)
                     continue
-                rank = next(r for r, c in pending.items() if c is obj)
+                rank = next((r for r, c in pending.items() if c is obj), None)
+                if rank is None:
+                    continue  # an error earlier in this batch cleared `pending`
                 try:
                     msg = obj.recv()
-                except (EOFError, OSError):
-                    continue  # the sentinel reports the death
+                except (EOFError, OSError):  # the rank's end of the pipe closed: it has exited
+                    raise self._died(rank, what) from None
                 del pending[rank]
                 if msg[0] == "error":
                     errors.append((msg[1], msg[2]))
@@ -220,15 +224,25 @@ class WorkerGroup:
         st = os.stat(path)
         return (os.path.realpath(path), st.st_size, st.st_mtime_ns, precision)
 
-    def load(self, path: str, precision: str) -> dict:
-        """Load (or keep) a model on every rank; a no-op when the same file and precision are loaded."""
+    def load(self, path: str, precision: str, loras=()) -> dict:
+        """Load (or keep) a model on every rank, with `loras` ([(lora path, strength), ...]) merged into
+        the shards. A no-op when the same file, precision and LoRA list are loaded; a changed LoRA list
+        (or strength) re-merges in the running ranks without re-reading the model; a changed file or
+        precision rebuilds the model in the same processes after dropping the old weights."""
+        from .lora import lora_key
+
         key = self.model_key_for(path, precision)
-        if key == self.model_key and self.model_info is not None:
+        lkey = lora_key(loras)
+        if key == self.model_key and lkey == self.lora_key and self.model_info is not None:
             return self.model_info
         self.model_key = self.model_info = None
-        replies = self._call("load", {"path": path, "precision": precision}, self.load_timeout)
-        self.model_key, self.model_info = key, replies[0]
-        self.load_count += 1
+        replies = self._call("load", {"path": path, "precision": precision, "key": key, "loras": lkey},
+                             self.load_timeout)
+        self.model_key, self.lora_key, self.model_info = key, lkey, replies[0]
+        if replies[0].get("reloaded", True):
+            self.load_count += 1
+        if replies[0].get("lora_changed"):
+            self.lora_count += 1
         self.rank_load_stats = replies
         return self.model_info
 

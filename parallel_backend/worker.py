@@ -57,6 +57,19 @@ def _reset_peak_rss() -> None:
         pass
 
 
+def _release_memory(torch, device) -> None:
+    """Give the memory of dropped weights back: collect, empty the CUDA cache, trim the C heap (freed
+    small blocks would otherwise stay in this process's resident set)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid: int) -> None:
     store_dir = os.path.dirname(store_path)
     _watch_parent(parent_pid, store_dir)
@@ -96,15 +109,24 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 conn.send(("ok", None))
                 break
             elif op == "load":
-                model = None
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                _reset_peak_rss()
-                model = ShardedModel(mesh, payload["path"], payload["precision"])
-                loads += 1
-                conn.send(("ok", {**model.info(), "loads": loads, "rss": _rss_bytes(),
-                                  "peak_rss": _peak_rss_bytes()}))
+                # A new file or precision (payload "key") rebuilds the model in this process after the old
+                # weights are dropped; the same one keeps the model and only changes the merged LoRA list.
+                key = payload.get("key")
+                reloaded = model is None or key is None or getattr(model, "key", None) != key
+                if reloaded:
+                    model = None
+                    _release_memory(torch, device)
+                    _reset_peak_rss()
+                    rss_before = _rss_bytes()
+                    model = ShardedModel(mesh, payload["path"], payload["precision"])
+                    model.key = key
+                    model.load_mem = {"load_rss_before": rss_before, "load_peak_rss": _peak_rss_bytes()}
+                    loads += 1
+                lora_info = model.set_loras(payload.get("loras") or ())
+                if lora_info.get("lora_changed"):
+                    _release_memory(torch, device)
+                conn.send(("ok", {**model.info(), **model.load_mem, **lora_info, "reloaded": reloaded,
+                                  "loads": loads, "rss": _rss_bytes(), "peak_rss": _peak_rss_bytes()}))
             elif op == "forward":
                 if model is None:
                     raise RuntimeError("no model loaded on this worker group")
@@ -126,7 +148,8 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
             elif op == "stats":
                 conn.send(("ok", {"rank": rank, "pid": os.getpid(), "rss": _rss_bytes(), "loads": loads,
                                   "peak_rss": _peak_rss_bytes(),
-                                  "param_bytes": 0 if model is None else model.load_stats["param_bytes"]}))
+                                  "param_bytes": 0 if model is None else model.load_stats["param_bytes"],
+                                  **({} if model is None else model.info())}))
             else:
                 raise ValueError(f"unknown op {op!r}")
         except BaseException as e:
