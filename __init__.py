@@ -9,7 +9,11 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.append(_here)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes import NODE_CLASS_MAPPINGS as _CLASSIC, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes.schema import register as _register  # noqa: E402
+
+# V3 (comfy_api) node classes where the host offers them, the classic ones otherwise
+NODE_CLASS_MAPPINGS = _register(_CLASSIC, NODE_DISPLAY_NAME_MAPPINGS)
 
 WEB_DIRECTORY = None
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -13,6 +13,7 @@ class ParallelUnload:
 
     RETURN_TYPES = ("*",)
     RETURN_NAMES = ("passthrough",)
+    OUTPUT_TOOLTIPS = ("The input, unchanged, once the group is stopped.",)
     FUNCTION = "unload"
     CATEGORY = CATEGORY
     OUTPUT_NODE = True

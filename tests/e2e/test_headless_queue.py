@@ -30,8 +30,8 @@ def test_shipped_workflow_through_prompt_queue(tmp_path):
         info = server.get("/object_info")
         for node in ("ParallelConfig", "ParallelModelLoader", "ParallelSampler", "ParallelUnload"):
             assert node in info, f"{node} not registered:\n{server.log_tail()}"
-            for section in info[node]["input"].values():
-                for name, spec in section.items():
+            for section in ("required", "optional"):
+                for name, spec in info[node]["input"].get(section, {}).items():
                     assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
         # the UI-format file is the same graph as the API-format file, per the live node definitions
         assert comfy_host.ui_to_api(ui, info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
