@@ -59,6 +59,20 @@ def test_parallel_sampler_matches_native_and_survives_cancel(comfy, pack, config
     assert torch.equal(again, out)
     assert group.starts == starts and g.alive() and g.load_count == 1
 
+    # latents the model cannot take are refused before any step runs (no forward reaches the group)
+    from parallel_backend.config import ConfigError
+    g.forward = counting_forward
+    calls["n"] = 0
+    try:
+        for bad, why in (((1, 16, 8, 8), "5-D video latent"), ((1, 48, 2, 8, 8), "48 channels"),
+                         ((1, 16, 0, 8, 8), "empty")):
+            with pytest.raises(ConfigError, match=why):
+                nodes["ParallelSampler"]().sample(model, 7, 4, 5.0, "euler", "simple", pos, neg,
+                                                  {"samples": torch.zeros(bad)})
+    finally:
+        g.forward = real_forward
+    assert calls["n"] == 0
+
     group.stop_all()
     assert not g.alive() and leftover_segments(__import__("os").getpid()) == []
 
