@@ -46,6 +46,13 @@ class ParallelModelLoader:
             "base_precision": (["bf16", "fp16", "fp32"], {"default": "bf16",
                                "tooltip": "Precision the weights are cast to on load."}),
             "parallel_config": (CONFIG_TYPE, {"tooltip": "From the Parallel Config node."}),
+        }, "optional": {
+            "residency": (["swap", "resident"], {"default": "swap", "tooltip":
+                          "Several loaders on one Parallel Config share its worker group (e.g. Wan 2.2 A14B's "
+                          "high- and low-noise experts). resident: this model stays on the ranks while others "
+                          "load (its weights per rank are added to theirs; no reload). swap: it is dropped when "
+                          "another model loads and read again when its sampler next runs (one model's memory; "
+                          "a reload from disk per switch)."}),
         }}
 
     RETURN_TYPES = ("MODEL", "STRING")
@@ -57,7 +64,7 @@ class ParallelModelLoader:
     DESCRIPTION = ("Loads a diffusion transformer onto a persistent worker group that holds it sharded over "
                    "several devices. A second run with the same config and file reuses the warm group.")
 
-    def load(self, model_name, base_precision, parallel_config):
+    def load(self, model_name, base_precision, parallel_config, residency="swap"):
         import folder_paths
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         loading, models = backend("loading"), backend("models")
@@ -68,12 +75,29 @@ class ParallelModelLoader:
         install_unload_hook()
         group = backend("group").get_group(config)  # starts ranks only when no warm group matches
         loads_before = group.load_count
-        info = group.load(path, base_precision)  # loads weights only when file or precision changed
-        if group.load_count != loads_before:
-            logging.info("parallel_dit: loaded weights of %s onto pids %s (load #%d of this group)",
-                         model_name, group.pids, group.load_count)
+        resident = residency == "resident"
+        if not resident and group.holds_other_models(path, base_precision):
+            # swap: loading now would evict a model a sampler of this graph may still use; the proxy loads
+            # this one when its sampler runs (the header already proved the file; info from its shapes)
+            info = _shape_info(shape, path, base_precision)
+            logging.info("parallel_dit: %s will be swapped in when its sampler runs (pids %s hold another model)",
+                         model_name, group.pids)
         else:
-            logging.info("parallel_dit: reusing warm group pids %s with %s", group.pids, model_name)
+            # loads weights only when this file and precision are not on the group yet
+            info = group.load(path, base_precision, resident=resident)
+            if group.load_count != loads_before:
+                logging.info("parallel_dit: loaded weights of %s onto pids %s (load #%d of this group)",
+                             model_name, group.pids, group.load_count)
+            else:
+                logging.info("parallel_dit: reusing warm group pids %s with %s", group.pids, model_name)
         plan = f"{config.describe()} [{why}] for {shape.family} ({shape.num_heads} heads, {shape.num_layers} blocks)"
         logging.info("parallel_dit: %s", plan)
-        return (build_model_patcher(config, path, base_precision, header, info), plan)
+        return (build_model_patcher(config, path, base_precision, header, info, resident), plan)
+
+
+def _shape_info(shape, path, precision) -> dict:
+    """The model facts the MODEL proxy needs, from the header (as the ranks' load reply gives them)."""
+    return {"family": shape.family, "num_heads": shape.num_heads, "head_dim": shape.head_dim,
+            "ffn_dim": shape.ffn_dim, "num_layers": shape.num_layers, "in_channels": shape.in_channels,
+            "out_channels": shape.out_channels, "patch_size": tuple(shape.patch_size), "path": path,
+            "precision": precision}

@@ -132,9 +132,12 @@ def validate_for_model(cfg: ParallelConfig, shape: ModelShape) -> None:
 
 def validate_latent(shape: ModelShape, latent_shape: tuple) -> None:
     """A latent the model cannot take: wrong rank or channels (spatial sizes are padded)."""
-    if len(latent_shape) != 5:
-        raise ConfigError(f"{shape.family} takes a 5-D video latent (batch, channels, frames, height, width), "
-                          f"got shape {tuple(latent_shape)}: use a video latent node (e.g. EmptyHunyuanLatentVideo)")
+    # a 4-D image latent (e.g. EmptySD3LatentImage) gets its frame axis from ComfyUI before sampling
+    # (comfy.sample.fix_empty_latent_channels), so one with the model's latent channels is an image
+    if not (len(latent_shape) == 5 or (len(latent_shape) == 4 and latent_shape[1] == shape.out_channels)):
+        raise ConfigError(f"{shape.family} takes a 5-D video latent (batch, channels, frames, height, width) or a "
+                          f"4-D image latent with {shape.out_channels} channels, got shape {tuple(latent_shape)}: "
+                          f"use a latent node for this model (e.g. EmptyHunyuanLatentVideo)")
     if latent_shape[1] > shape.in_channels:
         raise ConfigError(f"latent has {latent_shape[1]} channels but the model takes {shape.in_channels}: "
                           f"use the latent node that matches this model")

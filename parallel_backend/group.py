@@ -82,6 +82,9 @@ class WorkerGroup:
         self.model_key = None
         self.lora_key: tuple = ()
         self.model_info: dict | None = None
+        # every model on the ranks, key -> {"info", "lora_key", "resident"}; model_key / model_info above
+        # are the current one. Loading a model drops the others unless they were loaded resident.
+        self.models: dict = {}
         self.load_count = 0   # model (re)builds on the ranks
         self.lora_count = 0   # LoRA list changes merged on the ranks
         self._lock = threading.RLock()
@@ -224,21 +227,32 @@ class WorkerGroup:
         st = os.stat(path)
         return (os.path.realpath(path), st.st_size, st.st_mtime_ns, precision)
 
-    def load(self, path: str, precision: str, loras=()) -> dict:
+    def load(self, path: str, precision: str, loras=(), resident: bool = False) -> dict:
         """Load (or keep) a model on every rank, with `loras` ([(lora path, strength), ...]) merged into
         the shards. A no-op when the same file, precision and LoRA list are loaded; a changed LoRA list
         (or strength) re-merges in the running ranks without re-reading the model; a changed file or
-        precision rebuilds the model in the same processes after dropping the old weights."""
+        precision rebuilds the model in the same processes after dropping the old weights - unless the
+        old model was loaded `resident`: then both stay on the ranks (forward's `model_key` picks).
+        resident: 2 models = 2x weights per rank, no reads after the first load; not resident (swap): one
+        model's memory, and the file is read again each time the group switches back to it."""
         from .lora import lora_key
 
         key = self.model_key_for(path, precision)
         lkey = lora_key(loras)
-        if key == self.model_key and lkey == self.lora_key and self.model_info is not None:
-            return self.model_info
+        # Several models per group (Wan 2.2 A14B's experts): using one drops the others unless they were
+        # loaded resident (a "load" with the same key and LoRAs only drops them; it reads nothing).
+        held = self.models.get(key)
+        if held is not None:
+            held["resident"] = resident
+            if held["lora_key"] == lkey and all(m["resident"] for k, m in self.models.items() if k != key):
+                self.model_key, self.lora_key, self.model_info = key, lkey, held["info"]
+                return held["info"]
+        self.models = {k: m for k, m in self.models.items() if k != key and m["resident"]}
         self.model_key = self.model_info = None
-        replies = self._call("load", {"path": path, "precision": precision, "key": key, "loras": lkey},
-                             self.load_timeout)
+        replies = self._call("load", {"path": path, "precision": precision, "key": key, "loras": lkey,
+                                      "keep": list(self.models)}, self.load_timeout)
         self.model_key, self.lora_key, self.model_info = key, lkey, replies[0]
+        self.models[key] = {"info": replies[0], "lora_key": lkey, "resident": resident}
         if replies[0].get("reloaded", True):
             self.load_count += 1
         if replies[0].get("lora_changed"):
@@ -246,11 +260,20 @@ class WorkerGroup:
         self.rank_load_stats = replies
         return self.model_info
 
+    def holds_other_models(self, path: str, precision: str) -> bool:
+        key = self.model_key_for(path, precision)
+        return any(k != key for k in self.models)
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, fault=None,
-                **extras) -> torch.Tensor:
-        """One model evaluation on the group: inputs and output cross through shared memory."""
-        if self.model_info is None:
-            raise WorkerGroupError("no model is loaded on the worker group")
+                model_key=None, **extras) -> torch.Tensor:
+        """One model evaluation on the group: inputs and output cross through shared memory.
+        `model_key` (model_key_for) picks one of several loaded models; default: the current one."""
+        key = self.model_key if model_key is None else model_key
+        held = self.models.get(key)
+        if held is None:
+            raise WorkerGroupError("no model is loaded on the worker group" if key is None else
+                                   f"{key[0]} is not loaded on the worker group (load it first)")
+        self.model_key, self.lora_key, self.model_info = key, held["lora_key"], held["info"]
         tensors = {"x": x, "timestep": timestep.reshape(-1).expand(x.shape[0]) if timestep.numel() == 1 else timestep,
                    "context": context}
         tensors.update({k: v for k, v in extras.items() if v is not None})
@@ -258,7 +281,7 @@ class WorkerGroup:
             refs = self._in.write(tensors)
             out_shape = (x.shape[0], self.model_info["out_channels"], *x.shape[2:])
             out_ref = self._out.layout({"out": (out_shape, torch.float32)})["out"]
-            self._call("forward", {"inputs": refs, "out": out_ref, "fault": fault}, self.step_timeout)
+            self._call("forward", {"inputs": refs, "out": out_ref, "fault": fault, "key": key}, self.step_timeout)
             return self._out.read(out_ref)
 
     def stats(self) -> list:

@@ -2,6 +2,17 @@
 
 No rank ever materialises the full state dict: each parameter is read, as its own slice, straight
 into the (already sharded) module. Pickle checkpoints are refused, never unpickled.
+
+Memory: safetensors (>= 0.6) hands out slices as views into a memory map of the file, and every
+page a view touches counts in the rank's resident set while the file stays mapped. So each slice is
+copied into memory the parameter owns (casting on the way), and the file is re-opened (its map
+dropped) after every `REOPEN_BYTES` of touched pages; parameters are read largest-touch first, so the
+peak is about the shard plus one tensor's pages.
+
+fp8: a Linear whose checkpoint weight is float8 (plain "fp8_e4m3fn" files, and ComfyUI's
+"fp8_scaled" files with a per-tensor `<layer>.scale_weight` beside `<layer>.weight` and a
+`scaled_fp8` marker key) becomes a `Fp8Linear` that keeps its shard in fp8 and upcasts per call.
+Other fp8 tensors (convolutions, norms, modules kept in fp32) are dequantized on load.
 """
 from __future__ import annotations
 
@@ -12,6 +23,7 @@ import struct
 import torch
 
 from .parallelize import shard_dim_of
+from .tensor_parallel import Fp8Linear, is_linear
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -19,8 +31,43 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
               "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+FP8_ST_DTYPES = {"F8_E4M3", "F8_E5M2"}
+# per-tensor weight scales: ComfyUI's scaled_fp8 layout, and its newer mixed-precision layout
+WEIGHT_SCALE_SUFFIXES = ("scale_weight", "weight_scale")
+# tensors beside the weights that are not model parameters
+AUX_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
+MARKER_KEYS = ("scaled_fp8",)
+REOPEN_BYTES = 64 << 20
+
+
 class CheckpointError(ValueError):
     pass
+
+
+def model_keys(header: dict) -> list:
+    """The checkpoint's parameter keys: without fp8 scales and the `scaled_fp8` marker."""
+    return [k for k in header if not k.endswith(AUX_SUFFIXES) and k.rpartition(".")[2] not in MARKER_KEYS]
+
+
+def weight_scale_key(header: dict, weight_key: str) -> str | None:
+    """The per-tensor scale stored beside `<layer>.weight`, if the file has one."""
+    if not weight_key.endswith("weight"):
+        return None
+    stem = weight_key[:-len("weight")]
+    for suffix in WEIGHT_SCALE_SUFFIXES:
+        if stem + suffix in header:
+            return stem + suffix
+    return None
+
+
+def checkpoint_precision(header: dict) -> str:
+    """"fp8_scaled", "fp8", or the dtype most of the weights have (for messages and info)."""
+    dts = [header[k][1] for k in model_keys(header)]
+    if any(d in FP8_ST_DTYPES for d in dts):
+        scaled = any(k.rpartition(".")[2] in MARKER_KEYS for k in header) or any(
+            k.endswith(AUX_SUFFIXES) for k in header)
+        return "fp8_scaled" if scaled else "fp8"
+    return max(set(dts), key=dts.count) if dts else "empty"
 
 
 def read_header(path: str) -> dict:
@@ -57,40 +104,179 @@ def _slice_for(shape, dim, rank, parts):
     return tuple(index)
 
 
+def _nbytes(shape, st_dtype) -> int:
+    size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}.get(st_dtype, 1)
+    n = 1
+    for d in shape:
+        n *= d
+    return n * size
+
+
+class SliceReader:
+    """`get_slice` reads from one safetensors file, re-opening it (dropping its memory map) after
+    `budget` bytes of its pages were touched, so the pages do not pile up in resident memory."""
+
+    def __init__(self, path: str, budget: int = REOPEN_BYTES):
+        self.path, self.budget = path, budget
+        self._f = None
+        self._touched = 0
+        self.bytes_read = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._f is not None:
+            self._f.__exit__(None, None, None)
+            self._f = None
+        self._touched = 0
+
+    def _file(self, touch: int):
+        from safetensors import safe_open
+
+        if self._f is not None and self._touched + touch > self.budget:
+            self.close()
+        if self._f is None:
+            self._f = safe_open(self.path, framework="pt", device="cpu")
+            self._f.__enter__()
+        self._touched += touch
+        return self._f
+
+    def read(self, key: str, index=None, touch: int = 0) -> torch.Tensor:
+        """A view of `key` (or of `key[index]`) valid until the caller drops it: copy it out."""
+        f = self._file(touch)
+        sl = f.get_slice(key)
+        if not sl.get_shape():  # 0-dim (a per-tensor scale)
+            t = f.get_tensor(key)
+        else:
+            t = sl[index] if index is not None else sl[:]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """A contiguous tensor the caller owns (never a view into the file's memory map), cast on the copy."""
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    out.copy_(t)
+    return out
+
+
+class _ParamPlan:
+    __slots__ = ("name", "key", "shape", "st_dtype", "index", "touch", "owner", "pname")
+
+
+def _plan(model, params, key_map, header, path) -> list:
+    plans = []
+    for name in params:
+        key = key_map[name]
+        if key not in header:
+            raise CheckpointError(f"{path}: the key map names {key!r} for {name}, which the file does not have")
+        p = _ParamPlan()
+        p.name, p.key = name, key
+        p.shape, p.st_dtype = header[key]
+        module_name, _, p.pname = name.rpartition(".")
+        p.owner = model.get_submodule(module_name) if module_name else model
+        dim, rank, parts = shard_dim_of(model, name)
+        p.index = _slice_for(p.shape, dim, rank, parts) if dim is not None else None
+        full = _nbytes(p.shape, p.st_dtype)
+        # a dim-0 slice touches its own rows; a slice on a later dim touches every row of the tensor
+        p.touch = full // parts if dim == 0 else full
+        plans.append(p)
+    # largest page touch first: the transient file pages then coincide with the smallest held shard
+    plans.sort(key=lambda p: -p.touch)
+    return plans
+
+
+def _read_into(reader: SliceReader, plan: _ParamPlan, header, path, dtype, device, keep_fp32, expected_shape):
+    t = reader.read(plan.key, plan.index, plan.touch)
+    if tuple(t.shape) != tuple(expected_shape):
+        raise CheckpointError(f"{path}: {plan.key} has shape {tuple(t.shape)} (this rank's slice), expected "
+                              f"{tuple(expected_shape)} for {plan.name}; the file does not match the model it "
+                              f"was detected as")
+    module, pname = plan.owner, plan.pname
+    scale_key = weight_scale_key(header, plan.key) if plan.st_dtype in FP8_ST_DTYPES else None
+    scale = None
+    if scale_key is not None:
+        scale = reader.read(scale_key).to(torch.float32)
+        if scale.numel() != 1:
+            raise CheckpointError(f"{path}: {scale_key} has shape {tuple(scale.shape)}; only per-tensor fp8 scales "
+                                  f"(one number per weight) are supported")
+        scale = scale.reshape(())
+    if isinstance(module, Fp8Linear) and pname == "weight":
+        module._parameters["weight"] = torch.nn.Parameter(_owned(t, t.dtype, device), requires_grad=False)
+        module.scale_weight = None if scale is None else scale.to(device)
+        return
+    target = torch.float32 if keep_fp32(plan.name) else dtype
+    if isinstance(module, Fp8Linear):  # its bias: the compute precision
+        target = module.compute_dtype
+    if scale is not None:
+        value = _owned(t.to(torch.float32) * scale, target, device)
+    else:
+        value = _owned(t, target, device)
+    del t
+    module._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _swap_fp8_linears(model, key_map, header, dtype, keep_fp32) -> int:
+    """Replace linears whose checkpoint weight is fp8 by Fp8Linear (on meta, before loading)."""
+    n = 0
+    for name, module in list(model.named_modules()):
+        if not name or not is_linear(module) or isinstance(module, Fp8Linear):
+            continue
+        wname = f"{name}.weight"
+        key = key_map.get(wname)
+        if key is None or key not in header or header[key][1] not in FP8_ST_DTYPES or keep_fp32(wname):
+            continue  # modules diffusers keeps in fp32 are dequantized on load instead
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Fp8Linear(module, dtype))
+        n += 1
+    return n
+
+
 def load_sharded(model: torch.nn.Module, path: str, key_map: dict, dtype: torch.dtype, device: torch.device,
-                 keep_fp32=lambda name: False) -> dict:
+                 keep_fp32=lambda name: False, header: dict | None = None) -> dict:
     """Materialise `model` (meta) on `device`, reading each parameter's shard from `path`.
 
-    Returns stats: bytes read, parameter bytes held.
+    Returns stats: bytes read, parameter bytes held, and how many linears (and bytes) stay fp8.
     """
-    from safetensors import safe_open
-
+    header = header if header is not None else read_header(path)
+    fp8_layers = _swap_fp8_linears(model, key_map, header, dtype, keep_fp32)
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in key_map]
     if missing:
         raise CheckpointError(f"{path}: no weights for {len(missing)} parameters (e.g. {missing[:3]}); "
                               f"the file does not match the detected model layout")
-    read = 0
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for name, p in params.items():
-            sl = f.get_slice(key_map[name])
-            shape = tuple(sl.get_shape())
-            dim, rank, parts = shard_dim_of(model, name)
-            t = sl[_slice_for(shape, dim, rank, parts)] if dim is not None else sl[:]
-            if t.shape != p.shape:
-                raise CheckpointError(f"{path}: {key_map[name]} has shape {tuple(t.shape)}, expected {tuple(p.shape)} "
-                                      f"for {name}")
-            read += t.numel() * t.element_size()
-            target = torch.float32 if keep_fp32(name) else dtype
-            module_name, _, pname = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            # one real, contiguous copy: safetensors hands back views into the mmapped file (and row
-            # shards are strided views of the full tensor), which would keep the file's pages resident
-            weight = torch.empty(t.shape, dtype=target, device=device).copy_(t)
-            module._parameters[pname] = torch.nn.Parameter(weight, requires_grad=False)
-            del t
+    with SliceReader(path) as reader:
+        for plan in _plan(model, params, key_map, header, path):
+            _read_into(reader, plan, header, path, dtype, device, keep_fp32, params[plan.name].shape)
+        read = reader.bytes_read
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{path}: {len(left)} tensors were not materialised (e.g. {left[:3]})")
+    return {"bytes_read": read, **param_stats(model), "fp8_layers": fp8_layers,
+            "checkpoint_precision": checkpoint_precision(header)}
+
+
+def param_stats(model: torch.nn.Module) -> dict:
     held = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"bytes_read": read, "param_bytes": held}
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    fp8 = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+              if isinstance(m, Fp8Linear) and m.weight.dtype.itemsize == 1)
+    return {"param_bytes": held, "buffer_bytes": buffers, "fp8_weight_bytes": fp8}
+
+
+def reload_params(model: torch.nn.Module, path: str, key_map: dict, names, dtype: torch.dtype,
+                  device: torch.device, keep_fp32=lambda name: False, header: dict | None = None) -> int:
+    """Re-read these parameters' shards from the checkpoint (undoing in-place changes such as a LoRA
+    merge); an Fp8Linear whose weight was upcast gets its fp8 weight and scale back."""
+    header = header if header is not None else read_header(path)
+    params = dict(model.named_parameters())
+    names = [n for n in names if n in params]
+    with SliceReader(path) as reader:
+        for plan in _plan(model, names, key_map, header, path):
+            _read_into(reader, plan, header, path, dtype, device, keep_fp32, params[plan.name].shape)
+        return reader.bytes_read

@@ -7,7 +7,7 @@ import torch
 
 from .cfg import replica_slice
 from .config import validate_for_model
-from .loading import DTYPE_NAMES, load_sharded, read_header
+from .loading import DTYPE_NAMES, load_sharded, model_keys, param_stats, read_header, reload_params
 from .mesh import RankMesh
 from .models import detect_family
 from .parallelize import SequenceState, apply_sequence_parallel, apply_tensor_parallel
@@ -17,7 +17,7 @@ class ShardedModel:
     def __init__(self, mesh: RankMesh, path: str, precision: str | None = None):
         self.mesh, self.path = mesh, path
         self.precision = precision or mesh.config.dtype
-        header = read_header(path)
+        self.header = header = read_header(path)
         self.family = detect_family(header, path)
         self.shape = self.family.model_shape(header)
         validate_for_model(mesh.config, self.shape)
@@ -28,16 +28,46 @@ class ShardedModel:
         self.seq_state = SequenceState(mesh.sequence_groups(), mesh.sequence_index)
         apply_sequence_parallel(model, plan, self.seq_state)
         fam.install_attention(model, self.seq_state, c.attention)
-        self.load_stats = load_sharded(model, path, fam.key_map(header.keys()), self.dtype, mesh.device,
-                                       keep_fp32=fam.keep_fp32)
+        self.key_map = fam.key_map(model_keys(header))
+        self.load_stats = load_sharded(model, path, self.key_map, self.dtype, mesh.device,
+                                       keep_fp32=fam.keep_fp32, header=header)
         self.model = model.eval().requires_grad_(False)
+        self.loras: tuple = ()          # the merged LoRA list, as lora.lora_key gives it
+        self.lora_touched: set = set()  # parameters the merge changed (restored from the file on change)
+        self.lora_stats: dict = {}
+
+    def set_loras(self, loras) -> dict:
+        """Make the merged LoRAs exactly `loras` ([(path, ..., strength)], as lora.lora_key gives them):
+        a no-op when unchanged; otherwise the touched parameters are re-read from the checkpoint and the
+        new list is merged. On failure the base weights are restored and the error raised."""
+        from .lora import merge_loras
+
+        loras = tuple(tuple(x) for x in loras or ())
+        if loras == self.loras:
+            return {**self.lora_stats, "lora_changed": False}
+        fam = self.family
+        restore = lambda names: reload_params(self.model, self.path, self.key_map, names, self.dtype,
+                                              self.mesh.device, keep_fp32=fam.keep_fp32, header=self.header)
+        if self.lora_touched:
+            restore(sorted(self.lora_touched))
+        self.loras, self.lora_touched, self.lora_stats = (), set(), {}
+        touched = set()
+        try:
+            stats = merge_loras(self.model, [(x[0], x[-1]) for x in loras], self.key_map, self.header, touched)
+        except BaseException:
+            if touched:
+                restore(sorted(touched))
+            raise
+        self.loras, self.lora_touched = loras, touched
+        self.lora_stats = {**stats, "loras": [(x[0], x[-1]) for x in loras]}
+        return {**self.lora_stats, "lora_changed": True}
 
     def info(self) -> dict:
         s = self.shape
         return {"family": s.family, "num_heads": s.num_heads, "head_dim": s.head_dim, "ffn_dim": s.ffn_dim,
                 "num_layers": s.num_layers, "in_channels": s.in_channels, "out_channels": s.out_channels,
                 "patch_size": tuple(s.patch_size), "path": self.path, "precision": self.precision,
-                **self.load_stats}
+                **self.load_stats, **param_stats(self.model), **self.lora_stats}
 
     def rows(self, batch: int) -> slice:
         return replica_slice(batch, self.mesh.replica_index, self.mesh.config.replica_degree)

@@ -5,6 +5,7 @@ shapes with few blocks) are written here in ComfyUI's / the original release's k
 """
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -19,6 +20,13 @@ WAN_PRESETS = {
     "tiny-flf2v": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=36, out_dim=16, text_dim=4096, freq_dim=256,
                        i2v=True, flf2v=True),
     "wan2.1-14b": dict(dim=5120, ffn_dim=13824, num_layers=40, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256),
+    # Wan 2.2 TI2V-5B: 48-channel latent in and out (ComfyUI: out_dim 48 -> WAN22_T2V, per-frame timesteps)
+    "tiny-ti2v": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=48, out_dim=48, text_dim=4096, freq_dim=256),
+    "wan2.2-ti2v-5b": dict(dim=3072, ffn_dim=14336, num_layers=30, in_dim=48, out_dim=48, text_dim=4096,
+                           freq_dim=256),
+    # Wan 2.2 A14B: two files (high-noise and low-noise expert) of the Wan 2.1 14B architecture; tiny
+    # experts are "tiny" written with two seeds
+    "wan2.2-a14b": dict(dim=5120, ffn_dim=13824, num_layers=40, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256),
 }
 
 
@@ -79,16 +87,255 @@ def random_tensor(key: str, shape: tuple, generator: torch.Generator) -> torch.T
 
 
 def write_checkpoint(path: str, shapes: dict, dtype=torch.float32, seed: int = 0, prefix: str = "",
-                     metadata: dict | None = None) -> str:
-    """Write a random checkpoint with these keys and shapes (safetensors)."""
-    from safetensors.torch import save_file
-
+                     metadata: dict | None = None, fill: float | None = None) -> str:
+    """Write a random checkpoint with these keys and shapes (safetensors), one tensor at a time: a file
+    of real model shapes never has to fit in memory at once. `fill`: every value is this number instead
+    (seconds instead of a minute for files of real sizes, where only memory and time are measured)."""
     g = torch.Generator().manual_seed(seed)
-    sd = {prefix + k: random_tensor(k, v, g).to(dtype) for k, v in shapes.items()}
-    save_file(sd, path, metadata=metadata)
+
+    def make(k, v):
+        return torch.full(v, fill, dtype=dtype) if fill is not None else random_tensor(k, v, g).to(dtype)
+
+    entries = [(prefix + k, tuple(v), dtype, (lambda k=k, v=v: make(k, v))) for k, v in shapes.items()]
+    return write_safetensors_stream(path, entries, metadata)
+
+
+def write_tiny_wan(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", fill: float | None = None,
+                   **overrides) -> str:
+    cfg = {**WAN_PRESETS[preset], **overrides}
+    return write_checkpoint(path, wan_shapes(**cfg), dtype=dtype, seed=seed, fill=fill)
+
+
+# ---- Cosmos Predict2 (ComfyUI's MiniTrainDIT / the original release: `net.`-prefixed keys) ----------------
+# name -> width, blocks, heads (head dim = width // heads), latent channels in (16: text-to-image / video,
+# 17: video-to-world, whose extra channel is ComfyUI's "mask_inverted" concat)
+COSMOS_PRESETS = {
+    # 4 heads of 128 (the real head dim), 2 blocks: ~11 M params
+    "tiny": dict(model_channels=512, num_blocks=2, num_heads=4, in_channels=16),
+    "tiny-v2w": dict(model_channels=512, num_blocks=2, num_heads=4, in_channels=17),
+    "cosmos-predict2-2b-t2i": dict(model_channels=2048, num_blocks=28, num_heads=16, in_channels=16),
+    "cosmos-predict2-2b-v2w": dict(model_channels=2048, num_blocks=28, num_heads=16, in_channels=17),
+    "cosmos-predict2-14b-t2i": dict(model_channels=5120, num_blocks=36, num_heads=40, in_channels=16),
+    "cosmos-predict2-14b-v2w": dict(model_channels=5120, num_blocks=36, num_heads=40, in_channels=17),
+}
+
+
+def cosmos_predict2_shapes(model_channels, num_blocks, num_heads, in_channels=16, out_channels=16,
+                           crossattn_emb_channels=1024, mlp_ratio=4.0, adaln_lora_dim=256, patch_spatial=2,
+                           patch_temporal=1, concat_padding_mask=True) -> dict:
+    """key -> shape of a Cosmos Predict2 DiT (ComfyUI's MiniTrainDIT names, without the `net.` prefix)."""
+    d, head_dim, ffn = model_channels, model_channels // num_heads, int(model_channels * mlp_ratio)
+    patch = patch_spatial * patch_spatial * patch_temporal
+    s = {
+        "x_embedder.proj.1.weight": (d, (in_channels + int(concat_padding_mask)) * patch),
+        "t_embedder.1.linear_1.weight": (d, d),
+        "t_embedder.1.linear_2.weight": (3 * d, d),
+        "t_embedding_norm.weight": (d,),
+        "final_layer.linear.weight": (patch * out_channels, d),
+        "final_layer.adaln_modulation.1.weight": (adaln_lora_dim, d),
+        "final_layer.adaln_modulation.2.weight": (2 * d, adaln_lora_dim),
+    }
+    for i in range(num_blocks):
+        b = f"blocks.{i}."
+        for attn, ctx in (("self_attn", d), ("cross_attn", crossattn_emb_channels)):
+            s[f"{b}{attn}.q_proj.weight"] = (d, d)
+            s[f"{b}{attn}.k_proj.weight"] = (d, ctx)
+            s[f"{b}{attn}.v_proj.weight"] = (d, ctx)
+            s[f"{b}{attn}.output_proj.weight"] = (d, d)
+            s[f"{b}{attn}.q_norm.weight"] = (head_dim,)
+            s[f"{b}{attn}.k_norm.weight"] = (head_dim,)
+        s[b + "mlp.layer1.weight"] = (ffn, d)
+        s[b + "mlp.layer2.weight"] = (d, ffn)
+        for m in ("self_attn", "cross_attn", "mlp"):
+            s[f"{b}adaln_modulation_{m}.1.weight"] = (adaln_lora_dim, d)
+            s[f"{b}adaln_modulation_{m}.2.weight"] = (3 * d, adaln_lora_dim)
+    return s
+
+
+def cosmos_rope_ranges(head_dim: int) -> dict:
+    """The rope frequency ranges the original Predict2 saves as buffers (diffusers detects Predict2 files by
+    `net.pos_embedder.dim_spatial_range`); ComfyUI and the pack recompute them and ignore these."""
+    dim_h = head_dim // 6 * 2
+    dim_t = head_dim - 2 * dim_h
+    return {"pos_embedder.dim_spatial_range": torch.arange(0, dim_h, 2)[: dim_h // 2].float() / dim_h,
+            "pos_embedder.dim_temporal_range": torch.arange(0, dim_t, 2)[: dim_t // 2].float() / dim_t}
+
+
+def write_tiny_cosmos(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", **overrides) -> str:
+    """A random Cosmos Predict2 checkpoint in the released file layout: `net.`-prefixed keys (as ComfyUI's
+    diffusion_models folder holds them), plus the two rope buffers the release carries."""
+    cfg = {**COSMOS_PRESETS[preset], **overrides}
+    g = torch.Generator().manual_seed(seed)
+    entries = [("net." + k, tuple(v), dtype, (lambda k=k, v=v: random_tensor(k, v, g).to(dtype)))
+               for k, v in cosmos_predict2_shapes(**cfg).items()]
+    for k, t in cosmos_rope_ranges(cfg["model_channels"] // cfg["num_heads"]).items():
+        entries.append(("net." + k, tuple(t.shape), torch.float32, lambda t=t: t))
+    return write_safetensors_stream(path, entries)
+
+
+# ---- safetensors written tensor by tensor ---------------------------------------------------------
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32"}
+
+
+def write_safetensors_stream(path: str, entries, metadata: dict | None = None) -> str:
+    """Write a safetensors file from [(key, shape, dtype, make_tensor), ...], calling each `make_tensor()`
+    only when its bytes are written (in list order), so at most one tensor is held at a time."""
+    header, offset = {}, 0
+    for key, shape, dtype, _ in entries:
+        n = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key, shape, dtype, make in entries:
+            t = make()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{key}: made {tuple(t.shape)} {t.dtype}, announced {tuple(shape)} {dtype}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
+            del t
     return path
 
 
-def write_tiny_wan(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", **overrides) -> str:
-    cfg = {**WAN_PRESETS[preset], **overrides}
-    return write_checkpoint(path, wan_shapes(**cfg), dtype=dtype, seed=seed)
+# ---- fp8 variants of a checkpoint ---------------------------------------------------------------------
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def _is_linear_weight(key: str, shape) -> bool:
+    return key.endswith(".weight") and len(shape) == 2
+
+
+def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.float8_e4m3fn) -> str:
+    """An fp8 copy of checkpoint `src`, tensor by tensor.
+
+    scaled=True: ComfyUI's "fp8_scaled" layout: every Linear weight (2-D `.weight`) becomes
+    fp8(weight / s) with s = max|weight| / 448, stored as the float32 scalar `<layer>.scale_weight`
+    beside it, plus the `scaled_fp8` marker key (an empty fp8 tensor, as ComfyUI saves it); other
+    tensors keep their dtype.
+    scaled=False: a plain fp8 file (e.g. "..._fp8_e4m3fn.safetensors"): every weight of 2 or more dims
+    (linears and the patch-embedding convolution) is cast to fp8 as is; norms, biases, modulation keep
+    their dtype.
+    """
+    from safetensors import safe_open
+
+    with safe_open(src, framework="pt") as f:
+        keys = list(f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        src_dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+    names = {v: k for k, v in _ST_NAMES.items()}
+    entries = []
+
+    def read(k):
+        with safe_open(src, framework="pt") as f:
+            return f.get_tensor(k).clone()
+
+    for k in keys:
+        shape, dt = shapes[k], names[src_dtypes[k]]
+        quantize = _is_linear_weight(k, shape) if scaled else (k.endswith(".weight") and len(shape) >= 2)
+        if not quantize:
+            entries.append((k, shape, dt, lambda k=k: read(k)))
+        elif not scaled:
+            entries.append((k, shape, fp8_dtype, lambda k=k: read(k).to(fp8_dtype)))
+        else:
+            held = {}
+
+            def quantized(k=k, held=held):
+                w = read(k).float()
+                held["s"] = s = (w.abs().amax().clamp(min=1e-12) / FP8_MAX).reshape(())
+                return (w / s).clamp(-FP8_MAX, FP8_MAX).to(fp8_dtype)
+
+            entries.append((k, shape, fp8_dtype, quantized))  # written just before its scale
+            entries.append((k[:-len("weight")] + "scale_weight", (), torch.float32, lambda held=held: held.pop("s")))
+    if scaled:
+        prefix = "model.diffusion_model." if all(k.startswith("model.diffusion_model.") for k in keys) else ""
+        entries.append((prefix + "scaled_fp8", (0,), fp8_dtype, lambda: torch.empty(0, dtype=fp8_dtype)))
+    return write_safetensors_stream(dst, entries)
+
+
+def write_dequantized(src: str, dst: str, dtype=torch.float32) -> str:
+    """The weights an fp8 / fp8_scaled checkpoint stands for, as a plain `dtype` file: every fp8 tensor
+    becomes fp8.to(float32) * its per-tensor scale (1 without one); scales and the marker are dropped.
+    The reference an fp8 load is compared with."""
+    from safetensors import safe_open
+
+    from .loading import AUX_SUFFIXES, MARKER_KEYS, weight_scale_key
+
+    with safe_open(src, framework="pt") as f:
+        header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    keep = [k for k in header if not k.endswith(AUX_SUFFIXES) and k.rpartition(".")[2] not in MARKER_KEYS]
+
+    def make(k):
+        with safe_open(src, framework="pt") as f:
+            t = f.get_tensor(k)
+            if header[k][1] not in ("F8_E4M3", "F8_E5M2"):
+                return t.to(dtype)
+            sk = weight_scale_key(header, k)
+            s = f.get_tensor(sk).float().reshape(()) if sk else torch.tensor(1.0)
+            return (t.float() * s).to(dtype)
+
+    return write_safetensors_stream(dst, [(k, header[k][0], dtype, lambda k=k: make(k)) for k in keep])
+
+
+# ---- LoRA files in the usual formats -------------------------------------------------------------------
+LORA_FORMATS = ("comfy", "kohya", "peft")
+
+
+def write_wan_lora(path: str, model_path: str, fmt: str = "comfy", rank: int = 4, alpha: float | None = 2.0,
+                   seed: int = 0, blocks=None, extras: bool = False, magnitude: float = 0.1) -> dict:
+    """A random LoRA for the Wan checkpoint `model_path`, on every attention and ffn linear of `blocks`
+    (default all), written in one of the usual key formats:
+
+      comfy: `diffusion_model.blocks.0.self_attn.q.lora_down.weight` / `lora_up` / `.alpha`
+             (extras=True adds ComfyUI's `.diff` on a norm weight and `.diff_b` on two biases)
+      kohya: `lora_unet_blocks_0_self_attn_q.lora_down.weight` / `lora_up` / `.alpha`
+      peft:  `transformer.blocks.0.attn1.to_q.lora_A.weight` / `lora_B` (diffusers names, no alpha)
+
+    Returns {checkpoint key: fp32 delta at strength 1}, worked out here in the checkpoint's own key
+    space (alpha / rank * up @ down), for a merge by hand.
+    """
+    from .loading import read_header
+
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"fmt must be one of {LORA_FORMATS}")
+    header = read_header(model_path)
+    n_blocks = 1 + max(int(k.split(".")[1]) for k in header if k.startswith("blocks."))
+    blocks = list(range(n_blocks) if blocks is None else blocks)
+    modules = [f"blocks.{b}.{a}.{p}" for b in blocks for a in ("self_attn", "cross_attn") for p in "qkvo"]
+    modules += [f"blocks.{b}.ffn.{i}" for b in blocks for i in (0, 2)]
+    if fmt == "peft":
+        from .models.wan import key_map
+        to_diffusers = {v: k for k, v in key_map(list(header)).items()}
+    g = torch.Generator().manual_seed(seed)
+    tensors, deltas = {}, {}
+    scale = 1.0 if (alpha is None or fmt == "peft") else alpha / rank
+    for m in modules:
+        out_f, in_f = header[m + ".weight"][0]
+        up = torch.randn(out_f, rank, generator=g) * (magnitude / math.sqrt(rank))
+        down = torch.randn(rank, in_f, generator=g) / math.sqrt(in_f)
+        deltas[m + ".weight"] = scale * (up @ down)
+        if fmt == "comfy":
+            name = "diffusion_model." + m
+            tensors[name + ".lora_up.weight"], tensors[name + ".lora_down.weight"] = up, down
+        elif fmt == "kohya":
+            name = "lora_unet_" + m.replace(".", "_")
+            tensors[name + ".lora_up.weight"], tensors[name + ".lora_down.weight"] = up, down
+        else:
+            name = "transformer." + to_diffusers[m + ".weight"][:-len(".weight")]
+            tensors[name + ".lora_B.weight"], tensors[name + ".lora_A.weight"] = up, down
+        if alpha is not None and fmt != "peft":
+            tensors[name + ".alpha"] = torch.tensor(float(alpha))
+    if extras and fmt == "comfy":
+        b = blocks[0]
+        for key in (f"blocks.{b}.self_attn.norm_q.weight", f"blocks.{b}.self_attn.q.bias", f"blocks.{b}.ffn.2.bias"):
+            d = torch.randn(header[key][0], generator=g) * 0.05
+            suffix = ".diff" if key.endswith(".weight") else ".diff_b"
+            tensors["diffusion_model." + key.rpartition(".")[0] + suffix] = d
+            deltas[key] = d
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return deltas

@@ -97,3 +97,50 @@ def head_sharded_norm(norm: nn.RMSNorm, group, tp_rank, tp_size) -> HeadShardedR
 
 
 TP_STYLES = {"colwise": column_parallel, "rowwise": row_parallel, "head_norm": head_sharded_norm}
+
+
+class Fp8Linear(nn.Module):
+    """A Linear (plain, column- or row-parallel) whose weight stays float8 in memory.
+
+    The loader puts this in place of a linear whose checkpoint weight is float8 (e4m3fn / e5m2): the
+    weight (its TP shard) is kept as fp8 and upcast per call to `compute_dtype`, with ComfyUI's
+    "scaled fp8" per-tensor scale applied the way ComfyUI's scaled_fp8 ops do it
+    (`weight.to(dtype) * scale_weight.to(dtype)`). A per-tensor scale is shared by every TP shard.
+    `scale_weight` is None for plain fp8 files. The parameter names (`weight`, `bias`) and shard
+    dims are the wrapped layer's, so the checkpoint key map and sharded reads are unchanged.
+    """
+
+    def __init__(self, src: nn.Module, compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = src.in_features, src.out_features
+        self.row_parallel = isinstance(src, RowParallelLinear)
+        self.tp_group = getattr(src, "tp_group", None)
+        self.tp_rank, self.tp_size = getattr(src, "tp_rank", 0), getattr(src, "tp_size", 1)
+        self.shard_dims = dict(getattr(src, "shard_dims", {}) or {})
+        self.compute_dtype = compute_dtype
+        self.weight = src.weight
+        self.bias = src.bias
+        self.register_buffer("scale_weight", None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = self.weight.to(self.compute_dtype)
+        if self.scale_weight is not None:
+            w = w * self.scale_weight.to(self.compute_dtype)
+        return w
+
+    def forward(self, x):
+        w = self.dequantized_weight()
+        if not self.row_parallel:
+            return F.linear(x, w, self.bias)
+        y = F.linear(x, w)
+        if self.tp_size > 1:
+            y = all_reduce(y, self.tp_group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}, "
+                f"compute={self.compute_dtype}, scaled={self.scale_weight is not None}, row={self.row_parallel}")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear, Fp8Linear))

@@ -96,6 +96,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
 
     reader = ShmReader()
     model: ShardedModel | None = None
+    held: dict = {}  # key -> ShardedModel kept besides `model`: those the owner loaded resident ("keep")
     loads = 0
     owner_gone = False
     while True:
@@ -112,6 +113,19 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 # A new file or precision (payload "key") rebuilds the model in this process after the old
                 # weights are dropped; the same one keeps the model and only changes the merged LoRA list.
                 key = payload.get("key")
+                # Several models (Wan 2.2 A14B's experts): the owner lists those to keep resident ("keep").
+                keep = set(payload.get("keep", ()))
+                freed = False
+                if getattr(model, "key", None) != key:
+                    if model is not None and model.key in keep:
+                        held[model.key] = model  # park the current model: it stays resident
+                    freed = model is not None and model.key not in keep
+                    model = held.pop(key, None)
+                for k in [k for k in held if k not in keep]:
+                    del held[k]
+                    freed = True
+                if freed:
+                    _release_memory(torch, device)
                 reloaded = model is None or key is None or getattr(model, "key", None) != key
                 if reloaded:
                     model = None
@@ -128,8 +142,14 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 conn.send(("ok", {**model.info(), **model.load_mem, **lora_info, "reloaded": reloaded,
                                   "loads": loads, "rss": _rss_bytes(), "peak_rss": _peak_rss_bytes()}))
             elif op == "forward":
-                if model is None:
-                    raise RuntimeError("no model loaded on this worker group")
+                key = payload.get("key")
+                if key is not None and getattr(model, "key", None) != key and key in held:
+                    if model is not None:
+                        held[model.key] = model
+                    model = held.pop(key)  # switch between resident models (no copy, no load)
+                if model is None or (key is not None and model.key != key):
+                    raise RuntimeError("no model loaded on this worker group" if model is None else
+                                       f"{key[0]} is not loaded on this worker group")
                 refs, out_ref = payload["inputs"], payload["out"]
                 fault = payload.get("fault")
                 if fault and fault.get("rank") == rank:
@@ -149,6 +169,9 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 conn.send(("ok", {"rank": rank, "pid": os.getpid(), "rss": _rss_bytes(), "loads": loads,
                                   "peak_rss": _peak_rss_bytes(),
                                   "param_bytes": 0 if model is None else model.load_stats["param_bytes"],
+                                  "models": (model is not None) + len(held),
+                                  "param_bytes_all": sum(m.load_stats["param_bytes"] for m in
+                                                         ([model] if model is not None else []) + list(held.values())),
                                   **({} if model is None else model.info())}))
             else:
                 raise ValueError(f"unknown op {op!r}")

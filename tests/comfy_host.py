@@ -183,10 +183,11 @@ def load_workflow(name: str) -> dict:
 
 def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees: dict | None = None,
                      dtype: str = "fp32", seed: int = 3, steps: int = 4, width: int = 64, height: int = 64,
-                     length: int = 5, prefix: str = "latents/parallel") -> dict:
+                     length: int = 5, prefix: str = "latents/parallel", text_width: int = 4096) -> dict:
     """The shipped graph with the text encoder replaced by the test conditioning node, the VAE decode
     and video save by SaveLatent, and the pack's nodes set for CPU ranks. The pack's nodes and their
-    wiring stay exactly as shipped."""
+    wiring stay exactly as shipped. text_width: the text encoder's embedding width (umt5: 4096; Cosmos' old
+    T5-XXL: 1024)."""
     import copy
     degrees = {"cfg": 1, "ulysses": 1, "ring": 1, "tp": 1, "dp": 1, **(degrees or {"ulysses": 2})}
     g = copy.deepcopy(api)
@@ -197,7 +198,7 @@ def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees
             del g[nid]
         elif ct == "CLIPTextEncode":
             g[nid] = {"class_type": "PditTestConditioning", "inputs": {"seed": 100 + int(nid), "tokens": 12,
-                                                                       "width": 4096}}
+                                                                       "width": text_width}}
         elif ct == "VAEDecode":
             decoded_from[nid] = inp["samples"]
             del g[nid]
@@ -207,6 +208,8 @@ def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees
             inp.update(model_name=model_name, base_precision=dtype)
         elif ct == "EmptyHunyuanLatentVideo":
             inp.update(width=width, height=height, length=length, batch_size=1)
+        elif ct == "EmptySD3LatentImage":
+            inp.update(width=width, height=height, batch_size=1)
         elif ct in ("ParallelSampler", "KSampler"):
             inp.update(seed=seed, steps=steps, sampler_name="euler", scheduler="simple")
     for nid, node in list(g.items()):

@@ -24,10 +24,19 @@ OUTPUTS = {
     "SaveAnimatedWEBP": [],
     "SaveLatent": [],
     "UNETLoader": [("MODEL", "MODEL")],
+    "ModelSamplingSD3": [("MODEL", "MODEL")],
+    "KSamplerAdvanced": [("LATENT", "LATENT")],
+    "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    "Wan22ImageToVideoLatent": [("LATENT", "LATENT")],
+    "EmptySD3LatentImage": [("LATENT", "LATENT")],
+    "SaveImage": [],
     "PditTestConditioning": [("CONDITIONING", "CONDITIONING")],  # test-only node (tests/comfy_test_nodes)
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
-SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("PditTestConditioning", "seed")}
+SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("KSamplerAdvanced", "noise_seed"),
+                ("PditTestConditioning", "seed")}
+# widgets followed by an extra UI-only value the frontend keeps after them
+TRAILING_UI_VALUES = {("LoadImage", "image"): "image"}  # the upload button
 
 
 def link(node: int, slot: int = 0):
@@ -44,7 +53,7 @@ WAN21_T2V = {
         (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
                                "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
         (5, "ParallelModelLoader", {"model_name": "wan2.1_t2v_14B_bf16.safetensors", "base_precision": "bf16",
-                                    "parallel_config": link(4)}),
+                                    "parallel_config": link(4), "residency": "swap"}),
         (6, "EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
         (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
                                 "scheduler": "simple", "positive": link(2), "negative": link(3),
@@ -56,7 +65,98 @@ WAN21_T2V = {
     ],
 }
 
-WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V}
+UMT5 = {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"}
+NEGATIVE = "blurry, low quality, static, watermark, deformed, extra limbs"
+
+# Wan 2.2 A14B: ComfyUI's native two-expert graph (high-noise expert for the first steps, low-noise expert
+# from the boundary step on, two KSamplerAdvanced) with both experts loaded by Parallel Model Loaders on
+# one worker group. residency "resident": both experts stay on the ranks (2x weights per rank, no reload);
+# "swap": each expert is read again when its sampler starts (1x weights, two loads per prompt).
+WAN22_A14B_T2V = {
+    "title": "Wan 2.2 A14B text-to-video (high / low noise experts) on a parallel worker group",
+    "nodes": [
+        (1, "CLIPLoader", dict(UMT5)),
+        (2, "CLIPTextEncode", {"text": "a lighthouse on a cliff at dusk, waves breaking, drone shot, cinematic",
+                               "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
+        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
+                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
+        (5, "ParallelModelLoader", {"model_name": "wan2.2_t2v_high_noise_14B_fp16.safetensors",
+                                    "base_precision": "bf16", "parallel_config": link(4), "residency": "resident"}),
+        (6, "ParallelModelLoader", {"model_name": "wan2.2_t2v_low_noise_14B_fp16.safetensors",
+                                    "base_precision": "bf16", "parallel_config": link(4), "residency": "resident"}),
+        (7, "ModelSamplingSD3", {"model": link(5), "shift": 8.0}),
+        (8, "ModelSamplingSD3", {"model": link(6), "shift": 8.0}),
+        (9, "EmptyHunyuanLatentVideo", {"width": 1280, "height": 704, "length": 81, "batch_size": 1}),
+        (10, "KSamplerAdvanced", {"model": link(7), "add_noise": "enable", "noise_seed": 42, "steps": 20, "cfg": 3.5,
+                                  "sampler_name": "euler", "scheduler": "simple", "positive": link(2),
+                                  "negative": link(3), "latent_image": link(9), "start_at_step": 0,
+                                  "end_at_step": 10, "return_with_leftover_noise": "enable"}),
+        (11, "KSamplerAdvanced", {"model": link(8), "add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 3.5,
+                                  "sampler_name": "euler", "scheduler": "simple", "positive": link(2),
+                                  "negative": link(3), "latent_image": link(10), "start_at_step": 10,
+                                  "end_at_step": 10000, "return_with_leftover_noise": "disable"}),
+        (12, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (13, "VAEDecode", {"samples": link(11), "vae": link(12)}),
+        (14, "SaveAnimatedWEBP", {"images": link(13), "filename_prefix": "parallel_dit/wan22_a14b_t2v", "fps": 16.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+    ],
+}
+
+# Wan 2.2 TI2V-5B: 48-channel latent from Wan22ImageToVideoLatent (Wan 2.2 VAE); with a start image the
+# first latent frame is kept clean and ComfyUI passes one timestep per latent frame (the pack handles it).
+WAN22_TI2V_5B = {
+    "title": "Wan 2.2 TI2V-5B text/image-to-video on a parallel worker group",
+    "nodes": [
+        (1, "CLIPLoader", dict(UMT5)),
+        (2, "CLIPTextEncode", {"text": "the cat in the picture turns its head and yawns, soft window light",
+                               "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
+        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
+                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
+        (5, "ParallelModelLoader", {"model_name": "wan2.2_ti2v_5B_fp16.safetensors", "base_precision": "bf16",
+                                    "parallel_config": link(4), "residency": "swap"}),
+        (6, "ModelSamplingSD3", {"model": link(5), "shift": 8.0}),
+        (7, "VAELoader", {"vae_name": "wan2.2_vae.safetensors"}),
+        (8, "LoadImage", {"image": "example.png"}),
+        (9, "Wan22ImageToVideoLatent", {"vae": link(7), "width": 1280, "height": 704, "length": 121,
+                                         "batch_size": 1, "start_image": link(8)}),
+        (10, "ParallelSampler", {"model": link(6), "seed": 42, "steps": 20, "cfg": 5.0, "sampler_name": "uni_pc",
+                                 "scheduler": "simple", "positive": link(2), "negative": link(3),
+                                 "latent_image": link(9), "denoise": 1.0}),
+        (11, "VAEDecode", {"samples": link(10), "vae": link(7)}),
+        (12, "SaveAnimatedWEBP", {"images": link(11), "filename_prefix": "parallel_dit/wan22_ti2v_5b", "fps": 24.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+    ],
+}
+
+# Cosmos Predict2 2B text-to-image: ComfyUI's native Predict2 graph (old T5-XXL text encoder, EmptySD3LatentImage,
+# Wan 2.1 VAE) with the pack's three nodes in place of Load Diffusion Model and KSampler. For video-to-world, load a
+# Video2World file and take the latent from CosmosPredict2ImageToVideoLatent (start image) instead.
+COSMOS_PREDICT2_T2I = {
+    "title": "Cosmos Predict2 2B text-to-image on a parallel worker group",
+    "nodes": [
+        (1, "CLIPLoader", {"clip_name": "oldt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "cosmos",
+                           "device": "default"}),
+        (2, "CLIPTextEncode", {"text": "a red vintage bicycle leaning against a sunlit brick wall, ivy, "
+                                       "photorealistic, sharp focus", "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": "blurry, low quality, watermark, text, deformed", "clip": link(1)}),
+        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
+                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
+        (5, "ParallelModelLoader", {"model_name": "cosmos_predict2_2B_t2i.safetensors", "base_precision": "bf16",
+                                    "parallel_config": link(4), "residency": "swap"}),
+        (6, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 35, "cfg": 4.0, "sampler_name": "euler",
+                                "scheduler": "simple", "positive": link(2), "negative": link(3),
+                                "latent_image": link(6), "denoise": 1.0}),
+        (8, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (9, "VAEDecode", {"samples": link(7), "vae": link(8)}),
+        (10, "SaveImage", {"images": link(9), "filename_prefix": "parallel_dit/cosmos_predict2_t2i"}),
+    ],
+}
+
+WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
+             "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I}
 
 
 def spec_from_api(api: dict, title: str) -> dict:
@@ -105,11 +205,20 @@ def to_ui(spec: dict) -> dict:
                 widgets.append(v)
                 if (cls, name) in SEED_WIDGETS:
                     widgets.append("fixed")
+                if (cls, name) in TRAILING_UI_VALUES:
+                    widgets.append(TRAILING_UI_VALUES[(cls, name)])
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, s), []), "slot_index": s}
                    for s, (n, t) in enumerate(OUTPUTS[cls])]
-        nodes.append({"id": nid, "type": cls, "pos": [60 + 330 * (i % 4), 80 + 300 * (i // 4)], "size": [300, 200],
+        # tall enough for its slots and widgets (a prompt text box gets room), so nodes do not overlap
+        height = 30 + 22 * max(len(ui_inputs), len(outputs)) + 26 * len(widgets) + (90 if "text" in inputs else 0)
+        nodes.append({"id": nid, "type": cls, "pos": [0, 0], "size": [300, max(80, height)],
                       "flags": {}, "order": i, "mode": 0, "inputs": ui_inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": cls}, "widgets_values": widgets})
+    y = 80
+    for row in range(0, len(nodes), 4):  # four nodes a row, in graph order
+        for col, node in enumerate(nodes[row:row + 4]):
+            node["pos"] = [60 + 330 * col, y]
+        y += max(n["size"][1] for n in nodes[row:row + 4]) + 50
     return {"last_node_id": max(types), "last_link_id": link_id, "nodes": nodes, "links": links, "groups": [],
             "config": {}, "extra": {"title": spec["title"]}, "version": 0.4}
 

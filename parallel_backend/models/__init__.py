@@ -1,9 +1,9 @@
 """Model families: one module each, holding detection, build, key map and parallel plan."""
 from __future__ import annotations
 
-from . import wan
+from . import cosmos, wan
 
-FAMILIES = {wan.FAMILY: wan}
+FAMILIES = {wan.FAMILY: wan, cosmos.FAMILY: cosmos}
 
 
 class UnsupportedModelError(ValueError):
@@ -18,5 +18,5 @@ def detect_family(shapes: dict, path: str = "<file>"):
     sample = ", ".join(sorted(shapes)[:4])
     raise UnsupportedModelError(
         f"{path} is not a diffusion transformer this pack supports (supported: {', '.join(FAMILIES)}); "
-        f"its first keys are: {sample}. Pick a Wan DiT file from models/diffusion_models "
+        f"its first keys are: {sample}. Pick a Wan or Cosmos Predict2 DiT file from models/diffusion_models "
         f"(text encoders, VAEs and LoRAs go in their own loaders)")

@@ -1,5 +1,8 @@
 """Wan 2.1 / 2.2 DiT: detection, build, key map and parallel plan, on diffusers' WanTransformer3DModel.
 
+Covers Wan 2.1 T2V / I2V / FLF2V, Wan 2.2 A14B (each expert is a Wan 2.1 14B-layout file) and Wan 2.2
+TI2V-5B (48-channel latent; ComfyUI's per-frame timesteps are mapped to diffusers' per-token ones).
+
 The checkpoint is ComfyUI's / the original Wan key layout (`blocks.N.self_attn.q.weight`, ...);
 diffusers' own converter gives the key map, applied to key names only so no tensor is read.
 """
@@ -30,10 +33,14 @@ PLAN = ParallelPlan(
         "blocks.*.attn2.to_out.0": "rowwise",
         "blocks.*.ffn.net.0.proj": "colwise", "blocks.*.ffn.net.2": "rowwise",
     },
-    # rope gives (cos, sin) of shape (1, S, 1, D); blocks take (hidden, context, temb, rope);
-    # TI2V-5B's temb is per token (B, S, 6, D) and is split with the tokens.
-    seq_split_outputs={"rope": {0: SeqSplit(1), 1: SeqSplit(1)}},
-    seq_split_inputs={"blocks.0": {0: SeqSplit(1), 2: SeqSplit(1, expected_ndim=4)}},
+    # rope gives (cos, sin) of shape (1, S, 1, D); blocks take (hidden, context, timestep_proj, rope).
+    # Wan 2.2 TI2V-5B conditions every token on its own timestep: the condition embedder then returns
+    # temb (B, S, D) and timestep_proj (B, S, 6D) (Wan 2.1 / A14B: (B, D) and (B, 6D), left whole).
+    # Both are split with the tokens right there, so the blocks' modulation *and* the final norm_out
+    # modulation each see only the local tokens; only proj_out's narrow output is gathered.
+    seq_split_outputs={"rope": {0: SeqSplit(1), 1: SeqSplit(1)},
+                       "condition_embedder": {0: SeqSplit(1, expected_ndim=3), 1: SeqSplit(1, expected_ndim=3)}},
+    seq_split_inputs={"blocks.0": {0: SeqSplit(1)}},
     seq_gather_outputs={"proj_out": SeqGather(1)},
     attention_heads=("blocks.*.attn1", "blocks.*.attn2"),
 )
@@ -182,10 +189,28 @@ def pad_to_patch(x: torch.Tensor, patch) -> torch.Tensor:
     return F.pad(x, pad, mode="circular") if any(pad) else x
 
 
+def per_token_timestep(timestep: torch.Tensor, tokens: int) -> torch.Tensor:
+    """ComfyUI's timestep convention -> diffusers'. ComfyUI's WAN22 passes (B, n) timesteps (one per
+    latent frame when the first frame is a clean image, TI2V-5B) and its WanModel stretches each over
+    the tokens with `repeat_e`; diffusers' WanTransformer3DModel wants (B,) or one per token (B, S)."""
+    if timestep.ndim < 2:
+        return timestep
+    timestep = timestep.flatten(1)
+    n = timestep.shape[1]
+    if n == 1:
+        return timestep[:, 0]
+    repeats = tokens // n
+    if repeats * n == tokens:
+        return timestep.repeat_interleave(repeats, dim=1) if repeats > 1 else timestep
+    return timestep.repeat_interleave(repeats + 1, dim=1)[:, :tokens]  # as repeat_e: the tail is cut
+
+
 def forward(model, x, timestep, context, clip_fea=None):
     """ComfyUI's WanModel call convention on the diffusers model: pad, run, crop."""
     t, h, w = x.shape[2:]
     x = pad_to_patch(x, model.config.patch_size)
+    tokens = math.prod(s // p for s, p in zip(x.shape[2:], model.config.patch_size))
+    timestep = per_token_timestep(timestep, tokens)
     state = getattr(model, "_pdit_call_state", {})
     state["image_tokens"] = 0
     if clip_fea is not None:

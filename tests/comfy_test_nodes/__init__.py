@@ -1,5 +1,6 @@
-"""Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder,
-which cannot be downloaded where the tests run."""
+"""Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder and the
+Wan 2.2 VAE's encoder, which cannot be downloaded where the tests run, and ComfyUI's native Cosmos Predict2 model
+for a tiny file (which ComfyUI's own loader cannot size)."""
 import torch
 
 
@@ -22,4 +23,84 @@ class PditTestConditioning:
         return ([[torch.randn(1, tokens, width, generator=g), {}]],)
 
 
-NODE_CLASS_MAPPINGS = {"PditTestConditioning": PditTestConditioning}
+class _FakeWan22VAE:
+    """Encodes like the Wan 2.2 VAE in shape only (48 channels, 16x spatial, 4x temporal compression):
+    deterministic noise plus the image's mean, so Wan22ImageToVideoLatent runs its real code around it.
+    channels=16, spatial=8: the Wan 2.1 VAE's shapes (Cosmos Predict2's CosmosPredict2ImageToVideoLatent)."""
+
+    def __init__(self, seed, channels=48, spatial=16):
+        self.seed, self.channels, self.spatial = seed, channels, spatial
+
+    def encode(self, pixels):
+        frames, height, width = pixels.shape[0], pixels.shape[1], pixels.shape[2]
+        g = torch.Generator().manual_seed(self.seed)
+        z = torch.randn(1, self.channels, (frames - 1) // 4 + 1, height // self.spatial, width // self.spatial,
+                        generator=g)
+        return z + pixels.float().mean()
+
+
+class PditTestVAE:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                                              "tooltip": "seed of the fake latent"})},
+                "optional": {"kind": (["wan2.2", "wan2.1"], {"default": "wan2.2", "tooltip": "whose latent shape"})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, seed, kind="wan2.2"):
+        return (_FakeWan22VAE(seed) if kind == "wan2.2" else _FakeWan22VAE(seed, channels=16, spatial=8),)
+
+
+def cosmos_predict2_native(path, num_blocks=None, num_heads=None):
+    """ComfyUI's native CosmosPredict2 BaseModel for a Predict2 file of any width. ComfyUI's detection sets every
+    field but the depth and head count for widths other than 2B's / 14B's (it fixes those from the width); they
+    come from the arguments, else from the state dict itself (block count; width / per-head q_norm width)."""
+    import comfy.model_detection
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(path)
+    sd = comfy.utils.state_dict_prefix_replace(sd, {comfy.model_detection.unet_prefix_from_state_dict(sd): ""},
+                                               filter_keys=True)
+    unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    assert unet_config["image_model"] == "cosmos_predict2", unet_config
+    if num_blocks is None:
+        num_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    if num_heads is None:
+        num_heads = unet_config["model_channels"] // sd["blocks.0.self_attn.q_norm.weight"].shape[0]
+    unet_config.update(num_blocks=num_blocks, num_heads=num_heads)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model(sd, "")
+    base.load_model_weights(sd, "")
+    return base
+
+
+class PditTestCosmosPredict2Loader:
+    """ComfyUI's own Cosmos Predict2 model (MiniTrainDIT + KSampler-ready ModelPatcher) for a tiny file, which the
+    native Load Diffusion Model cannot size: the parity oracle of the Cosmos workflow test."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+        return {"required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),
+                                           {"tooltip": "a Cosmos Predict2 file"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, unet_name):
+        import comfy.model_management
+        import comfy.model_patcher
+        import folder_paths
+
+        base = cosmos_predict2_native(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
+        return (comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                                 offload_device=comfy.model_management.unet_offload_device()),)
+
+
+NODE_CLASS_MAPPINGS = {"PditTestConditioning": PditTestConditioning, "PditTestVAE": PditTestVAE,
+                       "PditTestCosmosPredict2Loader": PditTestCosmosPredict2Loader}

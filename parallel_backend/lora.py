@@ -1,0 +1,277 @@
+"""LoRA: read LoRA safetensors in the usual formats and merge them into each rank's weight shard.
+
+Formats (module name + suffix), all mapped onto the model's diffusers parameter names through the
+family's checkpoint key map:
+  - diffusers / PEFT:  `transformer.blocks.0.attn1.to_q.lora_A.weight` / `.lora_B.weight`
+    (also `base_model.model.` or no prefix; `.lora.down/.up`, `.lora_A.default`)
+  - kohya:             `lora_unet_blocks_0_self_attn_q.lora_down.weight` / `.lora_up.weight` / `.alpha`
+    (original names or diffusers names with dots as underscores; `lora_transformer_`, `lycoris_`;
+    Wan-Fun's `lora_unet__`)
+  - ComfyUI's Wan keys: `diffusion_model.blocks.0.self_attn.q.lora_A.weight` (or `lora_down` / `lora_up`),
+    `.alpha`, and full-weight `.diff` / bias `.diff_b` deltas.
+
+Merge: W += strength * (alpha / rank) * up @ down, computed in fp32 on this rank's SHARD only: a
+column-parallel weight takes its rows of `up`, a row-parallel one its columns of `down`; each is read
+with get_slice. An fp8 layer (Fp8Linear) is merged into an upcast copy (it then holds its shard in
+the compute precision). ComfyUI's arithmetic is followed (alpha absent -> scale 1).
+Unmerge = re-read the touched parameters' base slices from the checkpoint (loading.reload_params).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .loading import CheckpointError, SliceReader, _slice_for, read_header
+from .parallelize import shard_dim_of
+from .tensor_parallel import Fp8Linear
+
+
+class LoraError(ValueError):
+    pass
+
+
+# (up suffix, down suffix); "up" is (out, rank), "down" is (rank, in)
+PAIR_SUFFIXES = (
+    (".lora_up.weight", ".lora_down.weight"),
+    (".lora_B.weight", ".lora_A.weight"),
+    (".lora_B.default.weight", ".lora_A.default.weight"),
+    (".lora.up.weight", ".lora.down.weight"),
+    ("_lora.up.weight", "_lora.down.weight"),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+)
+SINGLE_SUFFIXES = {".alpha": "alpha", ".diff_b": "diff_b", ".diff": "diff"}
+# adapter types this merge does not implement: refused, never silently skipped
+UNSUPPORTED_SUFFIXES = {
+    ".dora_scale": "DoRA", ".hada_w1_a": "LoHa", ".hada_w1_b": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr",
+    ".lokr_w2": "LoKr", ".lokr_w2_a": "LoKr", ".oft_blocks": "OFT", ".oft_diag": "BOFT", ".lora_mid.weight": "LoCon (tucker)",
+    ".set_weight": "set_weight", ".w_norm": "norm diff", ".reshape_weight": "reshaped LoRA",
+}
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def _strip(key: str) -> str:
+    for prefix in _CHECKPOINT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def alias_table(key_map: dict) -> dict:
+    """LoRA module name (any supported spelling) -> diffusers parameter stem.
+
+    A stem is the parameter name without `.weight` for weights, the full name otherwise.
+    """
+    table, ambiguous = {}, set()
+    for dname, ckey in key_map.items():
+        ckey = _strip(ckey)
+        if dname.endswith(".weight"):
+            ds, cs = dname[:-len(".weight")], (ckey[:-len(".weight")] if ckey.endswith(".weight") else ckey)
+        elif dname.endswith(".bias"):
+            continue  # biases are addressed as `<module>.diff_b`
+        else:
+            ds, cs = dname, ckey
+        dus, cus = ds.replace(".", "_"), cs.replace(".", "_")
+        for alias in (ds, "transformer." + ds, "base_model.model." + ds, "unet." + ds,
+                      cs, "diffusion_model." + cs, "model.diffusion_model." + cs, "transformer." + cs,
+                      "lora_unet_" + cus, "lora_unet_" + dus, "lora_transformer_" + dus, "lora_transformer_" + cus,
+                      "lycoris_" + cus, "lycoris_" + dus):
+            if table.get(alias, ds) != ds:
+                ambiguous.add(alias)
+            table[alias] = ds
+    for alias in ambiguous:
+        del table[alias]
+    return table
+
+
+@dataclass
+class LoraTarget:
+    param: str          # diffusers parameter name on the model
+    kind: str           # "lora" (up @ down) or "diff" (full delta)
+    up: str | None = None
+    down: str | None = None
+    alpha: float | None = None
+    rank: int = 0
+    diff: str | None = None
+    shapes: tuple = ()  # full shapes of (up, down) or (diff,)
+
+
+def _normalise(key: str) -> str:
+    if key.startswith("lora_unet__"):  # Wan-Fun LoRAs (ComfyUI's convert_lora_wan_fun)
+        key = "lora_unet_" + key[len("lora_unet__"):]
+    return key
+
+
+def _split_key(key: str):
+    """(module, role) for a LoRA tensor key; role in up/down/alpha/diff/diff_b, or unsupported:<kind>."""
+    for up, down in PAIR_SUFFIXES:
+        if key.endswith(up):
+            return key[:-len(up)], "up"
+        if key.endswith(down):
+            return key[:-len(down)], "down"
+    for suffix, role in SINGLE_SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[:-len(suffix)], role
+    for suffix, kind in UNSUPPORTED_SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[:-len(suffix)], "unsupported:" + kind
+    return None, None
+
+
+def looks_like_lora(header: dict) -> bool:
+    return any(_split_key(k)[1] in ("up", "down", "diff", "diff_b") for k in header)
+
+
+def plan_lora(path: str, lora_header: dict, key_map: dict, model_header: dict, alpha_values: dict | None = None):
+    """Map a LoRA file onto the model from headers alone: (targets, unmatched LoRA keys).
+
+    `alpha_values`: {key: float} for the file's `.alpha` scalars (read by the caller; headers hold no values).
+    Raises LoraError (naming the file) for unsupported adapter types, shape mismatches, or a LoRA none of
+    whose modules belong to this model.
+    """
+    table = alias_table(key_map)
+    modules = defaultdict(dict)
+    unknown = []
+    for key in lora_header:
+        module, role = _split_key(key)
+        if module is None:
+            unknown.append(key)
+            continue
+        if role.startswith("unsupported:"):
+            raise LoraError(f"{path}: '{key}' is a {role.split(':', 1)[1]} adapter, which the parallel loader "
+                            f"cannot merge; only plain LoRA (up/down, alpha, diff) files are supported")
+        modules[_normalise(module)][role] = key
+    targets, unmatched = [], list(unknown)
+    for module, roles in modules.items():
+        stem = table.get(module)
+        if stem is None:
+            unmatched.extend(roles.values())
+            continue
+        weight = stem + ".weight" if stem + ".weight" in key_map else stem
+        if "up" in roles or "down" in roles:
+            if "up" not in roles or "down" not in roles:
+                raise LoraError(f"{path}: module '{module}' has only one of the two LoRA matrices "
+                                f"({', '.join(sorted(roles.values()))}); the file is incomplete")
+            up_shape, down_shape = lora_header[roles["up"]][0], lora_header[roles["down"]][0]
+            full = model_header[key_map[weight]][0]
+            rank = down_shape[0]
+            if (len(up_shape) < 2 or up_shape[1] != rank or up_shape[0] != full[0]
+                    or math.prod(down_shape[1:]) != math.prod(full[1:])):
+                raise LoraError(f"{path}: '{module}' has up {tuple(up_shape)} / down {tuple(down_shape)}, which do "
+                                f"not fit the model's {weight} of shape {tuple(full)}: this LoRA was trained for "
+                                f"another model (size or variant)")
+            alpha = None
+            if "alpha" in roles:
+                alpha = (alpha_values or {}).get(roles["alpha"])
+            targets.append(LoraTarget(weight, "lora", up=roles["up"], down=roles["down"], alpha=alpha, rank=rank,
+                                      shapes=(tuple(up_shape), tuple(down_shape))))
+        if "diff" in roles:
+            full = model_header[key_map[weight]][0]
+            if tuple(lora_header[roles["diff"]][0]) != tuple(full):
+                raise LoraError(f"{path}: '{roles['diff']}' has shape {tuple(lora_header[roles['diff']][0])}, the "
+                                f"model's {weight} has {tuple(full)}")
+            targets.append(LoraTarget(weight, "diff", diff=roles["diff"], shapes=(tuple(full),)))
+        if "diff_b" in roles:
+            bias = stem + ".bias"
+            if bias not in key_map:
+                unmatched.append(roles["diff_b"])
+                continue
+            full = model_header[key_map[bias]][0]
+            if tuple(lora_header[roles["diff_b"]][0]) != tuple(full):
+                raise LoraError(f"{path}: '{roles['diff_b']}' has shape {tuple(lora_header[roles['diff_b']][0])}, the "
+                                f"model's {bias} has {tuple(full)}")
+            targets.append(LoraTarget(bias, "diff", diff=roles["diff_b"], shapes=(tuple(full),)))
+    if not targets:
+        sample = ", ".join(sorted(lora_header)[:3])
+        raise LoraError(f"{path}: none of this LoRA's {len(lora_header)} tensors belong to the loaded model (keys "
+                        f"like {sample}); is it a LoRA for another model family, or for the text encoder?")
+    return targets, unmatched
+
+
+def read_lora_header(path: str) -> dict:
+    """The LoRA's header (refusing pickles and truncated files, like model files)."""
+    try:
+        header = read_header(path)
+    except CheckpointError as e:
+        raise LoraError(str(e).replace("model file", "LoRA file")) from None
+    if not looks_like_lora(header):
+        raise LoraError(f"{path}: not a LoRA file (no lora_up/lora_down, lora_A/lora_B or diff tensors; keys like "
+                        f"{', '.join(sorted(header)[:3])})")
+    return header
+
+
+def lora_key(loras) -> tuple:
+    """The identity of a LoRA list for caching: ((realpath, size, mtime_ns, strength), ...), zero strengths dropped."""
+    out = []
+    for item in loras or ():
+        path, strength = item[0], float(item[-1])
+        if strength == 0.0:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise LoraError(f"LoRA file not found: {path}") from None
+        out.append((os.path.realpath(path), st.st_size, st.st_mtime_ns, strength))
+    return tuple(out)
+
+
+def _alphas(reader: SliceReader, header: dict) -> dict:
+    return {k: float(reader.read(k).reshape(-1)[0]) for k in header if k.endswith(".alpha")}
+
+
+def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict, touched: set) -> dict:
+    """Merge `loras` ([(path, strength), ...]) into the model's (sharded) parameters.
+
+    Each parameter gets the sum of all LoRAs' deltas in fp32 and is cast back once. Names of changed
+    parameters are added to `touched` as they change, so a caller can restore them after a failure.
+    """
+    params = dict(model.named_parameters())
+    per_param = defaultdict(list)
+    readers, unmatched = [], {}
+    try:
+        for path, strength in loras:
+            header = read_lora_header(path)
+            reader = SliceReader(path)
+            readers.append(reader)
+            targets, skipped = plan_lora(path, header, key_map, model_header, _alphas(reader, header))
+            if skipped:
+                unmatched[path] = skipped
+            for t in targets:
+                if t.param not in params:
+                    raise LoraError(f"{path}: targets {t.param}, which this model does not have")
+                per_param[t.param].append((reader, t, float(strength)))
+        for name, items in per_param.items():
+            _merge_param(model, name, params[name], items)
+            touched.add(name)
+    finally:
+        for r in readers:
+            r.close()
+    return {"lora_params": len(per_param), "lora_unmatched": {p: len(k) for p, k in unmatched.items()},
+            "lora_unmatched_keys": {p: k[:5] for p, k in unmatched.items()}}
+
+
+def _merge_param(model, name, p, items) -> None:
+    module_name, _, pname = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    dim, rank, parts = shard_dim_of(model, name)
+    fp8 = isinstance(module, Fp8Linear) and pname == "weight"
+    w = module.dequantized_weight().float() if fp8 else p.detach().float()
+    for reader, t, strength in items:
+        if t.kind == "lora":  # only this shard's rows of up (column-parallel) or columns of down (row-parallel)
+            up_shape, down_shape = t.shapes
+            up = reader.read(t.up, _slice_for(up_shape, 0, rank, parts) if dim == 0 else None)
+            down = reader.read(t.down, _slice_for(down_shape, 1, rank, parts) if dim == 1 else None)
+            scale = (t.alpha / t.rank) if t.alpha is not None else 1.0
+            delta = torch.mm(up.float().flatten(1), down.float().flatten(1)).reshape(w.shape)
+            w += (strength * scale) * delta
+        else:
+            d = reader.read(t.diff, _slice_for(t.shapes[0], dim, rank, parts) if dim is not None else None)
+            w += strength * d.float().reshape(w.shape)
+    if fp8:  # an upcast copy: the layer now holds its shard in the compute precision
+        module._parameters["weight"] = torch.nn.Parameter(w.to(module.compute_dtype), requires_grad=False)
+        module.scale_weight = None
+    else:
+        p.data.copy_(w)

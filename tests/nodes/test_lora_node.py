@@ -1,0 +1,125 @@
+"""Parallel LoRA node (nodes/lora_node.py) in-process, against ComfyUI's native LoraLoaderModelOnly.
+
+A ComfyUI-format Wan LoRA (`diffusion_model.blocks.N.self_attn.q.lora_down.weight` / `lora_up` /
+`alpha`, plus `.diff` on a norm and `.diff_b` on biases) is merged on tp=2 ranks (each rank merges its
+slice); sampling with it must give ComfyUI's native LoRA'd model's latent. The native LoraLoader on the
+pack's MODEL is refused with a message pointing to Parallel LoRA (it would otherwise change nothing).
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+TOL = 1e-4  # latent after 4 euler steps, fp32
+STEPS = 4
+CFG = 1.0  # cond only: cfg 5 multiplies the ranks' fp32 rounding (tp=2 all-reduce order) by ~9 in the latent
+
+
+@pytest.fixture(scope="module")
+def loras(comfy, tmp_path_factory):
+    from parallel_backend.synthetic import write_wan_lora
+    d = tmp_path_factory.mktemp("loras")
+    model = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
+    write_wan_lora(str(d / "wan_lora_comfy.safetensors"), model, fmt="comfy", rank=4, alpha=2.0, seed=21, extras=True)
+    shutil.copy(model, d / "not_a_lora.safetensors")
+    comfy["folder_paths"].add_model_folder_path("loras", str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def stop_groups_after():
+    yield
+    import parallel_backend.group as group
+    group.stop_all()
+
+
+def _native(models_dir, lora_strength, pos, neg, latent, seed=3):
+    import comfy.sd
+    import nodes
+    model = comfy.sd.load_diffusion_model(f"{models_dir}/tiny_wan.safetensors")
+    if lora_strength:
+        model = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "wan_lora_comfy.safetensors", lora_strength)[0]
+    return nodes.common_ksampler(model, seed, STEPS, CFG, "euler", "simple", pos, neg, latent)[0]["samples"]
+
+
+def test_node_is_registered_with_tooltips(comfy, pack, loras):
+    registered = pack.NODE_CLASS_MAPPINGS["ParallelLora"]
+    node = getattr(registered, "classic", registered)  # the V3 class (where the host has it) wraps this one
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["ParallelLora"] == "Parallel LoRA"
+    assert node.CATEGORY == "parallel_dit" and node.DESCRIPTION
+    inputs = node.INPUT_TYPES()["required"]
+    assert set(inputs) == {"model", "lora_name", "strength"}
+    assert all(spec[1].get("tooltip") for spec in inputs.values())
+    assert "wan_lora_comfy.safetensors" in inputs["lora_name"][0]
+    assert len(node.OUTPUT_TOOLTIPS) == len(node.RETURN_TYPES)
+
+
+@pytest.mark.multirank
+def test_parallel_lora_matches_native_lora_loader_and_restrength_reuses_the_group(comfy, pack, loras, config_spec,
+                                                                                   conds, stop_groups_after):
+    import parallel_backend.group as group
+
+    pos, neg = conds
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model, plan = nodes["ParallelModelLoader"]().load("tiny_wan.safetensors", "fp32", config_spec(world_size=2, tp=2))
+    assert "tp=2" in plan
+    g = group.active_groups()[0]
+    starts, pids, loads = group.starts, list(g.pids), g.load_count
+    sample = lambda m: nodes["ParallelSampler"]().sample(m, 3, STEPS, CFG, "euler", "simple", pos, neg,
+                                                          latent)[0]["samples"]
+    plain_ref = _native(comfy["models_dir"], 0, pos, neg, latent)
+    results = {}
+    for strength in (0.8, 0.4):
+        lora_model = nodes["ParallelLora"]().apply(model, "wan_lora_comfy.safetensors", strength)[0]
+        out = sample(lora_model)
+        ref = _native(comfy["models_dir"], strength, pos, neg, latent)
+        diff, moved = (out - ref).abs().max().item(), (ref - plain_ref).abs().max().item()
+        print(f"Parallel LoRA x{strength} (tp=2) vs native LoraLoaderModelOnly: max abs {diff:.2e} "
+              f"(the LoRA moves the latent by {moved:.3f})")
+        assert diff <= TOL and moved > 100 * TOL
+        results[strength] = out
+    # the MODEL without the LoRA, used again: the ranks unmerge
+    diff = (sample(model) - plain_ref).abs().max().item()
+    print(f"loader MODEL again (LoRA unmerged on the ranks) vs native without LoRA: {diff:.2e}")
+    assert diff <= TOL
+    # stacking: the same LoRA twice at 0.4 is the 0.8 merge
+    twice = nodes["ParallelLora"]().apply(nodes["ParallelLora"]().apply(model, "wan_lora_comfy.safetensors", 0.4)[0],
+                                          "wan_lora_comfy.safetensors", 0.4)[0]
+    assert (sample(twice) - results[0.8]).abs().max().item() <= TOL
+    # every change happened in the same processes, and the model file was read once
+    assert group.starts == starts and g.pids == pids and g.load_count == loads and g.alive()
+
+
+@pytest.mark.multirank
+def test_native_lora_loader_on_the_parallel_model_is_refused(comfy, pack, loras, config_spec, conds,
+                                                             stop_groups_after):
+    import sys
+
+    models_dir = comfy["models_dir"]
+    import comfy.sd  # (rebinds the `comfy` fixture's name)
+    import nodes as comfy_nodes  # ComfyUI's nodes.py
+
+    UnsupportedPatchError = sys.modules[pack.__name__ + ".nodes.comfy_model"].UnsupportedPatchError
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model, _ = nodes["ParallelModelLoader"]().load("tiny_wan.safetensors", "fp32", config_spec(world_size=2, tp=2))
+    # the native LoraLoader would find none of its keys on the proxy and change nothing: refused instead
+    with pytest.raises(UnsupportedPatchError, match="Parallel LoRA"):
+        comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "wan_lora_comfy.safetensors", 1.0)
+    # strength 0 changes nothing and passes through, as natively
+    assert comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "wan_lora_comfy.safetensors", 0.0)[0] is model
+    # a weight patch that reached the patcher some other way is refused at the first model call
+    patched = model.clone()
+    patched.patches["diffusion_model.blocks.0.self_attn.q.weight"] = [(1.0, (torch.zeros(1),), 1.0, None, None)]
+    pos, neg = conds
+    with pytest.raises(UnsupportedPatchError, match=r"1 weight patches.*Parallel LoRA"):
+        nodes["ParallelSampler"]().sample(patched, 0, 1, 5.0, "euler", "simple", pos, neg,
+                                          {"samples": torch.zeros(1, 16, 1, 8, 8)})
+    # Parallel LoRA refuses a native MODEL, and a file that is not a LoRA, before touching the group
+    native = comfy.sd.load_diffusion_model(f"{models_dir}/tiny_wan.safetensors")
+    with pytest.raises(ValueError, match="Parallel Model Loader.*native LoraLoader"):
+        nodes["ParallelLora"]().apply(native, "wan_lora_comfy.safetensors", 1.0)
+    from parallel_backend.lora import LoraError
+    with pytest.raises(LoraError, match=r"not_a_lora\.safetensors: not a LoRA file"):
+        nodes["ParallelLora"]().apply(model, "not_a_lora.safetensors", 1.0)

@@ -1,0 +1,215 @@
+"""LoRA (parallel_backend/lora.py, runner.ShardedModel.set_loras, WorkerGroup.load(..., loras=...)).
+
+Key formats are mapped from headers alone (no ranks). The merge is checked on a warm tp=2 group (every
+attention / ffn linear is column- or row-sharded there, so each rank merges only its slice of `up` or
+`down`) against single-process references whose checkpoints were merged by hand in the checkpoint's
+own key space (W + strength * delta, deltas worked out by synthetic.write_wan_lora). Changing the
+strength or the list re-merges in the same processes without re-reading the model.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from parallel_backend import group as group_mod
+from parallel_backend.config import ParallelConfig
+from parallel_backend.group import WorkerGroupError, get_group, stop_all
+from parallel_backend.loading import model_keys, read_header
+from parallel_backend.lora import LoraError, alias_table, lora_key, plan_lora, read_lora_header
+from parallel_backend.mesh import single_rank_mesh
+from parallel_backend.models import wan
+from parallel_backend.runner import ShardedModel
+from parallel_backend.synthetic import write_dequantized, write_fp8_variant, write_tiny_wan, write_wan_lora
+
+CONFIG = ParallelConfig(world_size=2, tp=2, device="cpu", dtype="fp32")
+TOL = 1e-5  # fp32 max abs, sharded merge vs merged-by-hand single process
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora")
+    f = {"base": write_tiny_wan(str(d / "tiny_wan.safetensors"), seed=5)}
+    f["deltas"] = {}
+    for fmt in ("comfy", "kohya", "peft"):
+        path = str(d / f"lora_{fmt}.safetensors")
+        f["deltas"][path] = write_wan_lora(path, f["base"], fmt=fmt, rank=4, alpha=2.0, seed=10 + len(fmt),
+                                           extras=(fmt == "comfy"))
+        f[fmt] = path
+    # a LoRA of the same layout for a wider model: must be refused, not merged
+    wide = write_tiny_wan(str(d / "wide.safetensors"), dim=1024, ffn_dim=2048)
+    f["wrong_shape"] = str(d / "lora_wide.safetensors")
+    write_wan_lora(f["wrong_shape"], wide, fmt="comfy")
+    f["bf16"] = write_tiny_wan(str(d / "tiny_wan_bf16.safetensors"), seed=5, dtype=torch.bfloat16)
+    f["fp8"] = write_fp8_variant(f["bf16"], str(d / "tiny_wan_fp8_scaled.safetensors"), scaled=True)
+    f["fp8_dequant"] = write_dequantized(f["fp8"], str(d / "tiny_wan_fp8_dequant.safetensors"))
+    f["dir"] = d
+    return f
+
+
+def inputs(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, 2, 8, 8, generator=g)
+    t = torch.linspace(900.0, 100.0, batch)
+    ctx = torch.randn(batch, 12, 4096, generator=g)
+    return x, t, ctx
+
+
+def merged_by_hand(files, src: str, loras, dst: str) -> str:
+    """`src` with W += strength * delta for each (lora, strength), in the checkpoint's key space."""
+    with safe_open(src, framework="pt") as f:
+        sd = {k: f.get_tensor(k).float() for k in f.keys()}
+    for path, strength in loras:
+        for key, delta in files["deltas"][path].items():
+            sd[key] = sd[key] + strength * delta
+    save_file(sd, dst)
+    return dst
+
+
+def reference(path: str, x, t, ctx) -> torch.Tensor:
+    cfg = ParallelConfig(world_size=1, device="cpu", dtype="fp32")
+    return ShardedModel(single_rank_mesh(cfg, torch.device("cpu")), path, "fp32").forward_rows(x, t, ctx)
+
+
+# ------------------------------------------------------------------------------------ key formats (headers only)
+
+
+def test_formats_map_to_the_same_parameters_from_headers(files):
+    header = read_header(files["base"])
+    key_map = wan.key_map(model_keys(header))
+    table = alias_table(key_map)
+    # the three spellings of one module reach the same diffusers parameter
+    assert table["diffusion_model.blocks.0.self_attn.q"] == "blocks.0.attn1.to_q"
+    assert table["lora_unet_blocks_0_self_attn_q"] == "blocks.0.attn1.to_q"
+    assert table["transformer.blocks.0.attn1.to_q"] == "blocks.0.attn1.to_q"
+    assert table["lora_unet_blocks_1_ffn_2"] == "blocks.1.ffn.net.2"
+    targets = {}
+    for fmt in ("comfy", "kohya", "peft"):
+        lh = read_lora_header(files[fmt])
+        ts, unmatched = plan_lora(files[fmt], lh, key_map, header, {k: 2.0 for k in lh if k.endswith(".alpha")})
+        assert unmatched == []
+        targets[fmt] = {(t.param, t.kind) for t in ts}
+    linears = {(t, "lora") for t in (f"blocks.{b}.{m}.weight" for b in (0, 1) for m in
+               ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"))}
+    assert targets["kohya"] == targets["peft"] == linears
+    assert targets["comfy"] == linears | {("blocks.0.attn1.norm_q.weight", "diff"), ("blocks.0.attn1.to_q.bias", "diff"),
+                                          ("blocks.0.ffn.net.2.bias", "diff")}
+
+
+def test_bad_lora_files_are_refused_naming_the_file(files, tmp_path):
+    header = read_header(files["base"])
+    key_map = wan.key_map(model_keys(header))
+    lh = read_lora_header(files["wrong_shape"])
+    with pytest.raises(LoraError, match=r"lora_wide\.safetensors.*do not fit.*another model"):
+        plan_lora(files["wrong_shape"], lh, key_map, header)
+    # a text-encoder LoRA: nothing belongs to the DiT
+    te = str(tmp_path / "te_lora.safetensors")
+    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4)}, te)
+    with pytest.raises(LoraError, match=r"te_lora\.safetensors: none of this LoRA's 2 tensors belong"):
+        plan_lora(te, read_lora_header(te), key_map, header)
+    # DoRA / LoHa cannot be merged as plain LoRA: refused, never half-applied
+    dora = str(tmp_path / "dora.safetensors")
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 512),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(512, 4),
+               "diffusion_model.blocks.0.self_attn.q.dora_scale": torch.zeros(512, 1)}, dora)
+    with pytest.raises(LoraError, match=r"dora\.safetensors.*DoRA adapter"):
+        plan_lora(dora, read_lora_header(dora), key_map, header)
+    # not a LoRA at all (a model file picked from the loras folder)
+    with pytest.raises(LoraError, match=r"tiny_wan\.safetensors: not a LoRA file"):
+        read_lora_header(files["base"])
+    # a pickle LoRA is refused unopened
+    pt = str(tmp_path / "old_lora.pt")
+    with open(pt, "wb") as f:
+        pickle.dump({"a": 1}, f)
+    with pytest.raises(LoraError, match=r"old_lora\.pt.*pickle.*refused"):
+        read_lora_header(pt)
+    with pytest.raises(LoraError, match="LoRA file not found"):
+        lora_key([(str(tmp_path / "missing.safetensors"), 1.0)])
+    assert lora_key([(files["comfy"], 0.0)]) == ()  # strength 0 is no LoRA
+
+
+# ------------------------------------------------------------------------------------ tp=2 merge on a warm group
+
+
+@pytest.fixture(scope="module")
+def group():
+    g = get_group(CONFIG)
+    yield g
+    stop_all()
+
+
+@pytest.mark.multirank
+def test_tp2_merge_matches_hand_merged_reference_and_switches_without_restart(files, group):
+    g, d = group, files["dir"]
+    x, t, ctx = inputs()
+    starts, pids = group_mod.starts, list(g.pids)
+    g.load(files["base"], "fp32")
+    loads = g.load_count
+    base_out = g.forward(x, t, ctx)
+    diff = (base_out - reference(files["base"], x, t, ctx)).abs().max().item()
+    assert diff <= TOL
+
+    cases = [
+        ("comfy x1.0", [(files["comfy"], 1.0)]),
+        ("comfy x0.5 (strength change)", [(files["comfy"], 0.5)]),
+        ("kohya x0.8 + peft x-0.6 (list change)", [(files["kohya"], 0.8), (files["peft"], -0.6)]),
+        ("all three", [(files["comfy"], 0.3), (files["kohya"], 1.0), (files["peft"], 0.7)]),
+    ]
+    lora_count = g.lora_count
+    for i, (name, loras) in enumerate(cases):
+        info = g.load(files["base"], "fp32", loras=loras)
+        assert info["reloaded"] is False and info["lora_changed"] is True
+        out = g.forward(x, t, ctx)
+        ref = reference(merged_by_hand(files, files["base"], loras, str(d / f"merged_{i}.safetensors")), x, t, ctx)
+        diff = (out - ref).abs().max().item()
+        moved = (ref - base_out).abs().max().item()
+        print(f"LoRA {name}: tp=2 vs merged by hand {diff:.2e} (the LoRA moves the output by {moved:.3f})")
+        assert diff <= TOL and moved > 100 * TOL
+        assert g.lora_count == lora_count + i + 1
+    # same list again: no message to the ranks at all
+    lc = g.lora_count
+    g.load(files["base"], "fp32", loras=cases[-1][1])
+    assert g.lora_count == lc
+    # LoRAs off: the base weights come back from the file exactly
+    info = g.load(files["base"], "fp32", loras=[])
+    assert info["lora_changed"] is True
+    assert torch.equal(g.forward(x, t, ctx), base_out)
+    stats = g.stats()
+    assert [s["pid"] for s in stats] == pids and group_mod.starts == starts
+    assert g.load_count == loads and all(s["loads"] == 1 for s in stats)  # the model was read once
+
+    # a LoRA that does not fit fails with the file's name; the group stays up with the base weights
+    with pytest.raises(WorkerGroupError, match=r"lora_wide\.safetensors.*another model"):
+        g.load(files["base"], "fp32", loras=[(files["wrong_shape"], 1.0)])
+    g.load(files["base"], "fp32", loras=[])
+    assert g.alive() and g.pids == pids and torch.equal(g.forward(x, t, ctx), base_out)
+
+
+@pytest.mark.multirank
+def test_tp2_lora_on_fp8_weights_merges_into_an_upcast_copy_and_unmerges_back_to_fp8(files, group):
+    g, d = group, files["dir"]
+    x, t, ctx = inputs()
+    plain = g.load(files["fp8"], "fp32")
+    fp8_bytes = [s["fp8_weight_bytes"] for s in g.rank_load_stats]
+    assert all(b > 0 for b in fp8_bytes)
+    plain_out = g.forward(x, t, ctx)
+    loras = [(files["comfy"], 0.9)]
+    g.load(files["fp8"], "fp32", loras=loras)
+    out = g.forward(x, t, ctx)
+    # reference: the dequantized fp8 weights, merged by hand
+    ref = reference(merged_by_hand(files, files["fp8_dequant"], loras, str(d / "merged_fp8.safetensors")), x, t, ctx)
+    diff = (out - ref).abs().max().item()
+    print(f"LoRA on fp8_scaled weights (tp=2, fp32 compute) vs dequantized + merged by hand: {diff:.2e}")
+    assert diff <= TOL
+    merged_stats = g.rank_load_stats
+    assert all(s["fp8_weight_bytes"] < b for s, b in zip(merged_stats, fp8_bytes))  # merged layers upcast
+    g.load(files["fp8"], "fp32", loras=[])
+    assert [s["fp8_weight_bytes"] for s in g.rank_load_stats] == fp8_bytes  # fp8 shards and scales back
+    assert torch.equal(g.forward(x, t, ctx), plain_out)
+    assert plain["fp8_layers"] == 24
