@@ -30,6 +30,9 @@ OUTPUTS = {
     "Wan22ImageToVideoLatent": [("LATENT", "LATENT")],
     "EmptySD3LatentImage": [("LATENT", "LATENT")],
     "SaveImage": [],
+    "CLIPVisionLoader": [("CLIP_VISION", "CLIP_VISION")],
+    "CLIPVisionEncode": [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")],
+    "WanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
     "PditTestConditioning": [("CONDITIONING", "CONDITIONING")],  # test-only node (tests/comfy_test_nodes)
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
@@ -155,7 +158,37 @@ COSMOS_PREDICT2_T2I = {
     ],
 }
 
-WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
+# Wan 2.1 image-to-video (480p / 720p I2V files): ComfyUI's native I2V graph, CLIP vision of the start image
+# and WanImageToVideo's conditioning, with the pack's three nodes in place of Load Diffusion Model and KSampler.
+# For first-last-frame, load an FLF2V file and use WanFirstLastFrameToVideo instead of WanImageToVideo.
+WAN21_I2V = {
+    "title": "Wan 2.1 image-to-video on a parallel worker group",
+    "nodes": [
+        (1, "CLIPLoader", dict(UMT5)),
+        (2, "CLIPTextEncode", {"text": "the woman in the picture turns towards the camera and smiles, gentle wind",
+                               "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
+        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
+                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
+        (5, "ParallelModelLoader", {"model_name": "wan2.1_i2v_480p_14B_bf16.safetensors", "base_precision": "bf16",
+                                    "parallel_config": link(4), "residency": "swap"}),
+        (6, "CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"}),
+        (7, "LoadImage", {"image": "example.png"}),
+        (8, "CLIPVisionEncode", {"clip_vision": link(6), "image": link(7), "crop": "none"}),
+        (9, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (10, "WanImageToVideo", {"positive": link(2), "negative": link(3), "vae": link(9), "width": 832,
+                                 "height": 480, "length": 33, "batch_size": 1, "clip_vision_output": link(8),
+                                 "start_image": link(7)}),
+        (11, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
+                                 "scheduler": "simple", "positive": link(10, 0), "negative": link(10, 1),
+                                 "latent_image": link(10, 2), "denoise": 1.0}),
+        (12, "VAEDecode", {"samples": link(11), "vae": link(9)}),
+        (13, "SaveAnimatedWEBP", {"images": link(12), "filename_prefix": "parallel_dit/wan21_i2v", "fps": 16.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+    ],
+}
+
+WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_i2v_parallel": WAN21_I2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
              "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I}
 
 

@@ -102,5 +102,24 @@ class PditTestCosmosPredict2Loader:
                                                  offload_device=comfy.model_management.unet_offload_device()),)
 
 
+class PditTestClipVision:
+    """Stand-in for CLIPVisionEncode with clip_vision_h: 257 penultimate tokens of width 1280."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                                              "tooltip": "seed of the fake CLIP vision tokens"})}}
+
+    RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, seed):
+        import types
+        g = torch.Generator().manual_seed(seed)
+        return (types.SimpleNamespace(penultimate_hidden_states=torch.randn(1, 257, 1280, generator=g)),)
+
+
 NODE_CLASS_MAPPINGS = {"PditTestConditioning": PditTestConditioning, "PditTestVAE": PditTestVAE,
+                       "PditTestClipVision": PditTestClipVision,
                        "PditTestCosmosPredict2Loader": PditTestCosmosPredict2Loader}
