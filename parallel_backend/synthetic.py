@@ -210,7 +210,8 @@ def _is_linear_weight(key: str, shape) -> bool:
     return key.endswith(".weight") and len(shape) == 2
 
 
-def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.float8_e4m3fn) -> str:
+def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.float8_e4m3fn,
+                      fp8_biases: bool = False) -> str:
     """An fp8 copy of checkpoint `src`, tensor by tensor.
 
     scaled=True: ComfyUI's "fp8_scaled" layout: every Linear weight (2-D `.weight`) becomes
@@ -220,6 +221,8 @@ def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.f
     scaled=False: a plain fp8 file (e.g. "..._fp8_e4m3fn.safetensors"): every weight of 2 or more dims
     (linears and the patch-embedding convolution) is cast to fp8 as is; norms, biases, modulation keep
     their dtype.
+    fp8_biases=True: the biases of the quantized linears are cast to fp8 too (unscaled), as in files
+    ComfyUI saves from a scaled-fp8 model (its fp8 Linear holds the bias in fp8 as well).
     """
     from safetensors import safe_open
 
@@ -234,10 +237,15 @@ def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.f
         with safe_open(src, framework="pt") as f:
             return f.get_tensor(k).clone()
 
+    quantized_biases = set()
+    if fp8_biases:
+        quantized_biases = {k[:-len("weight")] + "bias" for k in keys if _is_linear_weight(k, shapes[k])}
     for k in keys:
         shape, dt = shapes[k], names[src_dtypes[k]]
         quantize = _is_linear_weight(k, shape) if scaled else (k.endswith(".weight") and len(shape) >= 2)
-        if not quantize:
+        if k in quantized_biases:
+            entries.append((k, shape, fp8_dtype, lambda k=k: read(k).to(fp8_dtype)))
+        elif not quantize:
             entries.append((k, shape, dt, lambda k=k: read(k)))
         elif not scaled:
             entries.append((k, shape, fp8_dtype, lambda k=k: read(k).to(fp8_dtype)))

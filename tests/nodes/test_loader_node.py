@@ -118,4 +118,36 @@ def test_loader_never_reads_weights_in_the_comfyui_process(comfy, pack, config_s
         assert peak - before < 32 * 2**20
         assert all(r["param_bytes"] > 100 * 2**20 for r in ranks) and model is not None
     finally:
+        monkeypatch.undo()
         group.stop_all()
+
+
+@pytest.mark.multirank
+def test_fp8_scaled_file_matches_comfyui_native_scaled_fp8(comfy, pack, config_spec, conds):
+    """A ComfyUI "fp8_scaled" file (fp8 linears with per-tensor `scale_weight`, fp8 biases, the `scaled_fp8`
+    marker) sampled on tp=2 ranks that keep the weights fp8 equals ComfyUI's own scaled-fp8 model."""
+    import nodes as comfy_nodes  # ComfyUI's nodes.py
+
+    import parallel_backend.group as group
+    from parallel_backend.synthetic import write_fp8_variant
+
+    models_dir = comfy["models_dir"]
+    import comfy.sd  # (rebinds the `comfy` fixture's name)
+    src = os.path.join(models_dir, "tiny_wan.safetensors")
+    write_fp8_variant(src, os.path.join(models_dir, "tiny_wan_fp8_scaled.safetensors"), scaled=True, fp8_biases=True)
+    pos, neg = conds
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+    try:
+        model, _ = _loader(pack).load("tiny_wan_fp8_scaled.safetensors", "fp32", config_spec(world_size=2, tp=2))
+        out = pack.NODE_CLASS_MAPPINGS["ParallelSampler"]().sample(model, 4, 4, 1.0, "euler", "simple", pos, neg,
+                                                                   latent)[0]["samples"]
+        ranks = group.active_groups()[0].rank_load_stats
+        assert all(r["fp8_layers"] == 24 and r["fp8_weight_bytes"] > 0 for r in ranks)
+    finally:
+        group.stop_all()
+    native = comfy.sd.load_diffusion_model(os.path.join(models_dir, "tiny_wan_fp8_scaled.safetensors"))
+    assert native.model.model_config.scaled_fp8 == torch.float8_e4m3fn
+    ref = comfy_nodes.common_ksampler(native, 4, 4, 1.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+    diff = (out - ref).abs().max().item()
+    print(f"fp8_scaled on tp=2 (weights fp8, fp32 compute) vs ComfyUI native scaled fp8: max abs {diff:.2e}")
+    assert diff <= 1e-4
