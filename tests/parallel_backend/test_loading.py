@@ -38,12 +38,7 @@ LOAD_OVERHEAD = 150 * MiB
 PARENT_RSS_BOUND = 64 * MiB  # the owner (ComfyUI) process while ranks load 1.9 GB: it never holds weights
 
 
-def inputs(batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 16, 2, 8, 8, generator=g)
-    t = torch.linspace(900.0, 100.0, batch)
-    ctx = torch.randn(batch, 12, 4096, generator=g)
-    return x, t, ctx
+from tiny_inputs import wan_inputs as inputs  # noqa: E402
 
 
 def single(path: str, precision: str) -> ShardedModel:

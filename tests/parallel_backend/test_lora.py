@@ -51,12 +51,7 @@ def files(tmp_path_factory):
     return f
 
 
-def inputs(batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 16, 2, 8, 8, generator=g)
-    t = torch.linspace(900.0, 100.0, batch)
-    ctx = torch.randn(batch, 12, 4096, generator=g)
-    return x, t, ctx
+from tiny_inputs import wan_inputs as inputs  # noqa: E402
 
 
 def merged_by_hand(files, src: str, loras, dst: str) -> str:
