@@ -6,6 +6,7 @@ and `diffusion_model` is a small proxy that sends each evaluation to the group. 
 sampler, scheduler, preview and the progress bar work unchanged.
 """
 import logging
+import os
 import weakref
 
 import torch
@@ -51,11 +52,7 @@ class ParallelDiffusionModel(torch.nn.Module):
     def group(self):
         """The warm group; restarted and reloaded transparently if a rank died since the last call."""
         g = backend("group").get_group(self.parallel_config)
-        before = g.load_count
-        g.load(self.path, self.precision, loras=self.loras, resident=self.resident)
-        if g.load_count != before:
-            logging.info("parallel_dit: loaded weights of %s onto pids %s for this sampler (load #%d of this "
-                         "group)", self.path, g.pids, g.load_count)
+        load_logged(g, self.path, self.precision, loras=self.loras, resident=self.resident)
         return g
 
     def with_loras(self, loras) -> "ParallelDiffusionModel":
@@ -84,6 +81,18 @@ class ParallelDiffusionModel(torch.nn.Module):
         import comfy.model_management
         comfy.model_management.throw_exception_if_processing_interrupted()
         return out.to(x.device)
+
+
+def load_logged(group, path, precision, **kwargs) -> dict:
+    """group.load, saying in ComfyUI's log whether weights were read or the warm group was reused
+    (tests and users read these lines)."""
+    before = group.load_count
+    info = group.load(path, precision, **kwargs)
+    name = os.path.basename(path)
+    if group.load_count != before:
+        logging.info("parallel_dit: loaded weights of %s onto pids %s (load #%d of this group)", name, group.pids,
+                     group.load_count)
+    return info
 
 
 _WEIGHT_PATCH_HELP = (

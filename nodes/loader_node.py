@@ -1,7 +1,7 @@
 import logging
 
 from .backend import CATEGORY, CONFIG_TYPE, backend
-from .comfy_model import build_model_patcher, install_unload_hook
+from .comfy_model import build_model_patcher, install_unload_hook, load_logged
 
 
 def resolve_config(spec: dict, shape, header) -> tuple:
@@ -79,25 +79,15 @@ class ParallelModelLoader:
         if not resident and group.holds_other_models(path, base_precision):
             # swap: loading now would evict a model a sampler of this graph may still use; the proxy loads
             # this one when its sampler runs (the header already proved the file; info from its shapes)
-            info = _shape_info(shape, path, base_precision)
+            info = {**shape.to_info(), "path": path, "precision": base_precision}
             logging.info("parallel_dit: %s will be swapped in when its sampler runs (pids %s hold another model)",
                          model_name, group.pids)
         else:
             # loads weights only when this file and precision are not on the group yet
-            info = group.load(path, base_precision, resident=resident)
-            if group.load_count != loads_before:
-                logging.info("parallel_dit: loaded weights of %s onto pids %s (load #%d of this group)",
-                             model_name, group.pids, group.load_count)
-            else:
+            info = load_logged(group, path, base_precision, resident=resident)
+            if group.load_count == loads_before:
                 logging.info("parallel_dit: reusing warm group pids %s with %s", group.pids, model_name)
         plan = f"{config.describe()} [{why}] for {shape.family} ({shape.num_heads} heads, {shape.num_layers} blocks)"
         logging.info("parallel_dit: %s", plan)
         return (build_model_patcher(config, path, base_precision, header, info, resident), plan)
 
-
-def _shape_info(shape, path, precision) -> dict:
-    """The model facts the MODEL proxy needs, from the header (as the ranks' load reply gives them)."""
-    return {"family": shape.family, "num_heads": shape.num_heads, "head_dim": shape.head_dim,
-            "ffn_dim": shape.ffn_dim, "num_layers": shape.num_layers, "in_channels": shape.in_channels,
-            "out_channels": shape.out_channels, "patch_size": tuple(shape.patch_size), "path": path,
-            "precision": precision}

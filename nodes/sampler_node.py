@@ -38,10 +38,7 @@ class ParallelSampler:
             raise ValueError("Parallel Sampler needs the MODEL from Parallel Model Loader; for other models use "
                              "the native KSampler")
         cfgmod = backend("config")
-        info = proxy.info
-        shape = cfgmod.ModelShape(info["family"], info["num_heads"], info["head_dim"], info["ffn_dim"],
-                                  info["num_layers"], info["in_channels"], info["out_channels"],
-                                  tuple(info["patch_size"]))
+        shape = cfgmod.ModelShape.from_info(proxy.info)
         cfgmod.validate_latent(shape, tuple(latent_image["samples"].shape))
         import nodes as comfy_nodes  # ComfyUI's own nodes.py (the host imported it before any pack)
         return comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,

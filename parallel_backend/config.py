@@ -114,6 +114,14 @@ class ModelShape:
     def dim(self) -> int:
         return self.num_heads * self.head_dim
 
+    def to_info(self) -> dict:
+        """The plain dict that crosses the control pipe (and that the MODEL proxy keeps)."""
+        return {**dataclasses.asdict(self), "patch_size": tuple(self.patch_size)}
+
+    @classmethod
+    def from_info(cls, info: dict) -> "ModelShape":
+        return cls(**{f.name: info[f.name] for f in dataclasses.fields(cls)})
+
 
 def validate_for_model(cfg: ParallelConfig, shape: ModelShape) -> None:
     """Rules that depend on the model: heads and widths must split over the mesh."""

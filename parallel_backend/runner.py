@@ -1,8 +1,6 @@
 """One rank's sharded model: build from a checkpoint, apply the family's plan, run its replica's rows."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .cfg import replica_slice
@@ -63,10 +61,7 @@ class ShardedModel:
         return {**self.lora_stats, "lora_changed": True}
 
     def info(self) -> dict:
-        s = self.shape
-        return {"family": s.family, "num_heads": s.num_heads, "head_dim": s.head_dim, "ffn_dim": s.ffn_dim,
-                "num_layers": s.num_layers, "in_channels": s.in_channels, "out_channels": s.out_channels,
-                "patch_size": tuple(s.patch_size), "path": self.path, "precision": self.precision,
+        return {**self.shape.to_info(), "path": self.path, "precision": self.precision,
                 **self.load_stats, **param_stats(self.model), **self.lora_stats}
 
     def rows(self, batch: int) -> slice:
