@@ -22,7 +22,7 @@ import struct
 
 import torch
 
-from .parallelize import shard_dim_of
+from .parallelize import replace_module, shard_dim_of
 from .tensor_parallel import Fp8Linear, is_linear
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,6 +57,17 @@ def weight_scale_key(header: dict, weight_key: str) -> str | None:
     for suffix in WEIGHT_SCALE_SUFFIXES:
         if stem + suffix in header:
             return stem + suffix
+    return None
+
+
+def scaled_fp8_dtype(header: dict) -> torch.dtype | None:
+    """The fp8 dtype of ComfyUI's `scaled_fp8` marker (None: not a scaled-fp8 file). ComfyUI then builds every
+    Linear of the model in this dtype (comfy.ops.scaled_fp8_ops with override_dtype), so each linear weight *and
+    bias* it loads is held in fp8, with the file's per-tensor `scale_weight` (1 where the file has none)."""
+    for k, (_, dt) in header.items():
+        if k.rpartition(".")[2] in MARKER_KEYS:
+            # ComfyUI: a float32 marker means e4m3fn (model_detection.model_config_from_unet)
+            return _ST_DTYPES.get(dt) if dt in FP8_ST_DTYPES else torch.float8_e4m3fn
     return None
 
 
@@ -190,7 +201,8 @@ def _plan(model, params, key_map, header, path) -> list:
     return plans
 
 
-def _read_into(reader: SliceReader, plan: _ParamPlan, header, path, dtype, device, keep_fp32, expected_shape):
+def _read_into(reader: SliceReader, plan: _ParamPlan, header, path, dtype, device, keep_fp32, expected_shape,
+               scaled_dtype=None):
     t = reader.read(plan.key, plan.index, plan.touch)
     if tuple(t.shape) != tuple(expected_shape):
         raise CheckpointError(f"{path}: {plan.key} has shape {tuple(t.shape)} (this rank's slice), expected "
@@ -198,6 +210,10 @@ def _read_into(reader: SliceReader, plan: _ParamPlan, header, path, dtype, devic
                               f"was detected as")
     module, pname = plan.owner, plan.pname
     scale_key = weight_scale_key(header, plan.key) if plan.st_dtype in FP8_ST_DTYPES else None
+    if scaled_dtype is not None and is_linear(module) and t.dtype != scaled_dtype:
+        # a scaled-fp8 file, as ComfyUI loads it: its linears' biases (and any linear weight the file keeps in
+        # higher precision) are rounded to fp8 when copied into the fp8 layer
+        t = t.to(scaled_dtype)
     scale = None
     if scale_key is not None:
         scale = reader.read(scale_key).to(torch.float32)
@@ -220,8 +236,9 @@ def _read_into(reader: SliceReader, plan: _ParamPlan, header, path, dtype, devic
     module._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
 
 
-def _swap_fp8_linears(model, key_map, header, dtype, keep_fp32) -> int:
-    """Replace linears whose checkpoint weight is fp8 by Fp8Linear (on meta, before loading)."""
+def swap_fp8_linears(model, key_map, header, dtype, keep_fp32) -> int:
+    """Replace linears whose checkpoint weight is fp8 by Fp8Linear (on meta, before loading). Runs before the
+    plan's sequence hooks are registered; `replace_module` would carry them over if it ran after."""
     n = 0
     for name, module in list(model.named_modules()):
         if not name or not is_linear(module) or isinstance(module, Fp8Linear):
@@ -230,9 +247,7 @@ def _swap_fp8_linears(model, key_map, header, dtype, keep_fp32) -> int:
         key = key_map.get(wname)
         if key is None or key not in header or header[key][1] not in FP8_ST_DTYPES or keep_fp32(wname):
             continue  # modules diffusers keeps in fp32 are dequantized on load instead
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear(module, dtype))
+        replace_module(model, name, Fp8Linear(module, dtype))
         n += 1
     return n
 
@@ -241,10 +256,11 @@ def load_sharded(model: torch.nn.Module, path: str, key_map: dict, dtype: torch.
                  keep_fp32=lambda name: False, header: dict | None = None) -> dict:
     """Materialise `model` (meta) on `device`, reading each parameter's shard from `path`.
 
+    fp8 linears must have been swapped in already (swap_fp8_linears, before the plan's hooks).
     Returns stats: bytes read, parameter bytes held, and how many linears (and bytes) stay fp8.
     """
     header = header if header is not None else read_header(path)
-    fp8_layers = _swap_fp8_linears(model, key_map, header, dtype, keep_fp32)
+    scaled = scaled_fp8_dtype(header)
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in key_map]
     if missing:
@@ -252,11 +268,12 @@ def load_sharded(model: torch.nn.Module, path: str, key_map: dict, dtype: torch.
                               f"the file does not match the detected model layout")
     with SliceReader(path) as reader:
         for plan in _plan(model, params, key_map, header, path):
-            _read_into(reader, plan, header, path, dtype, device, keep_fp32, params[plan.name].shape)
+            _read_into(reader, plan, header, path, dtype, device, keep_fp32, params[plan.name].shape, scaled)
         read = reader.bytes_read
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{path}: {len(left)} tensors were not materialised (e.g. {left[:3]})")
+    fp8_layers = sum(isinstance(m, Fp8Linear) for m in model.modules())
     return {"bytes_read": read, **param_stats(model), "fp8_layers": fp8_layers,
             "checkpoint_precision": checkpoint_precision(header)}
 
@@ -278,5 +295,6 @@ def reload_params(model: torch.nn.Module, path: str, key_map: dict, names, dtype
     names = [n for n in names if n in params]
     with SliceReader(path) as reader:
         for plan in _plan(model, names, key_map, header, path):
-            _read_into(reader, plan, header, path, dtype, device, keep_fp32, params[plan.name].shape)
+            _read_into(reader, plan, header, path, dtype, device, keep_fp32, params[plan.name].shape,
+                       scaled_fp8_dtype(header))
         return reader.bytes_read

@@ -82,6 +82,25 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` in place of the submodule `name`, carrying over the forward hooks registered on the old one
+    (the plan's sequence split / gather), so a layer swapped after the plan was applied (fp8, quantized, TP)
+    still splits and gathers. Returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    for attr in _HOOK_DICTS:
+        src = getattr(old, attr, None)
+        if src:
+            getattr(new, attr).update(src)
+    setattr(parent, child, new)
+    return old
+
+
 def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, group, tp_rank: int, tp_size: int) -> None:
     """Swap planned layers for their sharded versions (works on meta modules before loading)."""
     if tp_size == 1:
@@ -89,9 +108,7 @@ def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, group, tp_rank: 
     for name, module in list(model.named_modules()):
         for pattern, style in plan.tp.items():
             if _matches(name, pattern):
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, TP_STYLES[style](module, group, tp_rank, tp_size))
+                replace_module(model, name, TP_STYLES[style](module, group, tp_rank, tp_size))
                 break
     for name, module in model.named_modules():
         if any(_matches(name, p) for p in plan.attention_heads):
@@ -99,8 +116,23 @@ def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, group, tp_rank: 
             module.heads //= tp_size
 
 
+@dataclass(frozen=True)
+class PlanHook:
+    """One hook the plan put on a module: where, what, and its handle (for checks after loading)."""
+    module: str
+    kind: str  # "split_inputs" | "split_outputs" | "gather_output"
+    handle: object
+
+    def present(self, model: nn.Module) -> bool:
+        """Whether the module now at `self.module` (possibly a later replacement) still runs this hook."""
+        mod = model.get_submodule(self.module)
+        table = mod._forward_pre_hooks if self.kind == "split_inputs" else mod._forward_hooks
+        return self.handle.id in table
+
+
 def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: SequenceState) -> list:
-    """Register the split / gather hooks; returns their handles."""
+    """Register the split / gather hooks; returns them as PlanHook records. Apply this after every module
+    replacement that is known up front (TP, fp8); `replace_module` carries the hooks over any later one."""
     if state.degree == 1:
         return []
     handles = []
@@ -129,12 +161,20 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
         return hook
 
     for name, spec in plan.seq_split_inputs.items():
-        handles.append(model.get_submodule(name).register_forward_pre_hook(split_inputs(spec), with_kwargs=True))
+        h = model.get_submodule(name).register_forward_pre_hook(split_inputs(spec), with_kwargs=True)
+        handles.append(PlanHook(name, "split_inputs", h))
     for name, spec in plan.seq_split_outputs.items():
-        handles.append(model.get_submodule(name).register_forward_hook(split_outputs(spec)))
+        handles.append(PlanHook(name, "split_outputs", model.get_submodule(name).register_forward_hook(split_outputs(spec))))
     for name, spec in plan.seq_gather_outputs.items():
-        handles.append(model.get_submodule(name).register_forward_hook(gather_output(spec)))
+        handles.append(PlanHook(name, "gather_output", model.get_submodule(name).register_forward_hook(gather_output(spec))))
     return handles
+
+
+def missing_plan_hooks(model: nn.Module, hooks: list) -> list:
+    """The plan's hooks no longer on the module the plan names (a module was replaced without them):
+    each one means a rank would return only its own tokens. Empty when the plan is intact."""
+    return [f"{h.kind} on {h.module} ({type(model.get_submodule(h.module)).__name__})"
+            for h in hooks if not h.present(model)]
 
 
 def shard_dim_of(model: nn.Module, param_name: str) -> tuple[int | None, int, int]:

@@ -5,10 +5,10 @@ import torch
 
 from .cfg import replica_slice
 from .config import validate_for_model
-from .loading import DTYPE_NAMES, load_sharded, model_keys, param_stats, read_header, reload_params
+from .loading import DTYPE_NAMES, load_sharded, model_keys, param_stats, read_header, reload_params, swap_fp8_linears
 from .mesh import RankMesh
 from .models import detect_family
-from .parallelize import SequenceState, apply_sequence_parallel, apply_tensor_parallel
+from .parallelize import SequenceState, apply_sequence_parallel, apply_tensor_parallel, missing_plan_hooks
 
 
 class ShardedModel:
@@ -21,14 +21,21 @@ class ShardedModel:
         validate_for_model(mesh.config, self.shape)
         self.dtype = DTYPE_NAMES[self.precision]
         fam, plan, c = self.family, self.family.PLAN, mesh.config
-        model = fam.build(fam.diffusers_config(header), device=mesh.device)
-        apply_tensor_parallel(model, plan, mesh.groups["tp"], mesh.coord["tp"], c.tp)
-        self.seq_state = SequenceState(mesh.sequence_groups(), mesh.sequence_index)
-        apply_sequence_parallel(model, plan, self.seq_state)
-        fam.install_attention(model, self.seq_state, c.attention)
         self.key_map = fam.key_map(model_keys(header))
+        model = fam.build(fam.diffusers_config(header), device=mesh.device)
+        # every module replacement first (TP layers, then fp8 layers over them), the plan's hooks last: a hook
+        # put on a module that is replaced afterwards would be lost with it (replace_module carries hooks over
+        # any later swap, and the check after loading proves none went missing)
+        apply_tensor_parallel(model, plan, mesh.groups["tp"], mesh.coord["tp"], c.tp)
+        swap_fp8_linears(model, self.key_map, header, self.dtype, fam.keep_fp32)
+        self.seq_state = SequenceState(mesh.sequence_groups(), mesh.sequence_index)
+        self.plan_hooks = apply_sequence_parallel(model, plan, self.seq_state)
+        fam.install_attention(model, self.seq_state, c.attention)
         self.load_stats = load_sharded(model, path, self.key_map, self.dtype, mesh.device,
                                        keep_fp32=fam.keep_fp32, header=header)
+        lost = missing_plan_hooks(model, self.plan_hooks)
+        if lost:  # a rank would return only its own tokens: fail loudly rather than sample garbage
+            raise RuntimeError(f"{path}: the parallel plan's hooks are missing after loading: {lost}")
         self.model = model.eval().requires_grad_(False)
         self.loras: tuple = ()          # the merged LoRA list, as lora.lora_key gives it
         self.lora_touched: set = set()  # parameters the merge changed (restored from the file on change)

@@ -266,21 +266,27 @@ def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.f
 
 
 def write_dequantized(src: str, dst: str, dtype=torch.float32) -> str:
-    """The weights an fp8 / fp8_scaled checkpoint stands for, as a plain `dtype` file: every fp8 tensor
-    becomes fp8.to(float32) * its per-tensor scale (1 without one); scales and the marker are dropped.
-    The reference an fp8 load is compared with."""
+    """The weights an fp8 / fp8_scaled checkpoint stands for, as ComfyUI loads it, written as a plain `dtype`
+    file: every fp8 tensor becomes fp8.to(float32) * its per-tensor scale (1 without one); in a scaled-fp8
+    file (marker key present) the linears' other tensors (biases) are rounded through the marker's fp8 dtype,
+    as ComfyUI's scaled-fp8 layers hold them; scales and the marker are dropped. The reference an fp8 load is
+    compared with."""
     from safetensors import safe_open
 
-    from .loading import AUX_SUFFIXES, MARKER_KEYS, weight_scale_key
+    from .loading import AUX_SUFFIXES, MARKER_KEYS, read_header, scaled_fp8_dtype, weight_scale_key
 
     with safe_open(src, framework="pt") as f:
         header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     keep = [k for k in header if not k.endswith(AUX_SUFFIXES) and k.rpartition(".")[2] not in MARKER_KEYS]
+    scaled = scaled_fp8_dtype(read_header(src))
+    linear_biases = {k[:-len("weight")] + "bias" for k in keep if _is_linear_weight(k, header[k][0])}
 
     def make(k):
         with safe_open(src, framework="pt") as f:
             t = f.get_tensor(k)
-            if header[k][1] not in ("F8_E4M3", "F8_E5M2"):
+            if scaled is not None and (k in linear_biases or _is_linear_weight(k, header[k][0])):
+                t = t.to(scaled)
+            if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
                 return t.to(dtype)
             sk = weight_scale_key(header, k)
             s = f.get_tensor(sk).float().reshape(()) if sk else torch.tensor(1.0)
