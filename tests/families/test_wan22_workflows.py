@@ -5,7 +5,9 @@
 - The shipped workflows wan22_a14b_t2v_parallel (two Parallel Model Loaders + two KSamplerAdvanced
   split at a boundary step) and wan22_ti2v_5b_parallel (Wan22ImageToVideoLatent with a start image:
   per-frame timesteps) are the same graphs in UI and API form, and queued over HTTP on 2 CPU ranks
-  equal ComfyUI's native graphs (two UNETLoaders / one UNETLoader) in the same server.
+  (ulysses2) equal ComfyUI's native graphs (two UNETLoaders / one UNETLoader) in the same server. The A14B
+  experts are fp8_scaled files under the names ComfyUI's own Wan 2.2 template uses (the files most users
+  download), with fp32 biases that ComfyUI rounds to fp8 on load.
 """
 import os
 import re
@@ -24,6 +26,9 @@ pytestmark = pytest.mark.multirank
 TOL = 1e-5    # group vs single process, one forward (fp32)
 E2E_TOL = 1e-4  # sampled latent, parallel vs native (fp32, 4 steps)
 HIGH, LOW, TI2V = "tiny_wan22_high_noise.safetensors", "tiny_wan22_low_noise.safetensors", "tiny_wan22_ti2v.safetensors"
+# what the shipped A14B workflow (and ComfyUI's own Wan 2.2 14B template) names
+HIGH_FP8, LOW_FP8 = ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                     "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +105,14 @@ def _loads(log: str) -> int:
 
 
 def _a14b_variant(api, residency, seed, prefix, steps=4, boundary=2):
-    """The shipped A14B graph made tiny (see comfy_host.tiny_cpu_variant), each loader on its expert."""
-    g = comfy_host.tiny_cpu_variant(api, HIGH, seed=seed, prefix=prefix)
+    """The shipped A14B graph made tiny (see comfy_host.tiny_cpu_variant), each loader on its expert: the
+    files the graph names, written as tiny fp8_scaled experts."""
+    g = comfy_host.tiny_cpu_variant(api, HIGH_FP8, seed=seed, prefix=prefix)
     for nid, node in g.items():
         inp = node["inputs"]
         if node["class_type"] == "ParallelModelLoader":
             inp["residency"] = residency
-            if "low" in api[nid]["inputs"]["model_name"]:
-                inp["model_name"] = LOW
+            inp["model_name"] = api[nid]["inputs"]["model_name"]
         elif node["class_type"] == "KSamplerAdvanced":
             inp.update(steps=steps, sampler_name="euler", scheduler="simple", cfg=5.0)
             if inp["add_noise"] == "enable":
@@ -139,7 +144,11 @@ def _run(server, base, graph, prefix):
 def test_wan22_workflows_through_prompt_queue(files, tmp_path):
     from PIL import Image
 
-    base = comfy_host.make_base_dir(str(tmp_path / "comfy"), {"diffusion_models": list(files.values())})
+    from parallel_backend.synthetic import write_fp8_variant
+
+    experts = [write_fp8_variant(files[k], str(tmp_path / name), scaled=True) for k, name in (("high", HIGH_FP8),
+                                                                                             ("low", LOW_FP8))]
+    base = comfy_host.make_base_dir(str(tmp_path / "comfy"), {"diffusion_models": list(files.values()) + experts})
     ramp = torch.linspace(0, 255, 64 * 96).reshape(64, 96, 1).expand(64, 96, 3).to(torch.uint8).contiguous().numpy()
     Image.fromarray(ramp).save(os.path.join(base, "input", "start.png"))
     a14b = comfy_host.load_workflow("wan22_a14b_t2v_parallel_api.json")
@@ -184,5 +193,5 @@ def test_wan22_workflows_through_prompt_queue(files, tmp_path):
         d_ti2v = (out - ref).abs().max().item()
         assert d_ti2v <= E2E_TOL, f"TI2V-5B parallel vs native: {d_ti2v:.2e}"
         assert out.abs().mean() > 0.1
-        print(f"queue, 2 CPU ranks (ulysses2): A14B resident vs native {d_res:.2e}, swap vs resident "
+        print(f"queue, 2 CPU ranks (ulysses2): A14B fp8_scaled resident vs native {d_res:.2e}, swap vs resident "
               f"{d_swap:.2e}; TI2V-5B vs native {d_ti2v:.2e}")
