@@ -2,7 +2,7 @@
 import os
 import sys
 
-# Worker ranks are spawned processes that import `parallel_backend.worker` by that plain name, while
+# Worker ranks are spawned processes that import `parallel_backend.runtime.worker` by that plain name, while
 # ComfyUI imports this pack under its folder path; so the pack folder must be importable by name.
 # Appended (not prepended) so it never shadows ComfyUI's own top-level `nodes` module.
 _here = os.path.dirname(os.path.abspath(__file__))

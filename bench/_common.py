@@ -88,7 +88,7 @@ def mib(n: float) -> str:
 def write_fast_checkpoint(path: str, shapes: dict, dtype=None, seed: int = 0) -> str:
     """A synthetic checkpoint of real shapes, written fast.
 
-    parallel_backend.synthetic.write_checkpoint draws every value with torch.randn (about 40 s for
+    parallel_backend.testing.synthetic.write_checkpoint draws every value with torch.randn (about 40 s for
     Wan 14B's width with 2 blocks on a 2-core box). Benchmarks that measure bytes and memory only
     need the right shapes, dtypes and O(1) activations, so here each tensor is a tiled pool of 1 M
     normal values with synthetic.random_tensor's per-kind scaling (norm weights ~1, biases small,

@@ -7,7 +7,7 @@
 CONVENTION (the one that reproduces design.md's table)
     Bytes SENT BY ONE RANK (every rank of an axis sends the same amount) during ONE forward of ONE
     batch row (the cond or the uncond half, batch 1), activations in bf16 (2 bytes), GB = 1e9 bytes.
-    This is also what parallel_backend.collectives.count_bytes() counts on each rank:
+    This is also what parallel_backend.parallel.collectives.count_bytes() counts on each rank:
       all-to-all  : nbytes(local tensor) * (n-1)/n   (the part that leaves the rank)
       all-reduce  : 2 * nbytes * (n-1)/n             (ring all-reduce: reduce-scatter + all-gather)
       all-gather  : nbytes(local chunk) * (n-1)
@@ -35,7 +35,7 @@ CONVENTION (the one that reproduces design.md's table)
     fp32 count twice as large, so neither of those is the convention behind the quoted numbers.
 
 MEASURED
-    parallel_backend.runner.ShardedModel runs a real forward on CPU gloo ranks (NCCL GPUs with
+    parallel_backend.runtime.sharded_model.ShardedModel runs a real forward on CPU gloo ranks (NCCL GPUs with
     --device cuda) under collectives.count_bytes(), on a synthetic checkpoint with the real width,
     heads and FFN width of the named model but only --measure-blocks blocks, at two small latent
     sizes. Byte counters are snapshotted around the blocks, so per-block bytes and outside-block
@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 from bench._common import gb, header, table, write_fast_checkpoint  # noqa: E402
 from parallel_backend.config import ConfigError, ModelShape, ParallelConfig, validate_for_model  # noqa: E402
-from parallel_backend.synthetic import WAN_PRESETS, wan_shapes  # noqa: E402
+from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes  # noqa: E402
 
 AXES = ("ulysses", "ring", "tp", "cfg")
 HEAD_DIM = 128
@@ -151,9 +151,9 @@ def _rank_measure(mesh0, jobs: list, points: list, precision: str) -> list:
     """On every rank: for each job (model file x axis config) load ShardedModel, run one forward per
     (latent grid, context length) point under count_bytes(), and record total and in-block bytes
     by collective kind."""
-    from parallel_backend.collectives import count_bytes
-    from parallel_backend.mesh import build_mesh
-    from parallel_backend.runner import ShardedModel
+    from parallel_backend.parallel.collectives import count_bytes
+    from parallel_backend.runtime.mesh import build_mesh
+    from parallel_backend.runtime.sharded_model import ShardedModel
 
     results = []
     for job in jobs:
@@ -187,7 +187,7 @@ def measure(jobs: list, world: int, points: list, precision: str = "bf16", devic
     """Run `jobs` (dicts: name, path, config, batch) on `world` ranks at each (grid, context length)
     point; -> {(name, grid, ctx): rank-0 record}. Raises if ranks disagree (each rank of these axes
     must send the same bytes)."""
-    from parallel_backend.spmd import run_on_ranks
+    from parallel_backend.testing.spmd import run_on_ranks
 
     base = ParallelConfig(world_size=world, ulysses=world, device=device, dtype=precision)
     per_rank = run_on_ranks(_rank_measure, base, jobs, points, precision, timeout=1800)

@@ -5,10 +5,10 @@
 
 A synthetic safetensors file with the real Wan 2.1 14B shapes (dim 5120, 40 heads, ffn 13824) but
 only --blocks blocks is written in bf16 (in a child process, so this parent's RSS stays small),
-then loaded with parallel_backend.runner.ShardedModel in bf16 on tp CPU gloo ranks (CUDA/NCCL ranks
+then loaded with parallel_backend.runtime.sharded_model.ShardedModel in bf16 on tp CPU gloo ranks (CUDA/NCCL ranks
 with --device cuda where there are enough GPUs). In each rank:
   baseline   after torch, diffusers' Wan classes and the pack are imported and the mesh is built;
-  peak RSS   resource.getrusage(RUSAGE_SELF).ru_maxrss, as worker.py reports it, after the load;
+  peak RSS   resource.getrusage(RUSAGE_SELF).ru_maxrss, as runtime/worker.py reports it, after the load;
   VmHWM      /proc/self/status peak RSS, reset (clear_refs 5) just before the load: the load's own peak;
   anon/file  the largest RssAnon (private memory: the parameters) and RssFile (pages of the mmapped
              checkpoint that safetensors touched; page cache, shared and reclaimable) seen by a 5 ms
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from bench._common import header, mib, table, write_fast_checkpoint  # noqa: E402
 from parallel_backend.config import ParallelConfig  # noqa: E402
-from parallel_backend.synthetic import WAN_PRESETS, wan_shapes  # noqa: E402
+from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes  # noqa: E402
 
 PRESET = "wan2.1-14b"
 
@@ -122,7 +122,7 @@ def _rank_load(mesh, path: str, precision: str) -> dict:
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers  # noqa: F401
     from safetensors import safe_open  # noqa: F401
 
-    from parallel_backend.runner import ShardedModel
+    from parallel_backend.runtime.sharded_model import ShardedModel
 
     gc.collect()
     base = _status_kb("VmRSS", "RssAnon", "RssFile")  # RssFile here: the mapped libraries
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     real_layers = WAN_PRESETS[PRESET]["num_layers"]
     import multiprocessing as mp
 
-    from parallel_backend.spmd import run_on_ranks
+    from parallel_backend.testing.spmd import run_on_ranks
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="pdit_bench_mem_") as tmp:
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         cols.append("cuda peak MiB")
     print(f"[1] At load, per rank (MiB; 'of full' = params / the tp=1 rank's {mib(full)} MiB):")
     print(table(rows, cols))
-    print("base RSS: after imports + mesh, before ShardedModel. peak RSS: ru_maxrss after the load (worker.py's "
+    print("base RSS: after imports + mesh, before ShardedModel. peak RSS: ru_maxrss after the load (runtime/worker.py's "
           "peak_rss). load delta = peak RSS - base RSS.\nVmHWM delta: the load's own peak (reset before the load) - "
           "base. anon / file delta: largest growth of private RSS / of file-backed RSS (mmapped checkpoint\npages: "
           "page cache, shared between ranks, reclaimable) during the load, sampled every 5 ms.")
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     print(table(rows2, ["tp", "rank", "params MiB", "RSS delta", "delta/params", "anon delta", "file delta",
                         "ru_maxrss delta", "params in file map", "their MiB", "non-contig params"]))
     print("params in file map: parameters whose data lies inside this rank's mmap of the checkpoint (safetensors "
-          "returns zero-copy views\nand loading.py's .to() keeps them when dtype and device already match); "
+          "returns zero-copy views\nand weights/reads.py's .to() keeps them when dtype and device already match); "
           "their pages count as file RSS only once read.")
 
     # projection to the real 40-block model

@@ -20,9 +20,9 @@ from _common import header, table, write_fast_checkpoint
 import torch
 
 from parallel_backend.config import ParallelConfig
-from parallel_backend.runner import ShardedModel
-from parallel_backend.spmd import run_on_ranks
-from parallel_backend.synthetic import WAN_PRESETS, wan_shapes
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.spmd import run_on_ranks
+from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes
 
 MESHES = ["1", "ulysses=2", "ring=2", "tp=2", "cfg=2", "cfg=2,ulysses=2", "ulysses=2,tp=2", "ring=2,ulysses=2"]
 

@@ -20,10 +20,10 @@ from _common import header, table, write_fast_checkpoint
 import torch
 
 from parallel_backend.config import ParallelConfig
-from parallel_backend.group import WorkerGroup
-from parallel_backend.mesh import single_rank_mesh
-from parallel_backend.runner import ShardedModel
-from parallel_backend.synthetic import WAN_PRESETS, wan_shapes
+from parallel_backend.runtime.group import WorkerGroup
+from parallel_backend.runtime.mesh import single_rank_mesh
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes
 
 
 def _once(fn):

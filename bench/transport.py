@@ -4,7 +4,7 @@
     python bench/transport.py --repeats 50 --shape 2,16,21,60,104
 
 What is timed, per round trip (median of --repeats after --warmup untimed ones):
-  (a) shm    parallel_backend.transport: the parent writes x into a ShmTensorSlot ("in"), lays out
+  (a) shm    parallel_backend.runtime.transport: the parent writes x into a ShmTensorSlot ("in"), lays out
              an output slot ("out") and sends both TensorRef descriptors over a Pipe; the child maps
              the segments with ShmReader, writes its result (x itself: an identity "model") into the
              output slot and answers; the parent reads the output with ShmTensorSlot.read (a copy,
@@ -42,7 +42,7 @@ DEFAULT_SHAPE = (2, 16, 21, 90, 160)  # cond + uncond, Wan latent channels, 81 f
 # ---- child processes (module level: spawn imports them by name) ---------------------------------
 
 def _shm_child(conn) -> None:
-    from parallel_backend.transport import ShmReader
+    from parallel_backend.runtime.transport import ShmReader
 
     torch.set_num_threads(1)
     reader = ShmReader()
@@ -92,7 +92,7 @@ def bench_shm(x: torch.Tensor, repeats: int, warmup: int) -> tuple[list, bool]:
     import multiprocessing as mp
     from multiprocessing import resource_tracker
 
-    from parallel_backend.transport import ShmTensorSlot
+    from parallel_backend.runtime.transport import ShmTensorSlot
 
     resource_tracker.ensure_running()  # as WorkerGroup does: the child shares the parent's tracker
     ctx = mp.get_context("spawn")

@@ -43,7 +43,7 @@ class ParallelDiffusionModel(torch.nn.Module):
         self.resident = resident  # stay on the group while other models load (Wan 2.2 A14B's two experts)
         self.loras = tuple(loras)  # ((lora path, strength), ...) from Parallel LoRA, merged on the ranks
         self._base_ref = None  # weakref to the BaseModel holding this proxy (to see its current patcher)
-        self.dtype = backend("loading").DTYPE_NAMES[precision]
+        self.dtype = backend("weights.reads").DTYPE_NAMES[precision]
         shape = (info["num_heads"] * info["head_dim"], info["in_channels"], *info["patch_size"])
         self.patch_embedding = _ShapeOnly(shape, self.dtype)
         # a real (tiny) buffer so ComfyUI's device moves have something to move, and no meta tensors
@@ -51,7 +51,7 @@ class ParallelDiffusionModel(torch.nn.Module):
 
     def group(self):
         """The warm group; restarted and reloaded transparently if a rank died since the last call."""
-        g = backend("group").get_group(self.parallel_config)
+        g = backend("runtime.group").get_group(self.parallel_config)
         load_logged(g, self.path, self.precision, loras=self.loras, resident=self.resident)
         return g
 
@@ -152,7 +152,7 @@ def build_model_patcher(config, path, precision, header, info, resident=False):
     import comfy.model_management
     import comfy.model_patcher
 
-    st = backend("loading")._ST_DTYPES
+    st = backend("weights.reads")._ST_DTYPES
     sd = {k: torch.empty(shape, dtype=st.get(dt, torch.float32), device="meta") for k, (shape, dt) in header.items()}
     prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
     stripped = {k[len(prefix):]: v for k, v in sd.items() if prefix and k.startswith(prefix)}
@@ -163,7 +163,7 @@ def build_model_patcher(config, path, precision, header, info, resident=False):
     if model_config is None:
         raise RuntimeError(f"ComfyUI does not recognise {path} as a diffusion model it knows")
     model_config.unet_config["disable_unet_model_creation"] = True
-    dtype = backend("loading").DTYPE_NAMES[precision]
+    dtype = backend("weights.reads").DTYPE_NAMES[precision]
     model_config.set_inference_dtype(dtype, None)
     base = model_config.get_model(sd, "")
     base.diffusion_model = ParallelDiffusionModel(config, path, precision, info, resident)
@@ -215,7 +215,7 @@ def install_unload_hook():
         try:
             return original(*args, **kwargs)
         finally:
-            backend("group").stop_all()
+            backend("runtime.group").stop_all()
 
     unload_all_models._pdit_wrapped = True
     mm.unload_all_models = unload_all_models

@@ -58,7 +58,7 @@ class ParallelConfigNode:
                 "dtype": dtype, "device": device, "attention": attention, "first_device": first_device}
         cfgmod = backend("config")
         if all(spec[a] for a in cfgmod.AXES):  # fully fixed: refuse now, before any process starts
-            group = backend("group")
+            group = backend("runtime.group")
             c = cfgmod.ParallelConfig(**spec)
             cfgmod.validate_config(c, group.available_devices(device))
         return (spec,)

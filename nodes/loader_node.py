@@ -6,7 +6,7 @@ from .comfy_model import build_model_patcher, install_unload_hook, load_logged
 
 def resolve_config(spec: dict, shape, header) -> tuple:
     """ParallelConfig from the Config node's spec, filling auto (0) degrees for this model."""
-    cfgmod, group = backend("config"), backend("group")
+    cfgmod, group = backend("config"), backend("runtime.group")
     fixed = {a: spec.get(a, 0) for a in cfgmod.AXES}
     if all(fixed.values()):
         picked, why = fixed, "as set"
@@ -67,13 +67,13 @@ class ParallelModelLoader:
     def load(self, model_name, base_precision, parallel_config, residency="swap"):
         import folder_paths
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        loading, models = backend("loading"), backend("models")
+        loading, models = backend("weights.reads"), backend("models")
         header = loading.read_header(path)  # refuses pickles, truncated and non-safetensors files
         family = models.detect_family(header, path)
         shape = family.model_shape(header)
         config, why = resolve_config(parallel_config, shape, header)
         install_unload_hook()
-        group = backend("group").get_group(config)  # starts ranks only when no warm group matches
+        group = backend("runtime.group").get_group(config)  # starts ranks only when no warm group matches
         loads_before = group.load_count
         resident = residency == "resident"
         if not resident and group.holds_other_models(path, base_precision):

@@ -24,5 +24,5 @@ class ParallelUnload:
         return True
 
     def unload(self, passthrough=None):
-        backend("group").stop_all()
+        backend("runtime.group").stop_all()
         return (passthrough,)

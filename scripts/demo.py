@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.append(REPO)
 
 import comfy_host  # noqa: E402
-from parallel_backend.synthetic import write_tiny_wan  # noqa: E402
+from parallel_backend.testing.synthetic import write_tiny_wan  # noqa: E402
 
 
 def main():

@@ -1,4 +1,4 @@
-"""Inputs for one forward of the tiny Wan (parallel_backend.synthetic's "tiny" preset)."""
+"""Inputs for one forward of the tiny Wan (parallel_backend.testing.synthetic's "tiny" preset)."""
 import torch
 
 

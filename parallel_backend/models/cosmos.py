@@ -19,15 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import local_attention, ulysses_attention
+from ..parallel.attention import local_attention, ulysses_attention
 from ..config import ModelShape
-from ..parallelize import ParallelPlan, SeqGather, SeqSplit
+from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "cosmos_predict2"
 PATCH = (1, 2, 2)          # (t, h, w): every Predict2 release; ComfyUI's detection fixes it too
 MAX_SIZE = (128, 240, 240)  # ComfyUI: max_frames 128, max_img_h / w 240 (only bounds the learnable embedding)
 
-# Parallel plan as data (see parallelize.py). Cosmos' q/k norm is an RMSNorm over each head's own channels,
+# Parallel plan as data (see parallel/plan.py). Cosmos' q/k norm is an RMSNorm over each head's own channels,
 # so under TP a rank normalises its local heads with the full (head_dim,) weight: no head_norm entry, no collective.
 PLAN = ParallelPlan(
     tp={

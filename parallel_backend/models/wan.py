@@ -13,14 +13,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..attention import local_attention, ulysses_attention
+from ..parallel.attention import local_attention, ulysses_attention
 from ..config import ModelShape
-from ..parallelize import ParallelPlan, SeqGather, SeqSplit
+from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "wan"
 HEAD_DIM = 128  # ComfyUI derives heads as dim // 128 for every Wan release
 
-# Parallel plan as data (see parallelize.py).
+# Parallel plan as data (see parallel/plan.py).
 PLAN = ParallelPlan(
     tp={
         "blocks.*.attn1.to_q": "colwise", "blocks.*.attn1.to_k": "colwise", "blocks.*.attn1.to_v": "colwise",

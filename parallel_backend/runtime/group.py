@@ -24,7 +24,7 @@ from multiprocessing.connection import wait
 
 import torch
 
-from .config import ParallelConfig, validate_config
+from ..config import ParallelConfig, validate_config
 from .transport import ShmTensorSlot
 
 
@@ -58,7 +58,7 @@ def _plain_main_module():
     """Spawn children re-run the parent's __main__ script unless told otherwise. Under ComfyUI that
     is main.py, whose argument parser rejects the child's `--multiprocessing-fork` and whose
     imports would load all of ComfyUI into every rank. While ranks start, show multiprocessing a
-    bare __main__ so children import only `parallel_backend.worker`."""
+    bare __main__ so children import only `parallel_backend.runtime.worker`."""
     real = sys.modules["__main__"]
     stub = types.ModuleType("__main__")
     stub.__spec__ = None
@@ -235,7 +235,7 @@ class WorkerGroup:
         old model was loaded `resident`: then both stay on the ranks (forward's `model_key` picks).
         resident: 2 models = 2x weights per rank, no reads after the first load; not resident (swap): one
         model's memory, and the file is read again each time the group switches back to it."""
-        from .lora import lora_key
+        from ..weights.lora import lora_key
 
         key = self.model_key_for(path, precision)
         lkey = lora_key(loras)

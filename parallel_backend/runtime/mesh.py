@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from .attention import SequenceParallelGroups
-from .config import AXES, ParallelConfig
+from ..parallel.attention import SequenceParallelGroups
+from ..config import AXES, ParallelConfig
 
 
 @dataclass

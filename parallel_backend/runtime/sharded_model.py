@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .cfg import replica_slice
-from .config import validate_for_model
-from .loading import DTYPE_NAMES, load_sharded, model_keys, param_stats, read_header, reload_params, swap_fp8_linears
+from ..parallel.replicas import replica_slice
+from ..config import validate_for_model
+from ..weights.reads import DTYPE_NAMES, load_sharded, model_keys, param_stats, read_header, reload_params, swap_fp8_linears
 from .mesh import RankMesh
-from .models import detect_family
-from .parallelize import SequenceState, apply_sequence_parallel, apply_tensor_parallel, missing_plan_hooks
+from ..models import detect_family
+from ..parallel.plan import SequenceState, apply_sequence_parallel, apply_tensor_parallel, missing_plan_hooks
 
 
 class ShardedModel:
@@ -45,7 +45,7 @@ class ShardedModel:
         """Make the merged LoRAs exactly `loras` ([(path, ..., strength)], as lora.lora_key gives them):
         a no-op when unchanged; otherwise the touched parameters are re-read from the checkpoint and the
         new list is merged. On failure the base weights are restored and the error raised."""
-        from .lora import merge_loras
+        from ..weights.lora import merge_loras
 
         loras = tuple(tuple(x) for x in loras or ())
         if loras == self.loras:

@@ -1,7 +1,7 @@
 """The worker rank's process: join the mesh, hold the shard, serve the control pipe.
 
 Started by WorkerGroup with torch.multiprocessing (spawn). Imported by its plain module name
-(`parallel_backend.worker`) so a spawn child can find it even when ComfyUI imported the pack
+(`parallel_backend.runtime.worker`) so a spawn child can find it even when ComfyUI imported the pack
 under its folder path.
 """
 from __future__ import annotations
@@ -77,9 +77,9 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
     import torch
     import torch.distributed as dist
 
-    from .config import ParallelConfig
+    from ..config import ParallelConfig
     from .mesh import build_mesh, init_process_group
-    from .runner import ShardedModel
+    from .sharded_model import ShardedModel
     from .transport import ShmReader
 
     config = ParallelConfig(**config_dict)

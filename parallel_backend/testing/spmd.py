@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .config import ParallelConfig
+from ..config import ParallelConfig
 
 
 def _entry(rank, fn, config, store_path, args, queue):
-    from .mesh import build_mesh, init_process_group
+    from ..runtime.mesh import build_mesh, init_process_group
 
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))

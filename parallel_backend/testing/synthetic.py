@@ -273,7 +273,7 @@ def write_dequantized(src: str, dst: str, dtype=torch.float32) -> str:
     compared with."""
     from safetensors import safe_open
 
-    from .loading import AUX_SUFFIXES, MARKER_KEYS, read_header, scaled_fp8_dtype, weight_scale_key
+    from ..weights.reads import AUX_SUFFIXES, MARKER_KEYS, read_header, scaled_fp8_dtype, weight_scale_key
 
     with safe_open(src, framework="pt") as f:
         header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -312,7 +312,7 @@ def write_wan_lora(path: str, model_path: str, fmt: str = "comfy", rank: int = 4
     Returns {checkpoint key: fp32 delta at strength 1}, worked out here in the checkpoint's own key
     space (alpha / rank * up @ down), for a merge by hand.
     """
-    from .loading import read_header
+    from ..weights.reads import read_header
 
     if fmt not in LORA_FORMATS:
         raise ValueError(f"fmt must be one of {LORA_FORMATS}")
@@ -322,7 +322,7 @@ def write_wan_lora(path: str, model_path: str, fmt: str = "comfy", rank: int = 4
     modules = [f"blocks.{b}.{a}.{p}" for b in blocks for a in ("self_attn", "cross_attn") for p in "qkvo"]
     modules += [f"blocks.{b}.ffn.{i}" for b in blocks for i in (0, 2)]
     if fmt == "peft":
-        from .models.wan import key_map
+        from ..models.wan import key_map
         to_diffusers = {v: k for k, v in key_map(list(header)).items()}
     g = torch.Generator().manual_seed(seed)
     tensors, deltas = {}, {}

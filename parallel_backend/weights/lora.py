@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .loading import CheckpointError, SliceReader, _slice_for, read_header
-from .parallelize import shard_dim_of
-from .tensor_parallel import Fp8Linear
+from .reads import CheckpointError, SliceReader, _slice_for, read_header
+from ..parallel.plan import shard_dim_of
+from ..parallel.tensor_parallel import Fp8Linear
 
 
 class LoraError(ValueError):

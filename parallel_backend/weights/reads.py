@@ -22,8 +22,8 @@ import struct
 
 import torch
 
-from .parallelize import replace_module, shard_dim_of
-from .tensor_parallel import Fp8Linear, is_linear
+from ..parallel.plan import replace_module, shard_dim_of
+from ..parallel.tensor_parallel import Fp8Linear, is_linear
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

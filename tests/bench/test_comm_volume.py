@@ -1,13 +1,13 @@
 """bench/comm_volume.py: the communication formula against bytes counted on real ranks.
 
 The formula (per rank, per forward) is what the README / design.md table is built on; these tests
-hold it to parallel_backend.collectives.count_bytes() on a real ShardedModel forward.
+hold it to parallel_backend.parallel.collectives.count_bytes() on a real ShardedModel forward.
 """
 import pytest
 import torch
 
 from bench import comm_volume as cv
-from parallel_backend.synthetic import write_tiny_wan
+from parallel_backend.testing.synthetic import write_tiny_wan
 
 GRIDS = [(2, 4, 4), (4, 4, 4)]  # 8 and 16 tokens after 1x2x2 patches
 CONTEXTS = [8, 16]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import comfy_host
-from parallel_backend.synthetic import write_tiny_wan
+from parallel_backend.testing.synthetic import write_tiny_wan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multirank]
 MODEL = "tiny_wan_browser.safetensors"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import comfy_host
-from parallel_backend.synthetic import write_tiny_wan
-from parallel_backend.transport import leftover_segments
+from parallel_backend.testing.synthetic import write_tiny_wan
+from parallel_backend.runtime.transport import leftover_segments
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multirank]
 MODEL = "tiny_wan_e2e.safetensors"

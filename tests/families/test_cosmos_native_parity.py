@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 import comfy_host
 from parallel_backend.config import ParallelConfig
-from parallel_backend.mesh import single_rank_mesh
-from parallel_backend.runner import ShardedModel
-from parallel_backend.spmd import run_on_ranks
-from parallel_backend.synthetic import COSMOS_PRESETS, write_tiny_cosmos
+from parallel_backend.runtime.mesh import single_rank_mesh
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.spmd import run_on_ranks
+from parallel_backend.testing.synthetic import COSMOS_PRESETS, write_tiny_cosmos
 
 pytestmark = pytest.mark.multirank
 TOL = 1e-4
@@ -80,7 +80,7 @@ def _run_mesh(mesh, paths):
 
 def _run_meshes(mesh0, paths, meshes):
     """One spawn of 4 ranks for every 4-rank mesh: each is built in turn on the same process group."""
-    from parallel_backend.mesh import build_mesh
+    from parallel_backend.runtime.mesh import build_mesh
 
     out = {}
     for name, degrees in meshes.items():

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import comfy_host
-from parallel_backend.synthetic import write_tiny_cosmos
+from parallel_backend.testing.synthetic import write_tiny_cosmos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multirank]
 T2I, V2W = "tiny_cosmos_predict2_t2i.safetensors", "tiny_cosmos_predict2_v2w.safetensors"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import comfy_host
-from parallel_backend.synthetic import write_tiny_wan
+from parallel_backend.testing.synthetic import write_tiny_wan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multirank]
 MODEL = "tiny_wan21_i2v.safetensors"

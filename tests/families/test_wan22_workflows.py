@@ -17,10 +17,10 @@ import torch
 
 import comfy_host
 from parallel_backend.config import ParallelConfig
-from parallel_backend.group import WorkerGroup, WorkerGroupError
-from parallel_backend.mesh import single_rank_mesh
-from parallel_backend.runner import ShardedModel
-from parallel_backend.synthetic import write_tiny_wan
+from parallel_backend.runtime.group import WorkerGroup, WorkerGroupError
+from parallel_backend.runtime.mesh import single_rank_mesh
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.synthetic import write_tiny_wan
 
 pytestmark = pytest.mark.multirank
 TOL = 1e-5    # group vs single process, one forward (fp32)
@@ -144,7 +144,7 @@ def _run(server, base, graph, prefix):
 def test_wan22_workflows_through_prompt_queue(files, tmp_path):
     from PIL import Image
 
-    from parallel_backend.synthetic import write_fp8_variant
+    from parallel_backend.testing.synthetic import write_fp8_variant
 
     experts = [write_fp8_variant(files[k], str(tmp_path / name), scaled=True) for k, name in (("high", HIGH_FP8),
                                                                                              ("low", LOW_FP8))]

@@ -10,9 +10,9 @@ import torch
 
 import comfy_host
 from parallel_backend.config import ParallelConfig
-from parallel_backend.runner import ShardedModel
-from parallel_backend.spmd import run_on_ranks
-from parallel_backend.synthetic import WAN_PRESETS, write_tiny_wan
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.spmd import run_on_ranks
+from parallel_backend.testing.synthetic import WAN_PRESETS, write_tiny_wan
 
 pytestmark = pytest.mark.multirank
 PRESETS = ("tiny", "tiny-i2v", "tiny-flf2v", "tiny-ti2v")

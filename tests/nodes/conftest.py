@@ -10,7 +10,7 @@ import comfy_host
 def comfy(tmp_path_factory):
     """ComfyUI imported in this process, with a models folder holding a tiny Wan."""
     folder_paths = comfy_host.import_comfy()
-    from parallel_backend.synthetic import write_tiny_wan
+    from parallel_backend.testing.synthetic import write_tiny_wan
     d = tmp_path_factory.mktemp("diffusion_models")
     write_tiny_wan(str(d / "tiny_wan.safetensors"), seed=1)
     folder_paths.add_model_folder_path("diffusion_models", str(d))

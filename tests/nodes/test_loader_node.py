@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 @pytest.fixture
 def no_new_processes():
-    import parallel_backend.group as group
+    import parallel_backend.runtime.group as group
     before = (group.starts, {c.pid for c in psutil.Process().children(recursive=True)})
     yield
     assert group.starts == before[0], "a worker group was started"
@@ -59,7 +59,7 @@ class _Booby:
 
 
 def test_pickle_checkpoint_is_refused_unopened(comfy, pack, config_spec, tmp_path, monkeypatch, no_new_processes):
-    from parallel_backend.loading import CheckpointError
+    from parallel_backend.weights.reads import CheckpointError
     marker = tmp_path / "unpickled"
     monkeypatch.setenv("PDIT_BOOBY_TRAP", str(marker))
     path = os.path.join(comfy["models_dir"], "evil.ckpt")
@@ -71,7 +71,7 @@ def test_pickle_checkpoint_is_refused_unopened(comfy, pack, config_spec, tmp_pat
 
 
 def test_truncated_file(comfy, pack, config_spec, no_new_processes):
-    from parallel_backend.loading import CheckpointError
+    from parallel_backend.weights.reads import CheckpointError
     src = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
     dst = os.path.join(comfy["models_dir"], "truncated.safetensors")
     with open(src, "rb") as f, open(dst, "wb") as g:
@@ -87,8 +87,8 @@ def test_loader_never_reads_weights_in_the_comfyui_process(comfy, pack, config_s
     import safetensors
     import safetensors.torch
 
-    import parallel_backend.group as group
-    from parallel_backend.synthetic import write_tiny_wan
+    import parallel_backend.runtime.group as group
+    from parallel_backend.testing.synthetic import write_tiny_wan
 
     path = os.path.join(comfy["models_dir"], "medium_wan.safetensors")
     import comfy.utils  # (rebinds the `comfy` fixture's name)
@@ -130,7 +130,7 @@ FP8_FILES = {"fp8_e4m3fn": dict(scaled=False), "fp8_scaled": dict(scaled=True),
 
 @pytest.fixture(scope="module")
 def fp8_files(comfy):
-    from parallel_backend.synthetic import write_fp8_variant
+    from parallel_backend.testing.synthetic import write_fp8_variant
     src = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
     return {name: os.path.basename(write_fp8_variant(src, os.path.join(comfy["models_dir"], f"tiny_wan_{name}.safetensors"),
                                                      **kw)) for name, kw in FP8_FILES.items()}
@@ -158,7 +158,7 @@ def fp8_native(comfy, fp8_files):
 def test_fp8_files_sampled_on_the_pack_equal_comfyui_native(pack, config_spec, fp8_files, fp8_native, degrees):
     """Each fp8 layout, loaded by Parallel Model Loader on the mesh (weights kept fp8, fp32 compute) and sampled
     by Parallel Sampler, equals ComfyUI's own model of the same file sampled by KSampler."""
-    import parallel_backend.group as group
+    import parallel_backend.runtime.group as group
 
     (pos, neg, latent), refs = fp8_native
     diffs = {}

@@ -18,7 +18,7 @@ CFG = 1.0  # cond only: cfg 5 multiplies the ranks' fp32 rounding (tp=2 all-redu
 
 @pytest.fixture(scope="module")
 def loras(comfy, tmp_path_factory):
-    from parallel_backend.synthetic import write_wan_lora
+    from parallel_backend.testing.synthetic import write_wan_lora
     d = tmp_path_factory.mktemp("loras")
     model = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
     write_wan_lora(str(d / "wan_lora_comfy.safetensors"), model, fmt="comfy", rank=4, alpha=2.0, seed=21, extras=True)
@@ -30,7 +30,7 @@ def loras(comfy, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stop_groups_after():
     yield
-    import parallel_backend.group as group
+    import parallel_backend.runtime.group as group
     group.stop_all()
 
 
@@ -58,7 +58,7 @@ def test_node_is_registered_with_tooltips(comfy, pack, loras):
 @pytest.mark.multirank
 def test_parallel_lora_matches_native_lora_loader_and_restrength_reuses_the_group(comfy, pack, loras, config_spec,
                                                                                    conds, stop_groups_after):
-    import parallel_backend.group as group
+    import parallel_backend.runtime.group as group
 
     pos, neg = conds
     latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
@@ -120,6 +120,6 @@ def test_native_lora_loader_on_the_parallel_model_is_refused(comfy, pack, loras,
     native = comfy.sd.load_diffusion_model(f"{models_dir}/tiny_wan.safetensors")
     with pytest.raises(ValueError, match="Parallel Model Loader.*native LoraLoader"):
         nodes["ParallelLora"]().apply(native, "wan_lora_comfy.safetensors", 1.0)
-    from parallel_backend.lora import LoraError
+    from parallel_backend.weights.lora import LoraError
     with pytest.raises(LoraError, match=r"not_a_lora\.safetensors: not a LoRA file"):
         nodes["ParallelLora"]().apply(model, "not_a_lora.safetensors", 1.0)

@@ -15,7 +15,7 @@ def models(comfy, pack):
     parallel, _ = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load("tiny_wan.safetensors", "fp32", spec)
     native = comfy.sd.load_diffusion_model(f"{models_dir}/tiny_wan.safetensors")
     yield parallel, native
-    import parallel_backend.group as group
+    import parallel_backend.runtime.group as group
     group.stop_all()
 
 

@@ -16,8 +16,8 @@ def _native(models_dir, pos, neg, latent, seed, steps=4, cfg=5.0):
 def test_parallel_sampler_matches_native_and_survives_cancel(comfy, pack, config_spec, conds):
     import comfy.model_management as mm
 
-    import parallel_backend.group as group
-    from parallel_backend.transport import leftover_segments
+    import parallel_backend.runtime.group as group
+    from parallel_backend.runtime.transport import leftover_segments
 
     pos, neg = conds
     latent = {"samples": torch.zeros(1, 16, 3, 6, 10)}  # 3*3*5 = 45 tokens: ragged for 2 ranks

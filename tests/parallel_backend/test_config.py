@@ -1,4 +1,4 @@
-"""Validation rules of parallel_backend/config.py and the batch split of parallel_backend/cfg.py.
+"""Validation rules of parallel_backend/config.py.
 
 Every rule is a pure function, so each one is checked here without starting a process: the
 config is refused with a ConfigError whose message names the value the user should change.
@@ -10,7 +10,6 @@ import random
 
 import pytest
 
-from parallel_backend.cfg import replica_slice
 from parallel_backend.config import (
     ATTENTION_BACKENDS,
     AXES,
@@ -24,7 +23,7 @@ from parallel_backend.config import (
     validate_latent,
 )
 
-# The tiny Wan of parallel_backend/synthetic.py: 4 heads of 128, ffn 1024.
+# The tiny Wan of parallel_backend/testing/synthetic.py: 4 heads of 128, ffn 1024.
 WAN_TINY = ModelShape("wan", num_heads=4, head_dim=128, ffn_dim=1024, num_layers=2, in_channels=16,
                       out_channels=16, patch_size=(1, 2, 2))
 WAN_14B = ModelShape("wan", num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40, in_channels=16,
@@ -292,29 +291,3 @@ def test_fuzz_validation_only_raises_config_error():
             assert all(deg[a] == d for a, d in fixed.items() if d)  # fixed degrees are never changed
             validate_config(cpu(world_size=world, **deg))
     assert min(outcomes.values()) >= 10, outcomes  # every outcome really exercised
-
-
-# ---------------------------------------------------------------- cfg.replica_slice
-
-
-@pytest.mark.parametrize("replicas", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("batch", [0, 1, 2, 3, 5, 8, 13])
-def test_replica_slice_covers_every_row_once(batch, replicas):
-    import torch
-
-    slices = [replica_slice(batch, i, replicas) for i in range(replicas)]
-    rows = [r for s in slices for r in range(batch)[s]]
-    assert rows == list(range(batch))  # each row exactly once, in order, contiguous chunks
-    sizes = [s.stop - s.start for s in slices]
-    assert max(sizes) - min(sizes) <= 1
-    # the torch.tensor_split rule the docstring promises
-    assert sizes == [len(c) for c in torch.tensor_split(torch.arange(batch), replicas)]
-
-
-def test_replica_slice_empty_chunks_when_batch_smaller():
-    # cfg == 1.0 on a cfg=2 mesh: ComfyUI sends one row, the uncond replica idles
-    assert replica_slice(1, 0, 2) == slice(0, 1)
-    s = replica_slice(1, 1, 2)
-    assert s.start == s.stop
-    empties = [i for i in range(4) if (lambda s: s.start == s.stop)(replica_slice(3, i, 4))]
-    assert empties == [3]

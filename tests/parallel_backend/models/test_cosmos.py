@@ -8,9 +8,9 @@ import torch
 
 import comfy_host
 from parallel_backend.config import ConfigError, validate_latent
-from parallel_backend.loading import read_header
+from parallel_backend.weights.reads import read_header
 from parallel_backend.models import FAMILIES, UnsupportedModelError, cosmos, detect_family, wan
-from parallel_backend.synthetic import (COSMOS_PRESETS, cosmos_predict2_shapes, cosmos_rope_ranges, wan_shapes,
+from parallel_backend.testing.synthetic import (COSMOS_PRESETS, cosmos_predict2_shapes, cosmos_rope_ranges, wan_shapes,
                                         WAN_PRESETS, write_tiny_cosmos)
 
 REAL = [p for p in COSMOS_PRESETS if p.startswith("cosmos-predict2")]

@@ -1,4 +1,4 @@
-"""Wan parity matrix: parallel_backend.runner.ShardedModel on every mesh of <= 4 CPU/gloo ranks.
+"""Wan parity matrix: parallel_backend.runtime.sharded_model.ShardedModel on every mesh of <= 4 CPU/gloo ranks.
 
 Each mesh's output, reassembled from the rows each replica returns, must equal both the 1-rank
 ShardedModel and diffusers' plain WanTransformer3DModel (built from the same file through
@@ -71,8 +71,8 @@ def _block_bytes(model: torch.nn.Module) -> int:
 
 def _rank_fn(mesh0, path, meshes, cases):
     """On every rank: build each mesh, load the shard, run every case; report rows and outputs."""
-    from parallel_backend.mesh import build_mesh
-    from parallel_backend.runner import ShardedModel
+    from parallel_backend.runtime.mesh import build_mesh
+    from parallel_backend.runtime.sharded_model import ShardedModel
 
     world = mesh0.config.world_size
     report = {}
@@ -98,7 +98,7 @@ def _rank_fn(mesh0, path, meshes, cases):
 
 @pytest.fixture(scope="module")
 def wan_path(tmp_path_factory):
-    from parallel_backend.synthetic import write_tiny_wan
+    from parallel_backend.testing.synthetic import write_tiny_wan
 
     return str(write_tiny_wan(str(tmp_path_factory.mktemp("wan") / "tiny_wan.safetensors")))
 
@@ -115,8 +115,8 @@ def references(wan_path, cases):
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     from safetensors.torch import load_file
 
-    from parallel_backend.mesh import single_rank_mesh
-    from parallel_backend.runner import ShardedModel
+    from parallel_backend.runtime.mesh import single_rank_mesh
+    from parallel_backend.runtime.sharded_model import ShardedModel
 
     # the tiny preset written above, spelt out independently of the pack's own config detection
     plain = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128,
@@ -140,7 +140,7 @@ def references(wan_path, cases):
 
 @pytest.fixture(scope="module")
 def world2(wan_path, cases):
-    from parallel_backend.spmd import run_on_ranks
+    from parallel_backend.testing.spmd import run_on_ranks
 
     cfg, _ = _config(2, MESHES_2["ulysses2"])
     return run_on_ranks(_rank_fn, cfg, wan_path, MESHES_2, cases, timeout=600)
@@ -148,7 +148,7 @@ def world2(wan_path, cases):
 
 @pytest.fixture(scope="module")
 def world4(wan_path, cases):
-    from parallel_backend.spmd import run_on_ranks
+    from parallel_backend.testing.spmd import run_on_ranks
 
     cfg, _ = _config(4, MESHES_4["cfg2xulysses2"])
     return run_on_ranks(_rank_fn, cfg, wan_path, MESHES_4, cases, timeout=600)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel_backend.attention import (
+from parallel_backend.parallel.attention import (
     _key_mask,
     attention_with_lse,
     local_attention,
@@ -42,7 +42,7 @@ def _inputs(replica: int, s: int):
 
 def _rank_fn(mesh0, meshes, seq_lens, backends):
     """On every rank: for each mesh, each backend, each length, attention of this rank's chunk."""
-    from parallel_backend.mesh import build_mesh
+    from parallel_backend.runtime.mesh import build_mesh
 
     results = {}
     for name, degrees in meshes.items():
@@ -66,7 +66,7 @@ def _rank_fn(mesh0, meshes, seq_lens, backends):
 
 @pytest.fixture(scope="module")
 def rank_results():
-    from parallel_backend.spmd import run_on_ranks
+    from parallel_backend.testing.spmd import run_on_ranks
 
     return run_on_ranks(_rank_fn, ParallelConfig(world_size=4, ulysses=4, device="cpu", dtype="fp32"),
                         MESHES, SEQ_LENS, BACKENDS)
@@ -141,7 +141,7 @@ def test_merge_many_uneven_blocks_and_masked_tail():
 
 def test_single_rank_paths_equal_local():
     """Degree-1 groups (no process group) fall through to plain attention."""
-    from parallel_backend.attention import SequenceParallelGroups
+    from parallel_backend.parallel.attention import SequenceParallelGroups
 
     q, k, v = (_bhsd(2, 10, 4, 8, seed=20 + s) for s in range(3))  # (B, S, H, D)
     for backend in BACKENDS:

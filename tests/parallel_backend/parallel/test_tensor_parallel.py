@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from parallel_backend.config import ParallelConfig
-from parallel_backend.tensor_parallel import (
+from parallel_backend.parallel.tensor_parallel import (
     ColumnParallelLinear,
     HeadShardedRMSNorm,
     RowParallelLinear,
@@ -87,7 +87,7 @@ def _rank_fn(mesh, full, x):
 
 @pytest.fixture(scope="module")
 def tp_results():
-    from parallel_backend.spmd import run_on_ranks
+    from parallel_backend.testing.spmd import run_on_ranks
 
     full, x = _reference_modules()
     results = run_on_ranks(_rank_fn, ParallelConfig(world_size=TP, tp=TP, device="cpu", dtype="fp32"), full, x)

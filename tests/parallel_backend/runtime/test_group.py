@@ -19,17 +19,18 @@ import psutil
 import pytest
 import torch
 
-from parallel_backend import group as group_mod
-from parallel_backend import transport, worker
+from parallel_backend.runtime import group as group_mod
+from parallel_backend.runtime import transport
+from parallel_backend.runtime import worker
 from parallel_backend.config import ParallelConfig
-from parallel_backend.group import WorkerGroup, WorkerGroupError, get_group, stop_all
-from parallel_backend.mesh import single_rank_mesh
-from parallel_backend.runner import ShardedModel
-from parallel_backend.synthetic import write_tiny_wan
+from parallel_backend.runtime.group import WorkerGroup, WorkerGroupError, get_group, stop_all
+from parallel_backend.runtime.mesh import single_rank_mesh
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.synthetic import write_tiny_wan
 
 CONFIG = ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype="fp32")
 TOL = 1e-5
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +254,7 @@ def test_out_of_memory_hint_text():
 DRIVER = r"""
 import json, sys, time
 from parallel_backend.config import ParallelConfig
-from parallel_backend.group import WorkerGroup
+from parallel_backend.runtime.group import WorkerGroup
 if __name__ == "__main__":
     g = WorkerGroup(ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype="fp32", threads_per_rank=1)).start()
     print(json.dumps({"pids": g.pids, "segments": [g._in.name, g._out.name], "store": g._tmpdir}), flush=True)

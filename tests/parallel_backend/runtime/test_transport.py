@@ -13,8 +13,8 @@ import pickle
 import pytest
 import torch
 
-from parallel_backend import transport
-from parallel_backend.transport import ShmReader, ShmTensorSlot, TensorRef
+from parallel_backend.runtime import transport
+from parallel_backend.runtime.transport import ShmReader, ShmTensorSlot, TensorRef
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (2, 16, 3, 6, 10), (5, 33)]
@@ -162,7 +162,7 @@ def _child(in_refs, out_ref, conn):
     """A spawned process: reads by descriptor, computes, writes the owner's output slot in place."""
     import torch as th
 
-    from parallel_backend.transport import ShmReader as Reader
+    from parallel_backend.runtime.transport import ShmReader as Reader
 
     reader = Reader()
     try:

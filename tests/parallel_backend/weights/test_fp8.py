@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from parallel_backend.config import ParallelConfig
-from parallel_backend.mesh import single_rank_mesh
-from parallel_backend.runner import ShardedModel
-from parallel_backend.spmd import run_on_ranks
-from parallel_backend.synthetic import write_fp8_variant, write_tiny_wan
-from parallel_backend.tensor_parallel import Fp8Linear
+from parallel_backend.runtime.mesh import single_rank_mesh
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.spmd import run_on_ranks
+from parallel_backend.testing.synthetic import write_fp8_variant, write_tiny_wan
+from parallel_backend.parallel.tensor_parallel import Fp8Linear
 
 pytestmark = pytest.mark.multirank
 TOL = 1e-5
@@ -50,8 +50,8 @@ def files(tmp_path_factory):
 
 def _rank_fn(mesh0, files, meshes, cases):
     """On every rank: each mesh of this world size, each file; outputs, rows and what the plan left on the model."""
-    from parallel_backend.mesh import build_mesh
-    from parallel_backend.parallelize import missing_plan_hooks
+    from parallel_backend.runtime.mesh import build_mesh
+    from parallel_backend.parallel.plan import missing_plan_hooks
 
     report = {}
     for mname, spec in meshes.items():
@@ -124,7 +124,7 @@ def test_replacing_a_hooked_module_keeps_the_plan_hooks():
     later quantized layer, say) cannot lose them; missing_plan_hooks reports a plain setattr that does."""
     import torch.nn as nn
 
-    from parallel_backend.parallelize import PlanHook, missing_plan_hooks, replace_module
+    from parallel_backend.parallel.plan import PlanHook, missing_plan_hooks, replace_module
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     calls = []
