@@ -9,7 +9,8 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.append(_here)
 
-from .nodes import NODE_CLASS_MAPPINGS as _CLASSIC, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes import NODE_CLASS_MAPPINGS as _CLASSIC  # noqa: E402
+from .nodes import NODE_DISPLAY_NAME_MAPPINGS
 from .nodes.schema import register as _register  # noqa: E402
 
 # V3 (comfy_api) node classes where the host offers them, the classic ones otherwise

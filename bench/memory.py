@@ -238,7 +238,7 @@ def main(argv=None) -> int:
           "peak_rss). load delta = peak RSS - base RSS.\nVmHWM delta: the load's own peak (reset before the load) - "
           "base. anon / file delta: largest growth of private RSS / of file-backed RSS (mmapped checkpoint\npages: "
           "page cache, shared between ranks, reclaimable) during the load, sampled every 5 ms.")
-    print(f"\n[2] After reading every parameter once (what the first forward does), per rank (MiB):")
+    print("\n[2] After reading every parameter once (what the first forward does), per rank (MiB):")
     print(table(rows2, ["tp", "rank", "params MiB", "RSS delta", "delta/params", "anon delta", "file delta",
                         "ru_maxrss delta", "params in file map", "their MiB", "non-contig params"]))
     print("params in file map: parameters whose data lies inside this rank's mmap of the checkpoint (safetensors "

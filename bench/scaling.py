@@ -15,9 +15,8 @@ import statistics
 import tempfile
 import time
 
-from _common import header, table, write_fast_checkpoint
-
 import torch
+from _common import header, table, write_fast_checkpoint
 
 from parallel_backend.config import ParallelConfig
 from parallel_backend.runtime.sharded_model import ShardedModel

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..parallel.attention import local_attention, ulysses_attention
 from ..config import ModelShape
+from ..parallel.attention import local_attention, ulysses_attention
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "cosmos_predict2"

@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..parallel.attention import local_attention, ulysses_attention
 from ..config import ModelShape
+from ..parallel.attention import local_attention, ulysses_attention
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "wan"

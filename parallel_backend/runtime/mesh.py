@@ -1,15 +1,13 @@
 """The worker mesh: one DeviceMesh over dp x cfg x ring x ulysses x tp, and the groups each layer needs."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from ..parallel.attention import SequenceParallelGroups
 from ..config import AXES, ParallelConfig
+from ..parallel.attention import SequenceParallelGroups
 
 
 @dataclass
@@ -53,20 +51,3 @@ def build_mesh(config: ParallelConfig, rank: int, device: torch.device) -> RankM
 def single_rank_mesh(config: ParallelConfig, device: torch.device) -> RankMesh:
     """A mesh for a world of one, with no process group (the reference path)."""
     return RankMesh(config, 0, {a: 0 for a in AXES}, {a: None for a in AXES}, device)
-
-
-def init_process_group(config: ParallelConfig, rank: int, store_path: str) -> torch.device:
-    """Join the group through a FileStore (no network listener) and pick this rank's device."""
-    if config.device == "cuda":
-        device = torch.device("cuda", config.first_device + rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-        # gloo connects ranks over TCP: keep it on loopback.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    store = dist.FileStore(store_path, config.world_size)
-    kwargs = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=store, rank=rank, world_size=config.world_size, **kwargs)
-    return device

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from ..parallel.replicas import replica_slice
 from ..config import validate_for_model
-from ..weights.reads import DTYPE_NAMES, load_sharded, model_keys, param_stats, read_header, reload_params, swap_fp8_linears
-from .mesh import RankMesh
 from ..models import detect_family
 from ..parallel.plan import SequenceState, apply_sequence_parallel, apply_tensor_parallel, missing_plan_hooks
+from ..parallel.replicas import replica_slice
+from ..weights.fp8 import swap_fp8_linears
+from ..weights.reads import DTYPE_NAMES, load_sharded, model_keys, param_stats, read_header, reload_params
+from .mesh import RankMesh
 
 
 class ShardedModel:

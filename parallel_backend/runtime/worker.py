@@ -10,7 +10,6 @@ import gc
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -78,7 +77,8 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
     import torch.distributed as dist
 
     from ..config import ParallelConfig
-    from .mesh import build_mesh, init_process_group
+    from .mesh import build_mesh
+    from .rendezvous import init_process_group
     from .sharded_model import ShardedModel
     from .transport import ShmReader
 

@@ -1,1 +1,1 @@
-
+"""Test and benchmark helpers (synthetic checkpoints, the SPMD harness); the product never imports them."""

@@ -20,7 +20,8 @@ from ..config import ParallelConfig
 
 
 def _entry(rank, fn, config, store_path, args, queue):
-    from ..runtime.mesh import build_mesh, init_process_group
+    from ..runtime.mesh import build_mesh
+    from ..runtime.rendezvous import init_process_group
 
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))

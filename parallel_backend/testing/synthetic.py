@@ -273,7 +273,8 @@ def write_dequantized(src: str, dst: str, dtype=torch.float32) -> str:
     compared with."""
     from safetensors import safe_open
 
-    from ..weights.reads import AUX_SUFFIXES, MARKER_KEYS, read_header, scaled_fp8_dtype, weight_scale_key
+    from ..weights.fp8 import AUX_SUFFIXES, MARKER_KEYS, scaled_fp8_dtype, weight_scale_key
+    from ..weights.reads import read_header
 
     with safe_open(src, framework="pt") as f:
         header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}

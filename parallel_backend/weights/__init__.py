@@ -1,1 +1,1 @@
-
+"""What is read from disk and how it is held: per-rank reads, fp8, LoRA."""

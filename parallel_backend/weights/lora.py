@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .reads import CheckpointError, SliceReader, _slice_for, read_header
 from ..parallel.plan import shard_dim_of
-from ..parallel.tensor_parallel import Fp8Linear
+from .fp8 import Fp8Linear
+from .reads import CheckpointError, SliceReader, _slice_for, read_header
 
 
 class LoraError(ValueError):

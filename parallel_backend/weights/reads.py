@@ -9,10 +9,9 @@ copied into memory the parameter owns (casting on the way), and the file is re-o
 dropped) after every `REOPEN_BYTES` of touched pages; parameters are read largest-touch first, so the
 peak is about the shard plus one tensor's pages.
 
-fp8: a Linear whose checkpoint weight is float8 (plain "fp8_e4m3fn" files, and ComfyUI's
-"fp8_scaled" files with a per-tensor `<layer>.scale_weight` beside `<layer>.weight` and a
-`scaled_fp8` marker key) becomes a `Fp8Linear` that keeps its shard in fp8 and upcasts per call.
-Other fp8 tensors (convolutions, norms, modules kept in fp32) are dequantized on load.
+fp8 (weights/fp8.py): a Fp8Linear gets its fp8 shard and per-tensor scale as they are; other fp8 tensors
+(convolutions, norms, modules kept in fp32) are dequantized on load; a scaled-fp8 file's linear biases are
+rounded to fp8 as ComfyUI holds them.
 """
 from __future__ import annotations
 
@@ -22,21 +21,14 @@ import struct
 
 import torch
 
-from ..parallel.plan import replace_module, shard_dim_of
-from ..parallel.tensor_parallel import Fp8Linear, is_linear
+from ..parallel.plan import shard_dim_of
+from .fp8 import AUX_SUFFIXES, FP8_ST_DTYPES, MARKER_KEYS, Fp8Linear, is_linear, scaled_fp8_dtype, weight_scale_key
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
               "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
-
-FP8_ST_DTYPES = {"F8_E4M3", "F8_E5M2"}
-# per-tensor weight scales: ComfyUI's scaled_fp8 layout, and its newer mixed-precision layout
-WEIGHT_SCALE_SUFFIXES = ("scale_weight", "weight_scale")
-# tensors beside the weights that are not model parameters
-AUX_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
-MARKER_KEYS = ("scaled_fp8",)
 REOPEN_BYTES = 64 << 20
 
 
@@ -47,28 +39,6 @@ class CheckpointError(ValueError):
 def model_keys(header: dict) -> list:
     """The checkpoint's parameter keys: without fp8 scales and the `scaled_fp8` marker."""
     return [k for k in header if not k.endswith(AUX_SUFFIXES) and k.rpartition(".")[2] not in MARKER_KEYS]
-
-
-def weight_scale_key(header: dict, weight_key: str) -> str | None:
-    """The per-tensor scale stored beside `<layer>.weight`, if the file has one."""
-    if not weight_key.endswith("weight"):
-        return None
-    stem = weight_key[:-len("weight")]
-    for suffix in WEIGHT_SCALE_SUFFIXES:
-        if stem + suffix in header:
-            return stem + suffix
-    return None
-
-
-def scaled_fp8_dtype(header: dict) -> torch.dtype | None:
-    """The fp8 dtype of ComfyUI's `scaled_fp8` marker (None: not a scaled-fp8 file). ComfyUI then builds every
-    Linear of the model in this dtype (comfy.ops.scaled_fp8_ops with override_dtype), so each linear weight *and
-    bias* it loads is held in fp8, with the file's per-tensor `scale_weight` (1 where the file has none)."""
-    for k, (_, dt) in header.items():
-        if k.rpartition(".")[2] in MARKER_KEYS:
-            # ComfyUI: a float32 marker means e4m3fn (model_detection.model_config_from_unet)
-            return _ST_DTYPES.get(dt) if dt in FP8_ST_DTYPES else torch.float8_e4m3fn
-    return None
 
 
 def checkpoint_precision(header: dict) -> str:
@@ -234,22 +204,6 @@ def _read_into(reader: SliceReader, plan: _ParamPlan, header, path, dtype, devic
         value = _owned(t, target, device)
     del t
     module._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
-
-
-def swap_fp8_linears(model, key_map, header, dtype, keep_fp32) -> int:
-    """Replace linears whose checkpoint weight is fp8 by Fp8Linear (on meta, before loading). Runs before the
-    plan's sequence hooks are registered; `replace_module` would carry them over if it ran after."""
-    n = 0
-    for name, module in list(model.named_modules()):
-        if not name or not is_linear(module) or isinstance(module, Fp8Linear):
-            continue
-        wname = f"{name}.weight"
-        key = key_map.get(wname)
-        if key is None or key not in header or header[key][1] not in FP8_ST_DTYPES or keep_fp32(wname):
-            continue  # modules diffusers keeps in fp32 are dequantized on load instead
-        replace_module(model, name, Fp8Linear(module, dtype))
-        n += 1
-    return n
 
 
 def load_sharded(model: torch.nn.Module, path: str, key_map: dict, dtype: torch.dtype, device: torch.device,

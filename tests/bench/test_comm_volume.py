@@ -4,7 +4,6 @@ The formula (per rank, per forward) is what the README / design.md table is buil
 hold it to parallel_backend.parallel.collectives.count_bytes() on a real ShardedModel forward.
 """
 import pytest
-import torch
 
 from bench import comm_volume as cv
 from parallel_backend.testing.synthetic import write_tiny_wan

@@ -39,9 +39,8 @@ def _graph_nodes(page):
 
 
 def test_ui_workflow_in_real_frontend(tmp_path):
-    from playwright.sync_api import sync_playwright
-
     import build_workflows as bw  # workflows/ is on sys.path via conftest
+    from playwright.sync_api import sync_playwright
 
     ckpt = write_tiny_wan(str(tmp_path / MODEL), seed=6)
     base = comfy_host.make_base_dir(str(tmp_path / "comfy"), {"diffusion_models": [ckpt]})

@@ -1,6 +1,5 @@
 """End to end through a real headless ComfyUI: the shipped workflow, queued over HTTP, sampled by
 the pack on 2 CPU ranks, equals the native Load Diffusion Model + KSampler run in the same server."""
-import os
 import re
 import time
 
@@ -9,8 +8,8 @@ import pytest
 import torch
 
 import comfy_host
-from parallel_backend.testing.synthetic import write_tiny_wan
 from parallel_backend.runtime.transport import leftover_segments
+from parallel_backend.testing.synthetic import write_tiny_wan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multirank]
 MODEL = "tiny_wan_e2e.safetensors"

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import save_file
 
 
-
 @pytest.fixture
 def no_new_processes():
     import parallel_backend.runtime.group as group
@@ -140,6 +139,7 @@ def fp8_files(comfy):
 def fp8_native(comfy, fp8_files):
     """ComfyUI's own model for each fp8 file, sampled 4 euler steps at cfg 5 (the oracle)."""
     import comfy.sd as comfy_sd  # (the fixture `comfy` keeps its name)
+
     import nodes as comfy_nodes  # ComfyUI's nodes.py
     g = torch.Generator().manual_seed(11)
     pos, neg = [[torch.randn(1, 12, 4096, generator=g), {}]], [[torch.randn(1, 12, 4096, generator=g), {}]]

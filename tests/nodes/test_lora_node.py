@@ -36,6 +36,7 @@ def stop_groups_after():
 
 def _native(models_dir, lora_strength, pos, neg, latent, seed=3):
     import comfy.sd
+
     import nodes
     model = comfy.sd.load_diffusion_model(f"{models_dir}/tiny_wan.safetensors")
     if lora_strength:
@@ -99,6 +100,7 @@ def test_native_lora_loader_on_the_parallel_model_is_refused(comfy, pack, loras,
 
     models_dir = comfy["models_dir"]
     import comfy.sd  # (rebinds the `comfy` fixture's name)
+
     import nodes as comfy_nodes  # ComfyUI's nodes.py
 
     UnsupportedPatchError = sys.modules[pack.__name__ + ".nodes.comfy_model"].UnsupportedPatchError

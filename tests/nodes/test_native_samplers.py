@@ -51,8 +51,9 @@ def test_samplers_schedulers_shift_and_denoise(models, conds):
 
 
 def test_advanced_and_custom_samplers_equal_parallel_sampler(models, conds, pack):
-    import nodes
     from comfy_extras import nodes_custom_sampler as cs
+
+    import nodes
     parallel, _ = models
     pos, neg = conds
     latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}

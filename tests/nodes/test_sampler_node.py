@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-
 pytestmark = pytest.mark.multirank
 
 
 def _native(models_dir, pos, neg, latent, seed, steps=4, cfg=5.0):
     import comfy.sd
+
     import nodes
     model = comfy.sd.load_diffusion_model(f"{models_dir}/tiny_wan.safetensors")
     return nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", pos, neg, latent)[0]["samples"]

@@ -8,10 +8,16 @@ import torch
 
 import comfy_host
 from parallel_backend.config import ConfigError, validate_latent
-from parallel_backend.weights.reads import read_header
 from parallel_backend.models import FAMILIES, UnsupportedModelError, cosmos, detect_family, wan
-from parallel_backend.testing.synthetic import (COSMOS_PRESETS, cosmos_predict2_shapes, cosmos_rope_ranges, wan_shapes,
-                                        WAN_PRESETS, write_tiny_cosmos)
+from parallel_backend.testing.synthetic import (
+    COSMOS_PRESETS,
+    WAN_PRESETS,
+    cosmos_predict2_shapes,
+    cosmos_rope_ranges,
+    wan_shapes,
+    write_tiny_cosmos,
+)
+from parallel_backend.weights.reads import read_header
 
 REAL = [p for p in COSMOS_PRESETS if p.startswith("cosmos-predict2")]
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from parallel_backend.config import ParallelConfig
 from parallel_backend.parallel.attention import (
     _key_mask,
     attention_with_lse,
@@ -19,7 +20,6 @@ from parallel_backend.parallel.attention import (
     ring_attention,
     ulysses_attention,
 )
-from parallel_backend.config import ParallelConfig
 
 TOL = 1e-5  # fp32 max abs difference allowed against the single-process reference
 BATCH, HEADS, HEAD_DIM = 2, 8, 16

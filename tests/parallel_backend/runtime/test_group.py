@@ -19,10 +19,9 @@ import psutil
 import pytest
 import torch
 
-from parallel_backend.runtime import group as group_mod
-from parallel_backend.runtime import transport
-from parallel_backend.runtime import worker
 from parallel_backend.config import ParallelConfig
+from parallel_backend.runtime import group as group_mod
+from parallel_backend.runtime import transport, worker
 from parallel_backend.runtime.group import WorkerGroup, WorkerGroupError, get_group, stop_all
 from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel

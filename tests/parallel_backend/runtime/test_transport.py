@@ -160,7 +160,6 @@ def test_slot_collected_without_close_unlinks():
 
 def _child(in_refs, out_ref, conn):
     """A spawned process: reads by descriptor, computes, writes the owner's output slot in place."""
-    import torch as th
 
     from parallel_backend.runtime.transport import ShmReader as Reader
 

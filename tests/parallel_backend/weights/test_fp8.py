@@ -21,7 +21,7 @@ from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel
 from parallel_backend.testing.spmd import run_on_ranks
 from parallel_backend.testing.synthetic import write_fp8_variant, write_tiny_wan
-from parallel_backend.parallel.tensor_parallel import Fp8Linear
+from parallel_backend.weights.fp8 import Fp8Linear
 
 pytestmark = pytest.mark.multirank
 TOL = 1e-5
@@ -50,8 +50,8 @@ def files(tmp_path_factory):
 
 def _rank_fn(mesh0, files, meshes, cases):
     """On every rank: each mesh of this world size, each file; outputs, rows and what the plan left on the model."""
-    from parallel_backend.runtime.mesh import build_mesh
     from parallel_backend.parallel.plan import missing_plan_hooks
+    from parallel_backend.runtime.mesh import build_mesh
 
     report = {}
     for mname, spec in meshes.items():

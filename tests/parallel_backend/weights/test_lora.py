@@ -8,7 +8,6 @@ strength or the list re-merges in the same processes without re-reading the mode
 """
 from __future__ import annotations
 
-import os
 import pickle
 
 import pytest
@@ -16,15 +15,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from parallel_backend.runtime import group as group_mod
 from parallel_backend.config import ParallelConfig
-from parallel_backend.runtime.group import WorkerGroupError, get_group, stop_all
-from parallel_backend.weights.reads import model_keys, read_header
-from parallel_backend.weights.lora import LoraError, alias_table, lora_key, plan_lora, read_lora_header
-from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.models import wan
+from parallel_backend.runtime import group as group_mod
+from parallel_backend.runtime.group import WorkerGroupError, get_group, stop_all
+from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel
 from parallel_backend.testing.synthetic import write_dequantized, write_fp8_variant, write_tiny_wan, write_wan_lora
+from parallel_backend.weights.lora import LoraError, alias_table, lora_key, plan_lora, read_lora_header
+from parallel_backend.weights.reads import model_keys, read_header
 
 CONFIG = ParallelConfig(world_size=2, tp=2, device="cpu", dtype="fp32")
 TOL = 1e-5  # fp32 max abs, sharded merge vs merged-by-hand single process
