@@ -178,7 +178,8 @@ def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_on
                 break
     if uses_cfg and "cfg" not in fixed and left % 2 == 0:
         deg["cfg"], left = 2, left // 2
-        why.append("cfg=2 (cond/uncond on separate ranks: no traffic inside the model)")
+        why.append("cfg=2 (cond/uncond on separate ranks: no traffic inside the model; a call with one row, as at "
+                   "cfg 1.0, folds the idle replica into the sequence split, so no rank idles)")
     if "ulysses" not in fixed:
         u = 1
         for d in range(left, 0, -1):

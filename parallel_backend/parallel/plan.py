@@ -43,12 +43,18 @@ class ParallelPlan:
 
 
 class SequenceState:
-    """Per-forward facts the split hooks learn and attention needs (real length before padding)."""
+    """Per-forward facts the split hooks learn and attention needs (real length before padding), and the
+    sequence groups of the current call: a call may use a wider split than the mesh's own (the replicas that
+    own no row of it fold into the sequence; see runtime/mesh.py), so `use` sets them before each forward."""
 
     def __init__(self, groups: SequenceParallelGroups, index: int):
         self.groups, self.index = groups, index
         self.valid_len: int | None = None
         self.padded = False
+        self.local_len = 0  # tokens this rank holds after the last split (its share of the work)
+
+    def use(self, groups: SequenceParallelGroups, index: int) -> None:
+        self.groups, self.index = groups, index
 
     @property
     def degree(self) -> int:
@@ -56,12 +62,16 @@ class SequenceState:
 
     def split(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         s = t.shape[dim]
+        if self.degree == 1:  # this call runs unsplit (hooks stay installed for calls that split)
+            self.valid_len, self.padded, self.local_len = s, False, s
+            return t
         pad = (-s) % self.degree
         self.valid_len, self.padded = s, pad > 0
         if pad:
             widths = [0, 0] * (t.ndim - 1 - dim % t.ndim) + [0, pad]
             t = F.pad(t, widths)
         n = t.shape[dim] // self.degree
+        self.local_len = n
         return t.narrow(dim, self.index * n, n).contiguous()
 
     def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -130,10 +140,12 @@ class PlanHook:
         return self.handle.id in table
 
 
-def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: SequenceState) -> list:
+def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: SequenceState, max_degree: int | None = None
+                            ) -> list:
     """Register the split / gather hooks; returns them as PlanHook records. Apply this after every module
-    replacement that is known up front (TP, fp8); `replace_module` carries the hooks over any later one."""
-    if state.degree == 1:
+    replacement that is known up front (TP, fp8); `replace_module` carries the hooks over any later one.
+    `max_degree`: the widest split any call may use (a fold can split a mesh whose own sequence degree is 1)."""
+    if (max_degree or state.degree) == 1:
         return []
     handles = []
 

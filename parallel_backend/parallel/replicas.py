@@ -1,9 +1,10 @@
 """Batch split over the replica axes: CFG (cond / uncond halves) outer, data parallel inner.
 
 ComfyUI batches [cond x N, uncond x N] together when it can, or calls them one at a time; both
-are a batch of B rows, cut into cfg x dp contiguous chunks. A replica whose chunk is empty (batch
-smaller than the replica count, e.g. cfg == 1.0 on a cfg=2 mesh) idles for that call, which keeps
-every call correct whatever ComfyUI batches.
+are a batch of B rows, cut into contiguous chunks, one per active replica. When B is smaller than the
+replica count (cfg 1.0 on a cfg=2 mesh, or cond and uncond called separately) the spare replicas fold
+into the sequence split for that call (runtime/mesh.py), so fewer, wider replicas share the rows and
+no rank idles.
 """
 from __future__ import annotations
 

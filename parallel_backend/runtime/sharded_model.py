@@ -6,7 +6,6 @@ import torch
 from ..config import validate_for_model
 from ..models import detect_family
 from ..parallel.plan import SequenceState, apply_sequence_parallel, apply_tensor_parallel, missing_plan_hooks
-from ..parallel.replicas import replica_slice
 from ..weights.fp8 import swap_fp8_linears
 from ..weights.reads import DTYPE_NAMES, load_sharded, model_keys, param_stats, read_header, reload_params
 from .mesh import RankMesh
@@ -30,7 +29,7 @@ class ShardedModel:
         apply_tensor_parallel(model, plan, mesh.groups["tp"], mesh.coord["tp"], c.tp)
         swap_fp8_linears(model, self.key_map, header, self.dtype, fam.keep_fp32)
         self.seq_state = SequenceState(mesh.sequence_groups(), mesh.sequence_index)
-        self.plan_hooks = apply_sequence_parallel(model, plan, self.seq_state)
+        self.plan_hooks = apply_sequence_parallel(model, plan, self.seq_state, mesh.max_sequence_degree)
         fam.install_attention(model, self.seq_state, c.attention)
         self.load_stats = load_sharded(model, path, self.key_map, self.dtype, mesh.device,
                                        keep_fp32=fam.keep_fp32, header=header)
@@ -41,6 +40,7 @@ class ShardedModel:
         self.loras: tuple = ()          # the merged LoRA list, as lora.lora_key gives it
         self.lora_touched: set = set()  # parameters the merge changed (restored from the file on change)
         self.lora_stats: dict = {}
+        self.last_tokens, self.last_fold = 0, "none"  # what the last forward computed on this rank
 
     def set_loras(self, loras) -> dict:
         """Make the merged LoRAs exactly `loras` ([(path, ..., strength)], as lora.lora_key gives them):
@@ -72,17 +72,41 @@ class ShardedModel:
         return {**self.shape.to_info(), "path": self.path, "precision": self.precision,
                 **self.load_stats, **param_stats(self.model), **self.lora_stats}
 
+    def layout(self, batch: int):
+        """How a call of `batch` rows runs on this mesh (runtime/mesh.py: replicas without a row fold into the
+        sequence split, so no rank idles)."""
+        return self.mesh.layout_for(batch, self.shape.num_heads)
+
     def rows(self, batch: int) -> slice:
-        return replica_slice(batch, self.mesh.replica_index, self.mesh.config.replica_degree)
+        """The rows of a `batch`-row call that this rank's (possibly folded) replica computes."""
+        return self.layout(batch).rows(batch)
+
+    def is_leader(self, batch: int) -> bool:
+        """Whether this rank writes its replica's output for a `batch`-row call."""
+        return self.layout(batch).is_leader
 
     @torch.no_grad()
     def forward_rows(self, x, timestep, context, **extras) -> torch.Tensor | None:
-        """Run this replica's rows of the batch; None when it owns none."""
-        rows = self.rows(x.shape[0])
+        """Run this replica's rows of the batch; None when it owns none (only when the batch is empty)."""
+        layout = self.layout(x.shape[0])
+        rows = layout.rows(x.shape[0])
+        self.last_tokens = 0
+        self.last_fold = "none" if layout.fold == 1 else f"{layout.fold}x{layout.kind}"
         if rows.start == rows.stop:
             return None
+        self.seq_state.use(layout.groups, layout.sequence_index)
         dev, dt = self.mesh.device, self.dtype
         take = lambda t: None if t is None else t[rows].to(dev, dt if t.is_floating_point() else t.dtype)
         kw = {k: take(v) for k, v in extras.items()}
+        self.seq_state.local_len = 0
         out = self.family.forward(self.model, take(x), timestep[rows].to(dev, torch.float32), take(context), **kw)
+        # tokens this rank pushed through the blocks in this call (its share of the sequence, times its rows)
+        self.last_tokens = (rows.stop - rows.start) * (self.seq_state.local_len or _tokens(x, self.shape.patch_size))
         return out.float()
+
+
+def _tokens(x: torch.Tensor, patch) -> int:
+    n = 1
+    for s, p in zip(x.shape[2:], patch):
+        n *= -(-s // p)
+    return n

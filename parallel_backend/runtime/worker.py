@@ -6,6 +6,7 @@ under its folder path.
 """
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import shutil
@@ -13,6 +14,9 @@ import signal
 import threading
 import time
 import traceback
+
+
+TOKEN_LOG = 4096  # per-forward token counts kept for the group's stats
 
 
 def _watch_parent(parent_pid: int, store_dir: str | None = None, interval: float = 0.5) -> None:
@@ -95,6 +99,9 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
     conn.send(("ok", {"rank": rank, "pid": os.getpid(), "coord": mesh.coord}))
 
     reader = ShmReader()
+    token_log = collections.deque(maxlen=TOKEN_LOG)
+    fold_log = collections.deque(maxlen=TOKEN_LOG)  # "none", or e.g. "2xulysses": how each call was spread
+    forwards = 0
     model: ShardedModel | None = None
     held: dict = {}  # key -> ShardedModel kept besides `model`: those the owner loaded resident ("keep")
     loads = 0
@@ -158,16 +165,21 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 t = reader.view(refs["timestep"])
                 ctx = reader.view(refs["context"])
                 extras = {k: reader.view(r) for k, r in refs.items() if k not in ("x", "timestep", "context")}
+                batch = x.shape[0]
                 out = model.forward_rows(x, t, ctx, **extras)
                 del x, t, ctx, extras
-                if out is not None and mesh.is_replica_leader:
-                    rows = model.rows(out_ref.shape[0])
-                    reader.view(out_ref)[rows].copy_(out.to("cpu"))
+                token_log.append(model.last_tokens)
+                fold_log.append(model.last_fold)
+                forwards += 1
+                if out is not None and model.is_leader(batch):
+                    reader.view(out_ref)[model.rows(batch)].copy_(out.to("cpu"))
                 del out
                 conn.send(("ok", None))
             elif op == "stats":
                 conn.send(("ok", {"rank": rank, "pid": os.getpid(), "rss": _rss_bytes(), "loads": loads,
-                                  "peak_rss": _peak_rss_bytes(),
+                                  "peak_rss": _peak_rss_bytes(), "forwards": forwards,
+                                  # tokens this rank computed per forward (last TOKEN_LOG of them): 0 = it idled
+                                  "tokens_per_forward": list(token_log), "fold_per_forward": list(fold_log),
                                   "param_bytes": 0 if model is None else model.load_stats["param_bytes"],
                                   "models": (model is not None) + len(held),
                                   "param_bytes_all": sum(m.load_stats["param_bytes"] for m in

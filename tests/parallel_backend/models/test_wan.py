@@ -82,12 +82,13 @@ def _rank_fn(mesh0, path, meshes, cases):
         model = ShardedModel(mesh, path, precision)
         outs = {}
         for cname, (x, t, ctx) in cases.items():
-            rows = model.rows(x.shape[0])
+            b = x.shape[0]
+            rows, layout = model.rows(b), model.layout(b)
             out = model.forward_rows(x, t, ctx)
-            outs[cname] = (rows.start, rows.stop, out)
-        report[name] = {"coord": dict(mesh.coord), "replica": mesh.replica_index, "leader": mesh.is_replica_leader,
-                        "block_bytes": _block_bytes(model.model), "load_stats": dict(model.load_stats),
-                        "outs": outs}
+            outs[cname] = {"rows": (rows.start, rows.stop), "out": out, "leader": model.is_leader(b),
+                           "replica": layout.replica_index, "replicas": layout.replicas, "tokens": model.last_tokens}
+        report[name] = {"coord": dict(mesh.coord), "block_bytes": _block_bytes(model.model),
+                        "load_stats": dict(model.load_stats), "outs": outs}
         del model
         gc.collect()
     return report
@@ -154,31 +155,27 @@ def world4(wan_path, cases):
     return run_on_ranks(_rank_fn, cfg, wan_path, MESHES_4, cases, timeout=600)
 
 
-def _assemble(per_rank: list, mesh: str, case: str, batch: int, spec: dict) -> torch.Tensor:
-    """The full batch from each replica's rows; checks coverage and agreement inside a replica."""
-    replicas = spec.get("cfg", 1) * spec.get("dp", 1)
+def _assemble(per_rank: list, mesh: str, case: str, batch: int) -> torch.Tensor:
+    """The full batch from each replica leader's rows; checks coverage, agreement inside a replica, and that no
+    rank idled (a call with fewer rows than replicas folds the spare replicas into the sequence split)."""
     by_replica = {}
     for rep in per_rank:
-        r = rep[mesh]
-        start, stop, out = r["outs"][case]
-        if start == stop:
-            assert out is None, f"{mesh} {case}: replica {r['replica']} owns no rows but returned a tensor"
-        else:
-            assert out is not None and out.shape[0] == stop - start
-        by_replica.setdefault(r["replica"], []).append((start, stop, out, r["leader"]))
-    assert sorted(by_replica) == list(range(replicas))
+        r = rep[mesh]["outs"][case]
+        assert r["tokens"] > 0 and r["out"] is not None, f"{mesh} {case}: a rank idled ({r})"
+        assert r["out"].shape[0] == r["rows"][1] - r["rows"][0]
+        by_replica.setdefault(r["replica"], []).append(r)
+    replicas = {r["replicas"] for ranks in by_replica.values() for r in ranks}
+    assert len(replicas) == 1 and sorted(by_replica) == list(range(replicas.pop()))
     pieces, covered = {}, []
     for idx, ranks in by_replica.items():
-        leaders = [p for p in ranks if p[3]]
+        leaders = [r for r in ranks if r["leader"]]
         assert len(leaders) == 1
-        start, stop, out, _ = leaders[0]
-        for s2, e2, o2, _ in ranks:  # every rank of a replica holds the same rows and the same output
-            assert (s2, e2) == (start, stop)
-            if out is not None:
-                assert torch.equal(o2, out), f"{mesh} {case}: ranks of replica {idx} disagree"
+        start, stop = leaders[0]["rows"]
+        for r in ranks:  # every rank of a replica holds the same rows and the same output
+            assert r["rows"] == (start, stop)
+            assert torch.equal(r["out"], leaders[0]["out"]), f"{mesh} {case}: ranks of replica {idx} disagree"
         covered.extend(range(start, stop))
-        if out is not None:
-            pieces[start] = out
+        pieces[start] = leaders[0]["out"]
     assert sorted(covered) == list(range(batch)), f"{mesh} {case}: rows covered {covered}"
     return torch.cat([pieces[s] for s in sorted(pieces)], dim=0)
 
@@ -186,7 +183,7 @@ def _assemble(per_rank: list, mesh: str, case: str, batch: int, spec: dict) -> t
 def _check_mesh(per_rank, references, cases, mesh, spec, tol):
     diffs = {}
     for case, (x, _, _) in cases.items():
-        out = _assemble(per_rank, mesh, case, x.shape[0], spec)
+        out = _assemble(per_rank, mesh, case, x.shape[0])
         ref_d, ref_1 = references["diffusers"][case], references["one"][case]
         assert out.shape == ref_d.shape == x.shape
         assert torch.isfinite(out).all()

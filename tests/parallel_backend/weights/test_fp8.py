@@ -61,7 +61,7 @@ def _rank_fn(mesh0, files, meshes, cases):
             m = ShardedModel(mesh, path, "fp32")
             outs = {c: (m.rows(2), m.forward_rows(x, t, ctx)) for c, (x, t, ctx) in cases.items()}
             report[(mname, fname)] = {
-                "outs": outs, "leader": mesh.is_replica_leader, "missing": missing_plan_hooks(m.model, m.plan_hooks),
+                "outs": outs, "leader": m.is_leader(2), "missing": missing_plan_hooks(m.model, m.plan_hooks),
                 "hooks": [(h.module, h.kind) for h in m.plan_hooks],
                 "proj_out": type(m.model.proj_out).__name__, "fp8_layers": m.load_stats["fp8_layers"]}
             del m
