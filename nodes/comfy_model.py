@@ -35,13 +35,21 @@ class _ShapeOnly:
 
 
 class ParallelDiffusionModel(torch.nn.Module):
-    """Stands in for ComfyUI's WanModel; forwards (x, timestep, context) to the worker group."""
+    """Stands in for ComfyUI's diffusion model (WanModel, MiniTrainDIT, ...); each evaluation runs on the group.
 
-    def __init__(self, config, path, precision, info, resident=False, loras=()):
+    `forward` is the host class's own forward called on this proxy: it runs ComfyUI's DIFFUSION_MODEL wrappers
+    (EasyCache, LazyCache, any node using WrappersMP.DIFFUSION_MODEL) around `_forward` exactly as the native model
+    does, so a step a cache skips never reaches the ranks. `_forward` takes the host `_forward`'s arguments and
+    sends x, timestep, context and the conditioning tensors to the group; whatever the ranks cannot honour is
+    refused with a message."""
+
+    def __init__(self, config, path, precision, info, resident=False, loras=(), host_class=None, compile_spec=None):
         super().__init__()
         self.parallel_config, self.path, self.precision, self.info = config, path, precision, info
         self.resident = resident  # stay on the group while other models load (Wan 2.2 A14B's two experts)
         self.loras = tuple(loras)  # ((lora path, strength), ...) from Parallel LoRA, merged on the ranks
+        self.host_class = host_class  # ComfyUI's class for this file (as its detection builds it)
+        self.compile_spec = compile_spec  # the loader's `compile` option: torch.compile kwargs for the ranks
         self._base_ref = None  # weakref to the BaseModel holding this proxy (to see its current patcher)
         self.dtype = backend("weights.reads").DTYPE_NAMES[precision]
         shape = (info["num_heads"] * info["head_dim"], info["in_channels"], *info["patch_size"])
@@ -58,16 +66,29 @@ class ParallelDiffusionModel(torch.nn.Module):
     def with_loras(self, loras) -> "ParallelDiffusionModel":
         """A proxy of the same model with this LoRA list (Parallel LoRA object-patches it onto a clone)."""
         other = ParallelDiffusionModel(self.parallel_config, self.path, self.precision, self.info, self.resident,
-                                       loras)
+                                       loras, self.host_class, self.compile_spec)
         other._base_ref = self._base_ref
         return other
 
-    def forward(self, x, timestep, context, control=None, transformer_options={}, **kwargs):
+    @torch.compiler.disable  # TorchCompileModel compiles this object: run it as is (the ranks compile)
+    def forward(self, *args, **kwargs):
+        if self.host_class is None:
+            return self._forward(*args, **kwargs)
+        return self.host_class.forward(self, *args, **kwargs)
+
+    def _forward(self, *args, **kwargs):
+        named = _bind(self.host_class, args, kwargs)
+        names = list(named)
+        x, timestep, context = (named.pop(n) for n in names[:3])  # (x, timestep(s), context) in every DiT
+        transformer_options = named.pop("transformer_options", None) or {}
         base = self._base_ref() if self._base_ref is not None else None
-        refuse_weight_patches(getattr(base, "current_patcher", None))
-        refuse_patches(transformer_options, control)
+        patcher = getattr(base, "current_patcher", None)
+        refuse_weight_patches(patcher)
+        refuse_patches(transformer_options, named.pop("control", None))
+        refuse_patcher_extras(patcher)
+        compile_spec = compile_request(patcher, self.compile_spec, self.parallel_config)
         extras = {}
-        for k, v in kwargs.items():
+        for k, v in named.items():
             if v is None or k in _IGNORED_CONDS:
                 continue
             if k not in _SUPPORTED_CONDS:
@@ -77,10 +98,30 @@ class ParallelDiffusionModel(torch.nn.Module):
             extras[k] = v.detach().cpu()
         g = self.group()
         out = g.forward(x.detach().cpu(), timestep.detach().cpu(), context.detach().cpu(),
-                        model_key=g.model_key_for(self.path, self.precision), **extras)
+                        model_key=g.model_key_for(self.path, self.precision), compile=compile_spec, **extras)
         import comfy.model_management
         comfy.model_management.throw_exception_if_processing_interrupted()
         return out.to(x.device)
+
+
+def _bind(host_class, args, kwargs) -> dict:
+    """The host `_forward`'s arguments by name (its **kwargs flattened in), in signature order."""
+    import inspect
+
+    if host_class is None:  # a proxy built without a host class: ComfyUI's BaseModel call convention
+        names = ("x", "timestep", "context")
+        named = dict(zip(names, args))
+        named.update(kwargs)
+        return named
+    sig = inspect.signature(host_class._forward)
+    bound = sig.bind(None, *args, **kwargs)
+    named = {}
+    for name, value in list(bound.arguments.items())[1:]:
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
 
 
 def load_logged(group, path, precision, **kwargs) -> dict:
@@ -134,6 +175,13 @@ def parallel_model_patcher_class():
     return _patcher_class
 
 
+# transformer_options the ranks do not apply yet; each would silently change nothing, so each is refused
+_REFUSED_OPTIONS = {
+    "rope_options": "RoPE scale / shift (from a node such as a rope scaling node)",
+    "optimized_attention_override": "an attention override (a node replacing ComfyUI's attention function)",
+}
+
+
 def refuse_patches(transformer_options, control):
     """Patches that change the inside of the model cannot reach remote shards: refuse them loudly."""
     if control is not None:
@@ -145,9 +193,53 @@ def refuse_patches(transformer_options, control):
             raise UnsupportedPatchError(
                 f"model patches {sorted(patches)} (from a node that patches the model, e.g. attention or block "
                 f"replacement) cannot be applied to the sharded parallel model: remove that node")
+    for key, what in _REFUSED_OPTIONS.items():
+        if transformer_options.get(key):
+            raise UnsupportedPatchError(f"{what} is set on the parallel MODEL ('{key}'), which the worker ranks do "
+                                        f"not apply: remove that node, or sample with the native model")
 
 
-def build_model_patcher(config, path, precision, header, info, resident=False):
+def refuse_patcher_extras(patcher):
+    """ModelPatcher features that act on the model's modules in this process, where the proxy holds none."""
+    injections = {k: v for k, v in (getattr(patcher, "injections", None) or {}).items() if v}
+    if injections:
+        raise UnsupportedPatchError(
+            f"the parallel MODEL carries module injections {sorted(injections)} (e.g. a bypass LoRA or a node that "
+            f"injects into the model's layers); they cannot reach the sharded layers on the worker ranks: use "
+            f"Parallel LoRA for LoRAs, or sample with the native model")
+    wrappers = {k: v for k, v in (getattr(patcher, "weight_wrapper_patches", None) or {}).items() if v}
+    if wrappers:
+        raise UnsupportedPatchError(
+            f"the parallel MODEL carries weight wrappers for {len(wrappers)} weights (e.g. {sorted(wrappers)[:2]}); "
+            f"they cannot reach the sharded weights on the worker ranks: remove that node")
+
+
+COMPILE_BACKENDS = ("inductor", "cudagraphs")
+
+
+def compile_request(patcher, default, config):
+    """The torch.compile kwargs the ranks should use for this call: those TorchCompileModel put on the MODEL
+    (ComfyUI stores them in model_options), else the loader's `compile` option. The proxy itself is never
+    compiled; the ranks compile their transformer blocks. Refuses what the ranks cannot run."""
+    try:
+        from comfy_api.torch_helpers.torch_compile import TORCH_COMPILE_KWARGS
+    except ImportError:  # a host without ComfyUI's compile helpers has no TorchCompileModel
+        TORCH_COMPILE_KWARGS = "torch_compile_kwargs"
+    spec = (getattr(patcher, "model_options", None) or {}).get(TORCH_COMPILE_KWARGS) or default
+    if not spec:
+        return None
+    spec = {k: v for k, v in dict(spec).items() if v is not None}
+    backend_name = spec.get("backend", "inductor")
+    if backend_name not in COMPILE_BACKENDS:
+        raise UnsupportedPatchError(f"torch.compile backend '{backend_name}' is not supported on the worker ranks: "
+                                    f"use one of {COMPILE_BACKENDS}")
+    if backend_name == "cudagraphs" and config.device != "cuda":
+        raise UnsupportedPatchError("torch.compile backend 'cudagraphs' needs CUDA ranks: use 'inductor' with "
+                                    "device cpu, or set Parallel Config's device to cuda")
+    return spec
+
+
+def build_model_patcher(config, path, precision, header, info, resident=False, compile_spec=None):
     import comfy.model_detection
     import comfy.model_management
     import comfy.model_patcher
@@ -162,11 +254,15 @@ def build_model_patcher(config, path, precision, header, info, resident=False):
     model_config = _family_model_config(info, header) or comfy.model_detection.model_config_from_unet(sd, "")
     if model_config is None:
         raise RuntimeError(f"ComfyUI does not recognise {path} as a diffusion model it knows")
-    model_config.unet_config["disable_unet_model_creation"] = True
     dtype = backend("weights.reads").DTYPE_NAMES[precision]
     model_config.set_inference_dtype(dtype, None)
+    # ComfyUI's own class for this file, as its detection builds it (on meta: no memory, ~30 ms for 14B): the proxy
+    # calls its forward, which runs the host's DIFFUSION_MODEL wrappers
+    host_class = type(model_config.get_model(sd, "", device=torch.device("meta")).diffusion_model)
+    model_config.unet_config["disable_unet_model_creation"] = True
     base = model_config.get_model(sd, "")
-    base.diffusion_model = ParallelDiffusionModel(config, path, precision, info, resident)
+    base.diffusion_model = ParallelDiffusionModel(config, path, precision, info, resident, host_class=host_class,
+                                                  compile_spec=compile_spec)
     base.diffusion_model._base_ref = weakref.ref(base)
     # the loader's own proxy (no LoRA): base.diffusion_model is a Parallel LoRA proxy while such a MODEL is loaded
     base._pdit = {"proxy": base.diffusion_model}

@@ -28,7 +28,8 @@ class ParallelConfigNode:
             "device": (list(cfgmod.DEVICE_KINDS), {"default": "cuda",
                        "tooltip": "cuda: one GPU per rank (NCCL). cpu: gloo ranks, for testing without GPUs."}),
             "attention": (list(cfgmod.ATTENTION_BACKENDS), {"default": "sdpa",
-                          "tooltip": "Attention kernel: sdpa (torch's fused), math (reference), flash (CUDA only)."}),
+                          "tooltip": "Attention kernel on the ranks: sdpa (torch's fused), math (reference), flash (flash-attn) or "
+                                     "sage (SageAttention); flash and sage need CUDA and their package installed."}),
             "first_device": ("INT", {"default": 0, "min": 0, "max": 63,
                              "tooltip": "GPU index of rank 0; ranks take consecutive GPUs."}),
         }}

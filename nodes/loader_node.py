@@ -53,6 +53,10 @@ class ParallelModelLoader:
                           "load (its weights per rank are added to theirs; no reload). swap: it is dropped when "
                           "another model loads and read again when its sampler next runs (one model's memory; "
                           "a reload from disk per switch)."}),
+            "compile": (["off", "inductor"], {"default": "off", "tooltip":
+                        "torch.compile the transformer blocks on every rank (inductor; the first steps pay the "
+                        "compile time, later prompts of the same shape reuse it). The native TorchCompileModel node "
+                        "on this MODEL does the same and overrides this option."}),
         }}
 
     RETURN_TYPES = ("MODEL", "STRING")
@@ -64,7 +68,7 @@ class ParallelModelLoader:
     DESCRIPTION = ("Loads a diffusion transformer onto a persistent worker group that holds it sharded over "
                    "several devices. A second run with the same config and file reuses the warm group.")
 
-    def load(self, model_name, base_precision, parallel_config, residency="swap"):
+    def load(self, model_name, base_precision, parallel_config, residency="swap", compile="off"):
         import folder_paths
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         loading, models = backend("weights.reads"), backend("models")
@@ -89,5 +93,6 @@ class ParallelModelLoader:
                 logging.info("parallel_dit: reusing warm group pids %s with %s", group.pids, model_name)
         plan = f"{config.describe()} [{why}] for {shape.family} ({shape.num_heads} heads, {shape.num_layers} blocks)"
         logging.info("parallel_dit: %s", plan)
-        return (build_model_patcher(config, path, base_precision, header, info, resident), plan)
+        compile_spec = None if compile == "off" else {"backend": compile}
+        return (build_model_patcher(config, path, base_precision, header, info, resident, compile_spec), plan)
 

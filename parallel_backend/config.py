@@ -12,7 +12,7 @@ from dataclasses import dataclass
 AXES = ("dp", "cfg", "ring", "ulysses", "tp")  # outermost first: the mesh dim order
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICE_KINDS = ("cuda", "cpu")
-ATTENTION_BACKENDS = ("sdpa", "math", "flash")
+ATTENTION_BACKENDS = ("sdpa", "math", "flash", "sage")  # what each calls: parallel/kernels.py
 
 
 class ConfigError(ValueError):
@@ -94,8 +94,14 @@ def validate_config(cfg: ParallelConfig, available_devices: int | None = None) -
             )
     if cfg.device == "cpu" and cfg.dtype == "fp16":
         raise ConfigError("fp16 compute on CPU ranks is not supported by torch's CPU kernels: use fp32 or bf16 with device 'cpu'")
-    if cfg.device == "cpu" and cfg.attention == "flash":
-        raise ConfigError("attention 'flash' needs CUDA GPUs: use 'sdpa' or 'math' with device 'cpu'")
+    if cfg.device == "cpu" and cfg.attention in ("flash", "sage"):
+        raise ConfigError(f"attention '{cfg.attention}' needs CUDA GPUs: use 'sdpa' or 'math' with device 'cpu'")
+    from .parallel.kernels import missing_package
+
+    pip = missing_package(cfg.attention)
+    if pip:
+        raise ConfigError(f"attention '{cfg.attention}' needs a package this Python cannot import: run `{pip}` in "
+                          f"ComfyUI's Python environment and restart ComfyUI, or pick attention 'sdpa'")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ..parallel.attention import local_attention, ulysses_attention
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "wan"
+BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by one)
 HEAD_DIM = 128  # ComfyUI derives heads as dim // 128 for every Wan release
 
 # Parallel plan as data (see parallel/plan.py).

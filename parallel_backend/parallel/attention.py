@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from . import kernels
 from .collectives import all_to_all_single, ring_exchange
 
 
@@ -39,42 +39,14 @@ def _key_mask(q_len: int, k_start: int, k_len: int, valid_len: int | None, devic
 
 
 def local_attention(q, k, v, backend: str = "sdpa", mask=None) -> torch.Tensor:
-    """Plain attention on (B, S, H, D) tensors."""
+    """Plain attention on (B, S, H, D) tensors with the configured kernel (parallel/kernels.py)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if backend == "math":
-        out = _math_attention(q, k, v, mask)[0]
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2)
-
-
-def _math_attention(q, k, v, mask=None):
-    """(B, H, S, D) attention returning (out, lse) in fp32 accumulation."""
-    scale = q.shape[-1] ** -0.5
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
-    return torch.matmul(p, v.float()).to(q.dtype), lse
+    return kernels.attention(q, k, v, backend, mask).transpose(1, 2)
 
 
 def attention_with_lse(q, k, v, backend: str = "sdpa", mask=None):
-    """(B, H, S, D) attention returning (out, lse (B, H, S) fp32) for the ring merge.
-
-    Uses a fused kernel that exposes the log-sum-exp where torch has one, the math form otherwise.
-    """
-    if backend != "math" and mask is None:
-        try:
-            if q.device.type == "cpu":
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
-                return out, lse.float()
-            if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
-                return out, lse.float()
-        except (RuntimeError, NotImplementedError):
-            pass
-    return _math_attention(q, k, v, mask)
+    """(B, H, S, D) attention returning (out, lse (B, H, S) fp32) for the ring merge."""
+    return kernels.attention_with_lse(q, k, v, backend, mask)
 
 
 def merge_attention(out, lse, out_b, lse_b):

@@ -41,6 +41,7 @@ class ShardedModel:
         self.lora_touched: set = set()  # parameters the merge changed (restored from the file on change)
         self.lora_stats: dict = {}
         self.last_tokens, self.last_fold = 0, "none"  # what the last forward computed on this rank
+        self.compile_spec = None  # torch.compile kwargs the blocks run under (None: eager)
 
     def set_loras(self, loras) -> dict:
         """Make the merged LoRAs exactly `loras` ([(path, ..., strength)], as lora.lora_key gives them):
@@ -71,6 +72,19 @@ class ShardedModel:
     def info(self) -> dict:
         return {**self.shape.to_info(), "path": self.path, "precision": self.precision,
                 **self.load_stats, **param_stats(self.model), **self.lora_stats}
+
+    def set_compile(self, spec: dict | None) -> None:
+        """Compile (or uncompile) the transformer blocks, each on its own (regional compilation: one graph serves
+        every block of the same shape, and the collectives between them stay outside). A no-op when unchanged."""
+        spec = dict(spec) if spec else None
+        if spec == self.compile_spec:
+            return
+        for block in getattr(self.model, self.family.BLOCKS):
+            if spec is None:
+                block._compiled_call_impl = None  # back to eager
+            else:
+                block.compile(**spec)
+        self.compile_spec = spec
 
     def layout(self, batch: int):
         """How a call of `batch` rows runs on this mesh (runtime/mesh.py: replicas without a row fold into the
@@ -103,6 +117,15 @@ class ShardedModel:
         # tokens this rank pushed through the blocks in this call (its share of the sequence, times its rows)
         self.last_tokens = (rows.stop - rows.start) * (self.seq_state.local_len or _tokens(x, self.shape.patch_size))
         return out.float()
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built in this process so far (a recompile adds one)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _tokens(x: torch.Tensor, patch) -> int:

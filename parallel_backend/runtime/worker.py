@@ -83,7 +83,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
     from ..config import ParallelConfig
     from .mesh import build_mesh
     from .rendezvous import init_process_group
-    from .sharded_model import ShardedModel
+    from .sharded_model import ShardedModel, compiled_graphs
     from .transport import ShmReader
 
     config = ParallelConfig(**config_dict)
@@ -101,6 +101,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
     reader = ShmReader()
     token_log = collections.deque(maxlen=TOKEN_LOG)
     fold_log = collections.deque(maxlen=TOKEN_LOG)  # "none", or e.g. "2xulysses": how each call was spread
+    graph_log = collections.deque(maxlen=TOKEN_LOG)  # graphs torch.compile has built in this rank, after each call
     forwards = 0
     model: ShardedModel | None = None
     held: dict = {}  # key -> ShardedModel kept besides `model`: those the owner loaded resident ("keep")
@@ -166,10 +167,12 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 ctx = reader.view(refs["context"])
                 extras = {k: reader.view(r) for k, r in refs.items() if k not in ("x", "timestep", "context")}
                 batch = x.shape[0]
+                model.set_compile(payload.get("compile"))
                 out = model.forward_rows(x, t, ctx, **extras)
                 del x, t, ctx, extras
                 token_log.append(model.last_tokens)
                 fold_log.append(model.last_fold)
+                graph_log.append(compiled_graphs())
                 forwards += 1
                 if out is not None and model.is_leader(batch):
                     reader.view(out_ref)[model.rows(batch)].copy_(out.to("cpu"))
@@ -180,6 +183,8 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                                   "peak_rss": _peak_rss_bytes(), "forwards": forwards,
                                   # tokens this rank computed per forward (last TOKEN_LOG of them): 0 = it idled
                                   "tokens_per_forward": list(token_log), "fold_per_forward": list(fold_log),
+                                  "compiled_graphs_per_forward": list(graph_log),
+                                  "compile": None if model is None else model.compile_spec,
                                   "param_bytes": 0 if model is None else model.load_stats["param_bytes"],
                                   "models": (model is not None) + len(held),
                                   "param_bytes_all": sum(m.load_stats["param_bytes"] for m in

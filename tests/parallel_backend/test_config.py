@@ -46,7 +46,7 @@ def refused(fn, *args, **kwargs) -> str:
 def test_valid_configs_pass():
     validate_config(ParallelConfig(world_size=1), available_devices=1)
     validate_config(ParallelConfig(world_size=8, cfg=2, ulysses=2, ring=2), available_devices=8)
-    validate_config(ParallelConfig(world_size=4, cfg=2, tp=2, dtype="fp16", attention="flash"), available_devices=4)
+    validate_config(ParallelConfig(world_size=4, cfg=2, tp=2, dtype="fp16", attention="math"), available_devices=4)
     validate_config(cpu(world_size=4, dp=2, ulysses=2, attention="math"))
     validate_config(cpu(world_size=2, ring=2, dtype="bf16"), available_devices=0)  # GPU count is irrelevant on cpu
 
@@ -92,10 +92,24 @@ def test_fp16_on_cpu():
     validate_config(ParallelConfig(world_size=1, dtype="fp16"), available_devices=1)
 
 
-def test_flash_on_cpu():
-    msg = refused(validate_config, cpu(world_size=1, attention="flash"))
-    assert "'flash'" in msg and "'sdpa' or 'math'" in msg
-    validate_config(ParallelConfig(world_size=1, attention="flash"), available_devices=1)
+@pytest.mark.parametrize("kernel", ["flash", "sage"])
+def test_cuda_only_kernels_on_cpu(kernel):
+    msg = refused(validate_config, cpu(world_size=1, attention=kernel))
+    assert f"'{kernel}'" in msg and "'sdpa' or 'math'" in msg
+
+
+@pytest.mark.parametrize("kernel, package, pip", [("flash", "flash_attn", "pip install flash-attn"),
+                                                  ("sage", "sageattention", "pip install sageattention")])
+def test_kernel_package_missing_is_refused_with_the_pip_line(kernel, package, pip, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    msg = refused(validate_config, ParallelConfig(world_size=1, attention=kernel), available_devices=1)
+    assert pip in msg and "'sdpa'" in msg
+    # installed: accepted (the kernel itself runs on CUDA ranks only)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == package else real(name, *a))
+    validate_config(ParallelConfig(world_size=1, attention=kernel), available_devices=1)
 
 
 def test_bad_dtype_name():

@@ -1,0 +1,120 @@
+"""Native model-patch nodes on the pack's MODEL: step caches run around the group call, TorchCompileModel
+compiles the ranks' blocks, and what the ranks cannot honour is refused with a message.
+
+- EasyCache / LazyCache (ComfyUI's DIFFUSION_MODEL and PREDICT_NOISE wrappers) run in the ComfyUI process around
+  the proxy, as they run around the native model: a step they skip never reaches the ranks (counted on the
+  group), and the latent equals native + the same cache.
+- TorchCompileModel on the pack MODEL (and the loader's `compile` option) compiles the transformer blocks inside
+  the ranks with inductor; the latent equals eager; after the first steps no step recompiles (counted).
+"""
+import pytest
+import torch
+
+pytestmark = pytest.mark.multirank
+LATENT = (1, 16, 3, 6, 10)  # 45 tokens: ragged on 2 sequence ranks
+
+
+def _native(models_dir):
+    import comfy.sd
+    return comfy.sd.load_diffusion_model(f"{models_dir}/tiny_wan.safetensors")
+
+
+def _sample(model, pos, neg, steps, cfg, seed=5):
+    import nodes as comfy_nodes
+    latent = {"samples": torch.zeros(*LATENT)}
+    return comfy_nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", pos, neg, latent)[0]["samples"]
+
+
+def _forwards(group):
+    return group.stats()[0]["forwards"]
+
+
+@pytest.fixture(scope="module")
+def pack_model(comfy, pack):
+    """The tiny Wan on a warm ulysses2 group (the whole module shares it)."""
+    import parallel_backend.runtime.group as group
+    spec = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(2, 1, 2, 1, 1, 1, "fp32", "cpu", "sdpa")[0]
+    model, _ = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load("tiny_wan.safetensors", "fp32", spec)
+    yield model, group.active_groups()[0]
+    group.stop_all()
+
+
+@pytest.mark.parametrize("node", ["EasyCache", "LazyCache"])
+def test_step_cache_skips_steps_before_the_group_and_equals_native(comfy, pack_model, conds, node):
+    from comfy_extras import nodes_easycache
+
+    cache = {"EasyCache": nodes_easycache.EasyCacheNode, "LazyCache": nodes_easycache.LazyCacheNode}[node]
+    model, group = pack_model
+    pos, neg = conds
+    steps, threshold = 20, 1.5
+    native_plain = _sample(_native(comfy["models_dir"]), pos, neg, steps, 1.0)
+    native_cached = _sample(cache.execute(_native(comfy["models_dir"]), threshold, 0.1, 0.95, False)[0], pos, neg,
+                            steps, 1.0)
+    assert (native_cached - native_plain).abs().max().item() > 1e-2, "the cache skipped nothing natively"
+    before = _forwards(group)
+    out = _sample(cache.execute(model, threshold, 0.1, 0.95, False)[0], pos, neg, steps, 1.0)
+    forwards = _forwards(group) - before
+    diff = (out - native_cached).abs().max().item()
+    print(f"{node} (reuse {threshold}, {steps} steps, cfg 1.0): group ran {forwards} forwards; pack vs native + "
+          f"{node}: {diff:.2e}")
+    assert forwards < steps
+    assert diff <= 1e-4
+
+
+def test_torch_compile_runs_on_the_ranks(comfy, pack, pack_model, conds):
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    model, group = pack_model
+    pos, neg = conds
+    eager = _sample(model, pos, neg, 4, 1.0)
+    compiled_model = TorchCompileModel.execute(model, "inductor")[0]
+    graphs = lambda: [r["compiled_graphs_per_forward"] for r in group.stats()]
+    first = _sample(compiled_model, pos, neg, 4, 1.0)
+    after_first = graphs()
+    again = _sample(compiled_model, pos, neg, 4, 1.0)
+    after_again = graphs()
+    diff = (first - eager).abs().max().item()
+    print(f"TorchCompileModel(inductor) on the ranks vs eager: {diff:.2e}; graphs built per forward (rank 0): "
+          f"{after_again[0][-8:]}")
+    assert diff <= 1e-4 and torch.equal(first, again)
+    for per_rank_first, per_rank in zip(after_first, after_again):
+        assert per_rank[-1] > 0, "nothing was compiled on the ranks"
+        # the second prompt (same shapes) and every step after the first two compiled nothing new
+        assert per_rank[-1] == per_rank_first[-1] and len(set(per_rank[-6:])) == 1, per_rank
+    # the plain MODEL again: the ranks go back to eager and reproduce the eager latent
+    assert torch.equal(_sample(model, pos, neg, 4, 1.0), eager)
+
+
+def test_loader_compile_option(comfy, pack, pack_model, conds):
+    import parallel_backend.runtime.group as group
+
+    eager_model, g = pack_model
+    pos, neg = conds
+    spec = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(2, 1, 2, 1, 1, 1, "fp32", "cpu", "sdpa")[0]
+    model, _ = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load("tiny_wan.safetensors", "fp32", spec,
+                                                                      compile="inductor")
+    assert group.active_groups() == [g]  # the same warm group and weights
+    out = _sample(model, pos, neg, 4, 1.0)
+    assert all(r["compile"] == {"backend": "inductor"} for r in g.stats())
+    eager = _sample(eager_model, pos, neg, 4, 1.0)
+    assert all(r["compile"] is None for r in g.stats())
+    assert (out - eager).abs().max().item() <= 1e-4
+
+
+def test_unsupported_compile_backend_and_patches_are_refused(comfy, pack_model, conds):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    model, _ = pack_model
+    pos, neg = conds
+    m = model.clone()
+    set_torch_compile_wrapper(model=m, backend="cudagraphs")
+    with pytest.raises(Exception, match="cudagraphs' needs CUDA ranks"):
+        _sample(m, pos, neg, 1, 1.0)
+    m = model.clone()
+    set_torch_compile_wrapper(model=m, backend="tvm")
+    with pytest.raises(Exception, match="backend 'tvm' is not supported"):
+        _sample(m, pos, neg, 1, 1.0)
+    m = model.clone()
+    m.model_options["transformer_options"]["rope_options"] = {"scale_t": 2.0}
+    with pytest.raises(Exception, match="RoPE scale"):
+        _sample(m, pos, neg, 1, 1.0)
