@@ -120,3 +120,34 @@ def write_fast_checkpoint(path: str, shapes: dict, dtype=None, seed: int = 0) ->
         sd[key] = t.reshape(shape).contiguous()
     save_file(sd, path)
     return path
+
+
+def import_comfy(device: str = "cpu"):
+    """ComfyUI importable in this process ($COMFYUI_PATH, else scripts/setup.sh's copy), through the tests'
+    host helper; device 'cuda' leaves ComfyUI on the GPU (the native side of a GPU benchmark)."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import comfy_host
+
+    return comfy_host.import_comfy(cpu=device != "cuda")
+
+
+def conditioning(tokens: int = 512, width: int = 4096, seed: int = 11):
+    """Positive / negative CONDITIONING of umt5's shape (what CLIPTextEncode gives Wan), random."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return ([[torch.randn(1, tokens, width, generator=g), {}]], [[torch.randn(1, tokens, width, generator=g), {}]])
+
+
+def count_forwards(model) -> dict:
+    """Count the evaluations that reach a native ComfyUI model's own `_forward` (a step cache skips them)."""
+    dm = model.model.diffusion_model
+    counter = {"n": 0}
+    inner = dm._forward
+
+    def counted(*a, **k):
+        counter["n"] += 1
+        return inner(*a, **k)
+
+    dm._forward = counted
+    return counter

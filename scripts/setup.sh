@@ -27,6 +27,15 @@ if [ ! -f "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+# torch.compile's inductor backend (TorchCompileModel / the loader's compile option) builds C++ on CPU ranks
+if ! command -v g++ >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++) >&2 \
+      || echo "setup: could not install g++; the compile tests will fail" >&2
+  else
+    echo "setup: install a C++ compiler (apt-get install g++) for torch.compile on CPU" >&2
+  fi
+fi
 # the browser test drives Debian's chromium (never a browser downloaded by a test tool)
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

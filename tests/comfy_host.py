@@ -29,15 +29,16 @@ def comfyui_path() -> str:
     return path
 
 
-def import_comfy():
-    """Make ComfyUI importable in this process (CPU). Its `nodes` module must win the name `nodes`."""
+def import_comfy(cpu: bool = True):
+    """Make ComfyUI importable in this process (CPU unless `cpu` is False). Its `nodes` module must win the
+    name `nodes`."""
     path = comfyui_path()
     if path not in sys.path:
         sys.path.insert(0, path)
     import comfy.options
     comfy.options.args_parsing = False
     from comfy.cli_args import args
-    args.cpu = True
+    args.cpu = cpu
     import nodes  # ComfyUI's nodes.py
     assert hasattr(nodes, "common_ksampler"), f"'nodes' resolved to {nodes.__file__}, not ComfyUI's"
     import folder_paths

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One command for a machine with one NVIDIA GPU (the device tool's, or yours): starts an NCCL world-size-1 group,
+# checks bf16 parity against ComfyUI's native model at Wan 2.1 1.3B full depth (random weights) and times pack vs
+# native per step with sdpa / flash / sage / compile. Ends within 10 minutes on an H100.
+#
+#   bench/gpu_check.sh [gpu_check.py options]
+#
+# Needs python3 with CUDA torch, and ComfyUI: $COMFYUI_PATH, or .gpu/comfyui as bench/prepare_gpu_carry.sh makes it
+# (with .gpu/wheels for the packages that machine lacks). With the device tool: run prepare_gpu_carry.sh here, then
+# run this there with carry [".gpu"]. The log lands in $OUT (or /tmp) as gpu_check.log.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pdit_site \
+    .gpu/wheels/*.whl
+  export PYTHONPATH="/tmp/pdit_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export COMFYUI_PATH="${COMFYUI_PATH:-$here/.gpu/comfyui}"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi: not available"
+timeout 570 "${PDIT_PY:-python3}" bench/gpu_check.py "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_check.log"
