@@ -138,8 +138,8 @@ def load_logged(group, path, precision, **kwargs) -> dict:
 
 _WEIGHT_PATCH_HELP = (
     "the parallel MODEL's weights live sharded on the worker ranks, where ComfyUI's weight patches cannot "
-    "reach; for a LoRA use the 'Parallel LoRA' node (category parallel_dit) between Parallel Model Loader and "
-    "the sampler (a LoRA for the text encoder only can stay on LoraLoader with strength_model 0)")
+    "reach; LoRAs work through LoraLoader / LoraLoaderModelOnly or the 'Parallel LoRA' node (they merge on the "
+    "ranks); remove the node that patches the weights otherwise (model merging, weight arithmetic)")
 
 
 def refuse_weight_patches(patcher):
@@ -168,8 +168,8 @@ def parallel_model_patcher_class():
                 if strength_patch == 0.0 and strength_model == 1.0:
                     return []  # changes nothing (e.g. LoraLoader with strength_model 0 for a CLIP LoRA)
                 raise UnsupportedPatchError(
-                    f"a node tried to patch the weights of the parallel MODEL (LoraLoader, model merge or "
-                    f"attention multiply; {len(patches)} keys matched); {_WEIGHT_PATCH_HELP}")
+                    f"a node tried to patch the weights of the parallel MODEL (a model merge, attention multiply or "
+                    f"another weight patch; {len(patches)} keys); {_WEIGHT_PATCH_HELP}")
 
         _patcher_class = ParallelModelPatcher
     return _patcher_class
@@ -315,3 +315,67 @@ def install_unload_hook():
 
     unload_all_models._pdit_wrapped = True
     mm.unload_all_models = unload_all_models
+
+
+def install_lora_hook():
+    """Native LoRA loaders (LoraLoader, LoraLoaderModelOnly, and any node that calls
+    comfy.sd.load_lora_for_models) on the pack's MODEL: the model part is merged into every rank's shard, exactly as
+    Parallel LoRA does it (the LoRA's tensors, as the node loaded them, are written once to a temporary file the
+    ranks read their slices from); a CLIP part is applied natively. Other MODELs take ComfyUI's own path."""
+    import comfy.sd
+    if getattr(comfy.sd.load_lora_for_models, "_pdit_wrapped", False):
+        return
+    original = comfy.sd.load_lora_for_models
+
+    def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
+        proxy = parallel_model_of(model) if model is not None else None
+        if proxy is None:
+            return original(model, clip, lora, strength_model, strength_clip)
+        new_clip = original(None, clip, lora, 0.0, strength_clip)[1] if clip is not None else None
+        if strength_model == 0:
+            return model, new_clip
+        return with_parallel_lora(model, proxy, lora_file(lora), strength_model), new_clip
+
+    load_lora_for_models._pdit_wrapped = True
+    comfy.sd.load_lora_for_models = load_lora_for_models
+
+
+def with_parallel_lora(model, proxy, path, strength):
+    """A clone of the pack's MODEL with the LoRA file `path` added at `strength` (merged on the ranks)."""
+    backend("weights.lora").read_lora_header(path)  # header only: refuses pickles, truncated and non-LoRA files
+    lora_proxy = proxy.with_loras(tuple(proxy.loras) + ((path, float(strength)),))
+    patched = model.clone()
+    patched.add_object_patch("diffusion_model", lora_proxy)
+    group = backend("runtime.group").get_group(proxy.parallel_config)
+    if proxy.resident or not group.holds_other_models(proxy.path, proxy.precision):
+        lora_proxy.group()  # merge now, so a LoRA that does not fit fails here, naming its file
+    # else: the group holds another model a sampler of this graph may still use (Parallel Model Loader's
+    # "swap"); this model and its LoRAs are loaded when its own sampler first calls it
+    return patched
+
+
+_lora_files: dict = {}
+
+
+def lora_file(lora: dict) -> str:
+    """A safetensors file holding the LoRA tensors a native loader read (one per distinct content, reused)."""
+    import hashlib
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    h = hashlib.sha1()
+    for k in sorted(lora):
+        t = lora[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest = h.hexdigest()[:20]
+    path = _lora_files.get(digest)
+    if path is None or not os.path.exists(path):
+        folder = os.path.join(tempfile.gettempdir(), f"pdit_loras_{os.getpid()}")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{digest}.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, path)
+        _lora_files[digest] = path
+    return path

@@ -1,7 +1,7 @@
 import logging
 
 from .backend import CATEGORY, CONFIG_TYPE, backend
-from .comfy_model import build_model_patcher, install_unload_hook, load_logged
+from .comfy_model import build_model_patcher, install_lora_hook, install_unload_hook, load_logged
 
 
 def resolve_config(spec: dict, shape, header) -> tuple:
@@ -77,6 +77,7 @@ class ParallelModelLoader:
         shape = family.model_shape(header)
         config, why = resolve_config(parallel_config, shape, header)
         install_unload_hook()
+        install_lora_hook()
         group = backend("runtime.group").get_group(config)  # starts ranks only when no warm group matches
         loads_before = group.load_count
         resident = residency == "resident"

@@ -1,5 +1,5 @@
-from .backend import CATEGORY, backend
-from .comfy_model import parallel_model_of
+from .backend import CATEGORY
+from .comfy_model import parallel_model_of, with_parallel_lora
 
 
 class ParallelLora:
@@ -37,13 +37,4 @@ class ParallelLora:
             return (model,)
         import folder_paths
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        backend("weights.lora").read_lora_header(path)  # header only: refuses pickles, truncated and non-LoRA files
-        lora_proxy = proxy.with_loras(tuple(proxy.loras) + ((path, float(strength)),))
-        patched = model.clone()
-        patched.add_object_patch("diffusion_model", lora_proxy)
-        group = backend("runtime.group").get_group(proxy.parallel_config)
-        if proxy.resident or not group.holds_other_models(proxy.path, proxy.precision):
-            lora_proxy.group()  # merge now, so a LoRA that does not fit fails here, naming its file
-        # else: the group holds another model a sampler of this graph may still use (Parallel Model Loader's
-        # "swap"); this model and its LoRAs are loaded when its own sampler first calls it
-        return (patched,)
+        return (with_parallel_lora(model, proxy, path, strength),)

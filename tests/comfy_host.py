@@ -33,12 +33,16 @@ def import_comfy(cpu: bool = True):
     """Make ComfyUI importable in this process (CPU unless `cpu` is False). Its `nodes` module must win the
     name `nodes`."""
     path = comfyui_path()
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    if path in sys.path:  # (a rank-side import may have appended it last)
+        sys.path.remove(path)
+    sys.path.insert(0, path)
     import comfy.options
     comfy.options.args_parsing = False
     from comfy.cli_args import args
     args.cpu = cpu
+    cached = sys.modules.get("nodes")
+    if cached is not None and not os.path.abspath(getattr(cached, "__file__", "") or "").startswith(path):
+        del sys.modules["nodes"]  # the pack's own `nodes` package got the name first: ComfyUI's must hold it
     import nodes  # ComfyUI's nodes.py
     assert hasattr(nodes, "common_ksampler"), f"'nodes' resolved to {nodes.__file__}, not ComfyUI's"
     import folder_paths

@@ -1,50 +1,47 @@
-"""Wan 2.1 / 2.2 DiT: detection, build, key map and parallel plan, on diffusers' WanTransformer3DModel.
+"""Wan 2.1 / 2.2 DiT on the host's own model class: ComfyUI's `comfy.ldm.wan.model.WanModel` (and the variant
+class ComfyUI's detection picks), built in each rank on the meta device; this file is its parallel plan as data.
 
-Covers Wan 2.1 T2V / I2V / FLF2V, Wan 2.2 A14B (each expert is a Wan 2.1 14B-layout file) and Wan 2.2
-TI2V-5B (48-channel latent; ComfyUI's per-frame timesteps are mapped to diffusers' per-token ones).
-
-The checkpoint is ComfyUI's / the original Wan key layout (`blocks.N.self_attn.q.weight`, ...);
-diffusers' own converter gives the key map, applied to key names only so no tensor is read.
+Covers Wan 2.1 T2V / I2V / FLF2V, Wan 2.2 A14B (each expert is a Wan 2.1 14B-layout file) and Wan 2.2 TI2V-5B
+(48-channel latent; ComfyUI passes one timestep per latent frame, which its blocks stretch over the tokens). The
+module paths below are ComfyUI's, which are the checkpoint's keys, so no key map exists; the sharded forward runs
+ComfyUI's own code (`WanModel._forward`), and ComfyUI's attention function serves every attention that is not
+sequence-split (cross-attention, and self-attention on one sequence rank).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelShape
-from ..parallel.attention import local_attention, ulysses_attention
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "wan"
 BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by one)
 HEAD_DIM = 128  # ComfyUI derives heads as dim // 128 for every Wan release
 
-# Parallel plan as data (see parallel/plan.py).
+_ATTN = ("self_attn", "cross_attn")
+# Parallel plan as data (see parallel/plan.py), on ComfyUI's WanModel.
 PLAN = ParallelPlan(
-    tp={
-        "blocks.*.attn1.to_q": "colwise", "blocks.*.attn1.to_k": "colwise", "blocks.*.attn1.to_v": "colwise",
-        "blocks.*.attn1.norm_q": "head_norm", "blocks.*.attn1.norm_k": "head_norm",
-        "blocks.*.attn1.to_out.0": "rowwise",
-        "blocks.*.attn2.to_q": "colwise", "blocks.*.attn2.to_k": "colwise", "blocks.*.attn2.to_v": "colwise",
-        "blocks.*.attn2.add_k_proj": "colwise", "blocks.*.attn2.add_v_proj": "colwise",
-        "blocks.*.attn2.norm_q": "head_norm", "blocks.*.attn2.norm_k": "head_norm",
-        "blocks.*.attn2.norm_added_k": "head_norm",
-        "blocks.*.attn2.to_out.0": "rowwise",
-        "blocks.*.ffn.net.0.proj": "colwise", "blocks.*.ffn.net.2": "rowwise",
-    },
-    # rope gives (cos, sin) of shape (1, S, 1, D); blocks take (hidden, context, timestep_proj, rope).
-    # Wan 2.2 TI2V-5B conditions every token on its own timestep: the condition embedder then returns
-    # temb (B, S, D) and timestep_proj (B, S, 6D) (Wan 2.1 / A14B: (B, D) and (B, 6D), left whole).
-    # Both are split with the tokens right there, so the blocks' modulation *and* the final norm_out
-    # modulation each see only the local tokens; only proj_out's narrow output is gathered.
-    seq_split_outputs={"rope": {0: SeqSplit(1), 1: SeqSplit(1)},
-                       "condition_embedder": {0: SeqSplit(1, expected_ndim=3), 1: SeqSplit(1, expected_ndim=3)}},
-    seq_split_inputs={"blocks.0": {0: SeqSplit(1)}},
-    seq_gather_outputs={"proj_out": SeqGather(1)},
-    attention_heads=("blocks.*.attn1", "blocks.*.attn2"),
+    # Megatron split of each block: q / k / v (and I2V's image k / v) by output, o by input (all-reduced); Wan's
+    # q / k RMSNorm spans all heads, so its sum of squares is all-reduced over TP (head_norm)
+    tp={**{f"blocks.*.{a}.{p}": "host_colwise" for a in _ATTN for p in "qkv"},
+        "blocks.*.cross_attn.k_img": "host_colwise", "blocks.*.cross_attn.v_img": "host_colwise",
+        **{f"blocks.*.{a}.o": "host_rowwise" for a in _ATTN},
+        **{f"blocks.*.{a}.norm_{p}": "head_norm" for a in _ATTN for p in "qk"},
+        "blocks.*.cross_attn.norm_k_img": "head_norm",
+        "blocks.*.ffn.0": "host_colwise", "blocks.*.ffn.2": "host_rowwise"},
+    attention_heads=tuple(f"blocks.*.{a}" for a in _ATTN), heads_attr="num_heads",
+    # the tokens enter the first block whole and are split there; every block gets the rope table and the time
+    # modulation as keywords: both are per token (the modulation per latent frame under TI2V-5B, stretched over the
+    # frame's tokens as ComfyUI's repeat_e does), so each rank keeps the entries of its own tokens; the head's
+    # modulation likewise; the head's output is gathered back to the full sequence
+    seq_split_inputs={"blocks.0": {0: SeqSplit(1)}, "head": {1: SeqSplit(1, per_token=True)}},
+    seq_split_kwargs={"blocks.*": {"e": SeqSplit(1, per_token=True), "freqs": SeqSplit(1, per_token=True)}},
+    seq_gather_outputs={"head": SeqGather(1)},
+    sequence_attention=("blocks.*.self_attn",),
 )
+BASIS = "host"
 
 
 def _strip(key: str) -> str:
@@ -63,8 +60,9 @@ def _shapes(shapes: dict) -> dict:
     return {_strip(k): tuple(v[0]) for k, v in shapes.items()}
 
 
-def diffusers_config(shapes: dict) -> dict:
-    """WanTransformer3DModel config from the checkpoint's tensor shapes (as ComfyUI detects it)."""
+def config_from_shapes(shapes: dict) -> dict:
+    """The model's sizes from the checkpoint's tensor shapes, as ComfyUI detects them (named as diffusers names
+    its config)."""
     s = _shapes(shapes)
     dim, in_ch = s["patch_embedding.weight"][:2]
     patch = tuple(s["patch_embedding.weight"][2:])
@@ -92,13 +90,14 @@ def diffusers_config(shapes: dict) -> dict:
 
 
 def model_shape(shapes: dict) -> ModelShape:
-    c = diffusers_config(shapes)
+    c = config_from_shapes(shapes)
     return ModelShape(FAMILY, c["num_attention_heads"], c["attention_head_dim"], c["ffn_dim"], c["num_layers"],
                       c["in_channels"], c["out_channels"], tuple(c["patch_size"]))
 
 
-def key_map(source_keys) -> dict:
-    """diffusers parameter name -> checkpoint key, from diffusers' own converter run on key names."""
+def diffusers_names(source_keys) -> dict:
+    """diffusers parameter name -> checkpoint key, from diffusers' own converter run on key names: LoRAs saved with
+    diffusers / PEFT names (`transformer.blocks.0.attn1.to_q.lora_A.weight`) are matched through it."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     converted = convert_wan_transformer_to_diffusers({k: k for k in source_keys})
@@ -113,115 +112,24 @@ def key_map(source_keys) -> dict:
     return mapping
 
 
-def build(config: dict, device="meta"):
-    """The diffusers model with no weights (meta), plus buffers computed for real."""
-    from diffusers import WanTransformer3DModel
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
+    """ComfyUI's model for this file (WanModel, or the variant class its detection picks), on meta."""
+    from .host import build_host_model
 
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**config)
-    # rope tables are non-persistent buffers: recompute them where they will live
-    model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], 1024).to(device)
-    return model
-
-
-# Modules diffusers keeps in fp32 whatever the compute dtype (its _keep_in_fp32_modules).
-def keep_fp32(param_name: str) -> bool:
-    from diffusers import WanTransformer3DModel
-
-    parts = set(param_name.split("."))
-    return any(m in parts for m in WanTransformer3DModel._keep_in_fp32_modules)
-
-
-def _rotate(x, cos, sin):
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-class WanParallelAttnProcessor:
-    """diffusers' WanAttnProcessor with the sequence split (Ulysses / Ring) on self-attention and
-    local heads under tensor parallelism (`attn.heads` is already heads / tp)."""
-
-    def __init__(self, seq_state, backend: str, call_state: dict):
-        self.seq_state, self.backend, self.call_state = seq_state, backend, call_state
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        img = None
-        n_img = self.call_state.get("image_tokens", 0)
-        if attn.add_k_proj is not None and n_img:
-            # diffusers assumes a 512-token text context here; ComfyUI's varies, so count image tokens instead
-            img, encoder_hidden_states = encoder_hidden_states[:, :n_img], encoder_hidden_states[:, n_img:]
-        is_self = encoder_hidden_states is None
-        ctx = hidden_states if is_self else encoder_hidden_states
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(ctx)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(ctx).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
-        if is_self and self.seq_state is not None and self.seq_state.degree > 1:
-            out = ulysses_attention(q, k, v, self.seq_state.groups, self.seq_state.key_valid_len)
-        else:
-            out = local_attention(q, k, v, self.backend)
-        out = out.flatten(2, 3).type_as(q)
-        if img is not None:
-            k_img = attn.norm_added_k(attn.add_k_proj(img)).unflatten(2, (attn.heads, -1))
-            v_img = attn.add_v_proj(img).unflatten(2, (attn.heads, -1))
-            out = out + local_attention(q, k_img, v_img, self.backend).flatten(2, 3).type_as(q)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+    return build_host_model(header, compute_dtype, path)
 
 
 def install_attention(model, seq_state, backend: str) -> None:
-    model._pdit_call_state = {}  # per-call facts the processors read (image token count)
-    for block in model.blocks:
-        for attn in (block.attn1, block.attn2):
-            attn.set_processor(WanParallelAttnProcessor(seq_state, backend, model._pdit_call_state))
+    """Self-attention inside the plan's sequence-attention scope runs Ulysses / Ring: ComfyUI's Wan calls the
+    module-level `optimized_attention`, which is wrapped once per rank process (calls outside the scope are
+    ComfyUI's own)."""
+    import comfy.ldm.wan.model as host
+
+    from ..parallel.attention import sequence_parallel_attention
+
+    host.optimized_attention = sequence_parallel_attention(host.optimized_attention)
 
 
-def pad_to_patch(x: torch.Tensor, patch) -> torch.Tensor:
-    """Pad T/H/W up to the patch size the way ComfyUI's Wan does (circular), so results match it."""
-    pad = []
-    for i in range(x.ndim - 2):
-        pad = [0, (-x.shape[i + 2]) % patch[i]] + pad
-    return F.pad(x, pad, mode="circular") if any(pad) else x
-
-
-def per_token_timestep(timestep: torch.Tensor, tokens: int) -> torch.Tensor:
-    """ComfyUI's timestep convention -> diffusers'. ComfyUI's WAN22 passes (B, n) timesteps (one per
-    latent frame when the first frame is a clean image, TI2V-5B) and its WanModel stretches each over
-    the tokens with `repeat_e`; diffusers' WanTransformer3DModel wants (B,) or one per token (B, S)."""
-    if timestep.ndim < 2:
-        return timestep
-    timestep = timestep.flatten(1)
-    n = timestep.shape[1]
-    if n == 1:
-        return timestep[:, 0]
-    repeats = tokens // n
-    if repeats * n == tokens:
-        return timestep.repeat_interleave(repeats, dim=1) if repeats > 1 else timestep
-    return timestep.repeat_interleave(repeats + 1, dim=1)[:, :tokens]  # as repeat_e: the tail is cut
-
-
-def forward(model, x, timestep, context, clip_fea=None):
-    """ComfyUI's WanModel call convention on the diffusers model: pad, run, crop."""
-    t, h, w = x.shape[2:]
-    x = pad_to_patch(x, model.config.patch_size)
-    tokens = math.prod(s // p for s, p in zip(x.shape[2:], model.config.patch_size))
-    timestep = per_token_timestep(timestep, tokens)
-    state = getattr(model, "_pdit_call_state", {})
-    state["image_tokens"] = 0
-    if clip_fea is not None:
-        if model.condition_embedder.image_embedder is None:
-            clip_fea = None  # a T2V model ignores CLIP vision input, as ComfyUI's does
-        else:
-            state["image_tokens"] = clip_fea.shape[1]
-            pos = model.condition_embedder.image_embedder.pos_embed
-            if pos is not None:  # FLF2V: ComfyUI passes (B, 2*257, C); diffusers views (2B, 257, C) in pairs
-                clip_fea = clip_fea[:, :pos.shape[1]].reshape(-1, pos.shape[1] // 2, clip_fea.shape[-1])
-    out = model(hidden_states=x, timestep=timestep, encoder_hidden_states=context,
-                encoder_hidden_states_image=clip_fea, return_dict=False)[0]
-    return out[:, :, :t, :h, :w]
+def forward(model, x, timestep, context, clip_fea=None, **extras):
+    """ComfyUI's WanModel._forward (its DIFFUSION_MODEL wrappers already ran in the ComfyUI process)."""
+    return model._forward(x, timestep, context, clip_fea=clip_fea, transformer_options={}, **extras)

@@ -113,3 +113,32 @@ def ulysses_attention(q, k, v, groups: SequenceParallelGroups, valid_len: int | 
     if u > 1:
         out = _heads_to_seq(out.contiguous(), groups.ulysses, u)
     return out
+
+
+# Sequence states of the modules now inside a plan's `sequence_attention` scope (pushed / popped by the plan's
+# hooks), innermost last: the host's attention function, replaced by `sequence_parallel_attention`, reads it.
+ACTIVE_SEQUENCE_STATES: list = []
+
+
+def sequence_parallel_attention(original):
+    """Wrap a host attention function of ComfyUI's signature (q, k, v, heads, mask=None, ..., skip_reshape=False,
+    skip_output_reshape=False): inside a sequence-attention scope whose split is wider than one rank it runs Ulysses /
+    Ring over the local tokens (each rank holds a chunk of the queries and keys); everywhere else (cross-attention,
+    a call that is not split) it is the host's own function and kernel, unchanged."""
+    if getattr(original, "_pdit_original", None) is not None:
+        return original
+
+    def attention(q, k, v, heads, *args, **kwargs):
+        state = ACTIVE_SEQUENCE_STATES[-1] if ACTIVE_SEQUENCE_STATES else None
+        mask = args[0] if args else kwargs.get("mask")
+        if state is None or state.degree == 1 or mask is not None:
+            return original(q, k, v, heads, *args, **kwargs)
+        if kwargs.get("skip_reshape"):  # (B, H, S, D)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        else:  # (B, S, H * D)
+            q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
+        out = ulysses_attention(q, k, v, state.groups, state.key_valid_len)  # (B, S, H, D)
+        return out.transpose(1, 2) if kwargs.get("skip_output_reshape") else out.flatten(2)
+
+    attention._pdit_original = original
+    return attention

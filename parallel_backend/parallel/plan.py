@@ -16,16 +16,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import SequenceParallelGroups
+from .attention import ACTIVE_SEQUENCE_STATES, SequenceParallelGroups
 from .collectives import all_gather
 from .tensor_parallel import TP_STYLES
 
 
 @dataclass(frozen=True)
 class SeqSplit:
-    """Split a tensor over the sequence ranks along `dim`; skip tensors whose ndim differs."""
+    """Split a tensor over the sequence ranks along `dim`; skip tensors whose ndim differs.
+
+    per_token: the tensor holds one entry per token, or one for all (size 1: left whole), or one per group of
+    tokens that the model stretches over the tokens (ComfyUI's `repeat_e`: Wan's per-frame timesteps); each rank
+    takes the entries of its own tokens only, never the full per-token expansion."""
     dim: int
     expected_ndim: int | None = None
+    per_token: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class ParallelPlan:
     seq_split_outputs: dict = field(default_factory=dict)  # module -> {output index: SeqSplit}
     seq_gather_outputs: dict = field(default_factory=dict)  # module -> SeqGather
     attention_heads: tuple = ()                       # patterns of modules with a `heads` attr to divide by tp
+    heads_attr: str = "heads"                         # that attribute's name (ComfyUI's Wan: num_heads)
+    seq_split_kwargs: dict = field(default_factory=dict)   # module pattern -> {keyword: SeqSplit}
+    sequence_attention: tuple = ()                    # patterns of modules whose attention call runs sequence-parallel
 
 
 class SequenceState:
@@ -73,6 +81,24 @@ class SequenceState:
         n = t.shape[dim] // self.degree
         self.local_len = n
         return t.narrow(dim, self.index * n, n).contiguous()
+
+    def split_per_token(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's entries of a per-token tensor (see SeqSplit.per_token); call after the tokens were split."""
+        n_e, full = t.shape[dim], self.valid_len
+        if n_e == 1 or self.degree == 1 or full is None:
+            return t
+        if n_e == full:
+            return self._narrow_padded(t, dim)
+        repeats = full // n_e
+        step = repeats if repeats * n_e == full else repeats + 1  # ComfyUI's repeat_e: the tail is cut
+        n = -(-full // self.degree)
+        tokens = torch.arange(self.index * n, self.index * n + n, device=t.device).clamp(max=full - 1)
+        return t.index_select(dim, tokens // step)
+
+    def _narrow_padded(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = -(-t.shape[dim] // self.degree)
+        idx = torch.arange(self.index * n, self.index * n + n, device=t.device).clamp(max=t.shape[dim] - 1)
+        return t.index_select(dim, idx)
 
     def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         g = self.groups
@@ -122,8 +148,9 @@ def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, group, tp_rank: 
                 break
     for name, module in model.named_modules():
         if any(_matches(name, p) for p in plan.attention_heads):
-            assert module.heads % tp_size == 0
-            module.heads //= tp_size
+            heads = getattr(module, plan.heads_attr)
+            assert heads % tp_size == 0
+            setattr(module, plan.heads_attr, heads // tp_size)
 
 
 @dataclass(frozen=True)
@@ -149,12 +176,19 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
         return []
     handles = []
 
-    def split_inputs(spec):
+    def cut(t, s):
+        return state.split_per_token(t, s.dim) if s.per_token else state.split(t, s.dim)
+
+    def split_inputs(spec, kw_spec=None):
         def hook(_module, args, kwargs):
             args = list(args)
-            for i, s in spec.items():
+            for i, s in (spec or {}).items():
                 if i < len(args) and torch.is_tensor(args[i]) and (s.expected_ndim in (None, args[i].ndim)):
-                    args[i] = state.split(args[i], s.dim)
+                    args[i] = cut(args[i], s)
+            for k, s in (kw_spec or {}).items():
+                v = kwargs.get(k)
+                if torch.is_tensor(v) and (s.expected_ndim in (None, v.ndim)):
+                    kwargs = {**kwargs, k: cut(v, s)}
             return tuple(args), kwargs
         return hook
 
@@ -172,13 +206,32 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
             return state.gather(output, spec.dim)
         return hook
 
-    for name, spec in plan.seq_split_inputs.items():
-        h = model.get_submodule(name).register_forward_pre_hook(split_inputs(spec), with_kwargs=True)
-        handles.append(PlanHook(name, "split_inputs", h))
+    def attention_scope(enter):
+        def hook(*_args):
+            if enter:
+                ACTIVE_SEQUENCE_STATES.append(state)
+            elif ACTIVE_SEQUENCE_STATES:
+                ACTIVE_SEQUENCE_STATES.pop()
+        return hook
+
+    names = [n for n, _ in model.named_modules()]
+    expand = lambda pattern: [n for n in names if _matches(n, pattern)] or [pattern]
+    # positional splits first (they split the tokens and learn the real length), then keyword ones, which may be
+    # per-token tensors cut to the tokens this rank now holds
+    for pattern, spec in list(plan.seq_split_inputs.items()) + [(p, None) for p in plan.seq_split_kwargs]:
+        for name in expand(pattern):
+            hook = split_inputs(spec, None) if spec is not None else split_inputs(None, plan.seq_split_kwargs[pattern])
+            h = model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+            handles.append(PlanHook(name, "split_inputs", h))
     for name, spec in plan.seq_split_outputs.items():
         handles.append(PlanHook(name, "split_outputs", model.get_submodule(name).register_forward_hook(split_outputs(spec))))
     for name, spec in plan.seq_gather_outputs.items():
         handles.append(PlanHook(name, "gather_output", model.get_submodule(name).register_forward_hook(gather_output(spec))))
+    for pattern in plan.sequence_attention:
+        for name in expand(pattern):
+            mod = model.get_submodule(name)
+            handles.append(PlanHook(name, "split_inputs", mod.register_forward_pre_hook(attention_scope(True))))
+            handles.append(PlanHook(name, "gather_output", mod.register_forward_hook(attention_scope(False))))
     return handles
 
 

@@ -97,3 +97,47 @@ def head_sharded_norm(norm: nn.RMSNorm, group, tp_rank, tp_size) -> HeadShardedR
 
 
 TP_STYLES = {"colwise": column_parallel, "rowwise": row_parallel, "head_norm": head_sharded_norm}
+
+
+# ---- tensor parallelism on the host's own layers ------------------------------------------------------------------
+# ComfyUI's Linear classes (comfy.ops: manual cast, scaled fp8, ...) carry the host's weight semantics. Splitting one
+# keeps its class: a layer of the same class with the local shape, plus the collective the split needs. Parameter
+# names stay the checkpoint's, and `shard_dims` tells the loader which slice each rank reads.
+
+
+def _shrunk(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    new = type(linear)(in_features, out_features, bias=linear.bias is not None, device="meta",
+                       dtype=linear.weight.dtype)
+    for attr in ("comfy_cast_weights",):  # per-instance switches the host may have set
+        if attr in linear.__dict__:
+            setattr(new, attr, linear.__dict__[attr])
+    return new
+
+
+def host_column_parallel(linear: nn.Linear, group, tp_rank, tp_size) -> nn.Linear:
+    """The host layer with out_features / tp outputs: y[..., shard] = x @ W[shard].T + b[shard]."""
+    assert linear.out_features % tp_size == 0, f"out_features {linear.out_features} % tp {tp_size}"
+    new = _shrunk(linear, linear.in_features, linear.out_features // tp_size)
+    new.shard_dims, new.tp_group, new.tp_rank, new.tp_size = {"weight": 0, "bias": 0}, group, tp_rank, tp_size
+    return new
+
+
+def host_row_parallel(linear: nn.Linear, group, tp_rank, tp_size) -> nn.Linear:
+    """The host layer with in_features / tp inputs, its output all-reduced over TP. The bias is held by TP rank 0
+    only (the others hold zeros), so the sum adds it once and the layer's own forward stays the host's."""
+    assert linear.in_features % tp_size == 0, f"in_features {linear.in_features} % tp {tp_size}"
+    new = _shrunk(linear, linear.in_features // tp_size, linear.out_features)
+    new.shard_dims, new.tp_group, new.tp_rank, new.tp_size = ({"weight": 1, "bias": BIAS_ON_RANK0}, group, tp_rank,
+                                                              tp_size)
+    new.register_forward_hook(_all_reduce_output)
+    return new
+
+
+BIAS_ON_RANK0 = "rank0"  # a shard_dims value: TP rank 0 reads the whole tensor, the others hold zeros
+
+
+def _all_reduce_output(module, _args, out):
+    return all_reduce(out, module.tp_group) if module.tp_size > 1 else out
+
+
+TP_STYLES.update({"host_colwise": host_column_parallel, "host_rowwise": host_row_parallel})

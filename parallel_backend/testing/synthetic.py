@@ -265,12 +265,13 @@ def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.f
     return write_safetensors_stream(dst, entries)
 
 
-def write_dequantized(src: str, dst: str, dtype=torch.float32) -> str:
+def write_dequantized(src: str, dst: str, dtype=torch.float32, fp8_unet_keep: tuple | None = None) -> str:
     """The weights an fp8 / fp8_scaled checkpoint stands for, as ComfyUI loads it, written as a plain `dtype`
     file: every fp8 tensor becomes fp8.to(float32) * its per-tensor scale (1 without one); in a scaled-fp8
     file (marker key present) the linears' other tensors (biases) are rounded through the marker's fp8 dtype,
     as ComfyUI's scaled-fp8 layers hold them; scales and the marker are dropped. The reference an fp8 load is
-    compared with."""
+    compared with. `fp8_unet_keep`: the file is a plain fp8 one that ComfyUI holds as an fp8 unet (every tensor in
+    fp8) except the tensors whose keys start with these prefixes (those the model builds in fp32 regardless)."""
     from safetensors import safe_open
 
     from ..weights.fp8 import AUX_SUFFIXES, MARKER_KEYS, scaled_fp8_dtype, weight_scale_key
@@ -287,6 +288,8 @@ def write_dequantized(src: str, dst: str, dtype=torch.float32) -> str:
             t = f.get_tensor(k)
             if scaled is not None and (k in linear_biases or _is_linear_weight(k, header[k][0])):
                 t = t.to(scaled)
+            elif fp8_unet_keep is not None and t.is_floating_point() and not k.startswith(fp8_unet_keep):
+                t = t.to(torch.float8_e4m3fn)
             if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
                 return t.to(dtype)
             sk = weight_scale_key(header, k)
@@ -323,8 +326,8 @@ def write_wan_lora(path: str, model_path: str, fmt: str = "comfy", rank: int = 4
     modules = [f"blocks.{b}.{a}.{p}" for b in blocks for a in ("self_attn", "cross_attn") for p in "qkvo"]
     modules += [f"blocks.{b}.ffn.{i}" for b in blocks for i in (0, 2)]
     if fmt == "peft":
-        from ..models.wan import key_map
-        to_diffusers = {v: k for k, v in key_map(list(header)).items()}
+        from ..models.wan import diffusers_names
+        to_diffusers = {v: k for k, v in diffusers_names(list(header)).items()}
     g = torch.Generator().manual_seed(seed)
     tensors, deltas = {}, {}
     scale = 1.0 if (alpha is None or fmt == "peft") else alpha / rank

@@ -60,10 +60,12 @@ def _strip(key: str) -> str:
     return key
 
 
-def alias_table(key_map: dict) -> dict:
-    """LoRA module name (any supported spelling) -> diffusers parameter stem.
+def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
+    """LoRA module name (any supported spelling) -> the model's parameter stem.
 
-    A stem is the parameter name without `.weight` for weights, the full name otherwise.
+    A stem is the parameter name without `.weight` for weights, the full name otherwise. `aliases` ({other name:
+    checkpoint key}, e.g. diffusers' names for a model built from the host's class) adds the spellings of LoRAs
+    saved under those names.
     """
     table, ambiguous = {}, set()
     for dname, ckey in key_map.items():
@@ -84,6 +86,16 @@ def alias_table(key_map: dict) -> dict:
             table[alias] = ds
     for alias in ambiguous:
         del table[alias]
+    if aliases:
+        by_key = {_strip(v): k for k, v in key_map.items()}
+        for other, ckey in aliases.items():
+            mine = by_key.get(_strip(ckey))
+            if mine is None or not other.endswith(".weight") or not mine.endswith(".weight"):
+                continue
+            os_, ms = other[:-len(".weight")], mine[:-len(".weight")]
+            for alias in (os_, "transformer." + os_, "base_model.model." + os_, "unet." + os_,
+                          "lora_transformer_" + os_.replace(".", "_"), "lora_unet_" + os_.replace(".", "_")):
+                table.setdefault(alias, ms)
     return table
 
 
@@ -125,14 +137,15 @@ def looks_like_lora(header: dict) -> bool:
     return any(_split_key(k)[1] in ("up", "down", "diff", "diff_b") for k in header)
 
 
-def plan_lora(path: str, lora_header: dict, key_map: dict, model_header: dict, alpha_values: dict | None = None):
+def plan_lora(path: str, lora_header: dict, key_map: dict, model_header: dict, alpha_values: dict | None = None,
+              aliases: dict | None = None):
     """Map a LoRA file onto the model from headers alone: (targets, unmatched LoRA keys).
 
     `alpha_values`: {key: float} for the file's `.alpha` scalars (read by the caller; headers hold no values).
     Raises LoraError (naming the file) for unsupported adapter types, shape mismatches, or a LoRA none of
     whose modules belong to this model.
     """
-    table = alias_table(key_map)
+    table = alias_table(key_map, aliases)
     modules = defaultdict(dict)
     unknown = []
     for key in lora_header:
@@ -222,7 +235,8 @@ def _alphas(reader: SliceReader, header: dict) -> dict:
     return {k: float(reader.read(k).reshape(-1)[0]) for k in header if k.endswith(".alpha")}
 
 
-def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict, touched: set) -> dict:
+def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict, touched: set,
+                aliases: dict | None = None, compute_dtype: torch.dtype | None = None) -> dict:
     """Merge `loras` ([(path, strength), ...]) into the model's (sharded) parameters.
 
     Each parameter gets the sum of all LoRAs' deltas in fp32 and is cast back once. Names of changed
@@ -236,7 +250,7 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
             header = read_lora_header(path)
             reader = SliceReader(path)
             readers.append(reader)
-            targets, skipped = plan_lora(path, header, key_map, model_header, _alphas(reader, header))
+            targets, skipped = plan_lora(path, header, key_map, model_header, _alphas(reader, header), aliases)
             if skipped:
                 unmatched[path] = skipped
             for t in targets:
@@ -244,8 +258,7 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
                     raise LoraError(f"{path}: targets {t.param}, which this model does not have")
                 per_param[t.param].append((reader, t, float(strength)))
         for name, items in per_param.items():
-            _merge_param(model, name, params[name], items)
-            touched.add(name)
+            touched.update(_merge_param(model, name, params[name], items, compute_dtype))
     finally:
         for r in readers:
             r.close()
@@ -253,12 +266,28 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
             "lora_unmatched_keys": {p: k[:5] for p, k in unmatched.items()}}
 
 
-def _merge_param(model, name, p, items) -> None:
+def _merge_param(model, name, p, items, compute_dtype=None) -> set:
+    """Merge into one parameter; returns the names it changed (a scaled-fp8 layer's scale too)."""
+    from ..parallel.tensor_parallel import BIAS_ON_RANK0
+
     module_name, _, pname = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     dim, rank, parts = shard_dim_of(model, name)
+    if dim == BIAS_ON_RANK0:  # a row-parallel bias lives on TP rank 0 only: the others keep zeros
+        if rank != 0:
+            return set()
+        dim = None
     fp8 = isinstance(module, Fp8Linear) and pname == "weight"
-    w = module.dequantized_weight().float() if fp8 else p.detach().float()
+    # a host layer (ComfyUI's ops) holding fp8: dequantize with its per-tensor scale, hold the result in the compute
+    # precision and its scale at 1 (both restored from the file when the LoRA changes)
+    host_fp8 = not fp8 and p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)  # a weight or an fp8 bias
+    weight_scale = getattr(module, "scale_weight", None) if host_fp8 and pname == "weight" else None
+    if fp8:
+        w = module.dequantized_weight().float()
+    elif host_fp8:
+        w = p.detach().float() * (weight_scale.detach().float() if torch.is_tensor(weight_scale) else 1.0)
+    else:
+        w = p.detach().float()
     for reader, t, strength in items:
         if t.kind == "lora":  # only this shard's rows of up (column-parallel) or columns of down (row-parallel)
             up_shape, down_shape = t.shapes
@@ -273,5 +302,12 @@ def _merge_param(model, name, p, items) -> None:
     if fp8:  # an upcast copy: the layer now holds its shard in the compute precision
         module._parameters["weight"] = torch.nn.Parameter(w.to(module.compute_dtype), requires_grad=False)
         module.scale_weight = None
-    else:
-        p.data.copy_(w)
+        return {name}
+    if host_fp8:
+        module._parameters[pname] = torch.nn.Parameter(w.to(compute_dtype or torch.float32), requires_grad=False)
+        if torch.is_tensor(weight_scale):
+            weight_scale.data.fill_(1.0)
+            return {name, f"{module_name}.scale_weight"}
+        return {name}
+    p.data.copy_(w)
+    return {name}

@@ -16,6 +16,7 @@ rounded to fp8 as ComfyUI holds them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -146,7 +147,7 @@ def _owned(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 class _ParamPlan:
-    __slots__ = ("name", "key", "shape", "st_dtype", "index", "touch", "owner", "pname")
+    __slots__ = ("name", "key", "shape", "st_dtype", "index", "touch", "owner", "pname", "rank0_only")
 
 
 def _plan(model, params, key_map, header, path) -> list:
@@ -235,8 +236,8 @@ def load_sharded(model: torch.nn.Module, path: str, key_map: dict, dtype: torch.
 def param_stats(model: torch.nn.Module) -> dict:
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    fp8 = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-              if isinstance(m, Fp8Linear) and m.weight.dtype.itemsize == 1)
+    fp8 = sum(p.numel() * p.element_size() for p in model.parameters()
+              if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
     return {"param_bytes": held, "buffer_bytes": buffers, "fp8_weight_bytes": fp8}
 
 
@@ -252,3 +253,75 @@ def reload_params(model: torch.nn.Module, path: str, key_map: dict, names, dtype
             _read_into(reader, plan, header, path, dtype, device, keep_fp32, params[plan.name].shape,
                        scaled_fp8_dtype(header))
         return reader.bytes_read
+
+
+# ---- the host's own model: parameter names are the checkpoint's keys ------------------------------------------------
+HOST_DEFAULT_ONES = ("scale_weight", "scale_input")  # ComfyUI's scaled-fp8 layers default these to 1 when absent
+
+
+def host_key_map(model: torch.nn.Module, prefix: str) -> dict:
+    """parameter name -> checkpoint key for a host-built model: the same name under the file's prefix."""
+    return {n: prefix + n for n, _ in model.named_parameters()}
+
+
+def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: torch.device,
+                      header: dict | None = None, names=None, dtypes: dict | None = None) -> dict:
+    """Materialise a host-built (meta) model on `device`, each parameter read as this rank's slice straight into the
+    dtype ComfyUI built it with (the host's own load semantics: an fp8 layer stays fp8, a scaled-fp8 layer's bias
+    is rounded to fp8, a compute-dtype layer is cast). `names`: only these parameters (a re-read after a LoRA);
+    `dtypes`: the dtype each parameter was built with (a merge may have changed it since).
+    Returns the same stats as load_sharded."""
+    from ..parallel.tensor_parallel import BIAS_ON_RANK0
+
+    header = header if header is not None else read_header(path)
+    for k, (shape, _) in header.items():
+        if k.endswith(AUX_SUFFIXES[:2]) and math.prod(shape) != 1:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(shape)}; only per-tensor fp8 scales (one number per "
+                                  f"weight) are supported")
+    params = dict(model.named_parameters())
+    wanted = list(params) if names is None else [n for n in names if n in params]
+    missing = [n for n in wanted if prefix + n not in header and n.rpartition(".")[2] not in HOST_DEFAULT_ONES]
+    if missing:
+        raise CheckpointError(f"{path}: no weights for {len(missing)} parameters of the model ComfyUI detected "
+                              f"(e.g. {missing[:3]}); the file does not match that model")
+    plans = []
+    for name in wanted:
+        p = _ParamPlan()
+        p.name, p.key = name, prefix + name
+        module_name, _, p.pname = name.rpartition(".")
+        p.owner = model.get_submodule(module_name) if module_name else model
+        shape, p.st_dtype = header.get(p.key, (tuple(params[name].shape), None))
+        p.shape = shape
+        dim, rank, parts = shard_dim_of(model, name)
+        p.index = _slice_for(shape, dim, rank, parts) if isinstance(dim, int) else None
+        full = _nbytes(shape, p.st_dtype or "F32")
+        p.touch = full // parts if dim == 0 else full
+        p.rank0_only = dim == BIAS_ON_RANK0 and rank != 0
+        plans.append(p)
+    plans.sort(key=lambda p: -p.touch)
+    with SliceReader(path) as reader:
+        for p in plans:
+            target = params[p.name]
+            dtype = (dtypes or {}).get(p.name, target.dtype)
+            if p.st_dtype is None:  # a scale the file does not carry: ComfyUI's default
+                value = torch.ones(target.shape, dtype=dtype, device=device)
+            elif p.rank0_only:
+                value = torch.zeros(target.shape, dtype=dtype, device=device)
+            else:
+                t = reader.read(p.key, p.index, p.touch)
+                if tuple(t.shape) != tuple(target.shape):
+                    raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's slice), expected "
+                                          f"{tuple(target.shape)}; the file does not match the model it was detected as")
+                value = _owned(t, dtype, device)
+                del t
+            p.owner._parameters[p.pname] = torch.nn.Parameter(value, requires_grad=False)
+        read = reader.bytes_read
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if names is None and left:
+        raise CheckpointError(f"{path}: {len(left)} tensors were not materialised (e.g. {left[:3]})")
+    fp8 = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+              if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+    return {"bytes_read": read, **param_stats(model), "fp8_weight_bytes": fp8,
+            "fp8_layers": sum(1 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2
+                              and p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)),
+            "checkpoint_precision": checkpoint_precision(header)}

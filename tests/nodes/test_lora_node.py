@@ -2,8 +2,9 @@
 
 A ComfyUI-format Wan LoRA (`diffusion_model.blocks.N.self_attn.q.lora_down.weight` / `lora_up` /
 `alpha`, plus `.diff` on a norm and `.diff_b` on biases) is merged on tp=2 ranks (each rank merges its
-slice); sampling with it must give ComfyUI's native LoRA'd model's latent. The native LoraLoader on the
-pack's MODEL is refused with a message pointing to Parallel LoRA (it would otherwise change nothing).
+slice); sampling with it must give ComfyUI's native LoRA'd model's latent. The native LoraLoader /
+LoraLoaderModelOnly on the pack's MODEL take the same path (merged on the ranks); other weight patches are
+refused.
 """
 import os
 import shutil
@@ -94,9 +95,13 @@ def test_parallel_lora_matches_native_lora_loader_and_restrength_reuses_the_grou
 
 
 @pytest.mark.multirank
-def test_native_lora_loader_on_the_parallel_model_is_refused(comfy, pack, loras, config_spec, conds,
-                                                             stop_groups_after):
+def test_native_lora_loaders_on_the_parallel_model_merge_on_the_ranks(comfy, pack, loras, config_spec, conds,
+                                                                       stop_groups_after):
+    """LoraLoaderModelOnly and LoraLoader, ComfyUI's own nodes, on the pack's MODEL: the LoRA reaches every rank's
+    shard at the given strength (= native within 1e-4); a new strength re-merges on the same ranks."""
     import sys
+
+    import parallel_backend.runtime.group as group
 
     models_dir = comfy["models_dir"]
     import comfy.sd  # (rebinds the `comfy` fixture's name)
@@ -105,10 +110,25 @@ def test_native_lora_loader_on_the_parallel_model_is_refused(comfy, pack, loras,
 
     UnsupportedPatchError = sys.modules[pack.__name__ + ".nodes.comfy_model"].UnsupportedPatchError
     nodes = pack.NODE_CLASS_MAPPINGS
+    pos, neg = conds
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
     model, _ = nodes["ParallelModelLoader"]().load("tiny_wan.safetensors", "fp32", config_spec(world_size=2, tp=2))
-    # the native LoraLoader would find none of its keys on the proxy and change nothing: refused instead
-    with pytest.raises(UnsupportedPatchError, match="Parallel LoRA"):
-        comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "wan_lora_comfy.safetensors", 1.0)
+    g = group.active_groups()[0]
+    pids, loads = list(g.pids), g.load_count
+    sample = lambda m: comfy_nodes.common_ksampler(m, 3, STEPS, CFG, "euler", "simple", pos, neg, latent)[0]["samples"]
+    for strength, loader in ((1.0, "LoraLoaderModelOnly"), (0.5, "LoraLoader")):
+        if loader == "LoraLoaderModelOnly":
+            lora_model = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "wan_lora_comfy.safetensors",
+                                                                                strength)[0]
+        else:  # with a CLIP: its part is ComfyUI's own (this LoRA has no text-encoder keys); None stands in here
+            lora_model = comfy_nodes.LoraLoader().load_lora(model, None, "wan_lora_comfy.safetensors", strength,
+                                                            1.0)[0]
+        out = sample(lora_model)
+        ref = _native(models_dir, strength, pos, neg, latent)
+        diff = (out - ref).abs().max().item()
+        print(f"native {loader} x{strength} on the pack MODEL (tp=2) vs on the native model: {diff:.2e}")
+        assert diff <= TOL
+    assert g.pids == pids and g.load_count == loads  # re-merged in the same ranks, the model read once
     # strength 0 changes nothing and passes through, as natively
     assert comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "wan_lora_comfy.safetensors", 0.0)[0] is model
     # a weight patch that reached the patcher some other way is refused at the first model call

@@ -1,8 +1,7 @@
 """Wan parity matrix: parallel_backend.runtime.sharded_model.ShardedModel on every mesh of <= 4 CPU/gloo ranks.
 
 Each mesh's output, reassembled from the rows each replica returns, must equal both the 1-rank
-ShardedModel and diffusers' plain WanTransformer3DModel (built from the same file through
-diffusers' own converter) to TOL in fp32; for token counts that divide and that do not divide the
+ShardedModel and ComfyUI's own WanModel loaded natively from the same file to TOL in fp32; for token counts that divide and that do not divide the
 sequence degree, for batch 2 (cond + uncond) and batch 1 (a cfg=2 mesh with only one row).
 
 Spawning ranks is the cost on a small CPU box, so each world size is spawned once: the ranks build
@@ -111,31 +110,24 @@ def cases():
 
 @pytest.fixture(scope="module")
 def references(wan_path, cases):
-    """Both oracles: diffusers' plain model, and the 1-rank ShardedModel."""
-    from diffusers import WanTransformer3DModel
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-    from safetensors.torch import load_file
+    """Both oracles: ComfyUI's own WanModel loaded natively from the same file, and the 1-rank ShardedModel."""
+    import comfy_host
+    comfy_host.import_comfy()
+    import comfy.sd
 
     from parallel_backend.runtime.mesh import single_rank_mesh
     from parallel_backend.runtime.sharded_model import ShardedModel
 
-    # the tiny preset written above, spelt out independently of the pack's own config detection
-    plain = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128,
-                                  in_channels=16, out_channels=16, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=1024,
-                                  num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
-    sd = convert_wan_transformer_to_diffusers(load_file(wan_path))
-    plain.load_state_dict(sd, strict=True)
-    plain.eval().requires_grad_(False)
-
+    native = comfy.sd.load_diffusion_model(wan_path).model.diffusion_model
     one = ShardedModel(single_rank_mesh(ParallelConfig(world_size=1, device="cpu", dtype="fp32"),
                                         torch.device("cpu")), wan_path, "fp32")
-    diffusers_out, one_out = {}, {}
+    native_out, one_out = {}, {}
     with torch.no_grad():
         for name, (x, t, ctx) in cases.items():
-            diffusers_out[name] = plain(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+            native_out[name] = native(x, t, ctx).float()
             one_out[name] = one.forward_rows(x, t, ctx)
     full_block_bytes = _block_bytes(one.model)
-    return {"diffusers": diffusers_out, "one": one_out, "full_block_bytes": full_block_bytes,
+    return {"native": native_out, "one": one_out, "full_block_bytes": full_block_bytes,
             "full_param_bytes": one.load_stats["param_bytes"]}
 
 
@@ -184,11 +176,11 @@ def _check_mesh(per_rank, references, cases, mesh, spec, tol):
     diffs = {}
     for case, (x, _, _) in cases.items():
         out = _assemble(per_rank, mesh, case, x.shape[0])
-        ref_d, ref_1 = references["diffusers"][case], references["one"][case]
+        ref_d, ref_1 = references["native"][case], references["one"][case]
         assert out.shape == ref_d.shape == x.shape
         assert torch.isfinite(out).all()
         diffs[case] = ((out - ref_1).abs().max().item(), (out - ref_d).abs().max().item())
-    print(f"\n{mesh}: max abs diff (vs 1-rank, vs diffusers) per case: "
+    print(f"\n{mesh}: max abs diff (vs 1-rank, vs ComfyUI native) per case: "
           + ", ".join(f"{c}: {a:.2e}/{b:.2e}" for c, (a, b) in diffs.items()))
     worst = max(max(v) for v in diffs.values())
     assert worst <= tol, f"{mesh}: {diffs}"
@@ -211,10 +203,10 @@ def _check_tp_memory(per_rank, references, mesh, spec):
 # ---------------------------------------------------------------- tests
 
 
-def test_one_rank_matches_diffusers(references, cases):
+def test_one_rank_matches_comfyui_native(references, cases):
     for case in cases:
-        d = (references["one"][case] - references["diffusers"][case]).abs().max().item()
-        print(f"1 rank {case}: {d:.2e} vs diffusers")
+        d = (references["one"][case] - references["native"][case]).abs().max().item()
+        print(f"1 rank {case}: {d:.2e} vs ComfyUI native")
         assert d <= TOL
 
 

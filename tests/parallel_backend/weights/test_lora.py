@@ -74,30 +74,34 @@ def reference(path: str, x, t, ctx) -> torch.Tensor:
 
 def test_formats_map_to_the_same_parameters_from_headers(files):
     header = read_header(files["base"])
-    key_map = wan.key_map(model_keys(header))
-    table = alias_table(key_map)
-    # the three spellings of one module reach the same diffusers parameter
-    assert table["diffusion_model.blocks.0.self_attn.q"] == "blocks.0.attn1.to_q"
-    assert table["lora_unet_blocks_0_self_attn_q"] == "blocks.0.attn1.to_q"
-    assert table["transformer.blocks.0.attn1.to_q"] == "blocks.0.attn1.to_q"
-    assert table["lora_unet_blocks_1_ffn_2"] == "blocks.1.ffn.net.2"
+    # the model is ComfyUI's own class: its parameter names are the checkpoint's keys; diffusers' names (PEFT LoRAs)
+    # are aliases through diffusers' own key converter
+    key_map = {k: k for k in model_keys(header)}
+    aliases = wan.diffusers_names(model_keys(header))
+    table = alias_table(key_map, aliases)
+    # the three spellings of one module reach the same parameter
+    assert table["diffusion_model.blocks.0.self_attn.q"] == "blocks.0.self_attn.q"
+    assert table["lora_unet_blocks_0_self_attn_q"] == "blocks.0.self_attn.q"
+    assert table["transformer.blocks.0.attn1.to_q"] == "blocks.0.self_attn.q"
+    assert table["lora_unet_blocks_1_ffn_2"] == "blocks.1.ffn.2"
     targets = {}
     for fmt in ("comfy", "kohya", "peft"):
         lh = read_lora_header(files[fmt])
-        ts, unmatched = plan_lora(files[fmt], lh, key_map, header, {k: 2.0 for k in lh if k.endswith(".alpha")})
+        ts, unmatched = plan_lora(files[fmt], lh, key_map, header, {k: 2.0 for k in lh if k.endswith(".alpha")},
+                                  aliases)
         assert unmatched == []
         targets[fmt] = {(t.param, t.kind) for t in ts}
     linears = {(t, "lora") for t in (f"blocks.{b}.{m}.weight" for b in (0, 1) for m in
-               ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"))}
+               ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"))}
     assert targets["kohya"] == targets["peft"] == linears
-    assert targets["comfy"] == linears | {("blocks.0.attn1.norm_q.weight", "diff"), ("blocks.0.attn1.to_q.bias", "diff"),
-                                          ("blocks.0.ffn.net.2.bias", "diff")}
+    assert targets["comfy"] == linears | {("blocks.0.self_attn.norm_q.weight", "diff"), ("blocks.0.self_attn.q.bias", "diff"),
+                                          ("blocks.0.ffn.2.bias", "diff")}
 
 
 def test_bad_lora_files_are_refused_naming_the_file(files, tmp_path):
     header = read_header(files["base"])
-    key_map = wan.key_map(model_keys(header))
+    key_map = {k: k for k in model_keys(header)}
     lh = read_lora_header(files["wrong_shape"])
     with pytest.raises(LoraError, match=r"lora_wide\.safetensors.*do not fit.*another model"):
         plan_lora(files["wrong_shape"], lh, key_map, header)
@@ -206,4 +210,4 @@ def test_tp2_lora_on_fp8_weights_merges_into_an_upcast_copy_and_unmerges_back_to
     g.load(files["fp8"], "fp32", loras=[])
     assert [s["fp8_weight_bytes"] for s in g.rank_load_stats] == fp8_bytes  # fp8 shards and scales back
     assert torch.equal(g.forward(x, t, ctx), plain_out)
-    assert plain["fp8_layers"] == 24
+    assert plain["fp8_layers"] == 26

@@ -1,0 +1,76 @@
+"""The host's own model classes inside a rank: ComfyUI imported there (never in the engine's other modules), and the
+diffusion model built on the meta device exactly as ComfyUI's detection builds it for a file.
+
+Import order matters on GPUs: ComfyUI's model_management probes the current device when it is imported, so a rank
+imports it only after `torch.cuda.set_device` (runtime/rendezvous.py does that first); without it every rank would
+open a CUDA context on GPU 0. Argument parsing is off (the rank's argv is not ComfyUI's) and `--cpu` follows the
+group's device.
+"""
+from __future__ import annotations
+
+import torch
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+              "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def import_host(device_type: str):
+    """ComfyUI's `comfy` package in this rank. Under ComfyUI the rank inherits its sys.path; elsewhere (scripts,
+    tests) $COMFYUI_PATH names the ComfyUI folder, appended last so its own top-level packages shadow nothing."""
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("comfy") is None:
+        path = os.environ.get("COMFYUI_PATH")
+        if not path or not os.path.isdir(os.path.join(path, "comfy")):
+            raise ImportError("this model family runs ComfyUI's own model class in each rank, and ComfyUI is not "
+                              "importable here: run inside ComfyUI, or set COMFYUI_PATH to a ComfyUI folder")
+        sys.path.append(path)
+    import comfy.options
+    comfy.options.args_parsing = False
+    from comfy.cli_args import args
+    if device_type == "cpu":
+        args.cpu = True
+    import comfy.model_detection  # noqa: F401
+    import comfy.model_management  # noqa: F401
+    return comfy
+
+
+def meta_state_dict(header: dict) -> tuple[dict, str]:
+    """(key -> meta tensor, prefix) with ComfyUI's diffusion-model prefix stripped, as comfy.sd strips it."""
+    import comfy.model_detection
+
+    sd = {k: torch.empty(shape, dtype=_ST_DTYPES.get(dt, torch.float32), device="meta")
+          for k, (shape, dt) in header.items()}
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    stripped = {k[len(prefix):]: v for k, v in sd.items() if prefix and k.startswith(prefix)}
+    return (stripped, prefix) if stripped else (sd, "")
+
+
+def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
+    """ComfyUI's diffusion model for this file, on meta, with ComfyUI's own operations for its dtypes:
+    - a plain fp8 file keeps its weights fp8 (unet dtype fp8, cast per layer to `compute_dtype`), as ComfyUI does on
+      a GPU with fp8 compute or with the UNETLoader's fp8 weight dtype;
+    - a scaled-fp8 file (`scaled_fp8` marker) gets ComfyUI's scaled-fp8 layers (linears in fp8 with their scale);
+    - any other file is held in `compute_dtype`.
+    Returns (model, model_config, prefix): the checkpoint key of parameter `n` is `prefix + n`."""
+    import comfy.model_detection
+
+    sd, prefix = meta_state_dict(header)
+    model_config = comfy.model_detection.model_config_from_unet(sd, "")  # pops the scaled_fp8 marker from sd
+    if model_config is None:
+        raise ValueError(f"{path}: ComfyUI does not recognise this file as a diffusion model it knows")
+    weight_dtypes = {t.dtype for t in sd.values() if t.ndim >= 2}
+    fp8 = next((d for d in FP8 if d in weight_dtypes), None)
+    if fp8 is not None and model_config.scaled_fp8 is None:
+        unet_dtype, manual_cast = fp8, compute_dtype
+    else:
+        unet_dtype, manual_cast = compute_dtype, None
+    model_config.set_inference_dtype(unet_dtype, manual_cast)
+    base = model_config.get_model(sd, "", device=torch.device("meta"))
+    model = base.diffusion_model
+    model.requires_grad_(False)
+    return model, model_config, prefix
