@@ -83,7 +83,6 @@ def main():
     import comfy.sd
 
     import comfy_host  # (tests/, put on sys.path by import_comfy)
-
     import parallel_backend.runtime.group as group_mod
     sys_pack = comfy_host.import_pack()
     variants = args.variants.split(",")

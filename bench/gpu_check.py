@@ -65,9 +65,9 @@ def main():
         print("note: PyAV missing: a stand-in module is used (no video is read or written here)")
     import_comfy(args.device)
     import comfy.sd
-    import comfy_host
     import folder_paths
 
+    import comfy_host
     import nodes as comfy_nodes
     import parallel_backend.runtime.group as group_mod
     from parallel_backend.parallel.kernels import missing_package

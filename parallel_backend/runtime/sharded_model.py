@@ -7,8 +7,16 @@ from ..config import validate_for_model
 from ..models import detect_family
 from ..parallel.plan import SequenceState, apply_sequence_parallel, apply_tensor_parallel, missing_plan_hooks
 from ..weights.fp8 import swap_fp8_linears
-from ..weights.reads import (DTYPE_NAMES, host_key_map, load_host_sharded, load_sharded, model_keys, param_stats,
-                             read_header, reload_params)
+from ..weights.reads import (
+    DTYPE_NAMES,
+    host_key_map,
+    load_host_sharded,
+    load_sharded,
+    model_keys,
+    param_stats,
+    read_header,
+    reload_params,
+)
 from .mesh import RankMesh
 
 

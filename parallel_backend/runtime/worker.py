@@ -15,7 +15,6 @@ import threading
 import time
 import traceback
 
-
 TOKEN_LOG = 4096  # per-forward token counts kept for the group's stats
 
 

@@ -21,7 +21,6 @@ from parallel_backend.runtime.group import get_group, stop_all
 from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel
 from parallel_backend.testing.synthetic import write_dequantized, write_fp8_variant, write_tiny_wan
-from parallel_backend.weights.fp8 import Fp8Linear
 from parallel_backend.weights.reads import CheckpointError, model_keys, read_header
 
 CONFIG = ParallelConfig(world_size=2, tp=2, device="cpu", dtype="fp32")
