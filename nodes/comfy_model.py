@@ -84,8 +84,11 @@ class ParallelDiffusionModel(torch.nn.Module):
         base = self._base_ref() if self._base_ref is not None else None
         patcher = getattr(base, "current_patcher", None)
         refuse_weight_patches(patcher)
-        refuse_patches(transformer_options, named.pop("control", None))
+        family = backend("models").FAMILIES.get(self.info.get("family"))
+        host_code = getattr(family, "BASIS", "diffusers") == "host"  # the ranks run ComfyUI's own model code
+        refuse_patches(transformer_options, named.pop("control", None), crossing=CROSSING_OPTIONS if host_code else ())
         refuse_patcher_extras(patcher)
+        patches = crossing_patches(transformer_options) if host_code else None
         compile_spec = compile_request(patcher, self.compile_spec, self.parallel_config)
         extras = {}
         for k, v in named.items():
@@ -98,7 +101,8 @@ class ParallelDiffusionModel(torch.nn.Module):
             extras[k] = v.detach().cpu()
         g = self.group()
         out = g.forward(x.detach().cpu(), timestep.detach().cpu(), context.detach().cpu(),
-                        model_key=g.model_key_for(self.path, self.precision), compile=compile_spec, **extras)
+                        model_key=g.model_key_for(self.path, self.precision), compile=compile_spec, patches=patches,
+                        **extras)
         import comfy.model_management
         comfy.model_management.throw_exception_if_processing_interrupted()
         return out.to(x.device)
@@ -182,19 +186,45 @@ _REFUSED_OPTIONS = {
 }
 
 
-def refuse_patches(transformer_options, control):
-    """Patches that change the inside of the model cannot reach remote shards: refuse them loudly."""
+# transformer_options that cross to the ranks when they run the host's own model code, which applies them (or
+# ignores them) exactly as natively: patches at the model's patch points, block replacements, RoPE options
+CROSSING_OPTIONS = ("patches", "patches_replace", "rope_options")
+CROSSING_LIMIT = 64 << 20  # bytes of pickled patches per call; larger ones close over something they should not
+
+
+def crossing_patches(transformer_options) -> bytes | None:
+    """The call's model patches, pickled (cloudpickle: a node's patch is usually a local function) for the ranks;
+    None when there are none. A patch that cannot be pickled is refused, naming what it patches."""
+    picked = {k: transformer_options[k] for k in CROSSING_OPTIONS if transformer_options.get(k)}
+    if not picked:
+        return None
+    import cloudpickle
+    try:
+        blob = cloudpickle.dumps(picked)
+    except Exception as e:  # noqa: BLE001 (any pickling failure means the same thing here)
+        raise UnsupportedPatchError(
+            f"model patches {sorted(picked)} (from a node that patches the model) cannot be sent to the worker "
+            f"ranks: {type(e).__name__}: {e}; remove that node, or sample with the native model") from None
+    if len(blob) > CROSSING_LIMIT:
+        raise UnsupportedPatchError(f"model patches {sorted(picked)} pickle to {len(blob) >> 20} MiB (they hold a "
+                                    f"model or large tensors); they cannot be sent to the worker ranks each step")
+    return blob
+
+
+def refuse_patches(transformer_options, control, crossing=()):
+    """Patches that change the inside of the model and cannot reach remote shards: refuse them loudly. Those in
+    `crossing` are sent to the ranks instead (models running the host's own code)."""
     if control is not None:
         raise UnsupportedPatchError("ControlNet on the parallel model is not supported: remove the ControlNet "
                                     "apply node, or use the native Load Diffusion Model for this graph")
-    for key in ("patches", "patches_replace"):
+    for key in [k for k in ("patches", "patches_replace") if k not in crossing]:
         patches = {k: v for k, v in (transformer_options.get(key) or {}).items() if v}
         if patches:
             raise UnsupportedPatchError(
                 f"model patches {sorted(patches)} (from a node that patches the model, e.g. attention or block "
                 f"replacement) cannot be applied to the sharded parallel model: remove that node")
     for key, what in _REFUSED_OPTIONS.items():
-        if transformer_options.get(key):
+        if key not in crossing and transformer_options.get(key):
             raise UnsupportedPatchError(f"{what} is set on the parallel MODEL ('{key}'), which the worker ranks do "
                                         f"not apply: remove that node, or sample with the native model")
 

@@ -32,11 +32,11 @@ PLAN = ParallelPlan(
         "blocks.*.cross_attn.norm_k_img": "head_norm",
         "blocks.*.ffn.0": "host_colwise", "blocks.*.ffn.2": "host_rowwise"},
     attention_heads=tuple(f"blocks.*.{a}" for a in _ATTN), heads_attr="num_heads",
-    # the tokens enter the first block whole and are split there; every block gets the rope table and the time
+    # the tokens enter the first block that runs whole and are split there (a block replacement may skip block 0); every block gets the rope table and the time
     # modulation as keywords: both are per token (the modulation per latent frame under TI2V-5B, stretched over the
     # frame's tokens as ComfyUI's repeat_e does), so each rank keeps the entries of its own tokens; the head's
     # modulation likewise; the head's output is gathered back to the full sequence
-    seq_split_inputs={"blocks.0": {0: SeqSplit(1)}, "head": {1: SeqSplit(1, per_token=True)}},
+    seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True)}, "head": {1: SeqSplit(1, per_token=True)}},
     seq_split_kwargs={"blocks.*": {"e": SeqSplit(1, per_token=True), "freqs": SeqSplit(1, per_token=True)}},
     seq_gather_outputs={"head": SeqGather(1)},
     sequence_attention=("blocks.*.self_attn",),
@@ -130,6 +130,9 @@ def install_attention(model, seq_state, backend: str) -> None:
     host.optimized_attention = sequence_parallel_attention(host.optimized_attention)
 
 
-def forward(model, x, timestep, context, clip_fea=None, **extras):
-    """ComfyUI's WanModel._forward (its DIFFUSION_MODEL wrappers already ran in the ComfyUI process)."""
-    return model._forward(x, timestep, context, clip_fea=clip_fea, transformer_options={}, **extras)
+def forward(model, x, timestep, context, clip_fea=None, transformer_options=None, **extras):
+    """ComfyUI's WanModel._forward (its DIFFUSION_MODEL wrappers already ran in the ComfyUI process), with the
+    patches that crossed from the ComfyUI process (block replacements such as SkipLayerGuidanceDiT's), which
+    ComfyUI's own code applies or ignores exactly as natively."""
+    return model._forward(x, timestep, context, clip_fea=clip_fea, transformer_options=transformer_options or {},
+                          **extras)

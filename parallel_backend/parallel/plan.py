@@ -31,6 +31,8 @@ class SeqSplit:
     dim: int
     expected_ndim: int | None = None
     per_token: bool = False
+    first_only: bool = False  # split only in the first module of the pattern that runs in a forward (a block
+    #                           replacement may skip the first block: the next one that runs takes the split)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class SequenceState:
         self.valid_len: int | None = None
         self.padded = False
         self.local_len = 0  # tokens this rank holds after the last split (its share of the work)
+        self.tokens_pending = True  # set before each forward: the tokens are still whole (first_only splits)
 
     def use(self, groups: SequenceParallelGroups, index: int) -> None:
         self.groups, self.index = groups, index
@@ -177,6 +180,10 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
     handles = []
 
     def cut(t, s):
+        if s.first_only:
+            if not state.tokens_pending:
+                return t
+            state.tokens_pending = False
         return state.split_per_token(t, s.dim) if s.per_token else state.split(t, s.dim)
 
     def split_inputs(spec, kw_spec=None):

@@ -129,7 +129,7 @@ class ShardedModel:
         return self.layout(batch).is_leader
 
     @torch.no_grad()
-    def forward_rows(self, x, timestep, context, **extras) -> torch.Tensor | None:
+    def forward_rows(self, x, timestep, context, transformer_options=None, **extras) -> torch.Tensor | None:
         """Run this replica's rows of the batch; None when it owns none (only when the batch is empty)."""
         layout = self.layout(x.shape[0])
         rows = layout.rows(x.shape[0])
@@ -141,7 +141,11 @@ class ShardedModel:
         dev, dt = self.mesh.device, self.dtype
         take = lambda t: None if t is None else t[rows].to(dev, dt if t.is_floating_point() else t.dtype)
         kw = {k: take(v) for k, v in extras.items()}
-        self.seq_state.local_len = 0
+        self.seq_state.local_len, self.seq_state.tokens_pending = 0, True
+        if transformer_options:
+            if not self.host:
+                raise RuntimeError("model patches reached a model on diffusers' class, which cannot apply them")
+            kw["transformer_options"] = transformer_options
         out = self.family.forward(self.model, take(x), timestep[rows].to(dev, torch.float32), take(context), **kw)
         # tokens this rank pushed through the blocks in this call (its share of the sequence, times its rows)
         self.last_tokens = (rows.stop - rows.start) * (self.seq_state.local_len or _tokens(x, self.shape.patch_size))

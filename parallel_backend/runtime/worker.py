@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import gc
 import os
+import pickle
 import shutil
 import signal
 import threading
@@ -167,7 +168,11 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 extras = {k: reader.view(r) for k, r in refs.items() if k not in ("x", "timestep", "context")}
                 batch = x.shape[0]
                 model.set_compile(payload.get("compile"))
-                out = model.forward_rows(x, t, ctx, **extras)
+                patches = payload.get("patches")
+                if patches is not None:
+                    import cloudpickle  # noqa: F401  (what pickled them; plain pickle loads its payloads)
+                    patches = pickle.loads(patches)
+                out = model.forward_rows(x, t, ctx, transformer_options=patches, **extras)
                 del x, t, ctx, extras
                 token_log.append(model.last_tokens)
                 fold_log.append(model.last_fold)

@@ -114,7 +114,51 @@ def test_unsupported_compile_backend_and_patches_are_refused(comfy, pack_model, 
     set_torch_compile_wrapper(model=m, backend="tvm")
     with pytest.raises(Exception, match="backend 'tvm' is not supported"):
         _sample(m, pos, neg, 1, 1.0)
+    # a block replacement that cannot be pickled (it holds a lock) cannot reach the ranks: refused, not dropped
+    import threading
+    lock = threading.Lock()
     m = model.clone()
-    m.model_options["transformer_options"]["rope_options"] = {"scale_t": 2.0}
-    with pytest.raises(Exception, match="RoPE scale"):
+    m.set_model_patch_replace(lambda args, extra: (lock, args)[1], "dit", "double_block", 0)
+    with pytest.raises(Exception, match=r"patches_replace.*cannot be sent to the worker ranks"):
         _sample(m, pos, neg, 1, 1.0)
+
+
+def test_rope_options_reach_the_host_model(comfy, pack_model, conds):
+    """RoPE scale / shift (ModelPatcher.set_model_rope_options) are applied by ComfyUI's own WanModel on the ranks."""
+    model, _ = pack_model
+    pos, neg = conds
+    roped = lambda m: (lambda c: (c.set_model_rope_options(1.0, 0.0, 1.0, 0.0, 2.0, 1.0), c)[1])(m.clone())
+    native = _native(comfy["models_dir"])
+    ref = _sample(roped(native), pos, neg, 4, 1.0)
+    moved = (ref - _sample(native, pos, neg, 4, 1.0)).abs().max().item()
+    diff = (_sample(roped(model), pos, neg, 4, 1.0) - ref).abs().max().item()
+    print(f"rope_options (scale_t 2, shift_t 1) on the pack vs native: {diff:.2e} (they move the latent by {moved:.3f})")
+    assert moved > 1e-3 and diff <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def pack_model_4(comfy, pack):
+    """The tiny Wan on a cfg2 x ulysses2 group (4 CPU ranks)."""
+    import parallel_backend.runtime.group as group
+    group.stop_all()
+    spec = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(4, 2, 2, 1, 1, 1, "fp32", "cpu", "sdpa")[0]
+    model, _ = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load("tiny_wan.safetensors", "fp32", spec)
+    yield model
+    group.stop_all()
+
+
+def test_skip_layer_guidance_crosses_to_the_ranks(comfy, pack_model_4, conds):
+    """SkipLayerGuidanceDiT's block replacement (a local function) is pickled to the ranks, where ComfyUI's own
+    WanModel applies it on each shard: the latent equals native + SkipLayerGuidanceDiT."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+
+    pos, neg = conds
+    slg = lambda m: SkipLayerGuidanceDiT.execute(m, 3.0, 0.0, 1.0, "1", "")[0]
+    native = _native(comfy["models_dir"])
+    ref = _sample(slg(native), pos, neg, 4, 5.0)
+    moved = (ref - _sample(native, pos, neg, 4, 5.0)).abs().max().item()
+    out = _sample(slg(pack_model_4), pos, neg, 4, 5.0)
+    diff = (out - ref).abs().max().item()
+    print(f"SkipLayerGuidanceDiT (skip block 1, scale 3) on cfg2 x ulysses2 vs native: {diff:.2e} (it moves the "
+          f"latent by {moved:.3f})")
+    assert moved > 1e-2 and diff <= 1e-4
