@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--kernels", default="sdpa,flash,sage")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="model / compute precision")
     args = ap.parse_args()
     header(f"GPU check: pack (world size 1) vs native ComfyUI, {args.preset}")
     import importlib.util
@@ -73,7 +74,8 @@ def main():
     from parallel_backend.parallel.kernels import missing_package
 
     pack = comfy_host.import_pack()
-    dtype = "bf16"
+    dtype = args.dtype
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     cfg = dict(WAN_PRESETS[args.preset])
     if args.blocks:
         cfg["num_layers"] = args.blocks
@@ -84,7 +86,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="pdit_gpu_check_") as tmp:
         path = write_fast_checkpoint(os.path.join(tmp, "wan_check.safetensors"), wan_shapes(**cfg))
         folder_paths.add_model_folder_path("diffusion_models", tmp)
-        native = comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.bfloat16})
+        native = comfy.sd.load_diffusion_model(path, model_options={"dtype": tdtype})
         counter = count_forwards(native)
         sample = lambda m: comfy_nodes.common_ksampler(m, 1, args.steps, 1.0, "euler", "simple", pos, neg,
                                                        latent)[0]["samples"]
@@ -101,11 +103,10 @@ def main():
         ctx = pos[0][0]
         dev = torch.device(args.device)
         with torch.no_grad():
-            ref = native.model.diffusion_model.to(dev)(x.to(dev, torch.bfloat16), ts.to(dev),
-                                                       ctx.to(dev, torch.bfloat16)).float().cpu()
+            ref = native.model.diffusion_model.to(dev)(x.to(dev, tdtype), ts.to(dev), ctx.to(dev, tdtype)).float().cpu()
         got = group_mod.active_groups()[0].forward(x, ts, ctx)
         rel = ((got - ref).norm() / ref.norm()).item()
-        print(f"parity, one forward ({t * (h // 2) * (w // 2)} tokens, bf16): relative RMS {rel:.2e} (bound "
+        print(f"parity, one forward ({t * (h // 2) * (w // 2)} tokens, {dtype}): relative RMS {rel:.2e} (bound "
               f"{PARITY_REL_BOUND}), max abs {(got - ref).abs().max().item():.3e}; plan: {plan}")
         group_mod.stop_all()
         # 3. speed per kernel, and compiled
@@ -129,7 +130,7 @@ def main():
                 rows.append(["pack", "sdpa + compile (inductor)", f"{s:.3f}", f"{native_step / s:.2f}", "-"])
             group_mod.stop_all()
     depth = cfg["num_layers"]
-    print(f"model: {args.preset} width, {depth} blocks, bf16, random weights; latent 16x{t}x{h}x{w}; "
+    print(f"model: {args.preset} width, {depth} blocks, {dtype}, random weights; latent 16x{t}x{h}x{w}; "
           f"{args.steps} euler steps at cfg 1.0; x native = native s/step / this s/step (world size 1)")
     print(table(rows, ["side", "attention", "s/step", "x native", "forwards"], align="llrrr"))
     for n in notes:
