@@ -109,7 +109,11 @@ def main():
             native[variant] = (out["samples"], warm / args.steps)
             rows.append(["native", variant, f"{warm / args.steps:.3f}", "1.00", sum(c["n"] for c in counters) - n0,
                          f"{first:.1f}", "-"])
-            del experts, models
+            del experts, models, counters
+        # free the native experts (and what torch.compile cached for them) before the ranks take the memory
+        import gc
+        torch._dynamo.reset()
+        gc.collect()
         for mesh in args.meshes.split(","):
             deg = mesh_degrees(mesh)
             world = 1
