@@ -12,9 +12,10 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pdit_site \
+  site="$(mktemp -d "${TMPDIR:-/tmp}/pdit_site.XXXXXX")"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
     .gpu/wheels/*.whl
-  export PYTHONPATH="/tmp/pdit_site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export COMFYUI_PATH="${COMFYUI_PATH:-$here/.gpu/comfyui}"
 export PYTHONUNBUFFERED=1
