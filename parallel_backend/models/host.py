@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import torch
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-              "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+from ..weights.fp8 import FP8_DTYPES
+from ..weights.reads import _ST_DTYPES
 
 
 def import_host(device_type: str):
@@ -64,7 +62,7 @@ def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<fil
     if model_config is None:
         raise ValueError(f"{path}: ComfyUI does not recognise this file as a diffusion model it knows")
     weight_dtypes = {t.dtype for t in sd.values() if t.ndim >= 2}
-    fp8 = next((d for d in FP8 if d in weight_dtypes), None)
+    fp8 = next((d for d in FP8_DTYPES if d in weight_dtypes), None)
     if fp8 is not None and model_config.scaled_fp8 is None:
         unet_dtype, manual_cast = fp8, compute_dtype
     else:

@@ -20,6 +20,7 @@ from ..parallel.plan import replace_module
 from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 FP8_ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+FP8_DTYPES = tuple(FP8_ST_DTYPES.values())
 # per-tensor weight scales: ComfyUI's scaled_fp8 layout, and its newer mixed-precision layout
 WEIGHT_SCALE_SUFFIXES = ("scale_weight", "weight_scale")
 # tensors beside the weights that are not model parameters

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..parallel.plan import shard_dim_of
-from .fp8 import Fp8Linear
+from .fp8 import FP8_DTYPES, Fp8Linear
 from .reads import CheckpointError, SliceReader, _slice_for, read_header
 
 
@@ -280,7 +280,7 @@ def _merge_param(model, name, p, items, compute_dtype=None) -> set:
     fp8 = isinstance(module, Fp8Linear) and pname == "weight"
     # a host layer (ComfyUI's ops) holding fp8: dequantize with its per-tensor scale, hold the result in the compute
     # precision and its scale at 1 (both restored from the file when the LoRA changes)
-    host_fp8 = not fp8 and p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)  # a weight or an fp8 bias
+    host_fp8 = not fp8 and p.dtype in FP8_DTYPES  # a weight or an fp8 bias
     weight_scale = getattr(module, "scale_weight", None) if host_fp8 and pname == "weight" else None
     if fp8:
         w = module.dequantized_weight().float()

@@ -23,7 +23,16 @@ import struct
 import torch
 
 from ..parallel.plan import shard_dim_of
-from .fp8 import AUX_SUFFIXES, FP8_ST_DTYPES, MARKER_KEYS, Fp8Linear, is_linear, scaled_fp8_dtype, weight_scale_key
+from .fp8 import (
+    AUX_SUFFIXES,
+    FP8_DTYPES,
+    FP8_ST_DTYPES,
+    MARKER_KEYS,
+    Fp8Linear,
+    is_linear,
+    scaled_fp8_dtype,
+    weight_scale_key,
+)
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -237,7 +246,7 @@ def param_stats(model: torch.nn.Module) -> dict:
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     fp8 = sum(p.numel() * p.element_size() for p in model.parameters()
-              if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+              if p.dtype in FP8_DTYPES)
     return {"param_bytes": held, "buffer_bytes": buffers, "fp8_weight_bytes": fp8}
 
 
@@ -319,9 +328,7 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if names is None and left:
         raise CheckpointError(f"{path}: {len(left)} tensors were not materialised (e.g. {left[:3]})")
-    fp8 = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-              if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
-    return {"bytes_read": read, **param_stats(model), "fp8_weight_bytes": fp8,
+    return {"bytes_read": read, **param_stats(model),
             "fp8_layers": sum(1 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2
-                              and p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)),
+                              and p.dtype in FP8_DTYPES),
             "checkpoint_precision": checkpoint_precision(header)}
