@@ -84,11 +84,10 @@ class ParallelDiffusionModel(torch.nn.Module):
         base = self._base_ref() if self._base_ref is not None else None
         patcher = getattr(base, "current_patcher", None)
         refuse_weight_patches(patcher)
-        family = backend("models").FAMILIES.get(self.info.get("family"))
-        host_code = getattr(family, "BASIS", "diffusers") == "host"  # the ranks run ComfyUI's own model code
-        refuse_patches(transformer_options, named.pop("control", None), crossing=CROSSING_OPTIONS if host_code else ())
+        # the ranks run ComfyUI's own model code, which applies the patches that cross (or ignores them as natively)
+        refuse_patches(transformer_options, named.pop("control", None), crossing=CROSSING_OPTIONS)
         refuse_patcher_extras(patcher)
-        patches = crossing_patches(transformer_options) if host_code else None
+        patches = crossing_patches(transformer_options)
         compile_spec = compile_request(patcher, self.compile_spec, self.parallel_config)
         extras = {}
         for k, v in named.items():

@@ -1,53 +1,51 @@
-"""Cosmos Predict2 DiT (2B / 14B; text-to-image / video and video-to-world) on diffusers' CosmosTransformer3DModel.
+"""Cosmos Predict2 DiT (2B / 14B; text-to-image / video and video-to-world) on the host's own model class:
+ComfyUI's `comfy.ldm.cosmos.predict2.MiniTrainDIT`, built in each rank on the meta device; this file is its
+parallel plan as data.
 
-The checkpoint is the released / ComfyUI layout (`net.blocks.N.self_attn.q_proj.weight`, ... as ComfyUI's
-`comfy.ldm.cosmos.predict2.MiniTrainDIT` names them); diffusers' own converter gives the key map, applied to
-key names only. The model is configured the way ComfyUI's detection configures MiniTrainDIT (patch 1x2x2,
-padding-mask channel, AdaLN-LoRA 256, rope extrapolation by width and channels, fps ignored), except that the
-depth and head count are read from the file (ComfyUI fixes them from the width: 2048 -> 28 x 16,
-5120 -> 36 x 40) so any width loads.
+The checkpoint is the released / ComfyUI layout (`net.blocks.N.self_attn.q_proj.weight`, ...): its keys are the
+module paths, so no key map exists. The model is configured by ComfyUI's own detection, except that the depth and
+head count are read from the file (ComfyUI fixes them from the width: 2048 -> 28 x 16, 5120 -> 36 x 40) so any
+width loads; the ComfyUI process builds its BaseModel from the same config (`comfy_model_config`).
 
-The top-level forward is our own port of ComfyUI's MiniTrainDIT call (ComfyUI's convention: x (B, C, T, H, W)
-with any extra concat channels already added, timesteps (B,) or one per latent frame (B, T), context (B, N, 1024))
-on diffusers' submodules; the blocks are diffusers' with a parallel attention processor.
+MiniTrainDIT keeps the tokens as a grid (B, T, H, W, D) and modulates every block per latent frame ((B, T, D)
+time embeddings: one timestep per frame under video-to-world). So the plan splits each frame's H x W plane over
+the sequence ranks and keeps the frames whole (`SeqSplit(grid=True)`): the per-frame modulation, the final layer
+and the time embeddings run unchanged on every rank; the rope table is cut to each rank's tokens; the final
+layer's output is gathered back to the grid.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelShape
-from ..parallel.attention import local_attention, ulysses_attention
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "cosmos_predict2"
-BLOCKS = "transformer_blocks"  # the transformer blocks (what torch.compile compiles, one by one)
+BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by one)
 PATCH = (1, 2, 2)          # (t, h, w): every Predict2 release; ComfyUI's detection fixes it too
 MAX_SIZE = (128, 240, 240)  # ComfyUI: max_frames 128, max_img_h / w 240 (only bounds the learnable embedding)
 
-# Parallel plan as data (see parallel/plan.py). Cosmos' q/k norm is an RMSNorm over each head's own channels,
-# so under TP a rank normalises its local heads with the full (head_dim,) weight: no head_norm entry, no collective.
+_ATTN = ("self_attn", "cross_attn")
+# Parallel plan as data (see parallel/plan.py), on ComfyUI's MiniTrainDIT. Cosmos' q/k norm is an RMSNorm over each
+# head's own channels, so under TP a rank normalises its local heads with the full (head_dim,) weight: no head_norm.
 PLAN = ParallelPlan(
-    tp={
-        "transformer_blocks.*.attn1.to_q": "colwise", "transformer_blocks.*.attn1.to_k": "colwise",
-        "transformer_blocks.*.attn1.to_v": "colwise", "transformer_blocks.*.attn1.to_out.0": "rowwise",
-        "transformer_blocks.*.attn2.to_q": "colwise", "transformer_blocks.*.attn2.to_k": "colwise",
-        "transformer_blocks.*.attn2.to_v": "colwise", "transformer_blocks.*.attn2.to_out.0": "rowwise",
-        "transformer_blocks.*.ff.net.0.proj": "colwise", "transformer_blocks.*.ff.net.2": "rowwise",
-    },
-    # rope gives (cos, sin) of shape (S, D). With one timestep per latent frame (video-to-world: the
-    # conditioning frames are clean) the time embeddings are per token, (B, S, 3D) and (B, S, D), and are
-    # split with the tokens so every block's modulation and the final norm_out see only the local tokens;
-    # a plain (B,) timestep gives (B, 3D) / (B, D), left whole.
-    seq_split_outputs={"rope": {0: SeqSplit(0), 1: SeqSplit(0)},
-                       "time_tokens": {0: SeqSplit(1, expected_ndim=3), 1: SeqSplit(1, expected_ndim=3)}},
-    seq_split_inputs={"transformer_blocks.0": {0: SeqSplit(1)}},
-    seq_gather_outputs={"proj_out": SeqGather(1)},
-    attention_heads=("transformer_blocks.*.attn1", "transformer_blocks.*.attn2"),
+    tp={**{f"blocks.*.{a}.{p}_proj": "host_colwise" for a in _ATTN for p in "qkv"},
+        **{f"blocks.*.{a}.output_proj": "host_rowwise" for a in _ATTN},
+        "blocks.*.mlp.layer1": "host_colwise", "blocks.*.mlp.layer2": "host_rowwise"},
+    attention_heads=tuple(f"blocks.*.{a}" for a in _ATTN), heads_attr="n_heads",
+    # the grid enters the first block that runs and is split there (frames whole, each frame's plane split); every
+    # block gets the rope table (one entry per token, frame-major) and, with an extra per-block position embedding,
+    # that grid as keywords: each rank keeps the entries of its own tokens; the final layer's output is gathered
+    seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, grid=True)}},
+    seq_split_kwargs={"blocks.*": {"rope_emb_L_1_1_D": SeqSplit(1, per_token=True),
+                                   "extra_per_block_pos_emb": SeqSplit(1, expected_ndim=5, grid=True)}},
+    seq_gather_outputs={"final_layer": SeqGather(1, grid=True)},
+    sequence_attention=("blocks.*.self_attn",),
 )
+BASIS = "host"
 
 _PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
 
@@ -60,7 +58,7 @@ def _strip(key: str) -> str:
 
 
 # parts of later releases on the same block layout (Predict2.5's text projection, Transfer2.5's image context)
-# that this port does not run: such files are refused rather than run without them
+# that the host's MiniTrainDIT (ComfyUI 0.3.75) does not have: such files are refused rather than run without them
 _NOT_PREDICT2 = ("crossattn_proj.", "img_context_proj.")
 
 
@@ -88,42 +86,32 @@ def _rope_scale(in_channels: int, width: int) -> tuple:
     return (1.0, 1.0, 1.0)  # MiniTrainDIT's defaults, which ComfyUI leaves for any other width
 
 
-def diffusers_config(shapes: dict) -> dict:
-    """CosmosTransformer3DModel config from the checkpoint's tensor shapes."""
+def _sizes(shapes: dict) -> dict:
+    """The model's sizes read from the checkpoint's tensor shapes."""
     s = _shapes(shapes)
     width, patch_in = s["x_embedder.proj.1.weight"]
     head_dim = s["blocks.0.self_attn.q_norm.weight"][0]
-    in_channels = patch_in // math.prod(PATCH) - 1  # ComfyUI: concat_padding_mask is always on
-    return dict(
-        in_channels=in_channels,
-        out_channels=s["final_layer.linear.weight"][0] // math.prod(PATCH),
-        num_attention_heads=width // head_dim,
-        attention_head_dim=head_dim,
-        num_layers=1 + max(int(k.split(".")[1]) for k in s if k.startswith("blocks.")),
-        mlp_ratio=s["blocks.0.mlp.layer1.weight"][0] / width,
-        text_embed_dim=s["blocks.0.cross_attn.k_proj.weight"][1],
-        adaln_lora_dim=s["blocks.0.adaln_modulation_self_attn.1.weight"][0],
-        max_size=MAX_SIZE,
-        patch_size=PATCH,
-        rope_scale=_rope_scale(in_channels, width),
-        concat_padding_mask=True,
-        extra_pos_embed_type=None,  # ComfyUI never enables Predict2's extra per-block embedding
-    )
+    return dict(width=width, head_dim=head_dim, heads=width // head_dim,
+                in_channels=patch_in // math.prod(PATCH) - 1,  # ComfyUI: concat_padding_mask is always on
+                out_channels=s["final_layer.linear.weight"][0] // math.prod(PATCH),
+                layers=1 + max(int(k.split(".")[1]) for k in s if k.startswith("blocks.")),
+                ffn=s["blocks.0.mlp.layer1.weight"][0], text_dim=s["blocks.0.cross_attn.k_proj.weight"][1],
+                adaln_lora_dim=s["blocks.0.adaln_modulation_self_attn.1.weight"][0])
 
 
 def comfy_model_config(shapes: dict) -> tuple[str, dict]:
     """(ComfyUI supported_models class name, unet_config) for this file: ComfyUI's own Predict2 detection,
-    with the depth and heads read from the file (ComfyUI only knows the 2B / 14B widths). The MODEL node
-    builds ComfyUI's BaseModel (sampling, latent format, video-to-world mask concat) from it."""
-    c = diffusers_config(shapes)
-    t, h, w = c["rope_scale"]
+    with the depth and heads read from the file (ComfyUI only knows the 2B / 14B widths). The ranks build
+    MiniTrainDIT from it; the MODEL node builds ComfyUI's BaseModel (sampling, latent format, video-to-world
+    mask concat) from it."""
+    c = _sizes(shapes)
+    t, h, w = _rope_scale(c["in_channels"], c["width"])
     unet = dict(image_model="cosmos_predict2", max_img_h=MAX_SIZE[1], max_img_w=MAX_SIZE[2], max_frames=MAX_SIZE[0],
                 in_channels=c["in_channels"], out_channels=c["out_channels"], patch_spatial=PATCH[1],
-                patch_temporal=PATCH[0], model_channels=c["num_attention_heads"] * c["attention_head_dim"],
-                num_blocks=c["num_layers"], num_heads=c["num_attention_heads"], mlp_ratio=c["mlp_ratio"],
-                concat_padding_mask=True, crossattn_emb_channels=c["text_embed_dim"], pos_emb_cls="rope3d",
-                pos_emb_learnable=True, pos_emb_interpolation="crop", min_fps=1, max_fps=30, use_adaln_lora=True,
-                adaln_lora_dim=c["adaln_lora_dim"], extra_per_block_abs_pos_emb=False,
+                patch_temporal=PATCH[0], model_channels=c["width"], num_blocks=c["layers"], num_heads=c["heads"],
+                mlp_ratio=c["ffn"] / c["width"], concat_padding_mask=True, crossattn_emb_channels=c["text_dim"],
+                pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop", min_fps=1, max_fps=30,
+                use_adaln_lora=True, adaln_lora_dim=c["adaln_lora_dim"], extra_per_block_abs_pos_emb=False,
                 rope_h_extrapolation_ratio=h, rope_w_extrapolation_ratio=w, rope_t_extrapolation_ratio=t,
                 extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0,
                 rope_enable_fps_modulation=False)
@@ -131,14 +119,14 @@ def comfy_model_config(shapes: dict) -> tuple[str, dict]:
 
 
 def model_shape(shapes: dict) -> ModelShape:
-    c = diffusers_config(shapes)
-    width = c["num_attention_heads"] * c["attention_head_dim"]
-    return ModelShape(FAMILY, c["num_attention_heads"], c["attention_head_dim"], int(width * c["mlp_ratio"]),
-                      c["num_layers"], c["in_channels"], c["out_channels"], PATCH)
+    c = _sizes(shapes)
+    return ModelShape(FAMILY, c["heads"], c["head_dim"], c["ffn"], c["layers"], c["in_channels"], c["out_channels"],
+                      PATCH)
 
 
-def key_map(source_keys) -> dict:
-    """diffusers parameter name -> checkpoint key, from diffusers' own converter run on key names."""
+def diffusers_names(source_keys) -> dict:
+    """diffusers parameter name -> checkpoint key, from diffusers' own converter run on key names: LoRAs saved with
+    diffusers / PEFT names (`transformer.transformer_blocks.0.attn1.to_q.lora_A.weight`) are matched through it."""
     from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
 
     # the converter strips `net.`; other prefixes (a ComfyUI-saved file) are stripped here, values keep the key
@@ -149,152 +137,44 @@ def key_map(source_keys) -> dict:
     return dict(converted)
 
 
-class CosmosRope(nn.Module):
-    """ComfyUI's VideoRopePosition3DEmb (fps modulation off, as ComfyUI runs Predict2) in diffusers' (cos, sin)
-    form, (S, head_dim) each; no length limit (diffusers' CosmosRotaryPosEmbed stops at max_size)."""
+def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
+    """ComfyUI's MiniTrainDIT for this file, on meta, configured as `comfy_model_config` says."""
+    from .host import build_host_model
 
-    def __init__(self, head_dim: int, rope_scale):
-        super().__init__()
-        self.dim_h = self.dim_w = head_dim // 6 * 2
-        self.dim_t = head_dim - 2 * self.dim_h
-        t, h, w = rope_scale
-        self.theta = (10000.0 * t ** (self.dim_t / (self.dim_t - 2)), 10000.0 * h ** (self.dim_h / (self.dim_h - 2)),
-                      10000.0 * w ** (self.dim_w / (self.dim_w - 2)))
-
-    def forward(self, grid: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
-        t, h, w = grid
-        seq = torch.arange(max(grid), dtype=torch.float32, device=device)
-
-        def freqs(n, dim, theta):
-            r = torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim
-            return torch.outer(seq[:n], 1.0 / (theta ** r))
-
-        ft, fh, fw = freqs(t, self.dim_t, self.theta[0]), freqs(h, self.dim_h, self.theta[1]), freqs(w, self.dim_w,
-                                                                                                 self.theta[2])
-        emb = torch.cat([ft[:, None, None, :].expand(t, h, w, -1), fh[None, :, None, :].expand(t, h, w, -1),
-                         fw[None, None, :, :].expand(t, h, w, -1)], dim=-1).reshape(t * h * w, -1)
-        emb = torch.cat([emb, emb], dim=-1)
-        return torch.cos(emb), torch.sin(emb)
-
-
-class TimeTokens(nn.Module):
-    """Per-frame time embeddings (B*T, C) -> per token (B, T*H*W, C); a single timestep per row stays (B, C).
-    A module so the plan can split its output with the tokens."""
-
-    def forward(self, temb, embedded, batch: int, grid: tuple):
-        t, h, w = grid
-        if temb.shape[0] == batch:
-            return temb, embedded
-        return tuple(x.view(batch, t, 1, 1, -1).expand(-1, -1, h, w, -1).flatten(1, 3) for x in (temb, embedded))
-
-
-def build(config: dict, device="meta"):
-    """The diffusers model with no weights (meta); rope and the time-token expansion are our own modules."""
-    from diffusers import CosmosTransformer3DModel
-
-    with torch.device("meta"):
-        model = CosmosTransformer3DModel(**config)
-    model.rope = CosmosRope(config["attention_head_dim"], config["rope_scale"])  # holds no tensors
-    model.time_tokens = TimeTokens()
-    for block in model.transformer_blocks:
-        for attn in (block.attn1, block.attn2):
-            attn.norm_q.eps = attn.norm_k.eps = 1e-6  # ComfyUI's / the release's q/k RMSNorm eps (diffusers: 1e-5)
-    return model
-
-
-def keep_fp32(param_name: str) -> bool:
-    """Modules diffusers keeps in fp32 whatever the compute dtype (its _keep_in_fp32_modules)."""
-    from diffusers import CosmosTransformer3DModel
-
-    parts = set(param_name.split("."))
-    return any(m in parts for m in CosmosTransformer3DModel._keep_in_fp32_modules)
-
-
-def _rotate(x, cos, sin):
-    """diffusers' apply_rotary_emb(use_real=True, use_real_unbind_dim=-2) = ComfyUI's apply_rotary_pos_emb, on
-    (B, S, H, D) with cos / sin (S, D)."""
-    x1, x2 = x.float().unflatten(-1, (2, -1)).unbind(-2)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos[:, None] + rotated * sin[:, None]).type_as(x)
-
-
-class CosmosParallelAttnProcessor:
-    """diffusers' CosmosAttnProcessor2_0 with the sequence split (Ulysses / Ring) on self-attention and local
-    heads under tensor parallelism (`attn.heads` is already heads / tp; q/k norms are per head)."""
-
-    def __init__(self, seq_state, backend: str):
-        self.seq_state, self.backend = seq_state, backend
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        is_self = encoder_hidden_states is None
-        ctx = hidden_states if is_self else encoder_hidden_states
-        q = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
-        k = attn.norm_k(attn.to_k(ctx).unflatten(2, (attn.heads, -1)))
-        v = attn.to_v(ctx).unflatten(2, (attn.heads, -1))
-        if image_rotary_emb is not None:
-            q, k = _rotate(q, *image_rotary_emb), _rotate(k, *image_rotary_emb)
-        if is_self and self.seq_state is not None and self.seq_state.degree > 1:
-            out = ulysses_attention(q, k, v, self.seq_state.groups, self.seq_state.key_valid_len)
-        else:
-            out = local_attention(q, k, v, self.backend)
-        out = attn.to_out[0](out.flatten(2, 3).type_as(q))
-        return attn.to_out[1](out)
+    model, model_config, prefix = build_host_model(header, compute_dtype, path,
+                                                   unet_config=comfy_model_config(header)[1])
+    # the rope's frequency ranges are computed buffers (not in the state dict ComfyUI loads): the host's own
+    # builder makes them for real; the learnable extra embedding (parameters, read from the file) stays as built
+    extra = getattr(model, "extra_pos_embedder", None)
+    model.build_pos_embed(device="cpu")
+    if extra is not None:
+        model.extra_pos_embedder = extra
+    return model, model_config, prefix
 
 
 def install_attention(model, seq_state, backend: str) -> None:
-    for block in model.transformer_blocks:
-        for attn in (block.attn1, block.attn2):
-            attn.set_processor(CosmosParallelAttnProcessor(seq_state, backend))
+    """Self-attention inside the plan's sequence-attention scope runs Ulysses / Ring: ComfyUI's MiniTrainDIT calls
+    the module-level `optimized_attention` of comfy.ldm.cosmos.predict2, wrapped once per rank process."""
+    import comfy.ldm.cosmos.predict2 as host
+
+    from ..parallel.attention import sequence_parallel_attention
+
+    host.optimized_attention = sequence_parallel_attention(host.optimized_attention)
 
 
 def pad_to_patch(x: torch.Tensor, patch) -> torch.Tensor:
-    """Pad T/H/W up to the patch size as ComfyUI's MiniTrainDIT does (common_dit.pad_to_patch_size, circular;
-    the output is cropped back). Latents from ComfyUI's own nodes are multiples of the patch already."""
+    """Pad T/H/W up to the patch size as ComfyUI's newer MiniTrainDIT does (common_dit.pad_to_patch_size, circular;
+    the output is cropped back; 0.3.75's asserts). Latents from ComfyUI's own nodes are multiples of the patch."""
     pad = []
     for i in range(x.ndim - 2):
         pad = [0, (-x.shape[i + 2]) % patch[i]] + pad
     return F.pad(x, pad, mode="circular") if any(pad) else x
 
 
-def forward(model, x, timestep, context, fps=None, padding_mask=None):
-    """ComfyUI's MiniTrainDIT call (x, timesteps, context, fps, padding_mask) on the diffusers modules.
-
-    fps is accepted and ignored, as ComfyUI's Predict2 ignores it (rope_enable_fps_modulation off).
-    padding_mask: (B, 1, h, w), resized to the latent (nearest) as ComfyUI does; None = zeros (every caller
-    in ComfyUI passes None)."""
+def forward(model, x, timestep, context, fps=None, padding_mask=None, transformer_options=None, **extras):
+    """ComfyUI's MiniTrainDIT._forward (its DIFFUSION_MODEL wrappers already ran in the ComfyUI process); a latent
+    that is not a multiple of the patch is padded and the output cropped, as newer ComfyUI does."""
     t, h, w = x.shape[2:]
-    cfg = model.config
-    x = pad_to_patch(x, cfg.patch_size)
-    b, _, tp_, hp, wp = x.shape
-    if cfg.concat_padding_mask:
-        if padding_mask is None:
-            padding_mask = torch.zeros(b, 1, hp, wp, dtype=x.dtype, device=x.device)
-        else:
-            from torchvision import transforms
-            padding_mask = transforms.functional.resize(padding_mask.to(x.dtype), [hp, wp],
-                                                        interpolation=transforms.InterpolationMode.NEAREST)
-        x = torch.cat([x, padding_mask.unsqueeze(2).expand(-1, -1, tp_, -1, -1)], dim=1)
-    p_t, p_h, p_w = cfg.patch_size
-    grid = (tp_ // p_t, hp // p_h, wp // p_w)
-    rope = model.rope(grid, x.device)
-    hidden = model.patch_embed(x).flatten(1, 3)  # (B, S, D)
-
-    if timestep.ndim == 1:
-        timestep = timestep[:, None]
-    timestep = timestep.flatten(1)
-    if timestep.shape[1] not in (1, grid[0]):
-        raise ValueError(f"Cosmos takes one timestep per row or one per latent frame ({grid[0]}), "
-                         f"got timesteps of shape {tuple(timestep.shape)}")
-    if timestep.shape[1] > 1 and bool((timestep == timestep[:, :1]).all()):
-        timestep = timestep[:, :1]  # one value per row: the same embedding, without a per-token expansion
-    temb, embedded = model.time_embed(hidden, timestep.flatten())  # (B*Tt, 3D), (B*Tt, D)
-    temb, embedded = model.time_tokens(temb, embedded, b, grid)
-
-    for block in model.transformer_blocks:
-        hidden = block(hidden, context, embedded, temb, rope, None, None)
-    hidden = model.norm_out(hidden, embedded, temb)
-    hidden = model.proj_out(hidden)  # gathered to the full sequence here under sequence parallelism
-
-    hidden = hidden.unflatten(2, (p_h, p_w, p_t, -1)).unflatten(1, grid)
-    hidden = hidden.permute(0, 7, 1, 6, 2, 4, 3, 5).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-    return hidden[:, :, :t, :h, :w]
+    out = model._forward(pad_to_patch(x, PATCH), timestep, context, fps=fps, padding_mask=padding_mask,
+                         transformer_options=transformer_options or {}, **extras)
+    return out[:, :, :t, :h, :w]

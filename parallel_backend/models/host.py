@@ -48,12 +48,14 @@ def meta_state_dict(header: dict) -> tuple[dict, str]:
     return (stripped, prefix) if stripped else (sd, "")
 
 
-def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
+def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<file>", unet_config: dict | None = None):
     """ComfyUI's diffusion model for this file, on meta, with ComfyUI's own operations for its dtypes:
     - a plain fp8 file keeps its weights fp8 (unet dtype fp8, cast per layer to `compute_dtype`), as ComfyUI does on
       a GPU with fp8 compute or with the UNETLoader's fp8 weight dtype;
     - a scaled-fp8 file (`scaled_fp8` marker) gets ComfyUI's scaled-fp8 layers (linears in fp8 with their scale);
     - any other file is held in `compute_dtype`.
+    `unet_config` updates the config ComfyUI's detection gives (a family that reads what the detection guesses from
+    the file, e.g. Cosmos' depth); the supported_models class and the fp8 markers stay the detection's.
     Returns (model, model_config, prefix): the checkpoint key of parameter `n` is `prefix + n`."""
     import comfy.model_detection
 
@@ -61,6 +63,8 @@ def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<fil
     model_config = comfy.model_detection.model_config_from_unet(sd, "")  # pops the scaled_fp8 marker from sd
     if model_config is None:
         raise ValueError(f"{path}: ComfyUI does not recognise this file as a diffusion model it knows")
+    if unet_config is not None:
+        model_config.unet_config.update(unet_config)
     weight_dtypes = {t.dtype for t in sd.values() if t.ndim >= 2}
     fp8 = next((d for d in FP8_DTYPES if d in weight_dtypes), None)
     if fp8 is not None and model_config.scaled_fp8 is None:

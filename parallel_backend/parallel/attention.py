@@ -2,8 +2,10 @@
 
 Layout everywhere: q, k, v are (batch, seq, heads, head_dim), as diffusers' processors hold
 them. The sequence is split over `ring x ulysses` ranks, ulysses inner: rank (r, u) holds chunk
-r * ulysses + u. A padded tail (tokens not dividing the sequence degree) is masked out of the
-keys by `valid_len`, the number of real tokens in the full sequence.
+r * ulysses + u. Padding (tokens not dividing the sequence degree) is masked out of the keys: by `valid_len`,
+the number of real tokens, when the padding is the sequence's tail, or by `key_valid`, a function of the chunks
+(first chunk, chunk count) giving each of their keys' validity, when it lies inside every chunk (a frame-major
+split pads each frame's plane, see parallel/plan.py).
 """
 from __future__ import annotations
 
@@ -30,12 +32,20 @@ class SequenceParallelGroups:
         return self.ulysses_size * self.ring_size
 
 
-def _key_mask(q_len: int, k_start: int, k_len: int, valid_len: int | None, device) -> torch.Tensor | None:
-    """Boolean mask (q_len, k_len), True = attend; None when every key is real."""
-    if valid_len is None or k_start + k_len <= valid_len:
+def flat_key_valid(valid_len: int | None, chunk_len: int):
+    """`key_valid` for a split whose padding is the sequence's tail: chunk c holds positions [c * chunk_len, ...)."""
+    if valid_len is None:
         return None
-    keep = torch.arange(k_start, k_start + k_len, device=device) < valid_len
-    return keep.view(1, k_len).expand(q_len, k_len)
+
+    def key_valid(first: int, count: int, device=None):
+        if (first + count) * chunk_len <= valid_len:
+            return None
+        return torch.arange(first * chunk_len, (first + count) * chunk_len, device=device) < valid_len
+    return key_valid
+
+
+def _mask_2d(keep, q_len: int):
+    return None if keep is None else keep.view(1, -1).expand(q_len, keep.numel())
 
 
 def local_attention(q, k, v, backend: str = "sdpa", mask=None) -> torch.Tensor:
@@ -59,25 +69,23 @@ def merge_attention(out, lse, out_b, lse_b):
     return out * w_a + out_b.float() * w_b, new_lse
 
 
-def ring_attention(q, k, v, group, ring_size: int, ring_rank: int, backend: str = "sdpa",
-                   valid_len: int | None = None, k_offset: int = 0) -> torch.Tensor:
+def ring_attention(q, k, v, group, ring_size: int, ring_rank: int, backend: str = "sdpa", key_valid=None,
+                   chunks_per_block: int = 1) -> torch.Tensor:
     """Attention of local queries against the keys of every rank in `group`, K/V passed around the ring.
 
-    q, k, v: (B, S_local, H, D); rank i of the ring holds key positions
-    [k_offset + i * S_local, ...) of the (possibly padded) sequence.
+    q, k, v: (B, S_local, H, D); ring rank i holds the `chunks_per_block` sequence chunks starting at chunk
+    i * chunks_per_block (after a Ulysses gather, the Ulysses group's chunks); `key_valid` masks padding.
     """
     qh = q.transpose(1, 2)
-    s_local = k.shape[1]
     kv = torch.stack((k, v)).contiguous()
     out = lse = None
     for step in range(ring_size):
         nxt = ring_exchange(kv, group) if step < ring_size - 1 else None
         src = (ring_rank - step) % ring_size
-        k_start = k_offset + src * s_local
-        if valid_len is None or k_start < valid_len:  # a block of padding only contributes nothing
-            mask = _key_mask(qh.shape[2], k_start, s_local, valid_len, q.device)
+        keep = key_valid(src * chunks_per_block, chunks_per_block, q.device) if key_valid else None
+        if keep is None or bool(keep.any()):  # a block of padding only contributes nothing
             kb, vb = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
-            o_b, lse_b = attention_with_lse(qh, kb, vb, backend, mask)
+            o_b, lse_b = attention_with_lse(qh, kb, vb, backend, _mask_2d(keep, qh.shape[2]))
             out, lse = merge_attention(out, lse, o_b, lse_b)
         if nxt is not None:
             kv = nxt.wait()
@@ -100,15 +108,19 @@ def _heads_to_seq(x, group, size):
     return x.permute(1, 2, 0, 3, 4).reshape(b, s // size, size * h, d)
 
 
-def ulysses_attention(q, k, v, groups: SequenceParallelGroups, valid_len: int | None = None) -> torch.Tensor:
-    """USP: Ulysses all-to-all inside `groups.ulysses`, Ring across `groups.ring` (either may be 1)."""
+def ulysses_attention(q, k, v, groups: SequenceParallelGroups, valid_len: int | None = None, key_valid=None
+                      ) -> torch.Tensor:
+    """USP: Ulysses all-to-all inside `groups.ulysses`, Ring across `groups.ring` (either may be 1). Padding is
+    masked by `key_valid` (see the module doc) or, for a padded tail, `valid_len`."""
     u = groups.ulysses_size
+    if key_valid is None:
+        key_valid = flat_key_valid(valid_len, k.shape[1])
     if u > 1:
         q, k, v = (_seq_to_heads(t, groups.ulysses, u) for t in (q, k, v))
     if groups.ring_size > 1:
-        out = ring_attention(q, k, v, groups.ring, groups.ring_size, groups.ring_rank, groups.backend, valid_len)
+        out = ring_attention(q, k, v, groups.ring, groups.ring_size, groups.ring_rank, groups.backend, key_valid, u)
     else:
-        mask = _key_mask(q.shape[1], 0, k.shape[1], valid_len, q.device)
+        mask = _mask_2d(key_valid(0, u, q.device) if key_valid else None, q.shape[1])
         out = local_attention(q, k, v, groups.backend, None if mask is None else mask.view(1, 1, *mask.shape))
     if u > 1:
         out = _heads_to_seq(out.contiguous(), groups.ulysses, u)
@@ -137,7 +149,7 @@ def sequence_parallel_attention(original):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         else:  # (B, S, H * D)
             q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
-        out = ulysses_attention(q, k, v, state.groups, state.key_valid_len)  # (B, S, H, D)
+        out = ulysses_attention(q, k, v, state.groups, key_valid=state.key_valid)  # (B, S, H, D)
         return out.transpose(1, 2) if kwargs.get("skip_output_reshape") else out.flatten(2)
 
     attention._pdit_original = original

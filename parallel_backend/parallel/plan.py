@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import ACTIVE_SEQUENCE_STATES, SequenceParallelGroups
+from .attention import ACTIVE_SEQUENCE_STATES, SequenceParallelGroups, flat_key_valid
 from .collectives import all_gather
 from .tensor_parallel import TP_STYLES
 
@@ -33,11 +33,14 @@ class SeqSplit:
     per_token: bool = False
     first_only: bool = False  # split only in the first module of the pattern that runs in a forward (a block
     #                           replacement may skip the first block: the next one that runs takes the split)
+    grid: bool = False  # the tokens are a grid (B, T, H, W, ...) with frames at `dim`: frames stay whole (per-frame
+    #                     operations see every frame) and each frame's H x W plane is split, padded at its end
 
 
 @dataclass(frozen=True)
 class SeqGather:
     dim: int
+    grid: bool = False  # the inverse of a grid split: (B, T, 1, n, ...) back to (B, T, H, W, ...), frames at `dim`
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class SequenceState:
         self.padded = False
         self.local_len = 0  # tokens this rank holds after the last split (its share of the work)
         self.tokens_pending = True  # set before each forward: the tokens are still whole (first_only splits)
+        self.grid: tuple | None = None  # (T, H, W) after a grid split: the keys' padding lies in every frame
 
     def use(self, groups: SequenceParallelGroups, index: int) -> None:
         self.groups, self.index = groups, index
@@ -73,6 +77,7 @@ class SequenceState:
 
     def split(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         s = t.shape[dim]
+        self.grid = None
         if self.degree == 1:  # this call runs unsplit (hooks stay installed for calls that split)
             self.valid_len, self.padded, self.local_len = s, False, s
             return t
@@ -85,11 +90,58 @@ class SequenceState:
         self.local_len = n
         return t.narrow(dim, self.index * n, n).contiguous()
 
+    def split_grid(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """(B, T, H, W, ...) with frames at `dim` -> (B, T, 1, n, ...): this rank's n = ceil(H*W / degree) tokens of
+        every frame's plane (flattened row-major, the last chunk padded). Rank order over the whole sequence is
+        then chunk-major, a permutation of the frame-major order, which attention does not see: each token keeps
+        its own rope entry (split with `split_per_token`) and padded keys are masked by `key_valid`."""
+        frames, h, w = t.shape[dim:dim + 3]
+        self.grid = None
+        if self.degree == 1:
+            self.valid_len, self.padded, self.local_len = frames * h * w, False, frames * h * w
+            return t
+        plane = t.flatten(dim + 1, dim + 2)
+        n = -(-(h * w) // self.degree)
+        pad = n * self.degree - h * w
+        if pad:
+            plane = F.pad(plane, [0, 0] * (plane.ndim - 2 - dim) + [0, pad])
+        self.grid, self.valid_len, self.padded, self.local_len = (frames, h, w), frames * h * w, pad > 0, frames * n
+        return plane.narrow(dim + 1, self.index * n, n).unsqueeze(dim + 1).contiguous()
+
+    def gather_grid(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The inverse of `split_grid`: (B, T, 1, n, ...) from every rank back to (B, T, H, W, ...)."""
+        if self.grid is None:  # this call ran unsplit
+            return t
+        _, h, w = self.grid
+        plane = self.gather(t.squeeze(dim + 1), dim + 1, narrow=False)
+        return plane.narrow(dim + 1, 0, h * w).unflatten(dim + 1, (h, w))
+
+    def key_valid(self, first: int, count: int, device=None) -> torch.Tensor | None:
+        """Validity of the keys of sequence chunks [first, first + count) in their order on the ranks (chunk-major),
+        or None when none of them is padding (see parallel/attention.py)."""
+        if not self.padded:
+            return None
+        if self.grid is None:
+            return flat_key_valid(self.valid_len, self.local_len)(first, count, device)
+        frames, h, w = self.grid
+        n = self.local_len // frames
+        if (first + count) * n <= h * w:
+            return None
+        pos = torch.arange(first * n, (first + count) * n, device=device).view(count, 1, n)
+        return (pos < h * w).expand(count, frames, n).flatten()
+
     def split_per_token(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's entries of a per-token tensor (see SeqSplit.per_token); call after the tokens were split."""
         n_e, full = t.shape[dim], self.valid_len
         if n_e == 1 or self.degree == 1 or full is None:
             return t
+        if self.grid is not None:  # frame-major entries: this rank's part of every frame's plane
+            if n_e != full:
+                raise ValueError(f"a per-token tensor of {n_e} entries for {full} grid tokens")
+            frames, h, w = self.grid
+            n = self.local_len // frames
+            idx = torch.arange(self.index * n, self.index * n + n, device=t.device).clamp(max=h * w - 1)
+            return t.unflatten(dim, (frames, h * w)).index_select(dim + 1, idx).flatten(dim, dim + 1)
         if n_e == full:
             return self._narrow_padded(t, dim)
         repeats = full // n_e
@@ -103,18 +155,13 @@ class SequenceState:
         idx = torch.arange(self.index * n, self.index * n + n, device=t.device).clamp(max=t.shape[dim] - 1)
         return t.index_select(dim, idx)
 
-    def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+    def gather(self, t: torch.Tensor, dim: int, narrow: bool = True) -> torch.Tensor:
         g = self.groups
         if g.ulysses_size > 1:
             t = all_gather(t, g.ulysses, dim)
         if g.ring_size > 1:
             t = all_gather(t, g.ring, dim)
-        return t.narrow(dim, 0, self.valid_len) if self.padded else t
-
-    @property
-    def key_valid_len(self) -> int | None:
-        """valid_len for attention masks, or None when nothing was padded."""
-        return self.valid_len if self.padded else None
+        return t.narrow(dim, 0, self.valid_len) if self.padded and narrow else t
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -184,6 +231,8 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
             if not state.tokens_pending:
                 return t
             state.tokens_pending = False
+        if s.grid:
+            return state.split_grid(t, s.dim)
         return state.split_per_token(t, s.dim) if s.per_token else state.split(t, s.dim)
 
     def split_inputs(spec, kw_spec=None):
@@ -204,13 +253,13 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
             out = list(output) if isinstance(output, (tuple, list)) else [output]
             for i, s in spec.items():
                 if s.expected_ndim in (None, out[i].ndim):
-                    out[i] = state.split(out[i], s.dim)
+                    out[i] = cut(out[i], s)
             return type(output)(out) if isinstance(output, (tuple, list)) else out[0]
         return hook
 
     def gather_output(spec):
         def hook(_module, _args, output):
-            return state.gather(output, spec.dim)
+            return state.gather_grid(output, spec.dim) if spec.grid else state.gather(output, spec.dim)
         return hook
 
     def attention_scope(enter):

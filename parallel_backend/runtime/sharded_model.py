@@ -6,17 +6,7 @@ import torch
 from ..config import validate_for_model
 from ..models import detect_family
 from ..parallel.plan import SequenceState, apply_sequence_parallel, apply_tensor_parallel, missing_plan_hooks
-from ..weights.fp8 import swap_fp8_linears
-from ..weights.reads import (
-    DTYPE_NAMES,
-    host_key_map,
-    load_host_sharded,
-    load_sharded,
-    model_keys,
-    param_stats,
-    read_header,
-    reload_params,
-)
+from ..weights.reads import DTYPE_NAMES, host_key_map, load_host_sharded, model_keys, param_stats, read_header
 from .mesh import RankMesh
 
 
@@ -30,32 +20,21 @@ class ShardedModel:
         validate_for_model(mesh.config, self.shape)
         self.dtype = DTYPE_NAMES[self.precision]
         fam, plan, c = self.family, self.family.PLAN, mesh.config
-        self.host = getattr(fam, "BASIS", "diffusers") == "host"
-        if self.host:
-            # the host's own class (ComfyUI imported in this rank, after its device was set): parameter names are
-            # the checkpoint's keys; ComfyUI's ops hold fp8 / scaled fp8 layers as natively
-            from ..models.host import import_host
-            import_host(mesh.device.type)
-            model, _, self.prefix = fam.build(header, self.dtype, path)
-            self.key_map = host_key_map(model, self.prefix)
-            self.param_dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as the host built them
-        else:
-            self.key_map = fam.key_map(model_keys(header))
-            model = fam.build(fam.diffusers_config(header), device=mesh.device)
-        # every module replacement first (TP layers, then fp8 layers over them), the plan's hooks last: a hook
-        # put on a module that is replaced afterwards would be lost with it (replace_module carries hooks over
-        # any later swap, and the check after loading proves none went missing)
+        # the host's own class (ComfyUI imported in this rank, after its device was set): parameter names are the
+        # checkpoint's keys; ComfyUI's ops hold fp8 / scaled fp8 layers as natively
+        from ..models.host import import_host
+        import_host(mesh.device.type)
+        model, _, self.prefix = fam.build(header, self.dtype, path)
+        self.key_map = host_key_map(model, self.prefix)
+        self.param_dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as the host built them
+        # every module replacement first (TP layers), the plan's hooks last: a hook put on a module that is replaced
+        # afterwards would be lost with it (replace_module carries hooks over any later swap, and the check after
+        # loading proves none went missing)
         apply_tensor_parallel(model, plan, mesh.groups["tp"], mesh.coord["tp"], c.tp)
-        if not self.host:
-            swap_fp8_linears(model, self.key_map, header, self.dtype, fam.keep_fp32)
         self.seq_state = SequenceState(mesh.sequence_groups(), mesh.sequence_index)
         self.plan_hooks = apply_sequence_parallel(model, plan, self.seq_state, mesh.max_sequence_degree)
         fam.install_attention(model, self.seq_state, c.attention)
-        if self.host:
-            self.load_stats = load_host_sharded(model, path, self.prefix, mesh.device, header=header)
-        else:
-            self.load_stats = load_sharded(model, path, self.key_map, self.dtype, mesh.device,
-                                           keep_fp32=fam.keep_fp32, header=header)
+        self.load_stats = load_host_sharded(model, path, self.prefix, mesh.device, header=header)
         lost = missing_plan_hooks(model, self.plan_hooks)
         if lost:  # a rank would return only its own tokens: fail loudly rather than sample garbage
             raise RuntimeError(f"{path}: the parallel plan's hooks are missing after loading: {lost}")
@@ -75,19 +54,14 @@ class ShardedModel:
         loras = tuple(tuple(x) for x in loras or ())
         if loras == self.loras:
             return {**self.lora_stats, "lora_changed": False}
-        fam = self.family
-        if self.host:
-            restore = lambda names: load_host_sharded(self.model, self.path, self.prefix, self.mesh.device,
-                                                      header=self.header, names=names, dtypes=self.param_dtypes)
-        else:
-            restore = lambda names: reload_params(self.model, self.path, self.key_map, names, self.dtype,
-                                                  self.mesh.device, keep_fp32=fam.keep_fp32, header=self.header)
+        restore = lambda names: load_host_sharded(self.model, self.path, self.prefix, self.mesh.device,
+                                                  header=self.header, names=names, dtypes=self.param_dtypes)
         if self.lora_touched:
             restore(sorted(self.lora_touched))
         self.loras, self.lora_touched, self.lora_stats = (), set(), {}
         touched = set()
         try:
-            aliases = fam.diffusers_names(model_keys(self.header)) if self.host else None
+            aliases = self.family.diffusers_names(model_keys(self.header))
             stats = merge_loras(self.model, [(x[0], x[-1]) for x in loras], self.key_map, self.header, touched,
                                 aliases=aliases, compute_dtype=self.dtype)
         except BaseException:
@@ -143,8 +117,6 @@ class ShardedModel:
         kw = {k: take(v) for k, v in extras.items()}
         self.seq_state.local_len, self.seq_state.tokens_pending = 0, True
         if transformer_options:
-            if not self.host:
-                raise RuntimeError("model patches reached a model on diffusers' class, which cannot apply them")
             kw["transformer_options"] = transformer_options
         out = self.family.forward(self.model, take(x), timestep[rows].to(dev, torch.float32), take(context), **kw)
         # tokens this rank pushed through the blocks in this call (its share of the sequence, times its rows)

@@ -1,4 +1,4 @@
-"""parallel_backend.models.cosmos: detection, config, key map and the synthetic Predict2 files, checked against
+"""parallel_backend.models.cosmos: detection, config, the host model and the synthetic Predict2 files, checked against
 ComfyUI's MiniTrainDIT (key names and shapes) and ComfyUI's / diffusers' own detection of real-size files.
 
 The forward itself is checked against ComfyUI's native model in tests/families/test_cosmos_native_parity.py.
@@ -88,22 +88,30 @@ def test_family_detection_and_refusal():
     assert set(FAMILIES) == {"wan", "cosmos_predict2"}
 
 
-def test_key_map_covers_every_parameter(tmp_path):
-    """Every parameter of the built (meta) model names a key of the file; only the rope buffers are unused."""
+def test_host_model_parameters_are_the_file_keys(tmp_path):
+    """The ranks' model is ComfyUI's MiniTrainDIT with the file's depth and heads: every parameter is a key of the
+    file with its shape (no key map); every TP / sequence pattern of the plan names modules of it."""
+    import fnmatch
+
+    from parallel_backend.models.host import import_host
+
+    import_host("cpu")
     path = write_tiny_cosmos(str(tmp_path / "c.safetensors"), preset="tiny-v2w")
     header = read_header(path)
-    model = cosmos.build(cosmos.diffusers_config(header))
-    kmap = cosmos.key_map(list(header))
+    model, _, prefix = cosmos.build(header, torch.float32, path)
+    assert type(model).__name__ == "MiniTrainDIT" and prefix == "net."
     params = dict(model.named_parameters())
-    assert set(params) <= set(kmap)
-    assert all(tuple(header[kmap[n]][0]) == tuple(p.shape) for n, p in params.items())
-    unused = set(header) - {kmap[n] for n in params}
-    assert unused == {"net.pos_embedder.dim_spatial_range", "net.pos_embedder.dim_temporal_range"}
-    assert kmap["transformer_blocks.1.attn2.to_out.0.weight"] == "net.blocks.1.cross_attn.output_proj.weight"
-    assert kmap["time_embed.t_embedder.linear_2.weight"] == "net.t_embedder.1.linear_2.weight"
+    assert {prefix + n for n in params} <= set(header)
+    assert all(tuple(header[prefix + n][0]) == tuple(p.shape) for n, p in params.items())
+    assert len(model.blocks) == COSMOS_PRESETS["tiny-v2w"]["num_blocks"]
+    names = [n for n, _ in model.named_modules()]
+    plan = cosmos.PLAN
+    for pattern in [*plan.tp, *plan.attention_heads, *plan.seq_split_inputs, *plan.seq_split_kwargs,
+                    *plan.seq_gather_outputs, *plan.sequence_attention]:
+        assert any(fnmatch.fnmatchcase(n, pattern) for n in names), pattern
     # q/k norms are per head (head_dim,), so tensor parallelism leaves them whole
-    assert params["transformer_blocks.0.attn1.norm_q.weight"].shape == (128,)
-    assert not any("norm_q" in k or "norm_k" in k for k in cosmos.PLAN.tp)
+    assert params["blocks.0.self_attn.q_norm.weight"].shape == (model.blocks[0].self_attn.head_dim,)
+    assert not any("norm" in k for k in plan.tp)
 
 
 def test_image_latent_accepted_for_image_models():

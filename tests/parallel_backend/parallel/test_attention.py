@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from parallel_backend.config import ParallelConfig
 from parallel_backend.parallel.attention import (
-    _key_mask,
+    _mask_2d,
     attention_with_lse,
+    flat_key_valid,
     local_attention,
     merge_attention,
     ring_attention,
@@ -132,11 +133,13 @@ def test_merge_many_uneven_blocks_and_masked_tail():
     ref = local_attention(*(t.transpose(1, 2) for t in (q, k, v)), "math").transpose(1, 2)
     out = lse = None
     for start, stop in ((0, 2), (2, 7), (7, 12)):
-        mask = _key_mask(7, start, stop - start, valid, q.device)
+        mask = _mask_2d(torch.arange(start, stop) < valid, 7)
         o, l = attention_with_lse(q, kp[:, :, start:stop], vp[:, :, start:stop], "sdpa", mask)
         out, lse = merge_attention(out, lse, o, l)
     assert (out - ref).abs().max() <= TOL
-    assert _key_mask(7, 0, 9, valid, q.device) is None  # no padding in the block: no mask
+    assert flat_key_valid(valid, 3)(0, 3) is None  # no padding in chunks 0-2: no mask
+    assert flat_key_valid(valid, 3)(2, 2).tolist() == [True] * 3 + [False] * 3
+    assert flat_key_valid(None, 3) is None
 
 
 def test_single_rank_paths_equal_local():
