@@ -88,8 +88,15 @@ class ShardedModel:
         touched = set()
         try:
             aliases = fam.diffusers_names(model_keys(self.header)) if self.host else None
+            # LoHa / LoKr / DoRA / ...: whole layers patched by ComfyUI's own code (models/host.py), which only a
+            # family on the host's class has in its ranks; a family may bring its own; the others refuse those files
+            patch_weight = None
+            if self.host:
+                from ..models.host import host_patch_weight
+                patch_weight = getattr(fam, "patch_weight", host_patch_weight)
             stats = merge_loras(self.model, [(x[0], x[-1]) for x in loras], self.key_map, self.header, touched,
-                                aliases=aliases, compute_dtype=self.dtype)
+                                aliases=aliases, compute_dtype=self.dtype, patch_weight=patch_weight,
+                                checkpoint=self.path)
         except BaseException:
             if touched:
                 restore(sorted(touched))
