@@ -34,7 +34,7 @@ import torch
 
 from ..parallel.plan import shard_dim_of
 from .fp8 import FP8_DTYPES, Fp8Linear
-from .reads import CheckpointError, SliceReader, _slice_for, read_header
+from .reads import CheckpointError, SliceReader, _nbytes, _slice_for, read_header
 
 
 class LoraError(ValueError):
@@ -316,7 +316,8 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
                 if base is None:
                     base = SliceReader(checkpoint)
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype,
-                                            full=(base, key_map[name], patch_weight)))
+                                            full=(base, key_map[name], patch_weight,
+                                                  _nbytes(*model_header[key_map[name]]))))
                 full_layers += 1
             else:
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype))
@@ -331,7 +332,7 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
 def _full_layer(name, p, w_shard_shape, index, base_weight, items, full) -> torch.Tensor:
     """This rank's slice of the layer patched whole: the base layer (`base_weight`, fp32, full size, as ComfyUI
     holds it) with every LoRA's patch for it applied in list order by the family's `patch_weight`."""
-    _, key, patch_weight = full
+    _, key, patch_weight, _ = full
     patches, seen = [], set()
     for reader, t, strength in items:
         if (id(reader), t.module) in seen:  # a module's `lora` and `diff` targets are one patch for ComfyUI
@@ -353,7 +354,8 @@ def _full_layer(name, p, w_shard_shape, index, base_weight, items, full) -> torc
 
 def _merge_param(model, name, p, items, compute_dtype=None, full=None) -> set:
     """Merge into one parameter; returns the names it changed (a scaled-fp8 layer's scale too).
-    `full`: (checkpoint reader, checkpoint key, patch_weight) to merge the layer whole (see _full_layer)."""
+    `full`: (checkpoint reader, checkpoint key, patch_weight, bytes of the layer in the file) to merge the layer
+    whole (see _full_layer)."""
     from ..parallel.tensor_parallel import BIAS_ON_RANK0
 
     module_name, _, pname = name.rpartition(".")
@@ -371,8 +373,8 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None) -> set:
     if full is not None:  # the whole layer from the file, as this rank's shard was loaded from it
         if fp8:
             raise LoraError(f"{name}: a whole-layer LoRA merge on a diffusers-class fp8 layer is not supported")
-        reader, key, _ = full
-        base = reader.read(key).to(p.dtype).float()
+        reader, key, _, nbytes = full  # (the reader drops its memory map every so many bytes read)
+        base = reader.read(key, None, nbytes).to(p.dtype).float()
         if host_fp8 and torch.is_tensor(weight_scale):
             base = base * weight_scale.detach().float().to(base.device)
         index = _slice_for(tuple(base.shape), dim, rank, parts) if dim is not None else None
