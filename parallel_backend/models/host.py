@@ -76,3 +76,52 @@ def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<fil
     model = base.diffusion_model
     model.requires_grad_(False)
     return model, model_config, prefix
+
+
+class _PatchFailures:
+    """Collects what ComfyUI logs while it patches one key (its adapters log a failure and leave the weight as it
+    was: here that becomes an error instead of a silently unmerged layer)."""
+
+    def __init__(self, key: str):
+        import logging
+
+        self.key, self.messages = key, []
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = self._emit
+
+    def _emit(self, record):
+        message = record.getMessage()
+        if self.key in message:
+            self.messages.append(message)
+
+    def __enter__(self):
+        import logging
+
+        logging.getLogger().addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger().removeHandler(self.handler)
+
+
+def host_patch_weight(weight: torch.Tensor, key: str, patches) -> torch.Tensor:
+    """`weight` (one whole layer, fp32) patched exactly as ComfyUI's ModelPatcher patches it: each LoRA module's
+    tensors become ComfyUI's patch through `comfy.lora.load_lora` (LoRA, DoRA, LoHa, LoKr, OFT, ... as its
+    weight_adapter classes read them), applied in order at its strength by `comfy.lora.calculate_weight`.
+    `patches`: [({name: tensor} of one module, that module's name, strength), ...]. Raises ValueError where ComfyUI
+    finds no patch in a module's tensors or reports that it could not apply one."""
+    import comfy.lora
+
+    comfy_patches = []
+    for tensors, module, strength in patches:
+        loaded = comfy.lora.load_lora(tensors, {module: key}, log_missing=False)
+        if key not in loaded:
+            raise ValueError(f"ComfyUI's LoRA loader finds no patch for {key} in {sorted(tensors)[:4]}")
+        comfy_patches.append((float(strength), loaded[key], 1.0, None, None))
+    with _PatchFailures(key) as failures:
+        out = comfy.lora.calculate_weight(comfy_patches, weight, key)
+    if failures.messages:
+        raise ValueError("; ".join(failures.messages))
+    return out

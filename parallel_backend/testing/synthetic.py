@@ -357,3 +357,83 @@ def write_wan_lora(path: str, model_path: str, fmt: str = "comfy", rank: int = 4
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
     return deltas
+
+
+ADAPTER_FORMATS = ("loha", "lokr", "lokr_full", "dora")
+
+
+def write_wan_adapter(path: str, model_path: str, kind: str, rank: int = 4, alpha: float = 2.0, seed: int = 0,
+                      blocks=None, magnitude: float = 0.1, factor: int = 4) -> dict:
+    """A random LyCORIS-style adapter for the Wan checkpoint `model_path` on every attention and ffn linear of
+    `blocks` (default all), in the key layout ComfyUI reads:
+
+      loha:      `diffusion_model.<m>.hada_w1_a` / `hada_w1_b` / `hada_w2_a` / `hada_w2_b` / `.alpha`
+                 delta = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank
+      lokr:      `diffusion_model.<m>.lokr_w1_a` / `lokr_w1_b` / `lokr_w2_a` / `lokr_w2_b` / `.alpha` (both factors
+                 factorised): delta = kron(w1_a @ w1_b, w2_a @ w2_b) * alpha / rank
+      lokr_full: `lora_unet_<m with _>.lokr_w1` / `lokr_w2` / `.alpha` (kohya names, unfactorised):
+                 delta = kron(w1, w2); ComfyUI ignores alpha when neither factor is factorised
+      dora:      `diffusion_model.<m>.lora_up.weight` / `lora_down.weight` / `.alpha` / `.dora_scale`: the first
+                 block's scales are per input column (shape (1, in), LyCORIS' default), the others' per output row
+                 ((out, 1)); W' = W + alpha / rank * up @ down, normalised by W''s column norms (per input) or
+                 W's row norms (per output: ComfyUI normalises by the base weight there), times dora_scale
+
+    Returns {checkpoint key: fp32 (patched weight at strength 1) - base weight}: every format above is merged by
+    ComfyUI as W + strength * that, so a merge by hand scales it. Worked out here independently of ComfyUI.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..weights.reads import read_header
+
+    if kind not in ADAPTER_FORMATS:
+        raise ValueError(f"kind must be one of {ADAPTER_FORMATS}")
+    header = read_header(model_path)
+    n_blocks = 1 + max(int(k.split(".")[1]) for k in header if k.startswith("blocks."))
+    blocks = list(range(n_blocks) if blocks is None else blocks)
+    modules = [f"blocks.{b}.{a}.{p}" for b in blocks for a in ("self_attn", "cross_attn") for p in "qkvo"]
+    modules += [f"blocks.{b}.ffn.{i}" for b in blocks for i in (0, 2)]
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *shape: torch.randn(*shape, generator=g)
+    tensors, deltas = {}, {}
+    with safe_open(model_path, framework="pt") as f:
+        for m in modules:
+            out_f, in_f = header[m + ".weight"][0]
+            name = ("lora_unet_" + m.replace(".", "_")) if kind == "lokr_full" else "diffusion_model." + m
+            small = magnitude / math.sqrt(in_f)
+            if kind == "loha":
+                w1a, w1b = rn(out_f, rank) / math.sqrt(rank), rn(rank, in_f)
+                w2a, w2b = rn(out_f, rank) / math.sqrt(rank), rn(rank, in_f) * small
+                tensors.update({name + ".hada_w1_a": w1a, name + ".hada_w1_b": w1b, name + ".hada_w2_a": w2a,
+                                name + ".hada_w2_b": w2b})
+                delta = (w1a @ w1b) * (w2a @ w2b) * (alpha / rank)
+            elif kind == "lokr":
+                o2, i2 = out_f // factor, in_f // factor
+                w1a, w1b = rn(factor, rank) / math.sqrt(rank), rn(rank, factor)
+                w2a, w2b = rn(o2, rank) / math.sqrt(rank), rn(rank, i2) * small
+                tensors.update({name + ".lokr_w1_a": w1a, name + ".lokr_w1_b": w1b, name + ".lokr_w2_a": w2a,
+                                name + ".lokr_w2_b": w2b})
+                delta = torch.kron(w1a @ w1b, w2a @ w2b) * (alpha / rank)
+            elif kind == "lokr_full":
+                w1, w2 = rn(factor, factor), rn(out_f // factor, in_f // factor) * small
+                tensors.update({name + ".lokr_w1": w1, name + ".lokr_w2": w2})
+                delta = torch.kron(w1, w2)
+            else:
+                up, down = rn(out_f, rank) * (magnitude / math.sqrt(rank)), rn(rank, in_f) / math.sqrt(in_f)
+                w = f.get_tensor(m + ".weight").float()
+                calc = w + (alpha / rank) * (up @ down)
+                eps = torch.finfo(torch.float32).eps
+                if m.startswith(f"blocks.{blocks[0]}."):  # per input column, norms of W'
+                    norm = calc.norm(dim=0, keepdim=True) + eps
+                    scale = norm * (1 + 0.2 * rn(1, in_f))
+                else:  # per output row, norms of the base W (as ComfyUI computes them)
+                    norm = w.norm(dim=1, keepdim=True) + eps
+                    scale = calc.norm(dim=1, keepdim=True) * (1 + 0.2 * rn(out_f, 1))
+                tensors.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down,
+                                name + ".dora_scale": scale})
+                delta = calc * (scale / norm) - w
+            if kind != "lokr_full" or seed % 2:  # (lokr_full: an alpha ComfyUI ignores, on odd seeds)
+                tensors[name + ".alpha"] = torch.tensor(float(alpha))
+            deltas[m + ".weight"] = delta
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return deltas

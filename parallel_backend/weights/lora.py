@@ -8,12 +8,19 @@ family's checkpoint key map:
     (original names or diffusers names with dots as underscores; `lora_transformer_`, `lycoris_`;
     Wan-Fun's `lora_unet__`)
   - ComfyUI's Wan keys: `diffusion_model.blocks.0.self_attn.q.lora_A.weight` (or `lora_down` / `lora_up`),
-    `.alpha`, and full-weight `.diff` / bias `.diff_b` deltas.
+    `.alpha`, and full-weight `.diff` / bias `.diff_b` deltas (`.w_norm` / `.b_norm` likewise).
+  - LyCORIS-style adapters (LoHa `hada_*`, LoKr `lokr_*`, DoRA `dora_scale`, OFT / BOFT, GLoRA, LoCon's
+    `lora_mid`, `set_weight`): only on a family whose ranks run ComfyUI's own class (it passes `patch_weight`);
+    refused elsewhere.
 
-Merge: W += strength * (alpha / rank) * up @ down, computed in fp32 on this rank's SHARD only: a
+Plain LoRA merge: W += strength * (alpha / rank) * up @ down, computed in fp32 on this rank's SHARD only: a
 column-parallel weight takes its rows of `up`, a row-parallel one its columns of `down`; each is read
 with get_slice. An fp8 layer (Fp8Linear) is merged into an upcast copy (it then holds its shard in
 the compute precision). ComfyUI's arithmetic is followed (alpha absent -> scale 1).
+Full-layer merge (a parameter any adapter targets: LoHa / LoKr give a full-size delta, DoRA normalises over the
+whole weight): that one layer's full base weight is read from the checkpoint (dequantized as ComfyUI does), the
+family's `patch_weight` applies every LoRA's patch on it with ComfyUI's own code (comfy.lora.load_lora +
+calculate_weight), and this rank's slice is kept. One layer at a time.
 Unmerge = re-read the touched parameters' base slices from the checkpoint (loading.reload_params).
 """
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 
 from ..parallel.plan import shard_dim_of
 from .fp8 import FP8_DTYPES, Fp8Linear
-from .reads import CheckpointError, SliceReader, _slice_for, read_header
+from .reads import CheckpointError, SliceReader, _nbytes, _slice_for, read_header
 
 
 class LoraError(ValueError):
@@ -43,13 +50,19 @@ PAIR_SUFFIXES = (
     ("_lora.up.weight", "_lora.down.weight"),
     (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
 )
-SINGLE_SUFFIXES = {".alpha": "alpha", ".diff_b": "diff_b", ".diff": "diff"}
-# adapter types this merge does not implement: refused, never silently skipped
-UNSUPPORTED_SUFFIXES = {
-    ".dora_scale": "DoRA", ".hada_w1_a": "LoHa", ".hada_w1_b": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr",
-    ".lokr_w2": "LoKr", ".lokr_w2_a": "LoKr", ".oft_blocks": "OFT", ".oft_diag": "BOFT", ".lora_mid.weight": "LoCon (tucker)",
-    ".set_weight": "set_weight", ".w_norm": "norm diff", ".reshape_weight": "reshaped LoRA",
+# (ComfyUI's load_lora reads `.w_norm` / `.b_norm` exactly as `.diff` / `.diff_b`)
+SINGLE_SUFFIXES = {".alpha": "alpha", ".diff_b": "diff_b", ".diff": "diff", ".b_norm": "diff_b", ".w_norm": "diff"}
+# adapters ComfyUI's weight_adapter implements (and its `set` patch): merged whole-layer by the family's
+# `patch_weight` (ComfyUI's own code in the rank); a family without one refuses them
+ADAPTER_SUFFIXES = {
+    **{f".hada_{n}": "LoHa" for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f".lokr_{n}": "LoKr" for n in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b", "t2")},
+    ".dora_scale": "DoRA", ".oft_blocks": "OFT / BOFT", ".rescale": "OFT / BOFT",
+    **{f".{n}.weight": "GLoRA" for n in ("a1", "a2", "b1", "b2")},
+    ".lora_mid.weight": "LoCon (tucker)", ".set_weight": "set_weight",
 }
+# what a sharded model cannot take at all: refused, never silently skipped
+REFUSED_SUFFIXES = {".reshape_weight": "reshaped LoRA (it changes the layer's shape)", ".oft_diag": "OFT (oft_diag)"}
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
@@ -77,8 +90,10 @@ def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
         else:
             ds, cs = dname, ckey
         dus, cus = ds.replace(".", "_"), cs.replace(".", "_")
-        for alias in (ds, "transformer." + ds, "base_model.model." + ds, "unet." + ds,
-                      cs, "diffusion_model." + cs, "model.diffusion_model." + cs, "transformer." + cs,
+        # ds is the host module path, which ComfyUI's own LoRA keys spell as `diffusion_model.<path>` (the file's
+        # keys may carry another prefix: Cosmos' `net.`)
+        for alias in (ds, "transformer." + ds, "base_model.model." + ds, "unet." + ds, "diffusion_model." + ds,
+                      "model.diffusion_model." + ds, cs, "diffusion_model." + cs, "model.diffusion_model." + cs, "transformer." + cs,
                       "lora_unet_" + cus, "lora_unet_" + dus, "lora_transformer_" + dus, "lora_transformer_" + cus,
                       "lycoris_" + cus, "lycoris_" + dus):
             if table.get(alias, ds) != ds:
@@ -102,13 +117,16 @@ def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
 @dataclass
 class LoraTarget:
     param: str          # diffusers parameter name on the model
-    kind: str           # "lora" (up @ down) or "diff" (full delta)
+    kind: str           # "lora" (up @ down), "diff" (full delta) or "adapter" (whole layer, by patch_weight)
     up: str | None = None
     down: str | None = None
     alpha: float | None = None
     rank: int = 0
     diff: str | None = None
     shapes: tuple = ()  # full shapes of (up, down) or (diff,)
+    module: str = ""    # the LoRA module (normalised name) and its weight's tensors as ((file key, name under
+    keys: tuple = ()    # `module`), ...): what ComfyUI's load_lora reads when the layer is merged whole
+    adapter: str = ""   # the adapter type(s), for messages
 
 
 def _normalise(key: str) -> str:
@@ -118,7 +136,7 @@ def _normalise(key: str) -> str:
 
 
 def _split_key(key: str):
-    """(module, role) for a LoRA tensor key; role in up/down/alpha/diff/diff_b, or unsupported:<kind>."""
+    """(module, role) for a LoRA tensor key; role in up/down/alpha/diff/diff_b, adapter:<kind> or refused:<kind>."""
     for up, down in PAIR_SUFFIXES:
         if key.endswith(up):
             return key[:-len(up)], "up"
@@ -127,44 +145,74 @@ def _split_key(key: str):
     for suffix, role in SINGLE_SUFFIXES.items():
         if key.endswith(suffix):
             return key[:-len(suffix)], role
-    for suffix, kind in UNSUPPORTED_SUFFIXES.items():
+    for suffix, kind in ADAPTER_SUFFIXES.items():
         if key.endswith(suffix):
-            return key[:-len(suffix)], "unsupported:" + kind
+            return key[:-len(suffix)], "adapter:" + kind
+    for suffix, kind in REFUSED_SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[:-len(suffix)], "refused:" + kind
     return None, None
 
 
 def looks_like_lora(header: dict) -> bool:
-    return any(_split_key(k)[1] in ("up", "down", "diff", "diff_b") for k in header)
+    return any((r or "").startswith(("up", "down", "diff", "adapter:")) for r in (_split_key(k)[1] for k in header))
 
 
 def plan_lora(path: str, lora_header: dict, key_map: dict, model_header: dict, alpha_values: dict | None = None,
-              aliases: dict | None = None):
+              aliases: dict | None = None, adapters: bool = False):
     """Map a LoRA file onto the model from headers alone: (targets, unmatched LoRA keys).
 
     `alpha_values`: {key: float} for the file's `.alpha` scalars (read by the caller; headers hold no values).
-    Raises LoraError (naming the file) for unsupported adapter types, shape mismatches, or a LoRA none of
-    whose modules belong to this model.
+    `adapters`: whether LoHa / LoKr / DoRA / ... modules may be planned (as whole-layer "adapter" targets); the
+    caller must then merge them with ComfyUI's code (merge_loras' `patch_weight`).
+    Raises LoraError (naming the file) for adapter types this model cannot take, shape mismatches, or a LoRA
+    none of whose modules belong to this model.
     """
     table = alias_table(key_map, aliases)
     modules = defaultdict(dict)
+    module_keys = defaultdict(list)  # module -> [(file key, name under the normalised module)], biases aside
+    module_adapters = defaultdict(set)
     unknown = []
     for key in lora_header:
         module, role = _split_key(key)
         if module is None:
             unknown.append(key)
             continue
-        if role.startswith("unsupported:"):
-            raise LoraError(f"{path}: '{key}' is a {role.split(':', 1)[1]} adapter, which the parallel loader "
-                            f"cannot merge; only plain LoRA (up/down, alpha, diff) files are supported")
-        modules[_normalise(module)][role] = key
+        kind = role.split(":", 1)[1] if ":" in role else ""
+        if role.startswith("refused:"):
+            raise LoraError(f"{path}: '{key}' is a {kind}, which the parallel loader cannot merge into a sharded "
+                            f"model; sample with the native model (UNETLoader) for this LoRA")
+        if role.startswith("adapter:") and not adapters:
+            raise LoraError(f"{path}: '{key}' is a {kind} adapter, which the parallel loader merges only on model "
+                            f"families whose ranks run ComfyUI's own model class (which patches the layer whole); "
+                            f"without it only plain LoRA (up/down, alpha, diff) files merge: convert it to a plain "
+                            f"LoRA, or sample with the native model")
+        name = _normalise(module)
+        if role.startswith("adapter:"):
+            module_adapters[name].add(kind)
+            modules[name].setdefault("adapter", key)
+        else:
+            modules[name][role] = key
+        if role != "diff_b":
+            module_keys[name].append((key, name + key[len(module):]))
     targets, unmatched = [], list(unknown)
     for module, roles in modules.items():
         stem = table.get(module)
         if stem is None:
-            unmatched.extend(roles.values())
+            unmatched.extend(k for k, _ in module_keys[module])
+            if "diff_b" in roles:
+                unmatched.append(roles["diff_b"])
             continue
         weight = stem + ".weight" if stem + ".weight" in key_map else stem
-        if "up" in roles or "down" in roles:
+        keys = tuple(module_keys[module])
+        if module in module_adapters:  # the whole layer, by ComfyUI's code (which checks the shapes)
+            kinds = sorted(module_adapters[module])
+            if kinds == ["DoRA"] and not ({"up", "down"} <= set(roles)):
+                raise LoraError(f"{path}: module '{module}' has a DoRA scale but not both LoRA matrices; the file "
+                                f"is incomplete")
+            targets.append(LoraTarget(weight, "adapter", module=module, keys=keys, adapter=" + ".join(kinds),
+                                      shapes=(tuple(model_header[key_map[weight]][0]),)))
+        elif "up" in roles or "down" in roles:
             if "up" not in roles or "down" not in roles:
                 raise LoraError(f"{path}: module '{module}' has only one of the two LoRA matrices "
                                 f"({', '.join(sorted(roles.values()))}); the file is incomplete")
@@ -180,13 +228,14 @@ def plan_lora(path: str, lora_header: dict, key_map: dict, model_header: dict, a
             if "alpha" in roles:
                 alpha = (alpha_values or {}).get(roles["alpha"])
             targets.append(LoraTarget(weight, "lora", up=roles["up"], down=roles["down"], alpha=alpha, rank=rank,
-                                      shapes=(tuple(up_shape), tuple(down_shape))))
-        if "diff" in roles:
+                                      shapes=(tuple(up_shape), tuple(down_shape)), module=module, keys=keys))
+        if "diff" in roles and module not in module_adapters:
             full = model_header[key_map[weight]][0]
             if tuple(lora_header[roles["diff"]][0]) != tuple(full):
                 raise LoraError(f"{path}: '{roles['diff']}' has shape {tuple(lora_header[roles['diff']][0])}, the "
                                 f"model's {weight} has {tuple(full)}")
-            targets.append(LoraTarget(weight, "diff", diff=roles["diff"], shapes=(tuple(full),)))
+            targets.append(LoraTarget(weight, "diff", diff=roles["diff"], shapes=(tuple(full),), module=module,
+                                      keys=keys))
         if "diff_b" in roles:
             bias = stem + ".bias"
             if bias not in key_map:
@@ -236,38 +285,79 @@ def _alphas(reader: SliceReader, header: dict) -> dict:
 
 
 def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict, touched: set,
-                aliases: dict | None = None, compute_dtype: torch.dtype | None = None) -> dict:
+                aliases: dict | None = None, compute_dtype: torch.dtype | None = None, patch_weight=None,
+                checkpoint: str | None = None) -> dict:
     """Merge `loras` ([(path, strength), ...]) into the model's (sharded) parameters.
 
     Each parameter gets the sum of all LoRAs' deltas in fp32 and is cast back once. Names of changed
     parameters are added to `touched` as they change, so a caller can restore them after a failure.
+    `patch_weight(weight, key, patches)` (the family's, ComfyUI's own code in the rank) merges a whole layer:
+    with it (and `checkpoint`, the model file the base layers are read from) LoHa / LoKr / DoRA / ... files merge;
+    without it they are refused.
     """
     params = dict(model.named_parameters())
     per_param = defaultdict(list)
     readers, unmatched = [], {}
+    base = None
     try:
         for path, strength in loras:
             header = read_lora_header(path)
             reader = SliceReader(path)
             readers.append(reader)
-            targets, skipped = plan_lora(path, header, key_map, model_header, _alphas(reader, header), aliases)
+            targets, skipped = plan_lora(path, header, key_map, model_header, _alphas(reader, header), aliases,
+                                         adapters=patch_weight is not None and checkpoint is not None)
             if skipped:
                 unmatched[path] = skipped
             for t in targets:
                 if t.param not in params:
                     raise LoraError(f"{path}: targets {t.param}, which this model does not have")
                 per_param[t.param].append((reader, t, float(strength)))
+        full_layers = 0
         for name, items in per_param.items():
-            touched.update(_merge_param(model, name, params[name], items, compute_dtype))
+            if any(t.kind == "adapter" for _, t, _ in items):
+                if base is None:
+                    base = SliceReader(checkpoint)
+                touched.update(_merge_param(model, name, params[name], items, compute_dtype,
+                                            full=(base, key_map[name], patch_weight,
+                                                  _nbytes(*model_header[key_map[name]]))))
+                full_layers += 1
+            else:
+                touched.update(_merge_param(model, name, params[name], items, compute_dtype))
     finally:
-        for r in readers:
+        for r in readers + ([base] if base is not None else []):
             r.close()
-    return {"lora_params": len(per_param), "lora_unmatched": {p: len(k) for p, k in unmatched.items()},
+    return {"lora_params": len(per_param), "lora_full_layers": full_layers,
+            "lora_unmatched": {p: len(k) for p, k in unmatched.items()},
             "lora_unmatched_keys": {p: k[:5] for p, k in unmatched.items()}}
 
 
-def _merge_param(model, name, p, items, compute_dtype=None) -> set:
-    """Merge into one parameter; returns the names it changed (a scaled-fp8 layer's scale too)."""
+def _full_layer(name, p, w_shard_shape, index, base_weight, items, full) -> torch.Tensor:
+    """This rank's slice of the layer patched whole: the base layer (`base_weight`, fp32, full size, as ComfyUI
+    holds it) with every LoRA's patch for it applied in list order by the family's `patch_weight`."""
+    _, key, patch_weight, _ = full
+    patches, seen = [], set()
+    for reader, t, strength in items:
+        if (id(reader), t.module) in seen:  # a module's `lora` and `diff` targets are one patch for ComfyUI
+            continue
+        seen.add((id(reader), t.module))
+        patches.append(({as_name: reader.read(k).clone() for k, as_name in t.keys}, t.module, strength))
+    try:
+        w = patch_weight(base_weight, name, patches)
+    except Exception as e:
+        files = ", ".join(dict.fromkeys(r.path for r, _, _ in items))
+        kinds = ", ".join(dict.fromkeys(t.adapter for _, t, _ in items if t.adapter))
+        raise LoraError(f"{files}: the {kinds} patch for {key} could not be applied: {e}") from None
+    w = w[index] if index is not None else w
+    if tuple(w.shape) != tuple(w_shard_shape):
+        raise LoraError(f"{key}: the patched layer's slice has shape {tuple(w.shape)}, the shard "
+                        f"{tuple(w_shard_shape)}")
+    return w.float().contiguous()
+
+
+def _merge_param(model, name, p, items, compute_dtype=None, full=None) -> set:
+    """Merge into one parameter; returns the names it changed (a scaled-fp8 layer's scale too).
+    `full`: (checkpoint reader, checkpoint key, patch_weight, bytes of the layer in the file) to merge the layer
+    whole (see _full_layer)."""
     from ..parallel.tensor_parallel import BIAS_ON_RANK0
 
     module_name, _, pname = name.rpartition(".")
@@ -282,13 +372,22 @@ def _merge_param(model, name, p, items, compute_dtype=None) -> set:
     # precision and its scale at 1 (both restored from the file when the LoRA changes)
     host_fp8 = not fp8 and p.dtype in FP8_DTYPES  # a weight or an fp8 bias
     weight_scale = getattr(module, "scale_weight", None) if host_fp8 and pname == "weight" else None
-    if fp8:
+    if full is not None:  # the whole layer from the file, as this rank's shard was loaded from it
+        if fp8:
+            raise LoraError(f"{name}: a whole-layer LoRA merge on a diffusers-class fp8 layer is not supported")
+        reader, key, _, nbytes = full  # (the reader drops its memory map every so many bytes read)
+        base = reader.read(key, None, nbytes).to(p.dtype).float()
+        if host_fp8 and torch.is_tensor(weight_scale):
+            base = base * weight_scale.detach().float().to(base.device)
+        index = _slice_for(tuple(base.shape), dim, rank, parts) if dim is not None else None
+        w = _full_layer(name, p, tuple(p.shape), index, base, items, full).to(p.device)
+    elif fp8:
         w = module.dequantized_weight().float()
     elif host_fp8:
         w = p.detach().float() * (weight_scale.detach().float() if torch.is_tensor(weight_scale) else 1.0)
     else:
         w = p.detach().float()
-    for reader, t, strength in items:
+    for reader, t, strength in (items if full is None else ()):
         if t.kind == "lora":  # only this shard's rows of up (column-parallel) or columns of down (row-parallel)
             up_shape, down_shape = t.shapes
             up = reader.read(t.up, _slice_for(up_shape, 0, rank, parts) if dim == 0 else None)

@@ -5,6 +5,8 @@ attention / ffn linear is column- or row-sharded there, so each rank merges only
 `down`) against single-process references whose checkpoints were merged by hand in the checkpoint's
 own key space (W + strength * delta, deltas worked out by synthetic.write_wan_lora). Changing the
 strength or the list re-merges in the same processes without re-reading the model.
+LoHa / LoKr / DoRA files (merged whole-layer by ComfyUI's own code in the ranks) are checked the same way against
+hand merges whose deltas synthetic.write_wan_adapter works out independently of ComfyUI.
 """
 from __future__ import annotations
 
@@ -21,7 +23,15 @@ from parallel_backend.runtime import group as group_mod
 from parallel_backend.runtime.group import WorkerGroupError, get_group, stop_all
 from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel
-from parallel_backend.testing.synthetic import write_dequantized, write_fp8_variant, write_tiny_wan, write_wan_lora
+from parallel_backend.testing.synthetic import (
+    ADAPTER_FORMATS,
+    write_dequantized,
+    write_fp8_variant,
+    write_tiny_cosmos,
+    write_tiny_wan,
+    write_wan_adapter,
+    write_wan_lora,
+)
 from parallel_backend.weights.lora import LoraError, alias_table, lora_key, plan_lora, read_lora_header
 from parallel_backend.weights.reads import model_keys, read_header
 
@@ -46,6 +56,16 @@ def files(tmp_path_factory):
     f["bf16"] = write_tiny_wan(str(d / "tiny_wan_bf16.safetensors"), seed=5, dtype=torch.bfloat16)
     f["fp8"] = write_fp8_variant(f["bf16"], str(d / "tiny_wan_fp8_scaled.safetensors"), scaled=True)
     f["fp8_dequant"] = write_dequantized(f["fp8"], str(d / "tiny_wan_fp8_dequant.safetensors"))
+    for i, kind in enumerate(ADAPTER_FORMATS):  # LoHa / LoKr (factorised, unfactorised) / DoRA
+        path = str(d / f"adapter_{kind}.safetensors")
+        f["deltas"][path] = write_wan_adapter(path, f["base"], kind, seed=30 + i)
+        f[kind] = path
+    # DoRA's result depends on the base weight: one written for the fp8 file's (dequantized) weights
+    f["dora_fp8"] = str(d / "adapter_dora_fp8.safetensors")
+    f["deltas"][f["dora_fp8"]] = write_wan_adapter(f["dora_fp8"], f["fp8_dequant"], "dora", seed=41)
+    # a LoHa for the wider model: ComfyUI's adapter cannot apply it here; refused, naming the file
+    f["loha_wide"] = str(d / "adapter_loha_wide.safetensors")
+    write_wan_adapter(f["loha_wide"], wide, "loha", seed=42, blocks=[0])
     f["dir"] = d
     return f
 
@@ -111,13 +131,28 @@ def test_bad_lora_files_are_refused_naming_the_file(files, tmp_path):
                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4)}, te)
     with pytest.raises(LoraError, match=r"te_lora\.safetensors: none of this LoRA's 2 tensors belong"):
         plan_lora(te, read_lora_header(te), key_map, header)
-    # DoRA / LoHa cannot be merged as plain LoRA: refused, never half-applied
+    # DoRA / LoHa on a family without ComfyUI's class in its ranks (adapters=False): refused, never half-applied
     dora = str(tmp_path / "dora.safetensors")
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 512),
                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(512, 4),
                "diffusion_model.blocks.0.self_attn.q.dora_scale": torch.zeros(512, 1)}, dora)
-    with pytest.raises(LoraError, match=r"dora\.safetensors.*DoRA adapter"):
+    with pytest.raises(LoraError, match=r"dora\.safetensors.*DoRA adapter.*ComfyUI's own model class.*plain LoRA"):
         plan_lora(dora, read_lora_header(dora), key_map, header)
+    for kind in ADAPTER_FORMATS:
+        name = {"loha": "LoHa", "lokr": "LoKr", "lokr_full": "LoKr", "dora": "DoRA"}[kind]
+        with pytest.raises(LoraError, match=rf"adapter_{kind}\.safetensors.*{name} adapter"):
+            plan_lora(files[kind], read_lora_header(files[kind]), key_map, header)
+    # ... and whole-layer targets where the family can merge them
+    for kind in ADAPTER_FORMATS:
+        ts, unmatched = plan_lora(files[kind], read_lora_header(files[kind]), key_map, header, adapters=True)
+        assert unmatched == [] and len(ts) == 20 and {t.kind for t in ts} == {"adapter"}
+    # a reshaped LoRA (it would change the layer's shape) is refused even there
+    reshaped = str(tmp_path / "reshaped.safetensors")
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 512),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(512, 4),
+               "diffusion_model.blocks.0.self_attn.q.reshape_weight": torch.tensor([600, 512])}, reshaped)
+    with pytest.raises(LoraError, match=r"reshaped\.safetensors.*reshaped LoRA.*native model"):
+        plan_lora(reshaped, read_lora_header(reshaped), key_map, header, adapters=True)
     # not a LoRA at all (a model file picked from the loras folder)
     with pytest.raises(LoraError, match=r"tiny_wan\.safetensors: not a LoRA file"):
         read_lora_header(files["base"])
@@ -211,3 +246,80 @@ def test_tp2_lora_on_fp8_weights_merges_into_an_upcast_copy_and_unmerges_back_to
     assert [s["fp8_weight_bytes"] for s in g.rank_load_stats] == fp8_bytes  # fp8 shards and scales back
     assert torch.equal(g.forward(x, t, ctx), plain_out)
     assert plain["fp8_layers"] == 26
+
+
+def test_loha_merges_on_cosmos_like_a_hand_merge(files, tmp_path):
+    """Cosmos runs ComfyUI's MiniTrainDIT in its ranks too, so a LoHa file merges there: the patched layer equals
+    base + strength * (w1a @ w1b) * (w2a @ w2b) (alpha absent: scale 1), the others stay the file's."""
+    path = write_tiny_cosmos(str(tmp_path / "cosmos.safetensors"), seed=2)
+    cfg = ParallelConfig(world_size=1, device="cpu", dtype="fp32")
+    sm = ShardedModel(single_rank_mesh(cfg, torch.device("cpu")), path, "fp32")
+    before = {n: p.clone() for n, p in sm.model.named_parameters()}
+    w = before["blocks.0.self_attn.q_proj.weight"]
+    g = torch.Generator().manual_seed(3)
+    parts = {k: 0.1 * torch.randn(*shape, generator=g) for k, shape in (
+        ("hada_w1_a", (w.shape[0], 2)), ("hada_w1_b", (2, w.shape[1])),
+        ("hada_w2_a", (w.shape[0], 2)), ("hada_w2_b", (2, w.shape[1])))}
+    loha = str(tmp_path / "cosmos_loha.safetensors")
+    save_file({f"diffusion_model.blocks.0.self_attn.q_proj.{k}": v for k, v in parts.items()}, loha)
+    sm.set_loras([(loha, 0.7)])
+    expected = w + 0.7 * (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+    after = dict(sm.model.named_parameters())
+    d = (after["blocks.0.self_attn.q_proj.weight"] - expected).abs().max().item()
+    assert d <= 1e-6 and (expected - w).abs().max() > 1e-3, d
+    assert all(torch.equal(p, before[n]) for n, p in after.items() if n != "blocks.0.self_attn.q_proj.weight")
+    sm.set_loras([])
+    assert all(torch.equal(p, before[n]) for n, p in sm.model.named_parameters())
+
+
+@pytest.mark.multirank
+def test_tp2_loha_lokr_dora_match_hand_merges_and_restrength(files, group):
+    """LoHa, LoKr (factorised and not) and DoRA on tp=2: each rank's slice of the whole layer patched by ComfyUI's
+    code; a new strength re-merges (DoRA is not linear in its delta: the restore must be exact for it to match)."""
+    g, d = group, files["dir"]
+    x, t, ctx = inputs()
+    g.load(files["base"], "fp32", loras=[])
+    base_out = g.forward(x, t, ctx)
+    pids, loads = list(g.pids), g.load_count
+    cases = [
+        ("LoHa x0.8", [(files["loha"], 0.8)]),
+        ("LoKr (factorised) x1.0", [(files["lokr"], 1.0)]),
+        ("LoKr (unfactorised) x-0.7", [(files["lokr_full"], -0.7)]),
+        ("DoRA x1.0", [(files["dora"], 1.0)]),
+        ("DoRA x0.4 (strength change)", [(files["dora"], 0.4)]),
+        ("LoHa x0.5 + plain LoRA x0.6 + LoKr x0.3 (same layers)",
+         [(files["loha"], 0.5), (files["comfy"], 0.6), (files["lokr"], 0.3)]),
+    ]
+    worst = 0.0
+    for i, (name, loras) in enumerate(cases):
+        info = g.load(files["base"], "fp32", loras=loras)
+        assert info["lora_changed"] is True and info["reloaded"] is False
+        assert info["lora_full_layers"] == 20  # every attention / ffn linear went the whole-layer way
+        out = g.forward(x, t, ctx)
+        ref = reference(merged_by_hand(files, files["base"], loras, str(d / f"merged_adapter_{i}.safetensors")),
+                        x, t, ctx)
+        diff = (out - ref).abs().max().item()
+        moved = (ref - base_out).abs().max().item()
+        print(f"{name}: tp=2 vs merged by hand {diff:.2e} (moves the output by {moved:.3f})")
+        worst = max(worst, diff)
+        assert diff <= TOL and moved > 100 * TOL
+    print(f"worst LoHa / LoKr / DoRA tp=2 difference: {worst:.2e}")
+    # a LoHa that ComfyUI cannot apply to these layers: an error naming the file; the base weights stay
+    with pytest.raises(WorkerGroupError, match=r"adapter_loha_wide\.safetensors.*LoHa.*could not be applied"):
+        g.load(files["base"], "fp32", loras=[(files["loha_wide"], 1.0)])
+    g.load(files["base"], "fp32", loras=[])
+    assert g.load_count == loads and torch.equal(g.forward(x, t, ctx), base_out)
+    # fp8 scaled weights: DoRA normalises the dequantized base layer, as ComfyUI does
+    plain = g.load(files["fp8"], "fp32", loras=[])
+    assert plain["fp8_layers"] == 26
+    fp8_out = g.forward(x, t, ctx)
+    loras = [(files["dora_fp8"], 0.9)]
+    g.load(files["fp8"], "fp32", loras=loras)
+    ref = reference(merged_by_hand(files, files["fp8_dequant"], loras, str(d / "merged_dora_fp8.safetensors")),
+                    x, t, ctx)
+    diff = (g.forward(x, t, ctx) - ref).abs().max().item()
+    print(f"DoRA x0.9 on fp8_scaled weights (tp=2) vs dequantized + merged by hand: {diff:.2e}")
+    assert diff <= TOL
+    g.load(files["fp8"], "fp32", loras=[])
+    assert torch.equal(g.forward(x, t, ctx), fp8_out)  # fp8 shards and scales back from the file
+    assert g.pids == pids
