@@ -18,8 +18,6 @@ class UnsupportedPatchError(RuntimeError):
     pass
 
 
-# keyword conds ComfyUI's Wan BaseModel may pass, and whether the group supports them
-_SUPPORTED_CONDS = {"clip_fea"}
 # conds ComfyUI's own WanModel ignores: WAN22 (TI2V-5B) turns denoise_mask into per-frame timesteps
 # in process_timestep before the call, and passes it on too; Cosmos Predict2 passes the frame rate `fps`, which
 # ComfyUI's own MiniTrainDIT ignores (rope_enable_fps_modulation off)
@@ -63,6 +61,15 @@ class ParallelDiffusionModel(torch.nn.Module):
         load_logged(g, self.path, self.precision, loras=self.loras, resident=self.resident)
         return g
 
+    def class_name(self) -> str:
+        return self.host_class.__name__ if self.host_class is not None else "diffusion model"
+
+    def conds(self) -> tuple:
+        """The keyword inputs (ComfyUI conds) the ranks take for this model's class (the family says which)."""
+        family = backend("models").FAMILIES.get(self.info.get("family"))
+        conds_of = getattr(family, "conds_of", None)
+        return tuple(conds_of(self.class_name())) if conds_of is not None else ()
+
     def with_loras(self, loras) -> "ParallelDiffusionModel":
         """A proxy of the same model with this LoRA list (Parallel LoRA object-patches it onto a clone)."""
         other = ParallelDiffusionModel(self.parallel_config, self.path, self.precision, self.info, self.resident,
@@ -89,22 +96,36 @@ class ParallelDiffusionModel(torch.nn.Module):
         refuse_patcher_extras(patcher)
         patches = crossing_patches(transformer_options)
         compile_spec = compile_request(patcher, self.compile_spec, self.parallel_config)
-        extras = {}
+        extras, values = {}, {}
+        conds = self.conds()
         for k, v in named.items():
             if v is None or k in _IGNORED_CONDS:
                 continue
-            if k not in _SUPPORTED_CONDS:
+            if k not in conds:
                 raise UnsupportedPatchError(
-                    f"the parallel model got the conditioning input '{k}', which the worker group does not "
-                    f"support yet; remove the node that adds it, or sample with the native model")
-            extras[k] = v.detach().cpu()
+                    f"the parallel model ({self.class_name()}) got the conditioning input '{k}', which its ranks do "
+                    f"not take yet (they take: {', '.join(conds) or 'none'}); remove the node that adds it, or "
+                    f"sample with the native model")
+            if torch.is_tensor(v):  # batched like x (ComfyUI concatenates conds by row): through shared memory
+                extras[k] = v.detach().cpu()
+            elif _plain(v):  # numbers, strings, lists of them (VACE's per-context strengths): with the call
+                values[k] = v
+            else:
+                raise UnsupportedPatchError(f"the conditioning input '{k}' of {self.class_name()} is a "
+                                            f"{type(v).__name__}, which cannot cross to the worker ranks")
         g = self.group()
         out = g.forward(x.detach().cpu(), timestep.detach().cpu(), context.detach().cpu(),
                         model_key=g.model_key_for(self.path, self.precision), compile=compile_spec, patches=patches,
-                        **extras)
+                        values=values, **extras)
         import comfy.model_management
         comfy.model_management.throw_exception_if_processing_interrupted()
         return out.to(x.device)
+
+
+def _plain(v) -> bool:
+    if isinstance(v, (bool, int, float, str)):
+        return True
+    return isinstance(v, (list, tuple)) and all(_plain(x) for x in v)
 
 
 def _bind(host_class, args, kwargs) -> dict:
@@ -268,10 +289,10 @@ def compile_request(patcher, default, config):
     return spec
 
 
-def build_model_patcher(config, path, precision, header, info, resident=False, compile_spec=None):
+def host_model_config(family_name, path, precision, header):
+    """(ComfyUI's supported_models config for the file, its meta state dict, the diffusion model class ComfyUI's
+    detection builds for it), from the header alone."""
     import comfy.model_detection
-    import comfy.model_management
-    import comfy.model_patcher
 
     st = backend("weights.reads")._ST_DTYPES
     sd = {k: torch.empty(shape, dtype=st.get(dt, torch.float32), device="meta") for k, (shape, dt) in header.items()}
@@ -280,7 +301,7 @@ def build_model_patcher(config, path, precision, header, info, resident=False, c
     sd = stripped or sd  # as comfy.sd does: the default prefix may match no key
     # the family may name ComfyUI's model class itself (ComfyUI's detection fixes Cosmos Predict2's depth and
     # heads from its width, so it cannot size other widths); otherwise ComfyUI's own detection
-    model_config = _family_model_config(info, header) or comfy.model_detection.model_config_from_unet(sd, "")
+    model_config = _family_model_config(family_name, header) or comfy.model_detection.model_config_from_unet(sd, "")
     if model_config is None:
         raise RuntimeError(f"ComfyUI does not recognise {path} as a diffusion model it knows")
     dtype = backend("weights.reads").DTYPE_NAMES[precision]
@@ -288,6 +309,28 @@ def build_model_patcher(config, path, precision, header, info, resident=False, c
     # ComfyUI's own class for this file, as its detection builds it (on meta: no memory, ~30 ms for 14B): the proxy
     # calls its forward, which runs the host's DIFFUSION_MODEL wrappers
     host_class = type(model_config.get_model(sd, "", device=torch.device("meta")).diffusion_model)
+    return model_config, sd, host_class
+
+
+def refuse_unsupported_class(family_name, path, header):
+    """Before any rank starts: the model class ComfyUI detects for the file must be one the family runs; the
+    refusal names the class and the reason."""
+    family = backend("models").FAMILIES.get(family_name)
+    check = getattr(family, "variant_of", None)
+    if check is None:
+        return
+    _, _, host_class = host_model_config(family_name, path, "fp32", header)
+    try:
+        check(host_class.__name__)
+    except ValueError as e:
+        raise ValueError(f"{os.path.basename(path)}: {e}") from None
+
+
+def build_model_patcher(config, path, precision, header, info, resident=False, compile_spec=None):
+    import comfy.model_management
+    import comfy.model_patcher
+
+    model_config, sd, host_class = host_model_config(info.get("family"), path, precision, header)
     model_config.unet_config["disable_unet_model_creation"] = True
     base = model_config.get_model(sd, "")
     base.diffusion_model = ParallelDiffusionModel(config, path, precision, info, resident, host_class=host_class,
@@ -302,10 +345,10 @@ def build_model_patcher(config, path, precision, header, info, resident=False, c
                                           offload_device=comfy.model_management.unet_offload_device())
 
 
-def _family_model_config(info, header):
+def _family_model_config(family_name, header):
     """ComfyUI's supported_models config for the file when its family provides one: `comfy_model_config(header)`
     gives (class name in comfy.supported_models, unet_config read from the header); else None."""
-    family = backend("models").FAMILIES.get(info.get("family"))
+    family = backend("models").FAMILIES.get(family_name)
     hint = getattr(family, "comfy_model_config", None)
     if hint is None:
         return None

@@ -1,7 +1,13 @@
 import logging
 
 from .backend import CATEGORY, CONFIG_TYPE, backend
-from .comfy_model import build_model_patcher, install_lora_hook, install_unload_hook, load_logged
+from .comfy_model import (
+    build_model_patcher,
+    install_lora_hook,
+    install_unload_hook,
+    load_logged,
+    refuse_unsupported_class,
+)
 
 
 def resolve_config(spec: dict, shape, header) -> tuple:
@@ -76,6 +82,7 @@ class ParallelModelLoader:
         family = models.detect_family(header, path)
         shape = family.model_shape(header)
         config, why = resolve_config(parallel_config, shape, header)
+        refuse_unsupported_class(shape.family, path, header)  # a variant the family cannot run: before any rank
         install_unload_hook()
         install_lora_hook()
         group = backend("runtime.group").get_group(config)  # starts ranks only when no warm group matches

@@ -249,16 +249,19 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     for node in ui["nodes"]:
         info = object_info[node["type"]]["input"]
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        linked_widgets = {i["name"] for i in node.get("inputs", []) if i.get("widget")}
         widgets = list(node.get("widgets_values", []))
         inputs = {}
         for section in ("required", "optional"):
             for name, spec in info.get(section, {}).items():
+                kind = spec[0]
+                is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
                 if name in linked:
                     l = linked[name]
                     inputs[name] = [str(l[1]), l[2]]
+                    if is_widget and name in linked_widgets and widgets:  # a widget converted to an input
+                        widgets.pop(0)
                     continue
-                kind = spec[0]
-                is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
                 if is_widget and widgets:
                     inputs[name] = widgets.pop(0)
                     opts = spec[1] if len(spec) > 1 else {}

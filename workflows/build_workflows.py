@@ -34,11 +34,17 @@ OUTPUTS = {
     "CLIPVisionEncode": [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")],
     "WanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
     "PditTestConditioning": [("CONDITIONING", "CONDITIONING")],  # test-only node (tests/comfy_test_nodes)
+    "WanVaceToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
+                       ("trim_latent", "INT")],
+    "TrimVideoLatent": [("LATENT", "LATENT")],
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
 SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("KSamplerAdvanced", "noise_seed"),
                 ("PditTestConditioning", "seed")}
 # widgets followed by an extra UI-only value the frontend keeps after them
+# widgets fed by a link (a widget converted to an input): the frontend keeps the widget's value in widgets_values
+# and marks the input with "widget"; value = what the widget holds
+LINKED_WIDGETS = {("TrimVideoLatent", "trim_amount"): 0}
 TRAILING_UI_VALUES = {("LoadImage", "image"): "image"}  # the upload button
 
 
@@ -188,8 +194,38 @@ WAN21_I2V = {
     ],
 }
 
+# Wan 2.1 VACE 14B (reference-to-video; add a control video / masks to WanVaceToVideo for v2v, inpainting,
+# outpainting): ComfyUI's native VACE graph, native KSampler included, with only Load Diffusion Model swapped for
+# the pack's two nodes. WanVaceToVideo prepends the reference image as latent frames; TrimVideoLatent cuts them off.
+WAN21_VACE = {
+    "title": "Wan 2.1 VACE reference-to-video on a parallel worker group",
+    "nodes": [
+        (1, "CLIPLoader", dict(UMT5)),
+        (2, "CLIPTextEncode", {"text": "the toy robot from the reference walks across a wooden desk, soft daylight",
+                               "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
+        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
+                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
+        (5, "ParallelModelLoader", {"model_name": "wan2.1_vace_14B_fp16.safetensors", "base_precision": "bf16",
+                                    "parallel_config": link(4), "residency": "swap"}),
+        (6, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (7, "LoadImage", {"image": "example.png"}),
+        (8, "WanVaceToVideo", {"positive": link(2), "negative": link(3), "vae": link(6), "width": 832,
+                               "height": 480, "length": 49, "batch_size": 1, "strength": 1.0,
+                               "reference_image": link(7)}),
+        (9, "KSampler", {"model": link(5), "seed": 42, "steps": 20, "cfg": 5.0, "sampler_name": "uni_pc",
+                         "scheduler": "simple", "positive": link(8, 0), "negative": link(8, 1),
+                         "latent_image": link(8, 2), "denoise": 1.0}),
+        (10, "TrimVideoLatent", {"samples": link(9), "trim_amount": link(8, 3)}),
+        (11, "VAEDecode", {"samples": link(10), "vae": link(6)}),
+        (12, "SaveAnimatedWEBP", {"images": link(11), "filename_prefix": "parallel_dit/wan21_vace", "fps": 16.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+    ],
+}
+
 WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_i2v_parallel": WAN21_I2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
-             "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I}
+             "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I,
+             "wan21_vace_parallel": WAN21_VACE}
 
 
 def spec_from_api(api: dict, title: str) -> dict:
@@ -234,6 +270,9 @@ def to_ui(spec: dict) -> dict:
                     if l[0] == lid:
                         l[4] = len(ui_inputs)
                 ui_inputs.append({"name": name, "type": ltype, "link": lid})
+                if (cls, name) in LINKED_WIDGETS:
+                    ui_inputs[-1]["widget"] = {"name": name}
+                    widgets.append(LINKED_WIDGETS[(cls, name)])
             else:
                 widgets.append(v)
                 if (cls, name) in SEED_WIDGETS:

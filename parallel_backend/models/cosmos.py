@@ -152,6 +152,12 @@ def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
     return model, model_config, prefix
 
 
+def conds_of(class_name: str) -> tuple:
+    """The keyword inputs (ComfyUI conds) the ranks take: MiniTrainDIT's padding mask (resized to the latent and
+    concatenated before the patch embedding: whole on every rank)."""
+    return ("padding_mask",)
+
+
 def install_attention(model, seq_state, backend: str) -> None:
     """Self-attention inside the plan's sequence-attention scope runs Ulysses / Ring: ComfyUI's MiniTrainDIT calls
     the module-level `optimized_attention` of comfy.ldm.cosmos.predict2, wrapped once per rank process."""

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..config import ModelShape
-from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
+from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit, extend_plan
 
 FAMILY = "wan"
 BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by one)
@@ -36,12 +36,89 @@ PLAN = ParallelPlan(
     # modulation as keywords: both are per token (the modulation per latent frame under TI2V-5B, stretched over the
     # frame's tokens as ComfyUI's repeat_e does), so each rank keeps the entries of its own tokens; the head's
     # modulation likewise; the head's output is gathered back to the full sequence
-    seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True)}, "head": {1: SeqSplit(1, per_token=True)}},
-    seq_split_kwargs={"blocks.*": {"e": SeqSplit(1, per_token=True), "freqs": SeqSplit(1, per_token=True)}},
+    # (per-token modulation is (B, T_e, 6, dim) into the blocks and (B, T_e, dim) into the head in WanModel; the
+    # VACE / camera classes pass one per row, (B, 6, dim) and (B, dim): those have another ndim and stay whole)
+    seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True)},
+                      "head": {1: SeqSplit(1, per_token=True, expected_ndim=3)}},
+    seq_split_kwargs={"blocks.*": {"e": SeqSplit(1, per_token=True, expected_ndim=4),
+                                   "freqs": SeqSplit(1, per_token=True)}},
     seq_gather_outputs={"head": SeqGather(1)},
     sequence_attention=("blocks.*.self_attn",),
 )
 BASIS = "host"
+
+
+def _block_tp(prefix: str) -> dict:
+    """The Megatron split of WanAttentionBlocks under `prefix` (blocks, VACE's vace_blocks)."""
+    return {**{f"{prefix}.{a}.{p}": "host_colwise" for a in _ATTN for p in "qkv"},
+            f"{prefix}.cross_attn.k_img": "host_colwise", f"{prefix}.cross_attn.v_img": "host_colwise",
+            **{f"{prefix}.{a}.o": "host_rowwise" for a in _ATTN},
+            **{f"{prefix}.{a}.norm_{p}": "head_norm" for a in _ATTN for p in "qk"},
+            f"{prefix}.cross_attn.norm_k_img": "head_norm",
+            f"{prefix}.ffn.0": "host_colwise", f"{prefix}.ffn.2": "host_rowwise"}
+
+
+_PER_TOKEN_KWARGS = {"e": SeqSplit(1, per_token=True, expected_ndim=4), "freqs": SeqSplit(1, per_token=True)}
+
+# The host classes this family runs (ComfyUI's detection picks them from the file's keys), each with the keyword
+# inputs (ComfyUI conds) it takes and what its plan adds to PLAN. Inputs consumed before the tokens are split
+# (concatenated to the latent, embedded with it, or prepended as tokens) need no entry: every rank computes them
+# whole, so operations that work per frame see whole frames.
+#  - clip_fea (I2V / FLF2V CLIP tokens: context, whole); time_dim_concat (frames concatenated before the patch
+#    embedding); reference_latent (2.2 Fun: ref_conv tokens prepended to x before the first block, cut off after
+#    the head, which gathers first);
+#  - VACE: vace_context is embedded whole by vace_patch_embedding, then each hint stream `c` and the block input
+#    `x` it starts from are split with the tokens at vace block 0 (later vace blocks get c already split); the
+#    hints are added to the split x; vace_strength is a list of numbers (whole). VACE blocks are Wan blocks (same
+#    TP split); before_proj / after_proj take the full hidden state and give it back, so they are row-parallel on
+#    a sliced input (half the bytes on tp2, one all-reduce each, as the attention's output projection);
+#  - Camera: camera_conditions go through the control adapter (per-frame 2-D convs, whole frames) and are added
+#    to the patch embedding before the split; the adapter's convolutions are split like a Megatron MLP (residual
+#    convs out / in channels, the first on a sliced input).
+VARIANTS = {
+    "WanModel": dict(conds=("clip_fea", "time_dim_concat", "reference_latent")),
+    "VaceWanModel": dict(
+        conds=("clip_fea", "time_dim_concat", "vace_context", "vace_strength"),
+        plan=ParallelPlan(
+            tp={**_block_tp("vace_blocks.*"), "vace_blocks.*.before_proj": "host_rowwise_sliced_input",
+                "vace_blocks.*.after_proj": "host_rowwise_sliced_input"},
+            attention_heads=tuple(f"vace_blocks.*.{a}" for a in _ATTN), heads_attr="num_heads",
+            seq_split_inputs={"vace_blocks.0": {0: SeqSplit(1)}},
+            seq_split_kwargs={"vace_blocks.0": {"x": SeqSplit(1)}, "vace_blocks.*": _PER_TOKEN_KWARGS},
+            sequence_attention=("vace_blocks.*.self_attn",))),
+    "CameraWanModel": dict(
+        conds=("clip_fea", "camera_conditions"),
+        plan=ParallelPlan(tp={"control_adapter.conv": "host_rowwise_sliced_input",
+                              "control_adapter.residual_blocks.*.conv1": "host_colwise",
+                              "control_adapter.residual_blocks.*.conv2": "host_rowwise"})),
+}
+# host classes this pack does not run yet, with the reason (refused at load, naming the class)
+NOT_YET = {
+    "WanModel_S2V": "Wan 2.2 S2V's audio injection and frame-pack motion tokens have no parallel plan yet",
+    "HumoWanModel": "HuMo's audio cross-attention blocks have no parallel plan yet",
+    "AnimateWanModel": "Wan 2.2 Animate's face / pose adapters have no parallel plan yet",
+}
+
+
+def variant_of(class_name: str) -> dict:
+    """The VARIANTS entry of a host class; raises with the class name and the reason for one the pack cannot run."""
+    if class_name in VARIANTS:
+        return VARIANTS[class_name]
+    why = NOT_YET.get(class_name, "the pack has no parallel plan for this class")
+    raise ValueError(f"ComfyUI detects this file as {class_name}, which the parallel loader cannot run yet: {why}. "
+                     f"Sample it with the native Load Diffusion Model (UNETLoader); supported Wan classes: "
+                     f"{', '.join(VARIANTS)}")
+
+
+def conds_of(class_name: str) -> tuple:
+    """The keyword inputs (ComfyUI conds) the ranks take for this host class."""
+    return variant_of(class_name)["conds"]
+
+
+def plan_for(model) -> ParallelPlan:
+    """PLAN with what the model's variant adds."""
+    extra = variant_of(type(model).__name__).get("plan")
+    return extend_plan(PLAN, extra) if extra is not None else PLAN
 
 
 def _strip(key: str) -> str:

@@ -55,6 +55,25 @@ class ParallelPlan:
     sequence_attention: tuple = ()                    # patterns of modules whose attention call runs sequence-parallel
 
 
+def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
+    """`plan` with a variant's additions (its added modules' entries; a pattern both name gets both specs)."""
+    def merged(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = {**out[k], **v} if isinstance(v, dict) and k in out else v
+        return out
+
+    if extra.heads_attr != plan.heads_attr and extra.attention_heads:
+        raise ValueError(f"a plan extension names heads by {extra.heads_attr!r}, the plan by {plan.heads_attr!r}")
+    return ParallelPlan(
+        tp={**plan.tp, **extra.tp}, seq_split_inputs=merged(plan.seq_split_inputs, extra.seq_split_inputs),
+        seq_split_outputs=merged(plan.seq_split_outputs, extra.seq_split_outputs),
+        seq_gather_outputs={**plan.seq_gather_outputs, **extra.seq_gather_outputs},
+        attention_heads=plan.attention_heads + extra.attention_heads, heads_attr=plan.heads_attr,
+        seq_split_kwargs=merged(plan.seq_split_kwargs, extra.seq_split_kwargs),
+        sequence_attention=plan.sequence_attention + extra.sequence_attention)
+
+
 class SequenceState:
     """Per-forward facts the split hooks learn and attention needs (real length before padding), and the
     sequence groups of the current call: a call may use a wider split than the mesh's own (the replicas that

@@ -100,36 +100,64 @@ TP_STYLES = {"colwise": column_parallel, "rowwise": row_parallel, "head_norm": h
 
 
 # ---- tensor parallelism on the host's own layers ------------------------------------------------------------------
-# ComfyUI's Linear classes (comfy.ops: manual cast, scaled fp8, ...) carry the host's weight semantics. Splitting one
+# ComfyUI's Linear (and Conv) classes (comfy.ops: manual cast, scaled fp8, ...) carry the host's weight semantics. Splitting one
 # keeps its class: a layer of the same class with the local shape, plus the collective the split needs. Parameter
 # names stay the checkpoint's, and `shard_dims` tells the loader which slice each rank reads.
 
 
-def _shrunk(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    new = type(linear)(in_features, out_features, bias=linear.bias is not None, device="meta",
-                       dtype=linear.weight.dtype)
+def _sizes(layer: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a host Linear or Conv layer."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        if layer.groups != 1:
+            raise ValueError(f"a grouped convolution ({layer}) cannot be split over tensor-parallel ranks")
+        return layer.in_channels, layer.out_channels
+    raise TypeError(f"tensor parallelism splits Linear and Conv layers, not {type(layer).__name__}")
+
+
+def _shrunk(layer: nn.Module, in_features: int, out_features: int) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        new = type(layer)(in_features, out_features, bias=layer.bias is not None, device="meta",
+                          dtype=layer.weight.dtype)
+    else:
+        new = type(layer)(in_features, out_features, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                          dilation=layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode,
+                          device="meta", dtype=layer.weight.dtype)
     for attr in ("comfy_cast_weights",):  # per-instance switches the host may have set
-        if attr in linear.__dict__:
-            setattr(new, attr, linear.__dict__[attr])
+        if attr in layer.__dict__:
+            setattr(new, attr, layer.__dict__[attr])
     return new
 
 
-def host_column_parallel(linear: nn.Linear, group, tp_rank, tp_size) -> nn.Linear:
-    """The host layer with out_features / tp outputs: y[..., shard] = x @ W[shard].T + b[shard]."""
-    assert linear.out_features % tp_size == 0, f"out_features {linear.out_features} % tp {tp_size}"
-    new = _shrunk(linear, linear.in_features, linear.out_features // tp_size)
+def host_column_parallel(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
+    """The host layer (Linear, or Conv: channels) with outputs / tp: y[..., shard] = x @ W[shard].T + b[shard]."""
+    n_in, n_out = _sizes(layer)
+    assert n_out % tp_size == 0, f"out_features {n_out} % tp {tp_size}"
+    new = _shrunk(layer, n_in, n_out // tp_size)
     new.shard_dims, new.tp_group, new.tp_rank, new.tp_size = {"weight": 0, "bias": 0}, group, tp_rank, tp_size
     return new
 
 
-def host_row_parallel(linear: nn.Linear, group, tp_rank, tp_size) -> nn.Linear:
-    """The host layer with in_features / tp inputs, its output all-reduced over TP. The bias is held by TP rank 0
-    only (the others hold zeros), so the sum adds it once and the layer's own forward stays the host's."""
-    assert linear.in_features % tp_size == 0, f"in_features {linear.in_features} % tp {tp_size}"
-    new = _shrunk(linear, linear.in_features // tp_size, linear.out_features)
+def host_row_parallel(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
+    """The host layer with inputs / tp, its output all-reduced over TP. The bias is held by TP rank 0 only (the
+    others hold zeros), so the sum adds it once and the layer's own forward stays the host's."""
+    n_in, n_out = _sizes(layer)
+    assert n_in % tp_size == 0, f"in_features {n_in} % tp {tp_size}"
+    new = _shrunk(layer, n_in // tp_size, n_out)
     new.shard_dims, new.tp_group, new.tp_rank, new.tp_size = ({"weight": 1, "bias": BIAS_ON_RANK0}, group, tp_rank,
                                                               tp_size)
     new.register_forward_hook(_all_reduce_output)
+    return new
+
+
+def host_row_parallel_sliced_input(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
+    """A row-parallel layer whose input is whole on every rank (a projection from and back to the full hidden
+    state): each rank takes its own input features (channels for a Conv), so the layer holds 1 / tp of the
+    weight for one all-reduce, where a replicated layer would hold all of it."""
+    new = host_row_parallel(layer, group, tp_rank, tp_size)
+    new.input_dim = -1 if isinstance(layer, nn.Linear) else 1
+    new.register_forward_pre_hook(_slice_input)
     return new
 
 
@@ -140,4 +168,11 @@ def _all_reduce_output(module, _args, out):
     return all_reduce(out, module.tp_group) if module.tp_size > 1 else out
 
 
-TP_STYLES.update({"host_colwise": host_column_parallel, "host_rowwise": host_row_parallel})
+def _slice_input(module, args):
+    x = args[0]
+    n = x.shape[module.input_dim] // module.tp_size
+    return (x.narrow(module.input_dim, module.tp_rank * n, n), *args[1:])
+
+
+TP_STYLES.update({"host_colwise": host_column_parallel, "host_rowwise": host_row_parallel,
+                  "host_rowwise_sliced_input": host_row_parallel_sliced_input})

@@ -265,13 +265,16 @@ class WorkerGroup:
         return any(k != key for k in self.models)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, fault=None,
-                model_key=None, compile=None, patches: bytes | None = None, **extras) -> torch.Tensor:
+                model_key=None, compile=None, patches: bytes | None = None, values: dict | None = None,
+                **extras) -> torch.Tensor:
         """One model evaluation on the group: inputs and output cross through shared memory.
         `model_key` (model_key_for) picks one of several loaded models; default: the current one.
         `compile`: torch.compile kwargs (backend, mode, ...) the ranks' transformer blocks should run under, or
         None for eager; a change recompiles (or uncompiles) on the ranks before this call.
         `patches`: the model patches of this call (transformer_options' `patches` / `patches_replace`), pickled
-        by the caller; the ranks hand them to the host model's own code."""
+        by the caller; the ranks hand them to the host model's own code.
+        `values`: keyword inputs that are not tensors (numbers, lists: VACE's strengths), sent with the call;
+        tensor `extras` are batched like x and cross through shared memory."""
         key = self.model_key if model_key is None else model_key
         held = self.models.get(key)
         if held is None:
@@ -286,7 +289,7 @@ class WorkerGroup:
             out_shape = (x.shape[0], self.model_info["out_channels"], *x.shape[2:])
             out_ref = self._out.layout({"out": (out_shape, torch.float32)})["out"]
             self._call("forward", {"inputs": refs, "out": out_ref, "fault": fault, "key": key, "compile": compile,
-                                   "patches": patches}, self.step_timeout)
+                                   "patches": patches, "values": dict(values or {})}, self.step_timeout)
             return self._out.read(out_ref)
 
     def stats(self) -> list:

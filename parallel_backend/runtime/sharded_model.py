@@ -19,7 +19,7 @@ class ShardedModel:
         self.shape = self.family.model_shape(header)
         validate_for_model(mesh.config, self.shape)
         self.dtype = DTYPE_NAMES[self.precision]
-        fam, plan, c = self.family, self.family.PLAN, mesh.config
+        fam, c = self.family, mesh.config
         # the host's own class (ComfyUI imported in this rank, after its device was set): parameter names are the
         # checkpoint's keys; ComfyUI's ops hold fp8 / scaled fp8 layers as natively
         from ..models.host import import_host
@@ -27,6 +27,8 @@ class ShardedModel:
         model, _, self.prefix = fam.build(header, self.dtype, path)
         self.key_map = host_key_map(model, self.prefix)
         self.param_dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as the host built them
+        # the family's plan for the class the host built (a variant adds its own modules' entries)
+        self.plan = plan = fam.plan_for(model) if hasattr(fam, "plan_for") else fam.PLAN
         # every module replacement first (TP layers), the plan's hooks last: a hook put on a module that is replaced
         # afterwards would be lost with it (replace_module carries hooks over any later swap, and the check after
         # loading proves none went missing)
@@ -119,7 +121,7 @@ class ShardedModel:
         self.seq_state.use(layout.groups, layout.sequence_index)
         dev, dt = self.mesh.device, self.dtype
         take = lambda t: None if t is None else t[rows].to(dev, dt if t.is_floating_point() else t.dtype)
-        kw = {k: take(v) for k, v in extras.items()}
+        kw = {k: take(v) if torch.is_tensor(v) else v for k, v in extras.items()}  # tensors are batched like x
         self.seq_state.local_len, self.seq_state.tokens_pending = 0, True
         if transformer_options:
             kw["transformer_options"] = transformer_options

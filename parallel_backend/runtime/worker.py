@@ -166,6 +166,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 t = reader.view(refs["timestep"])
                 ctx = reader.view(refs["context"])
                 extras = {k: reader.view(r) for k, r in refs.items() if k not in ("x", "timestep", "context")}
+                extras.update(payload.get("values") or {})  # keyword inputs that are not tensors
                 batch = x.shape[0]
                 model.set_compile(payload.get("compile"))
                 patches = payload.get("patches")

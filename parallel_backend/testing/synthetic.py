@@ -27,12 +27,28 @@ WAN_PRESETS = {
     # Wan 2.2 A14B: two files (high-noise and low-noise expert) of the Wan 2.1 14B architecture; tiny
     # experts are "tiny" written with two seeds
     "wan2.2-a14b": dict(dim=5120, ffn_dim=13824, num_layers=40, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256),
+    # variants ComfyUI detects by their extra keys: VACE (VaceWanModel: hint blocks at every 2nd block here, as the
+    # 1.3B / 14B releases put 15 / 8 of them), Fun camera (CameraWanModel; 2.1: an I2V file, 2.2: T2V-like with
+    # 36 channels), 2.2 Fun control (a Wan 2.2 14B expert with 48 input channels and the reference convolution)
+    "tiny-vace": dict(dim=512, ffn_dim=1024, num_layers=4, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
+                      vace_layers=2),
+    "wan2.1-vace-14b": dict(dim=5120, ffn_dim=13824, num_layers=40, in_dim=16, out_dim=16, text_dim=4096,
+                            freq_dim=256, vace_layers=8),
+    "tiny-camera": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=32, out_dim=16, text_dim=4096, freq_dim=256,
+                        i2v=True, camera=True),
+    "tiny-camera-2.2": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=36, out_dim=16, text_dim=4096,
+                            freq_dim=256, camera=True),
+    "tiny-fun-control-2.2": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=48, out_dim=16, text_dim=4096,
+                                 freq_dim=256, ref_conv_in_dim=16),
 }
 
 
 def wan_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
-               patch=(1, 2, 2), i2v=False, clip_dim=1280, flf2v=False) -> dict:
-    """key -> shape of a Wan 2.x DiT in the original (ComfyUI) layout."""
+               patch=(1, 2, 2), i2v=False, clip_dim=1280, flf2v=False, vace_layers=0, vace_in_dim=96,
+               camera=False, camera_in_dim=24, ref_conv_in_dim=0) -> dict:
+    """key -> shape of a Wan 2.x DiT in the original (ComfyUI) layout; with `vace_layers` the VACE blocks and
+    hint embedding, with `camera` the Fun camera control adapter, with `ref_conv_in_dim` the 2.2 Fun reference
+    convolution (the keys ComfyUI's detection reads to pick VaceWanModel / CameraWanModel / ref_conv)."""
     s = {
         "patch_embedding.weight": (dim, in_dim, *patch), "patch_embedding.bias": (dim,),
         "text_embedding.0.weight": (dim, text_dim), "text_embedding.0.bias": (dim,),
@@ -70,6 +86,21 @@ def wan_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4096, f
                   "img_emb.proj.4.weight": (dim,), "img_emb.proj.4.bias": (dim,)})
         if flf2v:  # first-last-frame: learned positions for two CLIP images of 257 tokens
             s["img_emb.emb_pos"] = (1, 514, clip_dim)
+    if vace_layers:
+        s["vace_patch_embedding.weight"], s["vace_patch_embedding.bias"] = (dim, vace_in_dim, *patch), (dim,)
+        block = {k[len("blocks.0."):]: v for k, v in s.items() if k.startswith("blocks.0.") and "_img" not in k}
+        for i in range(vace_layers):
+            s.update({f"vace_blocks.{i}.{k}": v for k, v in block.items()})
+            for proj in ("before_proj", "after_proj") if i == 0 else ("after_proj",):
+                s[f"vace_blocks.{i}.{proj}.weight"], s[f"vace_blocks.{i}.{proj}.bias"] = (dim, dim), (dim,)
+    if camera:
+        s["control_adapter.conv.weight"] = (dim, camera_in_dim * 64, *patch[1:])
+        s["control_adapter.conv.bias"] = (dim,)
+        for c in ("conv1", "conv2"):
+            s[f"control_adapter.residual_blocks.0.{c}.weight"] = (dim, dim, 3, 3)
+            s[f"control_adapter.residual_blocks.0.{c}.bias"] = (dim,)
+    if ref_conv_in_dim:
+        s["ref_conv.weight"], s["ref_conv.bias"] = (dim, ref_conv_in_dim, *patch[1:]), (dim,)
     return s
 
 

@@ -177,3 +177,25 @@ def test_fp8_files_sampled_on_the_pack_equal_comfyui_native(pack, config_spec, f
     print(f"{degrees}: pack vs ComfyUI native after 4 steps at cfg 5: "
           + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()))
     assert max(diffs.values()) <= 1e-4, diffs
+
+
+# a key ComfyUI's detection reads to pick each Wan class the pack does not run yet (the rest of the file: tiny Wan)
+_NOT_YET_KEYS = {"WanModel_S2V": ("casual_audio_encoder.encoder.final_linear.weight", (8, 8)),
+                 "HumoWanModel": ("audio_proj.audio_proj_glob_1.layer.bias", (8,)),
+                 "AnimateWanModel": ("face_adapter.fuser_blocks.0.k_norm.weight", (8,))}
+
+
+@pytest.mark.parametrize("cls", list(_NOT_YET_KEYS))
+def test_wan_class_without_a_plan_is_refused_by_name(comfy, pack, config_spec, cls, no_new_processes):
+    """A Wan file ComfyUI detects as a class the pack has no parallel plan for is refused at load, before any rank
+    starts, naming the class ComfyUI detected and the reason (never run without its extra blocks)."""
+    from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes
+
+    key, shape = _NOT_YET_KEYS[cls]
+    tensors = {k: torch.zeros(v) for k, v in wan_shapes(**WAN_PRESETS["tiny"]).items()}
+    tensors[key] = torch.zeros(shape)
+    name = f"tiny_{cls.lower()}.safetensors"
+    save_file(tensors, os.path.join(comfy["models_dir"], name))
+    with pytest.raises(ValueError, match=rf"{name}: ComfyUI detects this file as {cls}, which the parallel loader "
+                                         rf"cannot run yet: .*no parallel plan.*native Load Diffusion Model"):
+        _loader(pack).load(name, "fp32", config_spec(ulysses=2))

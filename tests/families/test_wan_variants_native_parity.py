@@ -1,0 +1,147 @@
+"""The Wan variants ComfyUI detects by their extra keys, sharded on 4-rank meshes, equal ComfyUI's native forward
+of the same class on the same file (fp32, <= 1e-4 max abs), with their extra inputs:
+
+- VACE (VaceWanModel): `vace_context` (two hint streams, so the per-stream path runs) and `vace_strength`
+  (a list of numbers, sent with the call); the hint blocks run sharded like the main blocks;
+- Fun camera 2.1 (CameraWanModel on an I2V file: CLIP tokens too) and 2.2: `camera_conditions`, turned into
+  patch-grid features by the control adapter (whole frames, before the split);
+- Wan 2.2 Fun control (WanModel with the reference convolution): `reference_latent`, prepended as tokens.
+
+Token counts that divide the sequence degree (32) and that do not (45). Under tp2 each rank holds half of the
+bytes of the blocks a variant adds (asserted within 5%), and ComfyUI picked the class the test expects.
+"""
+import pytest
+import torch
+
+import comfy_host
+from parallel_backend.config import ParallelConfig
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.spmd import run_on_ranks
+from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes, write_tiny_wan
+
+pytestmark = pytest.mark.multirank
+TOL = 1e-4
+# preset -> (the class ComfyUI's detection builds, the module prefixes the variant adds)
+PRESETS = {
+    "tiny-vace": ("VaceWanModel", ("vace_blocks.",)),
+    "tiny-camera": ("CameraWanModel", ("control_adapter.",)),
+    "tiny-camera-2.2": ("CameraWanModel", ("control_adapter.",)),
+    "tiny-fun-control-2.2": ("WanModel", ()),
+}
+SHAPES = ((2, 8, 8), (3, 6, 10))  # 32 tokens, and 45 (ragged on 2 and 4 sequence ranks)
+T_ROWS = (900.0, 500.0)
+
+
+def _inputs(preset, thw, seed=0):
+    """x, t, context and the variant's keyword inputs, as ComfyUI's BaseModel passes them (batched by row)."""
+    g = torch.Generator().manual_seed(seed)
+    p = WAN_PRESETS[preset]
+    t_, h, w = thw
+    x = torch.randn(2, p["in_dim"], *thw, generator=g)
+    ctx = torch.randn(2, 12, 4096, generator=g)
+    kw = {}
+    if p.get("i2v"):
+        kw["clip_fea"] = torch.randn(2, 257, 1280, generator=g)
+    if p.get("vace_layers"):
+        kw["vace_context"] = torch.randn(2, 2, 96, *thw, generator=g)  # (B, streams, 32 latent + 64 mask, T, H, W)
+        kw["vace_strength"] = [1.0, 0.6]
+    if p.get("camera"):  # Plücker embedding at pixel size: the adapter unshuffles by 8, then patches by 2
+        kw["camera_conditions"] = torch.randn(2, 24, t_, 8 * h, 8 * w, generator=g)
+    if p.get("ref_conv_in_dim"):
+        kw["reference_latent"] = torch.randn(2, p["ref_conv_in_dim"], h, w, generator=g)
+    return x, torch.tensor(T_ROWS), ctx, kw
+
+
+def _added_bytes(model, prefixes) -> int:
+    return sum(t.numel() * t.element_size() for n, t in model.named_parameters() if n.startswith(prefixes))
+
+
+def _run_mesh(mesh, paths):
+    out = {}
+    for preset, path in paths.items():
+        m = ShardedModel(mesh, path, "fp32")
+        out[(preset, "class")] = type(m.model).__name__
+        out[(preset, "added_bytes")] = _added_bytes(m.model, PRESETS[preset][1]) if PRESETS[preset][1] else 0
+        for thw in SHAPES:
+            x, t, ctx, kw = _inputs(preset, thw)
+            out[(preset, thw)] = (m.rows(2), m.forward_rows(x, t, ctx, **kw))
+        del m
+    return out
+
+
+def _run_meshes(mesh0, paths, meshes):
+    from parallel_backend.runtime.mesh import build_mesh
+
+    out = {}
+    for name, degrees in meshes.items():
+        cfg = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **degrees)
+        mesh = mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device)
+        out[name] = _run_mesh(mesh, paths)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wan_variants")
+    return {p: write_tiny_wan(str(d / f"{p}.safetensors"), seed=5, preset=p) for p in PRESETS}
+
+
+@pytest.fixture(scope="module")
+def native_outputs(checkpoints):
+    comfy_host.import_comfy()
+    import comfy.sd
+
+    ref = {}
+    for preset, path in checkpoints.items():
+        dm = comfy.sd.load_diffusion_model(path).model.diffusion_model
+        assert type(dm).__name__ == PRESETS[preset][0]
+        for thw in SHAPES:
+            x, t, ctx, kw = _inputs(preset, thw)
+            with torch.no_grad():
+                ref[(preset, thw)] = dm(x, t, ctx, **kw).float()
+        if preset == "tiny-vace":  # the hints matter: the same call without them differs
+            with torch.no_grad():
+                plain = dm(x, t, ctx, vace_context=torch.zeros_like(kw["vace_context"]), vace_strength=[0.0, 0.0])
+            assert (plain.float() - ref[(preset, thw)]).abs().max() > 1e-2
+    return ref
+
+
+MESHES_4 = {"cfg2xulysses2": dict(cfg=2, ulysses=2), "ring2xtp2": dict(ring=2, tp=2)}
+
+
+@pytest.fixture(scope="module")
+def world4(checkpoints):
+    config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
+    return run_on_ranks(_run_meshes, config, checkpoints, MESHES_4, timeout=600)
+
+
+@pytest.mark.parametrize("mesh", list(MESHES_4))
+def test_sharded_variants_equal_comfyui_native(native_outputs, world4, mesh):
+    per_rank = [r[mesh] for r in world4]
+    worst = {}
+    for key, ref in native_outputs.items():
+        got = torch.full_like(ref, float("nan"))
+        for result in per_rank:
+            rows, y = result[key]
+            if y is not None:
+                got[rows] = y
+        diff = (got - ref).abs().max().item()
+        worst[key[0]] = max(worst.get(key[0], 0.0), diff)
+        assert diff <= TOL, f"{key} on {mesh}: max abs diff {diff:.2e}"  # NaN (a row nobody wrote) fails too
+    for preset, (cls, _) in PRESETS.items():
+        assert all(r[(preset, "class")] == cls for r in per_rank)
+    print(f"{mesh}: worst max abs diff vs ComfyUI native: " + ", ".join(f"{p} {d:.2e}" for p, d in worst.items()))
+
+
+def test_tp2_halves_the_added_blocks(world4):
+    """ring2 x tp2: every rank holds half of the bytes of the blocks the variant adds (VACE's hint blocks with
+    their projections; the camera adapter's convolutions), within 5%."""
+    for preset, (_, prefixes) in PRESETS.items():
+        if not prefixes:
+            continue
+        full = 4 * sum(n for k, shape in wan_shapes(**WAN_PRESETS[preset]).items() if k.startswith(prefixes)
+                       for n in [torch.Size(shape).numel()])
+        for r in world4:
+            held = r["ring2xtp2"][(preset, "added_bytes")]
+            assert abs(held / (full / 2) - 1) <= 0.05, f"{preset}: a tp2 rank holds {held} of {full} bytes"
+            assert r["cfg2xulysses2"][(preset, "added_bytes")] == full  # no TP: whole
