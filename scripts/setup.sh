@@ -9,7 +9,7 @@ home="${PDIT_HOME:-$HOME/.cache/pdit}"
 venv="$home/venv"
 py="$venv/bin/python"
 mkdir -p "$home"
-stamp="$home/.setup-$(cat "$here/requirements.txt" "$here/scripts/setup.sh" | sha256sum | cut -c1-16)"
+stamp="$home/.setup-$(cat "$here/requirements.txt" "$here/requirements-dev.txt" "$here/scripts/setup.sh" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   [ -x "$py" ] || python3 -m venv "$venv"
   "$py" -m pip install -q --upgrade pip >&2

@@ -30,6 +30,13 @@ class _FakeWan22VAE:
 
     def __init__(self, seed, channels=48, spatial=16):
         self.seed, self.channels, self.spatial = seed, channels, spatial
+        self.latent_channels = channels  # what ComfyUI's Wan nodes read from a VAE besides encode()
+
+    def spacial_compression_encode(self):
+        return self.spatial
+
+    def temporal_compression_encode(self):
+        return 4
 
     def encode(self, pixels):
         frames, height, width = pixels.shape[0], pixels.shape[1], pixels.shape[2]
