@@ -25,7 +25,6 @@ VIRTUAL = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 # tiny DiT: 2 heads of 128 (ComfyUI derives heads as dim // 128), 2 blocks
 DIT = dict(dim=256, ffn_dim=512, num_layers=2)
 WIDTH, HEIGHT, LENGTH, MAX_STEPS = 96, 64, 5, 4
-FP32_DIR = "fp32/"  # diffusion_models subfolder for fp32 control copies of fp8 files (see fp32_variant)
 
 
 class Unconvertible(Exception):
@@ -278,17 +277,6 @@ def parallel_variant(g: dict, old_prefix: str, new_prefix: str, degrees: dict | 
     return g
 
 
-def fp32_variant(g: dict, old_prefix: str, new_prefix: str) -> dict:
-    """The same graph on fp32 files of the same layout (diffusion_models/fp32/<name>), SaveLatent prefixes renamed."""
-    g = copy.deepcopy(g)
-    for node in g.values():
-        if node["class_type"] == "UNETLoader":
-            node["inputs"]["unet_name"] = FP32_DIR + node["inputs"]["unet_name"]
-        elif node["class_type"] == "SaveLatent":
-            node["inputs"]["filename_prefix"] = node["inputs"]["filename_prefix"].replace(old_prefix, new_prefix, 1)
-    return g
-
-
 # ---- tiny files under the names the graph uses -----------------------------------------------------------------
 def dit_config(name: str) -> tuple[dict, str]:
     """(ComfyUI unet_config for a tiny model of the variant the file name implies, file dtype)."""
@@ -347,8 +335,6 @@ def write_dit(path: str, name: str, seed: int) -> str:
 
     from parallel_backend.testing.synthetic import write_checkpoint, write_fp8_variant
     cfg, dtype = dit_config(name)
-    if name.startswith(FP32_DIR):  # the control copy of an fp8 file: the same weights' layout in fp32
-        dtype = "fp32"
     shapes = wan_dit_shapes(cfg)
     if dtype.startswith("fp8"):
         tmp = path + ".fp32"

@@ -125,3 +125,18 @@ def host_patch_weight(weight: torch.Tensor, key: str, patches) -> torch.Tensor:
     if failures.messages:
         raise ValueError("; ".join(failures.messages))
     return out
+
+
+def host_store_weight(module, pname: str, weight: torch.Tensor, name: str) -> torch.Tensor:
+    """What ComfyUI's ModelPatcher stores for a patched parameter held in fp8 (patch_weight_to_device): the layer's
+    own `set_weight` (scaled fp8: divide by its scale, then stochastic rounding) for a weight, else stochastic
+    rounding to the parameter's dtype, seeded by the parameter's key in the BaseModel (`diffusion_model.<name>`).
+    `weight`: the whole patched layer (fp32); the rounding's random stream spans it, so ranks slice afterwards."""
+    import comfy.float
+    from comfy.model_patcher import string_to_seed
+
+    seed = string_to_seed(f"diffusion_model.{name}")
+    if pname == "weight" and hasattr(module, "set_weight"):
+        return module.set_weight(weight, return_weight=True, seed=seed)
+    return comfy.float.stochastic_rounding(weight, getattr(module, pname).dtype, seed=seed)
+

@@ -66,11 +66,12 @@ class ShardedModel:
             aliases = self.family.diffusers_names(model_keys(self.header))
             # LoHa / LoKr / DoRA / ...: whole layers patched by ComfyUI's own code (models/host.py); a family may
             # bring its own
-            from ..models.host import host_patch_weight
+            from ..models.host import host_patch_weight, host_store_weight
             patch_weight = getattr(self.family, "patch_weight", host_patch_weight)
             stats = merge_loras(self.model, [(x[0], x[-1]) for x in loras], self.key_map, self.header, touched,
                                 aliases=aliases, compute_dtype=self.dtype, patch_weight=patch_weight,
-                                checkpoint=self.path)
+                                checkpoint=self.path, store_weight=getattr(self.family, "store_weight",
+                                                                           host_store_weight))
         except BaseException:
             if touched:
                 restore(sorted(touched))

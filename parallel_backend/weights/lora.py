@@ -286,14 +286,17 @@ def _alphas(reader: SliceReader, header: dict) -> dict:
 
 def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict, touched: set,
                 aliases: dict | None = None, compute_dtype: torch.dtype | None = None, patch_weight=None,
-                checkpoint: str | None = None) -> dict:
+                checkpoint: str | None = None, store_weight=None) -> dict:
     """Merge `loras` ([(path, strength), ...]) into the model's (sharded) parameters.
 
     Each parameter gets the sum of all LoRAs' deltas in fp32 and is cast back once. Names of changed
     parameters are added to `touched` as they change, so a caller can restore them after a failure.
     `patch_weight(weight, key, patches)` (the family's, ComfyUI's own code in the rank) merges a whole layer:
     with it (and `checkpoint`, the model file the base layers are read from) LoHa / LoKr / DoRA / ... files merge;
-    without it they are refused.
+    without it they are refused. `store_weight(module, pname, weight, name)` (the family's) turns a whole patched
+    layer into what the host stores for a parameter held in fp8 (ComfyUI: stochastic rounding back to fp8, seeded by
+    the parameter's key, through the layer's scale): with it an fp8 parameter is merged whole and stays fp8, as
+    natively; without it the merged shard is held in the compute precision.
     """
     params = dict(model.named_parameters())
     per_param = defaultdict(list)
@@ -314,12 +317,14 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
                 per_param[t.param].append((reader, t, float(strength)))
         full_layers = 0
         for name, items in per_param.items():
-            if any(t.kind == "adapter" for _, t, _ in items):
+            fp8_stored = store_weight is not None and params[name].dtype in FP8_DTYPES and checkpoint is not None
+            if any(t.kind == "adapter" for _, t, _ in items) or fp8_stored:
                 if base is None:
                     base = SliceReader(checkpoint)
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype,
                                             full=(base, key_map[name], patch_weight,
-                                                  _nbytes(*model_header[key_map[name]]))))
+                                                  _nbytes(*model_header[key_map[name]])),
+                                            store_weight=store_weight if fp8_stored else None))
                 full_layers += 1
             else:
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype))
@@ -331,9 +336,9 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
             "lora_unmatched_keys": {p: k[:5] for p, k in unmatched.items()}}
 
 
-def _full_layer(name, p, w_shard_shape, index, base_weight, items, full) -> torch.Tensor:
-    """This rank's slice of the layer patched whole: the base layer (`base_weight`, fp32, full size, as ComfyUI
-    holds it) with every LoRA's patch for it applied in list order by the family's `patch_weight`."""
+def _full_layer(name, base_weight, items, full) -> torch.Tensor:
+    """The layer patched whole: the base layer (`base_weight`, fp32, full size, as ComfyUI holds it) with every
+    LoRA's patch for it applied in list order by the family's `patch_weight`."""
     _, key, patch_weight, _ = full
     patches, seen = [], set()
     for reader, t, strength in items:
@@ -346,18 +351,15 @@ def _full_layer(name, p, w_shard_shape, index, base_weight, items, full) -> torc
     except Exception as e:
         files = ", ".join(dict.fromkeys(r.path for r, _, _ in items))
         kinds = ", ".join(dict.fromkeys(t.adapter for _, t, _ in items if t.adapter))
-        raise LoraError(f"{files}: the {kinds} patch for {key} could not be applied: {e}") from None
-    w = w[index] if index is not None else w
-    if tuple(w.shape) != tuple(w_shard_shape):
-        raise LoraError(f"{key}: the patched layer's slice has shape {tuple(w.shape)}, the shard "
-                        f"{tuple(w_shard_shape)}")
-    return w.float().contiguous()
+        raise LoraError(f"{files}: the {kinds or 'LoRA'} patch for {key} could not be applied: {e}") from None
+    return w.float()
 
 
-def _merge_param(model, name, p, items, compute_dtype=None, full=None) -> set:
+def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_weight=None) -> set:
     """Merge into one parameter; returns the names it changed (a scaled-fp8 layer's scale too).
     `full`: (checkpoint reader, checkpoint key, patch_weight, bytes of the layer in the file) to merge the layer
-    whole (see _full_layer)."""
+    whole (see _full_layer); `store_weight`: with `full`, store an fp8 parameter as the host does (see
+    merge_loras)."""
     from ..parallel.tensor_parallel import BIAS_ON_RANK0
 
     module_name, _, pname = name.rpartition(".")
@@ -380,7 +382,17 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None) -> set:
         if host_fp8 and torch.is_tensor(weight_scale):
             base = base * weight_scale.detach().float().to(base.device)
         index = _slice_for(tuple(base.shape), dim, rank, parts) if dim is not None else None
-        w = _full_layer(name, p, tuple(p.shape), index, base, items, full).to(p.device)
+        w = _full_layer(name, base, items, full)
+        if store_weight is not None:  # rounded whole (the rounding's random stream spans the layer), then sliced
+            w = store_weight(module, pname, w, name)
+        w = w[index] if index is not None else w
+        if tuple(w.shape) != tuple(p.shape):
+            raise LoraError(f"{key}: the patched layer's slice has shape {tuple(w.shape)}, the shard "
+                            f"{tuple(p.shape)}")
+        if store_weight is not None:  # stays fp8 with its scale, as ComfyUI holds it after patching
+            module._parameters[pname] = torch.nn.Parameter(w.contiguous().to(p.device), requires_grad=False)
+            return {name}
+        w = w.contiguous().to(p.device)
     elif fp8:
         w = module.dequantized_weight().float()
     elif host_fp8:
