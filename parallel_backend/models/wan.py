@@ -41,7 +41,6 @@ PLAN = ParallelPlan(
     seq_gather_outputs={"head": SeqGather(1)},
     sequence_attention=("blocks.*.self_attn",),
 )
-BASIS = "host"
 
 
 def _strip(key: str) -> str:
