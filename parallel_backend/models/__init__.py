@@ -1,4 +1,5 @@
-"""Model families: one module each, holding detection, build, key map and parallel plan."""
+"""Model families: one module each, holding detection, build (the host's own class), parallel plan and the
+diffusers names its PEFT LoRAs may use."""
 from __future__ import annotations
 
 from . import cosmos, wan

@@ -45,7 +45,6 @@ PLAN = ParallelPlan(
     seq_gather_outputs={"final_layer": SeqGather(1, grid=True)},
     sequence_attention=("blocks.*.self_attn",),
 )
-BASIS = "host"
 
 _PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
 

@@ -45,7 +45,6 @@ PLAN = ParallelPlan(
     seq_gather_outputs={"head": SeqGather(1)},
     sequence_attention=("blocks.*.self_attn",),
 )
-BASIS = "host"
 
 
 def _block_tp(prefix: str) -> dict:

@@ -45,7 +45,7 @@ class SeqGather:
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    tp: dict = field(default_factory=dict)            # pattern -> "colwise" | "rowwise" | "head_norm"
+    tp: dict = field(default_factory=dict)            # pattern -> "host_colwise" | "host_rowwise" | "head_norm"
     seq_split_inputs: dict = field(default_factory=dict)   # module -> {arg index: SeqSplit}
     seq_split_outputs: dict = field(default_factory=dict)  # module -> {output index: SeqSplit}
     seq_gather_outputs: dict = field(default_factory=dict)  # module -> SeqGather

@@ -1,15 +1,16 @@
-"""Tensor parallel layers (Megatron style) that hold only their shard, and load only it.
+"""Tensor parallelism (Megatron style) on the host's own layers, each holding only its shard and loading only it.
 
-Each layer names, per parameter, the dim it is sharded on (`shard_dims`), so the loader can
-read exactly that slice from the checkpoint with safetensors' `get_slice`.
-DTensor's ColwiseParallel / RowwiseParallel would need the full tensor to distribute; these hold
-the local shard from the start, which is what makes per-rank loading cheap.
+A planned Linear (ComfyUI's class) is replaced by a layer of the same class with its column or row shard's shape
+(`host_colwise` / `host_rowwise`); an RMSNorm over heads that TP splits becomes a HeadShardedRMSNorm
+(`head_norm`, Wan's qk-norm). Each layer names, per parameter, the dim it is sharded on (`shard_dims`), so the
+loader can read exactly that slice from the checkpoint with safetensors' `get_slice`. DTensor's ColwiseParallel /
+RowwiseParallel would need the full tensor to distribute; these hold the local shard from the start, which is what
+makes per-rank loading cheap.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .collectives import all_reduce
 
@@ -20,39 +21,6 @@ class _TPModule(nn.Module):
     def __init__(self, group, tp_rank: int, tp_size: int):
         super().__init__()
         self.tp_group, self.tp_rank, self.tp_size = group, tp_rank, tp_size
-
-
-class ColumnParallelLinear(_TPModule):
-    """y[..., shard] = x @ W[shard].T + b[shard]; input replicated, output sharded on features."""
-    shard_dims = {"weight": 0, "bias": 0}
-
-    def __init__(self, in_features, out_features, bias, group, tp_rank, tp_size, device=None, dtype=None):
-        super().__init__(group, tp_rank, tp_size)
-        assert out_features % tp_size == 0, f"out_features {out_features} % tp {tp_size}"
-        self.in_features, self.out_features = in_features, out_features // tp_size
-        self.weight = nn.Parameter(torch.empty(self.out_features, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
-
-
-class RowParallelLinear(_TPModule):
-    """y = sum_r x[..., shard_r] @ W[:, shard_r].T + b; input sharded on features, output replicated."""
-    shard_dims = {"weight": 1, "bias": None}
-
-    def __init__(self, in_features, out_features, bias, group, tp_rank, tp_size, device=None, dtype=None):
-        super().__init__(group, tp_rank, tp_size)
-        assert in_features % tp_size == 0, f"in_features {in_features} % tp {tp_size}"
-        self.in_features, self.out_features = in_features // tp_size, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-
-    def forward(self, x):
-        y = F.linear(x, self.weight)
-        if self.tp_size > 1:
-            y = all_reduce(y, self.tp_group)
-        return y if self.bias is None else y + self.bias
 
 
 class HeadShardedRMSNorm(_TPModule):
@@ -80,28 +48,15 @@ class HeadShardedRMSNorm(_TPModule):
         return y.type_as(x)
 
 
-def column_parallel(linear: nn.Linear, group, tp_rank, tp_size) -> ColumnParallelLinear:
-    return ColumnParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, group, tp_rank,
-                                tp_size, device=linear.weight.device, dtype=linear.weight.dtype)
-
-
-def row_parallel(linear: nn.Linear, group, tp_rank, tp_size) -> RowParallelLinear:
-    return RowParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, group, tp_rank,
-                             tp_size, device=linear.weight.device, dtype=linear.weight.dtype)
-
-
 def head_sharded_norm(norm: nn.RMSNorm, group, tp_rank, tp_size) -> HeadShardedRMSNorm:
     w = norm.weight
     return HeadShardedRMSNorm(norm.normalized_shape[0], norm.eps, w is not None, group, tp_rank, tp_size,
                               device=None if w is None else w.device, dtype=None if w is None else w.dtype)
 
 
-TP_STYLES = {"colwise": column_parallel, "rowwise": row_parallel, "head_norm": head_sharded_norm}
-
-
 # ---- tensor parallelism on the host's own layers ------------------------------------------------------------------
-# ComfyUI's Linear (and Conv) classes (comfy.ops: manual cast, scaled fp8, ...) carry the host's weight semantics. Splitting one
-# keeps its class: a layer of the same class with the local shape, plus the collective the split needs. Parameter
+# ComfyUI's Linear (and Conv) classes (comfy.ops: manual cast, scaled fp8, ...) carry the host's weight semantics.
+# Splitting one keeps its class: a layer of the same class with the local shape, plus the collective the split needs. Parameter
 # names stay the checkpoint's, and `shard_dims` tells the loader which slice each rank reads.
 
 
@@ -174,5 +129,5 @@ def _slice_input(module, args):
     return (x.narrow(module.input_dim, module.tp_rank * n, n), *args[1:])
 
 
-TP_STYLES.update({"host_colwise": host_column_parallel, "host_rowwise": host_row_parallel,
-                  "host_rowwise_sliced_input": host_row_parallel_sliced_input})
+TP_STYLES = {"host_colwise": host_column_parallel, "host_rowwise": host_row_parallel,
+             "host_rowwise_sliced_input": host_row_parallel_sliced_input, "head_norm": head_sharded_norm}

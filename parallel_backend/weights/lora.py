@@ -1,7 +1,7 @@
 """LoRA: read LoRA safetensors in the usual formats and merge them into each rank's weight shard.
 
-Formats (module name + suffix), all mapped onto the model's diffusers parameter names through the
-family's checkpoint key map:
+Formats (module name + suffix), all mapped onto the model's parameter names (ComfyUI's module paths, which are
+the checkpoint's keys without its prefix); diffusers / PEFT names match through the family's `diffusers_names`:
   - diffusers / PEFT:  `transformer.blocks.0.attn1.to_q.lora_A.weight` / `.lora_B.weight`
     (also `base_model.model.` or no prefix; `.lora.down/.up`, `.lora_A.default`)
   - kohya:             `lora_unet_blocks_0_self_attn_q.lora_down.weight` / `.lora_up.weight` / `.alpha`
@@ -15,13 +15,14 @@ family's checkpoint key map:
 
 Plain LoRA merge: W += strength * (alpha / rank) * up @ down, computed in fp32 on this rank's SHARD only: a
 column-parallel weight takes its rows of `up`, a row-parallel one its columns of `down`; each is read
-with get_slice. An fp8 layer (Fp8Linear) is merged into an upcast copy (it then holds its shard in
-the compute precision). ComfyUI's arithmetic is followed (alpha absent -> scale 1).
+with get_slice. ComfyUI's arithmetic is followed (alpha absent -> scale 1). A parameter held in fp8 is merged whole
+and rounded back to fp8 as ComfyUI's ModelPatcher does (the family's `store_weight`), so it equals the native
+patched model bit for bit; without `store_weight` it is dequantized, merged and held in the compute precision.
 Full-layer merge (a parameter any adapter targets: LoHa / LoKr give a full-size delta, DoRA normalises over the
 whole weight): that one layer's full base weight is read from the checkpoint (dequantized as ComfyUI does), the
 family's `patch_weight` applies every LoRA's patch on it with ComfyUI's own code (comfy.lora.load_lora +
 calculate_weight), and this rank's slice is kept. One layer at a time.
-Unmerge = re-read the touched parameters' base slices from the checkpoint (loading.reload_params).
+Unmerge = re-read the touched parameters' base slices from the checkpoint (reads.load_host_sharded with `names`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..parallel.plan import shard_dim_of
-from .fp8 import FP8_DTYPES, Fp8Linear
+from .fp8 import FP8_DTYPES
 from .reads import CheckpointError, SliceReader, _nbytes, _slice_for, read_header
 
 
@@ -116,7 +117,7 @@ def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
 
 @dataclass
 class LoraTarget:
-    param: str          # diffusers parameter name on the model
+    param: str          # the model's parameter name
     kind: str           # "lora" (up @ down), "diff" (full delta) or "adapter" (whole layer, by patch_weight)
     up: str | None = None
     down: str | None = None
@@ -369,14 +370,12 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_wei
         if rank != 0:
             return set()
         dim = None
-    fp8 = isinstance(module, Fp8Linear) and pname == "weight"
-    # a host layer (ComfyUI's ops) holding fp8: dequantize with its per-tensor scale, hold the result in the compute
-    # precision and its scale at 1 (both restored from the file when the LoRA changes)
-    host_fp8 = not fp8 and p.dtype in FP8_DTYPES  # a weight or an fp8 bias
+    # a host layer (ComfyUI's ops) holding fp8: merged whole and stored in fp8 by `store_weight`; without it,
+    # dequantized with its per-tensor scale and held in the compute precision with its scale at 1 (both restored
+    # from the file when the LoRA changes)
+    host_fp8 = p.dtype in FP8_DTYPES  # a weight or an fp8 bias
     weight_scale = getattr(module, "scale_weight", None) if host_fp8 and pname == "weight" else None
     if full is not None:  # the whole layer from the file, as this rank's shard was loaded from it
-        if fp8:
-            raise LoraError(f"{name}: a whole-layer LoRA merge on a diffusers-class fp8 layer is not supported")
         reader, key, _, nbytes = full  # (the reader drops its memory map every so many bytes read)
         base = reader.read(key, None, nbytes).to(p.dtype).float()
         if host_fp8 and torch.is_tensor(weight_scale):
@@ -393,8 +392,6 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_wei
             module._parameters[pname] = torch.nn.Parameter(w.contiguous().to(p.device), requires_grad=False)
             return {name}
         w = w.contiguous().to(p.device)
-    elif fp8:
-        w = module.dequantized_weight().float()
     elif host_fp8:
         w = p.detach().float() * (weight_scale.detach().float() if torch.is_tensor(weight_scale) else 1.0)
     else:
@@ -410,10 +407,6 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_wei
         else:
             d = reader.read(t.diff, _slice_for(t.shapes[0], dim, rank, parts) if dim is not None else None)
             w += strength * d.float().reshape(w.shape)
-    if fp8:  # an upcast copy: the layer now holds its shard in the compute precision
-        module._parameters["weight"] = torch.nn.Parameter(w.to(module.compute_dtype), requires_grad=False)
-        module.scale_weight = None
-        return {name}
     if host_fp8:
         module._parameters[pname] = torch.nn.Parameter(w.to(compute_dtype or torch.float32), requires_grad=False)
         if torch.is_tensor(weight_scale):

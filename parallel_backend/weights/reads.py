@@ -9,9 +9,10 @@ copied into memory the parameter owns (casting on the way), and the file is re-o
 dropped) after every `REOPEN_BYTES` of touched pages; parameters are read largest-touch first, so the
 peak is about the shard plus one tensor's pages.
 
-fp8 (weights/fp8.py): a Fp8Linear gets its fp8 shard and per-tensor scale as they are; other fp8 tensors
-(convolutions, norms, modules kept in fp32) are dequantized on load; a scaled-fp8 file's linear biases are
-rounded to fp8 as ComfyUI holds them.
+The model is the host's own class (ComfyUI's, built on meta in the rank), so its parameter names are the
+checkpoint's keys under the file's prefix, and each parameter is read into the dtype ComfyUI built it with: an
+fp8 layer keeps its fp8 shard (its per-tensor scale is a parameter of its own), a scaled-fp8 file's linear biases
+are rounded to fp8, everything else is cast to the compute precision.
 """
 from __future__ import annotations
 
@@ -23,16 +24,7 @@ import struct
 import torch
 
 from ..parallel.plan import shard_dim_of
-from .fp8 import (
-    AUX_SUFFIXES,
-    FP8_DTYPES,
-    FP8_ST_DTYPES,
-    MARKER_KEYS,
-    Fp8Linear,
-    is_linear,
-    scaled_fp8_dtype,
-    weight_scale_key,
-)
+from .fp8 import AUX_SUFFIXES, FP8_DTYPES, FP8_ST_DTYPES, MARKER_KEYS
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -159,109 +151,12 @@ class _ParamPlan:
     __slots__ = ("name", "key", "shape", "st_dtype", "index", "touch", "owner", "pname", "rank0_only")
 
 
-def _plan(model, params, key_map, header, path) -> list:
-    plans = []
-    for name in params:
-        key = key_map[name]
-        if key not in header:
-            raise CheckpointError(f"{path}: the key map names {key!r} for {name}, which the file does not have")
-        p = _ParamPlan()
-        p.name, p.key = name, key
-        p.shape, p.st_dtype = header[key]
-        module_name, _, p.pname = name.rpartition(".")
-        p.owner = model.get_submodule(module_name) if module_name else model
-        dim, rank, parts = shard_dim_of(model, name)
-        p.index = _slice_for(p.shape, dim, rank, parts) if dim is not None else None
-        full = _nbytes(p.shape, p.st_dtype)
-        # a dim-0 slice touches its own rows; a slice on a later dim touches every row of the tensor
-        p.touch = full // parts if dim == 0 else full
-        plans.append(p)
-    # largest page touch first: the transient file pages then coincide with the smallest held shard
-    plans.sort(key=lambda p: -p.touch)
-    return plans
-
-
-def _read_into(reader: SliceReader, plan: _ParamPlan, header, path, dtype, device, keep_fp32, expected_shape,
-               scaled_dtype=None):
-    t = reader.read(plan.key, plan.index, plan.touch)
-    if tuple(t.shape) != tuple(expected_shape):
-        raise CheckpointError(f"{path}: {plan.key} has shape {tuple(t.shape)} (this rank's slice), expected "
-                              f"{tuple(expected_shape)} for {plan.name}; the file does not match the model it "
-                              f"was detected as")
-    module, pname = plan.owner, plan.pname
-    scale_key = weight_scale_key(header, plan.key) if plan.st_dtype in FP8_ST_DTYPES else None
-    if scaled_dtype is not None and is_linear(module) and t.dtype != scaled_dtype:
-        # a scaled-fp8 file, as ComfyUI loads it: its linears' biases (and any linear weight the file keeps in
-        # higher precision) are rounded to fp8 when copied into the fp8 layer
-        t = t.to(scaled_dtype)
-    scale = None
-    if scale_key is not None:
-        scale = reader.read(scale_key).to(torch.float32)
-        if scale.numel() != 1:
-            raise CheckpointError(f"{path}: {scale_key} has shape {tuple(scale.shape)}; only per-tensor fp8 scales "
-                                  f"(one number per weight) are supported")
-        scale = scale.reshape(())
-    if isinstance(module, Fp8Linear) and pname == "weight":
-        module._parameters["weight"] = torch.nn.Parameter(_owned(t, t.dtype, device), requires_grad=False)
-        module.scale_weight = None if scale is None else scale.to(device)
-        return
-    target = torch.float32 if keep_fp32(plan.name) else dtype
-    if isinstance(module, Fp8Linear):  # its bias: the compute precision
-        target = module.compute_dtype
-    if scale is not None:
-        value = _owned(t.to(torch.float32) * scale, target, device)
-    else:
-        value = _owned(t, target, device)
-    del t
-    module._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
-
-
-def load_sharded(model: torch.nn.Module, path: str, key_map: dict, dtype: torch.dtype, device: torch.device,
-                 keep_fp32=lambda name: False, header: dict | None = None) -> dict:
-    """Materialise `model` (meta) on `device`, reading each parameter's shard from `path`.
-
-    fp8 linears must have been swapped in already (swap_fp8_linears, before the plan's hooks).
-    Returns stats: bytes read, parameter bytes held, and how many linears (and bytes) stay fp8.
-    """
-    header = header if header is not None else read_header(path)
-    scaled = scaled_fp8_dtype(header)
-    params = dict(model.named_parameters())
-    missing = [n for n in params if n not in key_map]
-    if missing:
-        raise CheckpointError(f"{path}: no weights for {len(missing)} parameters (e.g. {missing[:3]}); "
-                              f"the file does not match the detected model layout")
-    with SliceReader(path) as reader:
-        for plan in _plan(model, params, key_map, header, path):
-            _read_into(reader, plan, header, path, dtype, device, keep_fp32, params[plan.name].shape, scaled)
-        read = reader.bytes_read
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"{path}: {len(left)} tensors were not materialised (e.g. {left[:3]})")
-    fp8_layers = sum(isinstance(m, Fp8Linear) for m in model.modules())
-    return {"bytes_read": read, **param_stats(model), "fp8_layers": fp8_layers,
-            "checkpoint_precision": checkpoint_precision(header)}
-
-
 def param_stats(model: torch.nn.Module) -> dict:
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     fp8 = sum(p.numel() * p.element_size() for p in model.parameters()
               if p.dtype in FP8_DTYPES)
     return {"param_bytes": held, "buffer_bytes": buffers, "fp8_weight_bytes": fp8}
-
-
-def reload_params(model: torch.nn.Module, path: str, key_map: dict, names, dtype: torch.dtype,
-                  device: torch.device, keep_fp32=lambda name: False, header: dict | None = None) -> int:
-    """Re-read these parameters' shards from the checkpoint (undoing in-place changes such as a LoRA
-    merge); an Fp8Linear whose weight was upcast gets its fp8 weight and scale back."""
-    header = header if header is not None else read_header(path)
-    params = dict(model.named_parameters())
-    names = [n for n in names if n in params]
-    with SliceReader(path) as reader:
-        for plan in _plan(model, names, key_map, header, path):
-            _read_into(reader, plan, header, path, dtype, device, keep_fp32, params[plan.name].shape,
-                       scaled_fp8_dtype(header))
-        return reader.bytes_read
 
 
 # ---- the host's own model: parameter names are the checkpoint's keys ------------------------------------------------
@@ -279,7 +174,7 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
     dtype ComfyUI built it with (the host's own load semantics: an fp8 layer stays fp8, a scaled-fp8 layer's bias
     is rounded to fp8, a compute-dtype layer is cast). `names`: only these parameters (a re-read after a LoRA);
     `dtypes`: the dtype each parameter was built with (a merge may have changed it since).
-    Returns the same stats as load_sharded."""
+    Returns stats: bytes read, parameter / buffer bytes held, fp8 linear weights and the file's precision."""
     from ..parallel.tensor_parallel import BIAS_ON_RANK0
 
     header = header if header is not None else read_header(path)

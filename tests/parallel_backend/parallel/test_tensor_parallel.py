@@ -1,8 +1,9 @@
-"""Tensor-parallel layers (parallel_backend/tensor_parallel.py) on tp=2 gloo ranks vs torch's own layers.
+"""Tensor-parallel layers (parallel_backend/parallel/tensor_parallel.py) on tp=2 gloo ranks vs torch's own layers.
 
-Each rank builds its sharded layer from a meta-device template (as the loader does), fills its
-parameters by the layer's declared `shard_dims` (what the loader slices), and runs its part; the
-test reassembles and compares with nn.Linear / nn.RMSNorm on the full tensors.
+Each rank shrinks a meta-device template (as the plan does to the host's layers before loading: here plain
+nn.Linear, which keeps its class) or builds the head-sharded norm from one, fills its parameters by the layer's
+declared `shard_dims` (what the loader slices; a row-parallel bias on TP rank 0 only, zeros elsewhere), and runs
+its part; the test reassembles and compares with nn.Linear / nn.RMSNorm on the full tensors.
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ import torch.nn as nn
 
 from parallel_backend.config import ParallelConfig
 from parallel_backend.parallel.tensor_parallel import (
-    ColumnParallelLinear,
+    BIAS_ON_RANK0,
     HeadShardedRMSNorm,
-    RowParallelLinear,
-    column_parallel,
     head_sharded_norm,
-    row_parallel,
+    host_column_parallel,
+    host_row_parallel,
 )
 
 TOL = 1e-5
@@ -40,11 +40,14 @@ def _reference_modules():
 
 
 def _load_shard(sharded: nn.Module, full: nn.Module) -> None:
-    """Fill a sharded layer from the full one, slicing each parameter as `shard_dims` declares."""
+    """Fill a sharded layer from the full one, slicing each parameter as `shard_dims` declares (the loader's rule:
+    a BIAS_ON_RANK0 tensor is read whole by TP rank 0, the other ranks hold zeros)."""
     for pname, p in list(sharded.named_parameters(recurse=False)):
         src = getattr(full, pname).detach()
         dim = sharded.shard_dims.get(pname)
-        if dim is not None:
+        if dim == BIAS_ON_RANK0:
+            src = src if sharded.tp_rank == 0 else torch.zeros_like(src)
+        elif dim is not None:
             src = src.chunk(sharded.tp_size, dim)[sharded.tp_rank]
         assert src.shape == p.shape, (pname, src.shape, p.shape)
         setattr(sharded, pname, nn.Parameter(src.clone(), requires_grad=False))
@@ -59,12 +62,14 @@ def _rank_fn(mesh, full, x):
     with torch.device("meta"):  # templates without weights, as the model is built before loading
         meta = {k: (nn.Linear(m.in_features, m.out_features, bias=m.bias is not None) if isinstance(m, nn.Linear)
                     else nn.RMSNorm(m.normalized_shape, eps=m.eps)) for k, m in full.items()}
-    col = column_parallel(meta["col"], group, r, n)
-    row = row_parallel(meta["row"], group, r, n)
-    row_nobias = row_parallel(meta["row_nobias"], group, r, n)
+    col = host_column_parallel(meta["col"], group, r, n)
+    row = host_row_parallel(meta["row"], group, r, n)
+    row_nobias = host_row_parallel(meta["row_nobias"], group, r, n)
     norm = head_sharded_norm(meta["norm"], group, r, n)
     norm_noeps = head_sharded_norm(meta["norm_noeps"], group, r, n)
-    assert isinstance(col, ColumnParallelLinear) and isinstance(row, RowParallelLinear)
+    assert type(col) is nn.Linear and type(row) is nn.Linear  # the layer's own class, shrunk
+    assert (col.in_features, col.out_features) == (D_IN, D_HID // n)
+    assert (row.in_features, row.out_features) == (D_HID // n, D_OUT)
     assert isinstance(norm, HeadShardedRMSNorm) and row_nobias.bias is None
     for layer, key in ((col, "col"), (row, "row"), (row_nobias, "row_nobias"), (norm, "norm"),
                        (norm_noeps, "norm_noeps")):
@@ -121,7 +126,8 @@ def test_row_parallel_linear(tp_results):
             d = _max(r[key], ref)
             print(f"{key} rank {r['rank']} max abs diff {d:.2e}")
             assert d <= TOL
-    assert res[0]["param_elems"]["row"] == D_OUT * D_HID // TP + D_OUT  # bias replicated, added once
+    # the bias is held full size on every rank (zeros off TP rank 0), so the all-reduce adds it once
+    assert res[0]["param_elems"]["row"] == D_OUT * D_HID // TP + D_OUT
 
 
 @pytest.mark.multirank
@@ -157,18 +163,20 @@ def test_column_norm_row_chain(tp_results):
 def test_tp1_layers_are_plain_layers():
     """tp=1 (no group): the layers compute exactly what torch's do."""
     full, x = _reference_modules()
-    col = column_parallel(full["col"], None, 0, 1)
+    col = host_column_parallel(full["col"], None, 0, 1)
     _load_shard(col, full["col"])
     norm = head_sharded_norm(full["norm"], None, 0, 1)
     _load_shard(norm, full["norm"])
-    row = row_parallel(full["row"], None, 0, 1)
+    row = host_row_parallel(full["row"], None, 0, 1)
     _load_shard(row, full["row"])
     with torch.no_grad():
         assert _max(row(norm(col(x))), full["row"](full["norm"](full["col"](x)))) <= TOL
 
 
 def test_shapes_that_do_not_split_are_refused():
+    with torch.device("meta"):
+        col, row = nn.Linear(8, 9), nn.Linear(9, 8)
     with pytest.raises(AssertionError):
-        ColumnParallelLinear(8, 9, True, None, 0, 2)
+        host_column_parallel(col, None, 0, 2)
     with pytest.raises(AssertionError):
-        RowParallelLinear(9, 8, True, None, 0, 2)
+        host_row_parallel(row, None, 0, 2)

@@ -1,9 +1,10 @@
 """Precision x mesh: fp32, bf16, fp8 (e4m3fn) and ComfyUI fp8_scaled files on every sequence-parallel mesh.
 
 The bug this guards (issue "fp8 files fail on every sequence-parallel mesh"): the plan's gather hook was put on
-the output layer before loading swapped fp8 linears into Fp8Linear, so the new module had no hook and each rank
-returned only its own tokens; tp2 / cfg2 ran, ulysses2 / ring2 failed. Now every module replacement happens
-before the hooks, `replace_module` carries hooks over any later one, and the load checks they are all there.
+the output layer before loading swapped fp8 linears into the pack's own fp8 layer (gone since: ComfyUI's layers hold
+fp8 now), so the new module had no hook and each rank returned only its own tokens; tp2 / cfg2 ran, ulysses2 /
+ring2 failed. Now every module replacement happens before the hooks, `replace_module` carries hooks over any later
+one, and the load checks they are all there.
 
 Each mesh's output (rows reassembled from the replica leaders) must equal one rank on the same file (fp32
 compute: the fp8 weights are upcast exactly). The fp8_scaled files keep their biases in fp32, the layout the
@@ -21,7 +22,6 @@ from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel
 from parallel_backend.testing.spmd import run_on_ranks
 from parallel_backend.testing.synthetic import write_fp8_variant, write_tiny_wan
-from parallel_backend.weights.fp8 import Fp8Linear
 
 pytestmark = pytest.mark.multirank
 TOL = 1e-5
@@ -131,10 +131,13 @@ def test_replacing_a_hooked_module_keeps_the_plan_hooks():
     h = model[1].register_forward_hook(lambda mod, args, out: calls.append(type(mod).__name__) or out)
     hooks = [PlanHook("1", "gather_output", h)]
     assert missing_plan_hooks(model, hooks) == []
-    replace_module(model, "1", Fp8Linear(model[1], torch.float32))
+
+    class SwappedLinear(nn.Linear):  # a later swap, as a quantized layer would be
+        pass
+
+    replace_module(model, "1", SwappedLinear(4, 4))
     assert missing_plan_hooks(model, hooks) == []
-    model[1].weight = nn.Parameter(torch.randn(4, 4))
     model(torch.randn(2, 4))
-    assert calls == ["Fp8Linear"]
+    assert calls == ["SwappedLinear"]
     model[1] = nn.Linear(4, 4)  # what the bug did: a swap that drops the hook
     assert missing_plan_hooks(model, hooks) == ["gather_output on 1 (Linear)"]
