@@ -116,7 +116,9 @@ def host_patch_weight(weight: torch.Tensor, key: str, patches) -> torch.Tensor:
 
     comfy_patches = []
     for tensors, module, strength in patches:
-        loaded = comfy.lora.load_lora(tensors, {module: key}, log_missing=False)
+        # ComfyUI maps a LoRA module to its weight's key; a bias (`.diff_b`) is patched at that key's `.bias`
+        weight_key = key[:-len(".bias")] + ".weight" if key.endswith(".bias") else key
+        loaded = comfy.lora.load_lora(tensors, {module: weight_key}, log_missing=False)
         if key not in loaded:
             raise ValueError(f"ComfyUI's LoRA loader finds no patch for {key} in {sorted(tensors)[:4]}")
         comfy_patches.append((float(strength), loaded[key], 1.0, None, None))

@@ -246,7 +246,9 @@ def plan_lora(path: str, lora_header: dict, key_map: dict, model_header: dict, a
             if tuple(lora_header[roles["diff_b"]][0]) != tuple(full):
                 raise LoraError(f"{path}: '{roles['diff_b']}' has shape {tuple(lora_header[roles['diff_b']][0])}, the "
                                 f"model's {bias} has {tuple(full)}")
-            targets.append(LoraTarget(bias, "diff", diff=roles["diff_b"], shapes=(tuple(full),)))
+            # (merged whole, e.g. an fp8 bias, ComfyUI reads it as `<module>.diff_b`)
+            targets.append(LoraTarget(bias, "diff", diff=roles["diff_b"], shapes=(tuple(full),), module=module,
+                                      keys=((roles["diff_b"], module + ".diff_b"),)))
     if not targets:
         sample = ", ".join(sorted(lora_header)[:3])
         raise LoraError(f"{path}: none of this LoRA's {len(lora_header)} tensors belong to the loaded model (keys "
