@@ -7,7 +7,8 @@ A synthetic safetensors file with the real Wan 2.1 14B shapes (dim 5120, 40 head
 only --blocks blocks is written in bf16 (in a child process, so this parent's RSS stays small),
 then loaded with parallel_backend.runtime.sharded_model.ShardedModel in bf16 on tp CPU gloo ranks (CUDA/NCCL ranks
 with --device cuda where there are enough GPUs). In each rank:
-  baseline   after torch, diffusers' Wan classes and the pack are imported and the mesh is built;
+  baseline   after torch, ComfyUI's model code (the ranks build its WanModel) and the pack are imported and
+             the mesh is built;
   peak RSS   resource.getrusage(RUSAGE_SELF).ru_maxrss, as runtime/worker.py reports it, after the load;
   VmHWM      /proc/self/status peak RSS, reset (clear_refs 5) just before the load: the load's own peak;
   anon/file  the largest RssAnon (private memory: the parameters) and RssFile (pages of the mmapped
@@ -117,12 +118,13 @@ def _file_ranges(path: str) -> list:
 
 def _rank_load(mesh, path: str, precision: str) -> dict:
     """In each rank: baseline after imports, then load and record the memory figures."""
-    import diffusers  # noqa: F401  everything the load imports, so the baseline holds it
-    from diffusers import WanTransformer3DModel  # noqa: F401
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers  # noqa: F401
     from safetensors import safe_open  # noqa: F401
 
+    from parallel_backend.models.host import import_host
     from parallel_backend.runtime.sharded_model import ShardedModel
+
+    import_host(mesh.device.type)  # everything the load imports (ComfyUI's model code), so the baseline holds it
+    import comfy.ldm.wan.model  # noqa: F401
 
     gc.collect()
     base = _status_kb("VmRSS", "RssAnon", "RssFile")  # RssFile here: the mapped libraries
@@ -258,8 +260,8 @@ def main(argv=None) -> int:
         rows.append([tp, mib(per_block), mib(other), f"{proj / 2**30:.2f}",
                      "" if full_proj is None else f"{proj / full_proj:.3f}",
                      "" if full_proj is None else f"{1 / tp:.3f}"])
-    print(f"\n[3] Projection to the real {real_layers}-block Wan 14B, per rank (bf16; time_embedder, norms and "
-          f"scale_shift_table stay fp32 as diffusers keeps them):")
+    print(f"\n[3] Projection to the real {real_layers}-block Wan 14B, per rank (bf16, as ComfyUI's WanModel holds "
+          f"them in bf16):")
     print(table(rows, ["tp", "per block MiB", "non-block MiB", "params GiB", "of full", "ideal 1/tp"]))
     print("Non-block parameters (patch/text/time embeddings, time_projection, head) are replicated on every tp "
           "rank; so are the row-parallel biases, norms and modulation of each block.")

@@ -312,6 +312,24 @@ def host_model_config(family_name, path, precision, header):
     return model_config, sd, host_class
 
 
+def detected_host_class(header) -> str | None:
+    """'<supported_models class> (<diffusion model class>)' ComfyUI's own detection gives the file, or None."""
+    import comfy.model_detection
+
+    st = backend("weights.reads")._ST_DTYPES
+    sd = {k: torch.empty(shape, dtype=st.get(dt, torch.float32), device="meta") for k, (shape, dt) in header.items()}
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    sd = {k[len(prefix):]: v for k, v in sd.items() if prefix and k.startswith(prefix)} or sd
+    try:
+        model_config = comfy.model_detection.model_config_from_unet(sd, "")
+        if model_config is None:
+            return None
+        model = model_config.get_model(sd, "", device=torch.device("meta")).diffusion_model
+    except Exception:  # a file ComfyUI half-recognises: nothing to name
+        return None
+    return f"{type(model_config).__name__} ({type(model).__name__})"
+
+
 def refuse_unsupported_class(family_name, path, header):
     """Before any rank starts: the model class ComfyUI detects for the file must be one the family runs; the
     refusal names the class and the reason."""

@@ -3,6 +3,7 @@ import logging
 from .backend import CATEGORY, CONFIG_TYPE, backend
 from .comfy_model import (
     build_model_patcher,
+    detected_host_class,
     install_lora_hook,
     install_unload_hook,
     load_logged,
@@ -79,7 +80,14 @@ class ParallelModelLoader:
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         loading, models = backend("weights.reads"), backend("models")
         header = loading.read_header(path)  # refuses pickles, truncated and non-safetensors files
-        family = models.detect_family(header, path)
+        try:
+            family = models.detect_family(header, path)
+        except models.UnsupportedModelError as e:  # name what ComfyUI itself sees in the file, if anything
+            detected = detected_host_class(header)
+            if detected is None:
+                raise
+            raise models.UnsupportedModelError(f"{e}. ComfyUI detects it as {detected}, which the parallel loader "
+                                               f"cannot run: sample it with the native Load Diffusion Model") from None
         shape = family.model_shape(header)
         config, why = resolve_config(parallel_config, shape, header)
         refuse_unsupported_class(shape.family, path, header)  # a variant the family cannot run: before any rank

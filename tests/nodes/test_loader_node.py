@@ -199,3 +199,18 @@ def test_wan_class_without_a_plan_is_refused_by_name(comfy, pack, config_spec, c
     with pytest.raises(ValueError, match=rf"{name}: ComfyUI detects this file as {cls}, which the parallel loader "
                                          rf"cannot run yet: .*no parallel plan.*native Load Diffusion Model"):
         _loader(pack).load(name, "fp32", config_spec(ulysses=2))
+
+
+def test_file_comfyui_knows_but_the_pack_does_not_names_comfyuis_class(comfy, pack, config_spec, no_new_processes):
+    """A DiT ComfyUI recognises but no family of the pack takes (here a Cosmos Predict2.5 file: Predict2 blocks plus
+    the text projection the pack's Predict2 family refuses) is refused before any rank starts, naming the class
+    ComfyUI's detection gives."""
+    from parallel_backend.models import UnsupportedModelError
+    from parallel_backend.testing.synthetic import COSMOS_PRESETS, cosmos_predict2_shapes
+
+    tensors = {f"net.{k}": torch.zeros(v) for k, v in cosmos_predict2_shapes(**COSMOS_PRESETS["tiny"]).items()}
+    tensors["net.crossattn_proj.0.weight"] = torch.zeros(1024, 8)
+    save_file(tensors, os.path.join(comfy["models_dir"], "predict2_5.safetensors"))
+    with pytest.raises(UnsupportedModelError, match=r"predict2_5\.safetensors.*ComfyUI detects it as "
+                                                    r"CosmosT2IPredict2 \(MiniTrainDIT\).*native Load Diffusion"):
+        _loader(pack).load("predict2_5.safetensors", "fp32", config_spec(ulysses=2))
