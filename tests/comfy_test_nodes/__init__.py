@@ -85,6 +85,26 @@ def cosmos_predict2_native(path, num_blocks=None, num_heads=None):
     return base
 
 
+def cosmos1_native(path, num_blocks, num_heads):
+    """ComfyUI's native CosmosVideo BaseModel (GeneralDIT) for a Cosmos 1.0 file of any width. ComfyUI's detection
+    sets every field but the depth and head count for widths other than 7B's (it fixes those from the width: 36 x
+    40 for anything but 4096); they come from the arguments (the preset the file was written with)."""
+    import comfy.model_detection
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(path)
+    sd = comfy.utils.state_dict_prefix_replace(sd, {comfy.model_detection.unet_prefix_from_state_dict(sd): ""},
+                                               filter_keys=True)
+    unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    assert unet_config["image_model"] == "cosmos", unet_config
+    unet_config.update(num_blocks=num_blocks, num_heads=num_heads)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model(sd, "")
+    base.load_model_weights(sd, "")
+    return base
+
+
 class PditTestCosmosPredict2Loader:
     """ComfyUI's own Cosmos Predict2 model (MiniTrainDIT + KSampler-ready ModelPatcher) for a tiny file, which the
     native Load Diffusion Model cannot size: the parity oracle of the Cosmos workflow test."""
