@@ -63,3 +63,38 @@ def test_cosmos1_refuses_conds_its_ranks_do_not_take(cosmos1_model):
         base.diffusion_model(x, torch.tensor([0.5]), context=torch.randn(1, 12, 1024),
                              latent_condition=torch.randn_like(x), transformer_options={})
     assert not group.calls
+
+
+def test_loader_runs_cosmos1_on_the_group_as_comfyui_native(comfy, pack, config_spec):
+    """Parallel Model Loader on a Cosmos 1.0 file: detected as the cosmos1 family (the parallel_plan output and the
+    model info name it), ComfyUI's CosmosVideo BaseModel around the proxy; one model call through ComfyUI's
+    BaseModel.apply_model on 2 ranks (ulysses 2) with the frame rate and the text mask set equals ComfyUI's native
+    model on the same file."""
+    import os
+
+    from comfy_test_nodes import cosmos1_native
+
+    import parallel_backend.runtime.group as group
+
+    name = "tiny_cosmos1_t2w.safetensors"
+    path = write_tiny_cosmos1(os.path.join(comfy["models_dir"], name), seed=3)
+    try:
+        model, plan = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load(name, "fp32",
+                                                                             config_spec(world_size=2, ulysses=2))
+        assert "ulysses=2" in plan and "for cosmos1 (4 heads, 2 blocks)" in plan, plan
+        proxy = sys.modules[pack.__name__ + ".nodes.comfy_model"].parallel_model_of(model)
+        assert proxy.info["family"] == "cosmos1" and type(model.model).__name__ == "CosmosVideo"
+        g = torch.Generator().manual_seed(0)
+        x, ctx = torch.randn(1, 16, 3, 6, 10, generator=g), torch.randn(1, 12, 1024, generator=g)
+        mask = (torch.arange(12) < 9).float()[None]
+        sigma = torch.tensor([2.0])
+        conds = dict(c_crossattn=ctx, attention_mask=mask, fps=8.0)
+        with torch.no_grad():
+            out = model.model.apply_model(x, sigma, **conds)
+            ref = cosmos1_native(path, 2, 4).apply_model(x, sigma, **conds)
+        assert out.shape == ref.shape == x.shape
+        diff = (out - ref).abs().max().item()
+        print(f"loader + apply_model on 2 ranks (ulysses 2) vs ComfyUI native: {diff:.2e}")
+        assert diff <= 1e-4 and ref.abs().mean() > 0.1
+    finally:
+        group.stop_all()
