@@ -148,3 +148,35 @@ def test_compile_reaches_every_block(tmp_path):
     assert all(b._compiled_call_impl is not None for b in m.model.blocks.values())
     m.set_compile(None)
     assert all(b._compiled_call_impl is None for b in m.model.blocks.values())
+
+
+def test_peft_lora_with_diffusers_names_merges_like_a_hand_merge(tmp_path):
+    """A LoRA saved with diffusers' Cosmos 1.0 names (PEFT: `transformer.transformer_blocks.0.attn1.to_q.lora_A`)
+    reaches the file's own key through `diffusers_names` and merges as W + strength * B @ A (no alpha: scale 1)."""
+    from safetensors.torch import save_file
+
+    from parallel_backend.runtime.mesh import single_rank_mesh
+    from parallel_backend.runtime.sharded_model import ShardedModel
+
+    path = write_tiny_cosmos1(str(tmp_path / "c.safetensors"), seed=2)
+    mesh = single_rank_mesh(ParallelConfig(world_size=1, device="cpu", dtype="fp32"), torch.device("cpu"))
+    sm = ShardedModel(mesh, path, "fp32")
+    before = {n: p.clone() for n, p in sm.model.named_parameters()}
+    targets = {"attn1.to_q": "blocks.block0.blocks.0.block.attn.to_q.0.weight",
+               "ff.net.2": "blocks.block1.blocks.2.block.layer2.weight"}
+    g = torch.Generator().manual_seed(3)
+    tensors, expected = {}, {}
+    for i, (name, key) in enumerate(targets.items()):
+        w = before[key]
+        a, b = 0.1 * torch.randn(4, w.shape[1], generator=g), 0.1 * torch.randn(w.shape[0], 4, generator=g)
+        tensors[f"transformer.transformer_blocks.{i}.{name}.lora_A.weight"] = a
+        tensors[f"transformer.transformer_blocks.{i}.{name}.lora_B.weight"] = b
+        expected[key] = w + 0.7 * b @ a
+    lora = str(tmp_path / "cosmos1_peft.safetensors")
+    save_file(tensors, lora)
+    sm.set_loras([(lora, 0.7)])
+    after = dict(sm.model.named_parameters())
+    for key, e in expected.items():
+        d = (after[key] - e).abs().max().item()
+        assert d <= 1e-6 and (e - before[key]).abs().max() > 1e-3, (key, d)
+    assert all(torch.equal(p, before[n]) for n, p in after.items() if n not in expected)
