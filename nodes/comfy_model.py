@@ -20,7 +20,8 @@ class UnsupportedPatchError(RuntimeError):
 
 # conds ComfyUI's own WanModel ignores: WAN22 (TI2V-5B) turns denoise_mask into per-frame timesteps
 # in process_timestep before the call, and passes it on too; Cosmos Predict2 passes the frame rate `fps`, which
-# ComfyUI's own MiniTrainDIT ignores (rope_enable_fps_modulation off)
+# ComfyUI's own MiniTrainDIT ignores (rope_enable_fps_modulation off). A family that takes one of them (Cosmos 1's
+# GeneralDIT scales its rope by `fps`) names it in its conds, and it crosses.
 _IGNORED_CONDS = {"denoise_mask", "fps"}
 
 
@@ -99,7 +100,7 @@ class ParallelDiffusionModel(torch.nn.Module):
         extras, values = {}, {}
         conds = self.conds()
         for k, v in named.items():
-            if v is None or k in _IGNORED_CONDS:
+            if v is None or (k in _IGNORED_CONDS and k not in conds):
                 continue
             if k not in conds:
                 raise UnsupportedPatchError(
@@ -141,9 +142,10 @@ def _bind(host_class, args, kwargs) -> dict:
     bound = sig.bind(None, *args, **kwargs)
     named = {}
     for name, value in list(bound.arguments.items())[1:]:
-        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+        param = sig.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
-        else:
+        elif value is not param.default:  # a host forward passes its own defaults on (Cosmos 1: data_type=VIDEO)
             named[name] = value
     return named
 

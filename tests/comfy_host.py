@@ -213,6 +213,8 @@ def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees
             inp.update(model_name=model_name, base_precision=dtype)
         elif ct == "EmptyHunyuanLatentVideo":
             inp.update(width=width, height=height, length=length, batch_size=1)
+        elif ct == "EmptyCosmosLatentVideo":  # latent frames: (length - 1) // 8 + 1
+            inp.update(width=width, height=height, length=length, batch_size=1)
         elif ct == "EmptySD3LatentImage":
             inp.update(width=width, height=height, batch_size=1)
         elif ct in ("ParallelSampler", "KSampler"):

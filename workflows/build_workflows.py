@@ -29,6 +29,7 @@ OUTPUTS = {
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "Wan22ImageToVideoLatent": [("LATENT", "LATENT")],
     "EmptySD3LatentImage": [("LATENT", "LATENT")],
+    "EmptyCosmosLatentVideo": [("LATENT", "LATENT")],
     "SaveImage": [],
     "CLIPVisionLoader": [("CLIP_VISION", "CLIP_VISION")],
     "CLIPVisionEncode": [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")],
@@ -164,6 +165,33 @@ COSMOS_PREDICT2_T2I = {
     ],
 }
 
+# Cosmos 1.0 7B text-to-world: ComfyUI's native Cosmos 1 graph (old T5-XXL text encoder, EmptyCosmosLatentVideo,
+# the Cosmos 1.0 VAE cv8x8x8) with the pack's three nodes in place of Load Diffusion Model and KSampler. The 14B file
+# loads the same way (40 heads); for video-to-world, load a Video2World file and take the latent from
+# CosmosImageToVideoLatent (start / end image) instead.
+COSMOS1_T2W = {
+    "title": "Cosmos 1.0 7B text-to-world on a parallel worker group",
+    "nodes": [
+        (1, "CLIPLoader", {"clip_name": "oldt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "cosmos",
+                           "device": "default"}),
+        (2, "CLIPTextEncode", {"text": "a drone shot gliding over a foggy pine forest at sunrise, light rays through "
+                                       "the trees, cinematic, photorealistic", "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": "blurry, low quality, watermark, text, deformed, static", "clip": link(1)}),
+        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
+                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
+        (5, "ParallelModelLoader", {"model_name": "Cosmos-1_0-Diffusion-7B-Text2World.safetensors",
+                                    "base_precision": "bf16", "parallel_config": link(4), "residency": "swap"}),
+        (6, "EmptyCosmosLatentVideo", {"width": 1280, "height": 704, "length": 121, "batch_size": 1}),
+        (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 6.5,
+                                "sampler_name": "res_multistep", "scheduler": "karras", "positive": link(2),
+                                "negative": link(3), "latent_image": link(6), "denoise": 1.0}),
+        (8, "VAELoader", {"vae_name": "cosmos_cv8x8x8_1.0.safetensors"}),
+        (9, "VAEDecode", {"samples": link(7), "vae": link(8)}),
+        (10, "SaveAnimatedWEBP", {"images": link(9), "filename_prefix": "parallel_dit/cosmos1_t2w", "fps": 24.0,
+                                  "lossless": False, "quality": 85, "method": "default"}),
+    ],
+}
+
 # Wan 2.1 image-to-video (480p / 720p I2V files): ComfyUI's native I2V graph, CLIP vision of the start image
 # and WanImageToVideo's conditioning, with the pack's three nodes in place of Load Diffusion Model and KSampler.
 # For first-last-frame, load an FLF2V file and use WanFirstLastFrameToVideo instead of WanImageToVideo.
@@ -225,7 +253,7 @@ WAN21_VACE = {
 
 WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_i2v_parallel": WAN21_I2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
              "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I,
-             "wan21_vace_parallel": WAN21_VACE}
+             "wan21_vace_parallel": WAN21_VACE, "cosmos1_t2w_parallel": COSMOS1_T2W}
 
 
 def spec_from_api(api: dict, title: str) -> dict:

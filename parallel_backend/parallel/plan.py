@@ -41,6 +41,8 @@ class SeqSplit:
 class SeqGather:
     dim: int
     grid: bool = False  # the inverse of a grid split: (B, T, 1, n, ...) back to (B, T, H, W, ...), frames at `dim`
+    flat: bool = False  # with grid: the output holds each frame's n tokens at `dim`, its frames folded into another
+    #                     axis (ComfyUI's Cosmos 1 final layer: (B * T, n, C)); gathered to (..., H * W, ...)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class ParallelPlan:
     heads_attr: str = "heads"                         # that attribute's name (ComfyUI's Wan: num_heads)
     seq_split_kwargs: dict = field(default_factory=dict)   # module pattern -> {keyword: SeqSplit}
     sequence_attention: tuple = ()                    # patterns of modules whose attention call runs sequence-parallel
+    # module pattern -> frames dim of its first input: a module that reads only that input's shape (ComfyUI's Cosmos 1
+    # position embedders, given the embedded grid) is handed a stand-in of the whole grid's shape after a grid split,
+    # so it computes every token's entry (which seq_split_outputs then cuts to this rank's tokens)
+    grid_shape_inputs: dict = field(default_factory=dict)
 
 
 def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
@@ -71,7 +77,8 @@ def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
         seq_gather_outputs={**plan.seq_gather_outputs, **extra.seq_gather_outputs},
         attention_heads=plan.attention_heads + extra.attention_heads, heads_attr=plan.heads_attr,
         seq_split_kwargs=merged(plan.seq_split_kwargs, extra.seq_split_kwargs),
-        sequence_attention=plan.sequence_attention + extra.sequence_attention)
+        sequence_attention=plan.sequence_attention + extra.sequence_attention,
+        grid_shape_inputs={**plan.grid_shape_inputs, **extra.grid_shape_inputs})
 
 
 class SequenceState:
@@ -127,11 +134,14 @@ class SequenceState:
         self.grid, self.valid_len, self.padded, self.local_len = (frames, h, w), frames * h * w, pad > 0, frames * n
         return plane.narrow(dim + 1, self.index * n, n).unsqueeze(dim + 1).contiguous()
 
-    def gather_grid(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """The inverse of `split_grid`: (B, T, 1, n, ...) from every rank back to (B, T, H, W, ...)."""
+    def gather_grid(self, t: torch.Tensor, dim: int, flat: bool = False) -> torch.Tensor:
+        """The inverse of `split_grid`: (B, T, 1, n, ...) from every rank back to (B, T, H, W, ...); `flat`: each
+        frame's n tokens at `dim` (frames folded into another axis) back to its H * W tokens."""
         if self.grid is None:  # this call ran unsplit
             return t
         _, h, w = self.grid
+        if flat:
+            return self.gather(t, dim, narrow=False).narrow(dim, 0, h * w)
         plane = self.gather(t.squeeze(dim + 1), dim + 1, narrow=False)
         return plane.narrow(dim + 1, 0, h * w).unflatten(dim + 1, (h, w))
 
@@ -278,7 +288,21 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
 
     def gather_output(spec):
         def hook(_module, _args, output):
-            return state.gather_grid(output, spec.dim) if spec.grid else state.gather(output, spec.dim)
+            if spec.grid:
+                return state.gather_grid(output, spec.dim, spec.flat)
+            return state.gather(output, spec.dim)
+        return hook
+
+    def whole_grid_input(dim):
+        def hook(_module, args):
+            t = args[0] if args else None
+            if state.grid is None or not torch.is_tensor(t) or t.ndim < dim + 3:
+                return None
+            frames, h, w = state.grid
+            if t.shape[dim] != frames or t.shape[dim + 1] != 1:
+                raise ValueError(f"a grid-shape input {tuple(t.shape)} is not this rank's part of a {state.grid} grid")
+            shape = (*t.shape[:dim], frames, h, w, *t.shape[dim + 3:])
+            return (t.new_zeros(()).expand(shape), *args[1:])  # no memory: only its shape is read
         return hook
 
     def attention_scope(enter):
@@ -297,6 +321,10 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
         for name in expand(pattern):
             hook = split_inputs(spec, None) if spec is not None else split_inputs(None, plan.seq_split_kwargs[pattern])
             h = model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+            handles.append(PlanHook(name, "split_inputs", h))
+    for pattern, dim in plan.grid_shape_inputs.items():
+        for name in expand(pattern):
+            h = model.get_submodule(name).register_forward_pre_hook(whole_grid_input(dim))
             handles.append(PlanHook(name, "split_inputs", h))
     for name, spec in plan.seq_split_outputs.items():
         handles.append(PlanHook(name, "split_outputs", model.get_submodule(name).register_forward_hook(split_outputs(spec))))

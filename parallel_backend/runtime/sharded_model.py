@@ -90,7 +90,8 @@ class ShardedModel:
         spec = dict(spec) if spec else None
         if spec == self.compile_spec:
             return
-        for block in getattr(self.model, self.family.BLOCKS):
+        blocks = getattr(self.model, self.family.BLOCKS)
+        for block in (blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks):  # Cosmos 1: a dict
             if spec is None:
                 block._compiled_call_impl = None  # back to eager
             else:

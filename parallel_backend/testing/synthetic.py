@@ -204,6 +204,65 @@ def write_tiny_cosmos(path: str, seed: int = 0, dtype=torch.float32, preset: str
     return write_safetensors_stream(path, entries)
 
 
+# ---- Cosmos 1.0 (ComfyUI's GeneralDIT / the original release: `net.`-prefixed keys) ------------------------
+# name -> width, blocks, heads (head dim = width // heads), latent channels in (16: text-to-world, 17:
+# video-to-world, whose extra channel is ComfyUI's "mask_inverted" concat)
+COSMOS1_PRESETS = {
+    # 4 heads of 128 (the real head dim), 2 blocks
+    "tiny": dict(model_channels=512, num_blocks=2, num_heads=4, in_channels=16),
+    "tiny-v2w": dict(model_channels=512, num_blocks=2, num_heads=4, in_channels=17),
+    "cosmos-1.0-7b-t2w": dict(model_channels=4096, num_blocks=28, num_heads=32, in_channels=16),
+    "cosmos-1.0-7b-v2w": dict(model_channels=4096, num_blocks=28, num_heads=32, in_channels=17),
+    "cosmos-1.0-14b-t2w": dict(model_channels=5120, num_blocks=36, num_heads=40, in_channels=16),
+    "cosmos-1.0-14b-v2w": dict(model_channels=5120, num_blocks=36, num_heads=40, in_channels=17),
+}
+
+
+def cosmos1_shapes(model_channels, num_blocks, num_heads, in_channels=16, out_channels=16, crossattn_emb_channels=1024,
+                   mlp_ratio=4.0, adaln_lora_dim=256, patch_spatial=2, patch_temporal=1, max_size=(128, 240, 240),
+                   concat_padding_mask=True) -> dict:
+    """key -> shape of a Cosmos 1.0 DiT (ComfyUI's GeneralDIT names, without the `net.` prefix): blocks `blockN`,
+    each of three sub-blocks (self-attention, cross-attention, MLP) with their own AdaLN-LoRA modulation."""
+    d, head_dim, ffn = model_channels, model_channels // num_heads, int(model_channels * mlp_ratio)
+    patch = patch_spatial * patch_spatial * patch_temporal
+    s = {
+        "x_embedder.proj.1.weight": (d, (in_channels + int(concat_padding_mask)) * patch),
+        "extra_pos_embedder.pos_emb_h": (max_size[1] // patch_spatial, d),
+        "extra_pos_embedder.pos_emb_w": (max_size[2] // patch_spatial, d),
+        "extra_pos_embedder.pos_emb_t": (max_size[0] // patch_temporal, d),
+        "t_embedder.1.linear_1.weight": (d, d),
+        "t_embedder.1.linear_2.weight": (3 * d, d),
+    }
+    for i in range(num_blocks):
+        for j, ctx in ((0, d), (1, crossattn_emb_channels)):
+            a = f"blocks.block{i}.blocks.{j}.block.attn."
+            s[a + "to_q.0.weight"] = (d, d)
+            s[a + "to_q.1.weight"] = (head_dim,)
+            s[a + "to_k.0.weight"] = (d, ctx)
+            s[a + "to_k.1.weight"] = (head_dim,)
+            s[a + "to_v.0.weight"] = (d, ctx)
+            s[a + "to_out.0.weight"] = (d, d)
+            s[f"blocks.block{i}.blocks.{j}.adaLN_modulation.1.weight"] = (adaln_lora_dim, d)
+            s[f"blocks.block{i}.blocks.{j}.adaLN_modulation.2.weight"] = (3 * d, adaln_lora_dim)
+        s[f"blocks.block{i}.blocks.2.block.layer1.weight"] = (ffn, d)
+        s[f"blocks.block{i}.blocks.2.block.layer2.weight"] = (d, ffn)
+        s[f"blocks.block{i}.blocks.2.adaLN_modulation.1.weight"] = (adaln_lora_dim, d)
+        s[f"blocks.block{i}.blocks.2.adaLN_modulation.2.weight"] = (3 * d, adaln_lora_dim)
+    s.update({
+        "affline_norm.weight": (d,),
+        "final_layer.linear.weight": (patch * out_channels, d),
+        "final_layer.adaLN_modulation.1.weight": (adaln_lora_dim, d),
+        "final_layer.adaLN_modulation.2.weight": (2 * d, adaln_lora_dim),
+    })
+    return s
+
+
+def write_tiny_cosmos1(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", **overrides) -> str:
+    """A random Cosmos 1.0 checkpoint in the released file layout (`net.`-prefixed keys)."""
+    cfg = {**COSMOS1_PRESETS[preset], **overrides}
+    return write_checkpoint(path, cosmos1_shapes(**cfg), dtype=dtype, seed=seed, prefix="net.")
+
+
 # ---- safetensors written tensor by tensor ---------------------------------------------------------
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32"}

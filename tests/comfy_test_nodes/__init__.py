@@ -1,6 +1,6 @@
 """Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder and the
-Wan 2.2 VAE's encoder, which cannot be downloaded where the tests run, and ComfyUI's native Cosmos Predict2 model
-for a tiny file (which ComfyUI's own loader cannot size)."""
+Wan 2.2 VAE's encoder, which cannot be downloaded where the tests run, and ComfyUI's native Cosmos Predict2 and
+Cosmos 1.0 models for a tiny file (which ComfyUI's own loader cannot size)."""
 import torch
 
 
@@ -85,6 +85,31 @@ def cosmos_predict2_native(path, num_blocks=None, num_heads=None):
     return base
 
 
+def cosmos1_native(path, num_blocks=None, num_heads=None):
+    """ComfyUI's native CosmosVideo BaseModel (GeneralDIT) for a Cosmos 1.0 file of any width. ComfyUI's detection
+    sets every field but the depth and head count for widths other than 7B's (it fixes those from the width: 36 x
+    40 for anything but 4096); they come from the arguments (the preset the file was written with), else from the
+    state dict itself (block count; width / per-head q norm width)."""
+    import comfy.model_detection
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(path)
+    sd = comfy.utils.state_dict_prefix_replace(sd, {comfy.model_detection.unet_prefix_from_state_dict(sd): ""},
+                                               filter_keys=True)
+    unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    assert unet_config["image_model"] == "cosmos", unet_config
+    if num_blocks is None:
+        num_blocks = 1 + max(int(k.split(".")[1][len("block"):]) for k in sd if k.startswith("blocks.block"))
+    if num_heads is None:
+        num_heads = unet_config["model_channels"] // sd["blocks.block0.blocks.0.block.attn.to_q.1.weight"].shape[0]
+    unet_config.update(num_blocks=num_blocks, num_heads=num_heads)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model(sd, "")
+    base.load_model_weights(sd, "")
+    return base
+
+
 class PditTestCosmosPredict2Loader:
     """ComfyUI's own Cosmos Predict2 model (MiniTrainDIT + KSampler-ready ModelPatcher) for a tiny file, which the
     native Load Diffusion Model cannot size: the parity oracle of the Cosmos workflow test."""
@@ -109,6 +134,30 @@ class PditTestCosmosPredict2Loader:
                                                  offload_device=comfy.model_management.unet_offload_device()),)
 
 
+class PditTestCosmos1Loader:
+    """ComfyUI's own Cosmos 1.0 model (GeneralDIT + KSampler-ready ModelPatcher) for a tiny file, which the native
+    Load Diffusion Model cannot size: the parity oracle of the Cosmos 1 workflow test."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+        return {"required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),
+                                           {"tooltip": "a Cosmos 1.0 file"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, unet_name):
+        import comfy.model_management
+        import comfy.model_patcher
+        import folder_paths
+
+        base = cosmos1_native(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
+        return (comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                                 offload_device=comfy.model_management.unet_offload_device()),)
+
+
 class PditTestClipVision:
     """Stand-in for CLIPVisionEncode with clip_vision_h: 257 penultimate tokens of width 1280."""
 
@@ -129,4 +178,5 @@ class PditTestClipVision:
 
 NODE_CLASS_MAPPINGS = {"PditTestConditioning": PditTestConditioning, "PditTestVAE": PditTestVAE,
                        "PditTestClipVision": PditTestClipVision,
-                       "PditTestCosmosPredict2Loader": PditTestCosmosPredict2Loader}
+                       "PditTestCosmosPredict2Loader": PditTestCosmosPredict2Loader,
+                       "PditTestCosmos1Loader": PditTestCosmos1Loader}
