@@ -85,6 +85,21 @@ VARIANTS = {
             seq_split_inputs={"vace_blocks.0": {0: SeqSplit(1)}},
             seq_split_kwargs={"vace_blocks.0": {"x": SeqSplit(1)}, "vace_blocks.*": _PER_TOKEN_KWARGS},
             sequence_attention=("vace_blocks.*.self_attn",))),
+    # HuMo: every block also cross-attends, frame by frame, from the frame's video tokens to that frame's 16 audio
+    # tokens (its queries reshaped to (B * frames, tokens a frame)); so the tokens are split frame-aligned (each rank
+    # n tokens of every frame, reference frames included: `frames` split on the patch grid's plane) instead of in
+    # one run, and the per-frame reshape holds on every rank. The audio projection runs whole (per frame, before the
+    # blocks); the audio cross-attention is TP-split like the block's.
+    "HumoWanModel": dict(
+        conds=("audio_embed", "reference_latent"),
+        plan=ParallelPlan(
+            tp={**{f"blocks.*.audio_cross_attn_wrapper.audio_cross_attn.{p}": "host_colwise" for p in "qkv"},
+                "blocks.*.audio_cross_attn_wrapper.audio_cross_attn.o": "host_rowwise",
+                **{f"blocks.*.audio_cross_attn_wrapper.audio_cross_attn.norm_{p}": "head_norm" for p in "qk"}},
+            attention_heads=("blocks.*.audio_cross_attn_wrapper.audio_cross_attn",), heads_attr="num_heads",
+            seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, frames=True)}},
+            seq_gather_outputs={"head": SeqGather(1, frames=True)},
+            plane_from=("patch_embedding",))),
     "CameraWanModel": dict(
         conds=("clip_fea", "camera_conditions"),
         plan=ParallelPlan(tp={"control_adapter.conv": "host_rowwise_sliced_input",
@@ -94,7 +109,6 @@ VARIANTS = {
 # host classes this pack does not run yet, with the reason (refused at load, naming the class)
 NOT_YET = {
     "WanModel_S2V": "Wan 2.2 S2V's audio injection and frame-pack motion tokens have no parallel plan yet",
-    "HumoWanModel": "HuMo's audio cross-attention blocks have no parallel plan yet",
     "AnimateWanModel": "Wan 2.2 Animate's face / pose adapters have no parallel plan yet",
 }
 

@@ -33,6 +33,8 @@ class SeqSplit:
     per_token: bool = False
     first_only: bool = False  # split only in the first module of the pattern that runs in a forward (a block
     #                           replacement may skip the first block: the next one that runs takes the split)
+    frames: bool = False  # the tokens are flat and frame-major (B, T * plane, ...), `plane` tokens a frame (learnt
+    #                       from the plan's `plane_from` module): split like a grid, each rank n tokens of every frame
     grid: bool = False  # the tokens are a grid (B, T, H, W, ...) with frames at `dim`: frames stay whole (per-frame
     #                     operations see every frame) and each frame's H x W plane is split, padded at its end
 
@@ -41,6 +43,7 @@ class SeqSplit:
 class SeqGather:
     dim: int
     grid: bool = False  # the inverse of a grid split: (B, T, 1, n, ...) back to (B, T, H, W, ...), frames at `dim`
+    frames: bool = False  # the inverse of a `frames` split: (B, T * n, ...) back to (B, T * plane, ...)
     flat: bool = False  # with grid: the output holds each frame's n tokens at `dim`, its frames folded into another
     #                     axis (ComfyUI's Cosmos 1 final layer: (B * T, n, C)); gathered to (..., H * W, ...)
 
@@ -59,6 +62,9 @@ class ParallelPlan:
     # position embedders, given the embedded grid) is handed a stand-in of the whole grid's shape after a grid split,
     # so it computes every token's entry (which seq_split_outputs then cuts to this rank's tokens)
     grid_shape_inputs: dict = field(default_factory=dict)
+    # patterns of modules whose output (B, C, T, H, W) gives the tokens per frame (H * W) for `frames` splits (Wan's
+    # patch embedding: what follows it in the sequence, reference frames included, is frames of that plane)
+    plane_from: tuple = ()
 
 
 def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
@@ -78,7 +84,8 @@ def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
         attention_heads=plan.attention_heads + extra.attention_heads, heads_attr=plan.heads_attr,
         seq_split_kwargs=merged(plan.seq_split_kwargs, extra.seq_split_kwargs),
         sequence_attention=plan.sequence_attention + extra.sequence_attention,
-        grid_shape_inputs={**plan.grid_shape_inputs, **extra.grid_shape_inputs})
+        grid_shape_inputs={**plan.grid_shape_inputs, **extra.grid_shape_inputs},
+        plane_from=plan.plane_from + extra.plane_from)
 
 
 class SequenceState:
@@ -93,6 +100,7 @@ class SequenceState:
         self.local_len = 0  # tokens this rank holds after the last split (its share of the work)
         self.tokens_pending = True  # set before each forward: the tokens are still whole (first_only splits)
         self.grid: tuple | None = None  # (T, H, W) after a grid split: the keys' padding lies in every frame
+        self.plane: int | None = None  # tokens per frame of a flat frame-major sequence (plan's `plane_from`)
 
     def use(self, groups: SequenceParallelGroups, index: int) -> None:
         self.groups, self.index = groups, index
@@ -134,6 +142,22 @@ class SequenceState:
         self.grid, self.valid_len, self.padded, self.local_len = (frames, h, w), frames * h * w, pad > 0, frames * n
         return plane.narrow(dim + 1, self.index * n, n).unsqueeze(dim + 1).contiguous()
 
+    def split_frames(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """A flat frame-major sequence (B, T * plane, ...) -> (B, T * n, ...): this rank's n tokens of every frame, as
+        `split_grid` cuts a (T, 1, plane) grid. Per-frame operations on the local tokens (a frame's audio
+        cross-attention: `(B * T, n)` queries) then see every frame."""
+        length = t.shape[dim]
+        if not self.plane or length % self.plane:
+            raise ValueError(f"a frame-major sequence of {length} tokens is not whole frames of {self.plane} tokens")
+        return self.split_grid(t.unflatten(dim, (length // self.plane, 1, self.plane)), dim).flatten(dim, dim + 2)
+
+    def gather_frames(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The inverse of `split_frames`."""
+        if self.grid is None:  # this call ran unsplit
+            return t
+        frames = self.grid[0]
+        return self.gather_grid(t.unflatten(dim, (frames, 1, t.shape[dim] // frames)), dim).flatten(dim, dim + 2)
+
     def gather_grid(self, t: torch.Tensor, dim: int, flat: bool = False) -> torch.Tensor:
         """The inverse of `split_grid`: (B, T, 1, n, ...) from every rank back to (B, T, H, W, ...); `flat`: each
         frame's n tokens at `dim` (frames folded into another axis) back to its H * W tokens."""
@@ -165,6 +189,8 @@ class SequenceState:
         if n_e == 1 or self.degree == 1 or full is None:
             return t
         if self.grid is not None:  # frame-major entries: this rank's part of every frame's plane
+            if n_e == self.grid[0]:  # one entry per frame: every rank holds every frame
+                return t
             if n_e != full:
                 raise ValueError(f"a per-token tensor of {n_e} entries for {full} grid tokens")
             frames, h, w = self.grid
@@ -262,6 +288,8 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
             state.tokens_pending = False
         if s.grid:
             return state.split_grid(t, s.dim)
+        if s.frames:
+            return state.split_frames(t, s.dim)
         return state.split_per_token(t, s.dim) if s.per_token else state.split(t, s.dim)
 
     def split_inputs(spec, kw_spec=None):
@@ -290,6 +318,8 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
         def hook(_module, _args, output):
             if spec.grid:
                 return state.gather_grid(output, spec.dim, spec.flat)
+            if spec.frames:
+                return state.gather_frames(output, spec.dim)
             return state.gather(output, spec.dim)
         return hook
 
@@ -322,6 +352,12 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
             hook = split_inputs(spec, None) if spec is not None else split_inputs(None, plan.seq_split_kwargs[pattern])
             h = model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
             handles.append(PlanHook(name, "split_inputs", h))
+    def record_plane(_module, _args, output):
+        state.plane = output.shape[-2] * output.shape[-1]
+
+    for pattern in plan.plane_from:
+        for name in expand(pattern):
+            handles.append(PlanHook(name, "gather_output", model.get_submodule(name).register_forward_hook(record_plane)))
     for pattern, dim in plan.grid_shape_inputs.items():
         for name in expand(pattern):
             h = model.get_submodule(name).register_forward_pre_hook(whole_grid_input(dim))

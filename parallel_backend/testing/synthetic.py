@@ -38,6 +38,9 @@ WAN_PRESETS = {
                         i2v=True, camera=True),
     "tiny-camera-2.2": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=36, out_dim=16, text_dim=4096,
                             freq_dim=256, camera=True),
+    # HuMo 17B layout (36 input channels: x + ComfyUI's 20 concat channels); the audio projection has fixed sizes
+    "tiny-humo": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=36, out_dim=16, text_dim=4096, freq_dim=256,
+                      humo=True),
     "tiny-fun-control-2.2": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=48, out_dim=16, text_dim=4096,
                                  freq_dim=256, ref_conv_in_dim=16),
 }
@@ -45,7 +48,7 @@ WAN_PRESETS = {
 
 def wan_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
                patch=(1, 2, 2), i2v=False, clip_dim=1280, flf2v=False, vace_layers=0, vace_in_dim=96,
-               camera=False, camera_in_dim=24, ref_conv_in_dim=0) -> dict:
+               camera=False, camera_in_dim=24, ref_conv_in_dim=0, humo=False) -> dict:
     """key -> shape of a Wan 2.x DiT in the original (ComfyUI) layout; with `vace_layers` the VACE blocks and
     hint embedding, with `camera` the Fun camera control adapter, with `ref_conv_in_dim` the 2.2 Fun reference
     convolution (the keys ComfyUI's detection reads to pick VaceWanModel / CameraWanModel / ref_conv)."""
@@ -101,6 +104,17 @@ def wan_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4096, f
             s[f"control_adapter.residual_blocks.0.{c}.bias"] = (dim,)
     if ref_conv_in_dim:
         s["ref_conv.weight"], s["ref_conv.bias"] = (dim, ref_conv_in_dim, *patch[1:]), (dim,)
+    if humo:  # HuMo: per-frame audio cross-attention in every block, and the audio projection (ComfyUI's fixed sizes)
+        for i in range(num_layers):
+            a = f"blocks.{i}.audio_cross_attn_wrapper."
+            for p, kv in (("q", dim), ("k", 1536), ("v", 1536), ("o", dim)):
+                s[f"{a}audio_cross_attn.{p}.weight"], s[f"{a}audio_cross_attn.{p}.bias"] = (dim, kv), (dim,)
+            s[f"{a}audio_cross_attn.norm_q.weight"] = s[f"{a}audio_cross_attn.norm_k.weight"] = (dim,)
+            s[f"{a}norm1_audio.weight"] = s[f"{a}norm1_audio.bias"] = (dim,)
+        for n, (o, i) in {"1": (512, 8 * 5 * 1280), "2": (512, 512), "3": (16 * 1536, 512)}.items():
+            s[f"audio_proj.audio_proj_glob_{n}.layer.weight"] = (o, i)
+            s[f"audio_proj.audio_proj_glob_{n}.layer.bias"] = (o,)
+        s["audio_proj.audio_proj_glob_norm.layer.weight"] = s["audio_proj.audio_proj_glob_norm.layer.bias"] = (1536,)
     return s
 
 

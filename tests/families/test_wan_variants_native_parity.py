@@ -5,7 +5,9 @@ of the same class on the same file (fp32, <= 1e-4 max abs), with their extra inp
   (a list of numbers, sent with the call); the hint blocks run sharded like the main blocks;
 - Fun camera 2.1 (CameraWanModel on an I2V file: CLIP tokens too) and 2.2: `camera_conditions`, turned into
   patch-grid features by the control adapter (whole frames, before the split);
-- Wan 2.2 Fun control (WanModel with the reference convolution): `reference_latent`, prepended as tokens.
+- Wan 2.2 Fun control (WanModel with the reference convolution): `reference_latent`, prepended as tokens;
+- HuMo (HumoWanModel): `audio_embed` (per-frame audio cross-attention in every block: the tokens are split frame by
+  frame) and `reference_latent` (reference frames appended to the sequence, with zero audio).
 
 Token counts that divide the sequence degree (32) and that do not (45). Under tp2 each rank holds half of the
 bytes of the blocks a variant adds (asserted within 5%), and ComfyUI picked the class the test expects.
@@ -27,6 +29,7 @@ PRESETS = {
     "tiny-camera": ("CameraWanModel", ("control_adapter.",)),
     "tiny-camera-2.2": ("CameraWanModel", ("control_adapter.",)),
     "tiny-fun-control-2.2": ("WanModel", ()),
+    "tiny-humo": ("HumoWanModel", ("blocks.0.audio_cross_attn_wrapper.", "blocks.1.audio_cross_attn_wrapper.")),
 }
 SHAPES = ((2, 8, 8), (3, 6, 10))  # 32 tokens, and 45 (ragged on 2 and 4 sequence ranks)
 T_ROWS = (900.0, 500.0)
@@ -49,6 +52,9 @@ def _inputs(preset, thw, seed=0):
         kw["camera_conditions"] = torch.randn(2, 24, t_, 8 * h, 8 * w, generator=g)
     if p.get("ref_conv_in_dim"):
         kw["reference_latent"] = torch.randn(2, p["ref_conv_in_dim"], h, w, generator=g)
+    if p.get("humo"):  # whisper features per latent frame (window 8 x 5 layers x 1280) and one reference frame
+        kw["audio_embed"] = torch.randn(2, t_, 8, 5, 1280, generator=g)
+        kw["reference_latent"] = torch.randn(2, p["in_dim"], 1, h, w, generator=g)
     return x, torch.tensor(T_ROWS), ctx, kw
 
 
@@ -102,6 +108,11 @@ def native_outputs(checkpoints):
         if preset == "tiny-vace":  # the hints matter: the same call without them differs
             with torch.no_grad():
                 plain = dm(x, t, ctx, vace_context=torch.zeros_like(kw["vace_context"]), vace_strength=[0.0, 0.0])
+            assert (plain.float() - ref[(preset, thw)]).abs().max() > 1e-2
+        if preset == "tiny-humo":  # the audio matters
+            with torch.no_grad():
+                plain = dm(x, t, ctx, audio_embed=torch.zeros_like(kw["audio_embed"]),
+                           reference_latent=kw["reference_latent"])
             assert (plain.float() - ref[(preset, thw)]).abs().max() > 1e-2
     return ref
 
