@@ -100,6 +100,15 @@ VARIANTS = {
             seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, frames=True)}},
             seq_gather_outputs={"head": SeqGather(1, frames=True)},
             plane_from=("patch_embedding",))),
+    # Animate: the pose latents and the face encoder's motion vectors are computed whole (before the split, per
+    # frame); every 5th block a face block cross-attends, frame by frame, from the frame's tokens to its motion tokens
+    # (queries reshaped to (B * frames, tokens a frame)): so the tokens are split frame-aligned, as for HuMo. The face
+    # adapter is not TP-split (its fused k / v projection interleaves k and v by head): it is held whole on each rank.
+    "AnimateWanModel": dict(
+        conds=("clip_fea", "time_dim_concat", "pose_latents", "face_pixel_values"),
+        plan=ParallelPlan(seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, frames=True)}},
+                          seq_gather_outputs={"head": SeqGather(1, frames=True)},
+                          plane_from=("patch_embedding",))),
     "CameraWanModel": dict(
         conds=("clip_fea", "camera_conditions"),
         plan=ParallelPlan(tp={"control_adapter.conv": "host_rowwise_sliced_input",
@@ -109,7 +118,6 @@ VARIANTS = {
 # host classes this pack does not run yet, with the reason (refused at load, naming the class)
 NOT_YET = {
     "WanModel_S2V": "Wan 2.2 S2V's audio injection and frame-pack motion tokens have no parallel plan yet",
-    "AnimateWanModel": "Wan 2.2 Animate's face / pose adapters have no parallel plan yet",
 }
 
 

@@ -219,6 +219,13 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
                 value = _owned(t, dtype, device)
                 del t
             p.owner._parameters[p.pname] = torch.nn.Parameter(value, requires_grad=False)
+        if names is None:  # persistent buffers the file carries are loaded as ComfyUI's load_state_dict loads them,
+            # also where the class computed them at build (Animate's blur kernels): whole on every rank
+            for name, buf in list(model.named_buffers()):
+                module_name, _, bname = name.rpartition(".")
+                owner = model.get_submodule(module_name) if module_name else model
+                if prefix + name in header and bname not in owner._non_persistent_buffers_set:
+                    owner._buffers[bname] = _owned(reader.read(prefix + name), buf.dtype, device)
         read = reader.bytes_read
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if names is None and left:

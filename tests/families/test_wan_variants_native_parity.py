@@ -7,7 +7,10 @@ of the same class on the same file (fp32, <= 1e-4 max abs), with their extra inp
   patch-grid features by the control adapter (whole frames, before the split);
 - Wan 2.2 Fun control (WanModel with the reference convolution): `reference_latent`, prepended as tokens;
 - HuMo (HumoWanModel): `audio_embed` (per-frame audio cross-attention in every block: the tokens are split frame by
-  frame) and `reference_latent` (reference frames appended to the sequence, with zero audio).
+  frame) and `reference_latent` (reference frames appended to the sequence, with zero audio);
+- Wan 2.2 Animate (AnimateWanModel, an I2V model): `pose_latents` and `face_pixel_values` (512 x 512 face crops
+  through the motion encoder; its face blocks cross-attend frame by frame), on the 45-token case only (the motion
+  encoder is slow on CPU). Its tiny file is laid out from ComfyUI's own class (the motion encoder's layout is large).
 
 Token counts that divide the sequence degree (32) and that do not (45). Under tp2 each rank holds half of the
 bytes of the blocks a variant adds (asserted within 5%), and ComfyUI picked the class the test expects.
@@ -30,15 +33,48 @@ PRESETS = {
     "tiny-camera-2.2": ("CameraWanModel", ("control_adapter.",)),
     "tiny-fun-control-2.2": ("WanModel", ()),
     "tiny-humo": ("HumoWanModel", ("blocks.0.audio_cross_attn_wrapper.", "blocks.1.audio_cross_attn_wrapper.")),
+    "tiny-animate": ("AnimateWanModel", ()),
 }
+ANIMATE = dict(dim=512, ffn_dim=1024, num_heads=4, num_layers=5, in_dim=36)  # one face block (every 5th block)
 SHAPES = ((2, 8, 8), (3, 6, 10))  # 32 tokens, and 45 (ragged on 2 and 4 sequence ranks)
 T_ROWS = (900.0, 500.0)
+
+
+def _shapes_of(preset):
+    if preset == "tiny-animate":
+        return dict(in_dim=ANIMATE["in_dim"], i2v=True)
+    return WAN_PRESETS[preset]
+
+
+def _cases(preset):
+    return SHAPES[1:] if preset == "tiny-animate" else SHAPES
+
+
+def _write_animate(path, seed):
+    """A tiny Wan 2.2 Animate file: the key layout of ComfyUI's AnimateWanModel built on meta, random values (the
+    motion encoder's StyleGAN-style layers scale their weights by 1 / sqrt(fan in) themselves: unit-variance weights
+    there, so a face changes its output)."""
+    comfy_host.import_comfy()
+    import comfy.ops
+    from comfy.ldm.wan.model_animate import AnimateWanModel
+    from safetensors.torch import save_file
+
+    from parallel_backend.testing.synthetic import random_tensor
+
+    model = AnimateWanModel(**ANIMATE, device="meta", operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in model.state_dict().items():
+        equalized = k.startswith("motion_encoder.") and k.endswith(".weight") and v.ndim >= 2
+        sd[k] = torch.randn(v.shape, generator=g) if equalized else random_tensor(k, tuple(v.shape), g)
+    save_file(sd, path)
+    return path
 
 
 def _inputs(preset, thw, seed=0):
     """x, t, context and the variant's keyword inputs, as ComfyUI's BaseModel passes them (batched by row)."""
     g = torch.Generator().manual_seed(seed)
-    p = WAN_PRESETS[preset]
+    p = _shapes_of(preset)
     t_, h, w = thw
     x = torch.randn(2, p["in_dim"], *thw, generator=g)
     ctx = torch.randn(2, 12, 4096, generator=g)
@@ -55,6 +91,9 @@ def _inputs(preset, thw, seed=0):
     if p.get("humo"):  # whisper features per latent frame (window 8 x 5 layers x 1280) and one reference frame
         kw["audio_embed"] = torch.randn(2, t_, 8, 5, 1280, generator=g)
         kw["reference_latent"] = torch.randn(2, p["in_dim"], 1, h, w, generator=g)
+    if preset == "tiny-animate":  # pose latents for frames 1.., face crops for frames 1.. (frame 0 is the reference)
+        kw["pose_latents"] = torch.randn(2, 16, t_ - 1, h, w, generator=g)
+        kw["face_pixel_values"] = torch.rand(2, 3, t_ - 1, 512, 512, generator=g) * 2 - 1
     return x, torch.tensor(T_ROWS), ctx, kw
 
 
@@ -68,7 +107,7 @@ def _run_mesh(mesh, paths):
         m = ShardedModel(mesh, path, "fp32")
         out[(preset, "class")] = type(m.model).__name__
         out[(preset, "added_bytes")] = _added_bytes(m.model, PRESETS[preset][1]) if PRESETS[preset][1] else 0
-        for thw in SHAPES:
+        for thw in _cases(preset):
             x, t, ctx, kw = _inputs(preset, thw)
             out[(preset, thw)] = (m.rows(2), m.forward_rows(x, t, ctx, **kw))
         del m
@@ -89,7 +128,8 @@ def _run_meshes(mesh0, paths, meshes):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("wan_variants")
-    return {p: write_tiny_wan(str(d / f"{p}.safetensors"), seed=5, preset=p) for p in PRESETS}
+    return {p: (_write_animate if p == "tiny-animate" else lambda path, seed, p=p: write_tiny_wan(path, seed=seed, preset=p))(
+        str(d / f"{p}.safetensors"), 5) for p in PRESETS}
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +141,17 @@ def native_outputs(checkpoints):
     for preset, path in checkpoints.items():
         dm = comfy.sd.load_diffusion_model(path).model.diffusion_model
         assert type(dm).__name__ == PRESETS[preset][0]
-        for thw in SHAPES:
+        for thw in _cases(preset):
             x, t, ctx, kw = _inputs(preset, thw)
             with torch.no_grad():
                 ref[(preset, thw)] = dm(x, t, ctx, **kw).float()
         if preset == "tiny-vace":  # the hints matter: the same call without them differs
             with torch.no_grad():
                 plain = dm(x, t, ctx, vace_context=torch.zeros_like(kw["vace_context"]), vace_strength=[0.0, 0.0])
+            assert (plain.float() - ref[(preset, thw)]).abs().max() > 1e-2
+        if preset == "tiny-animate":  # the face motion matters
+            with torch.no_grad():
+                plain = dm(x, t, ctx, **{**kw, "face_pixel_values": torch.zeros_like(kw["face_pixel_values"])})
             assert (plain.float() - ref[(preset, thw)]).abs().max() > 1e-2
         if preset == "tiny-humo":  # the audio matters
             with torch.no_grad():
