@@ -109,6 +109,23 @@ VARIANTS = {
         plan=ParallelPlan(seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, frames=True)}},
                           seq_gather_outputs={"head": SeqGather(1, frames=True)},
                           plane_from=("patch_embedding",))),
+    # S2V: the latent's frames are followed by a reference frame and frame-pack motion tokens of coarser grids; the
+    # audio injector after some blocks cross-attends, frame by frame, from the frames' tokens (x[:, :seq_len]) to the
+    # frame's audio tokens. So the frames are split frame-aligned and the tokens after them (reference, motion) are
+    # held whole by every rank, counted once as attention keys; the injector's seq_len becomes this rank's frame
+    # tokens. The audio / motion encoders run whole (before the split); the injector's attention is TP-split.
+    "WanModel_S2V": dict(
+        conds=("audio_embed", "reference_latent", "reference_motion", "control_video"),
+        plan=ParallelPlan(
+            tp={**{f"audio_injector.injector.*.{p}": "host_colwise" for p in "qkv"},
+                "audio_injector.injector.*.o": "host_rowwise",
+                **{f"audio_injector.injector.*.norm_{p}": "head_norm" for p in "qk"}},
+            # (fnmatch's * also matches dots: the injectors by index, one and two digits)
+            attention_heads=("audio_injector.injector.[0-9]", "audio_injector.injector.[0-9][0-9]"),
+            heads_attr="num_heads",
+            seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, frames=True, rest=True)}},
+            seq_gather_outputs={"head": SeqGather(1, frames=True)},
+            plane_from=("patch_embedding",), main_length_args={"audio_injector": 4})),
     "CameraWanModel": dict(
         conds=("clip_fea", "camera_conditions"),
         plan=ParallelPlan(tp={"control_adapter.conv": "host_rowwise_sliced_input",
@@ -116,9 +133,7 @@ VARIANTS = {
                               "control_adapter.residual_blocks.*.conv2": "host_rowwise"})),
 }
 # host classes this pack does not run yet, with the reason (refused at load, naming the class)
-NOT_YET = {
-    "WanModel_S2V": "Wan 2.2 S2V's audio injection and frame-pack motion tokens have no parallel plan yet",
-}
+NOT_YET: dict = {}  # host class -> why the pack cannot run it yet (every Wan class of ComfyUI 0.3.75 runs)
 
 
 def variant_of(class_name: str) -> dict:

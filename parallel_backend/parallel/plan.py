@@ -35,6 +35,9 @@ class SeqSplit:
     #                           replacement may skip the first block: the next one that runs takes the split)
     frames: bool = False  # the tokens are flat and frame-major (B, T * plane, ...), `plane` tokens a frame (learnt
     #                       from the plan's `plane_from` module): split like a grid, each rank n tokens of every frame
+    rest: bool = False  # with frames: only the first T frames (T from the `plane_from` module's first call) are frames;
+    #                     the tokens after them (other grids: S2V's motion tokens) are held whole by every rank and
+    #                     count as keys on the first rank only
     grid: bool = False  # the tokens are a grid (B, T, H, W, ...) with frames at `dim`: frames stay whole (per-frame
     #                     operations see every frame) and each frame's H x W plane is split, padded at its end
 
@@ -65,6 +68,9 @@ class ParallelPlan:
     # patterns of modules whose output (B, C, T, H, W) gives the tokens per frame (H * W) for `frames` splits (Wan's
     # patch embedding: what follows it in the sequence, reference frames included, is frames of that plane)
     plane_from: tuple = ()
+    # module pattern -> index of a positional arg that is the main frames' token count (S2V's audio injector slices
+    # x[:, :seq_len]): replaced by this rank's count of them after a `frames` split
+    main_length_args: dict = field(default_factory=dict)
 
 
 def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
@@ -85,7 +91,8 @@ def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
         seq_split_kwargs=merged(plan.seq_split_kwargs, extra.seq_split_kwargs),
         sequence_attention=plan.sequence_attention + extra.sequence_attention,
         grid_shape_inputs={**plan.grid_shape_inputs, **extra.grid_shape_inputs},
-        plane_from=plan.plane_from + extra.plane_from)
+        plane_from=plan.plane_from + extra.plane_from,
+        main_length_args={**plan.main_length_args, **extra.main_length_args})
 
 
 class SequenceState:
@@ -101,6 +108,12 @@ class SequenceState:
         self.tokens_pending = True  # set before each forward: the tokens are still whole (first_only splits)
         self.grid: tuple | None = None  # (T, H, W) after a grid split: the keys' padding lies in every frame
         self.plane: int | None = None  # tokens per frame of a flat frame-major sequence (plan's `plane_from`)
+        self.main: tuple | None = None  # (frames, plane) of the first `plane_from` output this forward
+        self.rest = 0  # tokens after the frames that every rank holds whole (a `rest` split)
+
+    def begin_forward(self) -> None:
+        """Before each forward: the tokens are whole again."""
+        self.local_len, self.tokens_pending, self.grid, self.plane, self.main, self.rest = 0, True, None, None, None, 0
 
     def use(self, groups: SequenceParallelGroups, index: int) -> None:
         self.groups, self.index = groups, index
@@ -142,21 +155,55 @@ class SequenceState:
         self.grid, self.valid_len, self.padded, self.local_len = (frames, h, w), frames * h * w, pad > 0, frames * n
         return plane.narrow(dim + 1, self.index * n, n).unsqueeze(dim + 1).contiguous()
 
-    def split_frames(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+    def split_frames(self, t: torch.Tensor, dim: int, rest: bool = False) -> torch.Tensor:
         """A flat frame-major sequence (B, T * plane, ...) -> (B, T * n, ...): this rank's n tokens of every frame, as
         `split_grid` cuts a (T, 1, plane) grid. Per-frame operations on the local tokens (a frame's audio
-        cross-attention: `(B * T, n)` queries) then see every frame."""
+        cross-attention: `(B * T, n)` queries) then see every frame. `rest`: only the first frames (as the
+        `plane_from` module saw them) are frames; the tokens after them follow whole on every rank."""
         length = t.shape[dim]
-        if not self.plane or length % self.plane:
-            raise ValueError(f"a frame-major sequence of {length} tokens is not whole frames of {self.plane} tokens")
-        return self.split_grid(t.unflatten(dim, (length // self.plane, 1, self.plane)), dim).flatten(dim, dim + 2)
+        if self.degree == 1:
+            self.grid, self.rest, self.valid_len, self.padded, self.local_len = None, 0, length, False, length
+            return t
+        if rest:
+            if self.main is None:
+                raise ValueError("a frames + rest split before the plan's plane_from module ran")
+            frames, plane = self.main
+        else:
+            plane = self.plane
+            if not plane or length % plane:
+                raise ValueError(f"a frame-major sequence of {length} tokens is not whole frames of {plane} tokens")
+            frames = length // plane
+        main = t.narrow(dim, 0, frames * plane)
+        local = self.split_grid(main.unflatten(dim, (frames, 1, plane)), dim).flatten(dim, dim + 2)
+        self.rest = length - frames * plane
+        if self.rest:
+            local = torch.cat([local, t.narrow(dim, frames * plane, self.rest)], dim)
+            self.local_len += self.rest
+            self.valid_len, self.padded = length, True  # the rest counts once: as keys of the first chunk only
+        return local
 
     def gather_frames(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """The inverse of `split_frames`."""
         if self.grid is None:  # this call ran unsplit
             return t
-        frames = self.grid[0]
-        return self.gather_grid(t.unflatten(dim, (frames, 1, t.shape[dim] // frames)), dim).flatten(dim, dim + 2)
+        frames, main_local = self.grid[0], t.shape[dim] - self.rest
+        main = self.gather_grid(t.narrow(dim, 0, main_local).unflatten(dim, (frames, 1, main_local // frames)), dim)
+        main = main.flatten(dim, dim + 2)
+        return torch.cat([main, t.narrow(dim, main_local, self.rest)], dim) if self.rest else main
+
+    @property
+    def main_local_len(self) -> int:
+        """Tokens of the frames this rank holds (without the rest)."""
+        return self.local_len - self.rest
+
+    def local_positions(self, device=None) -> torch.Tensor:
+        """The position in the whole (frame-major, then rest) sequence of each token this rank holds after a grid /
+        frames split; padding maps to its frame's last token."""
+        frames, h, w = self.grid
+        n = self.main_local_len // frames
+        j = torch.arange(self.index * n, self.index * n + n, device=device).clamp(max=h * w - 1)
+        main = (torch.arange(frames, device=device)[:, None] * (h * w) + j[None]).flatten()
+        return torch.cat([main, frames * h * w + torch.arange(self.rest, device=device)]) if self.rest else main
 
     def gather_grid(self, t: torch.Tensor, dim: int, flat: bool = False) -> torch.Tensor:
         """The inverse of `split_grid`: (B, T, 1, n, ...) from every rank back to (B, T, H, W, ...); `flat`: each
@@ -177,26 +224,30 @@ class SequenceState:
         if self.grid is None:
             return flat_key_valid(self.valid_len, self.local_len)(first, count, device)
         frames, h, w = self.grid
-        n = self.local_len // frames
-        if (first + count) * n <= h * w:
+        n = self.main_local_len // frames
+        if (first + count) * n <= h * w and not self.rest:
             return None
         pos = torch.arange(first * n, (first + count) * n, device=device).view(count, 1, n)
-        return (pos < h * w).expand(count, frames, n).flatten()
+        keep = (pos < h * w).expand(count, frames, n).reshape(count, frames * n)
+        if self.rest:  # the rest, held by every rank, is a key of the first chunk only
+            first_chunk = (torch.arange(first, first + count, device=device) == 0).view(count, 1)
+            keep = torch.cat([keep, first_chunk.expand(count, self.rest)], 1)
+        return keep.flatten()
 
     def split_per_token(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's entries of a per-token tensor (see SeqSplit.per_token); call after the tokens were split."""
         n_e, full = t.shape[dim], self.valid_len
         if n_e == 1 or self.degree == 1 or full is None:
             return t
-        if self.grid is not None:  # frame-major entries: this rank's part of every frame's plane
-            if n_e == self.grid[0]:  # one entry per frame: every rank holds every frame
+        if self.grid is not None:  # frame-major entries: this rank's part of every frame's plane (then the rest)
+            if n_e == self.grid[0] and not self.rest:  # one entry per frame: every rank holds every frame
                 return t
-            if n_e != full:
-                raise ValueError(f"a per-token tensor of {n_e} entries for {full} grid tokens")
-            frames, h, w = self.grid
-            n = self.local_len // frames
-            idx = torch.arange(self.index * n, self.index * n + n, device=t.device).clamp(max=h * w - 1)
-            return t.unflatten(dim, (frames, h * w)).index_select(dim + 1, idx).flatten(dim, dim + 1)
+            pos = self.local_positions(t.device)
+            if n_e == full:
+                return t.index_select(dim, pos)
+            repeats = full // n_e
+            step = repeats if repeats * n_e == full else repeats + 1  # ComfyUI's repeat_e
+            return t.index_select(dim, pos // step)
         if n_e == full:
             return self._narrow_padded(t, dim)
         repeats = full // n_e
@@ -289,7 +340,7 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
         if s.grid:
             return state.split_grid(t, s.dim)
         if s.frames:
-            return state.split_frames(t, s.dim)
+            return state.split_frames(t, s.dim, s.rest)
         return state.split_per_token(t, s.dim) if s.per_token else state.split(t, s.dim)
 
     def split_inputs(spec, kw_spec=None):
@@ -353,7 +404,21 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
             h = model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
             handles.append(PlanHook(name, "split_inputs", h))
     def record_plane(_module, _args, output):
-        state.plane = output.shape[-2] * output.shape[-1]
+        if state.main is None:  # the first call of the forward: the latent's own frames
+            state.plane = output.shape[-2] * output.shape[-1]
+            state.main = (output.shape[-3], state.plane)
+
+    def main_length(index):
+        def hook(_module, args):
+            if state.grid is None or index >= len(args):
+                return None
+            return (*args[:index], state.main_local_len, *args[index + 1:])
+        return hook
+
+    for pattern, index in plan.main_length_args.items():
+        for name in expand(pattern):
+            h = model.get_submodule(name).register_forward_pre_hook(main_length(index))
+            handles.append(PlanHook(name, "split_inputs", h))
 
     for pattern in plan.plane_from:
         for name in expand(pattern):

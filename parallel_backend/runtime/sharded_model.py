@@ -124,7 +124,7 @@ class ShardedModel:
         dev, dt = self.mesh.device, self.dtype
         take = lambda t: None if t is None else t[rows].to(dev, dt if t.is_floating_point() else t.dtype)
         kw = {k: take(v) if torch.is_tensor(v) else v for k, v in extras.items()}  # tensors are batched like x
-        self.seq_state.local_len, self.seq_state.tokens_pending = 0, True
+        self.seq_state.begin_forward()
         if transformer_options:
             kw["transformer_options"] = transformer_options
         out = self.family.forward(self.model, take(x), timestep[rows].to(dev, torch.float32), take(context), **kw)

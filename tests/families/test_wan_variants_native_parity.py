@@ -10,7 +10,9 @@ of the same class on the same file (fp32, <= 1e-4 max abs), with their extra inp
   frame) and `reference_latent` (reference frames appended to the sequence, with zero audio);
 - Wan 2.2 Animate (AnimateWanModel, an I2V model): `pose_latents` and `face_pixel_values` (512 x 512 face crops
   through the motion encoder; its face blocks cross-attend frame by frame), on the 45-token case only (the motion
-  encoder is slow on CPU). Its tiny file is laid out from ComfyUI's own class (the motion encoder's layout is large).
+  encoder is slow on CPU). Its tiny file is laid out from ComfyUI's own class (the motion encoder's layout is large);
+- Wan 2.2 S2V (WanModel_S2V): `audio_embed`, `reference_latent`, `reference_motion` (frame-pack motion tokens of
+  coarser grids after the frames) and `control_video`; a plane of 35 tokens (ragged on 2 and 4 ranks) and of 16.
 
 Token counts that divide the sequence degree (32) and that do not (45). Under tp2 each rank holds half of the
 bytes of the blocks a variant adds (asserted within 5%), and ComfyUI picked the class the test expects.
@@ -34,7 +36,11 @@ PRESETS = {
     "tiny-fun-control-2.2": ("WanModel", ()),
     "tiny-humo": ("HumoWanModel", ("blocks.0.audio_cross_attn_wrapper.", "blocks.1.audio_cross_attn_wrapper.")),
     "tiny-animate": ("AnimateWanModel", ()),
+    "tiny-s2v": ("WanModel_S2V", ("audio_injector.injector.",)),
 }
+S2V = dict(dim=512, ffn_dim=1024, num_heads=4, num_layers=2, in_dim=16)  # its audio injector at block 0 (and unused
+#                                                                        ones for blocks 4.., as ComfyUI builds them)
+S2V_SHAPES = ((2, 10, 14), (3, 8, 8))  # the frame packer's coarsest grid needs H, W >= 8
 ANIMATE = dict(dim=512, ffn_dim=1024, num_heads=4, num_layers=5, in_dim=36)  # one face block (every 5th block)
 SHAPES = ((2, 8, 8), (3, 6, 10))  # 32 tokens, and 45 (ragged on 2 and 4 sequence ranks)
 T_ROWS = (900.0, 500.0)
@@ -43,11 +49,31 @@ T_ROWS = (900.0, 500.0)
 def _shapes_of(preset):
     if preset == "tiny-animate":
         return dict(in_dim=ANIMATE["in_dim"], i2v=True)
+    if preset == "tiny-s2v":
+        return dict(in_dim=S2V["in_dim"])
     return WAN_PRESETS[preset]
 
 
 def _cases(preset):
-    return SHAPES[1:] if preset == "tiny-animate" else SHAPES
+    return {"tiny-animate": SHAPES[1:], "tiny-s2v": S2V_SHAPES}.get(preset, SHAPES)
+
+
+def _write_s2v(path, seed):
+    """A tiny Wan 2.2 S2V file: the key layout of ComfyUI's WanModel_S2V built on meta, random values (the audio
+    encoder's layer weights positive, as it divides by their sum)."""
+    comfy_host.import_comfy()
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel_S2V
+    from safetensors.torch import save_file
+
+    from parallel_backend.testing.synthetic import random_tensor
+
+    model = WanModel_S2V(**S2V, device="meta", operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: random_tensor(k, tuple(v.shape), g) for k, v in model.state_dict().items()}
+    sd["casual_audio_encoder.weights"] = torch.ones_like(sd["casual_audio_encoder.weights"])
+    save_file(sd, path)
+    return path
 
 
 def _write_animate(path, seed):
@@ -91,6 +117,12 @@ def _inputs(preset, thw, seed=0):
     if p.get("humo"):  # whisper features per latent frame (window 8 x 5 layers x 1280) and one reference frame
         kw["audio_embed"] = torch.randn(2, t_, 8, 5, 1280, generator=g)
         kw["reference_latent"] = torch.randn(2, p["in_dim"], 1, h, w, generator=g)
+    if preset == "tiny-s2v":  # wav2vec features (25 layers x 1024, 4 per latent frame), a reference frame, 19 frames
+        #                       of past motion (the frame packer's buckets), a control video
+        kw["audio_embed"] = torch.randn(2, 25, 1024, 4 * t_, generator=g)
+        kw["reference_latent"] = torch.randn(2, 16, 1, h, w, generator=g)
+        kw["reference_motion"] = torch.randn(2, 16, 19, h, w, generator=g)
+        kw["control_video"] = torch.randn(2, 16, t_, h, w, generator=g)
     if preset == "tiny-animate":  # pose latents for frames 1.., face crops for frames 1.. (frame 0 is the reference)
         kw["pose_latents"] = torch.randn(2, 16, t_ - 1, h, w, generator=g)
         kw["face_pixel_values"] = torch.rand(2, 3, t_ - 1, 512, 512, generator=g) * 2 - 1
@@ -128,7 +160,8 @@ def _run_meshes(mesh0, paths, meshes):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("wan_variants")
-    return {p: (_write_animate if p == "tiny-animate" else lambda path, seed, p=p: write_tiny_wan(path, seed=seed, preset=p))(
+    writers = {"tiny-animate": _write_animate, "tiny-s2v": _write_s2v}
+    return {p: writers.get(p, lambda path, seed, p=p: write_tiny_wan(path, seed=seed, preset=p))(
         str(d / f"{p}.safetensors"), 5) for p in PRESETS}
 
 
@@ -153,6 +186,11 @@ def native_outputs(checkpoints):
             with torch.no_grad():
                 plain = dm(x, t, ctx, **{**kw, "face_pixel_values": torch.zeros_like(kw["face_pixel_values"])})
             assert (plain.float() - ref[(preset, thw)]).abs().max() > 1e-2
+        if preset == "tiny-s2v":  # the audio and the motion matter
+            with torch.no_grad():
+                for cond in ("audio_embed", "reference_motion"):
+                    plain = dm(x, t, ctx, **{**kw, cond: torch.zeros_like(kw[cond])})
+                    assert (plain.float() - ref[(preset, thw)]).abs().max() > 1e-2, cond
         if preset == "tiny-humo":  # the audio matters
             with torch.no_grad():
                 plain = dm(x, t, ctx, audio_embed=torch.zeros_like(kw["audio_embed"]),
@@ -190,12 +228,15 @@ def test_sharded_variants_equal_comfyui_native(native_outputs, world4, mesh):
 
 def test_tp2_halves_the_added_blocks(world4):
     """ring2 x tp2: every rank holds half of the bytes of the blocks the variant adds (VACE's hint blocks with
-    their projections; the camera adapter's convolutions), within 5%."""
+    their projections; the camera adapter's convolutions; HuMo's and S2V's audio attention), within 5%. (S2V's file
+    is laid out from ComfyUI's class: its whole size is what a rank without TP holds.)"""
+    r0_full = {"tiny-s2v": world4[0]["cfg2xulysses2"][("tiny-s2v", "added_bytes")]}
     for preset, (_, prefixes) in PRESETS.items():
         if not prefixes:
             continue
-        full = 4 * sum(n for k, shape in wan_shapes(**WAN_PRESETS[preset]).items() if k.startswith(prefixes)
-                       for n in [torch.Size(shape).numel()])
+        full = (r0_full[preset] if preset in r0_full else
+                4 * sum(torch.Size(shape).numel() for k, shape in wan_shapes(**WAN_PRESETS[preset]).items()
+                        if k.startswith(prefixes)))
         for r in world4:
             held = r["ring2xtp2"][(preset, "added_bytes")]
             assert abs(held / (full / 2) - 1) <= 0.05, f"{preset}: a tp2 rank holds {held} of {full} bytes"
