@@ -138,17 +138,9 @@ def diffusers_names(source_keys) -> dict:
 
 def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
     """ComfyUI's MiniTrainDIT for this file, on meta, configured as `comfy_model_config` says."""
-    from .host import build_host_model
+    from .host import build_with_pos_embed
 
-    model, model_config, prefix = build_host_model(header, compute_dtype, path,
-                                                   unet_config=comfy_model_config(header)[1])
-    # the rope's frequency ranges are computed buffers (not in the state dict ComfyUI loads): the host's own
-    # builder makes them for real; the learnable extra embedding (parameters, read from the file) stays as built
-    extra = getattr(model, "extra_pos_embedder", None)
-    model.build_pos_embed(device="cpu")
-    if extra is not None:
-        model.extra_pos_embedder = extra
-    return model, model_config, prefix
+    return build_with_pos_embed(header, compute_dtype, path, comfy_model_config(header)[1])
 
 
 def conds_of(class_name: str) -> tuple:

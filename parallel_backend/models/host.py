@@ -106,6 +106,18 @@ class _PatchFailures:
         logging.getLogger().removeHandler(self.handler)
 
 
+def build_with_pos_embed(header: dict, compute_dtype: torch.dtype, path: str, unet_config: dict):
+    """`build_host_model` for ComfyUI's Cosmos classes (MiniTrainDIT, GeneralDIT): their rope's frequency ranges are
+    computed buffers, not in the state dict ComfyUI loads, so the host's own `build_pos_embed` makes them for real
+    after the meta build; the learnable extra embedding (parameters, read from the file) stays as built."""
+    model, model_config, prefix = build_host_model(header, compute_dtype, path, unet_config=unet_config)
+    extra = getattr(model, "extra_pos_embedder", None)
+    model.build_pos_embed(device="cpu")
+    if extra is not None:
+        model.extra_pos_embedder = extra
+    return model, model_config, prefix
+
+
 def host_patch_weight(weight: torch.Tensor, key: str, patches) -> torch.Tensor:
     """`weight` (one whole layer, fp32) patched exactly as ComfyUI's ModelPatcher patches it: each LoRA module's
     tensors become ComfyUI's patch through `comfy.lora.load_lora` (LoRA, DoRA, LoHa, LoKr, OFT, ... as its

@@ -110,52 +110,45 @@ def cosmos1_native(path, num_blocks=None, num_heads=None):
     return base
 
 
-class PditTestCosmosPredict2Loader:
-    """ComfyUI's own Cosmos Predict2 model (MiniTrainDIT + KSampler-ready ModelPatcher) for a tiny file, which the
-    native Load Diffusion Model cannot size: the parity oracle of the Cosmos workflow test."""
+class _NativeCosmosLoader:
+    """ComfyUI's own Cosmos model (KSampler-ready ModelPatcher) for a tiny file, which the native Load Diffusion Model
+    cannot size (its detection fixes the depth and heads from the width): a workflow test's parity oracle."""
+    FAMILY = ""
 
     @classmethod
     def INPUT_TYPES(cls):
         import folder_paths
         return {"required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),
-                                           {"tooltip": "a Cosmos Predict2 file"})}}
+                                           {"tooltip": f"a {cls.FAMILY} file"})}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = "testing"
+
+    @staticmethod
+    def native(path):
+        raise NotImplementedError
 
     def load(self, unet_name):
         import comfy.model_management
         import comfy.model_patcher
         import folder_paths
 
-        base = cosmos_predict2_native(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
+        base = self.native(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
         return (comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                                  offload_device=comfy.model_management.unet_offload_device()),)
 
 
-class PditTestCosmos1Loader:
-    """ComfyUI's own Cosmos 1.0 model (GeneralDIT + KSampler-ready ModelPatcher) for a tiny file, which the native
-    Load Diffusion Model cannot size: the parity oracle of the Cosmos 1 workflow test."""
+class PditTestCosmosPredict2Loader(_NativeCosmosLoader):
+    """ComfyUI's Cosmos Predict2 (MiniTrainDIT): the oracle of the Cosmos Predict2 workflow test."""
+    FAMILY = "Cosmos Predict2"
+    native = staticmethod(lambda path: cosmos_predict2_native(path))
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        import folder_paths
-        return {"required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),
-                                           {"tooltip": "a Cosmos 1.0 file"})}}
 
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    def load(self, unet_name):
-        import comfy.model_management
-        import comfy.model_patcher
-        import folder_paths
-
-        base = cosmos1_native(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
-        return (comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                                 offload_device=comfy.model_management.unet_offload_device()),)
+class PditTestCosmos1Loader(_NativeCosmosLoader):
+    """ComfyUI's Cosmos 1.0 (GeneralDIT): the oracle of the Cosmos 1 workflow test."""
+    FAMILY = "Cosmos 1.0"
+    native = staticmethod(lambda path: cosmos1_native(path))
 
 
 class PditTestClipVision:

@@ -15,6 +15,7 @@ divide the sequence degree (16, 32) and that do not (15 per frame, 45); the cond
 """
 import pytest
 import torch
+from mesh_parity import MESHES_4, assert_rows_match, run_meshes
 
 import comfy_host
 from parallel_backend.config import ParallelConfig
@@ -76,18 +77,6 @@ def _run_mesh(mesh, paths):
     return out
 
 
-def _run_meshes(mesh0, paths, meshes):
-    """One spawn of 4 ranks for every 4-rank mesh: each is built in turn on the same process group."""
-    from parallel_backend.runtime.mesh import build_mesh
-
-    out = {}
-    for name, degrees in meshes.items():
-        cfg = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **degrees)
-        mesh = mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device)
-        out[name] = _run_mesh(mesh, paths)
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("cosmos1_families")
@@ -116,20 +105,12 @@ def native_outputs(checkpoints):
 def _check(native_outputs, per_rank, label, degree=1):
     """Each rank's rows equal native; each rank pushed only its share of every frame's tokens through the blocks:
     ceil(H * W / degree) per frame and row (`degree`: the sequence split)."""
-    worst = {}
-    for key, ref in native_outputs.items():
-        got = torch.full_like(ref, float("nan"))
+    def tokens_are_its_share(key, result):
+        rows, _, tokens = result
         t, h, w = CASES[key[1]][0]
-        for result in per_rank:
-            rows, y, tokens = result[key]
-            if y is not None:
-                got[rows] = y
-                assert tokens == (rows.stop - rows.start) * t * -(-(h // 2) * (w // 2) // degree), (key, tokens)
-        diff = (got - ref).abs().max().item()
-        worst[key[0]] = max(worst.get(key[0], 0.0), diff)
-        assert diff <= TOL, f"{key} on {label}: max abs diff {diff:.2e}"  # NaN (a row nobody wrote) fails too
-    print(f"{label}: worst max abs diff vs ComfyUI native over {len(native_outputs)} cases: "
-          + ", ".join(f"{p} {d:.2e}" for p, d in worst.items()))
+        assert tokens == (rows.stop - rows.start) * t * -(-(h // 2) * (w // 2) // degree), (key, tokens)
+
+    assert_rows_match(native_outputs, per_rank, label, TOL, tokens_are_its_share)
 
 
 def test_one_rank_equals_comfyui_native(checkpoints, native_outputs):
@@ -147,14 +128,12 @@ def test_native_outputs_are_not_trivial(native_outputs):
         assert (a - native_outputs[(preset, "video_45tok_masks")]).abs().max() > 1e-2
 
 
-# two 4-rank meshes that between them use every axis (cfg, ulysses, ring, tp)
-MESHES_4 = {"cfg2xulysses2": dict(cfg=2, ulysses=2), "ring2xtp2": dict(ring=2, tp=2)}
 
 
 @pytest.fixture(scope="module")
 def world4(checkpoints):
     config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
-    return run_on_ranks(_run_meshes, config, checkpoints, MESHES_4, timeout=600)
+    return run_on_ranks(run_meshes, config, _run_mesh, checkpoints, MESHES_4, timeout=600)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES_4))

@@ -17,6 +17,7 @@ MiniTrainDIT does (pad circularly to the patch, crop the output; 0.3.75 asserts 
 import pytest
 import torch
 import torch.nn.functional as F
+from mesh_parity import MESHES_4, assert_rows_match, run_meshes
 
 import comfy_host
 from parallel_backend.config import ParallelConfig
@@ -78,18 +79,6 @@ def _run_mesh(mesh, paths):
     return out
 
 
-def _run_meshes(mesh0, paths, meshes):
-    """One spawn of 4 ranks for every 4-rank mesh: each is built in turn on the same process group."""
-    from parallel_backend.runtime.mesh import build_mesh
-
-    out = {}
-    for name, degrees in meshes.items():
-        cfg = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **degrees)
-        mesh = mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device)
-        out[name] = _run_mesh(mesh, paths)
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("cosmos_families")
@@ -118,18 +107,7 @@ def native_outputs(checkpoints):
 
 
 def _check(native_outputs, per_rank, label):
-    worst = {}
-    for key, ref in native_outputs.items():
-        got = torch.full_like(ref, float("nan"))
-        for result in per_rank:
-            rows, y = result[key]
-            if y is not None:
-                got[rows] = y
-        diff = (got - ref).abs().max().item()
-        worst[key[0]] = max(worst.get(key[0], 0.0), diff)
-        assert diff <= TOL, f"{key} on {label}: max abs diff {diff:.2e}"  # NaN (a row nobody wrote) fails too
-    print(f"{label}: worst max abs diff vs ComfyUI native over {len(native_outputs)} cases: "
-          + ", ".join(f"{p} {d:.2e}" for p, d in worst.items()))
+    assert_rows_match(native_outputs, per_rank, label, TOL)
 
 
 def test_one_rank_equals_comfyui_native(checkpoints, native_outputs):
@@ -145,14 +123,12 @@ def test_native_outputs_are_not_trivial(native_outputs):
         assert a.abs().mean() > 0.1 and (a - b).abs().max() > 1e-2
 
 
-# two 4-rank meshes that between them use every axis (cfg, ulysses, ring, tp)
-MESHES_4 = {"cfg2xulysses2": dict(cfg=2, ulysses=2), "ring2xtp2": dict(ring=2, tp=2)}
 
 
 @pytest.fixture(scope="module")
 def world4(checkpoints):
     config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
-    return run_on_ranks(_run_meshes, config, checkpoints, MESHES_4, timeout=600)
+    return run_on_ranks(run_meshes, config, _run_mesh, checkpoints, MESHES_4, timeout=600)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES_4))

@@ -19,6 +19,7 @@ bytes of the blocks a variant adds (asserted within 5%), and ComfyUI picked the 
 """
 import pytest
 import torch
+from mesh_parity import MESHES_4, assert_rows_match, run_meshes
 
 import comfy_host
 from parallel_backend.config import ParallelConfig
@@ -146,17 +147,6 @@ def _run_mesh(mesh, paths):
     return out
 
 
-def _run_meshes(mesh0, paths, meshes):
-    from parallel_backend.runtime.mesh import build_mesh
-
-    out = {}
-    for name, degrees in meshes.items():
-        cfg = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **degrees)
-        mesh = mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device)
-        out[name] = _run_mesh(mesh, paths)
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("wan_variants")
@@ -199,31 +189,20 @@ def native_outputs(checkpoints):
     return ref
 
 
-MESHES_4 = {"cfg2xulysses2": dict(cfg=2, ulysses=2), "ring2xtp2": dict(ring=2, tp=2)}
 
 
 @pytest.fixture(scope="module")
 def world4(checkpoints):
     config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
-    return run_on_ranks(_run_meshes, config, checkpoints, MESHES_4, timeout=600)
+    return run_on_ranks(run_meshes, config, _run_mesh, checkpoints, MESHES_4, timeout=600)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES_4))
 def test_sharded_variants_equal_comfyui_native(native_outputs, world4, mesh):
     per_rank = [r[mesh] for r in world4]
-    worst = {}
-    for key, ref in native_outputs.items():
-        got = torch.full_like(ref, float("nan"))
-        for result in per_rank:
-            rows, y = result[key]
-            if y is not None:
-                got[rows] = y
-        diff = (got - ref).abs().max().item()
-        worst[key[0]] = max(worst.get(key[0], 0.0), diff)
-        assert diff <= TOL, f"{key} on {mesh}: max abs diff {diff:.2e}"  # NaN (a row nobody wrote) fails too
+    assert_rows_match(native_outputs, per_rank, mesh, TOL)
     for preset, (cls, _) in PRESETS.items():
         assert all(r[(preset, "class")] == cls for r in per_rank)
-    print(f"{mesh}: worst max abs diff vs ComfyUI native: " + ", ".join(f"{p} {d:.2e}" for p, d in worst.items()))
 
 
 def test_tp2_halves_the_added_blocks(world4):
