@@ -103,10 +103,16 @@ VARIANTS = {
     # Animate: the pose latents and the face encoder's motion vectors are computed whole (before the split, per
     # frame); every 5th block a face block cross-attends, frame by frame, from the frame's tokens to its motion tokens
     # (queries reshaped to (B * frames, tokens a frame)): so the tokens are split frame-aligned, as for HuMo. The face
-    # adapter is not TP-split (its fused k / v projection interleaves k and v by head): it is held whole on each rank.
+    # adapter's blocks are TP-split by head: q by output, the fused k / v projection by each rank's heads of k and of
+    # v (two blocks of its output), the output projection by input; q / k norms are per head.
     "AnimateWanModel": dict(
         conds=("clip_fea", "time_dim_concat", "pose_latents", "face_pixel_values"),
-        plan=ParallelPlan(seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, frames=True)}},
+        plan=ParallelPlan(tp={"face_adapter.fuser_blocks.*.linear1_q": "host_colwise",
+                              "face_adapter.fuser_blocks.*.linear1_kv": "host_colwise_kv",
+                              "face_adapter.fuser_blocks.*.linear2": "host_rowwise"},
+                          attention_heads=(("face_adapter.fuser_blocks.[0-9]", "heads_num"),
+                                           ("face_adapter.fuser_blocks.[0-9][0-9]", "heads_num")),
+                          seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, frames=True)}},
                           seq_gather_outputs={"head": SeqGather(1, frames=True)},
                           plane_from=("patch_embedding",))),
     # S2V: the latent's frames are followed by a reference frame and frame-pack motion tokens of coarser grids; the

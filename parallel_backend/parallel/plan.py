@@ -57,7 +57,8 @@ class ParallelPlan:
     seq_split_inputs: dict = field(default_factory=dict)   # module -> {arg index: SeqSplit}
     seq_split_outputs: dict = field(default_factory=dict)  # module -> {output index: SeqSplit}
     seq_gather_outputs: dict = field(default_factory=dict)  # module -> SeqGather
-    attention_heads: tuple = ()                       # patterns of modules with a `heads` attr to divide by tp
+    attention_heads: tuple = ()                       # patterns of modules with a `heads` attr to divide by tp (or
+    #                                                   (pattern, attribute) where a module names it otherwise)
     heads_attr: str = "heads"                         # that attribute's name (ComfyUI's Wan: num_heads)
     seq_split_kwargs: dict = field(default_factory=dict)   # module pattern -> {keyword: SeqSplit}
     sequence_attention: tuple = ()                    # patterns of modules whose attention call runs sequence-parallel
@@ -81,7 +82,7 @@ def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
             out[k] = {**out[k], **v} if isinstance(v, dict) and k in out else v
         return out
 
-    if extra.heads_attr != plan.heads_attr and extra.attention_heads:
+    if extra.heads_attr != plan.heads_attr and any(isinstance(e, str) for e in extra.attention_heads):
         raise ValueError(f"a plan extension names heads by {extra.heads_attr!r}, the plan by {plan.heads_attr!r}")
     return ParallelPlan(
         tp={**plan.tp, **extra.tp}, seq_split_inputs=merged(plan.seq_split_inputs, extra.seq_split_inputs),
@@ -302,11 +303,13 @@ def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, group, tp_rank: 
             if _matches(name, pattern):
                 replace_module(model, name, TP_STYLES[style](module, group, tp_rank, tp_size))
                 break
+    entries = [(e, plan.heads_attr) if isinstance(e, str) else e for e in plan.attention_heads]
     for name, module in model.named_modules():
-        if any(_matches(name, p) for p in plan.attention_heads):
-            heads = getattr(module, plan.heads_attr)
+        attr = next((a for p, a in entries if _matches(name, p)), None)
+        if attr is not None:
+            heads = getattr(module, attr)
             assert heads % tp_size == 0
-            setattr(module, plan.heads_attr, heads // tp_size)
+            setattr(module, attr, heads // tp_size)
 
 
 @dataclass(frozen=True)
@@ -444,6 +447,13 @@ def missing_plan_hooks(model: nn.Module, hooks: list) -> list:
     each one means a rank would return only its own tokens. Empty when the plan is intact."""
     return [f"{h.kind} on {h.module} ({type(model.get_submodule(h.module)).__name__})"
             for h in hooks if not h.present(model)]
+
+
+def shard_chunks_of(model: nn.Module, param_name: str) -> int:
+    """How many equal blocks of its shard dim a parameter's shard takes a part of (1: one contiguous slice)."""
+    module_name, _, _ = param_name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return getattr(module, "shard_chunks", 1)
 
 
 def shard_dim_of(model: nn.Module, param_name: str) -> tuple[int | None, int, int]:

@@ -94,6 +94,17 @@ def host_column_parallel(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module
     return new
 
 
+def host_column_parallel_kv(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
+    """A fused k / v projection whose outputs are [k of every head | v of every head] (Wan Animate's face blocks):
+    each rank holds its heads' rows of both blocks (`shard_chunks` = 2: the loader reads and joins the two
+    slices), so its output is [its k heads | its v heads], what the layer's own rearrange then expects."""
+    n_in, n_out = _sizes(layer)
+    assert n_out % (2 * tp_size) == 0, f"out_features {n_out} % (2 x tp {tp_size})"
+    new = host_column_parallel(layer, group, tp_rank, tp_size)
+    new.shard_chunks = 2
+    return new
+
+
 def host_row_parallel(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
     """The host layer with inputs / tp, its output all-reduced over TP. The bias is held by TP rank 0 only (the
     others hold zeros), so the sum adds it once and the layer's own forward stays the host's."""
@@ -129,5 +140,6 @@ def _slice_input(module, args):
     return (x.narrow(module.input_dim, module.tp_rank * n, n), *args[1:])
 
 
-TP_STYLES = {"host_colwise": host_column_parallel, "host_rowwise": host_row_parallel,
+TP_STYLES = {"host_colwise": host_column_parallel, "host_colwise_kv": host_column_parallel_kv,
+             "host_rowwise": host_row_parallel,
              "host_rowwise_sliced_input": host_row_parallel_sliced_input, "head_norm": head_sharded_norm}

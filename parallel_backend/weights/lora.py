@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..parallel.plan import shard_dim_of
+from ..parallel.plan import shard_chunks_of, shard_dim_of
 from .fp8 import FP8_DTYPES
-from .reads import CheckpointError, SliceReader, _nbytes, _slice_for, read_header
+from .reads import CheckpointError, SliceReader, _nbytes, _slice_for, read_header, shard_of
 
 
 class LoraError(ValueError):
@@ -321,7 +321,12 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
         full_layers = 0
         for name, items in per_param.items():
             fp8_stored = store_weight is not None and params[name].dtype in FP8_DTYPES and checkpoint is not None
-            if any(t.kind == "adapter" for _, t, _ in items) or fp8_stored:
+            # a chunked shard (a fused k / v projection) is not one slice of up / down: merged whole, then sharded
+            chunked = shard_chunks_of(model, name) > 1
+            if chunked and (patch_weight is None or checkpoint is None):
+                raise LoraError(f"{loras[0][0]}: {name} is split in blocks over the tensor-parallel ranks, which only "
+                                f"a whole-layer merge handles; use tp 1 for this LoRA")
+            if any(t.kind == "adapter" for _, t, _ in items) or fp8_stored or chunked:
                 if base is None:
                     base = SliceReader(checkpoint)
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype,
@@ -382,11 +387,10 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_wei
         base = reader.read(key, None, nbytes).to(p.dtype).float()
         if host_fp8 and torch.is_tensor(weight_scale):
             base = base * weight_scale.detach().float().to(base.device)
-        index = _slice_for(tuple(base.shape), dim, rank, parts) if dim is not None else None
         w = _full_layer(name, base, items, full)
         if store_weight is not None:  # rounded whole (the rounding's random stream spans the layer), then sliced
             w = store_weight(module, pname, w, name)
-        w = w[index] if index is not None else w
+        w = shard_of(w, dim, rank, parts, shard_chunks_of(model, name))
         if tuple(w.shape) != tuple(p.shape):
             raise LoraError(f"{key}: the patched layer's slice has shape {tuple(w.shape)}, the shard "
                             f"{tuple(p.shape)}")

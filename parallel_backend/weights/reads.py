@@ -23,7 +23,7 @@ import struct
 
 import torch
 
-from ..parallel.plan import shard_dim_of
+from ..parallel.plan import shard_chunks_of, shard_dim_of
 from .fp8 import AUX_SUFFIXES, FP8_DTYPES, FP8_ST_DTYPES, MARKER_KEYS
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,6 +87,28 @@ def _slice_for(shape, dim, rank, parts):
     return tuple(index)
 
 
+def _slices_for(shape, dim, rank, parts, chunks=1) -> list:
+    """This rank's index tuples along `dim`: one slice, or with `chunks` its part of each of `chunks` equal blocks of
+    `dim` (a fused projection whose outputs are [k of every head | v of every head]: each rank takes its heads of
+    each block)."""
+    if chunks == 1:
+        return [_slice_for(shape, dim, rank, parts)]
+    block, out = shape[dim] // chunks, []
+    for k in range(chunks):
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(k * block + rank * block // parts, k * block + (rank + 1) * block // parts)
+        out.append(tuple(index))
+    return out
+
+
+def shard_of(t: torch.Tensor, dim: int | None, rank: int, parts: int, chunks: int = 1) -> torch.Tensor:
+    """This rank's shard of a whole tensor (see _slices_for); `dim` None: the tensor itself."""
+    if dim is None:
+        return t
+    pieces = [t[index] for index in _slices_for(tuple(t.shape), dim, rank, parts, chunks)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
 def _nbytes(shape, st_dtype) -> int:
     size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}.get(st_dtype, 1)
     n = 1
@@ -148,7 +170,7 @@ def _owned(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 class _ParamPlan:
-    __slots__ = ("name", "key", "shape", "st_dtype", "index", "touch", "owner", "pname", "rank0_only")
+    __slots__ = ("name", "key", "shape", "st_dtype", "index", "touch", "owner", "pname", "rank0_only", "chunks", "dim")
 
 
 def param_stats(model: torch.nn.Module) -> dict:
@@ -197,7 +219,8 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
         shape, p.st_dtype = header.get(p.key, (tuple(params[name].shape), None))
         p.shape = shape
         dim, rank, parts = shard_dim_of(model, name)
-        p.index = _slice_for(shape, dim, rank, parts) if isinstance(dim, int) else None
+        p.dim, p.chunks = dim, shard_chunks_of(model, name) if isinstance(dim, int) else 1
+        p.index = _slices_for(shape, dim, rank, parts, p.chunks) if isinstance(dim, int) else None
         full = _nbytes(shape, p.st_dtype or "F32")
         p.touch = full // parts if dim == 0 else full
         p.rank0_only = dim == BIAS_ON_RANK0 and rank != 0
@@ -212,7 +235,10 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
             elif p.rank0_only:
                 value = torch.zeros(target.shape, dtype=dtype, device=device)
             else:
-                t = reader.read(p.key, p.index, p.touch)
+                if p.index is None or len(p.index) == 1:
+                    t = reader.read(p.key, p.index and p.index[0], p.touch)
+                else:  # a chunked shard: this rank's part of each block, joined
+                    t = torch.cat([reader.read(p.key, i, p.touch // p.chunks) for i in p.index], p.dim)
                 if tuple(t.shape) != tuple(target.shape):
                     raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's slice), expected "
                                           f"{tuple(target.shape)}; the file does not match the model it was detected as")

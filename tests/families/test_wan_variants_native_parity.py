@@ -36,7 +36,7 @@ PRESETS = {
     "tiny-camera-2.2": ("CameraWanModel", ("control_adapter.",)),
     "tiny-fun-control-2.2": ("WanModel", ()),
     "tiny-humo": ("HumoWanModel", ("blocks.0.audio_cross_attn_wrapper.", "blocks.1.audio_cross_attn_wrapper.")),
-    "tiny-animate": ("AnimateWanModel", ()),
+    "tiny-animate": ("AnimateWanModel", ("face_adapter.",)),
     "tiny-s2v": ("WanModel_S2V", ("audio_injector.injector.",)),
 }
 S2V = dict(dim=512, ffn_dim=1024, num_heads=4, num_layers=2, in_dim=16)  # its audio injector at block 0 (and unused
@@ -207,9 +207,10 @@ def test_sharded_variants_equal_comfyui_native(native_outputs, world4, mesh):
 
 def test_tp2_halves_the_added_blocks(world4):
     """ring2 x tp2: every rank holds half of the bytes of the blocks the variant adds (VACE's hint blocks with
-    their projections; the camera adapter's convolutions; HuMo's and S2V's audio attention), within 5%. (S2V's file
-    is laid out from ComfyUI's class: its whole size is what a rank without TP holds.)"""
-    r0_full = {"tiny-s2v": world4[0]["cfg2xulysses2"][("tiny-s2v", "added_bytes")]}
+    their projections; the camera adapter's convolutions; HuMo's and S2V's audio attention; Animate's face blocks),
+    within 5%. (S2V's and Animate's files are laid out from ComfyUI's classes: their whole size is what a rank without
+    TP holds.)"""
+    r0_full = {p: world4[0]["cfg2xulysses2"][(p, "added_bytes")] for p in ("tiny-s2v", "tiny-animate")}
     for preset, (_, prefixes) in PRESETS.items():
         if not prefixes:
             continue

@@ -258,3 +258,17 @@ def test_wrong_files_fail_naming_the_file_and_the_reason(files, tmp_path):
     for path, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
             single(path, "fp32")
+
+
+def test_chunked_shards_take_each_ranks_part_of_every_block():
+    """A fused k / v projection split over TP (`shard_chunks` 2): each rank holds its heads' rows of the k block and
+    of the v block, joined; the loader's slices and the whole-tensor helper agree."""
+    from parallel_backend.weights.reads import _slices_for, shard_of
+
+    t = torch.arange(16).reshape(8, 2)  # rows: k0 k1 k2 k3 | v0 v1 v2 v3
+    assert shard_of(t, 0, 0, 2, chunks=2)[:, 0].tolist() == [0, 2, 8, 10]
+    assert shard_of(t, 0, 1, 2, chunks=2)[:, 0].tolist() == [4, 6, 12, 14]
+    assert [torch.cat([t[i] for i in _slices_for((8, 2), 0, r, 2, 2)]).tolist() for r in (0, 1)] == \
+        [shard_of(t, 0, r, 2, 2).tolist() for r in (0, 1)]
+    assert torch.equal(shard_of(t, 0, 1, 2), t[4:])  # one chunk: the plain slice
+    assert shard_of(t, None, 1, 2) is t
