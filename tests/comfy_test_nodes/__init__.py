@@ -61,10 +61,11 @@ class PditTestVAE:
         return (_FakeWan22VAE(seed) if kind == "wan2.2" else _FakeWan22VAE(seed, channels=16, spatial=8),)
 
 
-def cosmos_predict2_native(path, num_blocks=None, num_heads=None):
-    """ComfyUI's native CosmosPredict2 BaseModel for a Predict2 file of any width. ComfyUI's detection sets every
-    field but the depth and head count for widths other than 2B's / 14B's (it fixes those from the width); they
-    come from the arguments, else from the state dict itself (block count; width / per-head q_norm width)."""
+def _native_cosmos(path, image_model, count_blocks, head_norm_key, num_blocks, num_heads):
+    """ComfyUI's native BaseModel for a Cosmos file of any width: ComfyUI's detection sets every field but the depth
+    and head count for widths other than the released ones (it fixes those from the width); they come from the
+    arguments (the preset the file was written with), else from the state dict itself (`count_blocks(sd)`; width /
+    the per-head q norm's width)."""
     import comfy.model_detection
     import comfy.utils
 
@@ -72,42 +73,34 @@ def cosmos_predict2_native(path, num_blocks=None, num_heads=None):
     sd = comfy.utils.state_dict_prefix_replace(sd, {comfy.model_detection.unet_prefix_from_state_dict(sd): ""},
                                                filter_keys=True)
     unet_config = comfy.model_detection.detect_unet_config(sd, "")
-    assert unet_config["image_model"] == "cosmos_predict2", unet_config
+    assert unet_config["image_model"] == image_model, unet_config
     if num_blocks is None:
-        num_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        num_blocks = count_blocks(sd)
     if num_heads is None:
-        num_heads = unet_config["model_channels"] // sd["blocks.0.self_attn.q_norm.weight"].shape[0]
+        num_heads = unet_config["model_channels"] // sd[head_norm_key].shape[0]
     unet_config.update(num_blocks=num_blocks, num_heads=num_heads)
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model(sd, "")
     base.load_model_weights(sd, "")
     return base
+
+
+def cosmos_predict2_native(path, num_blocks=None, num_heads=None):
+    """ComfyUI's native CosmosPredict2 BaseModel (MiniTrainDIT) for a Predict2 file of any width (see _native_cosmos;
+    ComfyUI knows the 2B / 14B widths)."""
+    return _native_cosmos(path, "cosmos_predict2",
+                          lambda sd: 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+                          "blocks.0.self_attn.q_norm.weight", num_blocks, num_heads)
 
 
 def cosmos1_native(path, num_blocks=None, num_heads=None):
-    """ComfyUI's native CosmosVideo BaseModel (GeneralDIT) for a Cosmos 1.0 file of any width. ComfyUI's detection
-    sets every field but the depth and head count for widths other than 7B's (it fixes those from the width: 36 x
-    40 for anything but 4096); they come from the arguments (the preset the file was written with), else from the
-    state dict itself (block count; width / per-head q norm width)."""
-    import comfy.model_detection
-    import comfy.utils
-
-    sd = comfy.utils.load_torch_file(path)
-    sd = comfy.utils.state_dict_prefix_replace(sd, {comfy.model_detection.unet_prefix_from_state_dict(sd): ""},
-                                               filter_keys=True)
-    unet_config = comfy.model_detection.detect_unet_config(sd, "")
-    assert unet_config["image_model"] == "cosmos", unet_config
-    if num_blocks is None:
-        num_blocks = 1 + max(int(k.split(".")[1][len("block"):]) for k in sd if k.startswith("blocks.block"))
-    if num_heads is None:
-        num_heads = unet_config["model_channels"] // sd["blocks.block0.blocks.0.block.attn.to_q.1.weight"].shape[0]
-    unet_config.update(num_blocks=num_blocks, num_heads=num_heads)
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
-    model_config.set_inference_dtype(torch.float32, None)
-    base = model_config.get_model(sd, "")
-    base.load_model_weights(sd, "")
-    return base
+    """ComfyUI's native CosmosVideo BaseModel (GeneralDIT) for a Cosmos 1.0 file of any width (see _native_cosmos;
+    ComfyUI fixes 36 x 40 for any width but 7B's 4096)."""
+    return _native_cosmos(path, "cosmos",
+                          lambda sd: 1 + max(int(k.split(".")[1][len("block"):]) for k in sd
+                                             if k.startswith("blocks.block")),
+                          "blocks.block0.blocks.0.block.attn.to_q.1.weight", num_blocks, num_heads)
 
 
 class _NativeCosmosLoader:
