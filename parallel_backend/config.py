@@ -34,6 +34,9 @@ class ParallelConfig:
     first_device: int = 0
     # CPU ranks: torch threads per rank (0 = cores // world)
     threads_per_rank: int = 0
+    # every rank keeps 1/world of each block's weights and gathers a block whole just before it runs
+    # (parallel/sharded_weights.py): fits a model no rank could hold, moving weight bytes instead of TP's activations
+    shard_weights: bool = False
 
     def degrees(self) -> dict:
         return {a: getattr(self, a) for a in AXES}
@@ -52,7 +55,8 @@ class ParallelConfig:
 
     def describe(self) -> str:
         parts = [f"{a}={getattr(self, a)}" for a in AXES if getattr(self, a) > 1] or ["single rank"]
-        return f"{self.world_size} x {self.device} ({', '.join(parts)}), {self.dtype}, {self.attention}"
+        weights = ", sharded weights" if self.shard_weights else ""
+        return f"{self.world_size} x {self.device} ({', '.join(parts)}{weights}), {self.dtype}, {self.attention}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,6 +96,12 @@ def validate_config(cfg: ParallelConfig, available_devices: int | None = None) -
                 f"world_size {cfg.world_size} (from device {cfg.first_device}) needs {needed} GPUs but only "
                 f"{available_devices} are visible: set world_size to at most {available_devices - cfg.first_device}"
             )
+    if cfg.shard_weights and cfg.world_size < 2:
+        raise ConfigError("sharded weights need at least 2 ranks to share the blocks: set world_size >= 2 or weights "
+                          "to 'replicated'")
+    if cfg.shard_weights and cfg.tp > 1:
+        raise ConfigError(f"sharded weights and tp={cfg.tp} are two ways to fit a model and do not combine: set tp to 1 "
+                          f"(sharded weights split every block over all ranks) or weights to 'replicated'")
     if cfg.device == "cpu" and cfg.dtype == "fp16":
         raise ConfigError("fp16 compute on CPU ranks is not supported by torch's CPU kernels: use fp32 or bf16 with device 'cpu'")
     if cfg.device == "cpu" and cfg.attention in ("flash", "sage"):

@@ -18,6 +18,9 @@ from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit, extend_plan
 
 FAMILY = "wan"
 BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by one)
+# the block lists whose weights sharded-weights mode splits over the ranks, one gather per block (those a variant
+# lacks are skipped); the rest of the model is held whole
+SHARD_UNITS = ("blocks", "vace_blocks", "face_adapter.fuser_blocks", "audio_injector.injector")
 HEAD_DIM = 128  # ComfyUI derives heads as dim // 128 for every Wan release
 
 _ATTN = ("self_attn", "cross_attn")

@@ -457,9 +457,15 @@ def shard_chunks_of(model: nn.Module, param_name: str) -> int:
 
 
 def shard_dim_of(model: nn.Module, param_name: str) -> tuple[int | None, int, int]:
-    """(dim, tp_rank, tp_size) for a parameter: where the loader must slice it."""
+    """(dim, rank, parts) for a parameter: where the loader must slice it (a TP layer's dim over the TP ranks, or a
+    sharded block weight's rows over every rank)."""
+    from .sharded_weights import is_sharded
+
     module_name, _, pname = param_name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
+    p = module._parameters.get(pname)
+    if p is not None and is_sharded(p):
+        return 0, p.device_mesh.get_local_rank(), p.device_mesh.size()
     dims = getattr(module, "shard_dims", None)
     if not dims or dims.get(pname) is None:
         return None, 0, 1

@@ -48,6 +48,7 @@ class RankMesh:
     groups: dict  # axis -> ProcessGroup (None for axes of size 1)
     device: torch.device
     folds: dict = field(default_factory=dict)  # (fold, kind) -> CallLayout, built once with the mesh
+    weights_mesh: object = None  # a 1-D DeviceMesh of every rank, the blocks' weights are sharded over (or None)
 
     @property
     def replica_index(self) -> int:
@@ -155,7 +156,11 @@ def build_mesh(config: ParallelConfig, rank: int, device: torch.device) -> RankM
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=AXES)
     coord = dict(zip(AXES, mesh.get_coordinate()))
     groups = {a: (mesh.get_group(a) if getattr(config, a) > 1 else None) for a in AXES}
-    return RankMesh(config, rank, coord, groups, device, _build_folds(config, rank, groups))
+    folds = _build_folds(config, rank, groups)
+    weights_mesh = None
+    if config.shard_weights:  # every rank, whatever its replica: all of them run every block of a call
+        weights_mesh = init_device_mesh(device.type, (config.world_size,), mesh_dim_names=("weights",))
+    return RankMesh(config, rank, coord, groups, device, folds, weights_mesh)
 
 
 def single_rank_mesh(config: ParallelConfig, device: torch.device) -> RankMesh:

@@ -36,6 +36,11 @@ class ShardedModel:
         self.seq_state = SequenceState(mesh.sequence_groups(), mesh.sequence_index)
         self.plan_hooks = apply_sequence_parallel(model, plan, self.seq_state, mesh.max_sequence_degree)
         fam.install_attention(model, self.seq_state, c.attention)
+        self.sharded_weights = None
+        if c.shard_weights:  # each block's weights as 1/N row shards, gathered per block (FSDP2 on the host class)
+            from ..parallel.sharded_weights import ShardedWeights
+            self.sharded_weights = ShardedWeights(model, getattr(fam, "SHARD_UNITS", (fam.BLOCKS,)), mesh.weights_mesh)
+            self.sharded_weights.materialize(mesh.device)
         self.load_stats = load_host_sharded(model, path, self.prefix, mesh.device, header=header)
         lost = missing_plan_hooks(model, self.plan_hooks)
         if lost:  # a rank would return only its own tokens: fail loudly rather than sample garbage
@@ -127,7 +132,11 @@ class ShardedModel:
         self.seq_state.begin_forward()
         if transformer_options:
             kw["transformer_options"] = transformer_options
-        out = self.family.forward(self.model, take(x), timestep[rows].to(dev, torch.float32), take(context), **kw)
+        args = (self.model, take(x), timestep[rows].to(dev, torch.float32), take(context))
+        if self.sharded_weights is not None:  # through FSDP's root: each block gathered as it runs
+            out = self.sharded_weights.run(self.family.forward, *args, **kw)
+        else:
+            out = self.family.forward(*args, **kw)
         # tokens this rank pushed through the blocks in this call (its share of the sequence, times its rows)
         self.last_tokens = (rows.stop - rows.start) * (self.seq_state.local_len or _tokens(x, self.shape.patch_size))
         return out.float()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..parallel.plan import shard_chunks_of, shard_dim_of
+from ..parallel.sharded_weights import is_sharded, local_tensor
 from .fp8 import FP8_DTYPES
 from .reads import CheckpointError, SliceReader, _nbytes, _slice_for, read_header, shard_of
 
@@ -381,6 +382,8 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_wei
     # dequantized with its per-tensor scale and held in the compute precision with its scale at 1 (both restored
     # from the file when the LoRA changes)
     host_fp8 = p.dtype in FP8_DTYPES  # a weight or an fp8 bias
+    sharded = is_sharded(p)  # a sharded block weight (FSDP owns it): merged into its local rows in place
+    local = local_tensor(p)
     weight_scale = getattr(module, "scale_weight", None) if host_fp8 and pname == "weight" else None
     if full is not None:  # the whole layer from the file, as this rank's shard was loaded from it
         reader, key, _, nbytes = full  # (the reader drops its memory map every so many bytes read)
@@ -391,17 +394,20 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_wei
         if store_weight is not None:  # rounded whole (the rounding's random stream spans the layer), then sliced
             w = store_weight(module, pname, w, name)
         w = shard_of(w, dim, rank, parts, shard_chunks_of(model, name))
-        if tuple(w.shape) != tuple(p.shape):
+        if tuple(w.shape) != tuple(local.shape):
             raise LoraError(f"{key}: the patched layer's slice has shape {tuple(w.shape)}, the shard "
-                            f"{tuple(p.shape)}")
+                            f"{tuple(local.shape)}")
+        if store_weight is not None and sharded:
+            local.copy_(w)
+            return {name}
         if store_weight is not None:  # stays fp8 with its scale, as ComfyUI holds it after patching
             module._parameters[pname] = torch.nn.Parameter(w.contiguous().to(p.device), requires_grad=False)
             return {name}
         w = w.contiguous().to(p.device)
     elif host_fp8:
-        w = p.detach().float() * (weight_scale.detach().float() if torch.is_tensor(weight_scale) else 1.0)
+        w = local.detach().float() * (weight_scale.detach().float() if torch.is_tensor(weight_scale) else 1.0)
     else:
-        w = p.detach().float()
+        w = local.detach().float()
     for reader, t, strength in (items if full is None else ()):
         if t.kind == "lora":  # only this shard's rows of up (column-parallel) or columns of down (row-parallel)
             up_shape, down_shape = t.shapes
@@ -413,11 +419,14 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_wei
         else:
             d = reader.read(t.diff, _slice_for(t.shapes[0], dim, rank, parts) if dim is not None else None)
             w += strength * d.float().reshape(w.shape)
+    if host_fp8 and sharded:
+        raise LoraError(f"{name}: an fp8 layer of a sharded block merges only whole, through the family's "
+                        f"store_weight; this family has none: use weights 'replicated' for this LoRA")
     if host_fp8:
         module._parameters[pname] = torch.nn.Parameter(w.to(compute_dtype or torch.float32), requires_grad=False)
         if torch.is_tensor(weight_scale):
             weight_scale.data.fill_(1.0)
             return {name, f"{module_name}.scale_weight"}
         return {name}
-    p.data.copy_(w)
+    local.copy_(w)
     return {name}

@@ -24,6 +24,7 @@ import struct
 import torch
 
 from ..parallel.plan import shard_chunks_of, shard_dim_of
+from ..parallel.sharded_weights import is_sharded, local_tensor
 from .fp8 import AUX_SUFFIXES, FP8_DTYPES, FP8_ST_DTYPES, MARKER_KEYS
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,9 +82,11 @@ def read_header(path: str) -> dict:
 
 
 def _slice_for(shape, dim, rank, parts):
+    """This rank's slice along `dim`: equal parts (TP), or FSDP's ceil-sized chunks where they do not divide (sharded
+    weights: the last ranks hold fewer rows, or none)."""
     index = [slice(None)] * len(shape)
-    n = shape[dim] // parts
-    index[dim] = slice(rank * n, (rank + 1) * n)
+    n = -(-shape[dim] // parts)
+    index[dim] = slice(min(rank * n, shape[dim]), min((rank + 1) * n, shape[dim]))
     return tuple(index)
 
 
@@ -174,10 +177,11 @@ class _ParamPlan:
 
 
 def param_stats(model: torch.nn.Module) -> dict:
-    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes this rank holds (a sharded parameter counts its local rows only)."""
+    local = [local_tensor(p) for p in model.parameters()]
+    held = sum(p.numel() * p.element_size() for p in local)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    fp8 = sum(p.numel() * p.element_size() for p in model.parameters()
-              if p.dtype in FP8_DTYPES)
+    fp8 = sum(p.numel() * p.element_size() for p in local if p.dtype in FP8_DTYPES)
     return {"param_bytes": held, "buffer_bytes": buffers, "fp8_weight_bytes": fp8}
 
 
@@ -188,6 +192,21 @@ HOST_DEFAULT_ONES = ("scale_weight", "scale_input")  # ComfyUI's scaled-fp8 laye
 def host_key_map(model: torch.nn.Module, prefix: str) -> dict:
     """parameter name -> checkpoint key for a host-built model: the same name under the file's prefix."""
     return {n: prefix + n for n, _ in model.named_parameters()}
+
+
+def _fill_local(reader, p, local: torch.Tensor, path: str) -> None:
+    """Copy this rank's rows of a sharded (FSDP) parameter into the storage FSDP allocated for them, casting."""
+    if p.st_dtype is None:
+        local.fill_(1)
+        return
+    if local.numel() == 0:  # fewer rows than ranks: this rank holds none of them
+        return
+    t = reader.read(p.key, p.index[0], p.touch)
+    if tuple(t.shape) != tuple(local.shape):
+        raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's rows), expected "
+                              f"{tuple(local.shape)}; the file does not match the model it was detected as")
+    local.copy_(t)
+    del t
 
 
 def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: torch.device,
@@ -229,6 +248,9 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
     with SliceReader(path) as reader:
         for p in plans:
             target = params[p.name]
+            if is_sharded(target):  # a block's sharded weight: FSDP owns the parameter; its local rows are filled
+                _fill_local(reader, p, local_tensor(target), path)
+                continue
             dtype = (dtypes or {}).get(p.name, target.dtype)
             if p.st_dtype is None:  # a scale the file does not carry: ComfyUI's default
                 value = torch.ones(target.shape, dtype=dtype, device=device)
