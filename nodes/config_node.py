@@ -32,6 +32,17 @@ class ParallelConfigNode:
                                      "sage (SageAttention); flash and sage need CUDA and their package installed."}),
             "first_device": ("INT", {"default": 0, "min": 0, "max": 63,
                              "tooltip": "GPU index of rank 0; ranks take consecutive GPUs."}),
+        }, "optional": {
+            "weights": (list(cfgmod.WEIGHT_MODES), {"default": "auto", "tooltip":
+                        "How the DiT's weights are held. replicated: every rank holds all of them (or its tp "
+                        "share). sharded: every rank holds 1/world of each block and gathers a block whole just "
+                        "before it runs (FSDP-style: fits 14B on small cards; moves the blocks' bytes once per "
+                        "step, whatever the resolution; not with tp). auto: replicated when the model fits one "
+                        "device, else sharded or tp, whichever moves fewer bytes for the latent (see "
+                        "parallel_plan)."}),
+            "latent": ("LATENT", {"tooltip": "Optional: the latent you will sample (e.g. from EmptyHunyuanLatent"
+                                  "Video). auto mode sizes its traffic comparison for it; without it, for a 480p "
+                                  "81-frame video."}),
         }}
 
     RETURN_TYPES = (CONFIG_TYPE,)
@@ -54,12 +65,17 @@ class ParallelConfigNode:
             return f"the degrees multiply to {prod} but world_size is {world_size}"
         return True
 
-    def make(self, world_size, cfg, ulysses, ring, tp, dp, dtype, device, attention, first_device=0):
+    def make(self, world_size, cfg, ulysses, ring, tp, dp, dtype, device, attention, first_device=0,
+             weights="auto", latent=None):
         spec = {"world_size": world_size, "cfg": cfg, "ulysses": ulysses, "ring": ring, "tp": tp, "dp": dp,
-                "dtype": dtype, "device": device, "attention": attention, "first_device": first_device}
+                "dtype": dtype, "device": device, "attention": attention, "first_device": first_device,
+                "weights": weights}
+        if latent is not None:
+            spec["latent_shape"] = tuple(latent["samples"].shape)
         cfgmod = backend("config")
         if all(spec[a] for a in cfgmod.AXES):  # fully fixed: refuse now, before any process starts
             group = backend("runtime.group")
-            c = cfgmod.ParallelConfig(**spec)
+            c = cfgmod.ParallelConfig(**{k: v for k, v in spec.items() if k not in ("weights", "latent_shape")},
+                                      shard_weights=weights == "sharded")
             cfgmod.validate_config(c, group.available_devices(device))
         return (spec,)

@@ -11,21 +11,54 @@ from .comfy_model import (
 )
 
 
-def resolve_config(spec: dict, shape, header) -> tuple:
-    """ParallelConfig from the Config node's spec, filling auto (0) degrees for this model."""
+def resolve_config(spec: dict, shape, header, family=None, precision: str = "bf16") -> tuple:
+    """ParallelConfig from the Config node's spec, filling auto (0) degrees and the weights mode for this model."""
     cfgmod, group = backend("config"), backend("runtime.group")
     fixed = {a: spec.get(a, 0) for a in cfgmod.AXES}
+    fits = _fits_one_device(spec, header)
+    costs = cfgmod.FitCosts(block_bytes=block_weight_bytes(header, family, precision), dim=shape.dim,
+                            layers=shape.num_layers, tokens=latent_tokens(spec.get("latent_shape"), shape.patch_size),
+                            elt=4 if spec["dtype"] == "fp32" else 2)
+    shard, why_weights = cfgmod.choose_weights(spec.get("weights", "auto"), spec["world_size"], shape.num_heads,
+                                               fits, fixed["tp"], costs)
     if all(fixed.values()):
         picked, why = fixed, "as set"
-    else:
+    else:  # sharded weights make the model fit without tp
         picked, why = cfgmod.auto_degrees(spec["world_size"], shape.num_heads, uses_cfg=True,
-                                          fits_one_device=_fits_one_device(spec, header), fixed=fixed)
+                                          fits_one_device=fits or shard, fixed=fixed)
+    why = "; ".join(w for w in (why_weights, why) if w and w != "single rank") or why
     config = cfgmod.ParallelConfig(world_size=spec["world_size"], dtype=spec["dtype"], device=spec["device"],
                                    attention=spec["attention"], first_device=spec.get("first_device", 0),
-                                   **picked)
+                                   shard_weights=shard, **picked)
     cfgmod.validate_config(config, group.available_devices(config.device))
     cfgmod.validate_for_model(config, shape)
     return config, why
+
+
+def block_weight_bytes(header, family, precision: str) -> int:
+    """Bytes of the blocks sharded-weights mode would split (the family's SHARD_UNITS), as the ranks hold them:
+    fp8 stays 1 byte, the rest at `precision`."""
+    import math
+    import re
+
+    units = getattr(family, "SHARD_UNITS", ("blocks",))
+    pattern = re.compile(r"(^|\.)(" + "|".join(re.escape(u) for u in units) + r")\.[0-9]+\.")
+    elt = 4 if precision == "fp32" else 2
+    return sum(math.prod(s) * (1 if str(d).startswith("F8") else elt) for k, (s, d) in header.items()
+               if pattern.search(k))
+
+
+def latent_tokens(latent_shape, patch) -> int | None:
+    """Tokens of a latent (B, C, T, H, W) or (B, C, H, W) after patching; None without one."""
+    if not latent_shape:
+        return None
+    dims = list(latent_shape[2:])
+    if len(dims) == 2:
+        dims = [1] + dims
+    n = 1
+    for s, p in zip(dims, patch):
+        n *= -(-s // p)
+    return n
 
 
 def _fits_one_device(spec, header) -> bool:
@@ -89,7 +122,7 @@ class ParallelModelLoader:
             raise models.UnsupportedModelError(f"{e}. ComfyUI detects it as {detected}, which the parallel loader "
                                                f"cannot run: sample it with the native Load Diffusion Model") from None
         shape = family.model_shape(header)
-        config, why = resolve_config(parallel_config, shape, header)
+        config, why = resolve_config(parallel_config, shape, header, family, base_precision)
         refuse_unsupported_class(shape.family, path, header)  # a variant the family cannot run: before any rank
         install_unload_hook()
         install_lora_hook()

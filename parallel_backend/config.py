@@ -169,6 +169,57 @@ def validate_latent(shape: ModelShape, latent_shape: tuple) -> None:
         raise ConfigError(f"latent shape {tuple(latent_shape)} is empty")
 
 
+WEIGHT_MODES = ("auto", "replicated", "sharded")
+# what auto mode sizes the traffic for when no latent is given: Wan 480p, 81 frames (21 x 60 x 104 latent)
+DEFAULT_TOKENS = 21 * 30 * 52
+
+
+@dataclass(frozen=True)
+class FitCosts:
+    """What auto mode needs to weigh sharded weights against TP: the blocks' weight bytes as loaded, the model's
+    width and depth, and the tokens of the latent being sampled (None: DEFAULT_TOKENS)."""
+    block_bytes: int
+    dim: int
+    layers: int
+    tokens: int | None = None
+    elt: int = 2  # activation bytes (bf16 / fp16; fp32: 4)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def choose_weights(mode: str, world_size: int, num_heads: int, fits_one_device: bool, fixed_tp: int,
+                   costs: FitCosts | None) -> tuple[bool, str]:
+    """(shard_weights, why). `auto`: replicated when the model fits one device (nothing to gather) or tp is set;
+    otherwise sharded weights when their gathers move fewer bytes per forward than the all-reduces of the TP degree
+    auto mode would pick for this latent (parallel/traffic.py), TP otherwise."""
+    from .parallel.traffic import tensor_parallel_bytes, weight_gather_bytes
+
+    if mode not in WEIGHT_MODES:
+        raise ConfigError(f"weights '{mode}' is not one of {WEIGHT_MODES}")
+    if mode != "auto":
+        return mode == "sharded", ("sharded weights as set" if mode == "sharded" else "")
+    if fits_one_device or fixed_tp > 1 or world_size < 2:
+        return False, ""
+    tp = next((d for d in (2, 4, 8) if world_size % d == 0 and num_heads % d == 0), None)
+    if costs is None:
+        return tp is None, ("sharded weights because the model does not fit one device and no tp degree divides "
+                            f"its {num_heads} heads" if tp is None else "")
+    tokens = costs.tokens or DEFAULT_TOKENS
+    latent = f"{tokens} tokens" + ("" if costs.tokens else " (a 480p 81-frame latent: none was given)")
+    gather = weight_gather_bytes(costs.block_bytes, world_size)
+    if tp is None:
+        return True, (f"sharded weights because the model does not fit one device and no tp degree divides its "
+                      f"{num_heads} heads (gathers {_gb(gather)} per forward)")
+    reduce = tensor_parallel_bytes(tokens, costs.dim, costs.layers, tp, elt=costs.elt)
+    if gather <= reduce:
+        return True, (f"sharded weights because the model does not fit one device and their gathers move "
+                      f"{_gb(gather)} per forward, tp={tp}'s all-reduces {_gb(reduce)} at {latent}")
+    return False, (f"tp rather than sharded weights: at {latent} its all-reduces move {_gb(reduce)} per forward, "
+                   f"the weight gathers {_gb(gather)}")
+
+
 def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_one_device: bool = True,
                  fixed: dict | None = None) -> tuple[dict, str]:
     """Pick degrees for axes left at 0, following the measured communication ranking:

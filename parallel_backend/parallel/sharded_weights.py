@@ -10,7 +10,6 @@ Written here only what FSDP lacks for this use:
     `__call__` (that would apply ComfyUI's wrappers a second time), so FSDP's root hooks are driven explicitly;
   - an all-gather that counts its bytes into `collectives.count_bytes()` ("weight_gather"), so tests and bench/
     measure what the gathers move;
-  - the byte formula the auto mode compares with tensor parallelism's all-reduces.
 Everything outside the blocks (embeddings, head, modulation tables) stays whole on every rank: it is small and
 runs once per forward.
 
@@ -50,6 +49,10 @@ def shard_units(model: nn.Module, containers: tuple) -> list:
     return units
 
 
+_BYTE_FLOATS = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                     if hasattr(torch, n))
+
+
 def _counting_all_gather_class():
     from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 
@@ -64,6 +67,8 @@ def _counting_all_gather_class():
             _count("weight_gather", input_tensor.numel() * input_tensor.element_size()
                    * (dist.get_world_size(group) - 1))
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name first
+            if input_tensor.dtype in _BYTE_FLOATS:  # a block all fp8 (gloo has no fp8 type): moved as its bytes
+                output_tensor, input_tensor = output_tensor.view(torch.uint8), input_tensor.view(torch.uint8)
             return gather(output_tensor, input_tensor, group=group, async_op=async_op)
 
     return CountingAllGather
@@ -140,15 +145,3 @@ def is_sharded(p) -> bool:
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
     """The part of a parameter this rank holds (a sharded parameter's local rows; anything else itself)."""
     return p.to_local() if is_sharded(p) else p
-
-
-def weight_gather_bytes(block_weight_bytes: int, world: int) -> float:
-    """Bytes one rank receives (and sends) per forward to gather `block_weight_bytes` of blocks over `world` ranks:
-    each block whole once, of which it held 1 / N."""
-    return block_weight_bytes * (world - 1) / world
-
-
-def tensor_parallel_bytes(tokens: int, dim: int, layers: int, tp: int, rows: int = 1, elt: int = 2) -> float:
-    """Bytes one rank sends per forward under tensor parallelism (bench/comm_volume.py's leading term): per block 3
-    ring all-reduces (self-attention out, cross-attention out, FFN down) of the (rows x tokens, dim) activation."""
-    return 3 * 2 * rows * tokens * dim * elt * layers * (tp - 1) / tp

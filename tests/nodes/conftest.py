@@ -30,8 +30,9 @@ def conds():
 @pytest.fixture
 def config_spec(pack):
     """The Parallel Config node's output for the given degrees (the node validates on the spot)."""
-    def make(world_size=2, dtype="fp32", device="cpu", **degrees):
+    def make(world_size=2, dtype="fp32", device="cpu", weights="auto", **degrees):
         d = {"cfg": 1, "ulysses": 1, "ring": 1, "tp": 1, "dp": 1, **degrees}
         return pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(world_size, d["cfg"], d["ulysses"], d["ring"],
-                                                                 d["tp"], d["dp"], dtype, device, "sdpa")[0]
+                                                                 d["tp"], d["dp"], dtype, device, "sdpa",
+                                                                 weights=weights)[0]
     return make

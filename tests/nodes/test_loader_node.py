@@ -155,8 +155,9 @@ def fp8_native(comfy, fp8_files):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2), dict(tp=2), dict(cfg=2)],
-                         ids=["ulysses2", "ring2", "tp2", "cfg2"])
+@pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2), dict(tp=2), dict(cfg=2),
+                                     dict(cfg=2, weights="sharded")],
+                         ids=["ulysses2", "ring2", "tp2", "cfg2", "cfg2_sharded_weights"])
 def test_fp8_files_sampled_on_the_pack_equal_comfyui_native(pack, config_spec, fp8_files, fp8_native, degrees):
     """Each fp8 layout, loaded by Parallel Model Loader on the mesh (weights kept fp8, fp32 compute) and sampled
     by Parallel Sampler, equals ComfyUI's own model of the same file sampled by KSampler."""
@@ -171,6 +172,7 @@ def test_fp8_files_sampled_on_the_pack_equal_comfyui_native(pack, config_spec, f
                                                                        latent)[0]["samples"]
             ranks = group.active_groups()[0].rank_load_stats
             assert all(r["fp8_layers"] == 26 and r["fp8_weight_bytes"] > 0 for r in ranks)
+            assert group.active_groups()[0].config.shard_weights == (degrees.get("weights") == "sharded")
             diffs[name] = (out - refs[name]).abs().max().item()
     finally:
         group.stop_all()

@@ -155,7 +155,8 @@ _native_refs: dict = {}  # (lora, strength) -> native latent, shared by the mesh
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("degrees", [dict(tp=2), dict(ulysses=2)], ids=["tp2", "ulysses2"])
+@pytest.mark.parametrize("degrees", [dict(tp=2), dict(ulysses=2), dict(ulysses=2, weights="sharded")],
+                         ids=["tp2", "ulysses2", "ulysses2_sharded_weights"])
 def test_native_lora_loader_with_loha_lokr_dora_matches_native(comfy, pack, loras, config_spec, conds, degrees,
                                                                stop_groups_after):
     """LoraLoaderModelOnly with LoHa / LoKr / DoRA files on the pack's MODEL = the same node on ComfyUI's native

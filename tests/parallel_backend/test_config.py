@@ -305,3 +305,39 @@ def test_fuzz_validation_only_raises_config_error():
             assert all(deg[a] == d for a, d in fixed.items() if d)  # fixed degrees are never changed
             validate_config(cpu(world_size=world, **deg))
     assert min(outcomes.values()) >= 10, outcomes  # every outcome really exercised
+
+
+# ---------------------------------------------------------------- weights: sharded vs tp (auto)
+WAN14B = dict(dim=5120, layers=40)
+WAN14B_BLOCK_BYTES = 13_600_000_000 * 2  # ~13.6 B block parameters in bf16
+
+
+def test_weights_auto_keeps_replicated_when_the_model_fits():
+    from parallel_backend.config import FitCosts, choose_weights
+
+    costs = FitCosts(WAN14B_BLOCK_BYTES, **WAN14B, tokens=32760)
+    assert choose_weights("auto", 4, 40, True, 0, costs) == (False, "")
+    assert choose_weights("auto", 4, 40, False, 2, costs) == (False, "")  # tp set by the user: no change
+    assert choose_weights("sharded", 4, 40, True, 0, costs)[0] is True  # as set, even when it fits
+    assert choose_weights("replicated", 4, 40, False, 0, costs)[0] is False
+
+
+def test_weights_auto_compares_gathers_with_tp_all_reduces():
+    from parallel_backend.config import DEFAULT_TOKENS, FitCosts, choose_weights
+    from parallel_backend.parallel.traffic import tensor_parallel_bytes, weight_gather_bytes
+
+    # Wan 14B on 2 ranks at 480p: gathers 13.6 GB per forward vs tp2's 3 x 2 x S x D x 2 x 40 / 2 = 40.3 GB
+    shard, why = choose_weights("auto", 2, 40, False, 0, FitCosts(WAN14B_BLOCK_BYTES, **WAN14B, tokens=32760))
+    assert shard and "sharded weights" in why and "13.6 GB" in why and "40.3 GB" in why
+    assert weight_gather_bytes(WAN14B_BLOCK_BYTES, 2) < tensor_parallel_bytes(32760, 5120, 40, 2)
+    # a single 480p image (1 x 30 x 52 tokens): TP's activations are small, the weights are not
+    shard, why = choose_weights("auto", 2, 40, False, 0, FitCosts(WAN14B_BLOCK_BYTES, **WAN14B, tokens=1560))
+    assert not shard and why.startswith("tp rather than sharded weights")
+    # no latent given: sized for a 480p 81-frame video, and the plan says so
+    shard, why = choose_weights("auto", 2, 40, False, 0, FitCosts(WAN14B_BLOCK_BYTES, **WAN14B))
+    assert shard and f"{DEFAULT_TOKENS} tokens" in why and "none was given" in why
+    # heads that no tp degree divides: sharded weights are the only way to fit
+    shard, why = choose_weights("auto", 2, 3, False, 0, FitCosts(10**9, 384, 2, tokens=100))
+    assert shard and "no tp degree divides" in why
+    with pytest.raises(ConfigError, match="weights 'half'"):
+        choose_weights("half", 2, 40, False, 0, None)
