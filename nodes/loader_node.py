@@ -15,7 +15,7 @@ def resolve_config(spec: dict, shape, header, family=None, precision: str = "bf1
     """ParallelConfig from the Config node's spec, filling auto (0) degrees and the weights mode for this model."""
     cfgmod, group = backend("config"), backend("runtime.group")
     fixed = {a: spec.get(a, 0) for a in cfgmod.AXES}
-    fits = _fits_one_device(spec, header)
+    fits = _fits_one_device(spec, header, precision)
     costs = cfgmod.FitCosts(block_bytes=block_weight_bytes(header, family, precision), dim=shape.dim,
                             layers=shape.num_layers, tokens=latent_tokens(spec.get("latent_shape"), shape.patch_size),
                             elt=4 if spec["dtype"] == "fp32" else 2)
@@ -37,15 +37,13 @@ def resolve_config(spec: dict, shape, header, family=None, precision: str = "bf1
 
 def block_weight_bytes(header, family, precision: str) -> int:
     """Bytes of the blocks sharded-weights mode would split (the family's SHARD_UNITS), as the ranks hold them:
-    fp8 stays 1 byte, the rest at `precision`."""
-    import math
+    fp8 stays 1 byte, GGUF quantized, the rest at `precision`."""
     import re
 
+    held = backend("weights.reads").held_bytes
     units = getattr(family, "SHARD_UNITS", ("blocks",))
     pattern = re.compile(r"(^|\.)(" + "|".join(re.escape(u) for u in units) + r")\.[0-9]+\.")
-    elt = 4 if precision == "fp32" else 2
-    return sum(math.prod(s) * (1 if str(d).startswith("F8") else elt) for k, (s, d) in header.items()
-               if pattern.search(k))
+    return sum(held(s, d, precision) for k, (s, d) in header.items() if pattern.search(k))
 
 
 def latent_tokens(latent_shape, patch) -> int | None:
@@ -61,16 +59,53 @@ def latent_tokens(latent_shape, patch) -> int | None:
     return n
 
 
-def _fits_one_device(spec, header) -> bool:
+def _fits_one_device(spec, header, precision: str = "bf16") -> bool:
     if spec["device"] != "cuda":
         return True
-    import math
-
     import torch
     if not torch.cuda.is_available():
         return True
-    nbytes = sum(math.prod(s) for s, _ in header.values()) * (4 if spec["dtype"] == "fp32" else 2)
+    held = backend("weights.reads").held_bytes
+    nbytes = sum(held(s, d, precision) for s, d in header.values())
     return nbytes < 0.7 * torch.cuda.get_device_properties(spec.get("first_device", 0)).total_memory
+
+
+GGUF_FOLDERS = ("diffusion_models", "unet_gguf")  # ComfyUI's DiT folders (models/unet too), ComfyUI-GGUF's if present
+
+
+def model_names() -> list:
+    """The DiT files the loader offers: ComfyUI's diffusion_models list (safetensors) and the .gguf files in the
+    same folders (ComfyUI's own list filters them out; ComfyUI-GGUF's unet_gguf folders too, when installed)."""
+    import os
+
+    import folder_paths
+    names = list(folder_paths.get_filename_list("diffusion_models"))
+    seen = set(names)
+    for key in GGUF_FOLDERS:
+        if key not in folder_paths.folder_names_and_paths:
+            continue
+        for folder in folder_paths.get_folder_paths(key):
+            if not os.path.isdir(folder):
+                continue
+            files, _ = folder_paths.recursive_search(folder, excluded_dir_names=[".git"])
+            for name in folder_paths.filter_files_extensions(files, {".gguf"}):
+                if name not in seen:
+                    seen.add(name)
+                    names.append(name)
+    return sorted(names)
+
+
+def model_path(name: str) -> str:
+    """The full path of a name from `model_names`."""
+    import folder_paths
+    if not name.endswith(".gguf"):
+        return folder_paths.get_full_path_or_raise("diffusion_models", name)
+    for key in GGUF_FOLDERS:
+        if key in folder_paths.folder_names_and_paths:
+            path = folder_paths.get_full_path(key, name)
+            if path:
+                return path
+    raise FileNotFoundError(f"{name} is not in ComfyUI's diffusion_models / unet folders: refresh the node list")
 
 
 class ParallelModelLoader:
@@ -78,11 +113,11 @@ class ParallelModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        import folder_paths
         return {"required": {
-            "model_name": (folder_paths.get_filename_list("diffusion_models"),
-                           {"tooltip": "A DiT file from ComfyUI's models/diffusion_models (safetensors, "
-                                       "ComfyUI / original key layout)."}),
+            "model_name": (model_names(),
+                           {"tooltip": "A DiT file from ComfyUI's models/diffusion_models or models/unet: "
+                                       "safetensors (bf16 / fp16 / fp32 / fp8 / scaled fp8) or GGUF (city96's "
+                                       "layout: Q8_0, Q6_K, Q5_K, Q4_K, ...; kept quantized on the ranks)."}),
             "base_precision": (["bf16", "fp16", "fp32"], {"default": "bf16",
                                "tooltip": "Precision the weights are cast to on load."}),
             "parallel_config": (CONFIG_TYPE, {"tooltip": "From the Parallel Config node."}),
@@ -109,8 +144,7 @@ class ParallelModelLoader:
                    "several devices. A second run with the same config and file reuses the warm group.")
 
     def load(self, model_name, base_precision, parallel_config, residency="swap", compile="off"):
-        import folder_paths
-        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        path = model_path(model_name)
         loading, models = backend("weights.reads"), backend("models")
         header = loading.read_header(path)  # refuses pickles, truncated and non-safetensors files
         try:

@@ -12,9 +12,13 @@ class UnsupportedModelError(ValueError):
 
 
 def detect_family(shapes: dict, path: str = "<file>"):
-    """The family module whose keys and shapes this checkpoint has."""
+    """The family module whose keys and shapes this checkpoint has (a GGUF's `general.architecture` must agree)."""
     for fam in FAMILIES.values():
         if fam.detect(shapes):
+            arch = getattr(shapes, "architecture", None)
+            if arch is not None and arch != getattr(fam, "GGUF_ARCHITECTURE", fam.FAMILY):
+                raise UnsupportedModelError(f"{path}: its tensors are a {fam.FAMILY} DiT but the GGUF says its "
+                                            f"architecture is {arch!r}; the file is mislabelled or damaged")
             return fam
     sample = ", ".join(sorted(shapes)[:4])
     raise UnsupportedModelError(

@@ -33,6 +33,10 @@ class ShardedModel:
         # afterwards would be lost with it (replace_module carries hooks over any later swap, and the check after
         # loading proves none went missing)
         apply_tensor_parallel(model, plan, mesh.groups["tp"], mesh.coord["tp"], c.tp)
+        self.gguf_stats = {}
+        if getattr(header, "architecture", None) is not None:  # a GGUF: quantized linears stay quantized
+            from ..weights.gguf_linear import keep_quantized
+            self.gguf_stats = keep_quantized(model, header, self.prefix)
         self.seq_state = SequenceState(mesh.sequence_groups(), mesh.sequence_index)
         self.plan_hooks = apply_sequence_parallel(model, plan, self.seq_state, mesh.max_sequence_degree)
         fam.install_attention(model, self.seq_state, c.attention)
@@ -65,6 +69,9 @@ class ShardedModel:
                                                   header=self.header, names=names, dtypes=self.param_dtypes)
         if self.lora_touched:
             restore(sorted(self.lora_touched))
+        if self.gguf_stats:
+            from ..weights.gguf_linear import clear_lora_factors
+            clear_lora_factors(self.model)
         self.loras, self.lora_touched, self.lora_stats = (), set(), {}
         touched = set()
         try:
@@ -80,6 +87,9 @@ class ShardedModel:
         except BaseException:
             if touched:
                 restore(sorted(touched))
+            if self.gguf_stats:
+                from ..weights.gguf_linear import clear_lora_factors
+                clear_lora_factors(self.model)
             raise
         self.loras, self.lora_touched = loras, touched
         self.lora_stats = {**stats, "loras": [(x[0], x[-1]) for x in loras]}
@@ -87,7 +97,7 @@ class ShardedModel:
 
     def info(self) -> dict:
         return {**self.shape.to_info(), "path": self.path, "precision": self.precision,
-                **self.load_stats, **param_stats(self.model), **self.lora_stats}
+                **self.load_stats, **param_stats(self.model), **self.gguf_stats, **self.lora_stats}
 
     def set_compile(self, spec: dict | None) -> None:
         """Compile (or uncompile) the transformer blocks, each on its own (regional compilation: one graph serves

@@ -186,3 +186,74 @@ def column_slice_on_block_boundary(shape, quant_type: str, parts: int) -> bool:
         return False
     block = QUANT_BLOCKS[quant_type][0]
     return (shape[1] // parts * math.prod(shape[2:])) % block == 0
+
+
+class GGUFSliceReader:
+    """`reads.SliceReader`'s interface over a GGUF file, for the loader: `read(key, index)` gives the slice's values
+    (dequantized exactly, as gguf does; F16 / BF16 keep their dtype), `read_quantized(key, index)` the slice's
+    still-quantized bytes (rows, row bytes). Only the rows asked for are copied out of the map, and the map is
+    dropped every `budget` bytes of touched pages (as SliceReader does), so resident memory stays at the shard."""
+
+    def __init__(self, path: str, budget: int | None = None):
+        from .reads import REOPEN_BYTES
+
+        self.path, self.budget = path, budget or REOPEN_BYTES
+        self._reader, self._tensors, self._touched = None, {}, 0
+        self.bytes_read = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._reader, self._tensors, self._touched = None, {}, 0
+
+    def _open(self, touch: int):
+        if self._reader is not None and self._touched + touch > self.budget:
+            self.close()
+        if self._reader is None:
+            self._reader = open_reader(self.path)
+            _check(self._reader, self.path)
+            self._tensors = {t.name: t for t in self._reader.tensors}
+        self._touched += touch
+        return self._reader
+
+    def _rows(self, key: str, index, touch: int):
+        reader = self._open(touch)
+        if key not in self._tensors:
+            raise CheckpointError(f"{self.path}: no tensor {key!r}")
+        rows = index[0] if index else None
+        raw, qtype, shape = read_rows(reader, key, rows)
+        self.bytes_read += raw.nbytes
+        return raw, qtype, shape
+
+    def read(self, key: str, index=None, touch: int = 0) -> torch.Tensor:
+        """The values of `key[index]` (index: a tuple of slices, dim 0 read as rows, the rest cut after)."""
+        raw, qtype, shape = self._rows(key, index, touch)
+        if qtype in ("F16", "BF16", "F32"):
+            dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[qtype]
+            t = torch.from_numpy(raw).view(dtype).reshape(shape)
+        else:
+            t = dequantize(raw, qtype, shape)
+        return t[(slice(None), *index[1:])] if index and len(index) > 1 else t
+
+    def read_quantized(self, key: str, index=None, touch: int = 0) -> torch.Tensor:
+        """The still-quantized bytes of a 2-D `key[index]` as uint8 (rows, row bytes): dim 0 read as rows, a dim-1
+        slice cut on quant-block boundaries (the caller checked `column_slice_on_block_boundary`)."""
+        raw, qtype, shape = self._rows(key, index, touch)
+        block, type_size = QUANT_BLOCKS[qtype]
+        t = torch.from_numpy(raw).reshape(shape[0], -1)
+        if index and len(index) > 1 and index[1] != slice(None):
+            start, stop, _ = index[1].indices(shape[1])
+            if start % block or stop % block:
+                raise CheckpointError(f"{self.path}: {key}: columns {start}:{stop} do not fall on {qtype} blocks")
+            t = t[:, start // block * type_size: stop // block * type_size]
+        return t
+
+
+def quantized_bytes(shape, quant_type: str) -> int:
+    """Bytes a tensor of `shape` takes in `quant_type`."""
+    block, type_size = QUANT_BLOCKS[quant_type]
+    return math.prod(shape) // block * type_size

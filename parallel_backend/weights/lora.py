@@ -36,7 +36,7 @@ import torch
 from ..parallel.plan import shard_chunks_of, shard_dim_of
 from ..parallel.sharded_weights import is_sharded, local_tensor
 from .fp8 import FP8_DTYPES
-from .reads import CheckpointError, SliceReader, _nbytes, _slice_for, read_header, shard_of
+from .reads import CheckpointError, _nbytes, _slice_for, open_slices, read_header, shard_of
 
 
 class LoraError(ValueError):
@@ -284,7 +284,7 @@ def lora_key(loras) -> tuple:
     return tuple(out)
 
 
-def _alphas(reader: SliceReader, header: dict) -> dict:
+def _alphas(reader, header: dict) -> dict:
     return {k: float(reader.read(k).reshape(-1)[0]) for k in header if k.endswith(".alpha")}
 
 
@@ -309,7 +309,7 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
     try:
         for path, strength in loras:
             header = read_lora_header(path)
-            reader = SliceReader(path)
+            reader = open_slices(path)
             readers.append(reader)
             targets, skipped = plan_lora(path, header, key_map, model_header, _alphas(reader, header), aliases,
                                          adapters=patch_weight is not None and checkpoint is not None)
@@ -321,6 +321,9 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
                 per_param[t.param].append((reader, t, float(strength)))
         full_layers = 0
         for name, items in per_param.items():
+            if _is_gguf_weight(model, name):  # stays quantized: the LoRA runs beside it as its factors
+                touched.update(_attach_factors(model, name, params[name], items))
+                continue
             fp8_stored = store_weight is not None and params[name].dtype in FP8_DTYPES and checkpoint is not None
             # a chunked shard (a fused k / v projection) is not one slice of up / down: merged whole, then sharded
             chunked = shard_chunks_of(model, name) > 1
@@ -329,7 +332,7 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
                                 f"a whole-layer merge handles; use tp 1 for this LoRA")
             if any(t.kind == "adapter" for _, t, _ in items) or fp8_stored or chunked:
                 if base is None:
-                    base = SliceReader(checkpoint)
+                    base = open_slices(checkpoint)
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype,
                                             full=(base, key_map[name], patch_weight,
                                                   _nbytes(*model_header[key_map[name]])),
@@ -343,6 +346,38 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
     return {"lora_params": len(per_param), "lora_full_layers": full_layers,
             "lora_unmatched": {p: len(k) for p, k in unmatched.items()},
             "lora_unmatched_keys": {p: k[:5] for p, k in unmatched.items()}}
+
+
+def _is_gguf_weight(model, name) -> bool:
+    from .gguf_linear import GGUFLinear
+
+    module_name, _, pname = name.rpartition(".")
+    return pname == "weight" and isinstance(model.get_submodule(module_name), GGUFLinear)
+
+
+def _attach_factors(model, name, p, items) -> set:
+    """A plain LoRA on a GGUF layer kept quantized: its up / down factors (this rank's rows of up for a
+    column-parallel layer, its columns of down for a row-parallel one; whole under sharded weights, whose layer
+    computes on the gathered weight) are applied at compute time, scaled by alpha / rank x strength."""
+    module_name, _, _ = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    dim, rank, parts = shard_dim_of(model, name)
+    if is_sharded(p):
+        dim = None
+    for reader, t, strength in items:
+        if t.kind != "lora":
+            raise LoraError(f"{reader.path}: its {t.adapter or t.kind} patch for {name} targets a GGUF layer kept "
+                            f"quantized, which takes plain LoRAs (up / down) only: use a plain LoRA, or the "
+                            f"safetensors model for this adapter")
+        up, down = reader.read(t.up).float().flatten(1), reader.read(t.down).float().flatten(1)
+        if dim == 0:
+            up = shard_of(up, 0, rank, parts, shard_chunks_of(model, name))
+        elif dim == 1:
+            down = shard_of(down, 1, rank, parts)
+        scale = (t.alpha / t.rank) if t.alpha is not None else 1.0
+        device = local_tensor(p).device
+        module.lora_factors.append((down.contiguous().to(device), up.contiguous().to(device), strength * scale))
+    return {name}
 
 
 def _full_layer(name, base_weight, items, full) -> torch.Tensor:

@@ -55,12 +55,17 @@ def checkpoint_precision(header: dict) -> str:
 
 
 def read_header(path: str) -> dict:
-    """key -> (shape, dtype name) from a safetensors header; reads only the header bytes."""
+    """key -> (shape, dtype name) from a safetensors header (or, for a .gguf, (shape, quant type) with the file's
+    `.architecture`); reads only the header bytes."""
     if not os.path.isfile(path):
         raise CheckpointError(f"model file not found: {path}")
+    if path.endswith(".gguf"):
+        from .gguf import read_gguf_header
+        return read_gguf_header(path)
     if not path.endswith(".safetensors") and not path.endswith(".sft"):
-        raise CheckpointError(f"{path}: only .safetensors files are loaded (pickle checkpoints such as .ckpt/.pt/.pth "
-                              f"can run code when opened and are refused); convert it to safetensors first")
+        raise CheckpointError(f"{path}: only .safetensors and .gguf files are loaded (pickle checkpoints such as "
+                              f".ckpt/.pt/.pth can run code when opened and are refused); convert it to safetensors "
+                              f"first")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -113,11 +118,31 @@ def shard_of(t: torch.Tensor, dim: int | None, rank: int, parts: int, chunks: in
 
 
 def _nbytes(shape, st_dtype) -> int:
+    from .gguf import QUANT_BLOCKS, quantized_bytes
+    if st_dtype in QUANT_BLOCKS and st_dtype not in ("F32", "F16", "BF16"):  # a GGUF quant type
+        return quantized_bytes(shape, st_dtype)
     size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}.get(st_dtype, 1)
     n = 1
     for d in shape:
         n *= d
     return n * size
+
+
+def held_bytes(shape, st_dtype, precision: str) -> int:
+    """Bytes a rank holds for a tensor of the file as loaded at `precision`: fp8 stays 1 byte, a GGUF quant type its
+    quantized size, the rest the compute precision's size."""
+    from .gguf import QUANT_BLOCKS, quantized_bytes
+    if st_dtype in QUANT_BLOCKS and st_dtype not in ("F32", "F16", "BF16"):
+        return quantized_bytes(shape, st_dtype)
+    return math.prod(shape) * (1 if str(st_dtype).startswith("F8") else DTYPE_NAMES[precision].itemsize)
+
+
+def open_slices(path: str, budget: int = REOPEN_BYTES):
+    """The per-rank slice reader for a checkpoint: safetensors, or GGUF (weights/gguf.py) by extension."""
+    if path.endswith(".gguf"):
+        from .gguf import GGUFSliceReader
+        return GGUFSliceReader(path, budget)
+    return SliceReader(path, budget)
 
 
 class SliceReader:
@@ -194,6 +219,14 @@ def host_key_map(model: torch.nn.Module, prefix: str) -> dict:
     return {n: prefix + n for n, _ in model.named_parameters()}
 
 
+def _reader_for(reader, target: torch.Tensor):
+    """How to read into `target`: a uint8 parameter (a GGUF layer kept quantized) takes the slice's quantized
+    bytes, anything else its values."""
+    if target.dtype == torch.uint8 and hasattr(reader, "read_quantized"):
+        return reader.read_quantized
+    return reader.read
+
+
 def _fill_local(reader, p, local: torch.Tensor, path: str) -> None:
     """Copy this rank's rows of a sharded (FSDP) parameter into the storage FSDP allocated for them, casting."""
     if p.st_dtype is None:
@@ -201,7 +234,7 @@ def _fill_local(reader, p, local: torch.Tensor, path: str) -> None:
         return
     if local.numel() == 0:  # fewer rows than ranks: this rank holds none of them
         return
-    t = reader.read(p.key, p.index[0], p.touch)
+    t = _reader_for(reader, local)(p.key, p.index[0], p.touch)
     if tuple(t.shape) != tuple(local.shape):
         raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's rows), expected "
                               f"{tuple(local.shape)}; the file does not match the model it was detected as")
@@ -245,7 +278,7 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
         p.rank0_only = dim == BIAS_ON_RANK0 and rank != 0
         plans.append(p)
     plans.sort(key=lambda p: -p.touch)
-    with SliceReader(path) as reader:
+    with open_slices(path) as reader:
         for p in plans:
             target = params[p.name]
             if is_sharded(target):  # a block's sharded weight: FSDP owns the parameter; its local rows are filled
@@ -257,10 +290,11 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
             elif p.rank0_only:
                 value = torch.zeros(target.shape, dtype=dtype, device=device)
             else:
+                read = _reader_for(reader, target)
                 if p.index is None or len(p.index) == 1:
-                    t = reader.read(p.key, p.index and p.index[0], p.touch)
+                    t = read(p.key, p.index and p.index[0], p.touch)
                 else:  # a chunked shard: this rank's part of each block, joined
-                    t = torch.cat([reader.read(p.key, i, p.touch // p.chunks) for i in p.index], p.dim)
+                    t = torch.cat([read(p.key, i, p.touch // p.chunks) for i in p.index], p.dim)
                 if tuple(t.shape) != tuple(target.shape):
                     raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's slice), expected "
                                           f"{tuple(target.shape)}; the file does not match the model it was detected as")
