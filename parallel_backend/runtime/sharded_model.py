@@ -96,6 +96,9 @@ class ShardedModel:
         return {**self.lora_stats, "lora_changed": True}
 
     def info(self) -> dict:
+        if self.gguf_stats:
+            from ..weights.gguf_linear import quantized_bytes_held
+            self.gguf_stats["gguf_weight_bytes"] = quantized_bytes_held(self.model)
         return {**self.shape.to_info(), "path": self.path, "precision": self.precision,
                 **self.load_stats, **param_stats(self.model), **self.gguf_stats, **self.lora_stats}
 

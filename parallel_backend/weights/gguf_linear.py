@@ -74,3 +74,10 @@ def clear_lora_factors(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, GGUFLinear):
             m.lora_factors = []
+
+
+def quantized_bytes_held(model: nn.Module) -> int:
+    """Bytes of still-quantized weights this rank holds (a sharded block's local rows only)."""
+    from ..parallel.sharded_weights import local_tensor
+
+    return sum(local_tensor(m.weight).numel() for m in model.modules() if isinstance(m, GGUFLinear))
