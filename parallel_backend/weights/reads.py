@@ -33,6 +33,7 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
               "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 REOPEN_BYTES = 64 << 20
+_GGUF_QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 class CheckpointError(ValueError):
@@ -51,6 +52,9 @@ def checkpoint_precision(header: dict) -> str:
         scaled = any(k.rpartition(".")[2] in MARKER_KEYS for k in header) or any(
             k.endswith(AUX_SUFFIXES) for k in header)
         return "fp8_scaled" if scaled else "fp8"
+    quantized = [d for d in dts if d in _GGUF_QUANTIZED]  # a GGUF: the type its big weights were quantized to
+    if quantized:
+        return max(set(quantized), key=quantized.count)
     return max(set(dts), key=dts.count) if dts else "empty"
 
 
