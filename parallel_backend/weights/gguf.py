@@ -188,6 +188,23 @@ def column_slice_on_block_boundary(shape, quant_type: str, parts: int) -> bool:
     return (shape[1] // parts * math.prod(shape[2:])) % block == 0
 
 
+def _drop_pages(reader, tensor) -> None:
+    """Tell the kernel the pages of `tensor` just copied out are not needed (MADV_DONTNEED on its byte range of the
+    read-only map), so they leave this process's resident set at once instead of piling up until the map is
+    dropped: a rank's load peak is its shard plus one tensor, not plus the reopen budget."""
+    import mmap
+
+    m = getattr(reader.data, "_mmap", None)
+    if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(tensor.data_offset + int(tensor.n_bytes), len(m))
+    try:
+        m.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (OSError, ValueError):
+        pass  # advice only
+
+
 class GGUFSliceReader:
     """`reads.SliceReader`'s interface over a GGUF file, for the loader: `read(key, index)` gives the slice's values
     (dequantized exactly, as gguf does; F16 / BF16 keep their dtype), `read_quantized(key, index)` the slice's
@@ -227,6 +244,7 @@ class GGUFSliceReader:
         rows = index[0] if index else None
         raw, qtype, shape = read_rows(reader, key, rows)
         self.bytes_read += raw.nbytes
+        _drop_pages(reader, self._tensors[key])
         return raw, qtype, shape
 
     def read(self, key: str, index=None, touch: int = 0) -> torch.Tensor:
