@@ -4,7 +4,8 @@ Against the 1-rank ShardedModel on the same file (fp32): parity within TOL on 2-
 sharding with Ulysses, Ring, CFG and the replica fold (batch 1 on a cfg mesh); a rank's parameter bytes = the
 blocks' bytes / N + everything else (within 5%); the bytes the gathers move per forward, counted in the real
 collective = the padded shards x (N - 1), within 2% of weight bytes x (N - 1) / N; a scaled-fp8 file with a LoRA
-(merged whole, rounded to fp8 by ComfyUI's code, then sharded by rows) equals the 1-rank model with that LoRA.
+(merged whole, rounded to fp8 by ComfyUI's code, then sharded by rows) equals the 1-rank model with that LoRA, and
+its blocks compiled (torch.compile, eager backend) give the same output.
 """
 from __future__ import annotations
 
@@ -76,6 +77,9 @@ def _rank_fn(mesh0, paths, meshes, cases):
         x, t, ctx = cases["ragged_b2"]
         r = model.rows(2)
         report["fp8_lora"] = ((r.start, r.stop), model.forward_rows(x, t, ctx), model.is_leader(2))
+        # the blocks compiled (dynamo traces the block, FSDP's gather hooks run around it)
+        model.set_compile({"backend": "eager"})
+        report["fp8_lora_compiled"] = model.forward_rows(x, t, ctx)
     return report
 
 
@@ -180,6 +184,9 @@ def test_scaled_fp8_with_lora_matches_one_rank(world2, reference):
     diff = (got - reference["fp8_lora"]).abs().max().item()
     print(f"\nscaled fp8 + LoRA, sharded weights x ulysses2 vs 1 rank: {diff:.2e}")
     assert diff <= TOL
+    for rep in world2:  # compiled blocks give the eager output
+        (start, stop), y, _ = rep["fp8_lora"]
+        assert torch.equal(rep["fp8_lora_compiled"], y)
 
 
 @pytest.mark.parametrize("spec, needle", [
