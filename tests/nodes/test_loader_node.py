@@ -211,3 +211,37 @@ def test_file_comfyui_knows_but_the_pack_does_not_names_comfyuis_class(comfy, pa
     with pytest.raises(UnsupportedModelError, match=r"predict2_5\.safetensors.*ComfyUI detects it as "
                                                     r"CosmosT2IPredict2 \(MiniTrainDIT\).*native Load Diffusion"):
         _loader(pack).load("predict2_5.safetensors", "fp32", config_spec(ulysses=2))
+
+
+def test_auto_weights_pick_sharded_or_tp_by_bytes_for_the_latent(comfy, pack, monkeypatch, no_new_processes):
+    """A model that does not fit one device: auto mode shards the weights for a video latent (gathers < TP's
+    all-reduces) and picks TP for a one-image latent, and `parallel_plan` says why; as the Config node makes it."""
+    loader = _loader_module(pack)
+    monkeypatch.setattr(loader, "_fits_one_device", lambda *a, **k: False)
+    reads, models = pack_backend(pack, "weights.reads"), pack_backend(pack, "models")
+    path = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
+    header = reads.read_header(path)
+    family = models.detect_family(header, path)
+    shape = family.model_shape(header)
+    make = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make
+    video = {"samples": torch.zeros(1, 16, 21, 60, 104)}  # 480p, 81 frames: 32,760 tokens
+    image = {"samples": torch.zeros(1, 16, 1, 8, 8)}      # 16 tokens
+    spec = make(2, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", latent=video)[0]
+    config, why = loader.resolve_config(spec, shape, header, family, "fp32")
+    assert config.shard_weights and config.tp == 1 and "sharded weights because" in why and "32760 tokens" in why
+    spec = make(2, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", latent=image)[0]
+    config, why = loader.resolve_config(spec, shape, header, family, "fp32")
+    assert not config.shard_weights and config.tp == 2 and why.startswith("tp rather than sharded weights")
+    spec = make(2, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", weights="replicated", latent=video)[0]
+    config, _ = loader.resolve_config(spec, shape, header, family, "fp32")
+    assert not config.shard_weights and config.tp == 2  # replicated: TP is the only way to fit
+    print(f"\nauto, video: {loader.resolve_config(make(2, 0, 0, 0, 0, 0, 'fp32', 'cpu', 'sdpa', latent=video)[0], shape, header, family, 'fp32')[1]}")
+
+
+def _loader_module(pack):
+    import sys
+    return sys.modules[pack.__name__ + ".nodes.loader_node"]
+
+
+def pack_backend(pack, name):
+    return _loader_module(pack).backend(name)
