@@ -108,6 +108,21 @@ def model_path(name: str) -> str:
     raise FileNotFoundError(f"{name} is not in ComfyUI's diffusion_models / unet folders: refresh the node list")
 
 
+def gguf_plan_note(header, info) -> str:
+    """What a GGUF file became on the ranks (the plan output says which layers could not stay quantized)."""
+    if getattr(header, "architecture", None) is None:
+        return ""
+    kept = info.get("gguf_quantized_layers")
+    if kept is None:
+        return "; GGUF: quantized linears kept quantized (counts after its first load)"
+    dense = info.get("gguf_dequantized_at_load") or []
+    note = f"; GGUF {info.get('checkpoint_precision', '')}: {kept} linears kept quantized"
+    if dense:
+        note += (f", {len(dense)} dequantized at load because their tensor-parallel split does not fall on the "
+                 f"quant blocks: {', '.join(dense[:4])}{' ...' if len(dense) > 4 else ''}")
+    return note
+
+
 class ParallelModelLoader:
     """Starts (or reuses) the worker group and loads a DiT file onto it, sharded."""
 
@@ -175,6 +190,7 @@ class ParallelModelLoader:
             if group.load_count == loads_before:
                 logging.info("parallel_dit: reusing warm group pids %s with %s", group.pids, model_name)
         plan = f"{config.describe()} [{why}] for {shape.family} ({shape.num_heads} heads, {shape.num_layers} blocks)"
+        plan += gguf_plan_note(header, info)
         logging.info("parallel_dit: %s", plan)
         compile_spec = None if compile == "off" else {"backend": compile}
         return (build_model_patcher(config, path, base_precision, header, info, resident, compile_spec), plan)

@@ -79,7 +79,7 @@ def test_gguf_with_sharded_weights_equals_native_on_its_weights(comfy, pack, con
                                          config_spec(world_size=2, ulysses=2, weights="sharded"))
         out = comfy_nodes.common_ksampler(model, 4, 4, 5.0, "euler", "simple", pos, neg, latent)[0]["samples"]
         g = group.active_groups()[0]
-        assert g.config.shard_weights and "sharded weights" in plan
+        assert g.config.shard_weights and "sharded weights" in plan and "GGUF Q8_0: 20 linears kept quantized" in plan
         stats = g.rank_load_stats  # 2 blocks x 10 linears quantized (city96 keeps the embeddings and head whole)
         assert all(r.get("gguf_quantized_layers") == 20 and r["checkpoint_precision"] == "Q8_0" for r in stats), \
             [(r.get("gguf_quantized_layers"), r["checkpoint_precision"]) for r in stats]
@@ -89,3 +89,17 @@ def test_gguf_with_sharded_weights_equals_native_on_its_weights(comfy, pack, con
     print(f"\nGGUF Q8_0, sharded weights x ulysses2, native KSampler vs native ComfyUI on the dequantized weights "
           f"(4 steps, cfg 5): {diff:.2e}")
     assert diff <= 1e-4
+
+
+def test_plan_names_layers_dequantized_at_load(pack):
+    import sys
+
+    from parallel_backend.weights.gguf import GGUFHeader
+
+    note = sys.modules[pack.__name__ + ".nodes.loader_node"].gguf_plan_note
+    header = GGUFHeader({"blocks.0.self_attn.o.weight": ((768, 768), "Q4_K")}, "wan")
+    info = {"gguf_quantized_layers": 18, "checkpoint_precision": "Q4_K",
+            "gguf_dequantized_at_load": ["blocks.0.self_attn.o (Q4_K: 768 inputs / tp 2 is not whole 256-blocks)"]}
+    text = note(header, info)
+    assert "18 linears kept quantized, 1 dequantized at load" in text and "blocks.0.self_attn.o (Q4_K" in text
+    assert note({"k": ((2, 2), "F32")}, info) == ""  # a safetensors header: nothing to say
