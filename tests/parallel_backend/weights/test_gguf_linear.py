@@ -254,3 +254,28 @@ def test_peak_rss_per_rank_during_load_is_its_quantized_shard(tmp_path_factory, 
               f"{bound / 2**20:.0f} MiB; file {os.path.getsize(path) / 2**20:.0f} MiB")
         assert grew <= bound, (grew, bound)
         assert r["param_bytes"] < 0.75 * os.path.getsize(path) * 4  # not the whole model dequantized
+
+
+def test_cosmos_gguf_equals_its_dequantized_weights(tmp_path):
+    """A Cosmos Predict2 GGUF (city96 layout: `net.` stripped, architecture "cosmos") on ComfyUI's MiniTrainDIT:
+    its quantized linears kept quantized, one rank = the dequantized safetensors."""
+    from parallel_backend.testing.gguf_files import write_dequantized_safetensors, write_gguf_dit
+    from parallel_backend.testing.synthetic import write_tiny_cosmos
+
+    src = write_tiny_cosmos(str(tmp_path / "cosmos.safetensors"))
+    path = str(tmp_path / "cosmos_Q8_0.gguf")
+    write_gguf_dit(src, path, "Q8_0", architecture="cosmos")
+    deq = write_dequantized_safetensors(path, str(tmp_path / "cosmos_deq.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 16, 2, 8, 8, generator=g), torch.tensor([0.8, 0.3]), torch.randn(2, 12, 1024, generator=g)
+    outs = {}
+    for name, p in (("gguf", path), ("deq", deq)):
+        from parallel_backend.runtime.mesh import single_rank_mesh
+        from parallel_backend.runtime.sharded_model import ShardedModel
+        m = ShardedModel(single_rank_mesh(ParallelConfig(world_size=1, device="cpu", dtype="fp32"),
+                                          torch.device("cpu")), p, "fp32")
+        outs[name] = (m.forward_rows(x, t, ctx), m.info())
+    assert outs["gguf"][1]["gguf_quantized_layers"] > 0 and outs["gguf"][1]["family"] == "cosmos_predict2"
+    diff = (outs["gguf"][0] - outs["deq"][0]).abs().max().item()
+    print(f"\nCosmos Predict2 Q8_0 GGUF vs its dequantized weights, one rank: {diff:.1e}")
+    assert diff <= 1e-6
