@@ -1,6 +1,6 @@
 """ParallelConfig: the mesh a worker group runs on, and its validation.
 
-world = dp x cfg x ring x ulysses x tp. Validation is one pure function so every rule can be
+world = dp x cfg x pp x ring x ulysses x tp. Validation is one pure function so every rule can be
 tested without starting a process; each message names the value the user should change.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-AXES = ("dp", "cfg", "ring", "ulysses", "tp")  # outermost first: the mesh dim order
+AXES = ("dp", "cfg", "pp", "ring", "ulysses", "tp")  # outermost first: the mesh dim order
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICE_KINDS = ("cuda", "cpu")
 ATTENTION_BACKENDS = ("sdpa", "math", "flash", "sage")  # what each calls: parallel/kernels.py
@@ -24,6 +24,7 @@ class ParallelConfig:
     world_size: int = 2
     dp: int = 1
     cfg: int = 1
+    pp: int = 1
     ring: int = 1
     ulysses: int = 1
     tp: int = 1
@@ -37,6 +38,8 @@ class ParallelConfig:
     # every rank keeps 1/world of each block's weights and gathers a block whole just before it runs
     # (parallel/sharded_weights.py): fits a model no rank could hold, moving weight bytes instead of TP's activations
     shard_weights: bool = False
+    # pipeline stages: the share of the blocks each stage holds, e.g. (24, 16) (GB per stage's device); () = equal
+    stage_split: tuple = ()
 
     def degrees(self) -> dict:
         return {a: getattr(self, a) for a in AXES}
@@ -99,6 +102,14 @@ def validate_config(cfg: ParallelConfig, available_devices: int | None = None) -
     if cfg.shard_weights and cfg.world_size < 2:
         raise ConfigError("sharded weights need at least 2 ranks to share the blocks: set world_size >= 2 or weights "
                           "to 'replicated'")
+    if cfg.stage_split and len(cfg.stage_split) != cfg.pp:
+        raise ConfigError(f"stage_split {tuple(cfg.stage_split)} gives {len(cfg.stage_split)} stages but pp is {cfg.pp}: "
+                          f"give one number per stage (e.g. the GB of each stage's GPUs) or leave it empty")
+    if cfg.stage_split and any(not isinstance(w, (int, float)) or w <= 0 for w in cfg.stage_split):
+        raise ConfigError(f"stage_split {tuple(cfg.stage_split)} must be positive numbers (e.g. 24,16)")
+    if cfg.shard_weights and cfg.pp > 1:
+        raise ConfigError(f"sharded weights and pp={cfg.pp} do not combine (every rank gathers every block, a stage "
+                          f"runs only its own): set pp to 1 or weights to 'replicated'")
     if cfg.shard_weights and cfg.tp > 1:
         raise ConfigError(f"sharded weights and tp={cfg.tp} are two ways to fit a model and do not combine: set tp to 1 "
                           f"(sharded weights split every block over all ranks) or weights to 'replicated'")
@@ -148,6 +159,9 @@ def validate_for_model(cfg: ParallelConfig, shape: ModelShape) -> None:
             f"{shape.family} has {heads} attention heads, which do not divide by ulysses x tp = {u} x {tp} = {u * tp}: "
             f"choose ulysses x tp among {ok}, and use ring for the rest of the sequence split"
         )
+    if cfg.pp > shape.num_layers:
+        raise ConfigError(f"{shape.family} has {shape.num_layers} blocks, fewer than pp={cfg.pp} pipeline stages: "
+                          f"lower pp")
     if shape.ffn_dim % tp != 0:
         raise ConfigError(f"{shape.family} ffn width {shape.ffn_dim} does not divide by tp={tp}: lower tp")
     if shape.dim % tp != 0:

@@ -20,6 +20,9 @@ FAMILY = "wan"
 BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by one)
 # the block lists whose weights sharded-weights mode splits over the ranks, one gather per block (those a variant
 # lacks are skipped); the rest of the model is held whole
+# host classes whose block loop pipeline stages can cut (a plain loop over `blocks`; the variants interleave added
+# blocks or inject per-block inputs, and stay on the other axes)
+PIPELINE_CLASSES = ("WanModel",)
 SHARD_UNITS = ("blocks", "vace_blocks", "face_adapter.fuser_blocks", "audio_injector.injector")
 HEAD_DIM = 128  # ComfyUI derives heads as dim // 128 for every Wan release
 

@@ -61,8 +61,9 @@ class RankMesh:
 
     @property
     def is_replica_leader(self) -> bool:
-        """The rank that writes its replica's output (first of its sequence x tp block)."""
-        return self.coord["ring"] == 0 and self.coord["ulysses"] == 0 and self.coord["tp"] == 0
+        """The rank that writes its replica's output (first of its sequence x tp block, on the last pipeline stage)."""
+        return (self.coord["ring"] == 0 and self.coord["ulysses"] == 0 and self.coord["tp"] == 0
+                and self.coord["pp"] == self.config.pp - 1)
 
     def sequence_groups(self) -> SequenceParallelGroups:
         c = self.config
@@ -126,9 +127,9 @@ def _build_folds(config: ParallelConfig, rank: int, base: dict) -> dict:
         a, b = divmod(q_of[rank], fold)
         for kind in FOLD_KINDS:
             if kind == "ulysses":
-                key = lambda g: (q_of[g] // fold, coords[g]["ring"], coords[g]["tp"])
+                key = lambda g: (q_of[g] // fold, coords[g]["pp"], coords[g]["ring"], coords[g]["tp"])
             else:
-                key = lambda g: (q_of[g] // fold, coords[g]["ulysses"], coords[g]["tp"])
+                key = lambda g: (q_of[g] // fold, coords[g]["pp"], coords[g]["ulysses"], coords[g]["tp"])
             members = {}
             for g in range(c.world_size):
                 members.setdefault(key(g), []).append(g)
@@ -145,7 +146,7 @@ def _build_folds(config: ParallelConfig, rank: int, base: dict) -> dict:
                 r_deg, r_idx = c.ring * fold, b * c.ring + me["ring"]
                 groups = SequenceParallelGroups(base["ulysses"], c.ulysses, mine, r_deg, r_idx, c.attention)
                 seq_index = r_idx * c.ulysses + me["ulysses"]
-            leader = b == 0 and me["ring"] == 0 and me["ulysses"] == 0 and me["tp"] == 0
+            leader = b == 0 and me["ring"] == 0 and me["ulysses"] == 0 and me["tp"] == 0 and me["pp"] == c.pp - 1
             layouts[(fold, kind)] = CallLayout(fold, kind, R // fold, a, groups, seq_index, leader)
     return layouts
 

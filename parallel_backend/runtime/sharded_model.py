@@ -32,6 +32,16 @@ class ShardedModel:
         # every module replacement first (TP layers), the plan's hooks last: a hook put on a module that is replaced
         # afterwards would be lost with it (replace_module carries hooks over any later swap, and the check after
         # loading proves none went missing)
+        self.pipeline = None
+        if c.pp > 1:  # this stage's blocks only: the others become pass-throughs before anything is split or loaded
+            from ..parallel.pipeline import PipelineStage
+            classes = getattr(fam, "PIPELINE_CLASSES", ())
+            if type(model).__name__ not in classes:
+                raise ValueError(f"{path}: pipeline stages (pp={c.pp}) run {', '.join(classes) or 'no class'} of "
+                                 f"{fam.FAMILY}, not ComfyUI's {type(model).__name__}: set pp to 1 and use "
+                                 f"ulysses / ring / cfg (or sharded weights to fit)")
+            self.pipeline = PipelineStage(model, fam.BLOCKS, mesh.coord["pp"], c.pp, mesh.groups["pp"], c.stage_split)
+            self.pipeline.skip_outside()
         apply_tensor_parallel(model, plan, mesh.groups["tp"], mesh.coord["tp"], c.tp)
         self.gguf_stats = {}
         if getattr(header, "architecture", None) is not None:  # a GGUF: quantized linears stay quantized
@@ -46,6 +56,8 @@ class ShardedModel:
             self.sharded_weights = ShardedWeights(model, getattr(fam, "SHARD_UNITS", (fam.BLOCKS,)), mesh.weights_mesh)
             self.sharded_weights.materialize(mesh.device)
         self.load_stats = load_host_sharded(model, path, self.prefix, mesh.device, header=header)
+        if self.pipeline is not None:  # after the plan's hooks: a stage's first block splits, then receives
+            self.pipeline.install_hops()
         lost = missing_plan_hooks(model, self.plan_hooks)
         if lost:  # a rank would return only its own tokens: fail loudly rather than sample garbage
             raise RuntimeError(f"{path}: the parallel plan's hooks are missing after loading: {lost}")
@@ -148,11 +160,32 @@ class ShardedModel:
         args = (self.model, take(x), timestep[rows].to(dev, torch.float32), take(context))
         if self.sharded_weights is not None:  # through FSDP's root: each block gathered as it runs
             out = self.sharded_weights.run(self.family.forward, *args, **kw)
+        elif self.pipeline is not None:
+            out = self._pipelined(args, kw)
         else:
             out = self.family.forward(*args, **kw)
         # tokens this rank pushed through the blocks in this call (its share of the sequence, times its rows)
         self.last_tokens = (rows.stop - rows.start) * (self.seq_state.local_len or _tokens(x, self.shape.patch_size))
         return out.float()
+
+
+    def _pipelined(self, args, kw) -> torch.Tensor:
+        """Each row a micro-batch: stage s computes row k while stage s + 1 computes row k - 1 (the sends are
+        asynchronous); the stage waits for its sends once all rows were issued."""
+        from ..parallel.pipeline import refuse_block_patches
+
+        refuse_block_patches(kw.get("transformer_options"))
+        model, x, t, ctx = args
+        outs = []
+        try:
+            for k in range(x.shape[0]):
+                self.seq_state.begin_forward()  # each micro-batch is a forward of its own
+                row = lambda v: v[k:k + 1] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == x.shape[0] else v
+                outs.append(self.family.forward(model, x[k:k + 1], t[k:k + 1], row(ctx),
+                                                **{n: row(v) for n, v in kw.items()}))
+        finally:
+            self.pipeline.finish()
+        return torch.cat(outs, dim=0)
 
 
 def compiled_graphs() -> int:

@@ -193,29 +193,29 @@ def _check_auto(deg, world, heads):
 
 def test_auto_cfg_outermost_then_ulysses():
     deg, why = auto_degrees(8, 4)
-    assert deg == dict(dp=1, cfg=2, ring=1, ulysses=4, tp=1)
+    assert deg == dict(pp=1, dp=1, cfg=2, ring=1, ulysses=4, tp=1)
     assert why.index("cfg=2") < why.index("ulysses=4")
     deg, _ = auto_degrees(2, 4)
     assert deg["cfg"] == 2 and deg["ulysses"] == 1  # cfg first: no traffic inside the model
     deg, _ = auto_degrees(4, 4, uses_cfg=False)
-    assert deg == dict(dp=1, cfg=1, ring=1, ulysses=4, tp=1)
+    assert deg == dict(pp=1, dp=1, cfg=1, ring=1, ulysses=4, tp=1)
 
 
 def test_auto_ulysses_while_heads_divide_then_ring():
     deg, why = auto_degrees(8, 2)  # cfg 2, then 4 sequence ranks but only 2 heads
-    assert deg == dict(dp=1, cfg=2, ring=2, ulysses=2, tp=1)
+    assert deg == dict(pp=1, dp=1, cfg=2, ring=2, ulysses=2, tp=1)
     assert "ring=2 because 2 heads" in why
     deg, why = auto_degrees(8, 3, uses_cfg=False)  # 3 heads: no ulysses degree divides
-    assert deg == dict(dp=1, cfg=1, ring=8, ulysses=1, tp=1)
+    assert deg == dict(pp=1, dp=1, cfg=1, ring=8, ulysses=1, tp=1)
     deg, _ = auto_degrees(8, 40, uses_cfg=False)
-    assert deg == dict(dp=1, cfg=1, ring=1, ulysses=8, tp=1)
+    assert deg == dict(pp=1, dp=1, cfg=1, ring=1, ulysses=8, tp=1)
 
 
 def test_auto_tp_only_when_not_fitting():
     for world in (1, 2, 4, 8):
         assert auto_degrees(world, 4)[0]["tp"] == 1
     deg, why = auto_degrees(8, 4, fits_one_device=False)
-    assert deg == dict(dp=1, cfg=2, ring=1, ulysses=2, tp=2)
+    assert deg == dict(pp=1, dp=1, cfg=2, ring=1, ulysses=2, tp=2)
     assert "tp=2 because the model does not fit" in why
     _check_auto(deg, 8, 4)
     deg, _ = auto_degrees(4, 3, fits_one_device=False)  # heads do not split: no tp possible
@@ -224,15 +224,15 @@ def test_auto_tp_only_when_not_fitting():
 
 def test_auto_fixed_degrees_respected():
     deg, _ = auto_degrees(8, 4, fixed={"ring": 2})
-    assert deg["ring"] == 2 and deg == dict(dp=1, cfg=2, ring=2, ulysses=2, tp=1)
+    assert deg["ring"] == 2 and deg == dict(pp=1, dp=1, cfg=2, ring=2, ulysses=2, tp=1)
     deg, _ = auto_degrees(4, 4, fixed={"cfg": 1})  # 1 is a fixed choice, not "auto"
     assert deg["cfg"] == 1 and deg["ulysses"] == 4
     deg, _ = auto_degrees(4, 4, uses_cfg=False, fixed={"ulysses": 1})
-    assert deg == dict(dp=1, cfg=1, ring=4, ulysses=1, tp=1)
+    assert deg == dict(pp=1, dp=1, cfg=1, ring=4, ulysses=1, tp=1)
     deg, _ = auto_degrees(8, 4, fixed={"tp": 2, "cfg": 0})  # 0 = auto
     assert deg["tp"] == 2 and deg["cfg"] == 2 and deg["ulysses"] == 2
     deg, _ = auto_degrees(8, 4, fixed={"cfg": 2, "ring": 2, "ulysses": 1})  # nothing left for ring: dp
-    assert deg == dict(dp=2, cfg=2, ring=2, ulysses=1, tp=1)
+    assert deg == dict(pp=1, dp=2, cfg=2, ring=2, ulysses=1, tp=1)
     msg = refused(auto_degrees, 8, 4, fixed={"ring": 3})
     assert "multiply to 3" in msg and "world_size 8" in msg
 

@@ -1,0 +1,122 @@
+"""Pipeline stages (pp): each stage holds a contiguous range of the transformer blocks; the activation goes stage to
+stage with point-to-point sends; a batch's rows run as micro-batches, so while stage s computes row k, stage s - 1
+already computes row k + 1 (GPipe's forward schedule, falling out of asynchronous sends).
+
+Each stage runs the host's own forward whole: the embeddings and the head (small, outside the blocks) run on every
+stage, the blocks outside the stage's range are `SkippedBlock`s (identity, no weights, the plan's hooks carried
+over). The first block of a stage's range takes its input from the previous stage (a receive into the shape the
+local tensor has at that point, so Ulysses / Ring inside a stage compose: rank (s, u) talks to rank (s +- 1, u));
+the last block of the range sends its output on. Only the last stage's output is real: it is the replica's leader.
+A block-replacement patch (SkipLayerGuidance) could skip a stage's boundary block and with it a send: refused.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .collectives import _count
+
+
+def stage_ranges(layers: int, stages: int, split: tuple = ()) -> list:
+    """[(start, stop)] blocks per stage: proportional to `split` (e.g. (24, 16): memory in GB per stage's devices),
+    equal when empty; every stage gets at least one block."""
+    if stages < 1 or layers < stages:
+        raise ValueError(f"{layers} blocks cannot be split into {stages} pipeline stages (at most {layers})")
+    weights = list(split) if split else [1] * stages
+    if len(weights) != stages or any(w <= 0 for w in weights):
+        raise ValueError(f"stage_split {tuple(split)} must give {stages} positive numbers, one per pipeline stage")
+    total, out, start, acc = sum(weights), [], 0, 0.0
+    for s, w in enumerate(weights):
+        acc += w
+        stop = layers if s == stages - 1 else round(layers * acc / total)
+        stop = min(max(stop, start + 1), layers - (stages - 1 - s))  # one block at least, for every later stage too
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+class SkippedBlock(nn.Module):
+    """A block another stage holds: passes its input through."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+    def extra_repr(self) -> str:
+        return f"block {self.index} lives on another pipeline stage"
+
+
+class PipelineStage:
+    """This rank's stage of `model`'s `blocks` (a ModuleList path): blocks outside the range replaced (call
+    `skip_outside` before TP / loading), the hops installed after the plan's hooks (`install_hops`)."""
+
+    def __init__(self, model: nn.Module, blocks: str, stage: int, stages: int, group, split: tuple = ()):
+        self.model, self.blocks_path, self.stage, self.stages, self.group = model, blocks, stage, stages, group
+        container = model.get_submodule(blocks)
+        if not isinstance(container, nn.ModuleList):
+            raise ValueError(f"pipeline stages need the blocks as a list; {blocks} is a {type(container).__name__}")
+        self.ranges = stage_ranges(len(container), stages, split)
+        self.start, self.stop = self.ranges[stage]
+        self.pending: list = []  # (work, tensor) of sends not yet completed
+        self.sent = self.received = 0
+
+    def skip_outside(self) -> None:
+        from .plan import replace_module
+
+        container = self.model.get_submodule(self.blocks_path)
+        for i in range(len(container)):
+            if not self.start <= i < self.stop:
+                replace_module(self.model, f"{self.blocks_path}.{i}", SkippedBlock(i))
+
+    def _peer(self, stage: int) -> int:
+        return dist.get_global_rank(self.group, stage)
+
+    def install_hops(self) -> None:
+        container = self.model.get_submodule(self.blocks_path)
+        if self.stage > 0:
+            container[self.start].register_forward_pre_hook(self._receive)
+        if self.stage < self.stages - 1:
+            container[self.stop - 1].register_forward_hook(self._send)
+
+    def _receive(self, module, args):
+        x = args[0]
+        buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
+        dist.recv(buf, src=self._peer(self.stage - 1))
+        self.received += 1
+        return (buf, *args[1:])
+
+    def _send(self, module, args, out):
+        t = out.contiguous()
+        _count("pp_p2p", t.numel() * t.element_size())
+        self.pending.append((dist.isend(t, dst=self._peer(self.stage + 1)), t))
+        self.sent += 1
+        return out
+
+    def finish(self) -> None:
+        """Wait for this stage's sends (after all micro-batches of a call were issued)."""
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.stages - 1
+
+
+def refuse_block_patches(transformer_options) -> None:
+    """Block replacements could skip a stage's boundary block (and its send): not with pipeline stages."""
+    replace = ((transformer_options or {}).get("patches_replace") or {}).get("dit") or {}
+    if replace:
+        names = ", ".join(sorted(map(str, replace))[:3])
+        raise ValueError(f"block replacement patches ({names}; e.g. SkipLayerGuidanceDiT) cannot run on pipeline "
+                         f"stages (a skipped boundary block would never hand its activation on): set pp to 1 and "
+                         f"use ulysses / ring / cfg, or remove the patching node")
+
+
+def bubble_fraction(stages: int, micro_batches: int) -> float:
+    """GPipe's idle share of a forward: (P - 1) / (M + P - 1)."""
+    return (stages - 1) / (micro_batches + stages - 1)
