@@ -12,6 +12,17 @@ _AXIS_HELP = {
 }
 
 
+def _numbers(text: str, name: str, kind) -> tuple:
+    """'24,16' -> (24, 16); '' -> ()."""
+    parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
+    try:
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{name} '{text}' must be comma-separated numbers, e.g. "
+                         f"{'24,16' if name == 'stage_split' else '1,2,3'}") from None
+    return tuple(int(v) if float(v).is_integer() else v for v in values)
+
+
 class ParallelConfigNode:
     """Describes the worker group: how many devices and how the model is split over them."""
 
@@ -43,6 +54,17 @@ class ParallelConfigNode:
             "latent": ("LATENT", {"tooltip": "Optional: the latent you will sample (e.g. from EmptyHunyuanLatent"
                                   "Video). auto mode sizes its traffic comparison for it; without it, for a 480p "
                                   "81-frame video."}),
+            "pp": ("INT", {"default": 1, "min": 0, "max": 64, "tooltip":
+                   "Pipeline stages: each stage holds a contiguous range of the blocks and hands the activation on "
+                   "(cond / uncond rows overlap as micro-batches). For cards of different sizes or to fit a model; "
+                   "slower than ulysses on equal cards. 1 = off, 0 = auto (on only when the GPUs differ in memory "
+                   "and a symmetric split would not fit the smallest)."}),
+            "stage_split": ("STRING", {"default": "", "tooltip":
+                            "With pp > 1: the share of the blocks per stage, e.g. '24,16' for a 24 GB and a 16 GB "
+                            "card; empty = equal stages (auto: by each GPU's memory)."}),
+            "devices": ("STRING", {"default": "", "tooltip":
+                        "GPU indices for the ranks, e.g. '1,2,3' to keep rank 0 off ComfyUI's GPU 0 (one per rank). "
+                        "Empty = consecutive from first_device."}),
         }}
 
     RETURN_TYPES = (CONFIG_TYPE,)
@@ -53,23 +75,24 @@ class ParallelConfigNode:
     DESCRIPTION = "How many devices the DiT is sampled on, and how it is split: cfg x ring x ulysses x tp (x dp)."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, world_size=1, cfg=0, ulysses=0, ring=0, tp=0, dp=0, **kw):
-        fixed = [d for d in (cfg, ulysses, ring, tp, dp) if d]
+    def VALIDATE_INPUTS(cls, world_size=1, cfg=0, ulysses=0, ring=0, tp=0, dp=0, pp=1, **kw):
+        fixed = [d for d in (cfg, ulysses, ring, tp, dp, pp) if d]
         prod = 1
         for d in fixed:
             prod *= d
         if prod > world_size or world_size % prod:
             return (f"the fixed degrees multiply to {prod}, which does not divide world_size {world_size}: "
                     f"change world_size or set some degrees to 0 (auto)")
-        if len(fixed) == 5 and prod != world_size:
+        if len(fixed) == 6 and prod != world_size:
             return f"the degrees multiply to {prod} but world_size is {world_size}"
         return True
 
     def make(self, world_size, cfg, ulysses, ring, tp, dp, dtype, device, attention, first_device=0,
-             weights="auto", latent=None):
-        spec = {"world_size": world_size, "cfg": cfg, "ulysses": ulysses, "ring": ring, "tp": tp, "dp": dp,
+             weights="auto", latent=None, pp=1, stage_split="", devices=""):
+        spec = {"world_size": world_size, "cfg": cfg, "ulysses": ulysses, "ring": ring, "tp": tp, "dp": dp, "pp": pp,
                 "dtype": dtype, "device": device, "attention": attention, "first_device": first_device,
-                "weights": weights}
+                "weights": weights, "stage_split": _numbers(stage_split, "stage_split", float),
+                "devices": _numbers(devices, "devices", int)}
         if latent is not None:
             spec["latent_shape"] = tuple(latent["samples"].shape)
         cfgmod = backend("config")

@@ -14,21 +14,31 @@ from .comfy_model import (
 def resolve_config(spec: dict, shape, header, family=None, precision: str = "bf16") -> tuple:
     """ParallelConfig from the Config node's spec, filling auto (0) degrees and the weights mode for this model."""
     cfgmod, group = backend("config"), backend("runtime.group")
-    fixed = {a: spec.get(a, 0) for a in cfgmod.AXES}
+    fixed = {a: spec.get(a, 1 if a == "pp" else 0) for a in cfgmod.AXES}  # (pp: specs from before it existed)
     fits = _fits_one_device(spec, header, precision)
     costs = cfgmod.FitCosts(block_bytes=block_weight_bytes(header, family, precision), dim=shape.dim,
                             layers=shape.num_layers, tokens=latent_tokens(spec.get("latent_shape"), shape.patch_size),
                             elt=4 if spec["dtype"] == "fp32" else 2)
     shard, why_weights = cfgmod.choose_weights(spec.get("weights", "auto"), spec["world_size"], shape.num_heads,
                                                fits, fixed["tp"], costs)
+    stage_split, why_pp = tuple(spec.get("stage_split", ())), ""
+    others_auto = all(fixed[a] in (0, 1) for a in cfgmod.AXES if a != "pp")
+    if fixed["pp"] == 0 and others_auto:  # auto: stages only for GPUs of different memory no symmetric split fits
+        split, why_pp = cfgmod.choose_pipeline(spec["world_size"], _device_totals(spec) or [],
+                                               model_bytes(header, family, precision), device=spec["device"])
+        if split:
+            fixed = {**{a: 1 for a in cfgmod.AXES}, "pp": spec["world_size"]}
+            stage_split, shard, why_weights = split, False, ""
+    fixed["pp"] = fixed["pp"] or 1
     if all(fixed.values()):
-        picked, why = fixed, "as set"
+        picked, why = fixed, why_pp or "as set"
     else:  # sharded weights make the model fit without tp
         picked, why = cfgmod.auto_degrees(spec["world_size"], shape.num_heads, uses_cfg=True,
                                           fits_one_device=fits or shard, fixed=fixed)
     why = "; ".join(w for w in (why_weights, why) if w and w != "single rank") or why
     config = cfgmod.ParallelConfig(world_size=spec["world_size"], dtype=spec["dtype"], device=spec["device"],
                                    attention=spec["attention"], first_device=spec.get("first_device", 0),
+                                   devices=tuple(spec.get("devices", ())), stage_split=stage_split,
                                    shard_weights=shard, **picked)
     cfgmod.validate_config(config, group.available_devices(config.device))
     cfgmod.validate_for_model(config, shape)
@@ -46,6 +56,22 @@ def block_weight_bytes(header, family, precision: str) -> int:
     return sum(held(s, d, precision) for k, (s, d) in header.items() if pattern.search(k))
 
 
+def model_bytes(header, family, precision: str):
+    """ModelBytes of a file as the ranks hold it: each transformer block's bytes (the family's BLOCKS), the rest."""
+    import re
+
+    held = backend("weights.reads").held_bytes
+    pattern = re.compile(r"(^|\.)" + re.escape(getattr(family, "BLOCKS", "blocks")) + r"\.([0-9]+)\.")
+    blocks, rest = {}, 0
+    for k, (s, d) in header.items():
+        m = pattern.search(k)
+        if m:
+            blocks[int(m.group(2))] = blocks.get(int(m.group(2)), 0) + held(s, d, precision)
+        else:
+            rest += held(s, d, precision)
+    return backend("config").ModelBytes(tuple(blocks[i] for i in sorted(blocks)), rest)
+
+
 def latent_tokens(latent_shape, patch) -> int | None:
     """Tokens of a latent (B, C, T, H, W) or (B, C, H, W) after patching; None without one."""
     if not latent_shape:
@@ -59,15 +85,26 @@ def latent_tokens(latent_shape, patch) -> int | None:
     return n
 
 
-def _fits_one_device(spec, header, precision: str = "bf16") -> bool:
+def _device_totals(spec) -> list | None:
+    """Each rank's GPU memory (bytes) from the driver's properties (no CUDA context in this process); None off
+    CUDA."""
     if spec["device"] != "cuda":
-        return True
+        return None
     import torch
     if not torch.cuda.is_available():
+        return None
+    devices = list(spec.get("devices") or range(spec.get("first_device", 0),
+                                                spec.get("first_device", 0) + spec["world_size"]))
+    return [torch.cuda.get_device_properties(d).total_memory for d in devices]
+
+
+def _fits_one_device(spec, header, precision: str = "bf16") -> bool:
+    totals = _device_totals(spec)
+    if not totals:
         return True
     held = backend("weights.reads").held_bytes
     nbytes = sum(held(s, d, precision) for s, d in header.values())
-    return nbytes < 0.7 * torch.cuda.get_device_properties(spec.get("first_device", 0)).total_memory
+    return nbytes < 0.7 * min(totals)
 
 
 GGUF_FOLDERS = ("diffusion_models", "unet_gguf")  # ComfyUI's DiT folders (models/unet too), ComfyUI-GGUF's if present
@@ -176,6 +213,12 @@ class ParallelModelLoader:
         install_unload_hook()
         install_lora_hook()
         group = backend("runtime.group").get_group(config)  # starts ranks only when no warm group matches
+        try:  # the devices' free memory as the ranks found it: refuse a plan that cannot fit, before loading
+            backend("config").check_fit(config, model_bytes(header, family, base_precision), group.device_memory)
+        except ValueError:
+            if not group.models:
+                group.stop()  # an empty group: give its devices back
+            raise
         loads_before = group.load_count
         resident = residency == "resident"
         if not resident and group.holds_other_models(path, base_precision):

@@ -31,8 +31,11 @@ class ParallelConfig:
     dtype: str = "bf16"
     device: str = "cuda"
     attention: str = "sdpa"
-    # first device index used by rank 0 (ranks take consecutive devices)
+    # first device index used by rank 0 (ranks take consecutive devices): a shorthand for `devices`
     first_device: int = 0
+    # the device index of each rank, e.g. (1, 2, 3) to keep rank 0 off ComfyUI's GPU 0; () = consecutive from
+    # first_device
+    devices: tuple = ()
     # CPU ranks: torch threads per rank (0 = cores // world)
     threads_per_rank: int = 0
     # every rank keeps 1/world of each block's weights and gathers a block whole just before it runs
@@ -40,6 +43,13 @@ class ParallelConfig:
     shard_weights: bool = False
     # pipeline stages: the share of the blocks each stage holds, e.g. (24, 16) (GB per stage's device); () = equal
     stage_split: tuple = ()
+
+    def device_index(self, rank: int) -> int:
+        """The device (GPU index) rank `rank` runs on."""
+        return self.devices[rank] if self.devices else self.first_device + rank
+
+    def device_indices(self) -> list:
+        return [self.device_index(r) for r in range(self.world_size)]
 
     def degrees(self) -> dict:
         return {a: getattr(self, a) for a in AXES}
@@ -89,12 +99,25 @@ def validate_config(cfg: ParallelConfig, available_devices: int | None = None) -
             f"the degrees multiply to {product} ({detail}) but world_size is {cfg.world_size}: "
             f"set world_size to {product} or change the degrees so they multiply to {cfg.world_size}"
         )
+    if cfg.devices:
+        if len(cfg.devices) != cfg.world_size:
+            raise ConfigError(f"devices {','.join(map(str, cfg.devices))} names {len(cfg.devices)} devices but "
+                              f"world_size is {cfg.world_size}: name one device per rank")
+        if any(not isinstance(d, int) or d < 0 for d in cfg.devices):
+            raise ConfigError(f"devices {cfg.devices} must be GPU indices (0, 1, ...), e.g. 1,2,3")
+        if cfg.device == "cuda" and len(set(cfg.devices)) != len(cfg.devices):
+            raise ConfigError(f"devices {','.join(map(str, cfg.devices))} names a GPU twice: one rank per GPU (NCCL "
+                              f"cannot run two ranks of a group on one GPU)")
     if available_devices is not None and cfg.device == "cuda":
         if available_devices == 0:
             raise ConfigError("device is 'cuda' but no CUDA GPU is visible to this process: "
                               "check the driver / CUDA_VISIBLE_DEVICES, or set device to 'cpu'")
+        missing = [d for d in cfg.device_indices() if d >= available_devices]
+        if missing and cfg.devices:
+            raise ConfigError(f"devices {','.join(map(str, cfg.devices))} include GPU {missing[0]} but only "
+                              f"{available_devices} are visible (0..{available_devices - 1}): pick among those")
         needed = cfg.first_device + cfg.world_size
-        if needed > available_devices:
+        if missing:
             raise ConfigError(
                 f"world_size {cfg.world_size} (from device {cfg.first_device}) needs {needed} GPUs but only "
                 f"{available_devices} are visible: set world_size to at most {available_devices - cfg.first_device}"
@@ -232,6 +255,130 @@ def choose_weights(mode: str, world_size: int, num_heads: int, fits_one_device: 
                       f"{_gb(gather)} per forward, tp={tp}'s all-reduces {_gb(reduce)} at {latent}")
     return False, (f"tp rather than sharded weights: at {latent} its all-reduces move {_gb(reduce)} per forward, "
                    f"the weight gathers {_gb(gather)}")
+
+
+# ---- does a plan fit the devices? -----------------------------------------------------------------------------------
+# beyond the weights a rank needs room for its CUDA context, activations and kernels' workspaces (a GPU), or for
+# the interpreter, ComfyUI's code and buffers (a CPU rank)
+FIT_RESERVE = {"cuda": 2 << 30, "cpu": 512 << 20}
+
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """A model's weight bytes as the ranks would hold them: each transformer block's, and everything else."""
+    blocks: tuple
+    rest: int
+
+
+def rank_coords(cfg: ParallelConfig, rank: int) -> dict:
+    """Mesh coordinates of a global rank (row-major over AXES, as init_device_mesh lays them out)."""
+    out, rest = {}, rank
+    for axis in reversed(AXES):
+        deg = getattr(cfg, axis)
+        out[axis] = rest % deg
+        rest //= deg
+    return out
+
+
+def weights_per_rank(cfg: ParallelConfig, mb: ModelBytes) -> list:
+    """Bytes of weights each rank holds under `cfg`: its pipeline stage's blocks (all of them at pp 1), / tp, or
+    with sharded weights 1/world of every block plus two gathered ones (the running block and the prefetched next),
+    and everything outside the blocks whole."""
+    from .parallel.pipeline import stage_ranges
+
+    blocks, n = list(mb.blocks), len(mb.blocks)
+    ranges = stage_ranges(n, cfg.pp, cfg.stage_split) if cfg.pp > 1 and n else [(0, n)] * max(cfg.pp, 1)
+    out = []
+    for rank in range(cfg.world_size):
+        a, b = ranges[rank_coords(cfg, rank)["pp"]]
+        if cfg.shard_weights:
+            held = sum(blocks) / cfg.world_size + 2 * max(blocks, default=0)
+        else:
+            held = sum(blocks[a:b]) / cfg.tp
+        out.append(int(held) + mb.rest)
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _overflows(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int) -> list:
+    """[(device, needed, free)] for each device the plan does not fit."""
+    need = weights_per_rank(cfg, mb)
+    if memory[0].get("shared"):  # CPU ranks share the host's memory
+        total = sum(need) + reserve * len(need)
+        return [] if total <= memory[0]["free"] else [(f"{memory[0]['device']} (all {len(need)} ranks)", total,
+                                                       memory[0]["free"])]
+    return [(m["device"], n + reserve, m["free"]) for n, m in zip(need, memory) if n + reserve > m["free"]]
+
+
+def check_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int | None = None) -> None:
+    """Refuse a plan whose weights do not fit the devices' free memory (as the ranks found it when the group
+    started), naming the device, the bytes needed and free, and suggesting a plan that would fit."""
+    if not memory or any(m is None for m in memory):
+        return
+    reserve = FIT_RESERVE.get(cfg.device, 0) if reserve is None else reserve
+    over = _overflows(cfg, mb, memory, reserve)
+    if not over:
+        return
+    device, needed, free = over[0]
+    more = "".join(f"; {d} would need {_gib(n)} and has {_gib(f)} free" for d, n, f in over[1:])
+    raise ConfigError(f"the model does not fit: {device} would need {_gib(needed)} (its weights under "
+                      f"{cfg.describe()} + {_gib(reserve)} for activations and the runtime) but has {_gib(free)} "
+                      f"free{more}; {suggest_fit(cfg, mb, memory, reserve)}")
+
+
+def suggest_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int) -> str:
+    """The first of sharded weights, tensor parallelism, pipeline stages sized by each device's free memory that
+    would fit, as a sentence; else a smaller file."""
+    world, candidates = cfg.world_size, []
+    seq = cfg.ulysses * cfg.tp * cfg.pp
+    if world > 1:
+        candidates.append((dataclasses.replace(cfg, shard_weights=True, tp=1, pp=1, stage_split=(), ulysses=seq),
+                           "weights 'sharded' (every rank 1/N of each block)"))
+    for d in (2, 4, 8):
+        if d <= seq and seq % d == 0 and d != cfg.tp:
+            candidates.append((dataclasses.replace(cfg, shard_weights=False, tp=d, pp=1, stage_split=(),
+                                                   ulysses=seq // d), f"tp={d}"))
+    if world > 1 and not memory[0].get("shared") and len(mb.blocks) >= world:
+        split = tuple(max(1, round(m["free"] / 2**30)) for m in memory)
+        candidates.append((dataclasses.replace(cfg, shard_weights=False, pp=world, tp=1, ulysses=1, ring=1, cfg=1,
+                                               dp=1, stage_split=split),
+                           f"pp={world} with stage_split {','.join(map(str, split))} (blocks by each GPU's free GB)"))
+    for c, text in candidates:
+        try:
+            validate_config(c)
+        except ConfigError:
+            continue
+        if not _overflows(c, mb, memory, reserve):
+            return f"{text} would fit ({_gib(max(weights_per_rank(c, mb)) + reserve)} on the fullest device)"
+    return ("no split of these devices fits it: use a smaller file (fp8 halves the blocks of a bf16 file, GGUF Q8_0 "
+            "about halves, Q4_K about quarters them) or more devices")
+
+
+def choose_pipeline(world_size: int, totals: list, mb: ModelBytes, reserve: int | None = None,
+                    device: str = "cuda") -> tuple:
+    """Auto pp for devices of different memory (`totals`, bytes per rank): when no symmetric plan (every rank the
+    same share: replicated, sharded weights) fits the smallest device but stages sized by each device's memory
+    do, ((stage_split), why); otherwise ((), "")."""
+    reserve = FIT_RESERVE.get(device, 0) if reserve is None else reserve
+    if world_size < 2 or len(totals) != world_size or len(set(totals)) == 1 or len(mb.blocks) < world_size:
+        return (), ""
+    memory = [{"device": f"{device}:{i}", "free": t, "total": t} for i, t in enumerate(totals)]
+    symmetric = [ParallelConfig(world_size=world_size, device=device, ulysses=world_size),
+                 ParallelConfig(world_size=world_size, device=device, ulysses=world_size, shard_weights=True)]
+    if any(not _overflows(c, mb, memory, reserve) for c in symmetric):
+        return (), ""
+    split = tuple(max(1, round(t / 2**30)) for t in totals)
+    staged = ParallelConfig(world_size=world_size, device=device, pp=world_size, stage_split=split)
+    if _overflows(staged, mb, memory, reserve):
+        return (), ""
+    gb = ", ".join(f"{round(t / 2**30)}" for t in totals)
+    return split, (f"pp={world_size} with stage_split {','.join(map(str, split))} because the GPUs differ ({gb} GiB) "
+                   f"and no symmetric split fits the smallest (sharded weights need "
+                   f"{_gib(max(weights_per_rank(symmetric[1], mb)) + reserve)} per GPU); stages sized by memory hold "
+                   f"at most {_gib(max(weights_per_rank(staged, mb)) + reserve)}")
 
 
 def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_one_device: bool = True,

@@ -79,6 +79,7 @@ class WorkerGroup:
         self.config = config
         self.procs, self.conns = [], []
         self.pids: list[int] = []
+        self.device_memory: list = []
         self.model_key = None
         self.lora_key: tuple = ()
         self.model_info: dict | None = None
@@ -114,6 +115,7 @@ class WorkerGroup:
                     self.conns.append(parent)
             replies = self._collect(self.start_timeout, "start")
             self.pids = [r["pid"] for r in replies]
+            self.device_memory = [r.get("memory") for r in replies]  # per rank, as it started (free / total)
             self._in, self._out = ShmTensorSlot("in"), ShmTensorSlot("out")
         except BaseException:
             self.stop(graceful=False)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from ..config import AXES, ParallelConfig
+from ..config import AXES, ParallelConfig, rank_coords
 from ..parallel.attention import SequenceParallelGroups
 from ..parallel.replicas import replica_slice
 
@@ -99,13 +99,7 @@ def fold_for(batch: int, replicas: int) -> int:
 
 
 def _coords(config: ParallelConfig, rank: int) -> dict:
-    """Mesh coordinates of a global rank (row-major over AXES, as init_device_mesh lays them out)."""
-    out, rest = {}, rank
-    for axis in reversed(AXES):
-        deg = getattr(config, axis)
-        out[axis] = rest % deg
-        rest //= deg
-    return out
+    return rank_coords(config, rank)
 
 
 def _build_folds(config: ParallelConfig, rank: int, base: dict) -> dict:

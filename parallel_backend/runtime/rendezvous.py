@@ -16,7 +16,7 @@ from ..config import ParallelConfig
 def init_process_group(config: ParallelConfig, rank: int, store_path: str) -> torch.device:
     """Join the group through a FileStore (no network listener) and pick this rank's device."""
     if config.device == "cuda":
-        device = torch.device("cuda", config.first_device + rank)
+        device = torch.device("cuda", config.device_index(rank))
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

@@ -52,6 +52,23 @@ def _peak_rss_bytes() -> int:
     return 0
 
 
+def device_memory(torch, device) -> dict:
+    """What this rank's device has, when the group starts: a GPU's free and total bytes (cudaMemGetInfo: what every
+    process on it, ComfyUI's included, leaves), or the host's available memory for a CPU rank (shared by all)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {"device": f"cuda:{device.index}", "free": int(free), "total": int(total), "shared": False}
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return {"device": "cpu", "free": info.get("MemAvailable", 0), "total": info.get("MemTotal", 0), "shared": True}
+
+
 def _reset_peak_rss() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -96,7 +113,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
     except BaseException:
         conn.send(("error", rank, traceback.format_exc()))
         return
-    conn.send(("ok", {"rank": rank, "pid": os.getpid(), "coord": mesh.coord}))
+    conn.send(("ok", {"rank": rank, "pid": os.getpid(), "coord": mesh.coord, "memory": device_memory(torch, device)}))
 
     reader = ShmReader()
     token_log = collections.deque(maxlen=TOKEN_LOG)

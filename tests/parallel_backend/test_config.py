@@ -341,3 +341,74 @@ def test_weights_auto_compares_gathers_with_tp_all_reduces():
     assert shard and "no tp degree divides" in why
     with pytest.raises(ConfigError, match="weights 'half'"):
         choose_weights("half", 2, 40, False, 0, None)
+
+
+# ---------------------------------------------------------------- devices, fit, auto pipeline stages
+GB = 2**30
+
+
+def test_devices_list():
+    c = cpu(world_size=3, ulysses=1, cfg=1, dp=3, devices=(1, 2, 3))
+    assert c.device_indices() == [1, 2, 3]
+    assert cpu(world_size=2, ulysses=2, first_device=2).device_indices() == [2, 3]  # the shorthand
+    with pytest.raises(ConfigError, match="names 2 devices but world_size is 3"):
+        validate_config(cpu(world_size=3, dp=3, devices=(1, 2)))
+    with pytest.raises(ConfigError, match="names a GPU twice"):
+        validate_config(ParallelConfig(world_size=2, ulysses=2, device="cuda", devices=(1, 1)), 4)
+    with pytest.raises(ConfigError, match="include GPU 4 but only 4 are visible"):
+        validate_config(ParallelConfig(world_size=2, ulysses=2, device="cuda", devices=(1, 4)), 4)
+    validate_config(ParallelConfig(world_size=2, ulysses=2, device="cuda", devices=(3, 1)), 4)
+
+
+def _wan14b_bytes(elt=2):
+    from parallel_backend.config import ModelBytes
+    return ModelBytes(tuple([351_000_000 * elt] * 40), 232_000_000 * 2)
+
+
+def _gpus(*free_gb):
+    return [{"device": f"cuda:{i}", "free": int(f * GB), "total": int(f * GB), "shared": False}
+            for i, f in enumerate(free_gb)]
+
+
+def test_weights_per_rank_follow_the_plan():
+    from parallel_backend.config import weights_per_rank
+
+    mb = _wan14b_bytes()
+    blocks, rest = sum(mb.blocks), mb.rest
+    assert weights_per_rank(ParallelConfig(world_size=2, ulysses=2, device="cuda"), mb) == [blocks + rest] * 2
+    assert weights_per_rank(ParallelConfig(world_size=2, tp=2, device="cuda"), mb) == [blocks // 2 + rest] * 2
+    sharded = weights_per_rank(ParallelConfig(world_size=4, ulysses=4, device="cuda", shard_weights=True), mb)
+    assert sharded == [blocks // 4 + 2 * mb.blocks[0] + rest] * 4
+    staged = weights_per_rank(ParallelConfig(world_size=2, pp=2, stage_split=(24, 16), device="cuda"), mb)
+    assert staged == [24 * mb.blocks[0] + rest, 16 * mb.blocks[0] + rest]
+
+
+def test_check_fit_names_device_bytes_and_a_plan_that_fits():
+    from parallel_backend.config import check_fit
+
+    mb = _wan14b_bytes()  # 28.1 GB of bf16 blocks
+    check_fit(ParallelConfig(world_size=2, ulysses=2, device="cuda"), mb, _gpus(80, 80))  # fits: no error
+    with pytest.raises(ConfigError, match=r"cuda:0 would need 2[89]\.\d GiB .* but has 24\.0 GiB free; .*weights "
+                                          r"'sharded' .* would fit"):
+        check_fit(ParallelConfig(world_size=2, ulysses=2, device="cuda"), mb, _gpus(24, 24))
+    # 24 + 12 GB: neither replicated nor sharded (15.9 GB) fits 12 GB; stages by memory do
+    with pytest.raises(ConfigError, match=r"cuda:1 would need .* has 12\.0 GiB free; pp=2 with stage_split 24,12"):
+        check_fit(ParallelConfig(world_size=2, ulysses=2, device="cuda"), mb, _gpus(24, 12))
+    with pytest.raises(ConfigError, match="no split of these devices fits it: use a smaller file"):
+        check_fit(ParallelConfig(world_size=2, ulysses=2, device="cuda"), mb, _gpus(6, 6))
+    # CPU ranks share the host's memory: the sum is what must fit
+    host = [{"device": "cpu", "free": 40 * GB, "total": 64 * GB, "shared": True}] * 2
+    with pytest.raises(ConfigError, match=r"cpu \(all 2 ranks\) would need"):
+        check_fit(ParallelConfig(world_size=2, ulysses=2, device="cpu"), mb, host)
+    check_fit(ParallelConfig(world_size=2, tp=2, device="cpu"), mb, host)
+
+
+def test_auto_pipeline_only_for_unequal_gpus_no_symmetric_plan_fits():
+    from parallel_backend.config import choose_pipeline
+
+    mb = _wan14b_bytes()
+    split, why = choose_pipeline(2, [24 * GB, 12 * GB], mb)
+    assert split == (24, 12) and "pp=2 with stage_split 24,12 because the GPUs differ (24, 12 GiB)" in why
+    assert choose_pipeline(2, [24 * GB, 24 * GB], mb) == ((), "")  # equal cards: a symmetric split
+    assert choose_pipeline(2, [32 * GB, 24 * GB], mb) == ((), "")  # sharded weights fit the smaller one
+    assert choose_pipeline(2, [8 * GB, 6 * GB], mb) == ((), "")    # nothing fits: the fit check says so
