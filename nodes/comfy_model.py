@@ -404,6 +404,8 @@ def install_unload_hook():
             return original(*args, **kwargs)
         finally:
             backend("runtime.group").stop_all()
+            from .gpu_sharing import release_reservation
+            release_reservation()
 
     unload_all_models._pdit_wrapped = True
     mm.unload_all_models = unload_all_models

@@ -1,5 +1,6 @@
 import logging
 
+from . import gpu_sharing
 from .backend import CATEGORY, CONFIG_TYPE, backend
 from .comfy_model import (
     build_model_patcher,
@@ -212,13 +213,20 @@ class ParallelModelLoader:
         refuse_unsupported_class(shape.family, path, header)  # a variant the family cannot run: before any rank
         install_unload_hook()
         install_lora_hook()
+        cfgmod = backend("config")
+        mb = model_bytes(header, family, base_precision)
+        rank_bytes = cfgmod.weights_per_rank(config, mb)
+        reserve = cfgmod.FIT_RESERVE.get(config.device, 0)
+        # what ComfyUI holds on the ranks' GPUs (text encoders, VAE) goes first, through its own model management
+        gpu_sharing.free_comfy_models_on_rank_gpus(config, rank_bytes, reserve)
         group = backend("runtime.group").get_group(config)  # starts ranks only when no warm group matches
         try:  # the devices' free memory as the ranks found it: refuse a plan that cannot fit, before loading
-            backend("config").check_fit(config, model_bytes(header, family, base_precision), group.device_memory)
+            cfgmod.check_fit(config, mb, group.device_memory)
         except ValueError:
             if not group.models:
                 group.stop()  # an empty group: give its devices back
             raise
+        gpu_sharing.reserve_on_comfy_gpu(config, rank_bytes)
         loads_before = group.load_count
         resident = residency == "resident"
         if not resident and group.holds_other_models(path, base_precision):
@@ -236,5 +244,7 @@ class ParallelModelLoader:
         plan += gguf_plan_note(header, info)
         logging.info("parallel_dit: %s", plan)
         compile_spec = None if compile == "off" else {"backend": compile}
-        return (build_model_patcher(config, path, base_precision, header, info, resident, compile_spec), plan)
+        patcher = build_model_patcher(config, path, base_precision, header, info, resident, compile_spec)
+        gpu_sharing.install_pre_run(patcher, config, rank_bytes, reserve)
+        return (patcher, plan)
 

@@ -25,4 +25,6 @@ class ParallelUnload:
 
     def unload(self, passthrough=None):
         backend("runtime.group").stop_all()
+        from .gpu_sharing import release_reservation
+        release_reservation()
         return (passthrough,)
