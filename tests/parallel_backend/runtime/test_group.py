@@ -186,6 +186,36 @@ def _collect_error(g: WorkerGroup) -> tuple[str, float]:
     return str(info.value), time.monotonic() - t0
 
 
+@pytest.mark.multirank
+def test_pipeline_stage_killed_mid_forward_is_named(warm, reference):
+    """pp=2: stage 0 dies while stage 1 waits for its activation (a point-to-point receive, not a collective): the
+    dead rank is named within 10 s, no process or shared memory is left, the next run starts fresh."""
+    config = ParallelConfig(world_size=2, pp=2, device="cpu", dtype="fp32")
+    g = warm(config)
+    pids = list(g.pids)
+    x, t, ctx = inputs()
+    assert (g.forward(x, t, ctx) - reference(x, t, ctx)).abs().max().item() <= TOL  # the stages work
+    killed_at = []
+
+    def kill():
+        time.sleep(0.8)  # stage 0 sleeps in the injected fault, stage 1 waits in its receive
+        killed_at.append(time.monotonic())
+        os.kill(pids[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    with pytest.raises(WorkerGroupError) as info:
+        g.forward(x, t, ctx, fault={"rank": 0, "kind": "sleep", "seconds": 3.0})
+    detect = time.monotonic() - killed_at[0]
+    killer.join()
+    msg = str(info.value)
+    print(f"stage death detected {detect:.2f} s after SIGKILL: {msg}")
+    assert detect < 10 and "rank 0" in msg and "SIGKILL" in msg and "pp=2" in msg
+    assert all(gone(p) for p in pids) and transport.leftover_segments(os.getpid()) == []
+    assert (warm(config).forward(x, t, ctx) - reference(x, t, ctx)).abs().max().item() <= TOL
+    stop_all()
+
+
 def test_collect_names_the_dead_rank_not_the_peer_that_echoed_it():
     """Rank 1 is killed, rank 0 then reports the broken collective; both arrive in one batch."""
     g = _fake_group("echo_error", "silent")
