@@ -151,3 +151,41 @@ def count_forwards(model) -> dict:
 
     dm._forward = counted
     return counter
+
+
+# ---- weight formats of a Wan DiT file (memory.py, comm_volume.py) ---------------------------------------------------
+WEIGHT_FORMATS = ("bf16", "fp8", "Q8_0", "Q6_K", "Q5_K", "Q4_K")  # the files Wan 14B is shipped / converted in
+
+
+def wan_file_header(preset: str, fmt: str, layers: int | None = None) -> dict:
+    """key -> (shape, stored dtype) of a Wan file of `preset`'s real shapes (`layers` blocks; None: the real count)
+    in `fmt`: "bf16" all BF16; "fp8" a plain fp8 e4m3fn file (testing.synthetic.write_fp8_variant(scaled=False):
+    every weight of 2+ dims fp8, the rest BF16); a GGUF quant type: city96's per-tensor rule as
+    testing.gguf_files.write_gguf_dit applies it to a BF16 source (gguf_type_for)."""
+    import torch
+
+    from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes
+
+    shapes = wan_shapes(**{**WAN_PRESETS[preset], **({"num_layers": layers} if layers else {})})
+    if fmt == "bf16":
+        return {k: (s, "BF16") for k, s in shapes.items()}
+    if fmt == "fp8":
+        return {k: (s, "F8_E4M3" if k.endswith(".weight") and len(s) >= 2 else "BF16") for k, s in shapes.items()}
+    from parallel_backend.testing.gguf_files import gguf_type_for
+
+    return {k: (s, gguf_type_for(k, s, torch.bfloat16, fmt)) for k, s in shapes.items()}
+
+
+def is_block_key(key: str) -> bool:
+    """A tensor of a transformer block (what sharded weights split; Wan T2V's SHARD_UNITS hold only `blocks`)."""
+    import re
+
+    return re.match(r"blocks\.[0-9]+\.", key) is not None
+
+
+def block_weight_bytes(header: dict, precision: str = "bf16") -> int:
+    """Bytes of all the blocks as ranks hold them, by the pack's own rule (weights/reads.held_bytes: fp8 1 byte, GGUF
+    quantized, the rest at `precision`): what nodes/loader_node.block_weight_bytes gives auto mode."""
+    from parallel_backend.weights.reads import held_bytes
+
+    return sum(held_bytes(s, d, precision) for k, (s, d) in header.items() if is_block_key(k))
