@@ -3,6 +3,7 @@
     python bench/comm_volume.py                      # Wan 1.3B + 14B, 480p + 720p, degrees 2/4/8
     python bench/comm_volume.py --measure-degrees 2,4  # also measure on 4 ranks (slower)
     python bench/comm_volume.py --no-measure         # formula only (instant)
+    python bench/comm_volume.py --measure-weights bf16,Q4_K --weight-formats bf16,fp8,Q8_0,Q6_K,Q5_K,Q4_K
 
 CONVENTION (the one that reproduces design.md's table)
     Bytes SENT BY ONE RANK (every rank of an axis sends the same amount) during ONE forward of ONE
@@ -26,6 +27,12 @@ CONVENTION (the one that reproduces design.md's table)
                 host through shared memory, not a collective)
       Outside the blocks, Ulysses and Ring gather the final projection (S/n, 64 = 16 ch x 1x2x2
       patch) back to the full sequence: S/n * 64 * e * (n-1).
+      Sharded weights (shard_weights=True over n ranks, table [4]): every block is gathered whole once per
+                forward, so a rank sends its 1/n of it to the n-1 others: W * (n-1) / n for W = all the
+                blocks' weight bytes as held (bf16 2 B, fp8 1 B, GGUF its quantized bytes) -- parallel/
+                traffic.weight_gather_bytes, independent of the tokens and of the batch rows; compared
+                with TP's all-reduces (traffic.tensor_parallel_bytes), as auto mode (config.choose_weights)
+                does.
     design.md's anchors (Wan 14B 720p: S = 75600, D = 5120, L = 40) are the leading terms times L:
       Ulysses 4*S*D*e*L*(n-1)/n^2 = 31.0 / 23.2 / 13.5 GB at n = 2 / 4 / 8   (13.55 printed as 13.5)
       Ring    2*S*D*e*L*(n-1)/n   = 31.0 / 46.5 / 54.2 GB
@@ -42,7 +49,10 @@ MEASURED
     bytes are known separately. Both are affine in the token count, so a line through the two token
     counts, evaluated at the real token count, times the real layer count (plus the outside part)
     is the scaled measurement compared with the formula. The formula is also checked at the shape
-    actually run (no scaling).
+    actually run (no scaling). Sharded weights ([2s]) run the same forward with shard_weights=True on
+    bf16 and --measure-weights GGUF files (write_gguf_dit): the gathers' bytes counted in the real
+    all-gathers equal model.sharded_weights.gathered_bytes() (padded shards) and, per block x the real
+    block count, weight_gather_bytes of the full model.
 """
 from __future__ import annotations
 
@@ -61,8 +71,9 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from bench._common import gb, header, table, write_fast_checkpoint  # noqa: E402
+from bench._common import block_weight_bytes, gb, header, table, wan_file_header, write_fast_checkpoint  # noqa: E402
 from parallel_backend.config import ConfigError, ModelShape, ParallelConfig, validate_for_model  # noqa: E402
+from parallel_backend.parallel.traffic import weight_gather_bytes  # noqa: E402
 from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes  # noqa: E402
 
 AXES = ("ulysses", "ring", "tp", "cfg")
@@ -160,6 +171,10 @@ def _rank_measure(mesh0, jobs: list, points: list, precision: str) -> list:
         mesh = build_mesh(ParallelConfig(**job["config"]), mesh0.rank, mesh0.device)
         model = ShardedModel(mesh, job["path"], precision)
         blocks = model.model.blocks
+        sw = model.sharded_weights  # sharded weights: the gathers' formula and the blocks' bytes as held, whole
+        gathered = sw.gathered_bytes() if sw is not None else None
+        unit_bytes = (sum(p.numel() * p.element_size() for _, u in sw.units for p in u.parameters())
+                      if sw is not None else None)
         live, snaps = {}, {}
         hooks = [blocks[0].register_forward_pre_hook(lambda *_: snaps.__setitem__("start", dict(live["c"]))),
                  blocks[-1].register_forward_hook(lambda *_: snaps.__setitem__("end", dict(live["c"])))]
@@ -175,6 +190,7 @@ def _rank_measure(mesh0, jobs: list, points: list, precision: str) -> list:
             kinds = set(counted) | set(snaps["end"])
             in_blocks = {k: snaps["end"].get(k, 0) - snaps["start"].get(k, 0) for k in kinds}
             results.append({"name": job["name"], "grid": tuple(grid), "ctx": ctx_len, "total": dict(counted),
+                            "gathered_formula": gathered, "unit_bytes": unit_bytes, "layers": len(blocks),
                             "blocks": in_blocks, "finite": None if out is None else bool(torch.isfinite(out).all())})
         for h in hooks:
             h.remove()
@@ -203,6 +219,50 @@ def measure(jobs: list, world: int, points: list, precision: str = "bf16", devic
 def job(name: str, path: str, axis: str, degree: int, device: str, precision: str, batch: int = 1) -> dict:
     return {"name": name, "path": path, "batch": 2 * batch if axis == "cfg" else batch,
             "config": dict(world_size=degree, device=device, dtype=precision, **{axis: degree})}
+
+
+def shard_job(preset: str, fmt: str, path: str, degree: int, device: str, precision: str) -> dict:
+    """Sharded weights over `degree` ranks (with ulysses over the same ranks: the mesh needs an axis), named
+    'preset/shardN@format'."""
+    return {"name": f"{preset}/shard{degree}@{fmt}", "path": path, "batch": 1,
+            "config": dict(world_size=degree, ulysses=degree, shard_weights=True, device=device, dtype=precision)}
+
+
+def is_shard(name: str) -> bool:
+    return "/shard" in name
+
+
+def split_shard_name(name: str) -> tuple:
+    """'wan2.1-14b/shard2@Q8_0' -> ('wan2.1-14b', 2, 'Q8_0')."""
+    preset, rest = name.split("/")
+    degree, fmt = rest[len("shard"):].split("@")
+    return preset, int(degree), fmt
+
+
+def auto_tp(world: int, heads: int) -> int | None:
+    """The tp degree auto mode weighs sharded weights against on `world` ranks (config.choose_weights: the
+    smallest of 2 / 4 / 8 dividing the world and the heads), None if none does."""
+    return next((d for d in (2, 4, 8) if world % d == 0 and heads % d == 0), None)
+
+
+def sharded_vs_tp(preset: str, fmt: str, n: int, tokens: int, precision: str = "bf16") -> dict:
+    """Per rank, per forward of one row: the weight gathers of sharded weights over n ranks (parallel/traffic.py's
+    weight_gather_bytes of all the blocks' bytes as held -- what auto mode computes) and the all-reduces of tp=n at
+    `tokens` (traffic.tensor_parallel_bytes; None where n does not divide the heads), and what auto mode picks on
+    n ranks for a model that does not fit one device (config.choose_weights)."""
+    from parallel_backend.config import FitCosts, choose_weights
+    from parallel_backend.parallel.traffic import tensor_parallel_bytes, weight_gather_bytes
+
+    p = WAN_PRESETS[preset]
+    heads, layers, elt = p["dim"] // HEAD_DIM, p["num_layers"], 4 if precision == "fp32" else 2
+    blocks = block_weight_bytes(wan_file_header(preset, fmt), precision)
+    gather = weight_gather_bytes(blocks, n)
+    tp = tensor_parallel_bytes(tokens, p["dim"], layers, n, elt=elt) if heads % n == 0 else None
+    # below this many tokens tp=n's all-reduces move fewer bytes than the gathers (TP bytes grow with the tokens)
+    even = math.ceil(gather / tensor_parallel_bytes(1, p["dim"], layers, n, elt=elt)) if heads % n == 0 else None
+    shard, _ = choose_weights("auto", n, heads, False, 1, FitCosts(blocks, p["dim"], layers, tokens, elt))
+    return {"blocks": blocks, "gather": gather, "tp": tp, "break_even": even, "auto_shard": shard,
+            "auto_tp": auto_tp(n, heads)}
 
 
 def fit_and_scale(records: list, measured_blocks: int, tokens_real: int, layers_real: int,
@@ -258,6 +318,11 @@ def main(argv=None) -> int:
     ap.add_argument("--measure-contexts", default="8,16",
                     help="two text context lengths to run (the full 512 makes bf16 CPU matmuls slow)")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--measure-weights", default="bf16,Q8_0",
+                    help="weight formats whose sharded-weights gathers are measured (bf16, or GGUF types converted "
+                         "with write_gguf_dit; '' = none)")
+    ap.add_argument("--weight-formats", default="bf16,fp8,Q8_0,Q4_K",
+                    help="weight formats of the analytic sharded-weights vs TP table")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="ranks' device; auto = cuda when enough GPUs, else cpu/gloo")
     args = ap.parse_args(argv)
@@ -267,6 +332,8 @@ def main(argv=None) -> int:
     degrees = [int(d) for d in args.degrees.split(",") if d.strip()]
     mdegrees = [] if args.no_measure else [int(d) for d in args.measure_degrees.split(",") if d.strip()]
     grids = [tuple(int(v) for v in g.split("x")) for g in args.measure_grids.split(",")]
+    mweights = [w.strip() for w in args.measure_weights.split(",") if w.strip()]
+    wformats = [w.strip() for w in args.weight_formats.split(",") if w.strip()]
     contexts = [int(c) for c in args.measure_contexts.split(",")]
     if len(grids) != 2 or len(contexts) != 2 or grid_tokens(grids[0]) == grid_tokens(grids[1]) or \
             contexts[0] == contexts[1]:
@@ -306,11 +373,18 @@ def main(argv=None) -> int:
     if mdegrees:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="pdit_bench_comm_") as tmp:
-            paths = {}
+            paths, wpaths = {}, {}
             for preset in models:
                 cfg = {**WAN_PRESETS[preset], "num_layers": args.measure_blocks}
                 paths[preset] = write_fast_checkpoint(os.path.join(tmp, f"{preset}.safetensors"), wan_shapes(**cfg),
                                                       dtype=torch.bfloat16)
+                for fmt in mweights:  # the files sharded weights are measured on
+                    if fmt == "bf16":
+                        wpaths[preset, fmt] = paths[preset]
+                    else:
+                        from parallel_backend.testing.gguf_files import write_gguf_dit
+                        wpaths[preset, fmt] = os.path.join(tmp, f"{preset}_{fmt}.gguf")
+                        write_gguf_dit(paths[preset], wpaths[preset, fmt], fmt)
             for n in mdegrees:
                 jobs = []
                 for preset in models:
@@ -318,11 +392,16 @@ def main(argv=None) -> int:
                     for axis in AXES:
                         if invalid_reason(axis, n, small) is None and not (axis == "cfg" and n > 2):
                             jobs.append(job(f"{preset}/{axis}{n}", paths[preset], axis, n, device, args.precision))
+                    if invalid_reason("ulysses", n, small) is None:
+                        jobs += [shard_job(preset, fmt, wpaths[preset, fmt], n, device, args.precision)
+                                 for fmt in mweights]
                 measured.update(measure(jobs, n, points, args.precision, device))
         mtime = time.perf_counter() - t0
 
         rows, worst = [], 0.0
         for (name, grid, ctx_len), rec in sorted(measured.items()):
+            if is_shard(name):
+                continue
             preset, axis, n = split_name(name)
             s = model_shape(preset, grid_tokens(grid), args.measure_blocks, elt=elt, ctx_len=ctx_len,
                             batch=2 if axis == "cfg" else 1)
@@ -343,6 +422,28 @@ def main(argv=None) -> int:
                     "llrlrrrrrrrll"))
         print(f"worst |measured - analytic| / analytic at the measured shapes: {100 * worst:.4f}%   "
               f"(measurement wall time incl. writing the files and spawning ranks: {mtime:.0f} s)\n")
+
+        rows = []
+        for (name, grid, ctx_len), rec in sorted(measured.items()):
+            if not is_shard(name):
+                continue
+            preset, n, fmt = split_shard_name(name)
+            got, formula = rec["total"].get("weight_gather", 0), rec["gathered_formula"]
+            ideal = weight_gather_bytes(rec["unit_bytes"], n)
+            others = ", ".join(f"{k} {v}" for k, v in sorted(rec["total"].items()) if v and k != "weight_gather")
+            rows.append([preset, fmt, n, "x".join(map(str, grid)), grid_tokens(grid), ctx_len, rec["unit_bytes"],
+                         got, formula, "yes" if got == formula else "NO", int(ideal), pct(got, ideal), others or "-",
+                         "yes" if rec["finite"] in (True, None) else "NO"])
+        if rows:
+            print(f"[2s] MEASURED sharded weights: the same forward with shard_weights=True (ulysses over the same n "
+                  f"ranks), {args.measure_blocks}-block files, rank 0. weight_gather =\n     count_bytes()"
+                  f"['weight_gather'] (what FSDP's all-gathers moved out of the rank); formula = "
+                  f"model.sharded_weights.gathered_bytes() (its padded shard\n     of every block x (n-1)); "
+                  f"traffic = weight_gather_bytes(blocks' bytes as held, n) = blocks x (n-1)/n, what auto mode uses.")
+            print(table(rows, ["model", "weights", "n", "latent", "tokens", "ctx", "blocks B", "weight_gather B",
+                               "formula B", "equal", "traffic B", "vs traffic", "other kinds (ulysses)", "finite out"],
+                        "llrlrrrrrlrrll"))
+            print("The gathers do not depend on the tokens or the context: the same bytes at every latent.\n")
 
     # ---- 3. full-size table
     if mdegrees:
@@ -378,6 +479,54 @@ def main(argv=None) -> int:
             print(f"\n{preset} ({s.layers} blocks, dim {s.dim}, {s.heads} heads), {res} {w}x{h} {f} frames -> latent "
                   f"{'x'.join(map(str, grid))} -> {s.tokens} tokens")
             print(table(rows, ["axis", "n", "ANALYTIC", "all ranks", "MEASURED", "meas vs an", "note"], "lrrrrrl"))
+    # ---- 4. sharded weights vs TP
+    res_tokens = {res: grid_tokens(latent_grid(*RESOLUTIONS[res])) for res in resolutions}
+    print("\n[4] Sharded weights vs TP, per rank, one forward of one row (GB). ANALYTIC gather = parallel/traffic."
+          "weight_gather_bytes(all blocks' weight bytes as\n    held, n) = blocks x (n-1)/n, independent of the "
+          "latent; TP = traffic.tensor_parallel_bytes at tp = n (the leading all-reduce term of [3]'s tp rows).\n"
+          "    MEASURED = [2s]'s weight_gather per block x the real block count (sharded weights x n on CPU ranks). "
+          "fewer: which moves fewer bytes on the same n ranks;\n    auto: what config.choose_weights picks on n "
+          "ranks for a model that does not fit one device (it weighs the gathers against its own tp degree, "
+          "given).")
+    for preset in models:
+        p = WAN_PRESETS[preset]
+        rows = []
+        for fmt in wformats:
+            for n in degrees:
+                if n < 2:
+                    continue
+                cmp = {res: sharded_vs_tp(preset, fmt, n, res_tokens[res], args.precision) for res in resolutions}
+                first = cmp[resolutions[0]]
+                m_cell = diff = ""
+                recs = [r for (name, _, _), r in measured.items() if name == f"{preset}/shard{n}@{fmt}"]
+                if recs:
+                    m = recs[0]["total"].get("weight_gather", 0) / recs[0]["layers"] * p["num_layers"]
+                    m_cell, diff = gb(m), pct(m, first["gather"])
+                row = [fmt, n, gb(first["blocks"]), gb(first["gather"]), m_cell, diff,
+                       "" if first["break_even"] is None else first["break_even"]]
+                for res in resolutions:
+                    c = cmp[res]
+                    row.append("n/a" if c["tp"] is None else gb(c["tp"]))
+                for res in resolutions:
+                    c = cmp[res]
+                    row.append("sharded" if c["tp"] is None or c["gather"] <= c["tp"] else "tp")
+                for res in resolutions:
+                    c = cmp[res]
+                    row.append("sharded" if c["auto_shard"] else f"tp{c['auto_tp']}")
+                rows.append(row)
+        print(f"\n{preset} ({p['num_layers']} blocks, dim {p['dim']}, {p['dim'] // HEAD_DIM} heads), "
+              + ", ".join(f"{res} {res_tokens[res]} tokens" for res in resolutions))
+        print(table(rows, ["weights", "n", "blocks GB", "GATHER", "MEASURED", "meas vs an", "TP fewer below"]
+                    + [f"TP {res}" for res in resolutions] + [f"fewer {res}" for res in resolutions]
+                    + [f"auto {res}" for res in resolutions], "lr" + "r" * (5 + len(resolutions)) + "l" * (
+                        2 * len(resolutions))))
+    print("blocks GB: the transformer blocks' weights as the ranks hold them (weights/reads.held_bytes: fp8 1 byte, "
+          "GGUF quantized, the rest at the compute precision;\nfp8 = every 2+-dim weight fp8, GGUF = "
+          "write_gguf_dit's per-tensor rule). TP fewer below: the token count under which tp=n's all-reduces "
+          "move fewer bytes than the gathers\n(a 480p 81-frame latent has 32760). auto 'tpK': auto mode keeps the "
+          "weights replicated and splits them by tp=K.\nA CFG-batched forward (2 rows) doubles TP's bytes, not the "
+          "gathers'; Ulysses / Ring bytes of a sequence axis over the same ranks ([3]) come on top of either.")
+
     print("\nCFG row: batch 2 (cond + uncond) split over the cfg replicas; no collective inside the model. "
           "Ulysses / Ring / TP rows: batch 1;\na CFG-batched forward without a cfg axis carries 2 rows and moves twice "
           "these bytes.")
