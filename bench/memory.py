@@ -59,7 +59,8 @@ from bench._common import WEIGHT_FORMATS, header, mib, table, wan_file_header, w
 from parallel_backend.config import ParallelConfig  # noqa: E402
 from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes  # noqa: E402
 
-PRESET = "wan2.1-14b"
+PRESET = "wan2.1-14b"  # the default; --preset tiny / wan2.1-1.3b for a quick run (the tests')
+PRESETS = ("tiny", "wan2.1-1.3b", "wan2.1-14b")
 CARDS_GIB = (16, 24, 80)
 
 
@@ -229,8 +230,8 @@ def _load_one(mesh, path: str, precision: str, forward: bool = True) -> dict:
     return out
 
 
-def _write_file(path: str, blocks: int) -> None:
-    write_fast_checkpoint(path, wan_shapes(**{**WAN_PRESETS[PRESET], "num_layers": blocks}), dtype=torch.bfloat16)
+def _write_file(path: str, blocks: int, preset: str = PRESET) -> None:
+    write_fast_checkpoint(path, wan_shapes(**{**WAN_PRESETS[preset], "num_layers": blocks}), dtype=torch.bfloat16)
 
 
 def _write_variant(src: str, dst: str, fmt: str) -> None:
@@ -289,10 +290,11 @@ _HEAD_NORM = re.compile(r"blocks\.[0-9]+\.(self|cross)_attn\.norm_[qk]\.weight$"
 _LINEAR = re.compile(r"blocks\.[0-9]+\.((self|cross)_attn\.[qkvo]|ffn\.[02])\.weight$")
 
 
-def host_held_bytes(key: str, shape, st: str, precision: str = "bf16") -> int:
+def host_held_bytes(key: str, shape, st: str, precision: str = "bf16", fp8_model: bool = False) -> int:
     """Bytes the host model holds for a file tensor of `shape` stored as `st` (wan_file_header's dtypes), as ComfyUI's
     WanModel builds it: its patch embedding always in fp32; a GGUF-quantized linear kept quantized (GGUFLinear);
-    an fp8 file's model built in fp8 (norms, biases and modulation too); the rest at `precision`.
+    `fp8_model` (a file with fp8 weights): ComfyUI builds the model in fp8, norms, biases and modulation too; the rest
+    at `precision`.
     (weights/reads.held_bytes, auto mode's estimate, differs only in the patch embedding and an fp8 file's 1-D
     tensors.)"""
     from parallel_backend.weights.gguf import QUANT_BLOCKS, quantized_bytes
@@ -303,7 +305,7 @@ def host_held_bytes(key: str, shape, st: str, precision: str = "bf16") -> int:
         return 4 * n
     if st in QUANT_BLOCKS and st not in ("F32", "F16", "BF16"):
         return quantized_bytes(shape, st)
-    return n * (1 if st.startswith("F8") else DTYPE_NAMES[precision].itemsize)
+    return n * (1 if fp8_model or st.startswith("F8") else DTYPE_NAMES[precision].itemsize)
 
 
 def analytic_rank(header: dict, mode: str, precision: str = "bf16") -> dict:
@@ -318,6 +320,7 @@ def analytic_rank(header: dict, mode: str, precision: str = "bf16") -> dict:
     elt = DTYPE_NAMES[precision].itemsize
     held = blocks = full = block_cast = other_cast = 0
     dequantized = []
+    fp8_model = any(str(st).startswith("F8") for _, st in header.values())
     for key, (shape, st) in header.items():
         block = key.startswith("blocks.")
         local, b = tuple(shape), None
@@ -335,11 +338,11 @@ def analytic_rank(header: dict, mode: str, precision: str = "bf16") -> dict:
         elif kind == "shard" and block and len(shape) >= 1:
             local = (-(-shape[0] // n), *shape[1:])  # FSDP's rows: ceil(rows / N), rank 0 holds a full chunk
         if b is None:
-            b = host_held_bytes(key, local, st, precision)
+            b = host_held_bytes(key, local, st, precision, fp8_model)
         held += b
         if block:
             blocks += b
-            full += host_held_bytes(key, shape, st, precision)
+            full += host_held_bytes(key, shape, st, precision, fp8_model)
             if cast:  # sharded: the gathered layer is whole
                 block_cast = max(block_cast, math.prod(shape if kind == "shard" else local))
         elif cast:
@@ -383,6 +386,7 @@ def transient(an: dict, mode: str, fmt: str, resident: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", type=int, default=1, help="blocks in the synthetic file (real model: 40)")
+    ap.add_argument("--preset", default=PRESET, choices=PRESETS, help="the Wan shapes (tiny: the tests' quick run)")
     ap.add_argument("--tps", default="1,2,4", help="tensor-parallel degrees to load with (modes tpN)")
     ap.add_argument("--shards", default="2,4", help="sharded-weights world sizes to load with (modes shardN; '' none)")
     ap.add_argument("--modes", default="", help="explicit mode list, e.g. tp1,tp2,shard2 (overrides --tps/--shards)")
@@ -407,21 +411,24 @@ def main(argv=None) -> int:
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= max(worlds) else "cpu"
     backend = "nccl" if device == "cuda" else "gloo"
 
-    header("Per-rank parameter bytes and RSS at load, Wan 14B shapes: tensor parallel, sharded weights, GGUF / fp8")
-    real_layers = WAN_PRESETS[PRESET]["num_layers"]
+    preset, shape = args.preset, WAN_PRESETS[args.preset]
+    real_layers = shape["num_layers"]
+    name = {"wan2.1-14b": "Wan 2.1 14B", "wan2.1-1.3b": "Wan 2.1 1.3B"}.get(preset, f"Wan '{preset}'")
+    header(f"Per-rank parameter bytes and RSS at load, {name} shapes: tensor parallel, sharded weights, GGUF / fp8")
     from parallel_backend.testing.spmd import run_on_ranks
 
     results, files = {}, {}  # (format, mode) -> per-rank records; format -> (path, MiB)
     with tempfile.TemporaryDirectory(prefix="pdit_bench_mem_") as tmp:
-        path = os.path.join(tmp, "wan14b_shapes.safetensors")
+        path = os.path.join(tmp, f"{preset}_shapes.safetensors")
         t0 = time.perf_counter()
-        _in_child(_write_file, path, args.blocks)
+        _in_child(_write_file, path, args.blocks, preset)
         files["bf16"] = path
-        print(f"file: Wan 2.1 14B shapes (dim 5120, 40 heads, ffn 13824), {args.blocks} of {real_layers} blocks, "
+        print(f"file: {name} shapes (dim {shape['dim']}, {shape['dim'] // 128} heads, ffn {shape['ffn_dim']}), "
+              f"{args.blocks} of {real_layers} blocks, "
               f"bf16, {mib(os.path.getsize(path))} MiB, written in {time.perf_counter() - t0:.0f} s")
         for fmt in formats[1:]:
             t0 = time.perf_counter()
-            dst = os.path.join(tmp, f"wan14b_shapes_{fmt}." + ("safetensors" if fmt == "fp8" else "gguf"))
+            dst = os.path.join(tmp, f"{preset}_shapes_{fmt}." + ("safetensors" if fmt == "fp8" else "gguf"))
             _in_child(_write_variant, path, dst, fmt)
             files[fmt] = dst
             how = "write_fp8_variant(scaled=False)" if fmt == "fp8" else "write_gguf_dit"
@@ -441,7 +448,7 @@ def main(argv=None) -> int:
                 results[fmt, mode] = [recs[j] for recs in per_rank]
     results = {k: results[k] for k in sorted(results, key=lambda k: (formats.index(k[0]), all_modes.index(k[1])))}
 
-    headers = {fmt: wan_file_header(PRESET, fmt, args.blocks) for fmt in formats}
+    headers = {fmt: wan_file_header(preset, fmt, args.blocks) for fmt in formats}
     full = {}
     for fmt in formats:
         if (fmt, "tp1") in results:
@@ -520,7 +527,7 @@ def main(argv=None) -> int:
               "(a row-parallel split off a quant-block boundary).")
 
     # projection to the real 40-block model, from the measured split
-    rows, full_headers = [], {fmt: wan_file_header(PRESET, fmt) for fmt in formats}
+    rows, full_headers = [], {fmt: wan_file_header(preset, fmt) for fmt in formats}
     for (fmt, mode), ranks in results.items():
         r = ranks[0]
         per_block = r["block_bytes"] / r["num_blocks"]
@@ -536,7 +543,7 @@ def main(argv=None) -> int:
                      "" if full_proj is None else f"{proj / full_proj:.3f}", f"{1 / n:.3f}",
                      f"{an / 2**30:.2f}", f"{100 * (proj - an) / an:+.2f}%",
                      f"{100 * (r['param_bytes'] - an_file) / an_file:+.2f}%"])
-    print(f"\n[3] Projection to the real {real_layers}-block Wan 14B, per rank (rank 0), from the MEASURED block / "
+    print(f"\n[3] Projection to the real {real_layers}-block {name}, per rank (rank 0), from the MEASURED block / "
           f"non-block split (weights as ComfyUI's WanModel holds them at bf16 compute):")
     print(table(rows, ["weights", "mode", "per block MiB", "non-block MiB", "params GiB", "of full", "ideal 1/n",
                        "analytic GiB", "proj vs an", f"file vs an ({args.blocks} blk)"], "ll" + "r" * 8))
@@ -546,11 +553,11 @@ def main(argv=None) -> int:
 
     # analytic table for every format and mode
     proj_modes = ["tp1", "tp2", "tp4", "shard2", "shard4", "shard8"]
-    an_all = {(fmt, m): analytic_rank(wan_file_header(PRESET, fmt), m) for fmt in WEIGHT_FORMATS for m in proj_modes}
+    an_all = {(fmt, m): analytic_rank(wan_file_header(preset, fmt), m) for fmt in WEIGHT_FORMATS for m in proj_modes}
     gib = 2**30
     rows = [[fmt, f"{an_all[fmt, 'shard2']['block_full'] / 2**20:.0f}"]
             + [f"{an_all[fmt, m]['held'] / gib:.2f}" for m in proj_modes] for fmt in WEIGHT_FORMATS]
-    print(f"\n[4] ANALYTIC per-rank weight bytes of the full Wan 2.1 14B ({real_layers} blocks), GiB, rank 0, by "
+    print(f"\n[4] ANALYTIC per-rank weight bytes of the full {name} ({real_layers} blocks), GiB, rank 0, by "
           f"weight format and mode (tpN = tensor parallel, shardN = sharded weights x N):")
     print(table(rows, ["weights", "block MiB"] + proj_modes, "l" + "r" * (1 + len(proj_modes))))
     deq = {(fmt, m): an["dequantized"] for (fmt, m), an in an_all.items() if an["dequantized"]}
