@@ -3,6 +3,8 @@
 The formula (per rank, per forward) is what the README / design.md table is built on; these tests
 hold it to parallel_backend.parallel.collectives.count_bytes() on a real ShardedModel forward.
 """
+import math
+
 import pytest
 
 from bench import comm_volume as cv
@@ -72,3 +74,86 @@ def test_resolution_token_counts():
     assert cv.grid_tokens((21, 60, 104)) == 32760
     assert cv.latent_grid(*cv.RESOLUTIONS["720p"]) == (21, 90, 160)
     assert cv.grid_tokens((21, 90, 160)) == 75600
+
+
+# ---- sharded weights ------------------------------------------------------------------------------------------------
+def _block_numel(preset: str) -> int:
+    from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes
+
+    return sum(math.prod(s) for k, s in wan_shapes(**WAN_PRESETS[preset]).items() if k.startswith("blocks."))
+
+
+def test_sharded_weights_formula_rows():
+    """Wan 14B bf16: the gathers move the blocks' bytes x (n-1)/n per forward (14 GB at n = 2), whatever the latent,
+    fewer than tp=n's all-reduces at 480p and 720p: auto mode picks sharded weights there."""
+    blocks = 2 * _block_numel("wan2.1-14b")
+    assert abs(blocks / 1e9 - 28.1) < 0.05
+    for res, tokens in (("480p", 32760), ("720p", 75600)):
+        for n in (2, 4, 8):
+            c = cv.sharded_vs_tp("wan2.1-14b", "bf16", n, tokens)
+            assert c["blocks"] == blocks and c["gather"] == blocks * (n - 1) / n, (res, n)
+            assert c["tp"] == 3 * 2 * tokens * 5120 * 2 * 40 * (n - 1) / n
+            assert c["gather"] < c["tp"] and c["auto_shard"], (res, n)
+    c2 = cv.sharded_vs_tp("wan2.1-14b", "bf16", 2, 32760)
+    assert abs(c2["gather"] / 1e9 - 14.06) < 0.01 and abs(c2["tp"] / 1e9 - 40.26) < 0.01
+    # the formats: fp8 half of bf16, GGUF its quantized bytes; the same order in the gathers
+    g = {f: cv.sharded_vs_tp("wan2.1-14b", f, 2, 32760)["gather"] for f in ("bf16", "fp8", "Q8_0", "Q4_K")}
+    assert g["bf16"] > g["Q8_0"] > g["fp8"] > g["Q4_K"]
+    assert abs(g["fp8"] / g["bf16"] - 0.5) < 0.001
+    # 1.3B at n = 8: no tp (12 heads), sharded weights still apply
+    c = cv.sharded_vs_tp("wan2.1-1.3b", "bf16", 8, 32760)
+    assert c["tp"] is None and c["gather"] == 2 * _block_numel("wan2.1-1.3b") * 7 / 8 and c["auto_shard"]
+
+
+def test_break_even_is_where_auto_mode_switches():
+    """Below the break-even token count tp moves fewer bytes and auto mode keeps tp (n = 2: it weighs tp=2)."""
+    even = cv.sharded_vs_tp("wan2.1-14b", "bf16", 2, 32760)["break_even"]
+    assert 11000 < even < 12000
+    below, at = cv.sharded_vs_tp("wan2.1-14b", "bf16", 2, even - 1), cv.sharded_vs_tp("wan2.1-14b", "bf16", 2, even)
+    assert below["tp"] < below["gather"] and not below["auto_shard"] and below["auto_tp"] == 2
+    assert at["gather"] <= at["tp"] and at["auto_shard"]
+
+
+@pytest.fixture(scope="module")
+def measured_shard(tmp_path_factory):
+    """One 2-rank spawn: sharded weights x ulysses2 on the tiny Wan (2 blocks) in bf16 compute, from its fp32 file
+    and from a Q8_0 GGUF of it, at the three (tokens, context) points."""
+    from parallel_backend.testing.gguf_files import write_gguf_dit
+
+    d = tmp_path_factory.mktemp("comm_shard")
+    path = write_tiny_wan(str(d / "tiny_wan.safetensors"))
+    gguf = str(d / "tiny_wan_Q8_0.gguf")
+    write_gguf_dit(path, gguf, "Q8_0")
+    jobs = [cv.shard_job("tiny", "bf16", path, 2, "cpu", "bf16"), cv.shard_job("tiny", "Q8_0", gguf, 2, "cpu", "bf16")]
+    return {"paths": {"bf16": path, "Q8_0": gguf},
+            "records": cv.measure(jobs, 2, cv.measure_points(GRIDS, CONTEXTS), "bf16", "cpu")}
+
+
+@pytest.mark.multirank
+def test_measured_weight_gather_equals_formula(measured_shard):
+    from bench._common import block_weight_bytes
+    from parallel_backend.parallel.traffic import weight_gather_bytes
+    from parallel_backend.weights.reads import read_header
+
+    records = measured_shard["records"]
+    assert len(records) == 2 * 3
+    by_fmt = {}
+    for (name, grid, ctx), rec in records.items():
+        preset, n, fmt = cv.split_shard_name(name)
+        got = rec["total"]["weight_gather"]
+        assert got > 0 and got == rec["gathered_formula"], (name, grid, ctx, got, rec["gathered_formula"])
+        # the blocks' bytes as the ranks hold them = the pack's rule (what auto mode computes from the header)
+        assert rec["unit_bytes"] == block_weight_bytes(read_header(measured_shard["paths"][fmt]), "bf16")
+        ideal = weight_gather_bytes(rec["unit_bytes"], n)
+        assert abs(got - ideal) <= 0.01 * ideal, (name, got, ideal)  # padded shards only
+        # the ulysses axis over the same ranks sends what it sends without sharded weights
+        s = cv.model_shape(preset, cv.grid_tokens(grid), 2, elt=2, ctx_len=ctx)
+        ulysses = cv.total(cv.analytic("ulysses", 2, s), 2)
+        assert sum(v for k, v in rec["total"].items() if k != "weight_gather") == ulysses
+        assert rec["finite"] is not False
+        by_fmt.setdefault(fmt, set()).add(got)
+        # scaled as [4] scales it: per block x 40 blocks = the formula on 40 such blocks
+        scaled = got / rec["layers"] * 40
+        assert abs(scaled - weight_gather_bytes(rec["unit_bytes"] / rec["layers"] * 40, n)) <= 0.01 * scaled
+    assert all(len(v) == 1 for v in by_fmt.values()), by_fmt  # the same at every latent / context
+    assert min(by_fmt["Q8_0"]) < 0.6 * min(by_fmt["bf16"])  # Q8_0: ~1.06 B per weight against bf16's 2
