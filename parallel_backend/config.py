@@ -263,6 +263,12 @@ def choose_weights(mode: str, world_size: int, num_heads: int, fits_one_device: 
 FIT_RESERVE = {"cuda": 2 << 30, "cpu": 512 << 20}
 
 
+# sharded weights hold this many blocks whole during a forward: the running one, the prefetched next, and the
+# previous one's gather buffer, which torch's FSDP2 frees only at the next block's copy-out (bench/memory.py measures
+# 4 on CPU ranks, where gloo gathers through one more temporary copy)
+GATHERED_BLOCKS = 3
+
+
 @dataclass(frozen=True)
 class ModelBytes:
     """A model's weight bytes as the ranks would hold them: each transformer block's, and everything else."""
@@ -282,8 +288,8 @@ def rank_coords(cfg: ParallelConfig, rank: int) -> dict:
 
 def weights_per_rank(cfg: ParallelConfig, mb: ModelBytes) -> list:
     """Bytes of weights each rank holds under `cfg`: its pipeline stage's blocks (all of them at pp 1), / tp, or
-    with sharded weights 1/world of every block plus two gathered ones (the running block and the prefetched next),
-    and everything outside the blocks whole."""
+    with sharded weights 1/world of every block plus GATHERED_BLOCKS whole ones, and everything outside the blocks
+    whole."""
     from .parallel.pipeline import stage_ranges
 
     blocks, n = list(mb.blocks), len(mb.blocks)
@@ -292,7 +298,7 @@ def weights_per_rank(cfg: ParallelConfig, mb: ModelBytes) -> list:
     for rank in range(cfg.world_size):
         a, b = ranges[rank_coords(cfg, rank)["pp"]]
         if cfg.shard_weights:
-            held = sum(blocks) / cfg.world_size + 2 * max(blocks, default=0)
+            held = sum(blocks) / cfg.world_size + GATHERED_BLOCKS * max(blocks, default=0)
         else:
             held = sum(blocks[a:b]) / cfg.tp
         out.append(int(held) + mb.rest)

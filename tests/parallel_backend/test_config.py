@@ -378,7 +378,7 @@ def test_weights_per_rank_follow_the_plan():
     assert weights_per_rank(ParallelConfig(world_size=2, ulysses=2, device="cuda"), mb) == [blocks + rest] * 2
     assert weights_per_rank(ParallelConfig(world_size=2, tp=2, device="cuda"), mb) == [blocks // 2 + rest] * 2
     sharded = weights_per_rank(ParallelConfig(world_size=4, ulysses=4, device="cuda", shard_weights=True), mb)
-    assert sharded == [blocks // 4 + 2 * mb.blocks[0] + rest] * 4
+    assert sharded == [blocks // 4 + 3 * mb.blocks[0] + rest] * 4
     staged = weights_per_rank(ParallelConfig(world_size=2, pp=2, stage_split=(24, 16), device="cuda"), mb)
     assert staged == [24 * mb.blocks[0] + rest, 16 * mb.blocks[0] + rest]
 
