@@ -36,6 +36,14 @@ def resolve_config(spec: dict, shape, header, family=None, precision: str = "bf1
     else:  # sharded weights make the model fit without tp
         picked, why = cfgmod.auto_degrees(spec["world_size"], shape.num_heads, uses_cfg=True,
                                           fits_one_device=fits or shard, fixed=fixed)
+    if picked.get("pp", 1) > 1 and not stage_split:  # stages follow each GPU's memory unless the user split them
+        totals = _device_totals(spec)
+        if totals and len(set(totals)) > 1:
+            shape_only = cfgmod.ParallelConfig(world_size=spec["world_size"], device="cpu", **picked)
+            stages = [min(t for r, t in enumerate(totals) if cfgmod.rank_coords(shape_only, r)["pp"] == s)
+                      for s in range(picked["pp"])]  # a stage is as big as its smallest GPU
+            stage_split = tuple(max(1, round(t / 2**30)) for t in stages)
+            why += f"; stage_split {','.join(map(str, stage_split))} from each stage's GPU memory (GiB)"
     why = "; ".join(w for w in (why_weights, why) if w and w != "single rank") or why
     config = cfgmod.ParallelConfig(world_size=spec["world_size"], dtype=spec["dtype"], device=spec["device"],
                                    attention=spec["attention"], first_device=spec.get("first_device", 0),

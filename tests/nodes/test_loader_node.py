@@ -286,3 +286,31 @@ def test_plan_that_cannot_fit_is_refused_before_loading(comfy, pack, config_spec
     model, plan = _loader(pack).load("tiny_wan.safetensors", "fp32", spec)
     assert "pp=2" in plan and len(loads) == 1
     group.stop_all()
+
+
+def test_pp_stages_follow_each_gpus_memory_unless_split_by_the_user(comfy, pack, monkeypatch, no_new_processes):
+    """pp > 1 without stage_split: the stages are sized by each stage's smallest GPU (the driver's totals; faked
+    here); with auto pp on unequal GPUs that no symmetric plan fits, pp is picked and said so."""
+    loader = _loader_module(pack)
+    reads, models = pack_backend(pack, "weights.reads"), pack_backend(pack, "models")
+    path = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
+    header = reads.read_header(path)
+    family = models.detect_family(header, path)
+    shape = family.model_shape(header)
+    monkeypatch.setattr(loader, "_device_totals", lambda spec: [24 << 30, 24 << 30, 16 << 30, 16 << 30])
+    monkeypatch.setattr(pack_backend(pack, "runtime.group"), "available_devices", lambda kind: None)
+    make = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make
+    spec = make(4, 1, 2, 1, 1, 1, "fp32", "cpu", "sdpa", pp=2)[0]
+    config, why = loader.resolve_config(spec, shape, header, family, "fp32")
+    assert config.pp == 2 and config.ulysses == 2 and config.stage_split == (24, 16), (config, why)
+    assert "stage_split 24,16 from each stage's GPU memory" in why
+    spec = make(4, 1, 2, 1, 1, 1, "fp32", "cpu", "sdpa", pp=2, stage_split="3,1")[0]
+    assert loader.resolve_config(spec, shape, header, family, "fp32")[0].stage_split == (3, 1)
+    # auto pp (0): unequal GPUs that no symmetric plan fits (Wan 14B-sized weights, faked) -> stages by memory
+    from parallel_backend.config import ModelBytes
+    monkeypatch.setattr(loader, "_device_totals", lambda spec: [24 << 30, 12 << 30])
+    monkeypatch.setattr(loader, "model_bytes", lambda *a: ModelBytes(tuple([702_000_000] * 40), 464_000_000))
+    spec = make(2, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", pp=0)[0]
+    config, why = loader.resolve_config(spec, shape, header, family, "fp32")
+    assert config.pp == 2 and config.stage_split == (24, 12) and "because the GPUs differ (24, 12 GiB)" in why, why
+    print(f"\nauto pp: {why}")
