@@ -21,7 +21,7 @@ import re
 import numpy as np
 import torch
 
-from .reads import CheckpointError
+from .reads import CheckpointError, ReopeningReader
 
 ARCHITECTURES = ("wan", "cosmos")
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
@@ -205,40 +205,20 @@ def _drop_pages(reader, tensor) -> None:
         pass  # advice only
 
 
-class GGUFSliceReader:
+class GGUFSliceReader(ReopeningReader):
     """`reads.SliceReader`'s interface over a GGUF file, for the loader: `read(key, index)` gives the slice's values
     (dequantized exactly, as gguf does; F16 / BF16 keep their dtype), `read_quantized(key, index)` the slice's
-    still-quantized bytes (rows, row bytes). Only the rows asked for are copied out of the map, and the map is
-    dropped every `budget` bytes of touched pages (as SliceReader does), so resident memory stays at the shard."""
+    still-quantized bytes (rows, row bytes). Only the rows asked for are copied out of the map, each tensor's pages
+    are dropped once copied, and the map itself every `budget` bytes (ReopeningReader)."""
 
-    def __init__(self, path: str, budget: int | None = None):
-        from .reads import REOPEN_BYTES
-
-        self.path, self.budget = path, budget or REOPEN_BYTES
-        self._reader, self._tensors, self._touched = None, {}, 0
-        self.bytes_read = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        self._reader, self._tensors, self._touched = None, {}, 0
-
-    def _open(self, touch: int):
-        if self._reader is not None and self._touched + touch > self.budget:
-            self.close()
-        if self._reader is None:
-            self._reader = open_reader(self.path)
-            _check(self._reader, self.path)
-            self._tensors = {t.name: t for t in self._reader.tensors}
-        self._touched += touch
-        return self._reader
+    def _open_file(self):
+        reader = open_reader(self.path)
+        _check(reader, self.path)
+        self._tensors = {t.name: t for t in reader.tensors}
+        return reader
 
     def _rows(self, key: str, index, touch: int):
-        reader = self._open(touch)
+        reader = self._handle(touch)
         if key not in self._tensors:
             raise CheckpointError(f"{self.path}: no tensor {key!r}")
         rows = index[0] if index else None

@@ -149,12 +149,13 @@ def open_slices(path: str, budget: int = REOPEN_BYTES):
     return SliceReader(path, budget)
 
 
-class SliceReader:
-    """`get_slice` reads from one safetensors file, re-opening it (dropping its memory map) after
-    `budget` bytes of its pages were touched, so the pages do not pile up in resident memory."""
+class ReopeningReader:
+    """A memory-mapped checkpoint read slice by slice, re-opened (its map dropped) after `budget` bytes of its pages
+    were touched, so the pages do not pile up in resident memory. Subclasses open (`_open_file`) and drop
+    (`_drop_file`) their file; `_handle(touch)` gives the open one."""
 
     def __init__(self, path: str, budget: int = REOPEN_BYTES):
-        self.path, self.budget = path, budget
+        self.path, self.budget = path, budget or REOPEN_BYTES
         self._f = None
         self._touched = 0
         self.bytes_read = 0
@@ -167,24 +168,41 @@ class SliceReader:
 
     def close(self):
         if self._f is not None:
-            self._f.__exit__(None, None, None)
+            self._drop_file(self._f)
             self._f = None
         self._touched = 0
 
-    def _file(self, touch: int):
-        from safetensors import safe_open
-
+    def _handle(self, touch: int):
         if self._f is not None and self._touched + touch > self.budget:
             self.close()
         if self._f is None:
-            self._f = safe_open(self.path, framework="pt", device="cpu")
-            self._f.__enter__()
+            self._f = self._open_file()
         self._touched += touch
         return self._f
 
+    def _open_file(self):
+        raise NotImplementedError
+
+    def _drop_file(self, f) -> None:
+        pass
+
+
+class SliceReader(ReopeningReader):
+    """`get_slice` reads from one safetensors file (see ReopeningReader)."""
+
+    def _open_file(self):
+        from safetensors import safe_open
+
+        f = safe_open(self.path, framework="pt", device="cpu")
+        f.__enter__()
+        return f
+
+    def _drop_file(self, f) -> None:
+        f.__exit__(None, None, None)
+
     def read(self, key: str, index=None, touch: int = 0) -> torch.Tensor:
         """A view of `key` (or of `key[index]`) valid until the caller drops it: copy it out."""
-        f = self._file(touch)
+        f = self._handle(touch)
         sl = f.get_slice(key)
         if not sl.get_shape():  # 0-dim (a per-tensor scale)
             t = f.get_tensor(key)

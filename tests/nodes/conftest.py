@@ -5,6 +5,19 @@ import torch
 import comfy_host
 
 
+@pytest.fixture
+def no_new_processes():
+    """The test starts no worker group and leaves no new child process (bad input refused in the nodes)."""
+    import psutil
+
+    import parallel_backend.runtime.group as group
+    before = (group.starts, {c.pid for c in psutil.Process().children(recursive=True)})
+    yield
+    assert group.starts == before[0], "a worker group was started"
+    new = {c.pid for c in psutil.Process().children(recursive=True)} - before[1]
+    assert not [p for p in new if "resource_tracker" not in " ".join(psutil.Process(p).cmdline())]
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """ComfyUI imported in this process, with a models folder holding a tiny Wan."""

@@ -8,16 +8,6 @@ import torch
 from safetensors.torch import save_file
 
 
-@pytest.fixture
-def no_new_processes():
-    import parallel_backend.runtime.group as group
-    before = (group.starts, {c.pid for c in psutil.Process().children(recursive=True)})
-    yield
-    assert group.starts == before[0], "a worker group was started"
-    new = {c.pid for c in psutil.Process().children(recursive=True)} - before[1]
-    assert not [p for p in new if "resource_tracker" not in " ".join(psutil.Process(p).cmdline())]
-
-
 def _loader(pack):
     return pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]()
 
