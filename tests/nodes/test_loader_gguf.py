@@ -63,9 +63,17 @@ def test_gguf_with_sharded_weights_equals_native_on_its_weights(comfy, pack, con
     latent = {"samples": torch.zeros(1, 16, 3, 6, 10)}
     native = comfy_sd.load_diffusion_model(os.path.join(unet_dir, "tiny_wan_Q8_0_dequant.safetensors"))
     ref = comfy_nodes.common_ksampler(native, 4, 4, 5.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+    import parallel_backend.weights.gguf as gguf_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("the ComfyUI process tried to read GGUF tensor data")
     try:
-        model, plan = _loader(pack).load("tiny_wan_Q8_0.gguf", "fp32",
-                                         config_spec(world_size=2, ulysses=2, weights="sharded"))
+        with pytest.MonkeyPatch.context() as trap:  # this process reads the GGUF's metadata only; the ranks the rest
+            for name in ("read_rows", "dequantize"):
+                trap.setattr(gguf_mod, name, refuse)
+            trap.setattr(gguf_mod.GGUFSliceReader, "_rows", refuse)
+            model, plan = _loader(pack).load("tiny_wan_Q8_0.gguf", "fp32",
+                                             config_spec(world_size=2, ulysses=2, weights="sharded"))
         out = comfy_nodes.common_ksampler(model, 4, 4, 5.0, "euler", "simple", pos, neg, latent)[0]["samples"]
         g = group.active_groups()[0]
         assert g.config.shard_weights and "sharded weights" in plan and "GGUF Q8_0: 20 linears kept quantized" in plan

@@ -1,5 +1,6 @@
 """Pipeline stages (parallel_backend/parallel/pipeline.py) on CPU/gloo ranks, against the 1-rank ShardedModel on the
-same file (fp32): pp2, pp2 with an uneven 3:1 split (a 4-block model), pp2 x ulysses2 and cfg2 x pp2 within 1e-5
+same file (fp32): pp2, pp2 with an uneven 3:1 split (a 4-block model), pp2 x ulysses2, pp2 x ring2 and cfg2 x pp2
+within 1e-5
 (batch 2: two micro-batches in flight; batch 1; 32 and 45 tokens); each rank holds its stage's blocks (+ the rest)
 as the split says; only the last stage writes; the activation crosses once per block boundary per micro-batch;
 block-replacement patches are refused."""
@@ -16,7 +17,7 @@ from parallel_backend.parallel.pipeline import bubble_fraction, stage_ranges
 TOL = 1e-5
 LATENTS = {"even": (16, 2, 8, 8), "ragged": (16, 3, 6, 10)}
 MESHES_2 = {"pp2": dict(pp=2), "pp2_split3to1": dict(pp=2, stage_split=(3, 1))}
-MESHES_4 = {"pp2xulysses2": dict(pp=2, ulysses=2), "cfg2xpp2": dict(cfg=2, pp=2)}
+MESHES_4 = {"pp2xulysses2": dict(pp=2, ulysses=2), "pp2xring2": dict(pp=2, ring=2), "cfg2xpp2": dict(cfg=2, pp=2)}
 LAYERS = 4
 
 
