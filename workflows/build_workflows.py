@@ -251,7 +251,33 @@ WAN21_VACE = {
     ],
 }
 
-WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_i2v_parallel": WAN21_I2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
+# Wan 2.1 T2V 14B as a GGUF (city96's Q8_0, 15 GB: over a 16 GB card once the runtime is counted) on two 16 GB
+# cards: the blocks' weights sharded over both (each holds half and gathers a block as it runs), the quantized
+# linears kept quantized on the ranks. Swap Unet Loader (GGUF) for Parallel Model Loader; the rest is native.
+WAN21_T2V_GGUF = {
+    "title": "Wan 2.1 T2V 14B GGUF (Q8_0) with sharded weights on two GPUs",
+    "nodes": [
+        (1, "CLIPLoader", dict(UMT5)),
+        (2, "CLIPTextEncode", {"text": "a red fox running through fresh snow, golden hour, cinematic",
+                               "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
+        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
+                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0,
+                               "weights": "sharded"}),
+        (5, "ParallelModelLoader", {"model_name": "wan2.1-t2v-14b-Q8_0.gguf", "base_precision": "bf16",
+                                    "parallel_config": link(4), "residency": "swap"}),
+        (6, "EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+        (7, "KSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
+                         "scheduler": "simple", "positive": link(2), "negative": link(3), "latent_image": link(6),
+                         "denoise": 1.0}),
+        (8, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (9, "VAEDecode", {"samples": link(7), "vae": link(8)}),
+        (10, "SaveAnimatedWEBP", {"images": link(9), "filename_prefix": "parallel_dit/wan21_t2v_gguf", "fps": 16.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+    ],
+}
+
+WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_t2v_gguf_sharded_parallel": WAN21_T2V_GGUF, "wan21_i2v_parallel": WAN21_I2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
              "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I,
              "wan21_vace_parallel": WAN21_VACE, "cosmos1_t2w_parallel": COSMOS1_T2W}
 
