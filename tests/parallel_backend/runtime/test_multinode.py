@@ -1,0 +1,369 @@
+"""Multi-node rendezvous (runtime/multinode.py, runtime/node.py) without a cluster.
+
+In-process (loopback, threads): the store binds only the given address, the secret admission refuses a wrong
+secret / a wrong world / a rank claimed twice, the model-file fingerprint and its check across ranks.
+
+Two nodes (`multirank`): two network namespaces joined by a veth pair (parallel_backend/testing/netns.py; needs
+root, fails loudly without it), node 0 in one, node 1 in the other, each running
+`python -m parallel_backend.runtime.node` with CPU/gloo ranks:
+- the group forms and a real forward of the tiny Wan on meshes that cross the nodes equals one rank within 1e-5
+  (1 rank per node: ring2 and cfg2 across; 2 ranks per node: ulysses inside x ring across, cfg across x ulysses);
+- every socket the ranks listen on binds the namespace's own address (the store: the given address only), and
+  every connection runs between the two namespace addresses (gloo on the veth, never loopback);
+- a node with a different secret is refused (both sides say why) and no rank runs its target;
+- a different model file on node 1 is refused, naming node 1 and what differs.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from parallel_backend.runtime.multinode import (
+    Fingerprint,
+    ModelFileMismatch,
+    RendezvousError,
+    RendezvousRefused,
+    RendezvousServer,
+    World,
+    check_model_file,
+    connect_store,
+    file_fingerprint,
+    parse_endpoint,
+    request_admission,
+    resolve_model,
+)
+from parallel_backend.testing.netns import NetnsError, preflight, two_node_netns
+from parallel_backend.testing.synthetic import write_tiny_wan
+
+REPO = Path(__file__).resolve().parents[3]
+SECRET = b"0123456789abcdef0123456789abcdef"
+TOL = 1e-5
+
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses listening on TCP `port` in this namespace (ss)."""
+    out = subprocess.run(["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[-2] for line in out.splitlines() if line.strip()]
+
+
+# ---- in-process: store binding, admission, fingerprints ----------------------------------------------------------
+
+def test_store_binds_only_the_given_address():
+    # torch's TCPStore creating its own socket listens on every interface (`*:port`), whatever host it is given;
+    # the server hands it a socket bound to the given address (master_listen_fd)
+    plain = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+    print(f"\nTCPStore('127.0.0.1') on its own listens on {_listeners(plain.port)}")
+    del plain
+    server = RendezvousServer("127.0.0.1", 0, SECRET, World(1, 1), timeout=10)
+    assert _listeners(server.port) == [f"127.0.0.1:{server.port}"]
+    client = connect_store("127.0.0.1", server.port, timeout=10)
+    assert client.get("pdit/rdzv//nonce").decode() == server.nonce
+    with pytest.raises(RendezvousError, match="every interface"):
+        RendezvousServer("0.0.0.0", 0, SECRET, World(1, 1))
+    with pytest.raises(RendezvousError, match="not an address of this machine"):
+        RendezvousServer("192.0.2.1", 0, SECRET, World(1, 1))  # TEST-NET-1: never local, nothing is sent
+
+
+def test_parse_endpoint():
+    assert parse_endpoint("10.0.0.1:29500") == ("10.0.0.1", 29500)
+    assert parse_endpoint("[fd00::1]:29500") == ("fd00::1", 29500)
+    for bad in ("10.0.0.1", "10.0.0.1:0", ":29500", "host:x"):
+        with pytest.raises(ValueError):
+            parse_endpoint(bad)
+
+
+def _admit_in_threads(world: World, secrets: dict, claims: dict | None = None, timeout=10):
+    """Node 0's admission with one thread per rank (rank -> secret; claims: rank -> (claimed rank, world))."""
+    server = RendezvousServer("127.0.0.1", 0, SECRET, world, timeout=timeout)
+    outcome = {}
+
+    def rank_thread(rank):
+        claimed, w = (claims or {}).get(rank, (rank, world))
+        try:
+            store = connect_store("127.0.0.1", server.port, timeout=timeout)
+            outcome[rank] = request_admission(store, secrets[rank], claimed, w, "127.0.0.1", "node 0", timeout)
+        except RendezvousError as e:
+            outcome[rank] = e
+    threads = [threading.Thread(target=rank_thread, args=(r,)) for r in secrets]
+    for t in threads:
+        t.start()
+    try:
+        server_result = server.admit()
+    except RendezvousError as e:
+        server_result = e
+    for t in threads:
+        t.join(timeout + 5)
+    return server, server_result, outcome
+
+
+def test_admission_admits_ranks_with_the_secret():
+    server, result, outcome = _admit_in_threads(World(2, 2), {r: SECRET for r in range(4)})
+    assert sorted(result) == [0, 1, 2, 3] and [result[r]["node"] for r in range(4)] == [0, 0, 1, 1]
+    assert all(outcome[r] == server.nonce for r in range(4)), outcome
+
+
+def test_admission_refuses_a_wrong_secret_and_forms_no_group():
+    _, result, outcome = _admit_in_threads(World(2, 1), {0: SECRET, 1: b"not-the-secret-at-all-0123456789"})
+    assert isinstance(result, RendezvousRefused)
+    assert "refused rank 1 (node 1" in str(result) and "secret" in str(result) and "not formed" in str(result)
+    assert isinstance(outcome[1], RendezvousRefused) and "secret" in str(outcome[1]), outcome[1]
+    # the rank that did hold the secret is not left in a group of one: the rendezvous was aborted for it too
+    assert isinstance(outcome[0], RendezvousError) and "aborted" in str(outcome[0]), outcome[0]
+
+
+def test_admission_refuses_a_wrong_world_and_a_rank_claimed_twice():
+    _, result, outcome = _admit_in_threads(World(2, 1), {0: SECRET, 1: SECRET}, claims={1: (1, World(2, 2))})
+    assert isinstance(result, RendezvousRefused) and "--nproc-per-node" in str(result), result
+    assert isinstance(outcome[1], RendezvousRefused)
+    # two processes claiming rank 0: exactly one gets it, the other is told who else holds it
+    _, result, outcome = _admit_in_threads(World(1, 2), {0: SECRET, 1: SECRET, 2: SECRET},
+                                           claims={2: (0, World(1, 2))}, timeout=5)
+    dup = [e for e in outcome.values() if isinstance(e, RendezvousRefused) and "already joined as rank 0" in str(e)]
+    assert len(dup) == 1, outcome
+
+
+def test_admission_times_out_naming_the_missing_node():
+    _, result, outcome = _admit_in_threads(World(2, 1), {0: SECRET}, timeout=1)
+    assert isinstance(result, RendezvousError) and "rank(s) [1] (node(s) [1]) did not join" in str(result), result
+    assert isinstance(outcome[0], RendezvousError)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """Each node's model folder with the same tiny Wan, and a folder whose tiny.safetensors is another file (bf16)."""
+    d = tmp_path_factory.mktemp("multinode_models")
+    for sub in ("node0", "node1", "other"):
+        (d / sub).mkdir()
+    same = [write_tiny_wan(str(d / f"node{k}" / "tiny.safetensors"), seed=0) for k in (0, 1)]
+    other = write_tiny_wan(str(d / "other" / "tiny.safetensors"), seed=0, dtype=torch.bfloat16)
+    return {"dirs": [str(d / "node0"), str(d / "node1")], "same": same, "other": other, "other_dir": str(d / "other")}
+
+
+def test_file_fingerprint(model_files, tmp_path):
+    a, b = (file_fingerprint(p) for p in model_files["same"])
+    assert a == b and a.size == os.path.getsize(model_files["same"][0])
+    other = file_fingerprint(model_files["other"])
+    diffs = other.differences(a)
+    assert len(diffs) == 2 and diffs[0].startswith("size") and diffs[1].startswith("header sha256")
+    # GGUF: the header is everything up to the tensor data (gguf's data_offset)
+    from parallel_backend.testing.gguf_files import write_gguf_dit
+    g = str(tmp_path / "tiny.gguf")
+    write_gguf_dit(model_files["same"][0], g, "Q8_0")
+    fg = file_fingerprint(g)
+    assert fg.size == os.path.getsize(g) and fg != a
+    with pytest.raises(FileNotFoundError):
+        file_fingerprint(str(tmp_path / "missing.safetensors"))
+    (tmp_path / "x.ckpt").write_bytes(b"\x80\x04" * 10)
+    with pytest.raises(ModelFileMismatch, match="neither a safetensors nor a GGUF"):
+        file_fingerprint(str(tmp_path / "x.ckpt"))
+    with pytest.raises(ModelFileMismatch, match="relative"):
+        resolve_model("/models", "../etc/passwd")
+
+
+def _check_in_threads(paths: list) -> dict:
+    store, world, out = dist.HashStore(), World(len(paths), 1), {}
+
+    def run(rank):
+        try:
+            out[rank] = check_model_file(store, rank, world, paths[rank], tag="t", timeout=10)
+        except ModelFileMismatch as e:
+            out[rank] = e
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(paths))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    return out
+
+
+def test_model_file_check_names_the_node_that_differs(model_files, tmp_path):
+    out = _check_in_threads(model_files["same"])
+    assert isinstance(out[0], Fingerprint) and out[0] == out[1]
+    out = _check_in_threads([model_files["same"][0], model_files["other"], model_files["same"][1]])
+    for rank in range(3):  # every rank raises the same verdict: node 1 differs, node 2 does not
+        e = out[rank]
+        assert isinstance(e, ModelFileMismatch) and "node 1: " in str(e) and "size" in str(e), e
+        verdict = str(e).split("): ", 1)[1]  # after "failed on rank R (node K)"
+        assert verdict.startswith("node 1: ") and "node 2: " not in verdict and "node 0: " not in verdict, e
+    out = _check_in_threads([model_files["same"][0], str(tmp_path / "absent.safetensors")])
+    assert all("node 1: model file not found" in str(out[r]) for r in (0, 1)), out
+
+
+# ---- two nodes in two network namespaces -------------------------------------------------------------------------
+
+def test_netns_helper_says_why_it_cannot_run(monkeypatch):
+    import parallel_backend.testing.netns as netns
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    with pytest.raises(NetnsError, match="needs root"):
+        netns.preflight()
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda name: None)
+    with pytest.raises(NetnsError, match="`ip` is not on PATH"):
+        netns.preflight()
+
+
+@pytest.fixture(scope="module")
+def net():
+    try:
+        preflight()
+    except NetnsError as e:
+        pytest.fail(f"the two-node tests need two network namespaces on this machine: {e}")
+    with two_node_netns() as n:
+        yield n
+
+
+@pytest.fixture(scope="module")
+def secrets_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("secrets")
+    for name, value in (("good", SECRET), ("bad", b"a-different-secret-0123456789abcdef")):
+        (d / name).write_bytes(value + b"\n")
+        os.chmod(d / name, 0o600)
+    return d
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")] + ([env["PYTHONPATH"]]
+                                                                            if env.get("PYTHONPATH") else []))
+    # the ranks build ComfyUI's own WanModel: ComfyUI must be importable there (scripts/test.sh exports it)
+    env.setdefault("COMFYUI_PATH", os.path.expanduser("~/.cache/pdit/comfyui"))
+    return env
+
+
+def _run_nodes(net, port, nproc, target, args, secret_files, model_dirs, timeout=240):
+    """Both nodes' `python -m parallel_backend.runtime.node`, node k in namespace k; returns [(rc, stdout, stderr)]."""
+    procs = []
+    for k in (0, 1):
+        argv = [sys.executable, "-m", "parallel_backend.runtime.node", "--rendezvous", f"{net.addresses[0]}:{port}",
+                "--node-rank", k, "--nodes", 2, "--nproc-per-node", nproc, "--secret-file", secret_files[k],
+                "--model-dir", model_dirs[k], "--device", "cpu", "--target", target, "--target-args",
+                json.dumps(args), "--timeout", 60]
+        procs.append(net.popen(k, argv, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True))
+    results, deadline = [], time.monotonic() + timeout
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def _addr(endpoint: str) -> str:
+    """The address of an `ss` endpoint; an IPv4-mapped IPv6 one (torch's store clients use dual-stack sockets) as
+    its IPv4 address."""
+    import ipaddress
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # "*"
+    return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+
+
+@pytest.fixture(scope="module")
+def reference(model_files):
+    from parallel_backend.config import ParallelConfig
+    from parallel_backend.runtime.mesh import single_rank_mesh
+    from parallel_backend.runtime.sharded_model import ShardedModel
+    from tiny_inputs import wan_inputs
+
+    x, t, c = wan_inputs(batch=2)
+    model = ShardedModel(single_rank_mesh(ParallelConfig(world_size=1, device="cpu", dtype="fp32"),
+                                          torch.device("cpu")), model_files["same"][0], "fp32")
+    return model.forward_rows(x, t, c)
+
+
+# nproc per node -> meshes that cross the two nodes (AXES order puts ulysses inside a node)
+MESHES = {1: {"ring2": dict(ring=2), "cfg2": dict(cfg=2)},
+          2: {"ring2xulysses2": dict(ring=2, ulysses=2), "cfg2xulysses2": dict(cfg=2, ulysses=2)}}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1x2", "2x2"])
+def test_two_nodes_form_a_group_and_match_one_rank(net, secrets_dir, model_files, reference, tmp_path, nproc):
+    port = 29500 + nproc
+    t0 = time.monotonic()
+    results = _run_nodes(net, port, nproc, "multinode_ranks:parity",
+                         {"out": str(tmp_path), "model": "tiny.safetensors", "meshes": MESHES[nproc]},
+                         [secrets_dir / "good"] * 2, model_files["dirs"])
+    wall = time.monotonic() - t0
+    for k, (rc, out, err) in enumerate(results):
+        assert rc == 0, f"node {k} exited {rc}:\n{out}\n{err[-4000:]}"
+    assert "admitted every rank" in results[0][1]
+    world = 2 * nproc
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    report = []
+    for name in MESHES[nproc]:
+        got = torch.full_like(reference, float("nan"))
+        for r in per_rank:
+            m = r["meshes"][name]
+            if m["y"] is not None:
+                got[slice(*m["rows"])] = m["y"]
+        diff = (got - reference).abs().max().item()
+        assert diff <= TOL, f"{name} across two nodes: max abs diff {diff:.2e}"
+        report.append(f"{name} {diff:.2e}")
+        coords = [r["meshes"][name]["coord"] for r in per_rank]
+        across = "ring" if name.startswith("ring") else "cfg"
+        # the axis named first crosses the nodes; ulysses stays inside one
+        assert [c[across] for c in coords] == [r // nproc for r in range(world)], coords
+        assert [c["ulysses"] for c in coords] == [r % nproc for r in range(world)], coords
+    # gloo used the veth of each namespace (the interface holding the address towards node 0)
+    for r, res in enumerate(per_rank):
+        k = r // nproc
+        assert (res["node"], res["interface"], res["address"], res["gloo_ifname"]) == \
+            (k, net.interfaces[k], net.addresses[k], net.interfaces[k]), res
+    # sockets, as each namespace's `ss` saw them while the group was up
+    node_sockets = {r // nproc: res["sockets"] for r, res in enumerate(per_rank)}
+    for k, socks in node_sockets.items():
+        listening = [line.split()[-2] for line in socks["listen"].splitlines() if line.strip()]
+        assert listening and all(_addr(a) == net.addresses[k] for a in listening), (k, listening)
+        established = [line.split()[-2:] for line in socks["established"].splitlines() if line.strip()]
+        bad = [pair for pair in established if not all(_addr(a) in net.addresses for a in pair)]
+        assert established and not bad, (k, bad)
+    store_listeners = [a for a in node_sockets[0]["listen"].split() if a.endswith(f":{port}")]
+    assert store_listeners == [f"{net.addresses[0]}:{port}"], node_sockets[0]["listen"]
+    n_listen = {k: len(s["listen"].splitlines()) for k, s in node_sockets.items()}
+    print(f"\n{nproc} rank(s) per node: {', '.join(report)}; {wall:.1f} s; listening sockets per node {n_listen}")
+
+
+@pytest.mark.multirank
+def test_a_node_with_a_wrong_secret_is_refused(net, secrets_dir, model_files, tmp_path):
+    results = _run_nodes(net, 29511, 1, "multinode_ranks:model_check", {"out": str(tmp_path), "model": "x"},
+                         [secrets_dir / "good", secrets_dir / "bad"], model_files["dirs"])
+    (rc0, out0, err0), (rc1, _, err1) = results
+    assert rc0 != 0 and rc1 != 0, results
+    assert "node 0 refused rank 1 (node 1" in err0 and "secret" in err0 and "not formed" in err0, err0
+    assert "rank 1 (node 1) was refused by node 0" in err1 and "secret" in err1, err1
+    # node 0's own rank was told the rendezvous was aborted; no rank ever reached its target
+    assert "rank 0 (node 0): the rendezvous" in err0 and "aborted" in err0, err0
+    assert "admitted every rank" not in out0
+    assert not list(tmp_path.glob("check*.json"))
+
+
+@pytest.mark.multirank
+def test_a_different_model_file_on_node_1_is_refused(net, secrets_dir, model_files, tmp_path):
+    args = {"out": str(tmp_path), "model": "tiny.safetensors"}
+    results = _run_nodes(net, 29512, 1, "multinode_ranks:model_check", args, [secrets_dir / "good"] * 2,
+                         [model_files["dirs"][0], model_files["other_dir"]])
+    assert all(rc != 0 for rc, _, _ in results), results
+    for k in (0, 1):
+        got = json.loads((tmp_path / f"check{k}.json").read_text())
+        e = got.get("error", "")
+        assert e.startswith("ModelFileMismatch") and "node 1: " in e and "node 0: " not in e, got
+        assert "size" in e and "header sha256" in e, e
+        assert "ModelFileMismatch" in results[k][2]
