@@ -299,6 +299,31 @@ def measure_points(grids: list, contexts: list) -> list:
 
 # ---- report -------------------------------------------------------------------------------------
 
+LINK_GBIT = (25, 100, 400)
+
+
+def cross_node_bytes(preset: str, tokens: int, nodes: int, per_node: int, elt: int = 2) -> dict:
+    """Bytes crossing the node boundary per forward of one row, summed over a node's ranks, for each placement of
+    `nodes` x `per_node` GPUs (Wan, bf16 activations): Ulysses over a node's GPUs x Ring over the nodes; CFG over
+    2 nodes (each replica Ulysses inside its node(s)); pp over the nodes; Ulysses across every GPU."""
+    p = WAN_PRESETS[preset]
+    S, D, L, world = tokens, p["dim"], p["num_layers"], nodes * per_node
+    out_latent = S * 16 * math.prod(PATCH) * 4  # the replica's output (fp32 latent) to node 0
+    rows = {}
+    # ring over the nodes: each rank holds S / world tokens and passes its K and V on (nodes - 1) times per block;
+    # every hop crosses to the next node
+    rows[f"ulysses{per_node} inside x ring{nodes} across"] = per_node * L * (nodes - 1) * 2 * (S // world) * D * elt
+    if nodes == 2:  # cond on node 0, uncond on node 1: only node 1's output comes back
+        rows[f"cfg2 across x ulysses{per_node} inside"] = out_latent
+    # pp: one activation (S x D) per stage boundary per row, handed on by each rank of the stage
+    rows[f"pp{nodes} across x ulysses{per_node} inside"] = (nodes - 1) * S * D * elt
+    # ulysses over all GPUs: each all-to-all sends (world - 1) / world of a rank's (S / world, D) tensor, of which
+    # the share addressed to other nodes, (world - per_node) / world, crosses
+    a2a = 4 * L * (S // world) * D * elt * (world - per_node) / world
+    rows[f"ulysses{world} across (no overlap)"] = per_node * a2a
+    return rows
+
+
 def pct(a: float, b: float) -> str:
     if b == 0:
         return "exact" if a == 0 else "inf"
@@ -526,6 +551,27 @@ def main(argv=None) -> int:
           "move fewer bytes than the gathers\n(a 480p 81-frame latent has 32760). auto 'tpK': auto mode keeps the "
           "weights replicated and splits them by tp=K.\nA CFG-batched forward (2 rows) doubles TP's bytes, not the "
           "gathers'; Ulysses / Ring bytes of a sequence axis over the same ranks ([3]) come on top of either.")
+
+    # ---- 5. bytes across nodes, per placement
+    print("\n[5] Bytes that cross between NODES per forward (one row; GB summed over the node's ranks), by placement, "
+          "and the time they take on a link of\n    25 / 100 / 400 Gbit/s (bytes / link rate; Ring's exchanges overlap "
+          "the attention they feed, so its time is a ceiling, the others' a floor).")
+    for preset in models:
+        p = WAN_PRESETS[preset]
+        rows = []
+        for res in resolutions:
+            for nodes, per_node in ((2, 8), (4, 8)):
+                for name, bytes_ in cross_node_bytes(preset, res_tokens[res], nodes, per_node).items():
+                    rows.append([res, f"{nodes} x {per_node}", name, gb(bytes_)]
+                                + [f"{bytes_ * 8 / (rate * 1e9):.2f}" for rate in LINK_GBIT])
+        print(f"\n{preset} ({p['num_layers']} blocks, dim {p['dim']})")
+        print(table(rows, ["latent", "nodes x GPUs", "placement", "across GB"] + [f"s @ {r} Gbit/s" for r in LINK_GBIT],
+                    "lllr" + "r" * len(LINK_GBIT)))
+    print("Ulysses inside a node is free across the link; Ring across nodes passes each rank's K / V chunk to the next "
+          "node (every rank of a node at once); CFG across\nnodes moves only the replica's output (the latent); "
+          "pp across nodes one activation per boundary per row. Ulysses across nodes moves as many bytes or fewer, "
+          "but\nits all-to-alls cannot overlap compute and wait for the slowest link, where Ring's passes overlap the "
+          "attention they feed: Ulysses inside, Ring / CFG / pp across.")
 
     print("\nCFG row: batch 2 (cond + uncond) split over the cfg replicas; no collective inside the model. "
           "Ulysses / Ring / TP rows: batch 1;\na CFG-batched forward without a cfg axis carries 2 rows and moves twice "

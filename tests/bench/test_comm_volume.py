@@ -157,3 +157,19 @@ def test_measured_weight_gather_equals_formula(measured_shard):
         assert abs(scaled - weight_gather_bytes(rec["unit_bytes"] / rec["layers"] * 40, n)) <= 0.01 * scaled
     assert all(len(v) == 1 for v in by_fmt.values()), by_fmt  # the same at every latent / context
     assert min(by_fmt["Q8_0"]) < 0.6 * min(by_fmt["bf16"])  # Q8_0: ~1.06 B per weight against bf16's 2
+
+
+def test_cross_node_bytes_per_placement():
+    """[5]: Wan 14B 720p on 2 nodes x 8 GPUs - Ring across moves every block's K / V chunk of each rank once over the
+    link (= L x S x D x 2 bytes for 2 nodes), CFG across only the latent, pp across one activation."""
+    from bench.comm_volume import cross_node_bytes, grid_tokens, latent_grid
+
+    S = grid_tokens(latent_grid(1280, 720, 81))
+    rows = cross_node_bytes("wan2.1-14b", S, nodes=2, per_node=8)
+    ring = rows["ulysses8 inside x ring2 across"]
+    assert ring == 8 * 40 * 1 * 2 * (S // 16) * 5120 * 2
+    assert abs(ring - 40 * S * 5120 * 2) / ring < 1e-3  # 31.0 GB, the design anchor of ring2
+    assert rows["cfg2 across x ulysses8 inside"] < 1e-3 * ring
+    assert rows["pp2 across x ulysses8 inside"] == S * 5120 * 2
+    four = cross_node_bytes("wan2.1-14b", S, nodes=4, per_node=8)
+    assert four["ulysses32 across (no overlap)"] < four["ulysses8 inside x ring4 across"]  # bytes alone do not decide
