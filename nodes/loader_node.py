@@ -61,7 +61,8 @@ def block_weight_bytes(header, family, precision: str) -> int:
 
     held = backend("weights.reads").held_bytes
     units = getattr(family, "SHARD_UNITS", ("blocks",))
-    pattern = re.compile(r"(^|\.)(" + "|".join(re.escape(u) for u in units) + r")\.[0-9]+\.")
+    # a list's children are numbered (blocks.0.), Cosmos 1's ModuleDict names them (blocks.block0.)
+    pattern = re.compile(r"(^|\.)(" + "|".join(re.escape(u) for u in units) + r")\.(block)?[0-9]+\.")
     return sum(held(s, d, precision) for k, (s, d) in header.items() if pattern.search(k))
 
 
@@ -70,7 +71,7 @@ def model_bytes(header, family, precision: str):
     import re
 
     held = backend("weights.reads").held_bytes
-    pattern = re.compile(r"(^|\.)" + re.escape(getattr(family, "BLOCKS", "blocks")) + r"\.([0-9]+)\.")
+    pattern = re.compile(r"(^|\.)" + re.escape(getattr(family, "BLOCKS", "blocks")) + r"\.(?:block)?([0-9]+)\.")
     blocks, rest = {}, 0
     for k, (s, d) in header.items():
         m = pattern.search(k)

@@ -1,4 +1,5 @@
 """Bad input is refused by the nodes before any process starts, with a message naming the fix."""
+import math
 import os
 import pickle
 
@@ -304,3 +305,22 @@ def test_pp_stages_follow_each_gpus_memory_unless_split_by_the_user(comfy, pack,
     config, why = loader.resolve_config(spec, shape, header, family, "fp32")
     assert config.pp == 2 and config.stage_split == (24, 12) and "because the GPUs differ (24, 12 GiB)" in why, why
     print(f"\nauto pp: {why}")
+
+
+def test_block_bytes_cover_numbered_and_named_blocks(pack, tmp_path):
+    """The fit check and auto mode count each transformer block's bytes: Wan's `blocks.N.` and Cosmos 1's
+    `blocks.blockN.` (a ModuleDict), the rest outside."""
+    from parallel_backend.models import detect_family
+    from parallel_backend.testing.synthetic import write_tiny_cosmos1, write_tiny_wan
+    from parallel_backend.weights.reads import read_header
+
+    loader = _loader_module(pack)
+    for write in (write_tiny_wan, write_tiny_cosmos1):
+        path = write(str(tmp_path / f"{write.__name__}.safetensors"))
+        header = read_header(path)
+        family = detect_family(header, path)
+        mb = loader.model_bytes(header, family, "fp32")
+        total = sum(n * 4 for n in (math.prod(s) for s, _ in header.values()))
+        assert len(mb.blocks) == family.model_shape(header).num_layers and mb.rest > 0
+        assert sum(mb.blocks) + mb.rest == total
+        assert loader.block_weight_bytes(header, family, "fp32") == sum(mb.blocks)
