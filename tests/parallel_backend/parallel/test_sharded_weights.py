@@ -5,7 +5,8 @@ sharding with Ulysses, Ring, CFG and the replica fold (batch 1 on a cfg mesh); a
 blocks' bytes / N + everything else (within 5%); the bytes the gathers move per forward, counted in the real
 collective = the padded shards x (N - 1), within 2% of weight bytes x (N - 1) / N; a scaled-fp8 file with a LoRA
 (merged whole, rounded to fp8 by ComfyUI's code, then sharded by rows) equals the 1-rank model with that LoRA, and
-its blocks compiled (torch.compile, eager backend) give the same output.
+its blocks compiled (torch.compile, eager backend) give the same output; Cosmos Predict2 (frames whole, planes split)
+sharded the same way equals its one rank.
 """
 from __future__ import annotations
 
@@ -80,19 +81,30 @@ def _rank_fn(mesh0, paths, meshes, cases):
         # the blocks compiled (dynamo traces the block, FSDP's gather hooks run around it)
         model.set_compile({"backend": "eager"})
         report["fp8_lora_compiled"] = model.forward_rows(x, t, ctx)
+        del model
+        model = ShardedModel(mesh, paths["cosmos"], "fp32")  # Cosmos Predict2 (grid split) sharded the same way
+        x, t, ctx = _cosmos_case()
+        r = model.rows(2)
+        report["cosmos"] = ((r.start, r.stop), model.forward_rows(x, t, ctx), model.is_leader(2))
     return report
+
+
+def _cosmos_case():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 16, 3, 6, 10, generator=g), torch.tensor([0.8, 0.3]), torch.randn(2, 12, 1024, generator=g)
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    from parallel_backend.testing.synthetic import write_fp8_variant, write_tiny_wan, write_wan_lora
+    from parallel_backend.testing.synthetic import write_fp8_variant, write_tiny_cosmos, write_tiny_wan, write_wan_lora
 
     d = tmp_path_factory.mktemp("sharded")
+    cosmos = str(write_tiny_cosmos(str(d / "cosmos.safetensors")))
     bf = str(write_tiny_wan(str(d / "wan.safetensors")))
     fp8 = str(write_fp8_variant(bf, str(d / "wan_fp8_scaled.safetensors"), scaled=True))
     lora = str(d / "lora.safetensors")
     write_wan_lora(lora, bf, fmt="comfy")
-    return {"bf": bf, "fp8": fp8, "lora": lora}
+    return {"bf": bf, "fp8": fp8, "lora": lora, "cosmos": cosmos}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +125,9 @@ def reference(paths, cases):
     fp8 = ShardedModel(mesh, paths["fp8"], "fp32")
     fp8.set_loras([(paths["lora"], LORA_STRENGTH)])
     x, t, ctx = cases["ragged_b2"]
-    return {"outs": outs, "unit_bytes": unit, "total_bytes": total, "fp8_lora": fp8.forward_rows(x, t, ctx)}
+    cosmos = ShardedModel(mesh, paths["cosmos"], "fp32")
+    return {"outs": outs, "unit_bytes": unit, "total_bytes": total, "fp8_lora": fp8.forward_rows(x, t, ctx),
+            "cosmos": cosmos.forward_rows(*_cosmos_case())}
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +198,14 @@ def test_scaled_fp8_with_lora_matches_one_rank(world2, reference):
     diff = (got - reference["fp8_lora"]).abs().max().item()
     print(f"\nscaled fp8 + LoRA, sharded weights x ulysses2 vs 1 rank: {diff:.2e}")
     assert diff <= TOL
+    got = torch.full_like(reference["cosmos"], float("nan"))
+    for rep in world2:
+        (start, stop), y, leader = rep["cosmos"]
+        if leader:
+            got[start:stop] = y
+    cdiff = (got - reference["cosmos"]).abs().max().item()
+    print(f"Cosmos Predict2, sharded weights x ulysses2 vs 1 rank (45-token grid): {cdiff:.2e}")
+    assert cdiff <= TOL
     for rep in world2:  # compiled blocks give the eager output
         (start, stop), y, _ = rep["fp8_lora"]
         assert torch.equal(rep["fp8_lora_compiled"], y)
