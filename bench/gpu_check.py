@@ -10,7 +10,11 @@
 3. speed: seconds per step of 4 euler steps at cfg 1.0 through native ComfyUI and through the pack, for each
    attention kernel (sdpa / flash / sage; a kernel whose package is missing is reported, not run) and with
    TorchCompileModel (inductor) on both; the ratio native / pack (> 1: the pack is faster; at world size 1 the
-   pack can only cost: the goal is >= 0.98).
+   pack can only cost: the goal is >= 0.98);
+4. GGUF on the device: the torch dequantization kernels vs gguf's own numpy dequantize for every type, eager and
+   compiled (inductor could contract a * b - c into an fma and change bits: reported, not hidden), and the same
+   model as a GGUF (--gguf, default Q8_0) at world size 1: parity with its dequantized weights and s/step beside
+   native bf16 (what dequantizing each linear per call costs).
 On CPU (--device cpu, e.g. --preset tiny) it runs the same steps with gloo, to keep the script working.
 """
 from __future__ import annotations
@@ -55,6 +59,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="model / compute precision")
+    ap.add_argument("--gguf", default="Q8_0", help="GGUF type of section 4's model ('' = skip section 4)")
     args = ap.parse_args()
     header(f"GPU check: pack (world size 1) vs native ComfyUI, {args.preset}")
     import importlib.util
@@ -129,6 +134,29 @@ def main():
                 rows.append(["native", "compile (inductor)", f"{n:.3f}", f"{native_step / n:.2f}", "-"])
                 rows.append(["pack", "sdpa + compile (inductor)", f"{s:.3f}", f"{native_step / s:.2f}", "-"])
             group_mod.stop_all()
+        # 4. GGUF on the device
+        if args.gguf:
+            kernel_rows = gguf_kernels_check(args.device, compiled=not args.no_compile)
+            print(table(kernel_rows, ["type", "eager = gguf", "compiled = gguf"], align="lll"))
+            from parallel_backend.testing.gguf_files import write_dequantized_safetensors, write_gguf_dit
+            gpath = os.path.join(tmp, f"wan_check_{args.gguf}.gguf")
+            write_gguf_dit(path, gpath, args.gguf)
+            dpath = write_dequantized_safetensors(gpath, os.path.join(tmp, "wan_check_dequant.safetensors"),
+                                                  dtype=tdtype)
+            model, plan = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load(os.path.basename(gpath), dtype,
+                                                                                 spec("sdpa"))
+            got = group_mod.active_groups()[0].forward(x, ts, ctx)
+            deq = comfy.sd.load_diffusion_model(dpath, model_options={"dtype": tdtype})
+            with torch.no_grad():
+                ref_g = deq.model.diffusion_model.to(dev)(x.to(dev, tdtype), ts.to(dev),
+                                                          ctx.to(dev, tdtype)).float().cpu()
+            grel = ((got - ref_g).norm() / ref_g.norm()).item()
+            print(f"GGUF {args.gguf} pack vs native on its dequantized weights: relative RMS {grel:.2e}; {plan}")
+            s = per_step(lambda: sample(model), args.steps, args.device)
+            rows.append(["pack", f"sdpa, GGUF {args.gguf} (dequant per call)", f"{s:.3f}", f"{native_step / s:.2f}",
+                         group_mod.active_groups()[0].stats()[0]["forwards"]])
+            group_mod.stop_all()
+            del deq
     depth = cfg["num_layers"]
     print(f"model: {args.preset} width, {depth} blocks, {dtype}, random weights; latent 16x{t}x{h}x{w}; "
           f"{args.steps} euler steps at cfg 1.0; x native = native s/step / this s/step (world size 1)")
@@ -136,6 +164,33 @@ def main():
     for n in notes:
         print("note:", n)
     assert rel <= PARITY_REL_BOUND, f"pack vs native relative RMS {rel:.2e} > {PARITY_REL_BOUND}"
+
+
+def gguf_kernels_check(device: str, compiled: bool) -> list:
+    """Each type's torch dequantization on `device` vs gguf.quants.dequantize (numpy, CPU): bit-equal eager, and
+    under torch.compile (inductor) when asked; rows of (type, eager, compiled)."""
+    import numpy as np
+
+    from parallel_backend.testing.gguf_files import quantize_values
+    from parallel_backend.weights.gguf import QUANT_BLOCKS, dequantize
+    from parallel_backend.weights.gguf_kernels import dequantize_torch
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for qtype in QUANT_BLOCKS:
+        values = rng.standard_normal((64, 512)).astype(np.float32)
+        raw = quantize_values(values, qtype)
+        want = dequantize(raw, qtype, (64, 512))
+        dev_raw = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1)).to(device)
+        eager = torch.equal(dequantize_torch(dev_raw, qtype, (64, 512)).cpu(), want)
+        comp = "-"
+        if compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(lambda r, q=qtype: dequantize_torch(r, q, (64, 512)))
+            got = fn(dev_raw).cpu()
+            comp = "yes" if torch.equal(got, want) else f"no (max abs {(got - want).abs().max().item():.1e})"
+        rows.append([qtype, "yes" if eager else "NO", comp])
+    return rows
 
 
 if __name__ == "__main__":

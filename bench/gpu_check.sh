@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a machine with one NVIDIA GPU (the device tool's, or yours): starts an NCCL world-size-1 group,
 # checks bf16 parity against ComfyUI's native model at Wan 2.1 1.3B full depth (random weights) and times pack vs
-# native per step with sdpa / flash / sage / compile. Ends within 10 minutes on an H100.
+# native per step with sdpa / flash / sage / compile, then the GGUF dequantization kernels on the GPU (bit-equal to
+# gguf, eager and compiled) and a Q8_0 copy of the model (parity, s/step). Meant to end within 10 minutes on an H100
+# (not yet run on one: `--gguf ''` skips the GGUF part if time is short).
 #
 #   bench/gpu_check.sh [gpu_check.py options]
 #

@@ -12,5 +12,5 @@ find "$here/.gpu/comfyui" -name __pycache__ -prune -exec rm -rf {} +
 "$PDIT_PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d "$here/.gpu/wheels" \
-  einops torchsde trampoline kornia kornia_rs spandrel diffusers psutil
+  einops torchsde trampoline kornia kornia_rs spandrel diffusers psutil gguf
 du -sh "$here/.gpu"

@@ -20,4 +20,5 @@ def test_gpu_check_runs_on_cpu():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "parity, one forward" in r.stdout and "pack    sdpa" in r.stdout
     assert "flash: not installed (pip install flash-attn" in r.stdout
+    assert "GGUF Q8_0 pack vs native on its dequantized weights" in r.stdout and "Q6_K  yes" in r.stdout
     print(r.stdout[-1500:])
