@@ -230,7 +230,7 @@ class ParallelModelLoader:
         gpu_sharing.free_comfy_models_on_rank_gpus(config, rank_bytes, reserve)
         group = backend("runtime.group").get_group(config)  # starts ranks only when no warm group matches
         try:  # the devices' free memory as the ranks found it: refuse a plan that cannot fit, before loading
-            cfgmod.check_fit(config, mb, group.device_memory)
+            cfgmod.check_fit(config, mb, group.device_memory, held=group.resident_bytes(path, base_precision))
         except ValueError:
             if not group.models:
                 group.stop()  # an empty group: give its devices back

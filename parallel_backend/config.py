@@ -309,9 +309,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def _overflows(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int) -> list:
-    """[(device, needed, free)] for each device the plan does not fit."""
-    need = weights_per_rank(cfg, mb)
+def _overflows(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int, held: list | None = None) -> list:
+    """[(device, needed, free)] for each device the plan does not fit (`held`: bytes per rank already taken by
+    models that stay, not counted in the start-time free memory)."""
+    need = [n + (held[r] if held else 0) for r, n in enumerate(weights_per_rank(cfg, mb))]
     if memory[0].get("shared"):  # CPU ranks share the host's memory
         total = sum(need) + reserve * len(need)
         return [] if total <= memory[0]["free"] else [(f"{memory[0]['device']} (all {len(need)} ranks)", total,
@@ -319,23 +320,26 @@ def _overflows(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int) 
     return [(m["device"], n + reserve, m["free"]) for n, m in zip(need, memory) if n + reserve > m["free"]]
 
 
-def check_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int | None = None) -> None:
+def check_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int | None = None,
+              held: list | None = None) -> None:
     """Refuse a plan whose weights do not fit the devices' free memory (as the ranks found it when the group
-    started), naming the device, the bytes needed and free, and suggesting a plan that would fit."""
+    started, less `held`: per rank, what resident models already take), naming the device, the bytes needed and
+    free, and suggesting a plan that would fit."""
     if not memory or any(m is None for m in memory):
         return
     reserve = FIT_RESERVE.get(cfg.device, 0) if reserve is None else reserve
-    over = _overflows(cfg, mb, memory, reserve)
+    over = _overflows(cfg, mb, memory, reserve, held)
     if not over:
         return
     device, needed, free = over[0]
     more = "".join(f"; {d} would need {_gib(n)} and has {_gib(f)} free" for d, n, f in over[1:])
+    resident = f" + {_gib(max(held))} of resident models" if held and any(held) else ""
     raise ConfigError(f"the model does not fit: {device} would need {_gib(needed)} (its weights under "
-                      f"{cfg.describe()} + {_gib(reserve)} for activations and the runtime) but has {_gib(free)} "
-                      f"free{more}; {suggest_fit(cfg, mb, memory, reserve)}")
+                      f"{cfg.describe()}{resident} + {_gib(reserve)} for activations and the runtime) but has "
+                      f"{_gib(free)} free{more}; {suggest_fit(cfg, mb, memory, reserve, held)}")
 
 
-def suggest_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int) -> str:
+def suggest_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int, held: list | None = None) -> str:
     """The first of sharded weights, tensor parallelism, pipeline stages sized by each device's free memory that
     would fit, as a sentence; else a smaller file."""
     world, candidates = cfg.world_size, []
@@ -357,10 +361,11 @@ def suggest_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int)
             validate_config(c)
         except ConfigError:
             continue
-        if not _overflows(c, mb, memory, reserve):
+        if not _overflows(c, mb, memory, reserve, held):
             return f"{text} would fit ({_gib(max(weights_per_rank(c, mb)) + reserve)} on the fullest device)"
+    hint = " or load the other models with residency 'swap'" if held and any(held) else ""
     return ("no split of these devices fits it: use a smaller file (fp8 halves the blocks of a bf16 file, GGUF Q8_0 "
-            "about halves, Q4_K about quarters them) or more devices")
+            f"about halves, Q4_K about quarters them) or more devices{hint}")
 
 
 def choose_pipeline(world_size: int, totals: list, mb: ModelBytes, reserve: int | None = None,

@@ -254,13 +254,25 @@ class WorkerGroup:
         replies = self._call("load", {"path": path, "precision": precision, "key": key, "loras": lkey,
                                       "keep": list(self.models)}, self.load_timeout)
         self.model_key, self.lora_key, self.model_info = key, lkey, replies[0]
-        self.models[key] = {"info": replies[0], "lora_key": lkey, "resident": resident}
+        self.models[key] = {"info": replies[0], "lora_key": lkey, "resident": resident,
+                            "rank_bytes": [r.get("param_bytes", 0) for r in replies]}
         if replies[0].get("reloaded", True):
             self.load_count += 1
         if replies[0].get("lora_changed"):
             self.lora_count += 1
         self.rank_load_stats = replies
         return self.model_info
+
+    def resident_bytes(self, path: str, precision: str) -> list:
+        """Per rank, the parameter bytes of the other models that stay on the ranks when this one loads (those
+        loaded resident): what the devices' start-time free memory no longer has for it."""
+        key = self.model_key_for(path, precision)
+        out = [0] * self.config.world_size
+        for k, m in self.models.items():
+            if k != key and m["resident"]:
+                for r, n in enumerate(m.get("rank_bytes") or []):
+                    out[r] += n
+        return out
 
     def holds_other_models(self, path: str, precision: str) -> bool:
         key = self.model_key_for(path, precision)

@@ -401,6 +401,10 @@ def test_check_fit_names_device_bytes_and_a_plan_that_fits():
     with pytest.raises(ConfigError, match=r"cpu \(all 2 ranks\) would need"):
         check_fit(ParallelConfig(world_size=2, ulysses=2, device="cpu"), mb, host)
     check_fit(ParallelConfig(world_size=2, tp=2, device="cpu"), mb, host)
+    # a resident model already on the ranks (A14B's other expert) takes its bytes from the start-time free memory
+    check_fit(ParallelConfig(world_size=2, tp=2, device="cuda"), mb, _gpus(24, 24))
+    with pytest.raises(ConfigError, match=r"\+ 14\.0 GiB of resident models .* residency 'swap'"):
+        check_fit(ParallelConfig(world_size=2, tp=2, device="cuda"), mb, _gpus(24, 24), held=[14 * GB, 14 * GB])
 
 
 def test_auto_pipeline_only_for_unequal_gpus_no_symmetric_plan_fits():

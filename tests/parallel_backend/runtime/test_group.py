@@ -407,3 +407,16 @@ def test_soak_with_faults(warm, reference):
     assert fds <= fds0 + 5
     assert max_segs <= 2
     assert max(rss_growth) < 50 * 2**20
+
+
+def test_resident_bytes_are_the_other_resident_models(tmp_path):
+    """What the fit check subtracts: per rank, the bytes of models that stay on the ranks when another loads."""
+    g = WorkerGroup(ParallelConfig(world_size=2, pp=2, device="cpu", dtype="fp32"))  # not started
+    files = {}
+    for name in ("high", "low"):
+        files[name] = str(tmp_path / f"{name}.safetensors")
+        Path(files[name]).write_bytes(b"x")
+    high, low = (g.model_key_for(files[n], "bf16") for n in ("high", "low"))
+    g.models = {high: {"resident": True, "rank_bytes": [7, 5]}, low: {"resident": False, "rank_bytes": [3, 3]}}
+    assert g.resident_bytes(files["low"], "bf16") == [7, 5]  # high stays; low itself does not count
+    assert g.resident_bytes(files["high"], "bf16") == [0, 0]  # low (swap) is dropped when high loads
