@@ -43,13 +43,32 @@ class ParallelConfig:
     shard_weights: bool = False
     # pipeline stages: the share of the blocks each stage holds, e.g. (24, 16) (GB per stage's device); () = equal
     stage_split: tuple = ()
+    # several machines (runtime/multinode.py): node 0 is the ComfyUI machine and hosts torch's c10d store on
+    # `rendezvous` (HOST:PORT, one of its own addresses); the others run `python -m parallel_backend.runtime.node`.
+    # rank = node * ranks_per_node + local rank; `devices` / `first_device` are node 0's GPUs (another node's ranks
+    # take its GPUs 0..ranks_per_node-1: choose them there with CUDA_VISIBLE_DEVICES).
+    nodes: int = 1
+    ranks_per_node: int = 0   # 0 = world_size (one node)
+    rendezvous: str = ""
+    secret_file: str = ""     # the same file (>= 16 bytes) on every node; never sent, only HMACs of it
+    rejoin_timeout: float = 120.0  # seconds a group start waits for the other nodes (to join, or to come back)
+
+    @property
+    def local_ranks(self) -> int:
+        """Ranks on each node (all of them on one node)."""
+        return self.ranks_per_node or self.world_size // max(1, self.nodes)
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.local_ranks
 
     def device_index(self, rank: int) -> int:
-        """The device (GPU index) rank `rank` runs on."""
-        return self.devices[rank] if self.devices else self.first_device + rank
+        """The device (GPU index, on its node) rank `rank` runs on."""
+        local = rank % self.local_ranks
+        return self.devices[local] if self.devices else self.first_device + local
 
     def device_indices(self) -> list:
-        return [self.device_index(r) for r in range(self.world_size)]
+        """The devices of node 0's ranks (this machine's)."""
+        return [self.device_index(r) for r in range(self.local_ranks)]
 
     def degrees(self) -> dict:
         return {a: getattr(self, a) for a in AXES}
@@ -69,6 +88,8 @@ class ParallelConfig:
     def describe(self) -> str:
         parts = [f"{a}={getattr(self, a)}" for a in AXES if getattr(self, a) > 1] or ["single rank"]
         weights = ", sharded weights" if self.shard_weights else ""
+        if self.nodes > 1:
+            weights += f", {self.nodes} nodes x {self.local_ranks} via {self.rendezvous}"
         return f"{self.world_size} x {self.device} ({', '.join(parts)}{weights}), {self.dtype}, {self.attention}"
 
     def to_dict(self) -> dict:
@@ -99,10 +120,12 @@ def validate_config(cfg: ParallelConfig, available_devices: int | None = None) -
             f"the degrees multiply to {product} ({detail}) but world_size is {cfg.world_size}: "
             f"set world_size to {product} or change the degrees so they multiply to {cfg.world_size}"
         )
+    validate_nodes(cfg)
     if cfg.devices:
-        if len(cfg.devices) != cfg.world_size:
+        if len(cfg.devices) != cfg.local_ranks:
+            per = "rank" if cfg.nodes == 1 else f"rank of a node ({cfg.local_ranks} per node)"
             raise ConfigError(f"devices {','.join(map(str, cfg.devices))} names {len(cfg.devices)} devices but "
-                              f"world_size is {cfg.world_size}: name one device per rank")
+                              f"world_size is {cfg.world_size}: name one device per {per}")
         if any(not isinstance(d, int) or d < 0 for d in cfg.devices):
             raise ConfigError(f"devices {cfg.devices} must be GPU indices (0, 1, ...), e.g. 1,2,3")
         if cfg.device == "cuda" and len(set(cfg.devices)) != len(cfg.devices):
@@ -116,7 +139,10 @@ def validate_config(cfg: ParallelConfig, available_devices: int | None = None) -
         if missing and cfg.devices:
             raise ConfigError(f"devices {','.join(map(str, cfg.devices))} include GPU {missing[0]} but only "
                               f"{available_devices} are visible (0..{available_devices - 1}): pick among those")
-        needed = cfg.first_device + cfg.world_size
+        needed = cfg.first_device + cfg.local_ranks
+        if missing and cfg.nodes > 1:
+            raise ConfigError(f"ranks_per_node {cfg.local_ranks} (from device {cfg.first_device}) needs {needed} GPUs "
+                              f"on this machine but only {available_devices} are visible: lower ranks_per_node")
         if missing:
             raise ConfigError(
                 f"world_size {cfg.world_size} (from device {cfg.first_device}) needs {needed} GPUs but only "
@@ -146,6 +172,61 @@ def validate_config(cfg: ParallelConfig, available_devices: int | None = None) -
     if pip:
         raise ConfigError(f"attention '{cfg.attention}' needs a package this Python cannot import: run `{pip}` in "
                           f"ComfyUI's Python environment and restart ComfyUI, or pick attention 'sdpa'")
+
+
+def validate_nodes(cfg: ParallelConfig) -> None:
+    """The multi-node fields: a world that splits evenly into nodes, a rendezvous address and a secret file, and a
+    placement that keeps the per-layer all-to-all (Ulysses) and TP inside a node."""
+    if cfg.nodes < 1:
+        raise ConfigError(f"nodes {cfg.nodes} must be at least 1")
+    if cfg.ranks_per_node < 0:
+        raise ConfigError(f"ranks_per_node {cfg.ranks_per_node} must be at least 1 (0 = world_size / nodes)")
+    if cfg.nodes == 1:
+        if cfg.ranks_per_node not in (0, cfg.world_size):
+            raise ConfigError(f"ranks_per_node {cfg.ranks_per_node} with one node: it must equal world_size "
+                              f"{cfg.world_size} (or 0), or set nodes > 1")
+        return
+    if cfg.local_ranks * cfg.nodes != cfg.world_size:
+        raise ConfigError(f"{cfg.nodes} nodes x {cfg.local_ranks} ranks per node = {cfg.nodes * cfg.local_ranks}, "
+                          f"but world_size is {cfg.world_size}: set world_size to {cfg.nodes * cfg.local_ranks}")
+    if not cfg.rendezvous:
+        raise ConfigError(f"nodes {cfg.nodes} needs a rendezvous address HOST:PORT (an address of this machine the "
+                          f"other nodes reach, e.g. 10.0.0.1:29500)")
+    from .runtime.multinode import parse_endpoint
+    try:
+        parse_endpoint(cfg.rendezvous)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not cfg.secret_file:
+        raise ConfigError("several nodes need a secret_file: the same file on every node, made with "
+                          "`python -c \"import secrets; print(secrets.token_hex(32))\" > pdit.secret`")
+    inner = cfg.ulysses * cfg.tp
+    if cfg.local_ranks % inner:
+        raise ConfigError(f"ulysses x tp = {inner} would span nodes ({cfg.local_ranks} ranks per node): their "
+                          f"all-to-all / all-reduce runs in every layer and belongs inside a node; use ring, cfg or "
+                          f"pp across nodes (e.g. ulysses={math.gcd(inner, cfg.local_ranks)}, ring="
+                          f"{cfg.world_size // (math.gcd(inner, cfg.local_ranks) * cfg.replica_degree * cfg.pp)})")
+    if cfg.rejoin_timeout <= 0:
+        raise ConfigError(f"rejoin_timeout {cfg.rejoin_timeout} must be positive (seconds)")
+
+
+def placement(cfg: ParallelConfig) -> str:
+    """Which axes cross nodes, in words (parallel_plan)."""
+    if cfg.nodes == 1:
+        return "one node"
+    inside, across, span = [], [], cfg.local_ranks
+    for a in reversed(AXES):  # innermost first: an axis lies inside a node while the product so far divides it
+        d = getattr(cfg, a)
+        if d == 1:
+            continue
+        if span % d == 0:
+            inside.append(f"{a}={d}")
+            span //= d
+        else:
+            across.append(f"{a}={d}")
+            span = 1
+    return (f"{cfg.nodes} nodes x {cfg.local_ranks} ranks: inside a node {' x '.join(inside) or 'nothing'}; "
+            f"across nodes {' x '.join(across) or 'nothing'}")
 
 
 @dataclass(frozen=True)
@@ -393,10 +474,12 @@ def choose_pipeline(world_size: int, totals: list, mb: ModelBytes, reserve: int 
 
 
 def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_one_device: bool = True,
-                 fixed: dict | None = None) -> tuple[dict, str]:
+                 fixed: dict | None = None, ranks_per_node: int = 0) -> tuple[dict, str]:
     """Pick degrees for axes left at 0, following the measured communication ranking:
     CFG outermost (no traffic until the end), then Ulysses (all-to-all, least bytes) while heads
     divide, then Ring for what remains, TP only when the model would not fit one device.
+    Several nodes (`ranks_per_node` < world_size): TP and Ulysses stay inside a node (their collectives run in every
+    layer); Ring, CFG and dp take what crosses nodes.
 
     Returns (degrees, explanation).
     """
@@ -407,11 +490,12 @@ def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_on
         raise ConfigError(f"the fixed degrees {fixed} multiply to {fixed_product}, which does not divide world_size "
                           f"{world_size}: change them or world_size")
     left = world_size // fixed_product
-    why = []
+    node = ranks_per_node if 0 < ranks_per_node < world_size else world_size
+    why = [f"{world_size // node} nodes: ulysses and tp inside a node of {node}, ring / cfg across"] if node < world_size else []
     if not fits_one_device and "tp" not in fixed:
         # Smallest tp that divides heads and what is left; 2 halves the weights.
         for d in (2, 4, 8):
-            if left % d == 0 and num_heads % d == 0:
+            if left % d == 0 and num_heads % d == 0 and node % d == 0:
                 deg["tp"], left = d, left // d
                 why.append(f"tp={d} because the model does not fit one device")
                 break
@@ -422,7 +506,7 @@ def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_on
     if "ulysses" not in fixed:
         u = 1
         for d in range(left, 0, -1):
-            if left % d == 0 and num_heads % (d * deg["tp"]) == 0:
+            if left % d == 0 and num_heads % (d * deg["tp"]) == 0 and node % (d * deg["tp"]) == 0:
                 u = d
                 break
         deg["ulysses"], left = u, left // u
@@ -430,7 +514,8 @@ def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_on
             why.append(f"ulysses={u} (all-to-all: least bytes per forward)")
     if left > 1 and "ring" not in fixed:
         deg["ring"], left = left, 1
-        why.append(f"ring={deg['ring']} because {num_heads} heads do not split further")
+        why.append(f"ring={deg['ring']} across nodes" if node < world_size else
+                   f"ring={deg['ring']} because {num_heads} heads do not split further")
     if left > 1:
         if "dp" in fixed:  # a fixed degree is never changed: nothing can take the rest
             raise ConfigError(f"the fixed degrees {fixed} leave a factor {left} of world_size {world_size} to no "

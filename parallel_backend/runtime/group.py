@@ -5,7 +5,11 @@
 - every wait watches the pipes *and* the process sentinels, so a rank that dies is reported at
   once (rank, exit code / signal) and the whole group is torn down, never left hanging;
 - tensors go through ShmTensorSlot segments; the pipes carry only descriptors;
-- groups are cached by config key, so a second prompt reuses warm ranks and loaded weights.
+- groups are cached by config key, so a second prompt reuses warm ranks and loaded weights;
+- several nodes (config.nodes > 1): this process is node 0. It hosts torch's c10d store on the rendezvous address
+  and admits every rank (multinode.py); its local ranks join through it; the other nodes' ranks (started by
+  `python -m parallel_backend.runtime.node` there) get their ops through the store and their inputs over the
+  process group, and are watched by heartbeat (remote.py).
 """
 from __future__ import annotations
 
@@ -92,6 +96,9 @@ class WorkerGroup:
         self._tmpdir = None
         self._in = self._out = None
         self.closed = False
+        self.server = self.remote = None  # several nodes: node 0's RendezvousServer and RemoteRanks
+        self._admission = None            # the admission thread's outcome: None (pending), True or the error
+        self._loads = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "WorkerGroup":
@@ -104,23 +111,64 @@ class WorkerGroup:
         self._tmpdir = tempfile.mkdtemp(prefix="pdit_group_")
         store = os.path.join(self._tmpdir, "store")
         try:
+            multinode = self._host_rendezvous() if self.config.nodes > 1 else None
             with _plain_main_module():
-                for rank in range(self.config.world_size):
+                for rank in range(self.config.local_ranks):
                     parent, child = ctx.Pipe(duplex=True)
                     p = ctx.Process(target=worker.worker_main, name=f"pdit-rank{rank}",
-                                    args=(rank, self.config.to_dict(), store, child, os.getpid()), daemon=True)
+                                    args=(rank, self.config.to_dict(), store, child, os.getpid(), multinode),
+                                    daemon=True)
                     p.start()
                     child.close()
                     self.procs.append(p)
                     self.conns.append(parent)
             replies = self._collect(self.start_timeout, "start")
-            self.pids = [r["pid"] for r in replies]
+            self.pids = [r["pid"] for r in replies[:self.config.local_ranks]]  # this machine's (remote pids are theirs)
             self.device_memory = [r.get("memory") for r in replies]  # per rank, as it started (free / total)
             self._in, self._out = ShmTensorSlot("in"), ShmTensorSlot("out")
         except BaseException:
             self.stop(graceful=False)
             raise
         return self
+
+    def _host_rendezvous(self) -> dict:
+        """Node 0: torch's store on the rendezvous address, the group's config published (signed) for the other
+        nodes, and the admission of every rank running in a thread while the local ranks start."""
+        from .multinode import RendezvousServer, World, parse_endpoint, read_secret, session_store
+        from .remote import RemoteRanks, session_config
+
+        c = self.config
+        host, port = parse_endpoint(c.rendezvous)
+        secret = read_secret(c.secret_file)
+        self.server = RendezvousServer(host, port, secret, World(c.nodes, c.local_ranks), timeout=c.rejoin_timeout)
+        session = session_store(self.server.store, self.server.nonce)
+        session_config(session, secret, self.server.nonce, c.to_dict())
+        self.remote = RemoteRanks(session, secret, self.server.nonce, c)
+
+        def admit():
+            try:
+                self.server.admit()
+                self._admission = True
+            except Exception as e:  # noqa: BLE001 (reported by _collect, naming the node)
+                self._admission = e
+        threading.Thread(target=admit, name="pdit-admission", daemon=True).start()
+        return {"host": host, "port": self.server.port, "secret_file": c.secret_file, "endpoint": self.server.endpoint,
+                "timeout": c.rejoin_timeout + 30}
+
+    def _admission_failed(self) -> WorkerGroupError:
+        from .multinode import RendezvousRefused
+        e, c = self._admission, self.config
+        if isinstance(e, RendezvousRefused):
+            hint = "fix that node's command (the same --secret-file, --nodes and --nproc-per-node as node 0's config)"
+        else:
+            missing = sorted({c.node_of(r) for r in range(c.world_size)} - {0} -
+                             {c.node_of(r) for r in self.server.admitted})
+            hint = (f"start (or restart) `python -m parallel_backend.runtime.node --rendezvous {c.rendezvous} "
+                    f"--node-rank N --nodes {c.nodes} --nproc-per-node {c.local_ranks} --secret-file FILE --model-dir "
+                    f"DIR` on node{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} and queue the "
+                    f"prompt again")
+        self.stop(graceful=False)
+        return WorkerGroupError(f"the group of {c.describe()} could not form: {e}; {hint}")
 
     def alive(self) -> bool:
         return not self.closed and bool(self.procs) and all(p.is_alive() for p in self.procs)
@@ -135,6 +183,11 @@ class WorkerGroup:
                     try:
                         c.send(("shutdown", None))
                     except (OSError, BrokenPipeError):
+                        pass
+                if self.remote is not None and self._admission is True:
+                    try:
+                        self.remote.publish("shutdown", None)
+                    except Exception:  # noqa: BLE001 (the store or a node is already gone)
                         pass
                 deadline = time.monotonic() + 10
                 for p in self.procs:
@@ -152,20 +205,67 @@ class WorkerGroup:
             for slot in (self._in, self._out):
                 if slot is not None:
                     slot.close()
+            if self.server is not None:  # closing the store ends every remote rank's session (they rejoin later)
+                if graceful and self.remote is not None and self._admission is True:
+                    self._await_remote_shutdown()
+                self.server.cancelled = True
+                self.server.close()
+                self.remote = None
             if self._tmpdir:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
             _forget(self)
 
+    def _await_remote_shutdown(self, timeout: float = 5.0) -> None:
+        """Let the remote ranks answer the shutdown before the store closes (they leave either way)."""
+        pending, deadline = set(self.remote.ranks), time.monotonic() + timeout
+        try:
+            while pending and time.monotonic() < deadline:
+                pending -= {r for r, _ in self.remote.replies(self.remote.seq, pending)}
+                time.sleep(0.02)
+        except Exception:  # noqa: BLE001
+            pass
+
     # ---- control channel -----------------------------------------------------------------------
-    def _collect(self, timeout: float, what: str, interrupt=None) -> list:
-        """Wait for one reply per rank, watching for dead ranks; tear down on any failure."""
-        replies = [None] * len(self.conns)
+    def _remote_poll(self, seq: int, remote_pending: set, what: str) -> list:
+        """Several nodes: the remote ranks' replies to op `seq`, and the checks that name a lost node."""
+        from .remote import RemoteNodeLost
+        if self._admission is not None and self._admission is not True:
+            raise self._admission_failed()
+        try:
+            got = self.remote.replies(seq, remote_pending) if remote_pending else self.remote.errors(seq)
+            self.remote.check_alive()
+        except RemoteNodeLost as e:
+            self.stop(graceful=False)
+            raise WorkerGroupError(f"{e} during {what} on {self.config.describe()}; the group was stopped and the "
+                                   f"next run waits up to {self.config.rejoin_timeout:.0f} s for the node to rejoin")
+        except Exception as e:  # noqa: BLE001  the store itself failed
+            self.stop(graceful=False)
+            raise WorkerGroupError(f"node 0's rendezvous store failed during {what}: {e}; the group was stopped")
+        return got
+
+    def _collect(self, timeout: float, what: str, interrupt=None, seq: int = 0) -> list:
+        """Wait for one reply per rank, watching for dead ranks; tear down on any failure. Several nodes: the other
+        nodes' ranks answer through the store (`seq`: the op's number) - except for a forward, where only a remote
+        failure answers (rank 0 completes after every remote rank delivered)."""
+        replies = [None] * self.config.world_size
         pending = dict(enumerate(self.conns))
+        remote_pending = set(self.remote.ranks) if self.remote is not None and what != "forward" else set()
         sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
         deadline = time.monotonic() + timeout
         errors = []
-        while pending:
-            ready = wait(list(pending.values()) + list(sentinels), timeout=0.05)
+        while pending or remote_pending:
+            if self.remote is not None:
+                for rank, msg in self._remote_poll(seq, remote_pending, what):
+                    remote_pending.discard(rank)
+                    if msg[0] == "error":
+                        errors.append((msg[1], msg[2]))
+                        if what != "load":
+                            pending.clear()
+                            remote_pending.clear()
+                    else:
+                        replies[rank] = msg[1]
+            ready = wait(list(pending.values()) + list(sentinels), timeout=0.05) if pending else \
+                time.sleep(0.02) or []
             for obj in ready:
                 if obj in sentinels:
                     rank = sentinels[obj]
@@ -184,12 +284,13 @@ class WorkerGroup:
                     errors.append((msg[1], msg[2]))
                     if what != "load":  # peers may be blocked in a collective: do not wait for them
                         pending.clear()
+                        remote_pending.clear()
                 else:
                     replies[rank] = msg[1]
             if time.monotonic() > deadline:
                 self.stop(graceful=False)
-                raise WorkerGroupError(f"ranks {sorted(pending)} of {self.config.describe()} did not answer {what} "
-                                       f"within {timeout:.0f} s; the group was stopped")
+                raise WorkerGroupError(f"ranks {sorted(set(pending) | remote_pending)} of {self.config.describe()} did "
+                                       f"not answer {what} within {timeout:.0f} s; the group was stopped")
         if errors:
             rank, text = errors[0]
             if what != "load":
@@ -198,9 +299,20 @@ class WorkerGroup:
                 reporters = {r for r, _ in errors}
                 others = {p.sentinel: r for r, p in enumerate(self.procs) if r not in reporters}
                 dead = wait(list(others), timeout=0.5) if others else []
+                last = next((ln for ln in reversed(text.strip().splitlines()) if ln.strip()), "").strip()
                 if dead:
-                    last = next((ln for ln in reversed(text.strip().splitlines()) if ln.strip()), "")
-                    raise self._died(min(others[s] for s in dead), what, f"; rank {rank} then failed: {last.strip()}")
+                    raise self._died(min(others[s] for s in dead), what, f"; rank {rank} then failed: {last}")
+                if self.remote is not None and _looks_like_a_lost_peer(text):
+                    from .remote import HEARTBEAT_STALE_S, RemoteNodeLost
+                    try:  # a remote node's death shows here first as a connection error: name the node
+                        self.remote.wait_for_verdict(HEARTBEAT_STALE_S + 1.5)
+                    except RemoteNodeLost as e:
+                        self.stop(graceful=False)
+                        raise WorkerGroupError(f"{e} during {what} on {self.config.describe()} (rank {rank} then "
+                                               f"failed: {last}); the group was stopped and the next run waits up to "
+                                               f"{self.config.rejoin_timeout:.0f} s for the node to rejoin") from None
+                    except Exception:  # noqa: BLE001
+                        pass
                 self.stop(graceful=False)
             raise WorkerGroupError(f"rank {rank} of {self.config.describe()} failed during {what}:\n{text}")
         return replies
@@ -219,9 +331,10 @@ class WorkerGroup:
         with self._lock:
             if not self.alive():
                 raise WorkerGroupError("the worker group is not running (it was stopped or a rank died)")
+            seq = self.remote.publish(op, payload) if self.remote is not None else 0
             for c in self.conns:
                 c.send((op, payload))
-            return self._collect(timeout, op)
+            return self._collect(timeout, op, seq=seq)
 
     # ---- model ---------------------------------------------------------------------------------
     @staticmethod
@@ -229,7 +342,7 @@ class WorkerGroup:
         st = os.stat(path)
         return (os.path.realpath(path), st.st_size, st.st_mtime_ns, precision)
 
-    def load(self, path: str, precision: str, loras=(), resident: bool = False) -> dict:
+    def load(self, path: str, precision: str, loras=(), resident: bool = False, names: dict | None = None) -> dict:
         """Load (or keep) a model on every rank, with `loras` ([(lora path, strength), ...]) merged into
         the shards. A no-op when the same file, precision and LoRA list are loaded; a changed LoRA list
         (or strength) re-merges in the running ranks without re-reading the model; a changed file or
@@ -251,8 +364,11 @@ class WorkerGroup:
                 return held["info"]
         self.models = {k: m for k, m in self.models.items() if k != key and m["resident"]}
         self.model_key = self.model_info = None
+        self._loads += 1
+        names = {**{os.path.realpath(p): n for p, n in (names or {}).items()}, **(names or {})}
         replies = self._call("load", {"path": path, "precision": precision, "key": key, "loras": lkey,
-                                      "keep": list(self.models)}, self.load_timeout)
+                                      "keep": list(self.models), "check": f"load{self._loads}", "names": names},
+                             self.load_timeout)
         self.model_key, self.lora_key, self.model_info = key, lkey, replies[0]
         self.models[key] = {"info": replies[0], "lora_key": lkey, "resident": resident,
                             "rank_bytes": [r.get("param_bytes", 0) for r in replies]}
@@ -308,6 +424,12 @@ class WorkerGroup:
 
     def stats(self) -> list:
         return self._call("stats", None, 60)
+
+
+def _looks_like_a_lost_peer(text: str) -> bool:
+    t = text.lower()
+    return any(w in t for w in ("connection", "closed", "reset by peer", "peer", "timed out", "timeout", "nccl",
+                                "gloo", "broken pipe"))
 
 
 # ---- cache of warm groups, one per config -------------------------------------------------------

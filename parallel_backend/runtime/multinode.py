@@ -244,6 +244,7 @@ class RendezvousServer:
         root.set("nonce", self.nonce)
         root.set("world", json.dumps({"nodes": world.nodes, "nproc_per_node": world.nproc_per_node}))
         self.admitted: dict[int, dict] = {}
+        self.cancelled = False  # set by the owner to end a pending `admit` (the group is being stopped)
 
     @property
     def endpoint(self) -> str:
@@ -270,6 +271,9 @@ class RendezvousServer:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         pending = set(range(w.world_size)) - set(self.admitted)
         while pending:
+            if self.cancelled:
+                self._abort("node 0 stopped the group")
+                raise RendezvousError("the rendezvous was cancelled: node 0 stopped the group")
             for rank in sorted(pending):
                 if not root.check([f"join/{rank}"]):
                     continue
@@ -392,7 +396,12 @@ def join_group(store: dist.Store, secret: bytes, rank: int, world: World, device
     except BaseException:
         dist.destroy_process_group()
         raise
-    return Membership(dist.PrefixStore(f"{_ROOT}checks/{nonce}", store), interface, address, nonce)
+    return Membership(session_store(store, nonce), interface, address, nonce)
+
+
+def session_store(store, nonce: str) -> dist.PrefixStore:
+    """The keys of one formed group (its checks, its control messages, its nodes' heartbeats), under its nonce."""
+    return dist.PrefixStore(f"{_ROOT}checks/{nonce}", store)
 
 
 # ---- the model file on every node --------------------------------------------------------------------------------

@@ -1,13 +1,21 @@
 """One machine's share of a multi-node group: spawn its local ranks, each joining node 0's rendezvous.
 
     python -m parallel_backend.runtime.node --rendezvous HOST:PORT --node-rank K --nodes N --nproc-per-node P \\
-        --secret-file FILE [--model-dir DIR] [--device cpu|cuda] [--target MODULE:FUNCTION] [--target-args JSON]
+        --secret-file FILE --model-dir DIR [--device cpu|cuda] [--once] [--target MODULE:FUNCTION] [--target-args JSON]
 
-Rank `K * P + local` runs on local device `local`. Node 0 (`--node-rank 0`) also hosts the store on HOST:PORT (HOST
-is one of its own addresses; nothing binds another interface) and admits the ranks; the other nodes connect to it
-(and wait for it, up to --timeout). Every rank runs `target(RankContext)` once the group is formed: the default only
-checks the group and returns (the worker's serving loop plugs in here later). Exit status 0 when every rank
-returned, 1 when the rendezvous failed or a rank raised (its reason is printed).
+Rank `K * P + local` runs on local device `local`. Node 0 is the ComfyUI machine: its Parallel Config (nodes,
+ranks_per_node, rendezvous, secret_file) makes the ComfyUI process host the store on HOST:PORT and start its local
+ranks. Every other node runs this command; it serves node 0's worker groups one after another: it waits for node
+0's store, joins (admission by the shared secret), serves the group's ops (worker.serve_remote) until node 0 stops
+the group or goes away, and then waits for the next one - so a group stopped by a fault, a config change or a
+restart of ComfyUI finds the node again. `--once` serves one group and exits (0 when every rank returned, 1 when the
+rendezvous failed or a rank raised).
+
+While a group runs, this process bumps the node's heartbeat in node 0's store twice a second and, when one of its
+ranks exits, posts which rank and why (remote.py), then stops the others: node 0 names the node and rank at once.
+
+`--target MODULE:FUNCTION` runs that function in every rank instead (tests; `--node-rank 0` then also hosts the
+store itself, the way the ComfyUI process does).
 """
 from __future__ import annotations
 
@@ -25,9 +33,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .multinode import RendezvousError, RendezvousServer, World, connect_store, join_group, parse_endpoint, read_secret
+from .multinode import (
+    RendezvousError,
+    RendezvousServer,
+    World,
+    connect_store,
+    join_group,
+    parse_endpoint,
+    read_secret,
+    session_store,
+)
 
-DEFAULT_TARGET = "parallel_backend.runtime.node:check_group"
+DEFAULT_TARGET = "parallel_backend.runtime.worker:serve_remote"
+CHECK_TARGET = "parallel_backend.runtime.node:check_group"
+RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,7 @@ class NodeSpec:
     target: str = DEFAULT_TARGET
     target_args: dict = field(default_factory=dict)
     timeout: float = 300.0
+    once: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -62,6 +82,8 @@ class RankContext:
     address: str
     model_dir: str | None
     args: dict
+    secret_file: str = ""
+    nonce: str = ""
 
 
 def check_group(ctx: RankContext) -> None:
@@ -108,9 +130,10 @@ def _rank_main(local_rank: int, spec: NodeSpec, parent_pid: int) -> None:
         try:
             target = resolve_target(spec.target)
             target(RankContext(rank, local_rank, spec.node_rank, spec.world, device, member.store, member.interface,
-                               member.address, spec.model_dir, spec.target_args))
+                               member.address, spec.model_dir, spec.target_args, spec.secret_file, member.nonce))
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():  # the serving loop destroys it itself when node 0 ends the group
+                dist.destroy_process_group()
     except RendezvousError as e:
         print(f"{tag} {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
@@ -131,6 +154,8 @@ def parse_args(argv=None) -> NodeSpec:
     p.add_argument("--target", default=DEFAULT_TARGET, help="MODULE:FUNCTION every rank runs (gets a RankContext)")
     p.add_argument("--target-args", default="{}", help="JSON object handed to the target as ctx.args")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for node 0 / the other ranks")
+    p.add_argument("--once", action="store_true", help="serve one group, then exit (default: serve node 0's groups "
+                   "one after another until stopped)")
     a = p.parse_args(argv)
     if a.nodes < 1 or a.nproc_per_node < 1 or not 0 <= a.node_rank < a.nodes:
         p.error(f"need --nodes >= 1, --nproc-per-node >= 1 and 0 <= --node-rank < --nodes (got {a.node_rank} of "
@@ -141,12 +166,122 @@ def parse_args(argv=None) -> NodeSpec:
         host, port = parse_endpoint(a.rendezvous)
     except ValueError as e:
         p.error(str(e))
+    if a.node_rank == 0 and a.target == DEFAULT_TARGET:
+        p.error("node 0 is the ComfyUI machine: its Parallel Config (nodes, rendezvous, secret_file) hosts the store "
+                "and starts its ranks; run this command on the other nodes (--node-rank 1 ...)")
+    once = a.once or a.target != DEFAULT_TARGET
     return NodeSpec(host, port, a.node_rank, World(a.nodes, a.nproc_per_node), os.path.abspath(a.secret_file),
-                    a.device, a.model_dir, a.target, json.loads(a.target_args), a.timeout)
+                    a.device, a.model_dir and os.path.abspath(a.model_dir), a.target, json.loads(a.target_args),
+                    a.timeout, once)
+
+
+def _exit_cause(code) -> str:
+    import signal
+    if code is not None and code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class _Heartbeat:
+    """Bumps `hb/<node>` in the session's store every HEARTBEAT_S; `lost` is set when the store cannot be reached
+    (node 0 stopped the group or is gone)."""
+
+    def __init__(self, session, node: int):
+        from .remote import HEARTBEAT_S
+        self.session, self.node, self.lost, self._stop = session, node, None, threading.Event()
+
+        def loop():
+            while not self._stop.is_set():
+                try:
+                    self.session.add(f"hb/{node}", 1)
+                except Exception as e:  # noqa: BLE001
+                    self.lost = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    return
+                self._stop.wait(HEARTBEAT_S)
+        self.thread = threading.Thread(target=loop, name="pdit-heartbeat", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self._stop.set()
+
+
+def _serve_session(spec: NodeSpec) -> int:
+    """One group of node 0's: wait for its store, start the ranks, beat, report a rank's exit, end with the group.
+    Returns 0 when the ranks returned (node 0 shut the group down or closed it), 1 otherwise."""
+    from .multinode import _get, _root
+    tag = f"[pdit node {spec.node_rank}]"
+    store = connect_store(spec.host, spec.port, spec.timeout)
+    root = _root(store)
+    nonce = _get(root, "nonce", spec.timeout).decode()
+    if root.check(["group"]):  # this store's group formed (or failed) without us: wait for node 0's next one
+        raise RendezvousError(f"node 0's group at {spec.endpoint} is already formed or aborted")
+    session = session_store(store, nonce)
+    ctx = mp.start_processes(_rank_main, args=(spec, os.getpid()), nprocs=spec.world.nproc_per_node, join=False,
+                             start_method="spawn")
+    beat = _Heartbeat(session, spec.node_rank)
+    print(f"{tag} joining node 0's group at {spec.endpoint} with {spec.world.nproc_per_node} rank(s)", flush=True)
+    status = 0
+    try:
+        while True:
+            try:
+                if ctx.join(timeout=0.2):
+                    break
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+                rank = spec.node_rank * spec.world.nproc_per_node + e.error_index
+                cause = ("raised an error (its traceback is above)" if isinstance(e, mp.ProcessRaisedException)
+                         else _exit_cause(e.exit_code))
+                print(f"{tag} rank {rank} {cause}; its peers on this node were stopped", file=sys.stderr, flush=True)
+                try:
+                    session.set(f"dead/{rank}", cause)
+                except Exception:  # noqa: BLE001 (node 0 is gone already)
+                    pass
+                status = 1
+                break
+            if beat.lost is not None:  # node 0's store is gone: the group is over, the ranks must not linger
+                print(f"{tag} node 0's store at {spec.endpoint} went away ({beat.lost}); stopping this node's ranks",
+                      file=sys.stderr, flush=True)
+                break
+    finally:
+        beat.stop()
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ctx.processes:
+            p.join(3)
+            if p.is_alive():
+                p.kill()
+                p.join(3)
+    return status
+
+
+def serve_node(spec: NodeSpec) -> int:
+    """A node other than 0: serve node 0's groups one after another (or one, with --once)."""
+    tag = f"[pdit node {spec.node_rank}]"
+    try:
+        read_secret(spec.secret_file)  # a missing / short secret fails here, before anything connects
+    except RendezvousError as e:
+        print(f"{tag} {e}", file=sys.stderr, flush=True)
+        return 1
+    while True:
+        try:
+            status = _serve_session(spec)
+        except (RendezvousError, RuntimeError) as e:
+            if spec.once:
+                print(f"{tag} {e}", file=sys.stderr, flush=True)
+                return 1
+            status = None
+        if spec.once:
+            return status
+        time.sleep(RETRY_S)
 
 
 def run_node(spec: NodeSpec) -> int:
     """Host the store (node 0), spawn the local ranks, admit them (node 0), wait for them. Returns the exit status."""
+    if spec.node_rank > 0 and spec.target == DEFAULT_TARGET:
+        return serve_node(spec)
     tag = f"[pdit node {spec.node_rank}]"
     server = None
     try:

@@ -90,30 +90,88 @@ def _release_memory(torch, device) -> None:
         pass
 
 
-def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid: int) -> None:
+def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid: int,
+                multinode: dict | None = None) -> None:
+    """A rank spawned by the ComfyUI process (node 0's ranks when the group spans nodes: `multinode` holds the
+    rendezvous host, port, secret file and timeout; the group then forms through node 0's c10d store)."""
     store_dir = os.path.dirname(store_path)
     _watch_parent(parent_pid, store_dir)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the ComfyUI terminal is the owner's to handle
     import torch
-    import torch.distributed as dist
 
     from ..config import ParallelConfig
     from .mesh import build_mesh
     from .rendezvous import init_process_group
-    from .sharded_model import ShardedModel, compiled_graphs
-    from .transport import ShmReader
 
     config = ParallelConfig(**config_dict)
+    io = files = None
     try:
         if config.device == "cpu":
-            n = config.threads_per_rank or max(1, (os.cpu_count() or 1) // config.world_size)
+            n = config.threads_per_rank or max(1, (os.cpu_count() or 1) // config.local_ranks)
             torch.set_num_threads(n)
-        device = init_process_group(config, rank, store_path)
+        if multinode:
+            device, session = _join_nodes(config, rank, multinode)
+        else:
+            device = init_process_group(config, rank, store_path)
         mesh = build_mesh(config, rank, device)
+        if multinode:
+            from .remote import NodeIO
+            io = NodeIO(config, rank)
+            files = FileCheck(config, rank, session, None)
     except BaseException:
         conn.send(("error", rank, traceback.format_exc()))
         return
     conn.send(("ok", {"rank": rank, "pid": os.getpid(), "coord": mesh.coord, "memory": device_memory(torch, device)}))
+    owner_gone = serve(conn, rank, config, mesh, device, io, files)
+    if owner_gone:
+        shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def _join_nodes(config, rank: int, spec: dict):
+    """Node 0's local rank joins the multi-node group through node 0's store (the ComfyUI process hosts it)."""
+    import torch
+
+    from .multinode import World, connect_store, join_group, read_secret
+    if config.device == "cuda":
+        device = torch.device("cuda", config.device_index(rank))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    store = connect_store(spec["host"], spec["port"], spec["timeout"])
+    member = join_group(store, read_secret(spec["secret_file"]), rank, World(config.nodes, config.local_ranks),
+                        device, spec["host"], spec.get("endpoint", "node 0"), spec["timeout"])
+    return device, member.store
+
+
+class FileCheck:
+    """Multi-node loads: this node's copy of the model (and LoRA) files, checked on every rank against node 0's
+    (size + header sha256, through the store) before anything is read."""
+
+    def __init__(self, config, rank: int, store, model_dir: str | None):
+        from .multinode import World
+        self.config, self.rank, self.store, self.model_dir = config, rank, store, model_dir
+        self.world = World(config.nodes, config.local_ranks)
+
+    def __call__(self, payload: dict) -> tuple:
+        from .multinode import check_model_file
+        from .remote import load_paths
+        path, loras = load_paths(payload, self.model_dir, self.config.node_of(self.rank))
+        tag = payload.get("check", "load")
+        check_model_file(self.store, self.rank, self.world, path, tag=f"{tag}/model")
+        for i, lo in enumerate(loras):
+            check_model_file(self.store, self.rank, self.world, lo[0], tag=f"{tag}/lora{i}")
+        return path, loras
+
+
+def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
+    """The rank's serving loop: ops from `conn` (a local rank's pipe, or a remote rank's StoreChannel) until
+    shutdown. `io` (NodeIO) moves inputs and outputs between nodes; `files` resolves and checks a load's files on
+    this node. Returns True when the owner went away (its end of the channel closed)."""
+    import torch
+    import torch.distributed as dist
+
+    from .sharded_model import ShardedModel, compiled_graphs
+    from .transport import ShmReader
 
     reader = ShmReader()
     token_log = collections.deque(maxlen=TOKEN_LOG)
@@ -157,11 +215,16 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                     _release_memory(torch, device)
                     _reset_peak_rss()
                     rss_before = _rss_bytes()
-                    model = ShardedModel(mesh, payload["path"], payload["precision"])
+                    path, loras = files(payload) if files else (payload["path"], payload.get("loras") or ())
+                    model = ShardedModel(mesh, path, payload["precision"])
                     model.key = key
                     model.load_mem = {"load_rss_before": rss_before, "load_peak_rss": _peak_rss_bytes()}
                     loads += 1
-                lora_info = model.set_loras(payload.get("loras") or ())
+                if not reloaded and files:
+                    path, loras = files(payload)
+                elif not reloaded:
+                    loras = payload.get("loras") or ()
+                lora_info = model.set_loras(loras)
                 if lora_info.get("lora_changed"):
                     _release_memory(torch, device)
                 conn.send(("ok", {**model.info(), **model.load_mem, **lora_info, "reloaded": reloaded,
@@ -179,10 +242,9 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 fault = payload.get("fault")
                 if fault and fault.get("rank") == rank:
                     _inject_fault(fault)
-                x = reader.view(refs["x"])
-                t = reader.view(refs["timestep"])
-                ctx = reader.view(refs["context"])
-                extras = {k: reader.view(r) for k, r in refs.items() if k not in ("x", "timestep", "context")}
+                inputs = io.inputs(refs, reader) if io else {k: reader.view(r) for k, r in refs.items()}
+                x, t, ctx = inputs.pop("x"), inputs.pop("timestep"), inputs.pop("context")
+                extras = inputs
                 extras.update(payload.get("values") or {})  # keyword inputs that are not tensors
                 batch = x.shape[0]
                 model.set_compile(payload.get("compile"))
@@ -196,9 +258,14 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
                 fold_log.append(model.last_fold)
                 graph_log.append(compiled_graphs())
                 forwards += 1
-                if out is not None and model.is_leader(batch):
+                writes = out is not None and model.is_leader(batch)
+                if writes and not (io and io.remote):
                     reader.view(out_ref)[model.rows(batch)].copy_(out.to("cpu"))
+                if io:
+                    io.outputs(out, model.rows(batch) if writes else None, out_ref, reader)
                 del out
+                if io and io.remote:
+                    continue  # a remote rank answers a forward only when it fails
                 conn.send(("ok", None))
             elif op == "stats":
                 conn.send(("ok", {"rank": rank, "pid": os.getpid(), "rss": _rss_bytes(), "loads": loads,
@@ -222,8 +289,38 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
             dist.destroy_process_group()
     except Exception:
         pass
-    if owner_gone:
-        shutil.rmtree(store_dir, ignore_errors=True)
+    return owner_gone
+
+
+def serve_remote(ctx) -> None:
+    """The target a remote node's ranks run (`python -m parallel_backend.runtime.node`): the group is formed (ctx);
+    take node 0's config from the store, build the mesh with every rank, serve node 0's ops until it shuts the
+    group down or goes away."""
+    import torch
+
+    from ..config import ParallelConfig
+    from .mesh import build_mesh
+    from .multinode import read_secret
+    from .remote import NodeIO, StoreChannel, session_config
+
+    secret = read_secret(ctx.secret_file)
+    config = ParallelConfig(**session_config(ctx.store, secret, ctx.nonce))
+    if config.world_size != ctx.world.world_size or config.local_ranks != ctx.world.nproc_per_node:
+        raise RuntimeError(f"node {ctx.node_rank}: node 0's group is {config.nodes} x {config.local_ranks} ranks, this "
+                           f"node was started for {ctx.world.describe()}")
+    if config.device == "cpu" and config.threads_per_rank:
+        torch.set_num_threads(config.threads_per_rank)
+    channel = StoreChannel(ctx.store, secret, ctx.nonce, ctx.rank)
+    try:
+        mesh = build_mesh(config, ctx.rank, ctx.device)
+        io = NodeIO(config, ctx.rank)
+        files = FileCheck(config, ctx.rank, ctx.store, ctx.model_dir)
+    except BaseException:
+        channel.send(("error", ctx.rank, traceback.format_exc()))
+        raise
+    channel.send(("ok", {"rank": ctx.rank, "pid": os.getpid(), "coord": mesh.coord, "node": ctx.node_rank,
+                         "memory": device_memory(torch, ctx.device)}))
+    serve(channel, ctx.rank, config, mesh, ctx.device, io, files)
 
 
 def _describe(e: BaseException, config) -> str:
