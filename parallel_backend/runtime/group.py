@@ -150,6 +150,7 @@ class WorkerGroup:
                 self.server.admit()
                 self._admission = True
             except Exception as e:  # noqa: BLE001 (reported by _collect, naming the node)
+                e.__traceback__ = None  # its frames hold the store: the port must be free when the group stops
                 self._admission = e
         threading.Thread(target=admit, name="pdit-admission", daemon=True).start()
         return {"host": host, "port": self.server.port, "secret_file": c.secret_file, "endpoint": self.server.endpoint,
@@ -233,7 +234,8 @@ class WorkerGroup:
             raise self._admission_failed()
         try:
             got = self.remote.replies(seq, remote_pending) if remote_pending else self.remote.errors(seq)
-            self.remote.check_alive()
+            if self._admission is True:  # heartbeats count once every node is in
+                self.remote.check_alive()
         except RemoteNodeLost as e:
             self.stop(graceful=False)
             raise WorkerGroupError(f"{e} during {what} on {self.config.describe()}; the group was stopped and the "
@@ -302,7 +304,14 @@ class WorkerGroup:
                 last = next((ln for ln in reversed(text.strip().splitlines()) if ln.strip()), "").strip()
                 if dead:
                     raise self._died(min(others[s] for s in dead), what, f"; rank {rank} then failed: {last}")
-                if self.remote is not None and _looks_like_a_lost_peer(text):
+                if self.remote is not None and self._admission is not True:
+                    # a local rank's join fails as the admission does (a node missing or refused): report the latter
+                    until = time.monotonic() + 2.0
+                    while self._admission is None and time.monotonic() < until:
+                        time.sleep(0.05)
+                    if isinstance(self._admission, Exception):
+                        raise self._admission_failed()
+                elif self.remote is not None and _looks_like_a_lost_peer(text):
                     from .remote import HEARTBEAT_STALE_S, RemoteNodeLost
                     try:  # a remote node's death shows here first as a connection error: name the node
                         self.remote.wait_for_verdict(HEARTBEAT_STALE_S + 1.5)

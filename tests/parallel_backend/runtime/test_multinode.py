@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -367,3 +368,138 @@ def test_a_different_model_file_on_node_1_is_refused(net, secrets_dir, model_fil
         assert e.startswith("ModelFileMismatch") and "node 1: " in e and "node 0: " not in e, got
         assert "size" in e and "header sha256" in e, e
         assert "ModelFileMismatch" in results[k][2]
+
+
+# ---- the worker group across the namespaces: node 0 = the ComfyUI process's WorkerGroup (tests/multinode_driver.py),
+# node 1 = `python -m parallel_backend.runtime.node` serving node 0's groups -------------------------------------------
+
+def _serve_node1(net, port, secret, model_dir, log):
+    argv = [sys.executable, "-m", "parallel_backend.runtime.node", "--rendezvous", f"{net.addresses[0]}:{port}",
+            "--node-rank", 1, "--nodes", 2, "--nproc-per-node", 2, "--secret-file", secret, "--model-dir", model_dir,
+            "--device", "cpu", "--timeout", 60]
+    return net.popen(1, argv, cwd=str(REPO), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _drive(net, scenario, args, tmp_path, timeout=300, during=None):
+    """Run tests/multinode_driver.py SCENARIO in namespace 0; `during(proc)` runs while it does. Returns its result."""
+    args = {"out": str(tmp_path), **args}
+    p = net.popen(0, [sys.executable, str(REPO / "tests" / "multinode_driver.py"), scenario, json.dumps(args)],
+                  cwd=str(REPO), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        if during is not None:
+            during(p)
+        out, _ = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "crash" not in result, result["crash"] + "\n" + out[-4000:]
+    return result, out
+
+
+def _driver_args(net, port, secrets_dir, model_files, **kw):
+    return {"rendezvous": f"{net.addresses[0]}:{port}", "secret": str(secrets_dir / "good"),
+            "model": os.path.join(model_files["dirs"][0], "tiny.safetensors"), "name": "tiny.safetensors",
+            "rejoin": 60, **kw}
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.multirank
+def test_worker_group_spans_two_nodes_and_matches_one_rank(net, secrets_dir, model_files, tmp_path):
+    port = 29521
+    log = open(tmp_path / "node1.log", "w")
+    node1 = _serve_node1(net, port, secrets_dir / "good", model_files["dirs"][1], log)
+    try:
+        meshes = {"ulysses2-inside x ring2-across": {"ulysses": 2, "ring": 2},
+                  "ulysses2-inside x cfg2-across": {"ulysses": 2, "cfg": 2}}
+        result, out = _drive(net, "parity", _driver_args(net, port, secrets_dir, model_files, meshes=meshes),
+                             tmp_path)
+    finally:
+        _stop(node1)
+        log.close()
+    report = []
+    for name, r in result["meshes"].items():
+        # a 2-row call, and a 1-row call (cfg 1.0): the idle replica folds into the sequence split (across nodes)
+        assert r["batch2"] <= TOL and r["batch1"] <= TOL, (name, r, (tmp_path / "node1.log").read_text()[-3000:])
+        assert r["remote_memory"]["device"] == "cpu"  # node 1's ranks reported their memory to node 0
+        report.append(f"{name}: {r['batch2']:.2e} / {r['batch1']:.2e}")
+    # node 1 served both groups one after the other (it rejoins each new group of node 0)
+    assert (tmp_path / "node1.log").read_text().count("joining node 0's group") >= 2
+    socks = result["sockets"]  # node 0's namespace while the second group was up
+    listening = [line.split()[-2] for line in socks["listen"].splitlines() if line.strip()]
+    assert listening and all(_addr(a) == net.addresses[0] for a in listening), listening
+    established = [line.split()[-2:] for line in socks["established"].splitlines() if line.strip()]
+    crossing = [p for p in established if {_addr(a) for a in p} == set(net.addresses)]
+    assert crossing and all(all(_addr(a) in net.addresses for a in p) for p in established), established
+    print("\nworker group over 2 nodes x 2 ranks vs one rank (2 rows / 1 row): " + "; ".join(report))
+
+
+@pytest.mark.multirank
+def test_a_killed_node_is_named_and_the_next_start_waits_for_it(net, secrets_dir, model_files, tmp_path):
+    port = 29522
+    log = open(tmp_path / "node1.log", "w")
+    procs = [_serve_node1(net, port, secrets_dir / "good", model_files["dirs"][1], log)]
+    killed = {}
+
+    def during(driver):
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "forward_started").exists():
+            assert driver.poll() is None and time.monotonic() < deadline, "the driver never reached the forward"
+            time.sleep(0.05)
+        killed["at"] = time.time()
+        for pid in net.pids(1):  # the whole "machine": its node process and every rank
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        while not (tmp_path / "restart_node1").exists():
+            assert driver.poll() is None and time.monotonic() < deadline, "the driver never asked for node 1 back"
+            time.sleep(0.05)
+        time.sleep(2.0)  # node 0's start is already waiting when node 1 comes back
+        procs.append(_serve_node1(net, port, secrets_dir / "good", model_files["dirs"][1], log))
+    try:
+        r, out = _drive(net, "kill", _driver_args(net, port, secrets_dir, model_files, short_rejoin=4), tmp_path,
+                        during=during)
+    finally:
+        for p in procs:
+            _stop(p)
+        log.close()
+    assert r["before"]["batch2"] <= TOL
+    err = r["error"]
+    assert err and "node 1" in err and "ranks 2, 3" in err, err
+    took = r["error_at"] - killed["at"]
+    assert took < 10.0, f"the lost node was reported {took:.1f} s after the kill: {err}"
+    # node 0 left nothing behind: its ranks are gone, its shared memory unlinked
+    assert r["local_ranks_alive"] == [] and r["segments_left"] == [] and r["group_closed"], r
+    # the next prompt, node 1 still gone: waits rejoin_timeout, then says which node is missing and how to bring it
+    missing = r["missing_error"]
+    assert missing and "node(s) [1]" in missing and "parallel_backend.runtime.node" in missing, missing
+    assert 4.0 <= r["missing_wait_s"] < 30, r["missing_wait_s"]
+    assert r["after_missing_alive"] == [], r
+    # ... and when node 1 comes back while a start waits, the group forms again and matches one rank
+    assert r["rejoin_wait_s"] >= 1.5 and r["after"]["batch2"] <= TOL and r["after"]["batch1"] <= TOL, r
+    print(f"\nnode 1 killed mid-forward: named after {took:.2f} s ({err.split(' during')[0]}); missing node refused "
+          f"after {r['missing_wait_s']:.1f} s; rejoined after {r['rejoin_wait_s']:.1f} s, parity "
+          f"{r['after']['batch2']:.2e}")
+
+
+@pytest.mark.multirank
+def test_worker_group_refuses_a_node_without_the_secret(net, secrets_dir, model_files, tmp_path):
+    port = 29523
+    log = open(tmp_path / "node1.log", "w")
+    node1 = _serve_node1(net, port, secrets_dir / "bad", model_files["dirs"][1], log)
+    try:
+        r, _ = _drive(net, "refused", _driver_args(net, port, secrets_dir, model_files), tmp_path)
+    finally:
+        _stop(node1)
+        log.close()
+    err = r["error"]
+    assert err and re.search(r"refused rank [23] \(node 1", err) and "secret" in err and "could not form" in err, err
+    assert r["wait_s"] < 30 and r["children_alive"] == [], r
+    assert "was refused by node 0" in (tmp_path / "node1.log").read_text()

@@ -1,0 +1,160 @@
+"""Node 0 of the multi-node group tests: the ComfyUI process's side (WorkerGroup with nodes=2), run inside network
+namespace 0 by tests/parallel_backend/runtime/test_remote.py while node 1 runs `python -m parallel_backend.runtime.node`
+in namespace 1.
+
+    python tests/multinode_driver.py SCENARIO ARGS_JSON
+
+Scenarios write `result.json` (and progress markers the test waits on) into args["out"]:
+- parity: each mesh in args["meshes"]: start the group, load (the model by its models-folder name), forward a
+  2-row call and a 1-row call (the cfg 1.0 fold), the max abs diff vs one rank; this namespace's sockets; stop.
+- kill: a forward in which remote rank 2 sleeps; the test kills every process of namespace 1 meanwhile. Records the
+  error and its time, the local ranks and segments left; then a start that finds node 1 missing (short
+  rejoin_timeout); then, after asking the test to restart node 1, a start that waits for it to rejoin, and parity.
+- refused: a start that node 1 (with another secret) cannot join; the error.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+import torch
+
+from parallel_backend.config import ParallelConfig
+from parallel_backend.runtime.group import WorkerGroup, WorkerGroupError
+from parallel_backend.runtime.mesh import single_rank_mesh
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.runtime.transport import leftover_segments
+from tiny_inputs import wan_inputs
+
+
+def _config(a: dict, degrees: dict, rejoin: float | None = None) -> ParallelConfig:
+    return ParallelConfig(world_size=4, device="cpu", dtype="fp32", nodes=2, ranks_per_node=2,
+                          rendezvous=a["rendezvous"], secret_file=a["secret"], rejoin_timeout=rejoin or a["rejoin"],
+                          threads_per_rank=1, **degrees)
+
+
+def _reference(path: str):
+    model = ShardedModel(single_rank_mesh(ParallelConfig(world_size=1, device="cpu", dtype="fp32"),
+                                          torch.device("cpu")), path, "fp32")
+    x, t, c = wan_inputs(batch=2)
+    return (x, t, c), model.forward_rows(x, t, c)
+
+
+def _forward_diffs(g: WorkerGroup, a: dict, ref) -> dict:
+    (x, t, c), want = ref
+    g.load(a["model"], "fp32", names={a["model"]: a["name"]})
+    two = (g.forward(x, t, c) - want).abs().max().item()
+    one = (g.forward(x[:1], t[:1], c[:1]) - want[:1]).abs().max().item()
+    return {"batch2": two, "batch1": one}
+
+
+def _sockets() -> dict:
+    run = lambda *a: subprocess.run(["ss", "-Htn", *a], capture_output=True, text=True, check=True).stdout
+    return {"listen": run("-l"), "established": run("state", "established")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_file(path: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def parity(a: dict) -> dict:
+    ref = _reference(a["model"])
+    out = {"meshes": {}}
+    for name, degrees in a["meshes"].items():
+        g = WorkerGroup(_config(a, degrees)).start()
+        try:
+            out["meshes"][name] = _forward_diffs(g, a, ref)
+            out["meshes"][name]["remote_memory"] = g.device_memory[2]
+            out["sockets"] = _sockets()
+        finally:
+            g.stop()
+    return out
+
+
+def kill(a: dict) -> dict:
+    ref = _reference(a["model"])
+    (x, t, c), _ = ref
+    out = {}
+    g = WorkerGroup(_config(a, {"ulysses": 2, "ring": 2})).start()
+    out["before"] = _forward_diffs(g, a, ref)
+    pids = list(g.pids)
+    # remote rank 2 sleeps inside the forward: node 0's ranks wait for it in their first collective
+    threading.Timer(1.0, lambda: open(os.path.join(a["out"], "forward_started"), "w").close()).start()
+    try:
+        g.forward(x, t, c, fault={"rank": 2, "kind": "sleep", "seconds": 30})
+        out["error"] = None
+    except WorkerGroupError as e:
+        out["error"], out["error_at"] = str(e), time.time()
+    time.sleep(1.0)
+    out["local_ranks_alive"] = [p for p in pids if _alive(p)]
+    out["segments_left"] = leftover_segments(os.getpid())
+    out["group_closed"] = g.closed
+    # the next prompt: node 1 is still gone -> the start waits rejoin_timeout, then names the node
+    t0 = time.monotonic()
+    try:
+        WorkerGroup(_config(a, {"ulysses": 2, "ring": 2}, rejoin=a["short_rejoin"])).start().stop()
+        out["missing_error"] = None
+    except WorkerGroupError as e:
+        out["missing_error"] = str(e)
+    out["missing_wait_s"] = time.monotonic() - t0
+    out["after_missing_alive"] = [p for p in _children() if _alive(p)]
+    # node 1 comes back while the next start waits for it
+    open(os.path.join(a["out"], "restart_node1"), "w").close()
+    t0 = time.monotonic()
+    g = WorkerGroup(_config(a, {"ulysses": 2, "ring": 2})).start()
+    out["rejoin_wait_s"] = time.monotonic() - t0
+    try:
+        out["after"] = _forward_diffs(g, a, ref)
+    finally:
+        g.stop()
+    return out
+
+
+def _children() -> list:
+    """This process's children but multiprocessing's resource tracker (it lives as long as this process)."""
+    r = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True)
+    out = []
+    for pid in map(int, r.stdout.split()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"resource_tracker" in f.read():
+                    continue
+        except OSError:
+            continue
+        out.append(pid)
+    return out
+
+
+def refused(a: dict) -> dict:
+    t0 = time.monotonic()
+    try:
+        WorkerGroup(_config(a, {"ulysses": 2, "ring": 2})).start().stop()
+        return {"error": None}
+    except WorkerGroupError as e:
+        return {"error": str(e), "wait_s": time.monotonic() - t0,
+                "children_alive": [p for p in _children() if _alive(p)]}
+
+
+if __name__ == "__main__":
+    scenario, args = sys.argv[1], json.loads(sys.argv[2])
+    try:
+        result = {"parity": parity, "kill": kill, "refused": refused}[scenario](args)
+    except BaseException:
+        result = {"crash": traceback.format_exc()}
+    with open(os.path.join(args["out"], "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
