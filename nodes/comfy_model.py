@@ -150,10 +150,35 @@ def _bind(host_class, args, kwargs) -> dict:
     return named
 
 
+MODEL_FOLDERS = ("diffusion_models", "unet", "unet_gguf", "loras")
+
+
+def models_folder_names(paths) -> dict:
+    """path -> its name relative to a ComfyUI models folder ("diffusion_models/wan.safetensors", "loras/x.safetensors"):
+    how another node finds its own copy under its --model-dir. Paths under no models folder are left out."""
+    import folder_paths
+    out = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        for key in MODEL_FOLDERS:
+            if key not in folder_paths.folder_names_and_paths:
+                continue
+            for folder in folder_paths.get_folder_paths(key):
+                base = os.path.realpath(folder)
+                if real.startswith(base + os.sep):
+                    out[path] = f"{os.path.basename(base)}/{os.path.relpath(real, base)}"
+                    break
+            if path in out:
+                break
+    return out
+
+
 def load_logged(group, path, precision, **kwargs) -> dict:
     """group.load, saying in ComfyUI's log whether weights were read or the warm group was reused
     (tests and users read these lines)."""
     before = group.load_count
+    if group.config.nodes > 1:  # the other nodes look the files up by these names under their --model-dir
+        kwargs["names"] = models_folder_names([path] + [lo[0] for lo in kwargs.get("loras") or ()])
     info = group.load(path, precision, **kwargs)
     name = os.path.basename(path)
     if group.load_count != before:

@@ -1,3 +1,5 @@
+import os
+
 from .backend import CATEGORY, CONFIG_TYPE, backend
 
 _AXIS_HELP = {
@@ -63,8 +65,26 @@ class ParallelConfigNode:
                             "With pp > 1: the share of the blocks per stage, e.g. '24,16' for a 24 GB and a 16 GB "
                             "card; empty = equal stages (auto: by each GPU's memory)."}),
             "devices": ("STRING", {"default": "", "tooltip":
-                        "GPU indices for the ranks, e.g. '1,2,3' to keep rank 0 off ComfyUI's GPU 0 (one per rank). "
-                        "Empty = consecutive from first_device."}),
+                        "GPU indices for the ranks, e.g. '1,2,3' to keep rank 0 off ComfyUI's GPU 0 (one per rank; "
+                        "with several nodes, one per rank of this machine). Empty = consecutive from first_device."}),
+            "nodes": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+                      "Machines the group spans. This ComfyUI machine is node 0; every other machine runs `python -m "
+                      "parallel_backend.runtime.node --rendezvous HOST:PORT --node-rank K --nodes N "
+                      "--nproc-per-node P --secret-file FILE --model-dir MODELS` (see the README). Trusted networks "
+                      "only. world_size = nodes x ranks_per_node."}),
+            "ranks_per_node": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
+                               "Ranks (GPUs) on each machine; 0 = world_size / nodes. Ulysses and tp stay inside a "
+                               "machine, ring / cfg / pp cross machines (auto picks so)."}),
+            "rendezvous": ("STRING", {"default": "", "tooltip":
+                           "With nodes > 1: HOST:PORT of this machine that the others reach, e.g. 10.0.0.1:29500. "
+                           "torch's c10d store listens on exactly this address (never on every interface)."}),
+            "secret_file": ("STRING", {"default": "", "tooltip":
+                            "With nodes > 1: a file holding a shared secret (>= 16 bytes; the same file on every "
+                            "machine, chmod 600). A rank that cannot prove it knows the secret is refused; the "
+                            "secret itself never crosses the network."}),
+            "rejoin_timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip":
+                               "With nodes > 1: seconds a prompt waits for the other machines to join (or to come "
+                               "back after a failure) before it fails naming the missing node."}),
         }}
 
     RETURN_TYPES = (CONFIG_TYPE,)
@@ -88,11 +108,25 @@ class ParallelConfigNode:
         return True
 
     def make(self, world_size, cfg, ulysses, ring, tp, dp, dtype, device, attention, first_device=0,
-             weights="auto", latent=None, pp=1, stage_split="", devices=""):
+             weights="auto", latent=None, pp=1, stage_split="", devices="", nodes=1, ranks_per_node=0, rendezvous="",
+             secret_file="", rejoin_timeout=120.0):
         spec = {"world_size": world_size, "cfg": cfg, "ulysses": ulysses, "ring": ring, "tp": tp, "dp": dp, "pp": pp,
                 "dtype": dtype, "device": device, "attention": attention, "first_device": first_device,
                 "weights": weights, "stage_split": _numbers(stage_split, "stage_split", float),
                 "devices": _numbers(devices, "devices", int)}
+        if nodes > 1:  # kept out of one-node specs, so their configs (and warm groups) stay as they were
+            spec.update(nodes=nodes, ranks_per_node=ranks_per_node, rendezvous=rendezvous.strip(),
+                        secret_file=os.path.expanduser(secret_file.strip()), rejoin_timeout=float(rejoin_timeout))
+            cfgmod = backend("config")
+            probe = cfgmod.ParallelConfig(world_size=world_size, device=device, **{a: 1 for a in cfgmod.AXES},
+                                          **{k: spec[k] for k in ("nodes", "ranks_per_node", "rendezvous",
+                                                                  "secret_file", "rejoin_timeout")})
+            try:  # the node fields alone (the degrees may still be auto): refuse before any process starts
+                cfgmod.validate_nodes(probe)
+            except cfgmod.ConfigError as e:
+                if "would span nodes" not in str(e):
+                    raise
+            backend("runtime.multinode").read_secret(spec["secret_file"])  # missing / short: say so now
         if latent is not None:
             spec["latent_shape"] = tuple(latent["samples"].shape)
         cfgmod = backend("config")

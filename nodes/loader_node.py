@@ -24,6 +24,8 @@ def resolve_config(spec: dict, shape, header, family=None, precision: str = "bf1
                                                fits, fixed["tp"], costs)
     stage_split, why_pp = tuple(spec.get("stage_split", ())), ""
     others_auto = all(fixed[a] in (0, 1) for a in cfgmod.AXES if a != "pp")
+    if fixed["pp"] == 0 and spec.get("nodes", 1) > 1:  # auto pp weighs every GPU's memory: this machine sees its own
+        fixed["pp"], why_pp = 1, "pp=1 (auto stages need every node's GPU sizes: set pp and stage_split yourself)"
     if fixed["pp"] == 0 and others_auto:  # auto: stages only for GPUs of different memory no symmetric split fits
         split, why_pp = cfgmod.choose_pipeline(spec["world_size"], _device_totals(spec) or [],
                                                model_bytes(header, family, precision), device=spec["device"])
@@ -31,11 +33,13 @@ def resolve_config(spec: dict, shape, header, family=None, precision: str = "bf1
             fixed = {**{a: 1 for a in cfgmod.AXES}, "pp": spec["world_size"]}
             stage_split, shard, why_weights = split, False, ""
     fixed["pp"] = fixed["pp"] or 1
+    nodes = {k: spec[k] for k in NODE_FIELDS if k in spec}
     if all(fixed.values()):
         picked, why = fixed, why_pp or "as set"
     else:  # sharded weights make the model fit without tp
         picked, why = cfgmod.auto_degrees(spec["world_size"], shape.num_heads, uses_cfg=True,
-                                          fits_one_device=fits or shard, fixed=fixed)
+                                          fits_one_device=fits or shard, fixed=fixed,
+                                          ranks_per_node=_ranks_per_node(spec))
     if picked.get("pp", 1) > 1 and not stage_split:  # stages follow each GPU's memory unless the user split them
         totals = _device_totals(spec)
         if totals and len(set(totals)) > 1:
@@ -48,10 +52,21 @@ def resolve_config(spec: dict, shape, header, family=None, precision: str = "bf1
     config = cfgmod.ParallelConfig(world_size=spec["world_size"], dtype=spec["dtype"], device=spec["device"],
                                    attention=spec["attention"], first_device=spec.get("first_device", 0),
                                    devices=tuple(spec.get("devices", ())), stage_split=stage_split,
-                                   shard_weights=shard, **picked)
+                                   shard_weights=shard, **nodes, **picked)
     cfgmod.validate_config(config, group.available_devices(config.device))
     cfgmod.validate_for_model(config, shape)
+    if config.nodes > 1:
+        why += f"; {cfgmod.placement(config)}"
     return config, why
+
+
+NODE_FIELDS = ("nodes", "ranks_per_node", "rendezvous", "secret_file", "rejoin_timeout")
+
+
+def _ranks_per_node(spec) -> int:
+    """Ranks on each machine (0 when the group is one machine)."""
+    n = spec.get("nodes", 1)
+    return 0 if n <= 1 else (spec.get("ranks_per_node") or spec["world_size"] // n)
 
 
 def block_weight_bytes(header, family, precision: str) -> int:
@@ -103,8 +118,8 @@ def _device_totals(spec) -> list | None:
     import torch
     if not torch.cuda.is_available():
         return None
-    devices = list(spec.get("devices") or range(spec.get("first_device", 0),
-                                                spec.get("first_device", 0) + spec["world_size"]))
+    local = _ranks_per_node(spec) or spec["world_size"]  # the other nodes' GPUs are known once their ranks report
+    devices = list(spec.get("devices") or range(spec.get("first_device", 0), spec.get("first_device", 0) + local))
     return [torch.cuda.get_device_properties(d).total_memory for d in devices]
 
 

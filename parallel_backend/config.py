@@ -491,7 +491,7 @@ def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_on
                           f"{world_size}: change them or world_size")
     left = world_size // fixed_product
     node = ranks_per_node if 0 < ranks_per_node < world_size else world_size
-    why = [f"{world_size // node} nodes: ulysses and tp inside a node of {node}, ring / cfg across"] if node < world_size else []
+    why = []
     if not fits_one_device and "tp" not in fixed:
         # Smallest tp that divides heads and what is left; 2 halves the weights.
         for d in (2, 4, 8):

@@ -11,6 +11,10 @@ Scenarios write `result.json` (and progress markers the test waits on) into args
   error and its time, the local ranks and segments left; then a start that finds node 1 missing (short
   rejoin_timeout); then, after asking the test to restart node 1, a start that waits for it to rejoin, and parity.
 - refused: a start that node 1 (with another secret) cannot join; the error.
+- nodes: ComfyUI imported here, its models folder args["models"] (diffusion_models/, loras/): the pack's Parallel
+  Config (nodes=2, degrees auto) and Parallel Model Loader, sampled with the native KSampler at cfg 4 and 1, with
+  Parallel LoRA (a loras/ file node 1 has too) and with the native LoraLoaderModelOnly (tensors only node 0 has,
+  shipped over the process group); each against native ComfyUI on the same files.
 """
 import json
 import os
@@ -80,6 +84,7 @@ def parity(a: dict) -> dict:
         try:
             out["meshes"][name] = _forward_diffs(g, a, ref)
             out["meshes"][name]["remote_memory"] = g.device_memory[2]
+            out["meshes"][name]["folds"] = [st["fold_per_forward"] for st in g.stats()]
             out["sockets"] = _sockets()
         finally:
             g.stop()
@@ -150,10 +155,48 @@ def refused(a: dict) -> dict:
                 "children_alive": [p for p in _children() if _alive(p)]}
 
 
+def nodes(a: dict) -> dict:
+    import comfy_host
+    folder_paths = comfy_host.import_comfy()
+    folder_paths.add_model_folder_path("diffusion_models", os.path.join(a["models"], "diffusion_models"))
+    folder_paths.add_model_folder_path("loras", os.path.join(a["models"], "loras"))
+    pack = comfy_host.import_pack()
+    import comfy.sd
+
+    import nodes as comfy_nodes
+    g = torch.Generator().manual_seed(11)
+    pos = [[torch.randn(1, 12, 4096, generator=g), {}]]
+    neg = [[torch.randn(1, 12, 4096, generator=g), {}]]
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+
+    def sample(model, cfg):
+        return comfy_nodes.common_ksampler(model, 3, 3, cfg, "euler", "simple", pos, neg, latent)[0]["samples"]
+    spec = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(
+        4, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", nodes=2, ranks_per_node=2, rendezvous=a["rendezvous"],
+        secret_file=a["secret"], rejoin_timeout=a["rejoin"])[0]
+    parallel, plan = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load("tiny.safetensors", "fp32", spec)
+    native = comfy.sd.load_diffusion_model(os.path.join(a["models"], "diffusion_models", "tiny.safetensors"))
+    out = {"plan": plan, "diffs": {}}
+    for cfg in (4.0, 1.0):
+        out["diffs"][f"KSampler cfg {cfg}"] = (sample(parallel, cfg) - sample(native, cfg)).abs().max().item()
+    lora = "lora.safetensors"
+    native_lora = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(native, lora, 0.8)[0]
+    want = sample(native_lora, 1.0)
+    with_lora = pack.NODE_CLASS_MAPPINGS["ParallelLora"]().apply(parallel, lora, 0.8)[0]
+    out["diffs"]["Parallel LoRA (node 1's copy)"] = (sample(with_lora, 1.0) - want).abs().max().item()
+    shipped = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(parallel, lora, 0.8)[0]
+    out["diffs"]["native LoraLoaderModelOnly (shipped)"] = (sample(shipped, 1.0) - want).abs().max().item()
+    out["lora_moves"] = (want - sample(native, 1.0)).abs().max().item()
+    import parallel_backend.runtime.group as group
+    out["folds"] = [st["fold_per_forward"][-1] for st in group.active_groups()[0].stats()]
+    group.stop_all()
+    return out
+
+
 if __name__ == "__main__":
     scenario, args = sys.argv[1], json.loads(sys.argv[2])
     try:
-        result = {"parity": parity, "kill": kill, "refused": refused}[scenario](args)
+        result = {"parity": parity, "kill": kill, "refused": refused, "nodes": nodes}[scenario](args)
     except BaseException:
         result = {"crash": traceback.format_exc()}
     with open(os.path.join(args["out"], "result.json"), "w") as f:

@@ -375,9 +375,12 @@ class WorkerGroup:
         self.model_key = self.model_info = None
         self._loads += 1
         names = {**{os.path.realpath(p): n for p, n in (names or {}).items()}, **(names or {})}
+        # several nodes: a LoRA without a models-folder name (a native LoraLoader's tensors, saved by the nodes) is
+        # sent to the other nodes over the process group; the model file itself must be on every node
+        ship = [lo[0] for lo in lkey if lo[0] not in names] if self.config.nodes > 1 else []
         replies = self._call("load", {"path": path, "precision": precision, "key": key, "loras": lkey,
-                                      "keep": list(self.models), "check": f"load{self._loads}", "names": names},
-                             self.load_timeout)
+                                      "keep": list(self.models), "check": f"load{self._loads}", "names": names,
+                                      "ship": ship}, self.load_timeout)
         self.model_key, self.lora_key, self.model_info = key, lkey, replies[0]
         self.models[key] = {"info": replies[0], "lora_key": lkey, "resident": resident,
                             "rank_bytes": [r.get("param_bytes", 0) for r in replies]}

@@ -86,8 +86,15 @@ class RankMesh:
         fold = fold_for(batch, c.replica_degree)
         if fold == 1:
             return self.base_layout()
-        kind = "ulysses" if heads % (c.ulysses * fold * c.tp) == 0 else "ring"
+        kind = "ulysses" if heads % (c.ulysses * fold * c.tp) == 0 and fold_fits_a_node(c, fold) else "ring"
         return self.folds[(fold, kind)]
+
+
+def fold_fits_a_node(config: ParallelConfig, fold: int) -> bool:
+    """Whether `fold` neighbouring replicas lie on one node: only then may they join the Ulysses all-to-all (it runs
+    in every layer); replicas on different nodes fold into the Ring instead. A replica is a contiguous block of
+    world / replicas ranks, and fold f joins f neighbouring blocks."""
+    return config.local_ranks % (config.world_size // config.replica_degree * fold) == 0
 
 
 def fold_for(batch: int, replicas: int) -> int:

@@ -217,10 +217,36 @@ class NodeIO:
             dist.send(out.to("cpu", torch.float32).contiguous(), dst=0, group=self.group)
 
 
+    def share_file(self, path: str, folder: str) -> str:
+        """A file only node 0 has (a LoRA a native loader made): rank 0 broadcasts its bytes, each remote rank
+        writes them under `folder` and gets that path; node 0's ranks keep `path`."""
+        if not self.member:
+            return path
+        size = torch.zeros(1, dtype=torch.int64)
+        if self.rank == 0:
+            with open(path, "rb") as f:
+                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            size[0] = data.numel()
+        dist.broadcast(size, src=0, group=self.group)
+        if self.rank != 0:
+            data = torch.empty(int(size[0]), dtype=torch.uint8)
+        dist.broadcast(data, src=0, group=self.group)
+        if self.rank == 0:
+            return path
+        import os
+        os.makedirs(folder, exist_ok=True)
+        local = os.path.join(folder, os.path.basename(path))
+        with open(local + ".part", "wb") as f:
+            f.write(data.numpy().tobytes())
+        os.replace(local + ".part", local)
+        return local
+
+
 def load_paths(payload: dict, model_dir: str | None, node: int) -> tuple[str, list]:
     """This node's model file and LoRA files for a load op. Node 0 uses its own paths; the other nodes look up the
     names node 0 gives (relative to ComfyUI's models folder, e.g. diffusion_models/x.safetensors) under their
-    --model-dir."""
+    --model-dir. LoRAs node 0 ships (payload "ship": files only it has) keep node 0's path here; NodeIO.share_file
+    brings them."""
     loras = list(payload.get("loras") or ())
     if node == 0:
         return payload["path"], loras
@@ -229,12 +255,13 @@ def load_paths(payload: dict, model_dir: str | None, node: int) -> tuple[str, li
     if not model_dir:
         raise ModelFileMismatch(f"node {node} was started without --model-dir: give it the folder that holds the "
                                 f"models under the same names as node 0's ComfyUI models folder")
-    missing = [p for p in [payload["path"], *(lo[0] for lo in loras)] if p not in names]
+    ship = set(payload.get("ship") or ())
+    missing = [p for p in [payload["path"], *(lo[0] for lo in loras)] if p not in names and p not in ship]
     if missing:
         raise ModelFileMismatch(f"{missing[0]} has no name relative to a ComfyUI models folder, so node {node} cannot "
                                 f"find its copy: load it from models/diffusion_models (or unet, loras)")
     path = resolve_model(model_dir, names[payload["path"]])
-    loras = [(resolve_model(model_dir, names[lo[0]]), *lo[1:]) for lo in loras]
+    loras = [lo if lo[0] in ship else (resolve_model(model_dir, names[lo[0]]), *lo[1:]) for lo in loras]
     return path, loras
 
 

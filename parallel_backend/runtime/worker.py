@@ -117,7 +117,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
         if multinode:
             from .remote import NodeIO
             io = NodeIO(config, rank)
-            files = FileCheck(config, rank, session, None)
+            files = FileCheck(config, rank, session, None, io)
     except BaseException:
         conn.send(("error", rank, traceback.format_exc()))
         return
@@ -145,12 +145,16 @@ def _join_nodes(config, rank: int, spec: dict):
 
 class FileCheck:
     """Multi-node loads: this node's copy of the model (and LoRA) files, checked on every rank against node 0's
-    (size + header sha256, through the store) before anything is read."""
+    (size + header sha256, through the store) before anything is read. LoRA files only node 0 has (those a native
+    LoraLoader produced) are sent to the other nodes over the process group instead."""
 
-    def __init__(self, config, rank: int, store, model_dir: str | None):
+    def __init__(self, config, rank: int, store, model_dir: str | None, io=None):
+        import tempfile
+
         from .multinode import World
-        self.config, self.rank, self.store, self.model_dir = config, rank, store, model_dir
+        self.config, self.rank, self.store, self.model_dir, self.io = config, rank, store, model_dir, io
         self.world = World(config.nodes, config.local_ranks)
+        self.shipped = os.path.join(tempfile.gettempdir(), f"pdit_shipped_{os.getpid()}")
 
     def __call__(self, payload: dict) -> tuple:
         from .multinode import check_model_file
@@ -158,8 +162,12 @@ class FileCheck:
         path, loras = load_paths(payload, self.model_dir, self.config.node_of(self.rank))
         tag = payload.get("check", "load")
         check_model_file(self.store, self.rank, self.world, path, tag=f"{tag}/model")
+        ship = list(payload.get("ship") or ())
         for i, lo in enumerate(loras):
-            check_model_file(self.store, self.rank, self.world, lo[0], tag=f"{tag}/lora{i}")
+            if lo[0] in ship or payload["loras"][i][0] in ship:
+                loras[i] = (self.io.share_file(payload["loras"][i][0], self.shipped), *lo[1:])
+            else:
+                check_model_file(self.store, self.rank, self.world, lo[0], tag=f"{tag}/lora{i}")
         return path, loras
 
 
@@ -314,13 +322,16 @@ def serve_remote(ctx) -> None:
     try:
         mesh = build_mesh(config, ctx.rank, ctx.device)
         io = NodeIO(config, ctx.rank)
-        files = FileCheck(config, ctx.rank, ctx.store, ctx.model_dir)
+        files = FileCheck(config, ctx.rank, ctx.store, ctx.model_dir, io)
     except BaseException:
         channel.send(("error", ctx.rank, traceback.format_exc()))
         raise
     channel.send(("ok", {"rank": ctx.rank, "pid": os.getpid(), "coord": mesh.coord, "node": ctx.node_rank,
                          "memory": device_memory(torch, ctx.device)}))
-    serve(channel, ctx.rank, config, mesh, ctx.device, io, files)
+    try:
+        serve(channel, ctx.rank, config, mesh, ctx.device, io, files)
+    finally:
+        shutil.rmtree(files.shipped, ignore_errors=True)
 
 
 def _describe(e: BaseException, config) -> str:

@@ -416,3 +416,70 @@ def test_auto_pipeline_only_for_unequal_gpus_no_symmetric_plan_fits():
     assert choose_pipeline(2, [24 * GB, 24 * GB], mb) == ((), "")  # equal cards: a symmetric split
     assert choose_pipeline(2, [32 * GB, 24 * GB], mb) == ((), "")  # sharded weights fit the smaller one
     assert choose_pipeline(2, [8 * GB, 6 * GB], mb) == ((), "")    # nothing fits: the fit check says so
+
+
+# ---------------------------------------------------------------- several nodes
+
+
+def nodes(**kw) -> ParallelConfig:
+    return cpu(**{"world_size": 4, "nodes": 2, "ranks_per_node": 2, "rendezvous": "10.0.0.1:29500",
+                  "secret_file": "/etc/pdit.secret", **kw})
+
+
+def test_multinode_fields_are_checked_before_any_process_starts():
+    validate_config(nodes(ulysses=2, ring=2))
+    validate_config(nodes(ulysses=2, cfg=2, ranks_per_node=0))  # 0 = world / nodes
+    assert nodes(ulysses=2, ring=2, ranks_per_node=0).local_ranks == 2
+    assert "set world_size to 6" in refused(validate_config, nodes(world_size=4, ranks_per_node=3, ring=4))
+    assert "rendezvous address HOST:PORT" in refused(validate_config, nodes(ulysses=2, ring=2, rendezvous=""))
+    assert "give HOST:PORT" in refused(validate_config, nodes(ulysses=2, ring=2, rendezvous="10.0.0.1"))
+    assert "secret_file" in refused(validate_config, nodes(ulysses=2, ring=2, secret_file=""))
+    # Ulysses' all-to-all and TP's all-reduce run in every layer: never across nodes
+    msg = refused(validate_config, nodes(ulysses=4))
+    assert "ulysses x tp = 4 would span nodes" in msg and "ulysses=2, ring=2" in msg, msg
+    assert "span nodes" in refused(validate_config, nodes(tp=4))
+    assert "ranks_per_node 3 with one node" in refused(validate_config, cpu(world_size=2, ulysses=2, ranks_per_node=3))
+    # CUDA: the local ranks need this machine's GPUs (the other nodes count theirs)
+    validate_config(nodes(ulysses=2, ring=2, device="cuda", dtype="bf16"), available_devices=2)
+    msg = refused(validate_config, nodes(ulysses=2, ring=2, device="cuda", dtype="bf16"), available_devices=1)
+    assert "ranks_per_node 2" in msg and "lower ranks_per_node" in msg, msg
+    # `devices` names node 0's GPUs, one per local rank
+    assert nodes(ulysses=2, ring=2, devices=(3, 5)).device_index(1) == 5
+    assert nodes(ulysses=2, ring=2, devices=(3, 5)).device_index(3) == 5  # the same local rank on node 1
+    assert "one device per rank of a node" in refused(validate_config, nodes(ulysses=2, ring=2, devices=(0, 1, 2, 3)))
+
+
+def test_placement_names_what_crosses_nodes():
+    from parallel_backend.config import placement
+    assert placement(nodes(ulysses=2, ring=2)) == ("2 nodes x 2 ranks: inside a node ulysses=2; across nodes ring=2")
+    assert placement(nodes(ulysses=2, cfg=2)) == ("2 nodes x 2 ranks: inside a node ulysses=2; across nodes cfg=2")
+    big = nodes(world_size=16, ranks_per_node=8, cfg=2, ulysses=8)
+    assert placement(big) == "2 nodes x 8 ranks: inside a node ulysses=8; across nodes cfg=2"
+    assert placement(cpu(world_size=2, ulysses=2)) == "one node"
+
+
+def test_auto_degrees_keep_ulysses_and_tp_inside_a_node():
+    # 2 nodes x 8 GPUs, Wan 14B (40 heads): cfg across, ulysses 8 inside (40 % 8 == 0)
+    deg, why = auto_degrees(16, 40, uses_cfg=True, ranks_per_node=8)
+    assert (deg["cfg"], deg["ulysses"], deg["ring"]) == (2, 8, 1), (deg, why)
+    # cfg 1.0 (no cfg axis): ulysses inside, ring across
+    deg, why = auto_degrees(16, 40, uses_cfg=False, ranks_per_node=8)
+    assert (deg["ulysses"], deg["ring"]) == (8, 2) and "ring=2 across nodes" in why, (deg, why)
+    # one node: ulysses would take all 16 ranks if the heads divided (here 40 % 16 != 0: 8 and ring 2)
+    assert auto_degrees(16, 32, uses_cfg=False)[0]["ulysses"] == 16
+    assert auto_degrees(16, 32, uses_cfg=False, ranks_per_node=8)[0]["ulysses"] == 8
+    # tp to fit stays inside a node, too
+    deg, _ = auto_degrees(4, 40, uses_cfg=False, fits_one_device=False, ranks_per_node=2)
+    assert deg["tp"] * deg["ulysses"] == 2 and deg["ring"] == 2, deg
+    for world, per in ((4, 2), (8, 4), (16, 8), (12, 4)):
+        for heads in (4, 12, 40):
+            deg, _ = auto_degrees(world, heads, uses_cfg=True, ranks_per_node=per)
+            validate_config(nodes(world_size=world, nodes=world // per, ranks_per_node=per, **deg))
+
+
+def test_the_cfg_fold_joins_ulysses_only_inside_a_node():
+    from parallel_backend.runtime.mesh import fold_fits_a_node
+    assert fold_fits_a_node(cpu(world_size=4, cfg=2, ulysses=2), 2)           # one node of 4
+    assert not fold_fits_a_node(nodes(cfg=2, ulysses=2), 2)                    # the two replicas are two nodes
+    assert fold_fits_a_node(nodes(world_size=8, ranks_per_node=4, dp=2, cfg=2, ulysses=2), 2)  # cfg pairs in a node
+    assert not fold_fits_a_node(nodes(world_size=8, ranks_per_node=4, dp=2, cfg=2, ulysses=2), 4)

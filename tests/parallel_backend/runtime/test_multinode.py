@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -428,6 +429,11 @@ def test_worker_group_spans_two_nodes_and_matches_one_rank(net, secrets_dir, mod
         # a 2-row call, and a 1-row call (cfg 1.0): the idle replica folds into the sequence split (across nodes)
         assert r["batch2"] <= TOL and r["batch1"] <= TOL, (name, r, (tmp_path / "node1.log").read_text()[-3000:])
         assert r["remote_memory"]["device"] == "cpu"  # node 1's ranks reported their memory to node 0
+        # every rank (node 1's answer through the store) served both calls; the 1-row call of the cfg-across mesh
+        # folds the idle replica into the Ring (across nodes), never into the Ulysses all-to-all
+        assert len(r["folds"]) == 4 and all(len(f) == 2 for f in r["folds"]), r["folds"]
+        want = "2xring" if "cfg" in name else "none"
+        assert all(f[1] == want for f in r["folds"]), (name, r["folds"])
         report.append(f"{name}: {r['batch2']:.2e} / {r['batch1']:.2e}")
     # node 1 served both groups one after the other (it rejoins each new group of node 0)
     assert (tmp_path / "node1.log").read_text().count("joining node 0's group") >= 2
@@ -503,3 +509,42 @@ def test_worker_group_refuses_a_node_without_the_secret(net, secrets_dir, model_
     assert err and re.search(r"refused rank [23] \(node 1", err) and "secret" in err and "could not form" in err, err
     assert r["wait_s"] < 30 and r["children_alive"] == [], r
     assert "was refused by node 0" in (tmp_path / "node1.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def comfy_models(tmp_path_factory):
+    """Node 0's and node 1's ComfyUI models folders: the same tiny Wan and LoRA under diffusion_models/ and loras/."""
+    from parallel_backend.testing.synthetic import write_wan_lora
+    d = tmp_path_factory.mktemp("comfy_models")
+    for k in (0, 1):
+        (d / f"node{k}" / "diffusion_models").mkdir(parents=True)
+        (d / f"node{k}" / "loras").mkdir()
+    model = write_tiny_wan(str(d / "node0" / "diffusion_models" / "tiny.safetensors"), seed=1)
+    write_wan_lora(str(d / "node0" / "loras" / "lora.safetensors"), model, fmt="comfy", rank=4, alpha=2.0, seed=21)
+    for sub in ("diffusion_models/tiny.safetensors", "loras/lora.safetensors"):
+        shutil.copy(d / "node0" / sub, d / "node1" / sub)
+    return [str(d / "node0"), str(d / "node1")]
+
+
+@pytest.mark.multirank
+def test_the_pack_nodes_sample_across_two_nodes_like_native_comfyui(net, secrets_dir, comfy_models, tmp_path):
+    """The user's graph: Parallel Config (nodes=2, auto degrees) -> Parallel Model Loader -> native KSampler, with
+    Parallel LoRA and ComfyUI's own LoraLoaderModelOnly, in ComfyUI's process on node 0 = native ComfyUI."""
+    port = 29524
+    log = open(tmp_path / "node1.log", "w")
+    node1 = _serve_node1(net, port, secrets_dir / "good", comfy_models[1], log)
+    try:
+        args = {"rendezvous": f"{net.addresses[0]}:{port}", "secret": str(secrets_dir / "good"),
+                "models": comfy_models[0], "rejoin": 60}
+        r, out = _drive(net, "nodes", args, tmp_path)
+    finally:
+        _stop(node1)
+        log.close()
+    plan = r["plan"]
+    assert "cfg=2" in plan and "ulysses=2" in plan and "across nodes cfg=2" in plan, plan
+    for what, diff in r["diffs"].items():
+        assert diff <= 1e-4, (what, diff, r)
+    assert r["lora_moves"] > 1e-2, r  # the LoRA changes the latent: the parity above is not trivial
+    assert r["folds"] == ["2xring"] * 4, r["folds"]  # cfg 1.0's one row: the idle replica joins the ring
+    print("\npack nodes on 2 nodes x 2 ranks vs native ComfyUI: " +
+          "; ".join(f"{k} {v:.2e}" for k, v in r["diffs"].items()) + f"\nparallel_plan: {plan}")
