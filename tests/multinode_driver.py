@@ -11,6 +11,8 @@ Scenarios write `result.json` (and progress markers the test waits on) into args
   error and its time, the local ranks and segments left; then a start that finds node 1 missing (short
   rejoin_timeout); then, after asking the test to restart node 1, a start that waits for it to rejoin, and parity.
 - refused: a start that node 1 (with another secret) cannot join; the error.
+- rank_kill: a load whose name on node 1 is another file (refused), the right one (parity), then node 1's rank 3
+  killed by pid while it sleeps inside a forward; the error and how long it took.
 - nodes: ComfyUI imported here, its models folder args["models"] (diffusion_models/, loras/): the pack's Parallel
   Config (nodes=2, degrees auto) and Parallel Model Loader, sampled with the native KSampler at cfg 4 and 1, with
   Parallel LoRA (a loras/ file node 1 has too) and with the native LoraLoaderModelOnly (tensors only node 0 has,
@@ -130,6 +132,32 @@ def kill(a: dict) -> dict:
     return out
 
 
+def rank_kill(a: dict) -> dict:
+    ref = _reference(a["model"])
+    (x, t, c), _ = ref
+    out = {}
+    g = WorkerGroup(_config(a, {"ulysses": 2, "ring": 2})).start()
+    try:
+        g.load(a["model"], "fp32", names={a["model"]: "diffusion_models/other.safetensors"})
+        out["mismatch_error"] = None
+    except WorkerGroupError as e:
+        out["mismatch_error"] = str(e)
+    out["after_mismatch"] = _forward_diffs(g, {**a, "name": "diffusion_models/tiny.safetensors"}, ref)
+    pid = g.remote_pids[3]
+    threading.Timer(1.0, lambda: os.kill(pid, 9)).start()
+    t0 = time.monotonic()
+    try:
+        g.forward(x, t, c, fault={"rank": 3, "kind": "sleep", "seconds": 30})
+        out["error"] = None
+    except WorkerGroupError as e:
+        out["error"] = str(e)
+    out["error_after_s"] = time.monotonic() - t0 - 1.0
+    time.sleep(1.0)
+    out["local_ranks_alive"] = [p for p in g.pids if _alive(p)]
+    out["segments_left"] = leftover_segments(os.getpid())
+    return out
+
+
 def _children() -> list:
     """This process's children but multiprocessing's resource tracker (it lives as long as this process)."""
     r = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True)
@@ -196,7 +224,8 @@ def nodes(a: dict) -> dict:
 if __name__ == "__main__":
     scenario, args = sys.argv[1], json.loads(sys.argv[2])
     try:
-        result = {"parity": parity, "kill": kill, "refused": refused, "nodes": nodes}[scenario](args)
+        result = {"parity": parity, "kill": kill, "refused": refused, "nodes": nodes,
+                  "rank_kill": rank_kill}[scenario](args)
     except BaseException:
         result = {"crash": traceback.format_exc()}
     with open(os.path.join(args["out"], "result.json"), "w") as f:

@@ -83,6 +83,7 @@ class WorkerGroup:
         self.config = config
         self.procs, self.conns = [], []
         self.pids: list[int] = []
+        self.remote_pids: dict = {}  # several nodes: rank -> pid on its own machine
         self.device_memory: list = []
         self.model_key = None
         self.lora_key: tuple = ()
@@ -123,7 +124,8 @@ class WorkerGroup:
                     self.procs.append(p)
                     self.conns.append(parent)
             replies = self._collect(self.start_timeout, "start")
-            self.pids = [r["pid"] for r in replies[:self.config.local_ranks]]  # this machine's (remote pids are theirs)
+            self.pids = [r["pid"] for r in replies[:self.config.local_ranks]]  # this machine's
+            self.remote_pids = {r: replies[r]["pid"] for r in range(self.config.local_ranks, self.config.world_size)}
             self.device_memory = [r.get("memory") for r in replies]  # per rank, as it started (free / total)
             self._in, self._out = ShmTensorSlot("in"), ShmTensorSlot("out")
         except BaseException:
@@ -302,15 +304,15 @@ class WorkerGroup:
                 others = {p.sentinel: r for r, p in enumerate(self.procs) if r not in reporters}
                 dead = wait(list(others), timeout=0.5) if others else []
                 last = next((ln for ln in reversed(text.strip().splitlines()) if ln.strip()), "").strip()
+                failed = self._admission_outcome() if self.remote is not None and self._admission is not True else None
+                if failed is not None:  # a local rank's join fails as the admission does: report the admission
+                    raise failed
                 if dead:
                     raise self._died(min(others[s] for s in dead), what, f"; rank {rank} then failed: {last}")
                 if self.remote is not None and self._admission is not True:
-                    # a local rank's join fails as the admission does (a node missing or refused): report the latter
-                    until = time.monotonic() + 2.0
-                    while self._admission is None and time.monotonic() < until:
-                        time.sleep(0.05)
-                    if isinstance(self._admission, Exception):
-                        raise self._admission_failed()
+                    failed = self._admission_outcome()
+                    if failed is not None:
+                        raise failed
                 elif self.remote is not None and _looks_like_a_lost_peer(text):
                     from .remote import HEARTBEAT_STALE_S, RemoteNodeLost
                     try:  # a remote node's death shows here first as a connection error: name the node
@@ -326,8 +328,20 @@ class WorkerGroup:
             raise WorkerGroupError(f"rank {rank} of {self.config.describe()} failed during {what}:\n{text}")
         return replies
 
+    def _admission_outcome(self, wait: float = 2.0) -> WorkerGroupError | None:
+        """Several nodes, while the group forms: the admission's failure (a node missing or refused) as the error to
+        raise, waiting up to `wait` s for it to be decided - a local rank's join fails at the same moment."""
+        until = time.monotonic() + wait
+        while self._admission is None and time.monotonic() < until:
+            time.sleep(0.05)
+        return self._admission_failed() if isinstance(self._admission, Exception) else None
+
     def _died(self, rank: int, what: str, extra: str = "") -> WorkerGroupError:
         """Stop the group after rank `rank` died; the error names the rank and its exit code / signal."""
+        if self.remote is not None and self._admission is not True:
+            failed = self._admission_outcome()
+            if failed is not None:
+                return failed
         proc = self.procs[rank]
         proc.join(timeout=2.0)  # the sentinel fires as the process closes its fds, a moment before it is reapable
         code = proc.exitcode

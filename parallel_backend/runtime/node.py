@@ -142,6 +142,21 @@ def _rank_main(local_rank: int, spec: NodeSpec, parent_pid: int) -> None:
         raise
 
 
+def host_comfyui() -> str | None:
+    """The ComfyUI folder the ranks import the model classes from: $COMFYUI_PATH, else the ComfyUI this pack is
+    installed in (ComfyUI/custom_nodes/<pack>); None when neither is there. Sets $COMFYUI_PATH for the ranks."""
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pack = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        up = os.path.dirname(os.path.dirname(pack))
+        if os.path.basename(os.path.dirname(pack)) == "custom_nodes" and os.path.isdir(os.path.join(up, "comfy")):
+            path = up
+    if path and os.path.isdir(os.path.join(path, "comfy")):
+        os.environ["COMFYUI_PATH"] = path
+        return path
+    return None
+
+
 def parse_args(argv=None) -> NodeSpec:
     p = argparse.ArgumentParser(prog="python -m parallel_backend.runtime.node", description=__doc__.split("\n\n")[0])
     p.add_argument("--rendezvous", required=True, help="HOST:PORT of node 0's store (node 0 binds exactly this)")
@@ -149,7 +164,9 @@ def parse_args(argv=None) -> NodeSpec:
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--nproc-per-node", type=int, required=True)
     p.add_argument("--secret-file", required=True, help="the same secret file on every node (>= 16 bytes)")
-    p.add_argument("--model-dir", default=None, help="where this node keeps the model files node 0 names")
+    p.add_argument("--model-dir", default=None, help="this machine's ComfyUI models folder (diffusion_models/, unet/, "
+                   "loras/ under it; node 0 names files relative to it); default: the models folder of the ComfyUI "
+                   "this pack is installed in")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--target", default=DEFAULT_TARGET, help="MODULE:FUNCTION every rank runs (gets a RankContext)")
     p.add_argument("--target-args", default="{}", help="JSON object handed to the target as ctx.args")
@@ -166,6 +183,13 @@ def parse_args(argv=None) -> NodeSpec:
         host, port = parse_endpoint(a.rendezvous)
     except ValueError as e:
         p.error(str(e))
+    if a.target == DEFAULT_TARGET:
+        comfy = host_comfyui()
+        if comfy is None:
+            p.error("the ranks build ComfyUI's own model classes: install this pack in ComfyUI/custom_nodes on this "
+                    "machine too, or set COMFYUI_PATH to a ComfyUI folder")
+        if a.model_dir is None:
+            a.model_dir = os.path.join(comfy, "models")
     if a.node_rank == 0 and a.target == DEFAULT_TARGET:
         p.error("node 0 is the ComfyUI machine: its Parallel Config (nodes, rendezvous, secret_file) hosts the store "
                 "and starts its ranks; run this command on the other nodes (--node-rank 1 ...)")
