@@ -159,14 +159,17 @@ def models_folder_names(paths) -> dict:
     import folder_paths
     out = {}
     for path in paths:
-        real = os.path.realpath(path)
-        for key in MODEL_FOLDERS:
-            if key not in folder_paths.folder_names_and_paths:
-                continue
-            for folder in folder_paths.get_folder_paths(key):
-                base = os.path.realpath(folder)
-                if real.startswith(base + os.sep):
-                    out[path] = f"{os.path.basename(base)}/{os.path.relpath(real, base)}"
+        for resolve in (os.path.abspath, os.path.realpath):  # as listed (a link in the folder), then its target
+            p = resolve(path)
+            for key in MODEL_FOLDERS:
+                if key not in folder_paths.folder_names_and_paths:
+                    continue
+                for folder in folder_paths.get_folder_paths(key):
+                    base = resolve(folder)
+                    if p.startswith(base + os.sep):
+                        out[path] = f"{os.path.basename(base)}/{os.path.relpath(p, base)}"
+                        break
+                if path in out:
                     break
             if path in out:
                 break

@@ -11,6 +11,9 @@ Scenarios write `result.json` (and progress markers the test waits on) into args
   error and its time, the local ranks and segments left; then a start that finds node 1 missing (short
   rejoin_timeout); then, after asking the test to restart node 1, a start that waits for it to rejoin, and parity.
 - refused: a start that node 1 (with another secret) cannot join; the error.
+- queue: the shipped workflow wan21_t2v_two_nodes_parallel through a headless ComfyUI started here (127.0.0.1 of
+  namespace 0), its Parallel Config pointed at this test's rendezvous and secret, against the same graph on
+  ComfyUI's native loader; the UI file converted as the browser does must equal the API file.
 - rank_kill: a load whose name on node 1 is another file (refused), the right one (parity), then node 1's rank 3
   killed by pid while it sleeps inside a forward; the error and how long it took.
 - nodes: ComfyUI imported here, its models folder args["models"] (diffusion_models/, loras/): the pack's Parallel
@@ -137,6 +140,13 @@ def rank_kill(a: dict) -> dict:
     (x, t, c), _ = ref
     out = {}
     g = WorkerGroup(_config(a, {"ulysses": 2, "ring": 2})).start()
+    t0 = time.monotonic()
+    try:  # a file outside any models folder: node 1 cannot name its copy; every rank hears so (none waits)
+        g.load(a["model"], "fp32")
+        out["unnamed_error"] = None
+    except WorkerGroupError as e:
+        out["unnamed_error"] = str(e)
+    out["unnamed_s"] = time.monotonic() - t0
     try:
         g.load(a["model"], "fp32", names={a["model"]: "diffusion_models/other.safetensors"})
         out["mismatch_error"] = None
@@ -155,6 +165,38 @@ def rank_kill(a: dict) -> dict:
     time.sleep(1.0)
     out["local_ranks_alive"] = [p for p in g.pids if _alive(p)]
     out["segments_left"] = leftover_segments(os.getpid())
+    return out
+
+
+def queue(a: dict) -> dict:
+    import comfy_host
+    base = comfy_host.make_base_dir(os.path.join(a["out"], "comfy"), {"diffusion_models": [a["model"]]})
+    api = comfy_host.load_workflow("wan21_t2v_two_nodes_parallel_api.json")
+    name = os.path.basename(a["model"])
+    out = {}
+    with comfy_host.ComfyServer(base) as server:
+        info = server.get("/object_info")
+        ui = comfy_host.load_workflow("wan21_t2v_two_nodes_parallel.json")
+        out["ui_equals_api"] = comfy_host.ui_to_api(ui, info) == {k: {"class_type": v["class_type"],
+                                                                      "inputs": v["inputs"]} for k, v in api.items()}
+        auto = {d: 0 for d in ("cfg", "ulysses", "ring", "tp", "dp")}
+        pack = comfy_host.tiny_cpu_variant(api, name, world_size=4, degrees=auto, seed=5, prefix="latents/two_nodes")
+        shipped = next(v["inputs"] for v in api.values() if v["class_type"] == "ParallelConfig")
+        config = next(v["inputs"] for v in pack.values() if v["class_type"] == "ParallelConfig")
+        out["shipped_config"] = {k: shipped[k] for k in ("nodes", "ranks_per_node", "world_size")}
+        config.update(ranks_per_node=2, rendezvous=a["rendezvous"], secret_file=a["secret"])
+        native = comfy_host.native_variant(comfy_host.tiny_cpu_variant(api, name, world_size=4, degrees=auto, seed=5,
+                                                                       prefix="x"), prefix="latents/two_nodes_native")
+        latents = {}
+        for label, graph in (("pack", pack), ("native", native)):
+            h = server.wait(server.queue(graph), timeout=240)
+            if h["status"]["status_str"] != "success":
+                raise RuntimeError(f"{label}: {h['status']}\n{server.log_tail()}")
+            prefix = next(v["inputs"]["filename_prefix"] for v in graph.values() if v["class_type"] == "SaveLatent")
+            latents[label], _ = comfy_host.saved_latent(base, prefix)
+        out["log"] = open(server.log_path).read()[-6000:]
+    out["diff"] = (latents["pack"] - latents["native"]).abs().max().item()
+    out["mean_abs"] = latents["pack"].abs().mean().item()
     return out
 
 
@@ -225,7 +267,7 @@ if __name__ == "__main__":
     scenario, args = sys.argv[1], json.loads(sys.argv[2])
     try:
         result = {"parity": parity, "kill": kill, "refused": refused, "nodes": nodes,
-                  "rank_kill": rank_kill}[scenario](args)
+                  "rank_kill": rank_kill, "queue": queue}[scenario](args)
     except BaseException:
         result = {"crash": traceback.format_exc()}
     with open(os.path.join(args["out"], "result.json"), "w") as f:

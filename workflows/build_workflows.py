@@ -277,7 +277,35 @@ WAN21_T2V_GGUF = {
     ],
 }
 
-WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_t2v_gguf_sharded_parallel": WAN21_T2V_GGUF, "wan21_i2v_parallel": WAN21_I2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
+# Two machines of 8 GPUs: this ComfyUI machine is node 0 (10.0.0.1 on the fast network); the other runs
+# `python -m parallel_backend.runtime.node --rendezvous 10.0.0.1:29500 --node-rank 1 --nodes 2 --nproc-per-node 8
+# --secret-file ~/pdit.secret` (README "Several machines"). Degrees auto: cfg 2 across the machines, ulysses 8 inside.
+WAN21_T2V_TWO_NODES = {
+    "title": "Wan 2.1 T2V 14B on two machines x 8 GPUs (cfg across, ulysses inside)",
+    "nodes": [
+        (1, "CLIPLoader", dict(UMT5)),
+        (2, "CLIPTextEncode", {"text": "a red fox running through fresh snow, golden hour, cinematic",
+                               "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
+        (4, "ParallelConfig", {"world_size": 16, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
+                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0,
+                               "weights": "auto", "pp": 1, "stage_split": "", "devices": "", "nodes": 2,
+                               "ranks_per_node": 8, "rendezvous": "10.0.0.1:29500", "secret_file": "~/pdit.secret",
+                               "rejoin_timeout": 120.0}),
+        (5, "ParallelModelLoader", {"model_name": "wan2.1_t2v_14B_bf16.safetensors", "base_precision": "bf16",
+                                    "parallel_config": link(4), "residency": "swap"}),
+        (6, "EmptyHunyuanLatentVideo", {"width": 1280, "height": 720, "length": 81, "batch_size": 1}),
+        (7, "KSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
+                         "scheduler": "simple", "positive": link(2), "negative": link(3), "latent_image": link(6),
+                         "denoise": 1.0}),
+        (8, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (9, "VAEDecode", {"samples": link(7), "vae": link(8)}),
+        (10, "SaveAnimatedWEBP", {"images": link(9), "filename_prefix": "parallel_dit/wan21_t2v_two_nodes",
+                                  "fps": 16.0, "lossless": False, "quality": 90, "method": "default"}),
+    ],
+}
+
+WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_t2v_two_nodes_parallel": WAN21_T2V_TWO_NODES, "wan21_t2v_gguf_sharded_parallel": WAN21_T2V_GGUF, "wan21_i2v_parallel": WAN21_I2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
              "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I,
              "wan21_vace_parallel": WAN21_VACE, "cosmos1_t2w_parallel": COSMOS1_T2W}
 

@@ -460,13 +460,16 @@ def resolve_model(model_dir: str, name: str) -> str:
     return os.path.join(model_dir, name)
 
 
-def check_model_file(store: dist.Store, rank: int, world: World, path: str, tag: str = "model",
-                     timeout: float = 300.0) -> Fingerprint:
+def check_model_file(store: dist.Store, rank: int, world: World, path: str | None, tag: str = "model",
+                     timeout: float = 300.0, error: str | None = None) -> Fingerprint:
     """Every rank fingerprints its node's copy of the model file and publishes it; every rank compares all of them
     with node 0's (rank 0's) and raises the same ModelFileMismatch naming each node that differs and how. Call it on
-    every rank with the same `tag` (a fresh one per check) before loading."""
+    every rank with the same `tag` (a fresh one per check) before loading. `error`: this rank could not even name its
+    copy (why); it is published like a missing file, so no rank waits for it."""
     node = world.node_of(rank)
     try:
+        if error is not None:
+            raise ModelFileMismatch(error)
         fp = file_fingerprint(path)
         mine = {"node": node, "path": path, "size": fp.size, "sha": fp.header_sha256}
     except (OSError, ModelFileMismatch) as e:

@@ -157,10 +157,14 @@ class FileCheck:
         self.shipped = os.path.join(tempfile.gettempdir(), f"pdit_shipped_{os.getpid()}")
 
     def __call__(self, payload: dict) -> tuple:
-        from .multinode import check_model_file
+        from .multinode import ModelFileMismatch, check_model_file
         from .remote import load_paths
-        path, loras = load_paths(payload, self.model_dir, self.config.node_of(self.rank))
         tag = payload.get("check", "load")
+        try:
+            path, loras = load_paths(payload, self.model_dir, self.config.node_of(self.rank))
+        except ModelFileMismatch as e:  # every rank hears why (none waits for this one's fingerprint)
+            check_model_file(self.store, self.rank, self.world, None, tag=f"{tag}/model", error=str(e))
+            raise
         check_model_file(self.store, self.rank, self.world, path, tag=f"{tag}/model")
         ship = list(payload.get("ship") or ())
         for i, lo in enumerate(loras):

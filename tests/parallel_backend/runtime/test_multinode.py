@@ -569,6 +569,8 @@ def test_a_rank_of_node_1_dying_is_named_and_a_different_file_there_is_refused(n
     finally:
         _stop(node1)
         log.close()
+    unnamed = r["unnamed_error"]
+    assert unnamed and "no name relative to a ComfyUI models folder" in unnamed and r["unnamed_s"] < 30, r
     mismatch = r["mismatch_error"]
     assert mismatch and "ModelFileMismatch" in mismatch and "node 1: " in mismatch and "size" in mismatch, mismatch
     assert r["after_mismatch"]["batch2"] <= TOL, r
@@ -602,3 +604,29 @@ def test_node_command_finds_its_comfyui_and_models_folder(tmp_path, monkeypatch)
     assert node.parse_args(base).model_dir == str(tmp_path / "ComfyUI" / "models")
     with pytest.raises(SystemExit):  # node 0 is the ComfyUI process, not this command
         node.parse_args([*base[:2], "--node-rank", "0", *base[4:]])
+
+
+@pytest.mark.multirank
+@pytest.mark.e2e
+def test_shipped_two_node_workflow_through_the_prompt_queue(net, secrets_dir, tmp_path):
+    """workflows/wan21_t2v_two_nodes_parallel: a headless ComfyUI in namespace 0 (node 0) queues the shipped graph
+    (pointed at this test's rendezvous and secret, a tiny Wan under the shipped file name), node 1 serves from its
+    own models folder: the latent equals the same graph on ComfyUI's native loader."""
+    name = "wan2.1_t2v_14B_bf16.safetensors"
+    for k in (0, 1):
+        (tmp_path / f"node{k}" / "diffusion_models").mkdir(parents=True)
+    model = write_tiny_wan(str(tmp_path / "node0" / "diffusion_models" / name), seed=17)
+    shutil.copy(model, tmp_path / "node1" / "diffusion_models" / name)
+    port = 29526
+    log = open(tmp_path / "node1.log", "w")
+    node1 = _serve_node1(net, port, secrets_dir / "good", str(tmp_path / "node1"), log)
+    try:
+        args = {"rendezvous": f"{net.addresses[0]}:{port}", "secret": str(secrets_dir / "good"), "model": model}
+        r, _ = _drive(net, "queue", args, tmp_path, timeout=400)
+    finally:
+        _stop(node1)
+        log.close()
+    assert r["ui_equals_api"] and r["shipped_config"] == {"nodes": 2, "ranks_per_node": 8, "world_size": 16}, r
+    assert "across nodes cfg=2" in r["log"], r["log"]
+    assert r["mean_abs"] > 0.05 and r["diff"] <= 1e-4, r
+    print(f"\nshipped two-node workflow through /prompt (2 x 2 CPU ranks in two namespaces) vs native: {r['diff']:.2e}")
