@@ -96,24 +96,31 @@ def parity(a: dict) -> dict:
     return out
 
 
+def _fault_forward(g: WorkerGroup, inputs, sleeper: int, after_1s) -> dict:
+    """A forward in which rank `sleeper` sleeps; `after_1s` runs a second in (the fault). The error, when it came
+    (time.time() and seconds after the fault), and what node 0 has left a second later."""
+    pids = list(g.pids)
+    threading.Timer(1.0, after_1s).start()
+    t0, out = time.monotonic(), {"error": None}
+    try:
+        g.forward(*inputs, fault={"rank": sleeper, "kind": "sleep", "seconds": 30})
+    except WorkerGroupError as e:
+        out.update(error=str(e), error_at=time.time(), error_after_s=time.monotonic() - t0 - 1.0)
+    time.sleep(1.0)
+    out.update(local_ranks_alive=[p for p in pids if _alive(p)], segments_left=leftover_segments(os.getpid()),
+               group_closed=g.closed)
+    return out
+
+
 def kill(a: dict) -> dict:
     ref = _reference(a["model"])
     (x, t, c), _ = ref
     out = {}
     g = WorkerGroup(_config(a, {"ulysses": 2, "ring": 2})).start()
     out["before"] = _forward_diffs(g, a, ref)
-    pids = list(g.pids)
-    # remote rank 2 sleeps inside the forward: node 0's ranks wait for it in their first collective
-    threading.Timer(1.0, lambda: open(os.path.join(a["out"], "forward_started"), "w").close()).start()
-    try:
-        g.forward(x, t, c, fault={"rank": 2, "kind": "sleep", "seconds": 30})
-        out["error"] = None
-    except WorkerGroupError as e:
-        out["error"], out["error_at"] = str(e), time.time()
-    time.sleep(1.0)
-    out["local_ranks_alive"] = [p for p in pids if _alive(p)]
-    out["segments_left"] = leftover_segments(os.getpid())
-    out["group_closed"] = g.closed
+    # remote rank 2 sleeps inside the forward (node 0's ranks wait for it in their first collective); the test
+    # kills node 1 once it sees the marker
+    out.update(_fault_forward(g, (x, t, c), 2, lambda: open(os.path.join(a["out"], "forward_started"), "w").close()))
     # the next prompt: node 1 is still gone -> the start waits rejoin_timeout, then names the node
     t0 = time.monotonic()
     try:
@@ -154,17 +161,7 @@ def rank_kill(a: dict) -> dict:
         out["mismatch_error"] = str(e)
     out["after_mismatch"] = _forward_diffs(g, {**a, "name": "diffusion_models/tiny.safetensors"}, ref)
     pid = g.remote_pids[3]
-    threading.Timer(1.0, lambda: os.kill(pid, 9)).start()
-    t0 = time.monotonic()
-    try:
-        g.forward(x, t, c, fault={"rank": 3, "kind": "sleep", "seconds": 30})
-        out["error"] = None
-    except WorkerGroupError as e:
-        out["error"] = str(e)
-    out["error_after_s"] = time.monotonic() - t0 - 1.0
-    time.sleep(1.0)
-    out["local_ranks_alive"] = [p for p in g.pids if _alive(p)]
-    out["segments_left"] = leftover_segments(os.getpid())
+    out.update(_fault_forward(g, (x, t, c), 3, lambda: os.kill(pid, 9)))
     return out
 
 

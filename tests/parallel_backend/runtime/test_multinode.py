@@ -15,6 +15,7 @@ root, fails loudly without it), node 0 in one, node 1 in the other, each running
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -411,19 +412,27 @@ def _stop(proc):
         proc.wait()
 
 
+@contextlib.contextmanager
+def _node1_serving(net, port, secret, model_dir, tmp_path):
+    """Node 1's node command serving in namespace 1 for the body (its output in tmp_path/node1.log); yields the list
+    of its processes (a body may restart it and append), all stopped afterwards."""
+    with open(tmp_path / "node1.log", "w") as log:
+        procs = [_serve_node1(net, port, secret, model_dir, log)]
+        try:
+            yield procs, log
+        finally:
+            for p in procs:
+                _stop(p)
+
+
 @pytest.mark.multirank
 def test_worker_group_spans_two_nodes_and_matches_one_rank(net, secrets_dir, model_files, tmp_path):
     port = 29521
-    log = open(tmp_path / "node1.log", "w")
-    node1 = _serve_node1(net, port, secrets_dir / "good", model_files["dirs"][1], log)
-    try:
+    with _node1_serving(net, port, secrets_dir / "good", model_files["dirs"][1], tmp_path):
         meshes = {"ulysses2-inside x ring2-across": {"ulysses": 2, "ring": 2},
                   "ulysses2-inside x cfg2-across": {"ulysses": 2, "cfg": 2}}
         result, out = _drive(net, "parity", _driver_args(net, port, secrets_dir, model_files, meshes=meshes),
                              tmp_path)
-    finally:
-        _stop(node1)
-        log.close()
     report = []
     for name, r in result["meshes"].items():
         # a 2-row call, and a 1-row call (cfg 1.0): the idle replica folds into the sequence split (across nodes)
@@ -449,8 +458,6 @@ def test_worker_group_spans_two_nodes_and_matches_one_rank(net, secrets_dir, mod
 @pytest.mark.multirank
 def test_a_killed_node_is_named_and_the_next_start_waits_for_it(net, secrets_dir, model_files, tmp_path):
     port = 29522
-    log = open(tmp_path / "node1.log", "w")
-    procs = [_serve_node1(net, port, secrets_dir / "good", model_files["dirs"][1], log)]
     killed = {}
 
     def during(driver):
@@ -469,13 +476,9 @@ def test_a_killed_node_is_named_and_the_next_start_waits_for_it(net, secrets_dir
             time.sleep(0.05)
         time.sleep(2.0)  # node 0's start is already waiting when node 1 comes back
         procs.append(_serve_node1(net, port, secrets_dir / "good", model_files["dirs"][1], log))
-    try:
+    with _node1_serving(net, port, secrets_dir / "good", model_files["dirs"][1], tmp_path) as (procs, log):
         r, out = _drive(net, "kill", _driver_args(net, port, secrets_dir, model_files, short_rejoin=4), tmp_path,
                         during=during)
-    finally:
-        for p in procs:
-            _stop(p)
-        log.close()
     assert r["before"]["batch2"] <= TOL
     err = r["error"]
     # the whole node is gone (its heartbeat stops), or its node process lived long enough to post a rank's death
@@ -499,13 +502,8 @@ def test_a_killed_node_is_named_and_the_next_start_waits_for_it(net, secrets_dir
 @pytest.mark.multirank
 def test_worker_group_refuses_a_node_without_the_secret(net, secrets_dir, model_files, tmp_path):
     port = 29523
-    log = open(tmp_path / "node1.log", "w")
-    node1 = _serve_node1(net, port, secrets_dir / "bad", model_files["dirs"][1], log)
-    try:
+    with _node1_serving(net, port, secrets_dir / "bad", model_files["dirs"][1], tmp_path):
         r, _ = _drive(net, "refused", _driver_args(net, port, secrets_dir, model_files), tmp_path)
-    finally:
-        _stop(node1)
-        log.close()
     err = r["error"]
     assert err and re.search(r"refused rank [23] \(node 1", err) and "secret" in err and "could not form" in err, err
     assert r["wait_s"] < 30 and r["children_alive"] == [], r
@@ -532,15 +530,10 @@ def test_the_pack_nodes_sample_across_two_nodes_like_native_comfyui(net, secrets
     """The user's graph: Parallel Config (nodes=2, auto degrees) -> Parallel Model Loader -> native KSampler, with
     Parallel LoRA and ComfyUI's own LoraLoaderModelOnly, in ComfyUI's process on node 0 = native ComfyUI."""
     port = 29524
-    log = open(tmp_path / "node1.log", "w")
-    node1 = _serve_node1(net, port, secrets_dir / "good", comfy_models[1], log)
-    try:
+    with _node1_serving(net, port, secrets_dir / "good", comfy_models[1], tmp_path):
         args = {"rendezvous": f"{net.addresses[0]}:{port}", "secret": str(secrets_dir / "good"),
                 "models": comfy_models[0], "rejoin": 60}
         r, out = _drive(net, "nodes", args, tmp_path)
-    finally:
-        _stop(node1)
-        log.close()
     plan = r["plan"]
     assert "cfg=2" in plan and "ulysses=2" in plan and "across nodes cfg=2" in plan, plan
     for what, diff in r["diffs"].items():
@@ -557,18 +550,13 @@ def test_a_rank_of_node_1_dying_is_named_and_a_different_file_there_is_refused(n
     """Through the WorkerGroup: node 1's copy of the file differs (refused by name, the group stays up), the right
     one loads; then one rank of node 1 is killed mid-forward (its node process lives and says which)."""
     port = 29525
-    log = open(tmp_path / "node1.log", "w")
     # node 1's models folder: diffusion_models/tiny.safetensors = node 0's file, diffusion_models/other = another
     node1_dir = tmp_path / "node1_models"
     (node1_dir / "diffusion_models").mkdir(parents=True)
     shutil.copy(os.path.join(model_files["dirs"][0], "tiny.safetensors"), node1_dir / "diffusion_models")
     shutil.copy(model_files["other"], node1_dir / "diffusion_models" / "other.safetensors")
-    node1 = _serve_node1(net, port, secrets_dir / "good", str(node1_dir), log)
-    try:
+    with _node1_serving(net, port, secrets_dir / "good", str(node1_dir), tmp_path):
         r, _ = _drive(net, "rank_kill", _driver_args(net, port, secrets_dir, model_files), tmp_path)
-    finally:
-        _stop(node1)
-        log.close()
     unnamed = r["unnamed_error"]
     assert unnamed and "no name relative to a ComfyUI models folder" in unnamed and r["unnamed_s"] < 30, r
     mismatch = r["mismatch_error"]
@@ -618,14 +606,9 @@ def test_shipped_two_node_workflow_through_the_prompt_queue(net, secrets_dir, tm
     model = write_tiny_wan(str(tmp_path / "node0" / "diffusion_models" / name), seed=17)
     shutil.copy(model, tmp_path / "node1" / "diffusion_models" / name)
     port = 29526
-    log = open(tmp_path / "node1.log", "w")
-    node1 = _serve_node1(net, port, secrets_dir / "good", str(tmp_path / "node1"), log)
-    try:
+    with _node1_serving(net, port, secrets_dir / "good", str(tmp_path / "node1"), tmp_path):
         args = {"rendezvous": f"{net.addresses[0]}:{port}", "secret": str(secrets_dir / "good"), "model": model}
         r, _ = _drive(net, "queue", args, tmp_path, timeout=400)
-    finally:
-        _stop(node1)
-        log.close()
     assert r["ui_equals_api"] and r["shipped_config"] == {"nodes": 2, "ranks_per_node": 8, "world_size": 16}, r
     assert "across nodes cfg=2" in r["log"], r["log"]
     assert r["mean_abs"] > 0.05 and r["diff"] <= 1e-4, r
