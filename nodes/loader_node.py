@@ -243,7 +243,9 @@ class ParallelModelLoader:
         reserve = cfgmod.FIT_RESERVE.get(config.device, 0)
         # what ComfyUI holds on the ranks' GPUs (text encoders, VAE) goes first, through its own model management
         gpu_sharing.free_comfy_models_on_rank_gpus(config, rank_bytes, reserve)
-        group = backend("runtime.group").get_group(config)  # starts ranks only when no warm group matches
+        import comfy.model_management  # Cancel works while a new group waits (e.g. for another machine to join)
+        group = backend("runtime.group").get_group(
+            config, comfy.model_management.throw_exception_if_processing_interrupted)  # only when no warm group matches
         try:  # the devices' free memory as the ranks found it: refuse a plan that cannot fit, before loading
             cfgmod.check_fit(config, mb, group.device_memory, held=group.resident_bytes(path, base_precision))
         except ValueError:

@@ -99,10 +99,14 @@ class WorkerGroup:
         self.closed = False
         self.server = self.remote = None  # several nodes: node 0's RendezvousServer and RemoteRanks
         self._admission = None            # the admission thread's outcome: None (pending), True or the error
+        self._admit_thread = None
         self._loads = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "WorkerGroup":
+    def start(self, interrupt=None) -> "WorkerGroup":
+        """Spawn the ranks and wait until every rank (every node's) reported. `interrupt`: called while waiting;
+        whatever it raises (ComfyUI's Cancel) stops the group and propagates - a start waiting for another node to
+        join can take up to rejoin_timeout."""
         import torch.multiprocessing as mp
 
         from . import worker  # noqa: F401  (imported by plain name; see worker.py)
@@ -123,7 +127,7 @@ class WorkerGroup:
                     child.close()
                     self.procs.append(p)
                     self.conns.append(parent)
-            replies = self._collect(self.start_timeout, "start")
+            replies = self._collect(self.start_timeout, "start", interrupt=interrupt)
             self.pids = [r["pid"] for r in replies[:self.config.local_ranks]]  # this machine's
             self.remote_pids = {r: replies[r]["pid"] for r in range(self.config.local_ranks, self.config.world_size)}
             self.device_memory = [r.get("memory") for r in replies]  # per rank, as it started (free / total)
@@ -154,7 +158,8 @@ class WorkerGroup:
             except Exception as e:  # noqa: BLE001 (reported by _collect, naming the node)
                 e.__traceback__ = None  # its frames hold the store: the port must be free when the group stops
                 self._admission = e
-        threading.Thread(target=admit, name="pdit-admission", daemon=True).start()
+        self._admit_thread = threading.Thread(target=admit, name="pdit-admission", daemon=True)
+        self._admit_thread.start()
         return {"host": host, "port": self.server.port, "secret_file": c.secret_file, "endpoint": self.server.endpoint,
                 "timeout": c.rejoin_timeout + 30}
 
@@ -212,8 +217,10 @@ class WorkerGroup:
                 if graceful and self.remote is not None and self._admission is True:
                     self._await_remote_shutdown()
                 self.server.cancelled = True
-                self.server.close()
                 self.remote = None
+                if self._admit_thread not in (None, threading.current_thread()):
+                    self._admit_thread.join(timeout=2.0)  # it holds the store until it sees the cancel (one poll)
+                self.server.close()  # the last reference: the store's socket closes, the port is free
             if self._tmpdir:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
             _forget(self)
@@ -258,6 +265,12 @@ class WorkerGroup:
         deadline = time.monotonic() + timeout
         errors = []
         while pending or remote_pending:
+            if interrupt is not None:
+                try:
+                    interrupt()
+                except BaseException:
+                    self.stop(graceful=False)
+                    raise
             if self.remote is not None:
                 for rank, msg in self._remote_poll(seq, remote_pending, what):
                     remote_pending.discard(rank)
@@ -471,8 +484,8 @@ def _forget(group: WorkerGroup) -> None:
                 del _groups[k]
 
 
-def get_group(config: ParallelConfig) -> WorkerGroup:
-    """The warm group for `config`, started if there is none (or the old one died)."""
+def get_group(config: ParallelConfig, interrupt=None) -> WorkerGroup:
+    """The warm group for `config`, started if there is none (or the old one died). `interrupt`: see start()."""
     global starts
     with _groups_lock:
         g = _groups.get(config.key())
@@ -483,7 +496,7 @@ def get_group(config: ParallelConfig) -> WorkerGroup:
         # one group at a time holds the devices: a new config replaces the old group
         for other in list(_groups.values()):
             other.stop()
-        g = WorkerGroup(config).start()
+        g = WorkerGroup(config).start(interrupt)
         _groups[config.key()] = g
         starts += 1
         return g

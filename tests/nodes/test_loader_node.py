@@ -260,8 +260,8 @@ def test_plan_that_cannot_fit_is_refused_before_loading(comfy, pack, config_spec
             {"device": "cuda:1", "free": free1, "total": free1, "shared": False}]
     real_start = group.WorkerGroup.start
 
-    def start(self):
-        real_start(self)
+    def start(self, interrupt=None):
+        real_start(self, interrupt)
         assert [m["device"] for m in self.device_memory] == ["cpu", "cpu"]  # what real CPU ranks report
         self.device_memory = fake
         return self

@@ -420,3 +420,50 @@ def test_resident_bytes_are_the_other_resident_models(tmp_path):
     g.models = {high: {"resident": True, "rank_bytes": [7, 5]}, low: {"resident": False, "rank_bytes": [3, 3]}}
     assert g.resident_bytes(files["low"], "bf16") == [7, 5]  # high stays; low itself does not count
     assert g.resident_bytes(files["high"], "bf16") == [0, 0]  # low (swap) is dropped when high loads
+
+
+@pytest.mark.multirank
+def test_cancel_while_a_start_waits_for_another_node(tmp_path):
+    """A group of 2 nodes whose node 1 never comes: the start waits (up to rejoin_timeout) - and ComfyUI's Cancel
+    (the interrupt callable raising) ends the wait at once, leaving no rank, no segment and a free rendezvous port."""
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ParallelConfig(world_size=2, ring=2, device="cpu", dtype="fp32", nodes=2, ranks_per_node=1,
+                            rendezvous=f"127.0.0.1:{port}", secret_file=str(secret), rejoin_timeout=120)
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    segments = set(transport.leftover_segments(os.getpid()))  # the module's warm groups hold theirs
+    t0 = time.monotonic()
+
+    class Cancelled(Exception):
+        pass
+
+    def interrupt():
+        if time.monotonic() - t0 > 3.0:
+            raise Cancelled("processing interrupted")
+    g = WorkerGroup(config)
+    with pytest.raises(Cancelled):
+        g.start(interrupt)
+    took = time.monotonic() - t0
+    assert took < 10, took
+    assert g.closed and set(transport.leftover_segments(os.getpid())) <= segments
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        new = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()
+               and c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(c.cmdline())]
+        if not new:
+            break
+        time.sleep(0.1)
+    assert not new, new
+    def port_free():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+    assert port_free()  # the store closed with the group: the port is free again
