@@ -170,6 +170,17 @@ class ComfyServer:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+        if self.proc:
+            # the server's own session (start_new_session): its ranks leave within a second of it and its resource
+            # tracker then unlinks what the server left; wait for them, so whatever tears down next (a network
+            # namespace, the test) does not kill them half way
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(self.proc.pid, 0)
+                except (ProcessLookupError, PermissionError):
+                    break
+                time.sleep(0.05)
         if getattr(self, "_log", None):
             self._log.close()
 

@@ -192,6 +192,8 @@ def queue(a: dict) -> dict:
             prefix = next(v["inputs"]["filename_prefix"] for v in graph.values() if v["class_type"] == "SaveLatent")
             latents[label], _ = comfy_host.saved_latent(base, prefix)
         out["log"] = open(server.log_path).read()[-6000:]
+    # ComfyUI stopped (SIGTERM): its worker group's shared memory is gone with it
+    out["server_segments_left"] = leftover_segments(server.proc.pid)
     out["diff"] = (latents["pack"] - latents["native"]).abs().max().item()
     out["mean_abs"] = latents["pack"].abs().mean().item()
     return out

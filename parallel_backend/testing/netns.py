@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -73,15 +74,29 @@ def _teardown(names, errors: list) -> None:
     for name in names:
         if name not in existing:
             continue
-        # processes the body started in the namespace (and their children): ours, killed by their pid
-        for pid in [int(x) for x in _ip("netns", "pids", name, check=False).stdout.split()]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # processes the body started in the namespace (and their children): ours, by their pid - asked to end
+        # first (a resource tracker unlinks what its process left), killed after a grace period
+        pids = [int(x) for x in _ip("netns", "pids", name, check=False).stdout.split()]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 3.0
+            while sig == signal.SIGTERM and time.monotonic() < deadline and any(_alive(p) for p in pids):
+                time.sleep(0.05)
         r = _ip("netns", "del", name, check=False)
         if r.returncode != 0:
             errors.append(f"`ip netns del {name}`: {r.stderr.strip()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def remove_stale() -> list[str]:

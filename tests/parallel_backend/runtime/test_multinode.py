@@ -612,4 +612,5 @@ def test_shipped_two_node_workflow_through_the_prompt_queue(net, secrets_dir, tm
     assert r["ui_equals_api"] and r["shipped_config"] == {"nodes": 2, "ranks_per_node": 8, "world_size": 16}, r
     assert "across nodes cfg=2" in r["log"], r["log"]
     assert r["mean_abs"] > 0.05 and r["diff"] <= 1e-4, r
+    assert r["server_segments_left"] == [], r["server_segments_left"]
     print(f"\nshipped two-node workflow through /prompt (2 x 2 CPU ranks in two namespaces) vs native: {r['diff']:.2e}")
