@@ -322,11 +322,7 @@ class WorkerGroup:
                     raise failed
                 if dead:
                     raise self._died(min(others[s] for s in dead), what, f"; rank {rank} then failed: {last}")
-                if self.remote is not None and self._admission is not True:
-                    failed = self._admission_outcome()
-                    if failed is not None:
-                        raise failed
-                elif self.remote is not None and _looks_like_a_lost_peer(text):
+                if self.remote is not None and self._admission is True and _looks_like_a_lost_peer(text):
                     from .remote import HEARTBEAT_STALE_S, RemoteNodeLost
                     try:  # a remote node's death shows here first as a connection error: name the node
                         self.remote.wait_for_verdict(HEARTBEAT_STALE_S + 1.5)
@@ -468,7 +464,7 @@ class WorkerGroup:
 def _looks_like_a_lost_peer(text: str) -> bool:
     t = text.lower()
     return any(w in t for w in ("connection", "closed", "reset by peer", "peer", "timed out", "timeout", "nccl",
-                                "gloo", "broken pipe"))
+                                "gloo", "broken pipe", "keyboardinterrupt"))
 
 
 # ---- cache of warm groups, one per config -------------------------------------------------------

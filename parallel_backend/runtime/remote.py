@@ -74,6 +74,7 @@ class RemoteRanks:
         self.store, self._secret, self.nonce, self.config = store, secret, nonce, config
         self.ranks = list(range(config.local_ranks, config.world_size))
         self.seq = 0
+        self._answered: dict[int, int] = {}  # op -> how many replies were seen (the store counts them: one look)
         self._beats: dict[int, tuple[int, float]] = {}  # node -> (last counter seen, when it changed, local clock)
         self._last_check = 0.0
 
@@ -95,7 +96,12 @@ class RemoteRanks:
         return self.seq
 
     def replies(self, seq: int, pending) -> list:
-        """(rank, message) for each of `pending` remote ranks that answered op `seq`."""
+        """(rank, message) for each of `pending` remote ranks that answered op `seq`. Polled while node 0 waits: one
+        look at the op's reply counter, the replies themselves only when it moved."""
+        answered = int(self.store.add(f"answered/{seq}", 0))
+        if answered == self._answered.get(seq, 0):
+            return []
+        self._answered = {seq: answered}  # older ops are over
         out = []
         for rank in list(pending):
             key = f"reply/{seq}/{rank}"
@@ -166,6 +172,7 @@ class StoreChannel:
     def send(self, msg) -> None:
         self.store.set(f"reply/{self.seq}/{self.rank}", sign(self._secret, self.nonce, "reply", self.seq, self.rank,
                                                              msg))
+        self.store.add(f"answered/{self.seq}", 1)  # after the reply: node 0 looks at this counter only
 
 
 # ---- the process group's part: inputs out, outputs back ------------------------------------------------------------

@@ -293,6 +293,12 @@ def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
                                   **({} if model is None else model.info())}))
             else:
                 raise ValueError(f"unknown op {op!r}")
+        except KeyboardInterrupt as e:
+            if io is not None and io.remote:
+                # torch's spawn sends a remote rank SIGINT when its node process dies: the node is going, and its
+                # heartbeat (not this rank's echo) tells node 0 so
+                raise
+            conn.send(("error", rank, _describe(e, config)))
         except BaseException as e:
             conn.send(("error", rank, _describe(e, config)))
     reader.close()
