@@ -62,13 +62,6 @@ def main():
     ap.add_argument("--gguf", default="Q8_0", help="GGUF type of section 4's model ('' = skip section 4)")
     args = ap.parse_args()
     header(f"GPU check: pack (world size 1) vs native ComfyUI, {args.preset}")
-    import importlib.util
-    if importlib.util.find_spec("av") is None:
-        # PyAV (video files) is imported by ComfyUI's node API but unused here; too big to carry to a GPU machine
-        import sys
-        import types
-        sys.modules["av"] = types.ModuleType("av")
-        print("note: PyAV missing: a stand-in module is used (no video is read or written here)")
     import_comfy(args.device)
     import comfy.sd
     import folder_paths

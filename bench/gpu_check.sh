@@ -20,6 +20,22 @@ if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export COMFYUI_PATH="${COMFYUI_PATH:-$here/.gpu/comfyui}"
+if [ -n "${PDIT_FORCE_AV_STUB:-}" ] || ! "${PDIT_PY:-python3}" -c 'import av' 2>/dev/null; then
+  # PyAV (video files) is imported by ComfyUI's node API but unused here, and too big to carry to a GPU machine: a
+  # stand-in package on PYTHONPATH (so spawned ranks see it too) whose every name is an inert class
+  stub="$(mktemp -d "${TMPDIR:-/tmp}/pdit_av.XXXXXX")"
+  mkdir -p "$stub/av/subtitles"
+  cat >"$stub/av/__init__.py" <<'PY'
+class _Inert(type):
+    def __getattr__(cls, name):
+        return _Inert(name, (), {})
+def __getattr__(name):
+    return _Inert(name, (), {})
+PY
+  for m in container subtitles/__init__ subtitles/stream; do echo 'from av import __getattr__' >"$stub/av/$m.py"; done
+  export PYTHONPATH="$stub${PYTHONPATH:+:$PYTHONPATH}"
+  echo "note: PyAV missing: a stand-in package is used (no video is read or written here)"
+fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi: not available"
 timeout 570 "${PDIT_PY:-python3}" bench/gpu_check.py "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_check.log"
