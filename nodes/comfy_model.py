@@ -5,6 +5,8 @@ the checkpoint's header alone - `disable_unet_model_creation` keeps it from allo
 and `diffusion_model` is a small proxy that sends each evaluation to the group. So every native
 sampler, scheduler, preview and the progress bar work unchanged.
 """
+import functools
+import inspect
 import logging
 import os
 import weakref
@@ -131,8 +133,6 @@ def _plain(v) -> bool:
 
 def _bind(host_class, args, kwargs) -> dict:
     """The host `_forward`'s arguments by name (its **kwargs flattened in), in signature order."""
-    import inspect
-
     if host_class is None:  # a proxy built without a host class: ComfyUI's BaseModel call convention
         names = ("x", "timestep", "context")
         named = dict(zip(names, args))
@@ -443,23 +443,50 @@ def install_lora_hook():
     """Native LoRA loaders (LoraLoader, LoraLoaderModelOnly, and any node that calls
     comfy.sd.load_lora_for_models) on the pack's MODEL: the model part is merged into every rank's shard, exactly as
     Parallel LoRA does it (the LoRA's tensors, as the node loaded them, are written once to a temporary file the
-    ranks read their slices from); a CLIP part is applied natively. Other MODELs take ComfyUI's own path."""
+    ranks read their slices from); a CLIP part is applied natively. Any other MODEL, and every argument this pack
+    does not know (0.21+ passes `lora_metadata`), goes to ComfyUI's own function unchanged.
+
+    Why a wrapper and not an extension point: ComfyUI maps a LoRA's keys to the model's from the model's
+    state_dict(), which the proxy cannot fill without also telling ComfyUI's memory manager, hooks and merges that
+    it holds the whole model in this process."""
     import comfy.sd
     if getattr(comfy.sd.load_lora_for_models, "_pdit_wrapped", False):
         return
     original = comfy.sd.load_lora_for_models
+    signature = inspect.signature(original)
 
-    def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
+    @functools.wraps(original)
+    def load_lora_for_models(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:  # not a call this pack understands: ComfyUI's own function says what is wrong
+            return original(*args, **kwargs)
+        model = bound.arguments.get("model")
         proxy = parallel_model_of(model) if model is not None else None
         if proxy is None:
-            return original(model, clip, lora, strength_model, strength_clip)
-        new_clip = original(None, clip, lora, 0.0, strength_clip)[1] if clip is not None else None
-        if strength_model == 0:
-            return model, new_clip
-        return with_parallel_lora(model, proxy, lora_file(lora), strength_model), new_clip
+            return original(*args, **kwargs)
+        return parallel_lora_for_models(original, bound, proxy)
 
     load_lora_for_models._pdit_wrapped = True
     comfy.sd.load_lora_for_models = load_lora_for_models
+
+
+def parallel_lora_for_models(original, bound, proxy):
+    """load_lora_for_models on the pack's MODEL (`bound`: the call's arguments by name): ComfyUI's own function for
+    the CLIP part (model None, every other argument as given), the ranks for the model part; the model keeps what
+    the native path attaches to it (`lora_metadata`)."""
+    args = dict(bound.arguments)
+    model, strength_model = args["model"], args["strength_model"]
+    new_clip = None
+    if args.get("clip") is not None:
+        new_clip = original(**{**args, "model": None, "strength_model": 0.0})[1]
+    if strength_model == 0:
+        return model, new_clip
+    patched = with_parallel_lora(model, proxy, lora_file(args["lora"]), strength_model)
+    metadata = args.get("lora_metadata")
+    if metadata and hasattr(patched, "set_attachments"):
+        patched.set_attachments("lora_metadata", metadata)
+    return patched, new_clip
 
 
 def with_parallel_lora(model, proxy, path, strength):

@@ -5,3 +5,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the workflow builder, for tests that lay out rewritten graphs
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--comfyui-only", action="store_true",
+                     help="leave out the engine's own tests (marked `engine`: no ComfyUI in them); scripts/test.sh "
+                          "passes it on the second host, where they already ran")
+    parser.addoption("--quick", action="store_true",
+                     help="only the tests that start no rank process and no server (not multirank, not e2e)")
+
+
+def pytest_collection_modifyitems(config, items):
+    drop = []
+    if config.getoption("--comfyui-only"):
+        drop += [i for i in items if i.get_closest_marker("engine")]
+    if config.getoption("--quick"):
+        drop += [i for i in items if i.get_closest_marker("multirank") or i.get_closest_marker("e2e")]
+    if drop:
+        ids = {id(i) for i in drop}
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [i for i in items if id(i) not in ids]

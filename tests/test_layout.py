@@ -5,6 +5,10 @@ import ast
 import os
 import re
 
+import pytest
+
+pytestmark = pytest.mark.engine  # reads the source only
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

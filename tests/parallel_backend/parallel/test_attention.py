@@ -22,6 +22,8 @@ from parallel_backend.parallel.attention import (
     ulysses_attention,
 )
 
+pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
+
 TOL = 1e-5  # fp32 max abs difference allowed against the single-process reference
 BATCH, HEADS, HEAD_DIM = 2, 8, 16
 SEQ_LENS = (16, 13, 2)  # divides every degree; ragged; shorter than the degree (whole ranks of padding)

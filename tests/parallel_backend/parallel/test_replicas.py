@@ -3,6 +3,8 @@ import pytest
 
 from parallel_backend.parallel.replicas import replica_slice
 
+pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
+
 
 @pytest.mark.parametrize("replicas", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("batch", [0, 1, 2, 3, 5, 8, 13])

@@ -20,6 +20,8 @@ from parallel_backend.parallel.tensor_parallel import (
     host_row_parallel,
 )
 
+pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
+
 TOL = 1e-5
 TP = 2
 D_IN, D_HID, D_OUT = 64, 96, 48

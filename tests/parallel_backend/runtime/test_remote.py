@@ -13,6 +13,8 @@ from parallel_backend.config import ParallelConfig
 from parallel_backend.runtime.multinode import ModelFileMismatch
 from parallel_backend.runtime.remote import RemoteNodeLost, RemoteRanks, StoreChannel, load_paths, sign, verify
 
+pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
+
 SECRET = b"0123456789abcdef0123456789abcdef"
 CONFIG = ParallelConfig(world_size=6, nodes=3, ranks_per_node=2, ulysses=2, ring=3, device="cpu", dtype="fp32",
                         rendezvous="10.0.0.1:29500", secret_file="/x")

@@ -16,6 +16,8 @@ import torch
 from parallel_backend.runtime import transport
 from parallel_backend.runtime.transport import ShmReader, ShmTensorSlot, TensorRef
 
+pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (2, 16, 3, 6, 10), (5, 33)]
 

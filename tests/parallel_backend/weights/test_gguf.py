@@ -24,6 +24,8 @@ from parallel_backend.weights.gguf import (
 )
 from parallel_backend.weights.reads import CheckpointError
 
+pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
+
 Q = gguf.GGMLQuantizationType
 QUANTIZED_BY_GGUF = ("F16", "BF16", "Q8_0", "Q4_0", "Q5_1")
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")

@@ -17,6 +17,8 @@ from parallel_backend.weights.gguf import QUANT_BLOCKS
 from parallel_backend.weights.gguf_kernels import QUANTIZED_TYPES, dequantize_torch
 from parallel_backend.weights.reads import CheckpointError
 
+pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
+
 Q = gguf.GGMLQuantizationType
 # byte offsets of each block's f16 fields (d, and dmin / m where the type has one), from gguf's dequantize_blocks
 F16_FIELDS = {
