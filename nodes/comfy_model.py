@@ -95,9 +95,9 @@ class ParallelDiffusionModel(torch.nn.Module):
         patcher = getattr(base, "current_patcher", None)
         refuse_weight_patches(patcher)
         # the ranks run ComfyUI's own model code, which applies the patches that cross (or ignores them as natively)
-        refuse_patches(transformer_options, named.pop("control", None), crossing=CROSSING_OPTIONS)
+        refuse_patches(transformer_options, named.pop("control", None))
         refuse_patcher_extras(patcher)
-        patches = crossing_patches(transformer_options)
+        options = crossing_options(transformer_options)
         compile_spec = compile_request(patcher, self.compile_spec, self.parallel_config)
         extras, values = {}, {}
         conds = self.conds()
@@ -118,7 +118,7 @@ class ParallelDiffusionModel(torch.nn.Module):
                                             f"{type(v).__name__}, which cannot cross to the worker ranks")
         g = self.group()
         out = g.forward(x.detach().cpu(), timestep.detach().cpu(), context.detach().cpu(),
-                        model_key=g.model_key_for(self.path, self.precision), compile=compile_spec, patches=patches,
+                        model_key=g.model_key_for(self.path, self.precision), compile=compile_spec, options=options,
                         values=values, **extras)
         import comfy.model_management
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -229,52 +229,31 @@ def parallel_model_patcher_class():
     return _patcher_class
 
 
-# transformer_options the ranks do not apply yet; each would silently change nothing, so each is refused
+# transformer_options that belong to this process (ComfyUI's wrappers and callbacks run here around the proxy, its
+# device and memory bookkeeping mean nothing in a rank); everything else crosses with the call: model patches and
+# block replacements, RoPE options, the per-call values patches read (sigmas, cond_or_uncond, ...) and what a node
+# put there for its patches (InfiniteTalk's audio_embeds). Read in 0.3.75, 0.33.0 and Comfy-Org/ComfyUI 311c014
+# (comfy/samplers.py: multigpu_thread_device).
+LOCAL_OPTIONS = ("wrappers", "callbacks", "multigpu_thread_device", "prefetch_dynamic_vbars")
+
+# transformer_options the ranks cannot honour: each would silently change nothing there, so each is refused
 _REFUSED_OPTIONS = {
-    "rope_options": "RoPE scale / shift (from a node such as a rope scaling node)",
     "optimized_attention_override": "an attention override (a node replacing ComfyUI's attention function)",
 }
 
 
-# transformer_options that cross to the ranks when they run the host's own model code, which applies them (or
-# ignores them) exactly as natively: patches at the model's patch points, block replacements, RoPE options
-CROSSING_OPTIONS = ("patches", "patches_replace", "rope_options")
-CROSSING_LIMIT = 64 << 20  # bytes of pickled patches per call; larger ones close over something they should not
+def crossing_options(transformer_options: dict) -> dict:
+    """The call's transformer_options the ranks get (the group sends them; each model patch object crosses once)."""
+    return {k: v for k, v in transformer_options.items() if k not in LOCAL_OPTIONS and v is not None}
 
 
-def crossing_patches(transformer_options) -> bytes | None:
-    """The call's model patches, pickled (cloudpickle: a node's patch is usually a local function) for the ranks;
-    None when there are none. A patch that cannot be pickled is refused, naming what it patches."""
-    picked = {k: transformer_options[k] for k in CROSSING_OPTIONS if transformer_options.get(k)}
-    if not picked:
-        return None
-    import cloudpickle
-    try:
-        blob = cloudpickle.dumps(picked)
-    except Exception as e:  # noqa: BLE001 (any pickling failure means the same thing here)
-        raise UnsupportedPatchError(
-            f"model patches {sorted(picked)} (from a node that patches the model) cannot be sent to the worker "
-            f"ranks: {type(e).__name__}: {e}; remove that node, or sample with the native model") from None
-    if len(blob) > CROSSING_LIMIT:
-        raise UnsupportedPatchError(f"model patches {sorted(picked)} pickle to {len(blob) >> 20} MiB (they hold a "
-                                    f"model or large tensors); they cannot be sent to the worker ranks each step")
-    return blob
-
-
-def refuse_patches(transformer_options, control, crossing=()):
-    """Patches that change the inside of the model and cannot reach remote shards: refuse them loudly. Those in
-    `crossing` are sent to the ranks instead (models running the host's own code)."""
+def refuse_patches(transformer_options, control):
+    """What changes the inside of the model and cannot reach remote shards: refuse it loudly."""
     if control is not None:
         raise UnsupportedPatchError("ControlNet on the parallel model is not supported: remove the ControlNet "
                                     "apply node, or use the native Load Diffusion Model for this graph")
-    for key in [k for k in ("patches", "patches_replace") if k not in crossing]:
-        patches = {k: v for k, v in (transformer_options.get(key) or {}).items() if v}
-        if patches:
-            raise UnsupportedPatchError(
-                f"model patches {sorted(patches)} (from a node that patches the model, e.g. attention or block "
-                f"replacement) cannot be applied to the sharded parallel model: remove that node")
     for key, what in _REFUSED_OPTIONS.items():
-        if key not in crossing and transformer_options.get(key):
+        if transformer_options.get(key):
             raise UnsupportedPatchError(f"{what} is set on the parallel MODEL ('{key}'), which the worker ranks do "
                                         f"not apply: remove that node, or sample with the native model")
 

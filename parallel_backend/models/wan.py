@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..config import ModelShape
+from ..parallel.patch_points import BlockReplace, PatchPoint, Tokens
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit, extend_plan
 
 FAMILY = "wan"
@@ -144,6 +145,26 @@ VARIANTS = {
                               "control_adapter.residual_blocks.*.conv1": "host_colwise",
                               "control_adapter.residual_blocks.*.conv2": "host_rowwise"})),
 }
+# ComfyUI's patch points in Wan's classes (transformer_options["patches"] / ["patches_replace"]; those a host version
+# lacks are never called), with the layout of what the host hands the patch there: each patch sees the whole
+# sequence (parallel/patch_points.py). Read in ComfyUI 0.33.0 comfy/ldm/wan/model.py (0.3.75 has the block
+# replacement only).
+PATCH_POINTS = {
+    # WanSelfAttention, after the attention, before the output projection: x (B, S, heads * head_dim) and q, k
+    # (B, S, heads, head_dim); under TP a rank holds its heads (x: their channels)
+    "attn1_patch": PatchPoint(args={("dict", "x"): Tokens(1, tp_dim=2), ("dict", "q"): Tokens(1, tp_dim=2),
+                                    ("dict", "k"): Tokens(1, tp_dim=2)},
+                              returns={("value", None): Tokens(1, tp_dim=2)}),
+    # WanAttentionBlock, after the cross-attention's residual (InfiniteTalk's audio cross-attention): x (B, S, dim)
+    "attn2_patch": PatchPoint(args={("dict", "x"): Tokens(1)}, returns={("value", None): Tokens(1)}),
+    # the model's block loop, after each block (Uni3C's residuals): img (B, S, dim); x is the input latent (whole)
+    "double_block": PatchPoint(args={("dict", "img"): Tokens(1)}, returns={("dict", "img"): Tokens(1)},
+                               between_blocks=True),
+}
+# a block replacement (SkipLayerGuidanceDiT): img (B, S, dim) in and out; vec / pe stay as the host passes them (the
+# block's own split hooks cut them when the original block runs)
+BLOCK_REPLACE = {("dit", "double_block"): BlockReplace(args={"img": Tokens(1)}, returns={"img": Tokens(1)})}
+
 # host classes this pack does not run yet, with the reason (refused at load, naming the class)
 NOT_YET: dict = {}  # host class -> why the pack cannot run it yet (every Wan class of ComfyUI 0.3.75 runs)
 

@@ -132,11 +132,21 @@ def ulysses_attention(q, k, v, groups: SequenceParallelGroups, valid_len: int | 
 ACTIVE_SEQUENCE_STATES: list = []
 
 
+def _tensor_of(t):
+    """ComfyUI 0.38+ hands attention its q / k / v in single-owner containers (`AttentionTensorContainer`: `take()`
+    gives the tensor; read in Comfy-Org/ComfyUI 05080f6, comfy/ldm/modules/attention.py); older hosts the tensors."""
+    return t if torch.is_tensor(t) else t.take()
+
+
 def sequence_parallel_attention(original):
     """Wrap a host attention function of ComfyUI's signature (q, k, v, heads, mask=None, ..., skip_reshape=False,
     skip_output_reshape=False): inside a sequence-attention scope whose split is wider than one rank it runs Ulysses /
     Ring over the local tokens (each rank holds a chunk of the queries and keys); everywhere else (cross-attention,
-    a call that is not split) it is the host's own function and kernel, unchanged."""
+    a call that is not split) it is the host's own function and kernel, unchanged, with every argument as given.
+
+    ComfyUI 0.38+ may pass `preferred_attention` (a module whose `function`, when set, is the attention a quantized
+    checkpoint asks for, e.g. int8): a split call runs that function on the heads Ulysses gathers, and refuses Ring
+    (which needs a kernel that returns the log-sum-exp)."""
     if getattr(original, "_pdit_original", None) is not None:
         return original
 
@@ -145,12 +155,24 @@ def sequence_parallel_attention(original):
         mask = args[0] if args else kwargs.get("mask")
         if state is None or state.degree == 1 or mask is not None:
             return original(q, k, v, heads, *args, **kwargs)
+        q, k, v = (_tensor_of(t) for t in (q, k, v))
         if kwargs.get("skip_reshape"):  # (B, H, S, D)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         else:  # (B, S, H * D)
             q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
-        out = ulysses_attention(q, k, v, state.groups, key_valid=state.key_valid)  # (B, S, H, D)
+        preferred = getattr(kwargs.get("preferred_attention"), "function", None)
+        groups = state.groups if preferred is None else _with_kernel(state.groups, preferred)
+        out = ulysses_attention(q, k, v, groups, key_valid=state.key_valid)  # (B, S, H, D)
         return out.transpose(1, 2) if kwargs.get("skip_output_reshape") else out.flatten(2)
 
     attention._pdit_original = original
     return attention
+
+
+def _with_kernel(groups: SequenceParallelGroups, function) -> SequenceParallelGroups:
+    """The call's groups with a host attention function as the local kernel (Ulysses only)."""
+    if groups.ring_size > 1:
+        raise ValueError("this checkpoint asks ComfyUI for its own attention kernel (e.g. int8 attention), which "
+                         "cannot merge Ring steps: set ring to 1 (use ulysses / cfg), or sample with the native model")
+    from dataclasses import replace
+    return replace(groups, backend=kernels.HostKernel(function))

@@ -48,8 +48,24 @@ def _half(t):
     return t.dtype in (torch.float16, torch.bfloat16)
 
 
+class HostKernel:
+    """A host attention function (ComfyUI's signature, with skip_reshape / skip_output_reshape: (B, H, S, D) in and
+    out) as the local kernel of a split call: the one a checkpoint asks ComfyUI for (parallel/attention.py)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, q, k, v):
+        return self.function(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True)
+
+
 def attention(q, k, v, backend: str = "sdpa", mask=None) -> torch.Tensor:
     """Attention on (B, H, S, D) with the chosen kernel; a key mask routes to sdpa (see module doc)."""
+    if isinstance(backend, HostKernel):
+        if mask is not None:  # a key mask here is one keep-vector for every query: drop those keys, no mask needed
+            keep = mask.reshape(-1, mask.shape[-1])[0]
+            k, v = k[:, :, keep], v[:, :, keep]
+        return backend(q, k, v)
     if backend == "math":
         return _math(q, k, v, mask)[0]
     if mask is None and q.is_cuda and _half(q):

@@ -111,10 +111,31 @@ class SequenceState:
         self.plane: int | None = None  # tokens per frame of a flat frame-major sequence (plan's `plane_from`)
         self.main: tuple | None = None  # (frames, plane) of the first `plane_from` output this forward
         self.rest = 0  # tokens after the frames that every rank holds whole (a `rest` split)
+        self.is_split = False  # this forward's tokens are split over the sequence ranks (by any kind of split)
 
     def begin_forward(self) -> None:
         """Before each forward: the tokens are whole again."""
         self.local_len, self.tokens_pending, self.grid, self.plane, self.main, self.rest = 0, True, None, None, None, 0
+        self.is_split = False
+
+    # ---- whole-sequence views for code that must see every token (a model patch: parallel/patch_points.py) ------
+    def whole(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """This forward's split tokens at `dim` of `t` (this rank's share, as the last split cut them) gathered
+        back to the whole sequence in its own order, padding dropped; `t` itself when nothing is split."""
+        if not self.is_split or self.degree == 1:
+            return t
+        if self.grid is None:
+            return self.gather(t, dim)
+        return self.gather_frames(t, dim)
+
+    def local(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The inverse of `whole`: this rank's share of a whole-sequence tensor, cut as this forward's tokens were
+        (padding repeats the last token: padded tokens are masked as keys and dropped at the gather)."""
+        if not self.is_split or self.degree == 1:
+            return t
+        if self.grid is None:
+            return self._narrow_padded(t, dim)
+        return t.index_select(dim, self.local_positions(t.device))
 
     def use(self, groups: SequenceParallelGroups, index: int) -> None:
         self.groups, self.index = groups, index
@@ -130,7 +151,7 @@ class SequenceState:
             self.valid_len, self.padded, self.local_len = s, False, s
             return t
         pad = (-s) % self.degree
-        self.valid_len, self.padded = s, pad > 0
+        self.valid_len, self.padded, self.is_split = s, pad > 0, True
         if pad:
             widths = [0, 0] * (t.ndim - 1 - dim % t.ndim) + [0, pad]
             t = F.pad(t, widths)
@@ -154,6 +175,7 @@ class SequenceState:
         if pad:
             plane = F.pad(plane, [0, 0] * (plane.ndim - 2 - dim) + [0, pad])
         self.grid, self.valid_len, self.padded, self.local_len = (frames, h, w), frames * h * w, pad > 0, frames * n
+        self.is_split = True
         return plane.narrow(dim + 1, self.index * n, n).unsqueeze(dim + 1).contiguous()
 
     def split_frames(self, t: torch.Tensor, dim: int, rest: bool = False) -> torch.Tensor:

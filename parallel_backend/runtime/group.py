@@ -29,7 +29,10 @@ from multiprocessing.connection import wait
 import torch
 
 from ..config import ParallelConfig, validate_config
+from .patch_transfer import PatchSender, PatchTransferError
 from .transport import ShmTensorSlot
+
+REMOTE_OPTIONS_LIMIT = 64 << 20  # bytes of model patches one call may carry through node 0's store
 
 
 class WorkerGroupError(RuntimeError):
@@ -101,6 +104,7 @@ class WorkerGroup:
         self._admission = None            # the admission thread's outcome: None (pending), True or the error
         self._admit_thread = None
         self._loads = 0
+        self.patch_sender = PatchSender()  # which model patch objects the ranks hold
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, interrupt=None) -> "WorkerGroup":
@@ -430,14 +434,14 @@ class WorkerGroup:
         return any(k != key for k in self.models)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, fault=None,
-                model_key=None, compile=None, patches: bytes | None = None, values: dict | None = None,
+                model_key=None, compile=None, options: dict | None = None, values: dict | None = None,
                 **extras) -> torch.Tensor:
         """One model evaluation on the group: inputs and output cross through shared memory.
         `model_key` (model_key_for) picks one of several loaded models; default: the current one.
         `compile`: torch.compile kwargs (backend, mode, ...) the ranks' transformer blocks should run under, or
         None for eager; a change recompiles (or uncompiles) on the ranks before this call.
-        `patches`: the model patches of this call (transformer_options' `patches` / `patches_replace`), pickled
-        by the caller; the ranks hand them to the host model's own code.
+        `options`: the transformer_options of this call that cross to the ranks (model patches, their per-call
+        values), handed to the host model's own code there; each patch object crosses once (patch_transfer.py).
         `values`: keyword inputs that are not tensors (numbers, lists: VACE's strengths), sent with the call;
         tensor `extras` are batched like x and cross through shared memory."""
         key = self.model_key if model_key is None else model_key
@@ -454,8 +458,24 @@ class WorkerGroup:
             out_shape = (x.shape[0], self.model_info["out_channels"], *x.shape[2:])
             out_ref = self._out.layout({"out": (out_shape, torch.float32)})["out"]
             self._call("forward", {"inputs": refs, "out": out_ref, "fault": fault, "key": key, "compile": compile,
-                                   "patches": patches, "values": dict(values or {})}, self.step_timeout)
+                                   "options": self._options_message(options), "values": dict(values or {})},
+                       self.step_timeout)
             return self._out.read(out_ref)
+
+    def _options_message(self, options: dict | None) -> dict | None:
+        """A call's transformer_options for the ranks (PatchSender); several nodes: within what the store carries."""
+        if not options:
+            return None
+        message = self.patch_sender.encode(options)
+        if self.remote is not None:
+            size = len(message["options"]) + sum(map(len, message["define"].values()))
+            if size > REMOTE_OPTIONS_LIMIT:
+                self.patch_sender.forget()
+                raise PatchTransferError(
+                    f"the model patches of this call pickle to {size >> 20} MiB (a patch holding a model), more than "
+                    f"node 0's store carries to the other nodes ({REMOTE_OPTIONS_LIMIT >> 20} MiB): run this graph on "
+                    f"one node, or remove the patching node")
+        return message
 
     def stats(self) -> list:
         return self._call("stats", None, 60)

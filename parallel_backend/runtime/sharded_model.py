@@ -156,7 +156,7 @@ class ShardedModel:
         kw = {k: take(v) if torch.is_tensor(v) else v for k, v in extras.items()}  # tensors are batched like x
         self.seq_state.begin_forward()
         if transformer_options:
-            kw["transformer_options"] = transformer_options
+            kw["transformer_options"] = self.options_for_call(transformer_options, rows, x.shape[0])
         args = (self.model, take(x), timestep[rows].to(dev, torch.float32), take(context))
         if self.sharded_weights is not None:  # through FSDP's root: each block gathered as it runs
             out = self.sharded_weights.run(self.family.forward, *args, **kw)
@@ -169,18 +169,32 @@ class ShardedModel:
         return out.float()
 
 
+    def options_for_call(self, options: dict, rows: slice, batch: int) -> dict:
+        """The call's transformer_options as this replica's rows see them, each model patch wrapped to see the whole
+        sequence where the host hands it a share (parallel/patch_points.py)."""
+        from ..parallel.patch_points import ShareContext, options_for_rows, wrap_patches
+
+        ctx = ShareContext(self.seq_state, self.mesh.groups.get("tp"), self.mesh.config.tp, self.mesh.coord["tp"])
+        return wrap_patches(options_for_rows(options, rows, batch), getattr(self.family, "PATCH_POINTS", {}),
+                            getattr(self.family, "BLOCK_REPLACE", {}), ctx, type(self.model).__name__)
+
     def _pipelined(self, args, kw) -> torch.Tensor:
         """Each row a micro-batch: stage s computes row k while stage s + 1 computes row k - 1 (the sends are
         asynchronous); the stage waits for its sends once all rows were issued."""
+        from ..parallel.patch_points import options_for_rows, refuse_between_blocks
         from ..parallel.pipeline import refuse_block_patches
 
-        refuse_block_patches(kw.get("transformer_options"))
+        options = kw.pop("transformer_options", None)
+        refuse_block_patches(options)
+        refuse_between_blocks(options, getattr(self.family, "PATCH_POINTS", {}))
         model, x, t, ctx = args
         outs = []
         try:
             for k in range(x.shape[0]):
                 self.seq_state.begin_forward()  # each micro-batch is a forward of its own
                 row = lambda v: v[k:k + 1] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == x.shape[0] else v
+                if options is not None:
+                    kw["transformer_options"] = options_for_rows(options, slice(k, k + 1), x.shape[0])
                 outs.append(self.family.forward(model, x[k:k + 1], t[k:k + 1], row(ctx),
                                                 **{n: row(v) for n, v in kw.items()}))
         finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import gc
 import os
-import pickle
 import shutil
 import signal
 import threading
@@ -182,10 +181,12 @@ def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
     import torch
     import torch.distributed as dist
 
+    from .patch_transfer import PatchReceiver
     from .sharded_model import ShardedModel, compiled_graphs
     from .transport import ShmReader
 
     reader = ShmReader()
+    patch_objects = PatchReceiver(device)  # the model patches this group's calls carried, kept by their sender's id
     token_log = collections.deque(maxlen=TOKEN_LOG)
     fold_log = collections.deque(maxlen=TOKEN_LOG)  # "none", or e.g. "2xulysses": how each call was spread
     graph_log = collections.deque(maxlen=TOKEN_LOG)  # graphs torch.compile has built in this rank, after each call
@@ -260,11 +261,9 @@ def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
                 extras.update(payload.get("values") or {})  # keyword inputs that are not tensors
                 batch = x.shape[0]
                 model.set_compile(payload.get("compile"))
-                patches = payload.get("patches")
-                if patches is not None:
-                    import cloudpickle  # noqa: F401  (what pickled them; plain pickle loads its payloads)
-                    patches = pickle.loads(patches)
-                out = model.forward_rows(x, t, ctx, transformer_options=patches, **extras)
+                options = patch_objects.decode(payload.get("options"))  # transformer_options: model patches, ...
+                out = model.forward_rows(x, t, ctx, transformer_options=options, **extras)
+                del options
                 del x, t, ctx, extras
                 token_log.append(model.last_tokens)
                 fold_log.append(model.last_fold)
@@ -345,6 +344,9 @@ def serve_remote(ctx) -> None:
 
 
 def _describe(e: BaseException, config) -> str:
+    from ..parallel.patch_points import PatchRefused
+    if isinstance(e, PatchRefused):  # a refusal says what to change; its traceback says nothing more
+        return f"{type(e).__name__}: {e}"
     text = "".join(traceback.format_exception(e))
     msg = str(e).lower()
     if "out of memory" in msg:

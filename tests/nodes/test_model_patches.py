@@ -1,5 +1,6 @@
 """Native model-patch nodes on the pack's MODEL: step caches run around the group call, TorchCompileModel
-compiles the ranks' blocks, and what the ranks cannot honour is refused with a message.
+compiles the ranks' blocks, model patches at the host class's patch points see the whole sequence as natively, and
+what the ranks cannot honour is refused with a message.
 
 - EasyCache / LazyCache (ComfyUI's DIFFUSION_MODEL and PREDICT_NOISE wrappers) run in the ComfyUI process around
   the proxy, as they run around the native model: a step they skip never reaches the ranks (counted on the
@@ -119,7 +120,7 @@ def test_unsupported_compile_backend_and_patches_are_refused(comfy, pack_model, 
     lock = threading.Lock()
     m = model.clone()
     m.set_model_patch_replace(lambda args, extra: (lock, args)[1], "dit", "double_block", 0)
-    with pytest.raises(Exception, match=r"patches_replace.*cannot be sent to the worker ranks"):
+    with pytest.raises(Exception, match=r"the model patch .*lambda.* cannot be sent to the worker ranks"):
         _sample(m, pos, neg, 1, 1.0)
 
 
@@ -162,3 +163,101 @@ def test_skip_layer_guidance_crosses_to_the_ranks(comfy, pack_model_4, conds):
     print(f"SkipLayerGuidanceDiT (skip block 1, scale 3) on cfg2 x ulysses2 vs native: {diff:.2e} (it moves the "
           f"latent by {moved:.3f})")
     assert moved > 1e-2 and diff <= 1e-4
+
+
+# ---- model patches at the host class's patch points, on split meshes ------------------------------------------------
+PATCH_MESHES = {"ulysses2": (2, 1, 2, 1, 1, 1), "ring2": (2, 1, 1, 2, 1, 1), "tp2": (2, 1, 1, 1, 2, 1),
+                "cfg2": (2, 2, 1, 1, 1, 1)}  # world, cfg, ulysses, ring, tp, dp; the latent's 45 tokens are ragged
+
+
+def _token_global_patches() -> dict:
+    """Patches that look across tokens (and heads), one per patch point of ComfyUI's Wan, made here as local
+    functions (they cross to the ranks by value). attn2 also reads the per-call cond_or_uncond, per row."""
+    def attn1(d):  # after self-attention: x (B, S, heads * head_dim), q / k (B, S, heads, head_dim)
+        x, q, k = d["x"], d["q"], d["k"]
+        return x + 0.05 * (x.mean(1, keepdim=True) + (q.mean((1, 2)) * k.std((1, 2))).sum(-1)[:, None, None])
+
+    def attn2(d):  # after cross-attention: x (B, S, dim)
+        x, kinds = d["x"], d["transformer_options"]["cond_or_uncond"]
+        per_row = torch.tensor(kinds, dtype=x.dtype).repeat_interleave(x.shape[0] // len(kinds))
+        return x - 0.1 * x.mean(1, keepdim=True) * (1 + per_row.view(-1, 1, 1))
+
+    def double_block(d):  # after each block: img (B, S, dim)
+        return {**d, "img": d["img"] + 0.05 * d["img"].flip(1)}
+
+    def replace(args, extra):  # block 1 replaced: the original block, then a mean over tokens
+        img = extra["original_block"](args)["img"]
+        return {"img": img - 0.1 * img.mean(1, keepdim=True)}
+    return {"attn1_patch": attn1, "attn2_patch": attn2, "double_block": double_block, "replace": replace}
+
+
+def _patched(model, point, fn):
+    m = model.clone()
+    if point == "replace":
+        m.set_model_patch_replace(fn, "dit", "double_block", 1)
+    else:
+        m.set_model_patch(fn, point)
+    return m
+
+
+def _host_applies(point: str) -> bool:
+    """Whether this host's Wan calls the point (0.3.75: block replacements only; 0.33: attn1 / attn2 / double_block)."""
+    import inspect
+
+    import comfy.ldm.wan.model
+    return point == "replace" or f'"{point}" in patches' in inspect.getsource(comfy.ldm.wan.model)
+
+
+_NATIVE_PATCHED: dict = {}
+
+
+@pytest.fixture
+def native_patched(comfy, conds):
+    """Native ComfyUI with each token-global patch (and without), sampled once for every mesh below."""
+    if not _NATIVE_PATCHED:
+        native = _native(comfy["models_dir"])
+        pos, neg = conds
+        _NATIVE_PATCHED["plain"] = _sample(native, pos, neg, 3, 4.0)
+        for point, fn in _token_global_patches().items():
+            _NATIVE_PATCHED[point] = _sample(_patched(native, point, fn), pos, neg, 3, 4.0)
+    return _NATIVE_PATCHED
+
+
+@pytest.mark.parametrize("mesh", list(PATCH_MESHES))
+def test_token_global_patches_equal_native_on_split_meshes(comfy, pack, conds, native_patched, mesh):
+    """Each patch point ComfyUI's Wan applies hands the patch the whole sequence (and every head) on the pack, as
+    natively: the latent equals native + the same patch (a point this host's Wan does not have is ignored on both)."""
+    import parallel_backend.runtime.group as group
+
+    pos, neg = conds
+    spec = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(*PATCH_MESHES[mesh], "fp32", "cpu", "sdpa")[0]
+    model, _ = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load("tiny_wan.safetensors", "fp32", spec)
+    diffs, moved = {}, {}
+    try:
+        for point, fn in _token_global_patches().items():
+            ref = native_patched[point]
+            moved[point] = (ref - native_patched["plain"]).abs().max().item()
+            diffs[point] = (_sample(_patched(model, point, fn), pos, neg, 3, 4.0) - ref).abs().max().item()
+    finally:
+        group.stop_all()
+    print(f"{mesh}: token-global patches on the pack vs native + patch {diffs}; the patches move the latent by "
+          f"{moved}")
+    for point in diffs:
+        assert (moved[point] > 1e-2) == _host_applies(point), (point, moved[point])
+        assert diffs[point] <= 1e-4, (point, diffs[point])
+
+
+def test_patches_between_blocks_are_refused_on_pipeline_stages(comfy, pack, conds):
+    import parallel_backend.runtime.group as group
+
+    if not _host_applies("double_block"):
+        pytest.skip("this host's Wan has no double_block patch point (ComfyUI 0.3.75): nothing to refuse")
+    pos, neg = conds
+    spec = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(2, 1, 1, 1, 1, 1, "fp32", "cpu", "sdpa", pp=2)[0]
+    model, _ = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load("tiny_wan.safetensors", "fp32", spec)
+    try:
+        m = _patched(model, "double_block", _token_global_patches()["double_block"])
+        with pytest.raises(Exception, match=r"double_block.*set pp to 1"):
+            _sample(m, pos, neg, 1, 1.0)
+    finally:
+        group.stop_all()

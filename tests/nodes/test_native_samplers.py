@@ -89,15 +89,15 @@ def test_progress_and_preview_every_step(models, conds, pack, monkeypatch):
 
 
 def test_patch_the_native_model_ignores_is_ignored_the_same_way(models, conds):
-    """An attn1 patch crosses to the ranks, where ComfyUI's own WanModel (which has no such patch point) ignores it,
-    exactly as the native model does."""
+    """An attn1_output patch (a patch point of ComfyUI's UNet, which no Wan class has) crosses to the ranks, where
+    ComfyUI's own WanModel ignores it exactly as the native model does."""
     parallel, native = models
     pos, neg = conds
     latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
-    patch = lambda q, k, v, extra_options: (q * 0, k, v)  # would change the output if it were applied
+    patch = lambda n, extra_options: n * 0  # would change the output if it were applied
     patched, native_patched = parallel.clone(), native.clone()
-    patched.set_model_attn1_patch(patch)
-    native_patched.set_model_attn1_patch(patch)
+    patched.set_model_attn1_output_patch(patch)
+    native_patched.set_model_attn1_output_patch(patch)
     ref = _ksampler(native_patched, pos, neg, latent)
     assert torch.equal(ref, _ksampler(native, pos, neg, latent))  # natively ignored
     assert (_ksampler(patched, pos, neg, latent) - ref).abs().max().item() <= 1e-4

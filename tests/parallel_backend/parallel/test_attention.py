@@ -159,3 +159,111 @@ def test_single_rank_paths_equal_local():
         qp, kp, vp = (F.pad(t, (0, 0, 0, 0, 0, 2)) for t in (q, k, v))
         out = ulysses_attention(qp, kp, vp, SequenceParallelGroups(backend=backend), valid_len=10)
         assert (out[:, :10] - ref).abs().max() <= TOL
+
+
+# ---------------------------------------------------------------- the host's attention call, as ComfyUI 0.38 makes it
+class _Container:
+    """Stands in for ComfyUI 0.38's AttentionTensorContainer (comfy/ldm/modules/attention.py, Comfy-Org/ComfyUI
+    05080f6): a single-owner holder whose `take()` hands the tensor over once."""
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def take(self):
+        t, self.tensor = self.tensor, None
+        if t is None:
+            raise RuntimeError("attention tensor container has already been consumed")
+        return t
+
+
+class _Preferred:
+    """Stands in for 0.38's ComfyAttention: `function` is the kernel a quantized checkpoint asks for, or None."""
+
+    def __init__(self, function=None):
+        self.function = function
+
+
+def _scaled_kernel(q, k, v, heads, skip_reshape=False, skip_output_reshape=False, **kwargs):
+    """A 'preferred' kernel that differs from plain attention (queries scaled by 1.5), in ComfyUI's signature."""
+    assert skip_reshape and skip_output_reshape and q.shape[1] == heads
+    return F.scaled_dot_product_attention(q * 1.5, k, v)
+
+
+def _host_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, transformer_options=None,
+                    preferred_attention=None, **kwargs):
+    """The host's own function as 0.38 calls it: containers in, (B, S, H * D) out; `preferred_attention` honoured."""
+    q, k, v = (t.take() if isinstance(t, _Container) else t for t in (q, k, v))
+    b = q.shape[0]
+    q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+    fn = getattr(preferred_attention, "function", None)
+    out = fn(q, k, v, heads, skip_reshape=True, skip_output_reshape=True) if fn else \
+        F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _container_rank_fn(mesh0, seq_lens):
+    from parallel_backend.parallel.attention import ACTIVE_SEQUENCE_STATES, sequence_parallel_attention
+    from parallel_backend.parallel.plan import SequenceState
+    from parallel_backend.runtime.mesh import build_mesh
+
+    wrapped = sequence_parallel_attention(_host_attention)
+    results = {}
+    for name, degrees in {"ulysses2": dict(ulysses=2), "ring2": dict(ring=2)}.items():
+        mesh = build_mesh(ParallelConfig(world_size=2, device="cpu", dtype="fp32", **degrees), mesh0.rank,
+                          mesh0.device)
+        state = SequenceState(mesh.sequence_groups(), mesh.sequence_index)
+        for s in seq_lens:
+            for kernel in (None, _scaled_kernel):
+                q, k, v = (t.flatten(2) for t in _inputs(0, s))  # (B, S, H * D), as Wan hands them over
+                state.begin_forward()
+                ql, kl, vl = (state.split(t, 1) for t in (q, k, v))
+                ACTIVE_SEQUENCE_STATES.append(state)
+                try:
+                    out = wrapped(_Container(ql), _Container(kl), _Container(vl), heads=HEADS,
+                                  preferred_attention=_Preferred(kernel), transformer_options={})
+                    results[(name, s, kernel is not None)] = ("ok", state.whole(out, 1))
+                except ValueError as e:
+                    results[(name, s, kernel is not None)] = ("refused", str(e))
+                finally:
+                    ACTIVE_SEQUENCE_STATES.pop()
+    # outside a sequence scope the host's function gets every argument as given, containers included
+    q, k, v = (t.flatten(2) for t in _inputs(1, 5))
+    results["unsplit"] = wrapped(_Container(q), _Container(k), _Container(v), heads=HEADS,
+                                 preferred_attention=_Preferred(_scaled_kernel))
+    return results
+
+
+@pytest.mark.multirank
+def test_attention_call_of_comfyui_038_with_containers_and_preferred_kernel():
+    """ComfyUI 0.38 wraps q / k / v in AttentionTensorContainer and passes `preferred_attention`: a split call takes
+    the tensors out, runs Ulysses with the preferred kernel on the gathered heads (= that kernel on the whole
+    sequence), refuses it on Ring; an unsplit call reaches the host's function unchanged."""
+    from parallel_backend.testing.spmd import run_on_ranks
+
+    seq_lens = (16, 13)
+    per_rank = run_on_ranks(_container_rank_fn, ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype="fp32"),
+                            seq_lens)
+    diffs = {}
+    for s in seq_lens:
+        q, k, v = _inputs(0, s)
+        for scaled in (False, True):
+            ref = _host_attention(q.flatten(2), k.flatten(2), v.flatten(2), HEADS,
+                                  preferred_attention=_Preferred(_scaled_kernel if scaled else None))
+            for results in per_rank:
+                status, out = results[("ulysses2", s, scaled)]
+                assert status == "ok"
+                diffs[("ulysses2", s, scaled)] = (out - ref).abs().max().item()
+                status, out = results[("ring2", s, scaled)]
+                if scaled:
+                    assert status == "refused" and "set ring to 1" in out
+                else:
+                    diffs[("ring2", s, scaled)] = (out - ref).abs().max().item()
+    q, k, v = _inputs(1, 5)
+    ref = _host_attention(q.flatten(2), k.flatten(2), v.flatten(2), HEADS, preferred_attention=_Preferred(_scaled_kernel))
+    for results in per_rank:
+        assert torch.equal(results["unsplit"], ref)
+    print(f"0.38-style attention call, split vs whole (max abs): {diffs}")
+    assert max(diffs.values()) <= TOL
+    # the preferred kernel changes the result, so running it (not sdpa) is what the parity shows
+    assert (_host_attention(q.flatten(2), k.flatten(2), v.flatten(2), HEADS) - ref).abs().max() > 1e-2
