@@ -261,3 +261,81 @@ def test_patches_between_blocks_are_refused_on_pipeline_stages(comfy, pack, cond
             _sample(m, pos, neg, 1, 1.0)
     finally:
         group.stop_all()
+
+
+# ---- InfiniteTalk (WanInfiniteTalkToVideo's patches, ComfyUI 0.33+) ------------------------------------------------
+WAN_1280 = dict(dim=1280, ffn_dim=1280)  # 10 heads of 128 (even: ulysses 2, tp 2); MultiTalk attends with 40 heads of 32
+
+
+def _infinite_talk(model, length: int, grid: tuple, seed: int = 21):
+    """`model` patched as WanInfiniteTalkToVideo patches it for two speakers (comfy_extras/nodes_wan.py, 0.33): a
+    tiny MultiTalk model patch of ComfyUI's own classes with random weights, two speakers' audio features ("add"
+    mode) projected by it into transformer_options["audio_embeds"], its audio cross-attention after every block's
+    cross-attention (attn2_patch) and the speakers' attention map from the first frame's keys (attn1_patch)."""
+    import comfy.model_patcher
+    import comfy.ops
+    from comfy.ldm.wan.model_multitalk import MultiTalkCrossAttnPatch, MultiTalkGetAttnMapPatch, project_audio_features
+    from comfy_extras.nodes_model_patch import MultiTalkModelPatch
+
+    g = torch.Generator().manual_seed(seed)
+    net = MultiTalkModelPatch(in_dim=WAN_1280["dim"], intermediate_dim=32, out_dim=64, num_layers=2,
+                              operations=comfy.ops.manual_cast)
+    for p in net.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.05
+    patch_model = comfy.model_patcher.CoreModelPatcher(net, load_device=torch.device("cpu"),
+                                                       offload_device=torch.device("cpu"))
+    speakers = [torch.randn(length, 12, 768, generator=g) for _ in range(2)]
+    padded = [torch.cat([speakers[0], torch.zeros_like(speakers[1])]), torch.cat([torch.zeros_like(speakers[0]),
+                                                                                    speakers[1]])]
+    audio_embeds = project_audio_features(net.audio_proj, padded, 0, length)
+    _, h, w = grid
+    masks = torch.zeros(2, h, w, dtype=torch.bool)
+    masks[0, :, : w // 2], masks[1, :, w // 2:] = True, True  # speaker 1 on the left, speaker 2 on the right
+    m = model.clone()
+    m.model_options["transformer_options"]["audio_embeds"] = audio_embeds
+    m.set_model_patch(MultiTalkCrossAttnPatch(patch_model, 1.0), "attn2_patch")
+    m.set_model_patch(MultiTalkGetAttnMapPatch(masks.view(2, -1)), "attn1_patch")
+    return m
+
+
+@pytest.fixture(scope="module")
+def wan_1280(comfy):
+    pytest.importorskip("comfy.ldm.wan.model_multitalk", reason="this host has no InfiniteTalk (ComfyUI 0.3.75)")
+    from parallel_backend.testing.synthetic import write_tiny_wan
+    write_tiny_wan(f"{comfy['models_dir']}/tiny_wan_1280.safetensors", seed=4, **WAN_1280)
+    return "tiny_wan_1280.safetensors"
+
+
+@pytest.mark.parametrize("mesh", ["ulysses2", "ring2", "tp2"])
+def test_infinite_talk_patches_equal_native(comfy, pack, conds, wan_1280, mesh):
+    """InfiniteTalk's two patches look across tokens (a per-frame audio cross-attention, a speaker map from the
+    first frame's keys) and hold a model of their own: on the pack each crosses once, its model on the ranks'
+    device, and sees the whole sequence; the latent equals native ComfyUI with the same patches."""
+    import parallel_backend.runtime.group as group
+
+    pos, neg = conds
+    latent_shape, length, grid = (1, 16, 3, 6, 10), 9, (3, 3, 5)
+    native = _native_file(f"{comfy['models_dir']}/{wan_1280}")
+    sample = lambda m: comfy_sample(m, pos, neg, latent_shape)
+    ref = sample(_infinite_talk(native, length, grid))
+    moved = (ref - sample(native)).abs().max().item()
+    spec = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(*PATCH_MESHES[mesh], "fp32", "cpu", "sdpa")[0]
+    model, _ = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load(wan_1280, "fp32", spec)
+    try:
+        out = sample(_infinite_talk(model, length, grid))
+    finally:
+        group.stop_all()
+    diff = (out - ref).abs().max().item()
+    print(f"InfiniteTalk (2 speakers) on {mesh} vs native: {diff:.2e} (the patches move the latent by {moved:.3f})")
+    assert moved > 1e-2 and diff <= 1e-4
+
+
+def _native_file(path):
+    import comfy.sd
+    return comfy.sd.load_diffusion_model(path)
+
+
+def comfy_sample(model, pos, neg, shape, steps=3):
+    import nodes as comfy_nodes
+    latent = {"samples": torch.zeros(*shape)}
+    return comfy_nodes.common_ksampler(model, 5, steps, 1.0, "euler", "simple", pos, neg, latent)[0]["samples"]
