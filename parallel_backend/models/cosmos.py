@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelShape
+from ..parallel.patch_points import PatchPoint, Tokens
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "cosmos_predict2"
@@ -47,6 +48,22 @@ PLAN = ParallelPlan(
     seq_gather_outputs={"final_layer": SeqGather(1, grid=True)},
     sequence_attention=("blocks.*.self_attn",),
 )
+
+# ComfyUI's patch points in MiniTrainDIT (comfy/ldm/cosmos/predict2.py in 0.33.0; 0.3.75 has none), with the layout
+# of what the host hands the patch: each patch sees the whole sequence (parallel/patch_points.py). The attention
+# patches are called the UNet way, patch(q, k, v, pe=rope, attn_mask=None, extra_options=...) -> {"q", "k", "v",
+# "pe"}, before the projections: q (and k, v for self-attention) are the block's normalised tokens (B, T * H * W,
+# D), flat and frame-major, the rope table one entry per token (1, L, 1, 1, D); the cross-attention's k / v are the
+# text (whole). mlp_patch gets {"x": (B, T, H, W, D)}, the grid.
+_FLAT = _ROPE = Tokens(1)  # both hold the tokens at dim 1
+PATCH_POINTS = {
+    "attn1_patch": PatchPoint(args={("pos", 0): _FLAT, ("pos", 1): _FLAT, ("pos", 2): _FLAT, ("kw", "pe"): _ROPE},
+                              returns={("dict", "q"): _FLAT, ("dict", "k"): _FLAT, ("dict", "v"): _FLAT,
+                                       ("dict", "pe"): _ROPE}),
+    "attn2_patch": PatchPoint(args={("pos", 0): _FLAT, ("kw", "pe"): _ROPE},
+                              returns={("dict", "q"): _FLAT, ("dict", "pe"): _ROPE}),
+    "mlp_patch": PatchPoint(args={("dict", "x"): Tokens(1, grid=True)}, returns={("dict", "x"): Tokens(1, grid=True)}),
+}
 
 _PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
 

@@ -36,9 +36,11 @@ from .collectives import all_gather
 @dataclass(frozen=True)
 class Tokens:
     """A tensor the host hands a patch: its token axis `dim` (split over the sequence ranks), and `tp_dim`, an axis
-    TP splits (the heads, or the channels of a head-sharded activation), gathered over TP as well."""
+    TP splits (the heads, or the channels of a head-sharded activation), gathered over TP as well. `grid`: the
+    tokens are a grid (B, T, H, W, ...) with frames at `dim` (Cosmos' blocks), split by frame plane."""
     dim: int
     tp_dim: int | None = None
+    grid: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,13 @@ class ShareContext:
             return t
         if layout.tp_dim is not None and self.tp_size > 1:
             t = all_gather(t.contiguous(), self.tp_group, layout.tp_dim)
-        return self.seq_state.whole(t, layout.dim) if self.split else t
+        return self.seq_state.whole(t, layout.dim, layout.grid) if self.split else t
 
     def share(self, t, layout: Tokens):
         if not torch.is_tensor(t):
             return t
         if self.split:
-            t = self.seq_state.local(t, layout.dim)
+            t = self.seq_state.local(t, layout.dim, layout.grid)
         if layout.tp_dim is not None and self.tp_size > 1:
             n = t.shape[layout.tp_dim] // self.tp_size
             t = t.narrow(layout.tp_dim, self.tp_rank * n, n)

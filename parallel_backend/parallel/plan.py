@@ -119,22 +119,27 @@ class SequenceState:
         self.is_split = False
 
     # ---- whole-sequence views for code that must see every token (a model patch: parallel/patch_points.py) ------
-    def whole(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+    def whole(self, t: torch.Tensor, dim: int, grid: bool = False) -> torch.Tensor:
         """This forward's split tokens at `dim` of `t` (this rank's share, as the last split cut them) gathered
-        back to the whole sequence in its own order, padding dropped; `t` itself when nothing is split."""
+        back to the whole sequence in its own order, padding dropped; `t` itself when nothing is split. `grid`: `t`
+        holds them as a grid (B, T, 1, n, ...) with frames at `dim` (after a grid split), given back as (B, T, H, W,
+        ...); otherwise flat, frame-major after a grid or frames split."""
         if not self.is_split or self.degree == 1:
             return t
         if self.grid is None:
             return self.gather(t, dim)
-        return self.gather_frames(t, dim)
+        return self.gather_grid(t, dim) if grid else self.gather_frames(t, dim)
 
-    def local(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+    def local(self, t: torch.Tensor, dim: int, grid: bool = False) -> torch.Tensor:
         """The inverse of `whole`: this rank's share of a whole-sequence tensor, cut as this forward's tokens were
         (padding repeats the last token: padded tokens are masked as keys and dropped at the gather)."""
         if not self.is_split or self.degree == 1:
             return t
         if self.grid is None:
             return self._narrow_padded(t, dim)
+        if grid:  # (B, T, H, W, ...) -> this rank's n tokens of each frame's plane, (B, T, 1, n, ...)
+            plane = t.flatten(dim + 1, dim + 2)
+            return self._narrow_padded(plane, dim + 1).unsqueeze(dim + 1)
         return t.index_select(dim, self.local_positions(t.device))
 
     def use(self, groups: SequenceParallelGroups, index: int) -> None:

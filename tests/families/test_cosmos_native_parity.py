@@ -135,3 +135,62 @@ def world4(checkpoints):
 def test_sharded_forward_equals_comfyui_native(native_outputs, world4, mesh):
     config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4[mesh])
     _check(native_outputs, [r[mesh] for r in world4], config.describe())
+
+
+# ---- model patches at MiniTrainDIT's patch points (ComfyUI 0.33+: attn1 / attn2 / mlp) -----------------------------
+def _cosmos_patches() -> dict:
+    """Patches that look across tokens at each of MiniTrainDIT's patch points (module-level functions: they reach
+    the ranks by reference)."""
+    return {"attn1_patch": [_attn1_patch], "attn2_patch": [_attn2_patch], "mlp_patch": [_mlp_patch]}
+
+
+def _attn1_patch(q, k, v, pe=None, attn_mask=None, extra_options=None):  # (B, T * H * W, D) each, pe per token
+    return {"q": q - 0.2 * q.mean(1, keepdim=True), "k": k + 0.1 * k.flip(1), "pe": pe.flip(0)}
+
+
+def _attn2_patch(q, k, v, pe=None, attn_mask=None, extra_options=None):  # q the tokens, k / v the text
+    return {"q": q + 0.1 * q.mean(1, keepdim=True) * k.mean()}
+
+
+def _mlp_patch(args):  # {"x": (B, T, H, W, D)}
+    x = args["x"]
+    return {**args, "x": x + 0.1 * x.mean((1, 2, 3), keepdim=True) - 0.05 * x.flip(2)}
+
+
+def _run_patched(mesh, path):
+    m = ShardedModel(mesh, path, "fp32")
+    x, t, ctx = _inputs("tiny", "video_45tok")
+    return m.rows(2), m.forward_rows(x, t, ctx, transformer_options={"patches": _cosmos_patches()})
+
+
+def _host_applies_cosmos_patches() -> bool:
+    import inspect
+
+    import comfy.ldm.cosmos.predict2 as predict2
+    return "mlp_patch" in inspect.getsource(predict2)
+
+
+@pytest.mark.parametrize("mesh", ["ulysses2", "ring2xtp2"])
+def test_patches_see_the_whole_grid_as_natively(checkpoints, mesh):
+    """Each MiniTrainDIT patch point hands the patch the whole sequence (the grid for mlp_patch) on the pack: the
+    forward equals ComfyUI's native MiniTrainDIT with the same patches (a host without the points ignores them
+    on both sides)."""
+    comfy_host.import_comfy()
+    from comfy_test_nodes import cosmos_predict2_native
+
+    p = COSMOS_PRESETS["tiny"]
+    dm = cosmos_predict2_native(checkpoints["tiny"], p["num_blocks"], p["num_heads"]).diffusion_model
+    x, t, ctx = _inputs("tiny", "video_45tok")
+    with torch.no_grad():
+        ref = dm(x, t, ctx, transformer_options={"patches": _cosmos_patches()}).float()
+        moved = (ref - dm(x, t, ctx).float()).abs().max().item()
+    degrees = {"ulysses2": dict(ulysses=2), "ring2xtp2": dict(ring=2, tp=2)}[mesh]
+    config = ParallelConfig(world_size=2 if mesh == "ulysses2" else 4, device="cpu", dtype="fp32", **degrees)
+    got = torch.full_like(ref, float("nan"))
+    for rows, y in run_on_ranks(_run_patched, config, checkpoints["tiny"]):
+        if y is not None:
+            got[rows] = y
+    diff = (got - ref).abs().max().item()
+    print(f"MiniTrainDIT patches on {mesh} vs native: {diff:.2e} (they move the output by {moved:.3f})")
+    assert (moved > 1e-2) == _host_applies_cosmos_patches()
+    assert diff <= TOL
