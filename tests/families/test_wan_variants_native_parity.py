@@ -27,7 +27,8 @@ The classes ComfyUI 0.33 added, on a host that has them (skipped elsewhere, nami
 - WanDancer (WanDancerModel, its music attention fused as released): `audio_embed` (each eighth of a frame
   cross-attends its music token: the frames split in eighths), `clip_fea_ref`, `fps` (30, and 24 on the global
   patch embedding and head), `audio_inject_scale`;
-- FlowRVS (WAN21_FlowRVS, by metadata: ComfyUI's WanModel).
+- FlowRVS (WAN21_FlowRVS, by metadata: ComfyUI's WanModel);
+on cfg2 x ulysses2, ring2 x tp2 and sharded weights x cfg2 x ulysses2.
 A host without such a class refuses its file by name, and causal forcing (CausalWanModel) is refused by name.
 """
 import math
@@ -248,6 +249,8 @@ PRESETS_033 = {
     #                                                           frame of 3 tokens (ragged on 2 and 4) and of 2
     "tiny-flowrvs": ("WanModel", (), SHAPES[1:]),
 }
+# and with sharded weights: Animate 2's block methods are routed through the block's call, where FSDP gathers
+MESHES_033 = {**MESHES_4, "sharded_cfg2xulysses2": dict(cfg=2, ulysses=2, shard_weights=True)}
 REFUSED_033 = {**{p: c for p, (c, _, _) in PRESETS_033.items()}, "tiny-flowrvs": "WAN21_FlowRVS",
                "tiny-causal": "CausalWanModel"}
 
@@ -361,10 +364,10 @@ def native_033(checkpoints_033):
 def world4_033(native_033, checkpoints_033):
     config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
     paths = {p: checkpoints_033[p] for p in PRESETS_033}
-    return run_on_ranks(run_meshes, config, _run_mesh_033, paths, MESHES_4, timeout=900)
+    return run_on_ranks(run_meshes, config, _run_mesh_033, paths, MESHES_033, timeout=900)
 
 
-@pytest.mark.parametrize("mesh", list(MESHES_4))
+@pytest.mark.parametrize("mesh", list(MESHES_033))
 def test_033_variants_equal_comfyui_native(native_033, world4_033, mesh):
     per_rank = [r[mesh] for r in world4_033]
     assert_rows_match(native_033, per_rank, mesh, TOL)
