@@ -9,7 +9,12 @@ sequence-split (cross-attention, and self-attention on one sequence rank).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import json
 import math
+import types
 
 import torch
 
@@ -24,7 +29,8 @@ BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by
 # host classes whose block loop pipeline stages can cut (a plain loop over `blocks`; the variants interleave added
 # blocks or inject per-block inputs, and stay on the other axes)
 PIPELINE_CLASSES = ("WanModel",)
-SHARD_UNITS = ("blocks", "vace_blocks", "face_adapter.fuser_blocks", "audio_injector.injector")
+SHARD_UNITS = ("blocks", "vace_blocks", "face_adapter.fuser_blocks", "audio_injector.injector",
+               "music_injector.injector")
 HEAD_DIM = 128  # ComfyUI derives heads as dim // 128 for every Wan release
 
 _ATTN = ("self_attn", "cross_attn")
@@ -144,7 +150,54 @@ VARIANTS = {
         plan=ParallelPlan(tp={"control_adapter.conv": "host_rowwise_sliced_input",
                               "control_adapter.residual_blocks.*.conv1": "host_colwise",
                               "control_adapter.residual_blocks.*.conv2": "host_rowwise"})),
+    # ComfyUI 0.33 (comfy/ldm/wan/model.py, model_animate2.py, model_wandancer.py; the same in Comfy-Org/ComfyUI
+    # 0b61ce5b):
+    # SCAIL / SCAIL-2: the reference frames are concatenated before the latent's frames and SCAIL-2's identity masks
+    # added to their embedding (whole, before the split); the pose video, embedded by its own convolution (at half
+    # the latent's size: another plane), follows the frames and is cut off before the head. So the frames are split
+    # frame-aligned and the pose tokens held whole by every rank (`rest`, counted once as keys): the model's cut
+    # `x[:, :-pose tokens]` then removes exactly them on every rank. No operation looks per frame; the blocks are
+    # Wan blocks.
+    "SCAILWanModel": dict(
+        conds=("clip_fea", "time_dim_concat", "reference_latent", "pose_latents"),
+        plan=ParallelPlan(seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, frames=True, rest=True)}},
+                          seq_gather_outputs={"head": SeqGather(1, frames=True)}, plane_from=("patch_embedding",))),
+    # WanDancer: the music features run through their own small encoder (whole, before the split) and, after some
+    # blocks, the music injector cross-attends from each eighth of a frame's tokens (x[:, :seq_len] reshaped to
+    # (B * 8 * frames, tokens an eighth)) to that eighth's music token. So the frames are split in eighths (each
+    # rank n tokens of every eighth: `plane_runs` 8) and the injector's seq_len becomes this rank's count; its
+    # attention is TP-split like S2V's injector. At fps other than 30 the global patch embedding and head serve.
+    "WanDancerModel": dict(
+        conds=("clip_fea", "time_dim_concat", "audio_embed", "clip_fea_ref", "fps", "audio_inject_scale"),
+        plan=ParallelPlan(
+            tp={**{f"music_injector.injector.*.{p}": "host_colwise" for p in "qkv"},
+                "music_injector.injector.*.o": "host_rowwise",
+                **{f"music_injector.injector.*.norm_{p}": "head_norm" for p in "qk"}},
+            attention_heads=("music_injector.injector.[0-9]", "music_injector.injector.[0-9][0-9]"),
+            heads_attr="num_heads",
+            seq_split_inputs={"blocks.*": {0: SeqSplit(1, first_only=True, frames=True)}},
+            seq_gather_outputs={"head": SeqGather(1, frames=True), "head_global": SeqGather(1, frames=True)},
+            plane_from=("patch_embedding", "patch_embedding_global"), main_length_args={"music_injector": "seq_len"},
+            plane_runs=8)),
 }
+# WanAnimate2: the pose video's tokens run through every block beside the video's (each block's forward_pose, then
+# forward_gen: video frame j's queries attend to every video token and to pose frame j - 1's tokens, frame by
+# frame). ComfyUI calls these block methods directly, past the module call the plan's hooks see, so the class gets
+# its own plan (no block hooks) and `_FrameStreams` splits both streams where the blocks are entered: each
+# frame-aligned over the same plane (each rank n tokens of every frame), so frame j's local queries, its local pose
+# frame and the local video tokens line up on every rank, and Ulysses / Ring gather the rest of each frame's keys.
+# The head's output is gathered frame by frame as for HuMo.
+ANIMATE2_PLAN = dataclasses.replace(
+    PLAN, seq_split_inputs={"head": PLAN.seq_split_inputs["head"]}, seq_split_kwargs={}, sequence_attention=(),
+    seq_gather_outputs={"head": SeqGather(1, frames=True)}, plane_from=("patch_embedding",))
+VARIANTS["WanAnimate2Model"] = dict(
+    conds=("clip_fea", "time_dim_concat", "pose_latents", "clip_fea_pose", "context_pose", "pose_strength",
+           "reference_strength"),
+    whole_plan=ANIMATE2_PLAN, streams=True)
+VARIANTS["SCAIL2WanModel"] = dict(
+    conds=VARIANTS["SCAILWanModel"]["conds"] + ("ref_mask_latents", "sam_latents", "ref_mask_flag"),
+    plan=VARIANTS["SCAILWanModel"]["plan"])
+
 # ComfyUI's patch points in Wan's classes (transformer_options["patches"] / ["patches_replace"]; those a host version
 # lacks are never called), with the layout of what the host hands the patch there: each patch sees the whole
 # sequence (parallel/patch_points.py). Read in ComfyUI 0.33.0 comfy/ldm/wan/model.py (0.3.75 has the block
@@ -166,7 +219,12 @@ PATCH_POINTS = {
 BLOCK_REPLACE = {("dit", "double_block"): BlockReplace(args={"img": Tokens(1)}, returns={"img": Tokens(1)})}
 
 # host classes this pack does not run yet, with the reason (refused at load, naming the class)
-NOT_YET: dict = {}  # host class -> why the pack cannot run it yet (every Wan class of ComfyUI 0.3.75 runs)
+NOT_YET: dict = {  # host class -> why the pack cannot run it yet
+    "CausalWanModel": "causal forcing samples a few frames at a time with ComfyUI's ar_video sampler, which keeps "
+                      "every past frame's keys and values in a cache it allocates through the model, writes on each "
+                      "call and rewinds between calls (transformer_options' ar_state); the ranks would each have to "
+                      "hold their part of that cache across calls, which they do not yet",
+}
 
 
 def variant_of(class_name: str) -> dict:
@@ -185,8 +243,11 @@ def conds_of(class_name: str) -> tuple:
 
 
 def plan_for(model) -> ParallelPlan:
-    """PLAN with what the model's variant adds."""
-    extra = variant_of(type(model).__name__).get("plan")
+    """PLAN with what the model's variant adds (or the variant's own plan)."""
+    variant = variant_of(type(model).__name__)
+    if "whole_plan" in variant:
+        return variant["whole_plan"]
+    extra = variant.get("plan")
     return extend_plan(PLAN, extra) if extra is not None else PLAN
 
 
@@ -258,27 +319,250 @@ def diffusers_names(source_keys) -> dict:
     return mapping
 
 
+# The class a file asks for, as ComfyUI's detection reads it (comfy/model_detection.py of 0.33.0, unchanged in
+# Comfy-Org/ComfyUI 0b61ce5b): a key only that class has (in ComfyUI's order), or, for a file in another class's
+# layout, the "transformer" entries of its safetensors metadata's "config". A ComfyUI without the class builds a
+# plain WanModel from such a file (the extra keys unused, the metadata unread) and would sample another model.
+CLASS_KEYS = (("patch_embedding_mask.weight", "SCAIL2WanModel"), ("patch_embedding_pose.weight", "SCAILWanModel"),
+              ("patch_embedding_global.weight", "WanDancerModel"))
+CLASS_CONFIGS = ((("model_type", "animate2"), "WanAnimate2Model"), (("causal_ar", True), "CausalWanModel"),
+                 (("model_type", "flow_rvs"), "WAN21_FlowRVS"))
+
+
+def transformer_config(path: str) -> dict:
+    """The "transformer" entries of a safetensors file's metadata "config" ({} without them), which ComfyUI's
+    detection applies over what the keys say."""
+    if not str(path).endswith((".safetensors", ".sft")):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        config = (f.metadata() or {}).get("config")
+    try:
+        return json.loads(config).get("transformer", {}) if config else {}
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: its metadata's 'config' is not a JSON object ({e}); the file is damaged") from None
+
+
+def detection_metadata(path: str) -> dict | None:
+    """The metadata to hand ComfyUI's `model_config_from_unet` for this file so that it picks the class ComfyUI's own
+    loader picks: the "config" with its transformer entries only (no other metadata's meaning changes), or None."""
+    config = transformer_config(path)
+    return {"config": json.dumps({"transformer": config})} if config else None
+
+
+def file_class(header: dict, config: dict) -> tuple[str, str] | None:
+    """(ComfyUI class, what names it) that a file's keys or metadata ask for, beyond ComfyUI 0.3.75's detection."""
+    keys = {_strip(k) for k in header}
+    for key, cls in CLASS_KEYS:
+        if key in keys:
+            return cls, f"its key {key}"
+    for (name, value), cls in CLASS_CONFIGS:
+        if config.get(name) == value:
+            return cls, f"its metadata's transformer config {name}={json.dumps(value)}"
+    return None
+
+
+@contextlib.contextmanager
+def _detection_reads(metadata: dict | None):
+    """ComfyUI's detection given the file's `detection_metadata` (ComfyUI 0.33 picks Animate 2, causal forcing and
+    FlowRVS files by it), for as long as models/host.py asks it without."""
+    import comfy.model_detection as detection
+
+    original = detection.model_config_from_unet
+    if metadata:
+        detection.model_config_from_unet = functools.partial(original, metadata=metadata)
+    try:
+        yield
+    finally:
+        detection.model_config_from_unet = original
+
+
 def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
-    """ComfyUI's model for this file (WanModel, or the variant class its detection picks), on meta."""
+    """ComfyUI's model for this file (WanModel, or the variant class its detection picks from the keys and the
+    metadata), on meta. A file of a class this ComfyUI lacks is refused by name."""
     from .host import build_host_model
 
-    return build_host_model(header, compute_dtype, path)
+    wanted = file_class(header, transformer_config(path))
+    try:
+        with _detection_reads(detection_metadata(path)):
+            model, model_config, prefix = build_host_model(header, compute_dtype, path)
+        built = f"{type(model_config).__name__} / {type(model).__name__}"
+    except ValueError:  # not recognised at all (e.g. SCAIL's 20 input channels on an older ComfyUI)
+        if wanted is None or host_has_class(wanted[0]):
+            raise
+        model = model_config = built = None
+    if wanted is not None and wanted[0] not in (type(model).__name__, type(model_config).__name__):
+        lacks = "did not pick" if host_has_class(wanted[0]) else "does not have"
+        raise ValueError(f"{path}: {wanted[1]} makes it ComfyUI's {wanted[0]}, which this ComfyUI {lacks} (it "
+                         f"{f'would build {built} and sample another model' if built else 'does not know the file'}"
+                         f"): update ComfyUI to a release with {wanted[0]}")
+    _read_fused_music_attention(model, header, prefix)
+    return model, model_config, prefix
+
+
+def host_has_class(name: str) -> bool:
+    """Whether this ComfyUI defines a Wan model class (in comfy.ldm.wan's modules or comfy.model_base), looked up."""
+    import importlib
+
+    for module in ("comfy.ldm.wan.model", "comfy.ldm.wan.model_animate2", "comfy.ldm.wan.model_wandancer",
+                   "comfy.ldm.wan.ar_model", "comfy.model_base"):
+        try:
+            if hasattr(importlib.import_module(module), name):
+                return True
+        except ImportError:  # a module this ComfyUI does not have yet
+            continue
+    return False
+
+
+class _FusedRows(torch.nn.Module):
+    """One of q / k / v of a layer that holds them fused (rows [i * d, (i + 1) * d) of its `in_proj_weight`)."""
+
+    def __init__(self, owner, index: int):
+        super().__init__()
+        self.owner, self.index = [owner], index  # (a list: the owner is not a child of its own projection)
+
+    def forward(self, x):
+        owner = self.owner[0]
+        d = owner.in_proj_weight.shape[0] // 3
+        rows = slice(self.index * d, (self.index + 1) * d)
+        return torch.nn.functional.linear(x, owner.in_proj_weight[rows].to(x.dtype),
+                                          owner.in_proj_bias[rows].to(x.dtype))
+
+
+def _read_fused_music_attention(model, header: dict, prefix: str) -> None:
+    """WanDancer's files keep each music-encoder layer's q / k / v fused (`self_attn.in_proj_weight` / `_bias`,
+    torch's MultiheadAttention layout), which ComfyUI splits while loading (supported_models' WAN22_WanDancer
+    process_unet_state_dict); the ranks read the file's tensors as they are, so such a layer holds the fused ones
+    and its q / k / v projections take their rows (the same rows ComfyUI splits off)."""
+    for i, layer in enumerate(getattr(model, "music_encoder", ())):
+        key = f"{prefix}music_encoder.{i}.self_attn.in_proj_weight"
+        if key not in header:
+            continue
+        attn, p = layer.self_attn, layer.self_attn.q_proj.weight
+        attn.in_proj_weight = torch.nn.Parameter(torch.empty(3 * p.shape[0], p.shape[1], dtype=p.dtype,
+                                                             device=p.device), requires_grad=False)
+        attn.in_proj_bias = torch.nn.Parameter(torch.empty(3 * p.shape[0], dtype=p.dtype, device=p.device),
+                                               requires_grad=False)
+        attn.q_proj, attn.k_proj, attn.v_proj = (_FusedRows(attn, j) for j in range(3))
 
 
 def install_attention(model, seq_state, backend: str) -> None:
     """Self-attention inside the plan's sequence-attention scope runs Ulysses / Ring: ComfyUI's Wan calls the
     module-level `optimized_attention`, which is wrapped once per rank process (calls outside the scope are
-    ComfyUI's own)."""
+    ComfyUI's own). A class whose blocks run two token streams through methods gets them split (`_FrameStreams`)."""
     import comfy.ldm.wan.model as host
 
     from ..parallel.attention import sequence_parallel_attention
 
     host.optimized_attention = sequence_parallel_attention(host.optimized_attention)
+    if variant_of(type(model).__name__).get("streams"):
+        import comfy.ldm.wan.model_animate2 as animate2
+
+        animate2.optimized_attention = _frame_stream_attention(animate2.optimized_attention)
+        model._pdit_streams = _FrameStreams(model, seq_state)
+
+
+# frame-stream states of the blocks now running under `_FrameStreams` (pushed / popped around each routed call)
+ACTIVE_FRAME_STREAMS: list = []
+
+
+def _frame_stream_attention(original):
+    """model_animate2's attention, every call of which is a self-attention of split tokens: a stream's frames, or
+    frame j's queries against the video and pose frame j - 1. Each rank's keys are whole frames of its part of the
+    plane, so the padding is masked frame by frame (as many frames as the keys hold)."""
+    if getattr(original, "_pdit_original", None) is not None:
+        return original
+    from ..parallel.attention import ulysses_attention
+
+    def attention(q, k, v, heads, *args, **kwargs):
+        state = ACTIVE_FRAME_STREAMS[-1] if ACTIVE_FRAME_STREAMS else None
+        if state is None or state.degree == 1 or state.grid is None or args or kwargs.get("mask") is not None:
+            return original(q, k, v, heads, *args, **kwargs)
+        key_valid = functools.partial(state.key_valid, frames=k.shape[1] * state.grid[0] // state.main_local_len)
+        q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
+        return ulysses_attention(q, k, v, state.groups, key_valid=key_valid).flatten(2)
+
+    attention._pdit_original = original
+    return attention
+
+
+class _FrameStreams:
+    """Splits WanAnimate2's two token streams where its blocks' methods are entered (each routed through the block's
+    own call, so hooks on the block, such as sharded weights' gathers, still run): the video's T frames
+    (forward_gen) and the pose video's T - 1 (forward_pose), each frame-aligned over the plane of the patch
+    embedding, once per forward; the rope tables per token, the frame length `hw` and the attention buffers to this
+    rank's tokens and heads. The pose stream is split first (block 0 runs it first), so the sequence state ends on
+    the video's layout, which the head's gather uses."""
+
+    def __init__(self, model, state):
+        self.state, self.pending, self.buffers = state, set(), None
+        for block in model.blocks:
+            _route(block, "forward_pose", self, self.pose)
+            _route(block, "forward_gen", self, self.gen)
+
+    def begin_forward(self) -> None:
+        self.pending, self.buffers = {"pose", "gen"}, None
+
+    def pose(self, block, args):
+        x, e, freqs, *rest = args
+        s = self.state
+        if "pose" in self.pending:
+            self.pending.discard("pose")
+            x = s.split_frames(x, 1)
+        frames = freqs.shape[1] // s.plane  # the pose's frames: its rope table is per token
+        return (x, e, freqs.index_select(1, s.local_positions(freqs.device, frames=frames)), *rest)
+
+    def gen(self, block, args):
+        x, e, freqs, context, k_pose, v_pose, frames, _hw, buffers, *rest = args
+        s = self.state
+        if "gen" in self.pending:
+            self.pending.discard("gen")
+            x = s.split_frames(x, 1)
+        if buffers is not None:
+            buffers = self._buffers(x, block.self_attn)
+        e, freqs = s.split_per_token(e, 1), s.split_per_token(freqs, 1)
+        return (x, e, freqs, context, k_pose, v_pose, frames, s.main_local_len // frames, buffers, *rest)
+
+    def _buffers(self, x, attn):
+        """ComfyUI's per-forward key / value / output buffers of forward_gen, for this rank's tokens and heads."""
+        b, n, heads, d = x.shape[0], x.shape[1], attn.num_heads, attn.head_dim
+        hw = self.state.main_local_len // self.state.grid[0]
+        if self.buffers is None or self.buffers[2].shape != (b, n, heads * d):
+            kv = (b, n + hw, heads, d)
+            self.buffers = (x.new_empty(kv), x.new_empty(kv), x.new_empty(b, n, heads * d))
+        return self.buffers
+
+
+def _route(block, name: str, streams: _FrameStreams, split_args) -> None:
+    """`block.<name>(...)` through `block(...)` (its forward that method for the call), its positional arguments cut
+    by `split_args(block, args)` first and the streams' sequence state active for its attention."""
+    bound = types.MethodType(getattr(type(block), name), block)
+
+    def call(*args, **kwargs):
+        args = split_args(block, args) if streams.state.degree > 1 else args
+        block.forward = bound
+        ACTIVE_FRAME_STREAMS.append(streams.state)
+        try:
+            return block(*args, **kwargs)
+        finally:
+            ACTIVE_FRAME_STREAMS.pop()
+            del block.forward
+
+    setattr(block, name, call)
 
 
 def forward(model, x, timestep, context, clip_fea=None, transformer_options=None, **extras):
     """ComfyUI's WanModel._forward (its DIFFUSION_MODEL wrappers already ran in the ComfyUI process), with the
     patches that crossed from the ComfyUI process (block replacements such as SkipLayerGuidanceDiT's), which
     ComfyUI's own code applies or ignores exactly as natively."""
-    return model._forward(x, timestep, context, clip_fea=clip_fea, transformer_options=transformer_options or {},
+    transformer_options = transformer_options or {}
+    streams = getattr(model, "_pdit_streams", None)
+    if streams is not None:
+        if transformer_options.get("animate2_cache") is not None:
+            raise ValueError("WanAnimate2Cache keeps the pose branch's block inputs in the ComfyUI process across "
+                             "steps, which the ranks (each holding its part of them) cannot share yet: remove the "
+                             "WanAnimate2Cache node (the pose branch then runs on every step, split like the video)")
+        streams.begin_forward()
+    return model._forward(x, timestep, context, clip_fea=clip_fea, transformer_options=transformer_options,
                           **extras)

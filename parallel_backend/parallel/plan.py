@@ -69,9 +69,12 @@ class ParallelPlan:
     # patterns of modules whose output (B, C, T, H, W) gives the tokens per frame (H * W) for `frames` splits (Wan's
     # patch embedding: what follows it in the sequence, reference frames included, is frames of that plane)
     plane_from: tuple = ()
-    # module pattern -> index of a positional arg that is the main frames' token count (S2V's audio injector slices
-    # x[:, :seq_len]): replaced by this rank's count of them after a `frames` split
+    # module pattern -> index of a positional arg (or name of a keyword) that is the main frames' token count (S2V's
+    # audio injector slices x[:, :seq_len]): replaced by this rank's count of them after a `frames` split
     main_length_args: dict = field(default_factory=dict)
+    # a `frames` split's unit is 1 / plane_runs of a frame: each frame's tokens in that many equal runs, each rank n
+    # tokens of every run (WanDancer's music injector gives each eighth of a frame its own music token)
+    plane_runs: int = 1
 
 
 def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
@@ -93,7 +96,8 @@ def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
         sequence_attention=plan.sequence_attention + extra.sequence_attention,
         grid_shape_inputs={**plan.grid_shape_inputs, **extra.grid_shape_inputs},
         plane_from=plan.plane_from + extra.plane_from,
-        main_length_args={**plan.main_length_args, **extra.main_length_args})
+        main_length_args={**plan.main_length_args, **extra.main_length_args},
+        plane_runs=max(plan.plane_runs, extra.plane_runs))
 
 
 class SequenceState:
@@ -211,24 +215,27 @@ class SequenceState:
         return local
 
     def gather_frames(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """The inverse of `split_frames`."""
+        """The inverse of `split_frames`; the model may have cut the rest off before (SCAIL drops its pose tokens
+        before the head)."""
         if self.grid is None:  # this call ran unsplit
             return t
-        frames, main_local = self.grid[0], t.shape[dim] - self.rest
+        rest = self.rest if t.shape[dim] == self.local_len else 0
+        frames, main_local = self.grid[0], t.shape[dim] - rest
         main = self.gather_grid(t.narrow(dim, 0, main_local).unflatten(dim, (frames, 1, main_local // frames)), dim)
         main = main.flatten(dim, dim + 2)
-        return torch.cat([main, t.narrow(dim, main_local, self.rest)], dim) if self.rest else main
+        return torch.cat([main, t.narrow(dim, main_local, rest)], dim) if rest else main
 
     @property
     def main_local_len(self) -> int:
         """Tokens of the frames this rank holds (without the rest)."""
         return self.local_len - self.rest
 
-    def local_positions(self, device=None) -> torch.Tensor:
+    def local_positions(self, device=None, frames: int | None = None) -> torch.Tensor:
         """The position in the whole (frame-major, then rest) sequence of each token this rank holds after a grid /
-        frames split; padding maps to its frame's last token."""
-        frames, h, w = self.grid
-        n = self.main_local_len // frames
+        frames split; padding maps to its frame's last token. `frames`: of another stream of that many frames of
+        the same plane, split alike (WanAnimate2's pose tokens beside its video tokens)."""
+        n = self.main_local_len // self.grid[0]
+        frames, h, w = frames or self.grid[0], *self.grid[1:]
         j = torch.arange(self.index * n, self.index * n + n, device=device).clamp(max=h * w - 1)
         main = (torch.arange(frames, device=device)[:, None] * (h * w) + j[None]).flatten()
         return torch.cat([main, frames * h * w + torch.arange(self.rest, device=device)]) if self.rest else main
@@ -244,15 +251,16 @@ class SequenceState:
         plane = self.gather(t.squeeze(dim + 1), dim + 1, narrow=False)
         return plane.narrow(dim + 1, 0, h * w).unflatten(dim + 1, (h, w))
 
-    def key_valid(self, first: int, count: int, device=None) -> torch.Tensor | None:
+    def key_valid(self, first: int, count: int, device=None, frames: int | None = None) -> torch.Tensor | None:
         """Validity of the keys of sequence chunks [first, first + count) in their order on the ranks (chunk-major),
-        or None when none of them is padding (see parallel/attention.py)."""
+        or None when none of them is padding (see parallel/attention.py). `frames`: each chunk's keys are that many
+        frames of the split's plane instead (another stream split alike, or some frames of each)."""
         if not self.padded:
             return None
         if self.grid is None:
             return flat_key_valid(self.valid_len, self.local_len)(first, count, device)
-        frames, h, w = self.grid
-        n = self.main_local_len // frames
+        n = self.main_local_len // self.grid[0]
+        frames, h, w = frames or self.grid[0], *self.grid[1:]
         if (first + count) * n <= h * w and not self.rest:
             return None
         pos = torch.arange(first * n, (first + count) * n, device=device).view(count, 1, n)
@@ -435,19 +443,25 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
             handles.append(PlanHook(name, "split_inputs", h))
     def record_plane(_module, _args, output):
         if state.main is None:  # the first call of the forward: the latent's own frames
-            state.plane = output.shape[-2] * output.shape[-1]
-            state.main = (output.shape[-3], state.plane)
+            plane, runs = output.shape[-2] * output.shape[-1], plan.plane_runs
+            if plane % runs:
+                raise ValueError(f"this model's sequence split takes each frame's {plane} tokens in {runs} equal "
+                                 f"runs: pick a size whose tokens per frame divide by {runs}")
+            state.plane = plane // runs
+            state.main = (output.shape[-3] * runs, state.plane)
 
-    def main_length(index):
-        def hook(_module, args):
-            if state.grid is None or index >= len(args):
+    def main_length(key):
+        def hook(_module, args, kwargs):
+            if state.grid is None:
                 return None
-            return (*args[:index], state.main_local_len, *args[index + 1:])
+            if isinstance(key, str):
+                return (args, {**kwargs, key: state.main_local_len}) if key in kwargs else None
+            return ((*args[:key], state.main_local_len, *args[key + 1:]), kwargs) if key < len(args) else None
         return hook
 
-    for pattern, index in plan.main_length_args.items():
+    for pattern, key in plan.main_length_args.items():
         for name in expand(pattern):
-            h = model.get_submodule(name).register_forward_pre_hook(main_length(index))
+            h = model.get_submodule(name).register_forward_pre_hook(main_length(key), with_kwargs=True)
             handles.append(PlanHook(name, "split_inputs", h))
 
     for pattern in plan.plane_from:

@@ -43,15 +43,33 @@ WAN_PRESETS = {
                       humo=True),
     "tiny-fun-control-2.2": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=48, out_dim=16, text_dim=4096,
                                  freq_dim=256, ref_conv_in_dim=16),
+    # classes ComfyUI 0.33 added (0.3.75 lacks them): SCAIL / SCAIL-2 (I2V layout with 20 input channels, the pose
+    # patch embedding, SCAIL-2's identity-mask embedding), WanDancer (I2V layout, 36 channels, the global patch
+    # embedding and head, a second CLIP projection, the music encoder with its attention fused as the release
+    # keeps it, and the music injector's 8 cross-attentions), and three picked by the file's metadata "config"
+    # (ComfyUI's repackaged files carry it): Animate 2 (an I2V-layout file), causal forcing and FlowRVS (T2V).
+    "tiny-scail": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=20, out_dim=16, text_dim=4096, freq_dim=256,
+                       i2v=True, scail=1),
+    "tiny-scail2": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=20, out_dim=16, text_dim=4096, freq_dim=256,
+                        i2v=True, scail=2),
+    "tiny-wandancer": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=36, out_dim=16, text_dim=4096, freq_dim=256,
+                           i2v=True, wandancer=True),
+    "tiny-animate2": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=36, out_dim=16, text_dim=4096, freq_dim=256,
+                          i2v=True, metadata={"model_type": "animate2"}),
+    "tiny-causal": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
+                        metadata={"causal_ar": True}),
+    "tiny-flowrvs": dict(dim=512, ffn_dim=1024, num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
+                         metadata={"model_type": "flow_rvs"}),
 }
 
 
 def wan_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
                patch=(1, 2, 2), i2v=False, clip_dim=1280, flf2v=False, vace_layers=0, vace_in_dim=96,
-               camera=False, camera_in_dim=24, ref_conv_in_dim=0, humo=False) -> dict:
+               camera=False, camera_in_dim=24, ref_conv_in_dim=0, humo=False, scail=0, wandancer=False) -> dict:
     """key -> shape of a Wan 2.x DiT in the original (ComfyUI) layout; with `vace_layers` the VACE blocks and
     hint embedding, with `camera` the Fun camera control adapter, with `ref_conv_in_dim` the 2.2 Fun reference
-    convolution (the keys ComfyUI's detection reads to pick VaceWanModel / CameraWanModel / ref_conv)."""
+    convolution, with `scail` 1 / 2 SCAIL's pose (and SCAIL-2's mask) embedding, with `wandancer` WanDancer's music
+    modules (the keys ComfyUI's detection reads to pick VaceWanModel / CameraWanModel / ref_conv / ...)."""
     s = {
         "patch_embedding.weight": (dim, in_dim, *patch), "patch_embedding.bias": (dim,),
         "text_embedding.0.weight": (dim, text_dim), "text_embedding.0.bias": (dim,),
@@ -115,7 +133,35 @@ def wan_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4096, f
             s[f"audio_proj.audio_proj_glob_{n}.layer.weight"] = (o, i)
             s[f"audio_proj.audio_proj_glob_{n}.layer.bias"] = (o,)
         s["audio_proj.audio_proj_glob_norm.layer.weight"] = s["audio_proj.audio_proj_glob_norm.layer.bias"] = (1536,)
+    if scail:  # SCAIL: the pose video's patch embedding (input channels as the latent's); SCAIL-2: the masks' (28)
+        for name, channels in (("pose", in_dim), ("mask", 28))[:scail]:
+            s[f"patch_embedding_{name}.weight"], s[f"patch_embedding_{name}.bias"] = (dim, channels, *patch), (dim,)
+    if wandancer:
+        s.update(_wandancer_shapes(s, dim, in_dim, patch))
     return s
+
+
+def _wandancer_shapes(s: dict, dim: int, in_dim: int, patch) -> dict:
+    """WanDancer's keys beyond the I2V layout (ComfyUI's WanDancerModel with its fixed music sizes: 35 features,
+    256 wide, 4 heads, 2 layers of ffn 1024; 8 injector cross-attentions), its music attention fused."""
+    out = {"patch_embedding_global.weight": (dim, in_dim, *patch), "patch_embedding_global.bias": (dim,),
+           "music_projection.weight": (256, 35), "music_projection.bias": (256,)}
+    out.update({k.replace("img_emb.", "img_emb_refimage.", 1): v for k, v in s.items() if k.startswith("img_emb.")})
+    out.update({k.replace("head.", "head_global.", 1): v for k, v in s.items() if k.startswith("head.")})
+    for i in range(8):
+        a = f"music_injector.injector.{i}."
+        for p in "qkvo":
+            out[f"{a}{p}.weight"], out[f"{a}{p}.bias"] = (dim, dim), (dim,)
+        out[f"{a}norm_q.weight"] = out[f"{a}norm_k.weight"] = (dim,)
+    for i in range(2):
+        m = f"music_encoder.{i}."
+        out[m + "self_attn.in_proj_weight"], out[m + "self_attn.in_proj_bias"] = (768, 256), (768,)
+        out[m + "self_attn.out_proj.weight"], out[m + "self_attn.out_proj.bias"] = (256, 256), (256,)
+        out[m + "linear1.weight"], out[m + "linear1.bias"] = (1024, 256), (1024,)
+        out[m + "linear2.weight"], out[m + "linear2.bias"] = (256, 1024), (256,)
+        for n in ("norm1", "norm2"):
+            out[f"{m}{n}.weight"], out[f"{m}{n}.bias"] = (256,), (256,)
+    return out
 
 
 def random_tensor(key: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
@@ -145,10 +191,19 @@ def write_checkpoint(path: str, shapes: dict, dtype=torch.float32, seed: int = 0
     return write_safetensors_stream(path, entries, metadata)
 
 
+def preset_shapes(preset: str, **overrides) -> dict:
+    """wan_shapes of a preset (its `metadata` is the file's, not a shape)."""
+    return wan_shapes(**{k: v for k, v in {**WAN_PRESETS[preset], **overrides}.items() if k != "metadata"})
+
+
 def write_tiny_wan(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", fill: float | None = None,
                    **overrides) -> str:
+    """A random Wan checkpoint of a preset's layout; a preset's `metadata` goes into the file's metadata "config" as
+    its "transformer" entries, as ComfyUI's repackaged files carry it."""
     cfg = {**WAN_PRESETS[preset], **overrides}
-    return write_checkpoint(path, wan_shapes(**cfg), dtype=dtype, seed=seed, fill=fill)
+    transformer = cfg.pop("metadata", None)
+    metadata = {"config": json.dumps({"transformer": transformer})} if transformer else None
+    return write_checkpoint(path, wan_shapes(**cfg), dtype=dtype, seed=seed, fill=fill, metadata=metadata)
 
 
 # ---- Cosmos Predict2 (ComfyUI's MiniTrainDIT / the original release: `net.`-prefixed keys) ----------------

@@ -16,7 +16,23 @@ of the same class on the same file (fp32, <= 1e-4 max abs), with their extra inp
 
 Token counts that divide the sequence degree (32) and that do not (45). Under tp2 each rank holds half of the
 bytes of the blocks a variant adds (asserted within 5%), and ComfyUI picked the class the test expects.
+
+The classes ComfyUI 0.33 added, on a host that has them (skipped elsewhere, naming the host; there the refusal runs):
+- Animate 2 (WanAnimate2Model, picked by the file's metadata): `pose_latents` (the pose branch beside the video in
+  every block: both streams split frame-aligned), `clip_fea_pose`, `context_pose`, `pose_strength`,
+  `reference_strength`;
+- SCAIL-2 (SCAIL2WanModel) and SCAIL: `reference_latent` (frames before the video), `pose_latents` at half size
+  (tokens after the frames, held whole), SCAIL-2's `ref_mask_latents` / `sam_latents` and `ref_mask_flag` (False:
+  the replacement mode's rope);
+- WanDancer (WanDancerModel, its music attention fused as released): `audio_embed` (each eighth of a frame
+  cross-attends its music token: the frames split in eighths), `clip_fea_ref`, `fps` (30, and 24 on the global
+  patch embedding and head), `audio_inject_scale`;
+- FlowRVS (WAN21_FlowRVS, by metadata: ComfyUI's WanModel);
+on cfg2 x ulysses2, ring2 x tp2 and sharded weights x cfg2 x ulysses2.
+A host without such a class refuses its file by name, and causal forcing (CausalWanModel) is refused by name.
 """
+import math
+
 import pytest
 import torch
 from mesh_parity import MESHES_4, assert_rows_match, run_meshes
@@ -25,7 +41,7 @@ import comfy_host
 from parallel_backend.config import ParallelConfig
 from parallel_backend.runtime.sharded_model import ShardedModel
 from parallel_backend.testing.spmd import run_on_ranks
-from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes, write_tiny_wan
+from parallel_backend.testing.synthetic import WAN_PRESETS, preset_shapes, wan_shapes, write_tiny_wan
 
 pytestmark = pytest.mark.multirank
 TOL = 1e-4
@@ -221,3 +237,180 @@ def test_tp2_halves_the_added_blocks(world4):
             held = r["ring2xtp2"][(preset, "added_bytes")]
             assert abs(held / (full / 2) - 1) <= 0.05, f"{preset}: a tp2 rank holds {held} of {full} bytes"
             assert r["cfg2xulysses2"][(preset, "added_bytes")] == full  # no TP: whole
+
+
+# ---- the Wan classes ComfyUI 0.33 added ---------------------------------------------------------------------------
+# preset -> (the class ComfyUI builds, the module prefixes the variant TP-splits, the shapes run)
+PRESETS_033 = {
+    "tiny-animate2": ("WanAnimate2Model", (), SHAPES),
+    "tiny-scail2": ("SCAIL2WanModel", (), SHAPES),
+    "tiny-scail": ("SCAILWanModel", (), SHAPES[1:]),
+    "tiny-wandancer": ("WanDancerModel", ("music_injector.injector.",), ((2, 8, 12), (3, 8, 8))),  # eighths of a
+    #                                                           frame of 3 tokens (ragged on 2 and 4) and of 2
+    "tiny-flowrvs": ("WanModel", (), SHAPES[1:]),
+}
+# and with sharded weights: Animate 2's block methods are routed through the block's call, where FSDP gathers
+MESHES_033 = {**MESHES_4, "sharded_cfg2xulysses2": dict(cfg=2, ulysses=2, shard_weights=True)}
+REFUSED_033 = {**{p: c for p, (c, _, _) in PRESETS_033.items()}, "tiny-flowrvs": "WAN21_FlowRVS",
+               "tiny-causal": "CausalWanModel"}
+
+
+def _host() -> str:
+    path = comfy_host.comfyui_path()
+    version = {}
+    with open(f"{path}/comfyui_version.py") as f:
+        exec(f.read(), version)
+    return f"ComfyUI {version.get('__version__', '?')} at {path}"
+
+
+def _host_has(cls: str) -> bool:
+    comfy_host.import_comfy()
+    from parallel_backend.models.wan import host_has_class
+
+    return host_has_class(cls)
+
+
+def _inputs_033(preset, thw, seed=0, fps=30):
+    """x, t, context and the class's keyword inputs, as ComfyUI's BaseModel passes them."""
+    g = torch.Generator().manual_seed(seed)
+    t_, h, w = thw
+    x = torch.randn(2, WAN_PRESETS[preset]["in_dim"], *thw, generator=g)
+    ctx = torch.randn(2, 12, 4096, generator=g)
+    kw = {"clip_fea": torch.randn(2, 257, 1280, generator=g)} if WAN_PRESETS[preset].get("i2v") else {}
+    if preset == "tiny-animate2":  # frame 0 is the reference image's slot: one pose frame fewer
+        kw.update(pose_latents=torch.randn(2, 16, t_ - 1, h, w, generator=g),
+                  clip_fea_pose=torch.randn(2, 257, 1280, generator=g),
+                  context_pose=torch.randn(2, 10, 4096, generator=g), pose_strength=0.9, reference_strength=1.2)
+    if preset in ("tiny-scail", "tiny-scail2"):  # latents + 4 mask channels; the pose video at half size
+        kw.update(reference_latent=torch.randn(2, 20, 1, h, w, generator=g),
+                  pose_latents=torch.randn(2, 20, t_, h // 2, w // 2, generator=g))
+    if preset == "tiny-scail2":  # identity masks: the reference frame's and the pose video's; replacement mode
+        kw.update(ref_mask_latents=torch.rand(2, 28, 1 + t_, h, w, generator=g).round(),
+                  sam_latents=torch.rand(2, 28, t_, h // 2, w // 2, generator=g).round(), ref_mask_flag=False)
+    if preset == "tiny-wandancer":  # music features (35 a frame of the music's own rate)
+        kw.update(clip_fea_ref=torch.randn(2, 257, 1280, generator=g),
+                  audio_embed=torch.randn(2, 4 * t_ + 1, 35, generator=g), fps=fps, audio_inject_scale=0.8)
+    return x, torch.tensor(T_ROWS), ctx, kw
+
+
+def _cases_033(preset):
+    """(thw, fps): WanDancer also at 24 fps (its global patch embedding and head)."""
+    shapes = PRESETS_033[preset][2]
+    return [(thw, 30) for thw in shapes] + ([(shapes[0], 24)] if preset == "tiny-wandancer" else [])
+
+
+def _run_mesh_033(mesh, paths):
+    out = {}
+    for preset, path in paths.items():
+        m = ShardedModel(mesh, path, "fp32")
+        out[(preset, "class")] = type(m.model).__name__
+        out[(preset, "added_bytes")] = _added_bytes(m.model, PRESETS_033[preset][1]) if PRESETS_033[preset][1] else 0
+        for thw, fps in _cases_033(preset):
+            x, t, ctx, kw = _inputs_033(preset, thw, fps=fps)
+            out[(preset, thw, fps)] = (m.rows(2), m.forward_rows(x, t, ctx, **kw))
+            out[(preset, thw, fps, "tokens")] = (m.seq_state.local_len - m.seq_state.rest, m.seq_state.degree)
+        del m
+    return out
+
+
+def _share(preset, thw, degree) -> int:
+    """The frames' tokens one rank of a `degree`-way split holds: WanModel's in one run, the others frame-aligned
+    (SCAIL's reference frame leads the latent's; WanDancer's unit is an eighth of a frame)."""
+    runs = 8 if preset == "tiny-wandancer" else 1
+    frames = (thw[0] + (preset in ("tiny-scail", "tiny-scail2"))) * runs
+    plane = math.ceil(thw[1] / 2) * math.ceil(thw[2] / 2) // runs
+    if preset == "tiny-flowrvs":
+        return math.ceil(frames * plane / degree)
+    return frames * math.ceil(plane / degree)
+
+
+def _changes(dm, x, t, ctx, kw, ref, **swap) -> float:
+    """How far the native output moves when these inputs are swapped (zeros, or another value)."""
+    with torch.no_grad():
+        return (dm(x, t, ctx, **{**kw, **swap}).float() - ref).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def checkpoints_033(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wan_variants_033")
+    return {p: write_tiny_wan(str(d / f"{p}.safetensors"), seed=5, preset=p) for p in REFUSED_033}
+
+
+@pytest.fixture(scope="module")
+def native_033(checkpoints_033):
+    if not all(_host_has(c) for c, _, _ in PRESETS_033.values()):
+        pytest.skip(f"{_host()} lacks a class ComfyUI 0.33 added (its refusal is tested instead)")
+    import comfy.sd
+
+    ref = {}
+    for preset, (cls, _, _) in PRESETS_033.items():
+        dm = comfy.sd.load_diffusion_model(checkpoints_033[preset]).model.diffusion_model
+        assert type(dm).__name__ == cls
+        for thw, fps in _cases_033(preset):
+            x, t, ctx, kw = _inputs_033(preset, thw, fps=fps)
+            with torch.no_grad():
+                ref[(preset, thw, fps)] = r = dm(x, t, ctx, **kw).float()
+        # the inputs the plan splits or keeps whole matter (the same call with them zeroed or changed differs)
+        moved = {"tiny-animate2": ("pose_latents", dict(reference_strength=1.0)),
+                 "tiny-scail2": ("pose_latents", "sam_latents", dict(ref_mask_flag=True)),
+                 "tiny-scail": ("pose_latents",), "tiny-wandancer": ("audio_embed",)}.get(preset, ())
+        for swap in moved:
+            swap = swap if isinstance(swap, dict) else {swap: torch.zeros_like(kw[swap])}
+            assert _changes(dm, x, t, ctx, kw, r, **swap) > 1e-2, (preset, list(swap))
+    return ref
+
+
+@pytest.fixture(scope="module")
+def world4_033(native_033, checkpoints_033):
+    config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
+    paths = {p: checkpoints_033[p] for p in PRESETS_033}
+    return run_on_ranks(run_meshes, config, _run_mesh_033, paths, MESHES_033, timeout=900)
+
+
+@pytest.mark.parametrize("mesh", list(MESHES_033))
+def test_033_variants_equal_comfyui_native(native_033, world4_033, mesh):
+    per_rank = [r[mesh] for r in world4_033]
+    assert_rows_match(native_033, per_rank, mesh, TOL)
+    for preset, (cls, _, _) in PRESETS_033.items():
+        assert all(r[(preset, "class")] == cls for r in per_rank)
+        for thw, fps in _cases_033(preset):  # every rank ran its share of the video's tokens (both streams split)
+            for r in per_rank:
+                held, degree = r[(preset, thw, fps, "tokens")]
+                assert degree == 2 and held == _share(preset, thw, degree), (preset, thw, held)
+
+
+def test_033_tp2_halves_wandancer_music_injector(world4_033):
+    """ring2 x tp2: a rank holds half of the bytes of WanDancer's music injector attention (within 5%)."""
+    full = world4_033[0]["cfg2xulysses2"][("tiny-wandancer", "added_bytes")]
+    assert full == 4 * sum(torch.Size(v).numel() for k, v in preset_shapes("tiny-wandancer").items()
+                           if k.startswith("music_injector.injector."))
+    for r in world4_033:
+        held = r["ring2xtp2"][("tiny-wandancer", "added_bytes")]
+        assert abs(held / (full / 2) - 1) <= 0.05, f"a tp2 rank holds {held} of {full} bytes"
+
+
+def _one_rank(path):
+    from parallel_backend.runtime.mesh import single_rank_mesh
+
+    config = ParallelConfig(world_size=1, device="cpu", dtype="fp32")
+    return ShardedModel(single_rank_mesh(config, torch.device("cpu")), path, "fp32")
+
+
+@pytest.mark.parametrize("preset", list(REFUSED_033))
+def test_a_host_without_the_class_refuses_its_file_by_name(checkpoints_033, preset):
+    """A ComfyUI without the class would build a plain WanModel from the file (its extra keys unused, its metadata
+    unread) and sample another model: the loader refuses it, naming the class."""
+    cls = REFUSED_033[preset]
+    if _host_has(cls):
+        tested = "causal forcing's refusal" if preset == "tiny-causal" else "its parity"
+        pytest.skip(f"{_host()} has {cls} ({tested} is tested instead)")
+    with pytest.raises(ValueError, match=f"ComfyUI's {cls}, which this ComfyUI does not have"):
+        _one_rank(checkpoints_033[preset])
+
+
+def test_causal_forcing_is_refused_by_name(checkpoints_033):
+    """CausalWanModel's sampler keeps a KV cache across calls that the ranks do not hold: refused, naming it."""
+    if not _host_has("CausalWanModel"):
+        pytest.skip(f"{_host()} has no CausalWanModel (the refusal of a host without it is tested instead)")
+    with pytest.raises(ValueError, match="CausalWanModel, which the parallel loader cannot run yet: causal forcing"):
+        _one_rank(checkpoints_033["tiny-causal"])

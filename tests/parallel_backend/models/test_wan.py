@@ -229,3 +229,29 @@ def test_bf16_ulysses2_within_bound(world2, references, cases):
     worst = _check_mesh(world2, references, cases, "ulysses2_bf16", MESHES_2["ulysses2_bf16"], BF16_BOUND)
     print(f"bf16 ulysses2 worst max abs diff vs fp32: {worst:.3e} (bound {BF16_BOUND})")
     assert worst > TOL  # it really ran in bf16
+
+
+# ---------------------------------------------------------------- the class a file asks for (no ComfyUI)
+
+ASKED_CLASSES = {"tiny-scail2": "SCAIL2WanModel", "tiny-scail": "SCAILWanModel", "tiny-wandancer": "WanDancerModel",
+                 "tiny-animate2": "WanAnimate2Model", "tiny-causal": "CausalWanModel", "tiny-flowrvs": "WAN21_FlowRVS",
+                 "tiny-i2v": None, "tiny-vace": None}
+
+
+@pytest.mark.parametrize("preset", list(ASKED_CLASSES))
+def test_file_class_is_read_from_the_keys_or_the_metadata(tmp_path, preset):
+    """ComfyUI 0.33's own cues: SCAIL / SCAIL-2 / WanDancer by a key only they have, Animate 2 / causal forcing /
+    FlowRVS by the metadata's transformer config (their keys are another class's); the metadata handed to ComfyUI's
+    detection holds that config only."""
+    from parallel_backend.models import wan
+    from parallel_backend.testing.synthetic import write_tiny_wan
+    from parallel_backend.weights.reads import read_header
+
+    path = write_tiny_wan(str(tmp_path / f"{preset}.safetensors"), preset=preset, fill=0.0)
+    found = wan.file_class(read_header(path), wan.transformer_config(path))
+    assert (found[0] if found else None) == ASKED_CLASSES[preset]
+    metadata = wan.detection_metadata(path)
+    if preset in ("tiny-animate2", "tiny-causal", "tiny-flowrvs"):
+        assert list(metadata) == ["config"] and found[1].startswith("its metadata's transformer config")
+    else:
+        assert metadata is None
