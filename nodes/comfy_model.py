@@ -298,19 +298,32 @@ def compile_request(patcher, default, config):
     return spec
 
 
-def host_model_config(family_name, path, precision, header):
-    """(ComfyUI's supported_models config for the file, its meta state dict, the diffusion model class ComfyUI's
-    detection builds for it), from the header alone."""
+def _detected_model_config(family_name, path, header, sd):
+    """ComfyUI's supported_models config for the file, as its own loader picks it: the family may name the class
+    itself (`_family_model_config`), and the file's metadata reaches the detection (0.33 picks Animate 2 and FlowRVS
+    from it)."""
     import comfy.model_detection
 
-    st = backend("weights.reads")._ST_DTYPES
-    sd = {k: torch.empty(shape, dtype=st.get(dt, torch.float32), device="meta") for k, (shape, dt) in header.items()}
-    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
-    stripped = {k[len(prefix):]: v for k, v in sd.items() if prefix and k.startswith(prefix)}
-    sd = stripped or sd  # as comfy.sd does: the default prefix may match no key
-    # the family may name ComfyUI's model class itself (ComfyUI's detection fixes Cosmos Predict2's depth and
-    # heads from its width, so it cannot size other widths); otherwise ComfyUI's own detection
-    model_config = _family_model_config(family_name, header) or comfy.model_detection.model_config_from_unet(sd, "")
+    named = _family_model_config(family_name, header) if family_name else None
+    if named is not None:
+        return named
+    return comfy.model_detection.model_config_from_unet(sd, "", metadata=_file_metadata(path))
+
+
+def _file_metadata(path) -> dict | None:
+    """A safetensors file's metadata, as comfy.sd hands it to the detection (the header only is read)."""
+    if not str(path).endswith((".safetensors", ".sft")):
+        return None
+    from safetensors import safe_open
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return f.metadata()
+
+
+def host_model_config(family_name, path, precision, header):
+    """(ComfyUI's supported_models config for the file, its meta state dict, the diffusion model class ComfyUI's
+    detection builds for it), from the header (and the metadata) alone."""
+    sd, _ = backend("models.host").meta_state_dict(header)
+    model_config = _detected_model_config(family_name, path, header, sd)
     if model_config is None:
         raise RuntimeError(f"ComfyUI does not recognise {path} as a diffusion model it knows")
     dtype = backend("weights.reads").DTYPE_NAMES[precision]
@@ -321,16 +334,11 @@ def host_model_config(family_name, path, precision, header):
     return model_config, sd, host_class
 
 
-def detected_host_class(header) -> str | None:
+def detected_host_class(path, header) -> str | None:
     """'<supported_models class> (<diffusion model class>)' ComfyUI's own detection gives the file, or None."""
-    import comfy.model_detection
-
-    st = backend("weights.reads")._ST_DTYPES
-    sd = {k: torch.empty(shape, dtype=st.get(dt, torch.float32), device="meta") for k, (shape, dt) in header.items()}
-    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
-    sd = {k[len(prefix):]: v for k, v in sd.items() if prefix and k.startswith(prefix)} or sd
+    sd, _ = backend("models.host").meta_state_dict(header)
     try:
-        model_config = comfy.model_detection.model_config_from_unet(sd, "")
+        model_config = _detected_model_config(None, path, header, sd)
         if model_config is None:
             return None
         model = model_config.get_model(sd, "", device=torch.device("meta")).diffusion_model

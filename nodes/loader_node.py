@@ -227,7 +227,7 @@ class ParallelModelLoader:
         try:
             family = models.detect_family(header, path)
         except models.UnsupportedModelError as e:  # name what ComfyUI itself sees in the file, if anything
-            detected = detected_host_class(header)
+            detected = detected_host_class(path, header)
             if detected is None:
                 raise
             raise models.UnsupportedModelError(f"{e}. ComfyUI detects it as {detected}, which the parallel loader "

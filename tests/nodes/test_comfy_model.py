@@ -1,0 +1,29 @@
+"""The pack's MODEL as ComfyUI builds it in its own process (nodes/comfy_model.py), without any rank: the BaseModel
+(sampling type, conds) is the one ComfyUI's own loader builds for the file, its metadata included."""
+import pytest
+
+import comfy_host
+
+# preset -> (the BaseModel ComfyUI 0.33 builds, the diffusion model class); 0.3.75 has neither
+METADATA_CLASSES = {"tiny-animate2": ("WAN_Animate2", "WanAnimate2Model"),
+                    "tiny-flowrvs": ("WAN21_FlowRVS", "WanModel")}
+
+
+@pytest.mark.parametrize("preset", list(METADATA_CLASSES))
+def test_the_proxy_model_is_the_class_the_file_metadata_picks(tmp_path, pack, preset):
+    """ComfyUI 0.33 picks Animate 2 and FlowRVS from the file's metadata config; the ComfyUI process's BaseModel
+    must be that one (Animate 2's pose conds, FlowRVS' sampling type), not the plain Wan its keys alone suggest."""
+    import comfy.model_base
+
+    from parallel_backend.testing.synthetic import write_tiny_wan
+    from parallel_backend.weights.reads import read_header
+
+    base_name, model_name = METADATA_CLASSES[preset]
+    if not hasattr(comfy.model_base, base_name):
+        pytest.skip(f"this ComfyUI has no {base_name} (ComfyUI 0.3.75): its files are refused by class name")
+    path = write_tiny_wan(str(tmp_path / f"{preset}.safetensors"), preset=preset, fill=0.0)
+    comfy_model = comfy_host.import_pack().nodes.comfy_model
+    model_config, sd, host_class = comfy_model.host_model_config("wan", path, "fp32", read_header(path))
+    base = model_config.get_model(sd, "", device="meta")
+    assert type(base).__name__ == base_name and host_class.__name__ == model_name
+    assert comfy_model.detected_host_class(path, read_header(path)).endswith(f"({model_name})")
