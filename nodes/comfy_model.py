@@ -111,6 +111,8 @@ class ParallelDiffusionModel(torch.nn.Module):
                     f"sample with the native model")
             if torch.is_tensor(v):  # batched like x (ComfyUI concatenates conds by row): through shared memory
                 extras[k] = v.detach().cpu()
+            elif _batched_list(v, x.shape[0]):  # a list of such tensors (Wan's context_latents): one per item
+                extras.update({f"{k}{LIST_SEP}{i}": t.detach().cpu() for i, t in enumerate(v)})
             elif _plain(v):  # numbers, strings, lists of them (VACE's per-context strengths): with the call
                 values[k] = v
             else:
@@ -123,6 +125,13 @@ class ParallelDiffusionModel(torch.nn.Module):
         import comfy.model_management
         comfy.model_management.throw_exception_if_processing_interrupted()
         return out.to(x.device)
+
+
+LIST_SEP = "#"  # as runtime/sharded_model.py reads them back
+
+
+def _batched_list(v, rows: int) -> bool:
+    return isinstance(v, (list, tuple)) and bool(v) and all(torch.is_tensor(t) and t.shape[0] == rows for t in v)
 
 
 def _plain(v) -> bool:

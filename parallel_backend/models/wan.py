@@ -78,7 +78,8 @@ _PER_TOKEN_KWARGS = {"e": SeqSplit(1, per_token=True, expected_ndim=4), "freqs":
 # whole, so operations that work per frame see whole frames.
 #  - clip_fea (I2V / FLF2V CLIP tokens: context, whole); time_dim_concat (frames concatenated before the patch
 #    embedding); reference_latent (2.2 Fun: ref_conv tokens prepended to x before the first block, cut off after
-#    the head, which gathers first);
+#    the head, which gathers first); context_latents (0.33+, in-context references: a list of latents, each
+#    embedded and appended as tokens before the first block, cut off after the head);
 #  - VACE: vace_context is embedded whole by vace_patch_embedding, then each hint stream `c` and the block input
 #    `x` it starts from are split with the tokens at vace block 0 (later vace blocks get c already split); the
 #    hints are added to the split x; vace_strength is a list of numbers (whole). VACE blocks are Wan blocks (same
@@ -88,7 +89,7 @@ _PER_TOKEN_KWARGS = {"e": SeqSplit(1, per_token=True, expected_ndim=4), "freqs":
 #    to the patch embedding before the split; the adapter's convolutions are split like a Megatron MLP (residual
 #    convs out / in channels, the first on a sliced input).
 VARIANTS = {
-    "WanModel": dict(conds=("clip_fea", "time_dim_concat", "reference_latent")),
+    "WanModel": dict(conds=("clip_fea", "time_dim_concat", "reference_latent", "context_latents")),
     "VaceWanModel": dict(
         conds=("clip_fea", "time_dim_concat", "vace_context", "vace_strength"),
         plan=ParallelPlan(

@@ -153,7 +153,8 @@ class ShardedModel:
         self.seq_state.use(layout.groups, layout.sequence_index)
         dev, dt = self.mesh.device, self.dtype
         take = lambda t: None if t is None else t[rows].to(dev, dt if t.is_floating_point() else t.dtype)
-        kw = {k: take(v) if torch.is_tensor(v) else v for k, v in extras.items()}  # tensors are batched like x
+        kw = {k: take(v) if torch.is_tensor(v) else [take(t) for t in v] if _tensor_list(v) else v
+              for k, v in gather_lists(extras).items()}  # tensors (and lists of them) are batched like x
         self.seq_state.begin_forward()
         if transformer_options:
             kw["transformer_options"] = self.options_for_call(transformer_options, rows, x.shape[0])
@@ -200,6 +201,26 @@ class ShardedModel:
         finally:
             self.pipeline.finish()
         return torch.cat(outs, dim=0)
+
+
+LIST_SEP = "#"  # a list-of-tensors input crosses as one tensor per item, named `<input>#<index>`
+
+
+def gather_lists(extras: dict) -> dict:
+    """`extras` with the items of each list-of-tensors input (`name#0`, `name#1`, ...) back in one list, in order."""
+    out, lists = {}, {}
+    for k, v in extras.items():
+        name, sep, index = k.partition(LIST_SEP)
+        if sep:
+            lists.setdefault(name, {})[int(index)] = v
+        else:
+            out[k] = v
+    out.update({name: [items[i] for i in sorted(items)] for name, items in lists.items()})
+    return out
+
+
+def _tensor_list(v) -> bool:
+    return isinstance(v, (list, tuple)) and bool(v) and all(torch.is_tensor(t) for t in v)
 
 
 def compiled_graphs() -> int:

@@ -124,3 +124,43 @@ def test_sharded_forward_equals_comfyui_native(checkpoints, native_outputs, degr
         assert diff <= 1e-4, f"{key} on {config.describe()}: max abs diff {diff:.2e}"
     print(f"{config.describe()}: worst max abs diff vs ComfyUI native over {len(native_outputs)} cases: "
           + ", ".join(f"{p} {d:.2e}" for p, d in worst.items()))
+
+
+# ---- in-context references (ComfyUI 0.33+: WanModel's `context_latents`, a list of latents appended as tokens) --------
+def _context_latents(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 16, 1, 6, 10, generator=g), torch.randn(2, 16, 2, 4, 6, generator=g)]
+
+
+def _run_context(mesh, path):
+    m = ShardedModel(mesh, path, "fp32")
+    x, t, ctx, _ = _inputs("tiny", "(3, 6, 10)")
+    return m.rows(2), m.forward_rows(x, t, ctx, context_latents=_context_latents())
+
+
+@pytest.mark.parametrize("mesh", ["ulysses2", "ring2"])
+def test_context_latents_equal_comfyui_native(tmp_path, mesh):
+    """The reference latents are embedded and appended after the video's tokens, split with them (ragged: 45 + 15 +
+    12 tokens) and cut off after the head: the forward equals ComfyUI's native WanModel with the same references."""
+    import inspect
+
+    comfy_host.import_comfy()
+    import comfy.ldm.wan.model as wan_model
+    import comfy.sd
+
+    if "context_latents" not in inspect.getsource(wan_model.WanModel.forward_orig):
+        pytest.skip("this ComfyUI's WanModel takes no context_latents (0.3.75)")
+    path = write_tiny_wan(str(tmp_path / "tiny.safetensors"), seed=4)
+    dm = comfy.sd.load_diffusion_model(path).model.diffusion_model
+    x, t, ctx, _ = _inputs("tiny", "(3, 6, 10)")
+    with torch.no_grad():
+        ref = dm(x, t, ctx, context_latents=_context_latents()).float()
+        moved = (ref - dm(x, t, ctx).float()).abs().max().item()
+    degrees = {"ulysses2": dict(ulysses=2), "ring2": dict(ring=2)}[mesh]
+    got = torch.full_like(ref, float("nan"))
+    for rows, y in run_on_ranks(_run_context, ParallelConfig(world_size=2, device="cpu", dtype="fp32", **degrees),
+                                path):
+        got[rows] = y
+    diff = (got - ref).abs().max().item()
+    print(f"context_latents on {mesh} vs native: {diff:.2e} (they move the output by {moved:.3f})")
+    assert moved > 1e-2 and diff <= 1e-4

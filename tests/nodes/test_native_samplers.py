@@ -101,3 +101,25 @@ def test_patch_the_native_model_ignores_is_ignored_the_same_way(models, conds):
     ref = _ksampler(native_patched, pos, neg, latent)
     assert torch.equal(ref, _ksampler(native, pos, neg, latent))  # natively ignored
     assert (_ksampler(patched, pos, neg, latent) - ref).abs().max().item() <= 1e-4
+
+
+def test_in_context_reference_latents_cross_as_a_list(models, conds):
+    """BerniniConditioning's `context_latents` (ComfyUI 0.33+: a list of reference latents on the conditioning) reach
+    the ranks as a list, each item cut to the replica's rows (cfg 2 here): the latent equals native."""
+    import inspect
+
+    import comfy.ldm.wan.model as wan_model
+    import node_helpers
+
+    if "context_latents" not in inspect.getsource(wan_model.WanModel.forward_orig):
+        pytest.skip("this ComfyUI's WanModel takes no context_latents (0.3.75)")
+    parallel, native = models
+    g = torch.Generator().manual_seed(12)
+    refs = {"context_latents": [torch.randn(1, 16, 1, 8, 8, generator=g), torch.randn(1, 16, 1, 4, 6, generator=g)]}
+    pos, neg = (node_helpers.conditioning_set_values(c, refs) for c in conds)
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+    ref = _ksampler(native, pos, neg, latent)
+    moved = (ref - _ksampler(native, *conds, latent)).abs().max().item()
+    diff = _close(_ksampler(parallel, pos, neg, latent), ref)
+    print(f"context_latents through the proxy (cfg2) vs native: {diff:.2e} (they move the latent by {moved:.3f})")
+    assert moved > 1e-2
