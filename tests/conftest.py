@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 # tests import helpers such as comfy_host by plain name
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the workflow builder, for tests that lay out rewritten graphs
@@ -25,3 +27,20 @@ def pytest_collection_modifyitems(config, items):
         ids = {id(i) for i in drop}
         config.hook.pytest_deselected(items=drop)
         items[:] = [i for i in items if id(i) not in ids]
+
+
+@pytest.fixture(autouse=True)
+def _quick_tier_spawns_nothing(request, monkeypatch):
+    """Under --quick a test that starts a process is unmarked: fail it, naming the marker it needs."""
+    if not request.config.getoption("--quick"):
+        yield
+        return
+    import multiprocessing.process
+    import subprocess
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it `multirank` (ranks, other processes) "
+                             f"or `e2e` (a ComfyUI server), so --quick leaves it out")
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield

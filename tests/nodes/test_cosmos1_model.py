@@ -65,6 +65,7 @@ def test_cosmos1_refuses_conds_its_ranks_do_not_take(cosmos1_model):
     assert not group.calls
 
 
+@pytest.mark.multirank
 def test_loader_runs_cosmos1_on_the_group_as_comfyui_native(comfy, pack, config_spec):
     """Parallel Model Loader on a Cosmos 1.0 file: detected as the cosmos1 family (the parallel_plan output and the
     model info name it), ComfyUI's CosmosVideo BaseModel around the proxy; one model call through ComfyUI's

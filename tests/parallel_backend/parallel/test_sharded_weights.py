@@ -199,6 +199,7 @@ def _leaders_rows(per_rank, key, like):
     return got
 
 
+@pytest.mark.multirank
 def test_scaled_fp8_with_lora_and_cosmos_match_one_rank(world2, reference):
     diff = (_leaders_rows(world2, "fp8_lora", reference["fp8_lora"]) - reference["fp8_lora"]).abs().max().item()
     print(f"\nscaled fp8 + LoRA, sharded weights x ulysses2 vs 1 rank: {diff:.2e}")

@@ -216,6 +216,7 @@ def test_pipeline_stage_killed_mid_forward_is_named(warm, reference):
     stop_all()
 
 
+@pytest.mark.multirank
 def test_collect_names_the_dead_rank_not_the_peer_that_echoed_it():
     """Rank 1 is killed, rank 0 then reports the broken collective; both arrive in one batch."""
     g = _fake_group("echo_error", "silent")
@@ -228,6 +229,7 @@ def test_collect_names_the_dead_rank_not_the_peer_that_echoed_it():
     assert took < 3
 
 
+@pytest.mark.multirank
 def test_collect_reports_a_silent_death():
     """A rank dies while its peer just waits (no collective error to help): reported at once."""
     g = _fake_group("silent", "silent")
@@ -237,6 +239,7 @@ def test_collect_reports_a_silent_death():
     assert took < 3
 
 
+@pytest.mark.multirank
 def test_collect_exit_cause_when_the_sentinel_fires_before_the_exit():
     g = _fake_group("silent", "sentinel_first")
     msg, took = _collect_error(g)

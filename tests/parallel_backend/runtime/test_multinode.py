@@ -61,6 +61,7 @@ def _listeners(port: int) -> list[str]:
 
 # ---- in-process: store binding, admission, fingerprints ----------------------------------------------------------
 
+@pytest.mark.multirank
 def test_store_binds_only_the_given_address():
     # torch's TCPStore creating its own socket listens on every interface (`*:port`), whatever host it is given;
     # the server hands it a socket bound to the given address (master_listen_fd)

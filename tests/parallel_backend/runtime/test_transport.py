@@ -179,6 +179,7 @@ def _child(in_refs, out_ref, conn):
         reader.close()
 
 
+@pytest.mark.multirank
 def test_spawned_child_reads_by_descriptor_and_writes_output():
     x = torch.randn(1024, 1024)  # 4 MB
     ids = torch.arange(5, dtype=torch.int64)

@@ -113,6 +113,7 @@ def test_traces_without_graph_breaks(qtype):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K", "Q6_K"])  # d * q + m, (d * sc) * q - (dmin * m), (d * sc) * q
+@pytest.mark.multirank
 def test_inductor_gives_the_same_bits(qtype):
     """Inductor's CPU kernels (fused, vectorized) keep gguf's op order: no fma contraction changes a bit."""
     torch._dynamo.reset()

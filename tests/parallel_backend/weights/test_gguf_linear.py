@@ -229,6 +229,7 @@ def _load_rss(mesh, path):
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["tp2", "sharded_weights"])
+@pytest.mark.multirank
 def test_peak_rss_per_rank_during_load_is_its_quantized_shard(tmp_path_factory, shard):
     """A medium Q8_0 file (160 MB of quantized blocks): a rank's peak RSS during load stays within its shard
     (+10%) plus a fixed allowance; the ComfyUI-side and other ranks' bytes never enter it."""
