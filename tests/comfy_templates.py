@@ -20,10 +20,14 @@ import json
 import os
 
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COLOR")
 VIRTUAL = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 # tiny DiT: 2 heads of 128 (ComfyUI derives heads as dim // 128), 2 blocks
 DIT = dict(dim=256, ffn_dim=512, num_layers=2)
+# beside an InfiniteTalk (MultiTalk) patch, whose attention ComfyUI builds with 40 heads: a width both 128 x heads
+# and 40 x head width divide (5 heads of 128 for the DiT, 40 of 16 for the patch)
+DIT_MULTITALK = dict(dim=640, ffn_dim=1280, num_layers=2)
+MULTITALK_DIR = "multitalk"
 WIDTH, HEIGHT, LENGTH, MAX_STEPS = 96, 64, 5, 4
 
 
@@ -125,8 +129,8 @@ def _take_widgets(specs: list, prefix: str, seq: list, out: dict):
         if seq and isinstance(seq[0], str) and seq[0] in CONTROL_VALUES and (
                 _has_control(name, spec) or spec[0] in ("INT", "FLOAT")):
             seq.pop(0)
-        elif seq and any(k.endswith("_upload") for k in opts):
-            seq.pop(0)
+        elif seq and any(k.endswith("_upload") for k in opts) and (isinstance(spec[0], list) or spec[0] == "COMBO"):
+            seq.pop(0)  # a file list's upload button (LoadImage, LoadVideo, LoadAudio)
         if spec[0] == DYNAMIC_COMBO:
             option = next((o for o in opts.get("options", []) if o.get("key") == value), None)
             if option is not None:
@@ -376,7 +380,7 @@ def _fewer_steps(g: dict):
     value is held (the sampler's widget or the primitive feeding it, shared primitives once)."""
     wanted = {}  # location -> the values the samplers using it want there
     for nid, node in g.items():
-        if node["class_type"] not in ("KSampler", "KSamplerAdvanced"):
+        if node["class_type"] not in ("KSampler", "KSamplerAdvanced", "BasicScheduler"):
             continue
         where = {k: _locate(g, nid, k) for k in ("steps", "start_at_step", "end_at_step") if k in node["inputs"]}
         if None in where.values():
@@ -403,11 +407,11 @@ def _smaller(g: dict):
     """width x height x frames to WIDTH x HEIGHT x LENGTH on every node that has them: where the value is held
     (the widget, or the primitive / switch branch feeding it); a value computed by a node that is not made
     smaller itself (a math expression of the template's duration) is replaced by the constant."""
-    sizes = ("width", "height", "length")
+    sizes = {"width": WIDTH, "height": HEIGHT, "length": LENGTH, "video_frames": LENGTH, "motion_frame_count": LENGTH}
     for nid, node in list(g.items()):
         if node["class_type"] == "SaveLatent" or node["class_type"].startswith("PditTest"):
             continue  # (the test conditioning's width is the embedding's)
-        for key, value in zip(sizes, (WIDTH, HEIGHT, LENGTH)):
+        for key, value in sizes.items():
             if key not in node["inputs"]:
                 continue
             where = _locate(g, nid, key)
@@ -419,7 +423,8 @@ def _smaller(g: dict):
 
 
 def _stand_ins(g: dict):
-    """Text encoders, CLIP vision and the Wan 2.2 VAE replaced by the test nodes (see tiny_variant)."""
+    """Text encoders, CLIP vision, the Wan 2.2 VAE, audio encoders and SAM 3 replaced by the test nodes (see
+    tiny_variant)."""
     for nid, node in list(g.items()):
         ct, inp = node["class_type"], node["inputs"]
         if ct == "CLIPTextEncode":
@@ -429,6 +434,16 @@ def _stand_ins(g: dict):
             g[nid] = {"class_type": "PditTestClipVision", "inputs": {"seed": 200 + _id_number(nid)}}
         elif ct == "VAELoader" and "2.2" in inp["vae_name"]:
             g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "wan2.2"}}
+        elif ct == "AudioEncoderEncode":
+            name = g[inp["audio_encoder"][0]]["inputs"]["audio_encoder_name"]
+            g[nid] = {"class_type": "PditTestAudioEncoding", "inputs": {
+                "audio": inp["audio"], "kind": "wav2vec2_base" if "base" in name else "wav2vec2_large",
+                "seed": 300 + _id_number(nid)}}
+        elif ct == "SAM3_Detect":
+            g[nid] = {"class_type": "PditTestSAM3Detect", "inputs": {"image": inp["image"]}}
+        elif ct == "SAM3_VideoTrack":
+            g[nid] = {"class_type": "PditTestSAM3Track", "inputs": {"images": inp["images"],
+                                                                    "max_objects": inp["max_objects"]}}
     # a LoraLoader whose CLIP output only fed the replaced text encoders: its model half (LoraLoaderModelOnly)
     for nid, node in list(g.items()):
         if node["class_type"] == "LoraLoader" and not any(
@@ -470,8 +485,12 @@ def tiny_variant(api: dict, prefix: str) -> dict:
       penultimate tokens): ComfyUI detects CLIP-ViT-H only at its full 632 M-parameter size;
     - the Wan 2.2 VAE (48 channels) replaced by the test VAE node (the encoder's shapes, deterministic values):
       ComfyUI fixes its width at 160 (705 M parameters); the Wan 2.1 VAE stays, as a tiny file of its real class;
+    - AudioEncoderLoader dropped and each AudioEncoderEncode replaced by the test audio-encoding node (the wav2vec2
+      output's shapes for the audio it is given: ComfyUI detects wav2vec2 only at full size); SAM 3's loader dropped
+      and SAM3_Detect / SAM3_VideoTrack replaced by test nodes giving rectangles as masks / tracks;
     - width x height x frames set to 96 x 64 x 5 on every node that has them (latent makers, camera embeddings,
-      and the primitives feeding them), steps to at most 4 (a KSamplerAdvanced split scaled with them);
+      WanDancer's audio features, InfiniteTalk's motion frames, and the primitives feeding them), steps to at most 4 (samplers and BasicScheduler; a KSamplerAdvanced split
+      scaled with them);
     - everything after the sampler (VAE decode, video / image saves and previews) replaced by SaveLatent of the
       decoded latent, so the sampled latents are compared, and nodes no output needs dropped.
     Seeds, cfg, samplers, schedulers, shifts, LoRA strengths and every other node stay as the template has them."""
@@ -479,7 +498,27 @@ def tiny_variant(api: dict, prefix: str) -> dict:
     _stand_ins(g)
     _smaller(g)
     _fewer_steps(g)
+    _multitalk_files(g)
     return _latent_outputs(g, prefix)
+
+
+def _multitalk_files(g: dict):
+    """Beside an InfiniteTalk patch the DiT is DIT_MULTITALK wide: its files (DiT, LoRAs) are named under
+    MULTITALK_DIR/, so they never meet the same names' DIT-wide files other templates use."""
+    if not any(n["class_type"] == "ModelPatchLoader" and "infinitetalk" in n["inputs"]["name"].lower()
+               for n in g.values()):
+        return
+    for node in g.values():
+        for key in ("unet_name", "lora_name"):
+            if key in node["inputs"] and node["class_type"] in ("UNETLoader", "LoraLoaderModelOnly", "LoraLoader"):
+                node["inputs"][key] = f"{MULTITALK_DIR}/{node['inputs'][key]}"
+
+
+def parallel_degrees(g: dict) -> dict:
+    """The 2-rank mesh for a graph: ulysses 2 (one head per rank), ring 2 for the DIT_MULTITALK width (5 heads)."""
+    wide = any(n["class_type"] == "UNETLoader" and n["inputs"]["unet_name"].startswith(MULTITALK_DIR + "/")
+               for n in g.values())
+    return {"ulysses": 1, "ring": 2} if wide else {"ulysses": 2}
 
 
 def parallel_variant(g: dict, old_prefix: str, new_prefix: str, degrees: dict | None = None) -> dict:
@@ -500,40 +539,59 @@ def parallel_variant(g: dict, old_prefix: str, new_prefix: str, degrees: dict | 
 
 
 # ---- tiny files under the names the graph uses -----------------------------------------------------------------
-def dit_config(name: str) -> tuple[dict, str]:
-    """(ComfyUI unet_config for a tiny model of the variant the file name implies, file dtype)."""
+# model types ComfyUI reads from the file's metadata ("config" -> "transformer"), not from its keys
+METADATA_VARIANTS = {"animate_2": {"model_type": "animate2"}, "animate2": {"model_type": "animate2"},
+                     "causal_forcing": {"causal_ar": True}}
+
+
+def dit_config(name: str, dims: dict = DIT) -> tuple[dict, str, dict]:
+    """(ComfyUI unet_config for a tiny model of the variant the file name implies, file dtype, the file's
+    safetensors metadata). `dims`: width, FFN width and depth (DIT, or DIT_MULTITALK)."""
     n = name.lower()
     wan22 = "wan2.2" in n or "wan2_2" in n
-    five_b = "5b" in n
-    out_dim = 48 if wan22 and five_b else 16
-    cfg = dict(image_model="wan2.1", dim=DIT["dim"], ffn_dim=DIT["ffn_dim"], num_layers=DIT["num_layers"],
-               num_heads=DIT["dim"] // 128, out_dim=out_dim, patch_size=(1, 2, 2), freq_dim=256,
+    out_dim = 48 if wan22 and "5b" in n else 16
+    cfg = dict(image_model="wan2.1", dim=dims["dim"], ffn_dim=dims["ffn_dim"], num_layers=dims["num_layers"],
+               num_heads=dims["dim"] // 128, out_dim=out_dim, patch_size=(1, 2, 2), freq_dim=256,
                window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, model_type="t2v", in_dim=16)
+    cfg.update(_variant(n, wan22, out_dim))
+    extra = next((v for k, v in METADATA_VARIANTS.items() if k in n), None)
+    metadata = {}
+    if extra is not None:
+        cfg.update(extra)
+        metadata = {"config": json.dumps({"transformer": extra})}
+    dtype = ("fp8_scaled" if "fp8" in n and "scaled" in n else "fp8_e4m3fn" if "fp8_e4m3fn" in n else
+             "int8" if "int8" in n else "bf16" if "bf16" in n else "fp16" if "fp16" in n else "fp32")
+    return cfg, dtype, metadata
+
+
+def _variant(n: str, wan22: bool, out_dim: int) -> dict:
+    """The unet_config entries of the Wan variant a file name implies (what ComfyUI's detection reads from the
+    real file's keys)."""
     if "vace" in n:
-        cfg.update(model_type="vace", vace_in_dim=96, vace_layers=1)
-    elif "fun_camera" in n:
-        cfg.update(model_type="camera_2.2", in_dim=36) if wan22 else cfg.update(model_type="camera", in_dim=32)
-    elif "fun_control" in n:
-        # Wan 2.2 Fun control: latent + control latent + start-image latent + 4 mask channels
-        # and ref_conv for the reference image its node passes
-        if wan22:
-            cfg.update(in_dim=3 * out_dim + 4, in_dim_ref_conv=out_dim)
-        else:
-            cfg.update(model_type="i2v", in_dim=48)
-    elif "fun_inp" in n:
-        cfg.update(in_dim=2 * out_dim + 4) if wan22 else cfg.update(model_type="i2v", in_dim=36)
-    elif "ti2v" in n:
-        cfg.update(in_dim=48)
-    elif "i2v" in n or "flf2v" in n:
-        if wan22:  # Wan 2.2 A14B I2V: no CLIP-vision embedding
-            cfg.update(in_dim=36)
-        else:
-            cfg.update(model_type="i2v", in_dim=36)
-            if "flf2v" in n:
-                cfg["flf_pos_embed_token_number"] = 514
-    dtype = ("fp8_scaled" if "fp8_scaled" in n else "fp8_e4m3fn" if "fp8_e4m3fn" in n else
-             "bf16" if "bf16" in n else "fp16" if "fp16" in n else "fp32")
-    return cfg, dtype
+        return dict(model_type="vace", vace_in_dim=96, vace_layers=1)
+    if "fun_camera" in n:
+        return dict(model_type="camera_2.2", in_dim=36) if wan22 else dict(model_type="camera", in_dim=32)
+    if "fun_control" in n:
+        # Wan 2.2 Fun control: latent + control latent + start-image latent + 4 mask channels and ref_conv for the
+        # reference image its node passes
+        return dict(in_dim=3 * out_dim + 4, in_dim_ref_conv=out_dim) if wan22 else dict(model_type="i2v", in_dim=48)
+    if "fun_inp" in n:
+        return dict(in_dim=2 * out_dim + 4) if wan22 else dict(model_type="i2v", in_dim=36)
+    if "ti2v" in n:
+        return dict(in_dim=48)
+    if "s2v" in n:
+        return dict(model_type="s2v")
+    if "scail_2" in n or "scail2" in n:
+        return dict(model_type="scail2", in_dim=20)
+    if "dancer" in n:
+        return dict(model_type="wandancer", in_dim=36)
+    if "animate" in n:
+        return dict(in_dim=36)
+    if wan22 and ("i2v" in n or "flf2v" in n):  # Wan 2.2 A14B I2V: no CLIP-vision embedding
+        return dict(in_dim=36)
+    if any(k in n for k in ("i2v", "flf2v", "chrono_edit", "wanmove")):  # Wan 2.1 I2V 14B and its fine-tunes
+        return dict(model_type="i2v", in_dim=36, **({"flf_pos_embed_token_number": 514} if "flf2v" in n else {}))
+    return {}
 
 
 def host_state_shapes(module) -> dict:
@@ -552,20 +610,65 @@ def wan_dit_shapes(unet_config: dict) -> dict:
     return host_state_shapes(base.diffusion_model)
 
 
-def write_dit(path: str, name: str, seed: int) -> str:
+def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
     import torch
 
     from parallel_backend.testing.synthetic import write_checkpoint, write_fp8_variant
-    cfg, dtype = dit_config(name)
+    cfg, dtype, metadata = dit_config(name, dims)
     shapes = wan_dit_shapes(cfg)
-    if dtype.startswith("fp8"):
+    if dtype.startswith("fp8") or dtype == "int8":
         tmp = path + ".fp32"
-        write_checkpoint(tmp, shapes, seed=seed)
-        write_fp8_variant(tmp, path, scaled=dtype == "fp8_scaled")
+        write_checkpoint(tmp, shapes, seed=seed, metadata=metadata)
+        if dtype == "int8":
+            write_int8_variant(tmp, path)
+        else:
+            write_fp8_variant(tmp, path, scaled=dtype == "fp8_scaled")
         os.remove(tmp)
         return path
     return write_checkpoint(path, shapes, dtype={"fp32": torch.float32, "fp16": torch.float16,
-                                                 "bf16": torch.bfloat16}[dtype], seed=seed)
+                                                 "bf16": torch.bfloat16}[dtype], seed=seed, metadata=metadata)
+
+
+def write_int8_variant(src: str, dst: str) -> str:
+    """An int8 copy of checkpoint `src` in ComfyUI's mixed-precision layout, as the "int8_convrot" files are: each
+    block linear's weight int8 with a per-tensor float32 `weight_scale` (max|w| / 127) and its `comfy_quant` entry
+    {"format": "int8_tensorwise", "convrot": true}; the rest and the file's metadata as they are."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    conf = torch.tensor(list(json.dumps({"format": "int8_tensorwise", "convrot": True}).encode()), dtype=torch.uint8)
+    out = {}
+    for k, t in tensors.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and t.ndim == 2:
+            scale = (t.float().abs().amax().clamp(min=1e-12) / 127).reshape(())
+            layer = k[:-len(".weight")]
+            out[k] = (t.float() / scale).round().clamp(-127, 127).to(torch.int8)
+            out[layer + ".weight_scale"], out[layer + ".comfy_quant"] = scale, conf.clone()
+        else:
+            out[k] = t
+    save_file(out, dst, metadata=metadata)
+    return dst
+
+
+def write_multitalk_patch(path: str, dim: int, seed: int = 5) -> str:
+    """A random InfiniteTalk (MultiTalk) model patch of ComfyUI's class (comfy_extras.nodes_model_patch
+    .MultiTalkModelPatch: 40 blocks, 40 heads) for a DiT `dim` wide, audio projection 64 wide (ComfyUI reads the
+    widths from the file), fp16."""
+    import torch
+    from comfy_extras.nodes_model_patch import MultiTalkModelPatch
+
+    import comfy.ops
+    from parallel_backend.testing.synthetic import random_tensor, write_safetensors_stream
+    with torch.device("meta"):
+        patch = MultiTalkModelPatch(audio_window=5, context_tokens=32, vae_scale=4, in_dim=dim, intermediate_dim=64,
+                                    out_dim=64, operations=comfy.ops.manual_cast)
+    g = torch.Generator().manual_seed(seed)
+    return write_safetensors_stream(path, [(k, s, torch.float16, lambda k=k, s=s: random_tensor(k, s, g).half())
+                                           for k, s in host_state_shapes(patch).items()])
 
 
 def write_wan21_vae(path: str, seed: int = 11, dim: int = 16) -> str:
@@ -613,6 +716,22 @@ def write_video(path: str, frames: int = 8) -> str:
     return path
 
 
+def write_audio(path: str, seconds: float = 1.0, rate: int = 16000) -> str:
+    """A short tone (with an overtone and a fade) as a WAV stream, whatever the file's extension: ComfyUI's
+    LoadAudio decodes by content (PyAV)."""
+    import wave
+
+    import numpy as np
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.1 * np.sin(2 * np.pi * 660 * t)) * np.linspace(1, 0.2, t.size)
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((tone * 32767).astype("<i2").tobytes())
+    return path
+
+
 def write_inputs(g: dict, base: str) -> dict:
     """Write (once) every file the tiny graph names under the ComfyUI base directory; returns {kind: [names]}."""
     from parallel_backend.testing.synthetic import write_wan_lora
@@ -628,8 +747,14 @@ def write_inputs(g: dict, base: str) -> dict:
         if ct == "UNETLoader":
             p = path_of("diffusion_models", inp["unet_name"])
             if not os.path.exists(p):
-                write_dit(p, inp["unet_name"], seed=sum(map(ord, inp["unet_name"])) % 1000)
+                dims = DIT_MULTITALK if inp["unet_name"].startswith(MULTITALK_DIR + "/") else DIT
+                write_dit(p, inp["unet_name"], seed=sum(map(ord, inp["unet_name"])) % 1000, dims=dims)
             made["diffusion_models"].append(inp["unet_name"])
+        elif ct == "ModelPatchLoader":
+            p = path_of("model_patches", inp["name"])
+            if not os.path.exists(p):
+                write_multitalk_patch(p, DIT_MULTITALK["dim"])
+            made.setdefault("model_patches", []).append(inp["name"])
         elif ct == "VAELoader":
             p = path_of("vae", inp["vae_name"])
             if not os.path.exists(p):
@@ -640,6 +765,11 @@ def write_inputs(g: dict, base: str) -> dict:
             if not os.path.exists(p):
                 write_image(p, seed=len(inp["image"]))
             made["input"].append(inp["image"])
+        elif ct == "LoadAudio":
+            p = path_of("input", inp["audio"])
+            if not os.path.exists(p):
+                write_audio(p)
+            made["input"].append(inp["audio"])
         elif ct == "LoadVideo":
             p = path_of("input", inp["file"])
             if not os.path.exists(p):
