@@ -1,17 +1,21 @@
 """ComfyUI's own workflow templates (the pinned `comfyui-workflow-templates-json` package) made runnable here.
 
 - `wan_cosmos_templates()`: every template of the package's index whose name or models mention Wan or Cosmos.
-- `convert(ui, object_info)`: UI -> API format, as ComfyUI's frontend queues a graph: links resolved, bypassed
-  nodes (mode 4) passed through by type, muted nodes (mode 2) dropped, Reroute / PrimitiveNode / notes resolved,
-  `widgets_values` matched to the live node definitions (with the extra "control_after_generate" value of seed
-  widgets and the upload widget of LoadImage / LoadVideo). What it cannot convert (subgraphs, group nodes) is
-  raised as `Unconvertible` with the reason, never guessed.
+- `convert(ui, object_info)`: UI -> API format, as ComfyUI's frontend queues a graph: subgraph instances expanded
+  into their inner nodes (`flatten`: ids "<instance>:<inner>", links joined across the boundaries, promoted widget
+  values), links resolved, bypassed nodes (mode 4) passed through by type, muted nodes (mode 2) dropped, Reroute /
+  PrimitiveNode / notes resolved, `widgets_values` matched to the live node definitions (with the extra
+  "control_after_generate" value of seed widgets, the upload widget of LoadImage / LoadVideo / LoadAudio, and V3
+  dynamic combos' option widgets as "<combo>.<child>"). What it cannot convert (group nodes, a muted node feeding
+  an active one, instance widget values in an unknown layout) is raised as `Unconvertible` with the reason, never
+  guessed.
 - `tiny_variant(api, ...)`: the graph made small and self-contained (the same change for the native and the
   parallel run, see `tiny_variant`'s docstring); `parallel_variant`: the same graph with only each UNETLoader
   replaced by Parallel Model Loader on one Parallel Config.
 - `write_inputs(api, base)`: the files the graph names, written tiny: the DiT of the class the file name implies
-  (built from ComfyUI's own model class for that variant, so the key layout is the real one), a random Wan 2.1 VAE
-  of ComfyUI's class at a tiny width, LoRAs in ComfyUI's key layout, input images and videos.
+  (built from ComfyUI's own model class for that variant, so the key layout is the real one; the metadata ComfyUI
+  reads Animate 2 / causal-AR files by), a random Wan 2.1 VAE of ComfyUI's class at a tiny width, LoRAs in ComfyUI's
+  key layout, InfiniteTalk's MultiTalk patch of ComfyUI's class, input images, videos and audio.
 """
 from __future__ import annotations
 
@@ -238,7 +242,8 @@ def _promoted_value(parent: _Scope, instance: dict, slot: int, info: dict):
         return False, None, False
     saved = instance.get("widgets_values") or []
     if isinstance(saved, dict) or (saved and (instance.get("properties") or {}).get("proxyWidgets")):
-        raise Unconvertible(f"instance {scope.flat_id('')[:-1]}: widget values in a layout the converter does not know")
+        raise Unconvertible(f"instance {parent.flat_id(instance['id'])}: widget values in a layout the converter "
+                            "does not know")
     promoted = [k for k, w in enumerate(interior) if w[0]]
     index = 0
     for k in promoted[:promoted.index(slot)]:
@@ -489,8 +494,9 @@ def tiny_variant(api: dict, prefix: str) -> dict:
       output's shapes for the audio it is given: ComfyUI detects wav2vec2 only at full size); SAM 3's loader dropped
       and SAM3_Detect / SAM3_VideoTrack replaced by test nodes giving rectangles as masks / tracks;
     - width x height x frames set to 96 x 64 x 5 on every node that has them (latent makers, camera embeddings,
-      WanDancer's audio features, InfiniteTalk's motion frames, and the primitives feeding them), steps to at most 4 (samplers and BasicScheduler; a KSamplerAdvanced split
-      scaled with them);
+      WanDancer's audio features, InfiniteTalk's motion frames, and the primitives feeding them), steps to at most
+      4 (samplers and BasicScheduler; a KSamplerAdvanced split scaled with them);
+    - beside an InfiniteTalk patch the DiT and its LoRAs are DIT_MULTITALK wide, under MULTITALK_DIR/;
     - everything after the sampler (VAE decode, video / image saves and previews) replaced by SaveLatent of the
       decoded latent, so the sampled latents are compared, and nodes no output needs dropped.
     Seeds, cfg, samplers, schedulers, shifts, LoRA strengths and every other node stay as the template has them."""

@@ -184,7 +184,7 @@ def host(tmp_path_factory):
     with comfy_host.ComfyServer(base) as server:
         yield server, base, server.get("/object_info", timeout=60)
     if RESULTS:
-        print("\nComfyUI templates on 2 CPU ranks (ulysses2) vs native:")
+        print(f"\nComfyUI {HOST} templates on 2 CPU ranks (ulysses 2; ring 2 beside the InfiniteTalk patch) vs native:")
         for name, result in RESULTS.items():
             print(f"  {name}: {result}")
 
