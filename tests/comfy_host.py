@@ -29,6 +29,14 @@ def comfyui_path() -> str:
     return path
 
 
+def comfyui_version() -> str:
+    """The host's release ("0.3.75", "0.33.0"), read from its comfyui_version.py without importing ComfyUI: for tests
+    whose expected outcomes are measured per host (the product itself detects features, never versions)."""
+    import re
+    with open(os.path.join(comfyui_path(), "comfyui_version.py")) as f:
+        return re.search(r"__version__\s*=\s*[\"']([^\"']+)", f.read()).group(1)
+
+
 def import_comfy(cpu: bool = True):
     """Make ComfyUI importable in this process (CPU unless `cpu` is False). Its `nodes` module must win the
     name `nodes`."""

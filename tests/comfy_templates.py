@@ -1,17 +1,21 @@
 """ComfyUI's own workflow templates (the pinned `comfyui-workflow-templates-json` package) made runnable here.
 
 - `wan_cosmos_templates()`: every template of the package's index whose name or models mention Wan or Cosmos.
-- `convert(ui, object_info)`: UI -> API format, as ComfyUI's frontend queues a graph: links resolved, bypassed
-  nodes (mode 4) passed through by type, muted nodes (mode 2) dropped, Reroute / PrimitiveNode / notes resolved,
-  `widgets_values` matched to the live node definitions (with the extra "control_after_generate" value of seed
-  widgets and the upload widget of LoadImage / LoadVideo). What it cannot convert (subgraphs, group nodes) is
-  raised as `Unconvertible` with the reason, never guessed.
+- `convert(ui, object_info)`: UI -> API format, as ComfyUI's frontend queues a graph: subgraph instances expanded
+  into their inner nodes (`flatten`: ids "<instance>:<inner>", links joined across the boundaries, promoted widget
+  values), links resolved, bypassed nodes (mode 4) passed through by type, muted nodes (mode 2) dropped, Reroute /
+  PrimitiveNode / notes resolved, `widgets_values` matched to the live node definitions (with the extra
+  "control_after_generate" value of seed widgets, the upload widget of LoadImage / LoadVideo / LoadAudio, and V3
+  dynamic combos' option widgets as "<combo>.<child>"). What it cannot convert (group nodes, a muted node feeding
+  an active one, instance widget values in an unknown layout) is raised as `Unconvertible` with the reason, never
+  guessed.
 - `tiny_variant(api, ...)`: the graph made small and self-contained (the same change for the native and the
   parallel run, see `tiny_variant`'s docstring); `parallel_variant`: the same graph with only each UNETLoader
   replaced by Parallel Model Loader on one Parallel Config.
 - `write_inputs(api, base)`: the files the graph names, written tiny: the DiT of the class the file name implies
-  (built from ComfyUI's own model class for that variant, so the key layout is the real one), a random Wan 2.1 VAE
-  of ComfyUI's class at a tiny width, LoRAs in ComfyUI's key layout, input images and videos.
+  (built from ComfyUI's own model class for that variant, so the key layout is the real one; the metadata ComfyUI
+  reads Animate 2 / causal-AR files by), a random Wan 2.1 VAE of ComfyUI's class at a tiny width, LoRAs in ComfyUI's
+  key layout, InfiniteTalk's MultiTalk patch of ComfyUI's class, input images, videos and audio.
 """
 from __future__ import annotations
 
@@ -20,10 +24,14 @@ import json
 import os
 
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COLOR")
 VIRTUAL = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 # tiny DiT: 2 heads of 128 (ComfyUI derives heads as dim // 128), 2 blocks
 DIT = dict(dim=256, ffn_dim=512, num_layers=2)
+# beside an InfiniteTalk (MultiTalk) patch, whose attention ComfyUI builds with 40 heads: a width both 128 x heads
+# and 40 x head width divide (5 heads of 128 for the DiT, 40 of 16 for the patch)
+DIT_MULTITALK = dict(dim=640, ffn_dim=1280, num_layers=2)
+MULTITALK_DIR = "multitalk"
 WIDTH, HEIGHT, LENGTH, MAX_STEPS = 96, 64, 5, 4
 
 
@@ -70,98 +78,260 @@ def missing_nodes(ui: dict, object_info: dict) -> list[str]:
 
 
 # ---- UI -> API ---------------------------------------------------------------------------------------------
-def _links(ui: dict) -> dict:
-    out = {}
-    for link in ui.get("links", []):
-        if isinstance(link, dict):
-            link = [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
-                    link.get("type")]
-        out[link[0]] = link
-    return out
+# How ComfyUI's frontend queues a graph (Comfy-Org/ComfyUI_frontend, read at 024dff7f / 01b3aeae):
+# src/utils/executionUtil.ts graphToPrompt, src/lib/litegraph/src/subgraph/ExecutableNodeDTO.ts (links resolved
+# through bypassed / virtual nodes and across subgraph boundaries) and SubgraphNode.ts (instances expanded into
+# their inner nodes as "<instance>:<inner>", promoted widget values).
+SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20  # a subgraph definition's input / output node in its links
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+
+
+def _link_row(link) -> list:
+    if isinstance(link, dict):
+        return [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
+                link.get("type")]
+    return list(link)
+
+
+def _links(graph: dict) -> dict:
+    return {row[0]: row for row in map(_link_row, graph.get("links", []))}
+
+
+def _opts(spec) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
 
 
 def _is_widget(spec) -> bool:
     kind = spec[0]
-    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
+    return (isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO) and not _opts(spec).get(
+        "forceInput")
+
+
+def _has_control(name: str, spec) -> bool:
+    """Whether the frontend gives this widget a "control after generate" companion widget."""
+    return bool(_opts(spec).get("control_after_generate")) or name in ("seed", "noise_seed")
+
+
+def _specs(inputs: dict, order: dict | None = None) -> list:
+    """[(name, spec)] of a node's (or a dynamic combo option's) inputs in the frontend's widget order."""
+    order = order or {s: list(inputs.get(s, {})) for s in ("required", "optional")}
+    specs = {**inputs.get("required", {}), **inputs.get("optional", {})}
+    return [(name, specs[name]) for section in ("required", "optional") for name in order.get(section, [])]
+
+
+def _take_widgets(specs: list, prefix: str, seq: list, out: dict):
+    """Pop `seq` (a node's widgets_values) into out[name] as the frontend lays widgets out: a seed widget's
+    "control after generate" value and an upload button's value skipped, a dynamic combo followed by the widgets
+    of its selected option, named '<combo>.<child>' (the names the server re-nests)."""
+    for name, spec in specs:
+        if not seq:
+            return
+        if not _is_widget(spec):
+            continue
+        value = out[prefix + name] = seq.pop(0)
+        opts = _opts(spec)
+        if seq and isinstance(seq[0], str) and seq[0] in CONTROL_VALUES and (
+                _has_control(name, spec) or spec[0] in ("INT", "FLOAT")):
+            seq.pop(0)
+        elif seq and any(k.endswith("_upload") for k in opts) and (isinstance(spec[0], list) or spec[0] == "COMBO"):
+            seq.pop(0)  # a file list's upload button (LoadImage, LoadVideo, LoadAudio)
+        if spec[0] == DYNAMIC_COMBO:
+            option = next((o for o in opts.get("options", []) if o.get("key") == value), None)
+            if option is not None:
+                _take_widgets(_specs(option.get("inputs") or {}), prefix + name + ".", seq, out)
+
+
+def widget_values(node: dict, object_info: dict) -> dict:
+    """{widget name: value} of a UI-format node, its widgets_values matched to the live node definition."""
+    wv = node.get("widgets_values")
+    if isinstance(wv, dict):
+        return dict(wv)
+    info = object_info[node["type"]]
+    out = {}
+    _take_widgets(_specs(info["input"], info.get("input_order")), "", list(wv or []), out)
+    return out
+
+
+class _Scope:
+    """One graph level: the root graph, or a subgraph definition as one instance of it (at `path`) sees it."""
+
+    def __init__(self, graph, defs, path=(), parent=None, instance=None):
+        self.graph, self.defs, self.path, self.parent, self.instance = graph, defs, path, parent, instance
+        self.nodes = {n["id"]: n for n in graph.get("nodes", [])}
+        self.links = _links(graph)
+
+    def flat_id(self, node_id) -> str:
+        return ":".join(str(p) for p in (*self.path, node_id))
+
+    def is_instance(self, node) -> bool:
+        """An expanded subgraph instance: a bypassed or muted one is not expanded (frontend PR #8494: its
+        contents are not queued; a bypassed one passes its inputs through by type, like any bypassed node)."""
+        return node["type"] in self.defs and node.get("mode", 0) == 0
+
+    def child(self, instance) -> "_Scope":
+        return _Scope(self.defs[instance["type"]], self.defs, (*self.path, instance["id"]), self, instance)
+
+
+def _resolve_link(scope: _Scope, link: list, info: dict):
+    """Where a link of `scope` comes from: ("node", flat id, slot), ("value", v) for an instance input left
+    unconnected whose promoted widget holds v, or None."""
+    origin, slot = link[1], link[2]
+    if origin != SUBGRAPH_INPUT:
+        return _resolve_output(scope, origin, slot, info)
+    sg, instance = scope.graph, scope.instance
+    outer = _instance_input(instance, sg["inputs"][slot])
+    if outer is not None and outer.get("link") is not None:
+        return _resolve_link(scope.parent, scope.parent.links[outer["link"]], info)
+    found, value, _ = _promoted_value(scope.parent, instance, slot, info)
+    return ("value", value) if found else None
+
+
+def _resolve_output(scope: _Scope, node_id, slot: int, info: dict):
+    node = scope.nodes.get(node_id)
+    if node is None:
+        raise Unconvertible(f"link from node {scope.flat_id(node_id)}, which does not exist")
+    if not scope.is_instance(node):
+        return ("node", scope.flat_id(node_id), slot)
+    inner = scope.child(node)
+    ids = inner.graph["outputs"][slot].get("linkIds") or []
+    return _resolve_link(inner, inner.links[ids[0]], info) if ids else None
+
+
+def _instance_input(instance: dict, sg_input: dict):
+    """The instance's serialized input for a definition input: by name and type, else by name (the frontend
+    rebuilds an instance's inputs from its definition and rebinds the saved ones so)."""
+    saved = instance.get("inputs") or []
+    return (next((i for i in saved if i["name"] == sg_input["name"] and i.get("type") == sg_input.get("type")), None)
+            or next((i for i in saved if i["name"] == sg_input["name"]), None))
+
+
+def _interior_widget(scope: _Scope, k: int, info: dict):
+    """(found, value, has control widget) of the inner widget definition input k of `scope` promotes: the first
+    of its links that ends on a widget (or on a nested instance's promoted widget)."""
+    for lid in scope.graph["inputs"][k].get("linkIds") or []:
+        link = scope.links.get(lid)
+        target = scope.nodes.get(link[3]) if link else None
+        if target is None:
+            continue
+        tin = next((i for i in target.get("inputs") or [] if i.get("link") == lid), None)
+        if tin is None:
+            continue
+        if scope.is_instance(target):
+            nested = scope.child(target).graph["inputs"]
+            slot = next((j for j, s in enumerate(nested) if s["name"] == tin["name"]), None)
+            found = _promoted_value(scope, target, slot, info) if slot is not None else (False, None, False)
+            if found[0]:
+                return found
+            continue
+        if tin.get("widget") and target["type"] in info:
+            name = tin["widget"]["name"]
+            values = widget_values(target, info)
+            if name in values:
+                spec = dict(_specs(info[target["type"]]["input"])).get(name, ["INT"])
+                return True, values[name], _has_control(name, spec)
+    return False, None, False
+
+
+def _promoted_value(parent: _Scope, instance: dict, slot: int, info: dict):
+    """(found, value, has control) of the widget an instance shows for definition input `slot`: the instance's
+    widgets_values (one per promoted input in definition order, an extra one after a seed's when the list is that
+    long: SubgraphNode._applyPromotedWidgetValues), else the inner widget's own value."""
+    scope = parent.child(instance)
+    interior = [_interior_widget(scope, k, info) for k in range(len(scope.graph["inputs"]))]
+    if not interior[slot][0]:
+        return False, None, False
+    saved = instance.get("widgets_values") or []
+    if isinstance(saved, dict) or (saved and (instance.get("properties") or {}).get("proxyWidgets")):
+        raise Unconvertible(f"instance {parent.flat_id(instance['id'])}: widget values in a layout the converter "
+                            "does not know")
+    promoted = [k for k, w in enumerate(interior) if w[0]]
+    index = 0
+    for k in promoted[:promoted.index(slot)]:
+        index += 1 + (len(saved) > len(promoted) and interior[k][2])
+    if index < len(saved) and saved[index] is not None:
+        return True, saved[index], interior[slot][2]
+    return interior[slot]
+
+
+def flatten(ui: dict, object_info: dict) -> dict:
+    """The graph as one level, every subgraph instance expanded into its inner nodes (ids "<instance>:<inner>",
+    nested "a:b:c"), links across instance boundaries joined, an unconnected instance input replaced by a
+    PrimitiveNode holding its promoted widget's value. Nodes keep their UI fields; ids are strings."""
+    defs = {sg["id"]: sg for sg in ui.get("definitions", {}).get("subgraphs", [])}
+    flat = {"nodes": [], "links": []}
+    _expand(_Scope(ui, defs), object_info, flat)
+    return flat
+
+
+def _expand(scope: _Scope, info: dict, flat: dict):
+    for n in scope.graph.get("nodes", []):
+        if n["type"].startswith(("workflow>", "workflow/")):
+            raise Unconvertible(f"node {scope.flat_id(n['id'])} is a group node ({n['type']})")
+        if scope.is_instance(n):
+            _expand(scope.child(n), info, flat)
+            continue
+        node = dict(n, id=scope.flat_id(n["id"]), inputs=[])
+        for slot, inp in enumerate(n.get("inputs") or []):
+            end = None if inp.get("link") is None else _resolve_link(scope, scope.links[inp["link"]], info)
+            node["inputs"].append(dict(inp, link=_flat_link(flat, end, node["id"], slot, inp.get("type"))))
+        flat["nodes"].append(node)
+
+
+def _flat_link(flat: dict, end, target: str, slot: int, kind):
+    if end is None:
+        return None
+    if end[0] == "value":
+        holder = f"{target}.{slot}"
+        flat["nodes"].append({"id": holder, "type": "PrimitiveNode", "mode": 0, "widgets_values": [end[1]]})
+        end = ("node", holder, 0)
+    flat["links"].append([len(flat["links"]) + 1, end[1], end[2], target, slot, kind])
+    return len(flat["links"])
+
+
+def _source(nodes: dict, links: dict, link_id, want_type):
+    """(origin node, slot) a link of the flat graph resolves to, through Reroutes and bypassed nodes; None if
+    nothing (ExecutableNodeDTO.resolveOutput)."""
+    link = links.get(link_id)
+    for _ in range(1000):
+        if link is None:
+            return None
+        origin, slot = nodes.get(link[1]), link[2]
+        if origin is None:
+            return None
+        if origin["type"] == "Reroute":
+            link = links.get((origin.get("inputs") or [{}])[0].get("link"))
+            continue
+        if origin.get("mode", 0) == 4:  # bypass: the input of the output's type, same index first
+            ins = origin.get("inputs") or []
+            order = ([slot] if slot < len(ins) else []) + list(range(len(ins)))
+            link = next((links.get(ins[i]["link"]) for i in order
+                         if ins[i].get("type") == want_type and ins[i].get("link") is not None), None)
+            continue
+        if origin.get("mode", 0) == 2:
+            raise Unconvertible(f"node {origin['id']} ({origin['type']}) is muted but feeds an active node")
+        return origin, slot
+    return None
 
 
 def convert(ui: dict, object_info: dict) -> dict:
-    """The API-format prompt ComfyUI's frontend would queue for this UI-format graph."""
-    subgraph_ids = {sg["id"] for sg in ui.get("definitions", {}).get("subgraphs", [])}
-    nodes = {n["id"]: n for n in ui["nodes"]}
-    for n in nodes.values():
-        if n["type"] in subgraph_ids:
-            raise Unconvertible(f"node {n['id']} is a subgraph ({n['type']}): the converter does not expand them")
-        if n["type"].startswith("workflow>") or n["type"].startswith("workflow/"):
-            raise Unconvertible(f"node {n['id']} is a group node ({n['type']})")
-    links = _links(ui)
-
-    def source(link_id, want_type):
-        """(origin node, slot) a link resolves to, through Reroutes and bypassed nodes; None if nothing."""
-        seen = 0
-        link = links.get(link_id)
-        while link is not None and seen < 1000:
-            seen += 1
-            origin, slot = nodes.get(link[1]), link[2]
-            if origin is None:
-                return None
-            if origin["type"] == "Reroute":
-                link = links.get((origin.get("inputs") or [{}])[0].get("link"))
-                continue
-            if origin.get("mode", 0) == 4:  # bypass: the input of the output's type, same index first
-                ins = origin.get("inputs") or []
-                order = ([slot] if slot < len(ins) else []) + list(range(len(ins)))
-                nxt = None
-                for i in order:
-                    if ins[i].get("type") == want_type and ins[i].get("link") is not None:
-                        nxt = links.get(ins[i]["link"])
-                        break
-                link = nxt
-                continue
-            if origin.get("mode", 0) == 2:
-                raise Unconvertible(f"node {origin['id']} ({origin['type']}) is muted but feeds an active node")
-            return origin, slot
-        return None
-
+    """The API-format prompt ComfyUI's frontend would queue for this UI-format graph: every widget value of each
+    active node by name, then each connected input as [origin id, slot] (or the value of the PrimitiveNode or
+    promoted widget it resolves to)."""
+    flat = flatten(ui, object_info)
+    nodes, links = {n["id"]: n for n in flat["nodes"]}, _links(flat)
     api = {}
-    for n in ui["nodes"]:
+    for n in flat["nodes"]:
         if n["type"] in VIRTUAL or n.get("mode", 0) in (2, 4):
             continue
-        info = object_info[n["type"]]
-        order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
-        specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
-        linked = {i["name"]: i for i in n.get("inputs") or [] if i.get("link") is not None}
-        wv = n.get("widgets_values")
-        values = dict(wv) if isinstance(wv, dict) else None
-        seq = list(wv or []) if values is None else []
-        inputs = {}
-        for section in ("required", "optional"):
-            for name in order.get(section, []):
-                spec = specs[name]
-                if _is_widget(spec):
-                    if values is not None:
-                        if name in values:
-                            inputs[name] = values[name]
-                    elif seq:
-                        inputs[name] = seq.pop(0)
-                        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                        if seq and isinstance(seq[0], str) and seq[0] in CONTROL_VALUES and (
-                                opts.get("control_after_generate") or name in ("seed", "noise_seed")
-                                or spec[0] in ("INT", "FLOAT")):
-                            seq.pop(0)  # the frontend's "control after generate" widget
-                        elif seq and any(k.endswith("_upload") for k in opts):
-                            seq.pop(0)  # the upload button's value
-                if name in linked:
-                    src = source(linked[name]["link"], linked[name].get("type"))
-                    if src is None:
-                        continue
-                    origin, slot = src
-                    if origin["type"] == "PrimitiveNode":
-                        inputs[name] = (origin.get("widgets_values") or [None])[0]
-                    else:
-                        inputs[name] = [str(origin["id"]), slot]
-        api[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+        inputs = widget_values(n, object_info)
+        for inp in n.get("inputs") or []:
+            src = None if inp.get("link") is None else _source(nodes, links, inp["link"], inp.get("type"))
+            if src is None:
+                continue
+            origin, slot = src
+            inputs[inp["name"]] = ((origin.get("widgets_values") or [None])[0] if origin["type"] == "PrimitiveNode"
+                                   else [origin["id"], slot])
+        api[n["id"]] = {"class_type": n["type"], "inputs": inputs}
     return api
 
 
@@ -185,6 +355,133 @@ def _upstream(api, nid, class_type):
     return out
 
 
+def _id_number(nid: str) -> int:
+    """A number for a node id, plain ("12") or of an inner node of a subgraph ("128:89" -> 12889): seeds of the
+    stand-ins and the order of the outputs."""
+    return int(str(nid).replace(":", ""))
+
+
+def _locate(g: dict, nid: str, key: str, depth: int = 0):
+    """(node id, input) holding the constant that input `key` of `nid` resolves to: the input itself, a Primitive*
+    node's value, or the chosen branch of a ComfySwitchNode with a constant switch; None if it is computed."""
+    value = g[nid]["inputs"].get(key)
+    if not isinstance(value, list):
+        return (nid, key)
+    src = g.get(value[0])
+    if src is None or depth > 50:
+        return None
+    if src["class_type"] in ("PrimitiveInt", "PrimitiveFloat", "PrimitiveBoolean", "PrimitiveNode"):
+        return _locate(g, value[0], "value", depth + 1)
+    if src["class_type"] == "ComfySwitchNode":
+        switch = _locate(g, value[0], "switch", depth + 1)
+        if switch is not None:
+            branch = "on_true" if g[switch[0]]["inputs"][switch[1]] else "on_false"
+            return _locate(g, value[0], branch, depth + 1)
+    return None
+
+
+def _fewer_steps(g: dict):
+    """Every sampler to at most MAX_STEPS steps, a KSamplerAdvanced's start / end scaled with them; set where the
+    value is held (the sampler's widget or the primitive feeding it, shared primitives once)."""
+    wanted = {}  # location -> the values the samplers using it want there
+    for nid, node in g.items():
+        if node["class_type"] not in ("KSampler", "KSamplerAdvanced", "BasicScheduler"):
+            continue
+        where = {k: _locate(g, nid, k) for k in ("steps", "start_at_step", "end_at_step") if k in node["inputs"]}
+        if None in where.values():
+            raise Unconvertible(f"{node['class_type']} {nid}: steps computed by the graph")
+        steps = _held(g, where["steps"])
+        new = min(steps, MAX_STEPS)
+        wanted.setdefault(where["steps"], set()).add(new)
+        for k in ("start_at_step", "end_at_step"):
+            if k in where:
+                value = _held(g, where[k])
+                wanted.setdefault(where[k], set()).update([round(value * new / steps)] if value < steps else [])
+    for (nid, key), values in wanted.items():
+        if len(values) > 1:
+            raise Unconvertible(f"{nid}.{key} sets the steps of samplers that would need {sorted(values)}")
+        if values:
+            g[nid]["inputs"][key] = values.pop()
+
+
+def _held(g: dict, where: tuple):
+    return g[where[0]]["inputs"][where[1]]
+
+
+def _smaller(g: dict):
+    """width x height x frames to WIDTH x HEIGHT x LENGTH on every node that has them: where the value is held
+    (the widget, or the primitive / switch branch feeding it); a value computed by a node that is not made
+    smaller itself (a math expression of the template's duration) is replaced by the constant."""
+    sizes = {"width": WIDTH, "height": HEIGHT, "length": LENGTH, "video_frames": LENGTH, "motion_frame_count": LENGTH}
+    for nid, node in list(g.items()):
+        if node["class_type"] == "SaveLatent" or node["class_type"].startswith("PditTest"):
+            continue  # (the test conditioning's width is the embedding's)
+        for key, value in sizes.items():
+            if key not in node["inputs"]:
+                continue
+            where = _locate(g, nid, key)
+            src = node["inputs"][key]
+            if where is None and not any(k in g[src[0]]["inputs"] for k in sizes):
+                where = (nid, key)
+            if where is not None:
+                g[where[0]]["inputs"][where[1]] = value
+
+
+def _stand_ins(g: dict):
+    """Text encoders, CLIP vision, the Wan 2.2 VAE, audio encoders and SAM 3 replaced by the test nodes (see
+    tiny_variant)."""
+    for nid, node in list(g.items()):
+        ct, inp = node["class_type"], node["inputs"]
+        if ct == "CLIPTextEncode":
+            g[nid] = {"class_type": "PditTestConditioning", "inputs": {"seed": 100 + _id_number(nid), "tokens": 12,
+                                                                       "width": 4096}}
+        elif ct == "CLIPVisionEncode":
+            g[nid] = {"class_type": "PditTestClipVision", "inputs": {"seed": 200 + _id_number(nid)}}
+        elif ct == "VAELoader" and "2.2" in inp["vae_name"]:
+            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "wan2.2"}}
+        elif ct == "AudioEncoderEncode":
+            name = g[inp["audio_encoder"][0]]["inputs"]["audio_encoder_name"]
+            g[nid] = {"class_type": "PditTestAudioEncoding", "inputs": {
+                "audio": inp["audio"], "kind": "wav2vec2_base" if "base" in name else "wav2vec2_large",
+                "seed": 300 + _id_number(nid)}}
+        elif ct == "SAM3_Detect":
+            g[nid] = {"class_type": "PditTestSAM3Detect", "inputs": {"image": inp["image"]}}
+        elif ct == "SAM3_VideoTrack":
+            g[nid] = {"class_type": "PditTestSAM3Track", "inputs": {"images": inp["images"],
+                                                                    "max_objects": inp["max_objects"]}}
+    # a LoraLoader whose CLIP output only fed the replaced text encoders: its model half (LoraLoaderModelOnly)
+    for nid, node in list(g.items()):
+        if node["class_type"] == "LoraLoader" and not any(
+                g[k]["inputs"][name][1] == 1 for k, name in _consumers(g, nid)):
+            inp = node["inputs"]
+            g[nid] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+                "model": inp["model"], "lora_name": inp["lora_name"], "strength_model": inp["strength_model"]}}
+
+
+def _latent_outputs(g: dict, prefix: str) -> dict:
+    """The outputs replaced by one SaveLatent per decoded latent; the nodes no output needs dropped."""
+    decoded = {}
+    for nid, node in list(g.items()):
+        if node["class_type"] in ("VAEDecode", "VAEDecodeTiled"):
+            decoded.setdefault(tuple(node["inputs"]["samples"]), nid)
+    for nid, node in list(g.items()):
+        if node["class_type"].startswith(("Save", "Preview", "CreateVideo")):
+            del g[nid]
+    for i, (samples, _) in enumerate(sorted(decoded.items(), key=lambda kv: _id_number(kv[1]))):
+        g[f"save{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": list(samples),
+                                                                "filename_prefix": f"{prefix}_{i}"}}
+    keep, todo = set(), [k for k in g if k.startswith("save")]
+    while todo:
+        k = todo.pop()
+        if k not in keep:
+            keep.add(k)
+            todo += [v[0] for v in g[k]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    missing = sorted(k for k in keep if k not in g)
+    if missing:
+        raise Unconvertible(f"nodes {missing} are needed but were dropped (text / vision encoders feed another node)")
+    return {k: v for k, v in g.items() if k in keep}
+
+
 def tiny_variant(api: dict, prefix: str) -> dict:
     """The converted template, small and self-contained; the change is the same for both runs:
     - CLIPLoader dropped and each CLIPTextEncode replaced by the test conditioning node (random umt5-width tokens);
@@ -193,71 +490,41 @@ def tiny_variant(api: dict, prefix: str) -> dict:
       penultimate tokens): ComfyUI detects CLIP-ViT-H only at its full 632 M-parameter size;
     - the Wan 2.2 VAE (48 channels) replaced by the test VAE node (the encoder's shapes, deterministic values):
       ComfyUI fixes its width at 160 (705 M parameters); the Wan 2.1 VAE stays, as a tiny file of its real class;
+    - AudioEncoderLoader dropped and each AudioEncoderEncode replaced by the test audio-encoding node (the wav2vec2
+      output's shapes for the audio it is given: ComfyUI detects wav2vec2 only at full size); SAM 3's loader dropped
+      and SAM3_Detect / SAM3_VideoTrack replaced by test nodes giving rectangles as masks / tracks;
     - width x height x frames set to 96 x 64 x 5 on every node that has them (latent makers, camera embeddings,
-      and the PrimitiveInt nodes feeding them), steps to at most 4 (a KSamplerAdvanced split scaled with them);
+      WanDancer's audio features, InfiniteTalk's motion frames, and the primitives feeding them), steps to at most
+      4 (samplers and BasicScheduler; a KSamplerAdvanced split scaled with them);
+    - beside an InfiniteTalk patch the DiT and its LoRAs are DIT_MULTITALK wide, under MULTITALK_DIR/;
     - everything after the sampler (VAE decode, video / image saves and previews) replaced by SaveLatent of the
       decoded latent, so the sampled latents are compared, and nodes no output needs dropped.
     Seeds, cfg, samplers, schedulers, shifts, LoRA strengths and every other node stay as the template has them."""
     g = copy.deepcopy(api)
-    for nid, node in list(g.items()):
-        ct, inp = node["class_type"], node["inputs"]
-        if ct == "CLIPTextEncode":
-            g[nid] = {"class_type": "PditTestConditioning", "inputs": {"seed": 100 + int(nid), "tokens": 12,
-                                                                       "width": 4096}}
-        elif ct == "CLIPVisionEncode":
-            g[nid] = {"class_type": "PditTestClipVision", "inputs": {"seed": 200 + int(nid)}}
-        elif ct == "VAELoader" and "2.2" in inp["vae_name"]:
-            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "wan2.2"}}
-        for key, value in (("width", WIDTH), ("height", HEIGHT), ("length", LENGTH)):
-            if key not in inp:
-                continue
-            if isinstance(inp[key], list):
-                src = g.get(inp[key][0])
-                if src is not None and src["class_type"] in ("PrimitiveInt", "PrimitiveNode"):
-                    src["inputs"]["value"] = value
-            elif ct not in ("SaveLatent",):
-                inp[key] = value
-        if ct == "KSampler":
-            inp["steps"] = min(inp["steps"], MAX_STEPS)
-        elif ct == "KSamplerAdvanced":
-            steps = inp["steps"]
-            new = min(steps, MAX_STEPS)
-            inp["steps"] = new
-            for k in ("start_at_step", "end_at_step"):
-                if inp[k] < steps:
-                    inp[k] = round(inp[k] * new / steps)
-    # a LoraLoader whose CLIP output only fed the replaced text encoders: its model half (LoraLoaderModelOnly)
-    for nid, node in list(g.items()):
-        if node["class_type"] == "LoraLoader" and not any(
-                g[k]["inputs"][name][1] == 1 for k, name in _consumers(g, nid)):
-            inp = node["inputs"]
-            g[nid] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-                "model": inp["model"], "lora_name": inp["lora_name"], "strength_model": inp["strength_model"]}}
-    # outputs: one SaveLatent per latent that was decoded
-    decoded = {}
-    for nid, node in list(g.items()):
-        if node["class_type"] in ("VAEDecode", "VAEDecodeTiled"):
-            decoded.setdefault(tuple(node["inputs"]["samples"]), nid)
-    info_outputs = ("Save", "Preview", "CreateVideo")
-    for nid, node in list(g.items()):
-        if node["class_type"].startswith(info_outputs):
-            del g[nid]
-    for i, (samples, _) in enumerate(sorted(decoded.items(), key=lambda kv: int(kv[1]))):
-        g[f"save{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": list(samples),
-                                                                "filename_prefix": f"{prefix}_{i}"}}
-    keep = set()
-    for nid in [k for k in g if k.startswith("save")]:
-        todo = [nid]
-        while todo:
-            k = todo.pop()
-            if k in keep:
-                continue
-            keep.add(k)
-            todo += [v[0] for v in g[k]["inputs"].values() if isinstance(v, list) and len(v) == 2]
-    missing = sorted({k for k in keep if k not in g})
-    if missing:
-        raise Unconvertible(f"nodes {missing} are needed but were dropped (text / vision encoders feed another node)")
-    return {k: v for k, v in g.items() if k in keep}
+    _stand_ins(g)
+    _smaller(g)
+    _fewer_steps(g)
+    _multitalk_files(g)
+    return _latent_outputs(g, prefix)
+
+
+def _multitalk_files(g: dict):
+    """Beside an InfiniteTalk patch the DiT is DIT_MULTITALK wide: its files (DiT, LoRAs) are named under
+    MULTITALK_DIR/, so they never meet the same names' DIT-wide files other templates use."""
+    if not any(n["class_type"] == "ModelPatchLoader" and "infinitetalk" in n["inputs"]["name"].lower()
+               for n in g.values()):
+        return
+    for node in g.values():
+        for key in ("unet_name", "lora_name"):
+            if key in node["inputs"] and node["class_type"] in ("UNETLoader", "LoraLoaderModelOnly", "LoraLoader"):
+                node["inputs"][key] = f"{MULTITALK_DIR}/{node['inputs'][key]}"
+
+
+def parallel_degrees(g: dict) -> dict:
+    """The 2-rank mesh for a graph: ulysses 2 (one head per rank), ring 2 for the DIT_MULTITALK width (5 heads)."""
+    wide = any(n["class_type"] == "UNETLoader" and n["inputs"]["unet_name"].startswith(MULTITALK_DIR + "/")
+               for n in g.values())
+    return {"ulysses": 1, "ring": 2} if wide else {"ulysses": 2}
 
 
 def parallel_variant(g: dict, old_prefix: str, new_prefix: str, degrees: dict | None = None) -> dict:
@@ -278,40 +545,59 @@ def parallel_variant(g: dict, old_prefix: str, new_prefix: str, degrees: dict | 
 
 
 # ---- tiny files under the names the graph uses -----------------------------------------------------------------
-def dit_config(name: str) -> tuple[dict, str]:
-    """(ComfyUI unet_config for a tiny model of the variant the file name implies, file dtype)."""
+# model types ComfyUI reads from the file's metadata ("config" -> "transformer"), not from its keys
+METADATA_VARIANTS = {"animate_2": {"model_type": "animate2"}, "animate2": {"model_type": "animate2"},
+                     "causal_forcing": {"causal_ar": True}}
+
+
+def dit_config(name: str, dims: dict = DIT) -> tuple[dict, str, dict]:
+    """(ComfyUI unet_config for a tiny model of the variant the file name implies, file dtype, the file's
+    safetensors metadata). `dims`: width, FFN width and depth (DIT, or DIT_MULTITALK)."""
     n = name.lower()
     wan22 = "wan2.2" in n or "wan2_2" in n
-    five_b = "5b" in n
-    out_dim = 48 if wan22 and five_b else 16
-    cfg = dict(image_model="wan2.1", dim=DIT["dim"], ffn_dim=DIT["ffn_dim"], num_layers=DIT["num_layers"],
-               num_heads=DIT["dim"] // 128, out_dim=out_dim, patch_size=(1, 2, 2), freq_dim=256,
+    out_dim = 48 if wan22 and "5b" in n else 16
+    cfg = dict(image_model="wan2.1", dim=dims["dim"], ffn_dim=dims["ffn_dim"], num_layers=dims["num_layers"],
+               num_heads=dims["dim"] // 128, out_dim=out_dim, patch_size=(1, 2, 2), freq_dim=256,
                window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, model_type="t2v", in_dim=16)
+    cfg.update(_variant(n, wan22, out_dim))
+    extra = next((v for k, v in METADATA_VARIANTS.items() if k in n), None)
+    metadata = {}
+    if extra is not None:
+        cfg.update(extra)
+        metadata = {"config": json.dumps({"transformer": extra})}
+    dtype = ("fp8_scaled" if "fp8" in n and "scaled" in n else "fp8_e4m3fn" if "fp8_e4m3fn" in n else
+             "int8" if "int8" in n else "bf16" if "bf16" in n else "fp16" if "fp16" in n else "fp32")
+    return cfg, dtype, metadata
+
+
+def _variant(n: str, wan22: bool, out_dim: int) -> dict:
+    """The unet_config entries of the Wan variant a file name implies (what ComfyUI's detection reads from the
+    real file's keys)."""
     if "vace" in n:
-        cfg.update(model_type="vace", vace_in_dim=96, vace_layers=1)
-    elif "fun_camera" in n:
-        cfg.update(model_type="camera_2.2", in_dim=36) if wan22 else cfg.update(model_type="camera", in_dim=32)
-    elif "fun_control" in n:
-        # Wan 2.2 Fun control: latent + control latent + start-image latent + 4 mask channels
-        # and ref_conv for the reference image its node passes
-        if wan22:
-            cfg.update(in_dim=3 * out_dim + 4, in_dim_ref_conv=out_dim)
-        else:
-            cfg.update(model_type="i2v", in_dim=48)
-    elif "fun_inp" in n:
-        cfg.update(in_dim=2 * out_dim + 4) if wan22 else cfg.update(model_type="i2v", in_dim=36)
-    elif "ti2v" in n:
-        cfg.update(in_dim=48)
-    elif "i2v" in n or "flf2v" in n:
-        if wan22:  # Wan 2.2 A14B I2V: no CLIP-vision embedding
-            cfg.update(in_dim=36)
-        else:
-            cfg.update(model_type="i2v", in_dim=36)
-            if "flf2v" in n:
-                cfg["flf_pos_embed_token_number"] = 514
-    dtype = ("fp8_scaled" if "fp8_scaled" in n else "fp8_e4m3fn" if "fp8_e4m3fn" in n else
-             "bf16" if "bf16" in n else "fp16" if "fp16" in n else "fp32")
-    return cfg, dtype
+        return dict(model_type="vace", vace_in_dim=96, vace_layers=1)
+    if "fun_camera" in n:
+        return dict(model_type="camera_2.2", in_dim=36) if wan22 else dict(model_type="camera", in_dim=32)
+    if "fun_control" in n:
+        # Wan 2.2 Fun control: latent + control latent + start-image latent + 4 mask channels and ref_conv for the
+        # reference image its node passes
+        return dict(in_dim=3 * out_dim + 4, in_dim_ref_conv=out_dim) if wan22 else dict(model_type="i2v", in_dim=48)
+    if "fun_inp" in n:
+        return dict(in_dim=2 * out_dim + 4) if wan22 else dict(model_type="i2v", in_dim=36)
+    if "ti2v" in n:
+        return dict(in_dim=48)
+    if "s2v" in n:
+        return dict(model_type="s2v")
+    if "scail_2" in n or "scail2" in n:
+        return dict(model_type="scail2", in_dim=20)
+    if "dancer" in n:
+        return dict(model_type="wandancer", in_dim=36)
+    if "animate" in n:
+        return dict(in_dim=36)
+    if wan22 and ("i2v" in n or "flf2v" in n):  # Wan 2.2 A14B I2V: no CLIP-vision embedding
+        return dict(in_dim=36)
+    if any(k in n for k in ("i2v", "flf2v", "chrono_edit", "wanmove")):  # Wan 2.1 I2V 14B and its fine-tunes
+        return dict(model_type="i2v", in_dim=36, **({"flf_pos_embed_token_number": 514} if "flf2v" in n else {}))
+    return {}
 
 
 def host_state_shapes(module) -> dict:
@@ -330,20 +616,65 @@ def wan_dit_shapes(unet_config: dict) -> dict:
     return host_state_shapes(base.diffusion_model)
 
 
-def write_dit(path: str, name: str, seed: int) -> str:
+def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
     import torch
 
     from parallel_backend.testing.synthetic import write_checkpoint, write_fp8_variant
-    cfg, dtype = dit_config(name)
+    cfg, dtype, metadata = dit_config(name, dims)
     shapes = wan_dit_shapes(cfg)
-    if dtype.startswith("fp8"):
+    if dtype.startswith("fp8") or dtype == "int8":
         tmp = path + ".fp32"
-        write_checkpoint(tmp, shapes, seed=seed)
-        write_fp8_variant(tmp, path, scaled=dtype == "fp8_scaled")
+        write_checkpoint(tmp, shapes, seed=seed, metadata=metadata)
+        if dtype == "int8":
+            write_int8_variant(tmp, path)
+        else:
+            write_fp8_variant(tmp, path, scaled=dtype == "fp8_scaled")
         os.remove(tmp)
         return path
     return write_checkpoint(path, shapes, dtype={"fp32": torch.float32, "fp16": torch.float16,
-                                                 "bf16": torch.bfloat16}[dtype], seed=seed)
+                                                 "bf16": torch.bfloat16}[dtype], seed=seed, metadata=metadata)
+
+
+def write_int8_variant(src: str, dst: str) -> str:
+    """An int8 copy of checkpoint `src` in ComfyUI's mixed-precision layout, as the "int8_convrot" files are: each
+    block linear's weight int8 with a per-tensor float32 `weight_scale` (max|w| / 127) and its `comfy_quant` entry
+    {"format": "int8_tensorwise", "convrot": true}; the rest and the file's metadata as they are."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    conf = torch.tensor(list(json.dumps({"format": "int8_tensorwise", "convrot": True}).encode()), dtype=torch.uint8)
+    out = {}
+    for k, t in tensors.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and t.ndim == 2:
+            scale = (t.float().abs().amax().clamp(min=1e-12) / 127).reshape(())
+            layer = k[:-len(".weight")]
+            out[k] = (t.float() / scale).round().clamp(-127, 127).to(torch.int8)
+            out[layer + ".weight_scale"], out[layer + ".comfy_quant"] = scale, conf.clone()
+        else:
+            out[k] = t
+    save_file(out, dst, metadata=metadata)
+    return dst
+
+
+def write_multitalk_patch(path: str, dim: int, seed: int = 5) -> str:
+    """A random InfiniteTalk (MultiTalk) model patch of ComfyUI's class (comfy_extras.nodes_model_patch
+    .MultiTalkModelPatch: 40 blocks, 40 heads) for a DiT `dim` wide, audio projection 64 wide (ComfyUI reads the
+    widths from the file), fp16."""
+    import torch
+    from comfy_extras.nodes_model_patch import MultiTalkModelPatch
+
+    import comfy.ops
+    from parallel_backend.testing.synthetic import random_tensor, write_safetensors_stream
+    with torch.device("meta"):
+        patch = MultiTalkModelPatch(audio_window=5, context_tokens=32, vae_scale=4, in_dim=dim, intermediate_dim=64,
+                                    out_dim=64, operations=comfy.ops.manual_cast)
+    g = torch.Generator().manual_seed(seed)
+    return write_safetensors_stream(path, [(k, s, torch.float16, lambda k=k, s=s: random_tensor(k, s, g).half())
+                                           for k, s in host_state_shapes(patch).items()])
 
 
 def write_wan21_vae(path: str, seed: int = 11, dim: int = 16) -> str:
@@ -391,6 +722,22 @@ def write_video(path: str, frames: int = 8) -> str:
     return path
 
 
+def write_audio(path: str, seconds: float = 1.0, rate: int = 16000) -> str:
+    """A short tone (with an overtone and a fade) as a WAV stream, whatever the file's extension: ComfyUI's
+    LoadAudio decodes by content (PyAV)."""
+    import wave
+
+    import numpy as np
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.1 * np.sin(2 * np.pi * 660 * t)) * np.linspace(1, 0.2, t.size)
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((tone * 32767).astype("<i2").tobytes())
+    return path
+
+
 def write_inputs(g: dict, base: str) -> dict:
     """Write (once) every file the tiny graph names under the ComfyUI base directory; returns {kind: [names]}."""
     from parallel_backend.testing.synthetic import write_wan_lora
@@ -406,8 +753,14 @@ def write_inputs(g: dict, base: str) -> dict:
         if ct == "UNETLoader":
             p = path_of("diffusion_models", inp["unet_name"])
             if not os.path.exists(p):
-                write_dit(p, inp["unet_name"], seed=sum(map(ord, inp["unet_name"])) % 1000)
+                dims = DIT_MULTITALK if inp["unet_name"].startswith(MULTITALK_DIR + "/") else DIT
+                write_dit(p, inp["unet_name"], seed=sum(map(ord, inp["unet_name"])) % 1000, dims=dims)
             made["diffusion_models"].append(inp["unet_name"])
+        elif ct == "ModelPatchLoader":
+            p = path_of("model_patches", inp["name"])
+            if not os.path.exists(p):
+                write_multitalk_patch(p, DIT_MULTITALK["dim"])
+            made.setdefault("model_patches", []).append(inp["name"])
         elif ct == "VAELoader":
             p = path_of("vae", inp["vae_name"])
             if not os.path.exists(p):
@@ -418,6 +771,11 @@ def write_inputs(g: dict, base: str) -> dict:
             if not os.path.exists(p):
                 write_image(p, seed=len(inp["image"]))
             made["input"].append(inp["image"])
+        elif ct == "LoadAudio":
+            p = path_of("input", inp["audio"])
+            if not os.path.exists(p):
+                write_audio(p)
+            made["input"].append(inp["audio"])
         elif ct == "LoadVideo":
             p = path_of("input", inp["file"])
             if not os.path.exists(p):

@@ -1,6 +1,6 @@
-"""Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder and the
-Wan 2.2 VAE's encoder, which cannot be downloaded where the tests run, and ComfyUI's native Cosmos Predict2 and
-Cosmos 1.0 models for a tiny file (which ComfyUI's own loader cannot size)."""
+"""Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder, CLIP vision, the
+Wan 2.2 VAE's encoder, the wav2vec2 audio encoders and SAM 3, which cannot be downloaded where the tests run, and
+ComfyUI's native Cosmos Predict2 and Cosmos 1.0 models for a tiny file (which ComfyUI's own loader cannot size)."""
 import torch
 
 
@@ -162,7 +162,81 @@ class PditTestClipVision:
         return (types.SimpleNamespace(penultimate_hidden_states=torch.randn(1, 257, 1280, generator=g)),)
 
 
+class PditTestAudioEncoding:
+    """Stand-in for AudioEncoderLoader + AudioEncoderEncode (wav2vec2 files are detected only at full size: 95 M /
+    315 M parameters): the encoder output's shapes for the given audio (50 frames a second of 16 kHz audio, one
+    hidden state per layer plus the input's), deterministic values plus the audio's mean."""
+    SIZES = {"wav2vec2_large": (1024, 24), "wav2vec2_base": (768, 12)}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"audio": ("AUDIO",),
+                             "kind": (list(cls.SIZES), {"default": "wav2vec2_large", "tooltip": "whose shapes"}),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("AUDIO_ENCODER_OUTPUT",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, audio, kind, seed):
+        width, layers = self.SIZES[kind]
+        samples = round(audio["waveform"].shape[-1] * 16000 / audio["sample_rate"])
+        frames = max(1, (samples - 400) // 320 + 1)  # the wav2vec2 feature extractor's receptive field and stride
+        g = torch.Generator().manual_seed(seed)
+        offset = audio["waveform"].float().mean()
+        all_layers = tuple(torch.randn(1, frames, width, generator=g) + offset for _ in range(layers + 1))
+        return ({"encoded_audio": all_layers[-1], "encoded_audio_all_layers": all_layers, "audio_samples": samples},)
+
+
+def _boxes(n, height, width, objects, frame_shift=0):
+    """`objects` deterministic rectangles side by side on each of n frames (moving right by frame_shift a frame)."""
+    masks = torch.zeros(n, objects, height, width)
+    for t in range(n):
+        for i in range(objects):
+            x0 = (i * width // objects + t * frame_shift) % width
+            masks[t, i, height // 4: 3 * height // 4, x0: min(width, x0 + width // (2 * objects) + 1)] = 1
+    return masks
+
+
+class PditTestSAM3Detect:
+    """Stand-in for SAM3_Detect (its checkpoint, SAM 3.1, is 1.7 GB): one rectangle per frame as the mask."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",)}}
+
+    RETURN_TYPES = ("MASK", "BOUNDING_BOX")
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, image):
+        n, h, w = image.shape[0], image.shape[1], image.shape[2]
+        masks = _boxes(n, h, w, 1)[:, 0]
+        return (masks, [[{"x": w // 4, "y": h // 4, "width": w // 2, "height": h // 2}] for _ in range(n)])
+
+
+class PditTestSAM3Track:
+    """Stand-in for SAM3_VideoTrack: `max_objects` tracked rectangles (at most 2), moving across the frames, in the
+    track data layout ComfyUI's SAM3 tracker returns (bit-packed masks, orig_size)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "max_objects": ("INT", {"default": 2, "min": 1, "max": 64})}}
+
+    RETURN_TYPES = ("SAM3_TRACK_DATA",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, images, max_objects):
+        from comfy.ldm.sam3.tracker import pack_masks
+        n, h, w = images.shape[0], images.shape[1], images.shape[2]
+        objects = min(max_objects, 2)
+        masks = _boxes(n, h, (w + 7) // 8 * 8, objects, frame_shift=2)
+        return ({"packed_masks": pack_masks(masks), "scores": [0.9] * objects, "n_frames": n, "orig_size": (h, w)},)
+
+
 NODE_CLASS_MAPPINGS = {"PditTestConditioning": PditTestConditioning, "PditTestVAE": PditTestVAE,
                        "PditTestClipVision": PditTestClipVision,
                        "PditTestCosmosPredict2Loader": PditTestCosmosPredict2Loader,
-                       "PditTestCosmos1Loader": PditTestCosmos1Loader}
+                       "PditTestCosmos1Loader": PditTestCosmos1Loader, "PditTestAudioEncoding": PditTestAudioEncoding,
+                       "PditTestSAM3Detect": PditTestSAM3Detect, "PditTestSAM3Track": PditTestSAM3Track}
