@@ -12,8 +12,10 @@ the activations' device, as natively).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+import sys
 import weakref
 
 import torch
@@ -63,8 +65,32 @@ def _pickler(buffer, refs: dict | None = None):
 
 def dumps(obj, refs: dict | None = None) -> bytes:
     buffer = io.BytesIO()
-    _pickler(buffer, refs).dump(obj)
+    with _path_modules_by_value():
+        _pickler(buffer, refs).dump(obj)
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _path_modules_by_value():
+    """ComfyUI imports its comfy_extras and every custom node pack under a file path as module name: a class or
+    function from such a module cannot be imported by that name in a rank, so cloudpickle sends it by value while
+    this pickle is made (and only then)."""
+    import cloudpickle
+
+    names = [n for n, m in list(sys.modules.items()) if m is not None and ("/" in n or "\\" in n)]
+    added = [n for n in names if not _by_value(cloudpickle, n)]
+    for n in added:
+        cloudpickle.register_pickle_by_value(sys.modules[n])
+    try:
+        yield
+    finally:
+        for n in added:
+            if n in sys.modules:
+                cloudpickle.unregister_pickle_by_value(sys.modules[n])
+
+
+def _by_value(cloudpickle, name: str) -> bool:
+    return name in getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
 
 
 class PatchTransferError(ValueError):

@@ -105,10 +105,9 @@ EXPECTED = {
         "ComfyUI detects this file as SCAIL2WanModel, which the parallel loader cannot run"),
     "video_wan21_scail2_character_replacement_int8": refused(
         "ComfyUI detects this file as SCAIL2WanModel, which the parallel loader cannot run"),
-    # a model patch the pack cannot send to the ranks yet (InfiniteTalk's MultiTalk attention patches); the DiT is
-    # DIT_MULTITALK wide there (ring 2)
-    "video_wan2_1_infinitetalk": refused(
-        "model patches ['patches'] (from a node that patches the model) cannot be sent to the worker ranks"),
+    # InfiniteTalk's MultiTalk patches (a model of their own, sent to the ranks once; each sees the whole sequence);
+    # the DiT is DIT_MULTITALK wide there (ring 2)
+    "video_wan2_1_infinitetalk": MATCH,
     # Wan classes ComfyUI 0.33 reads from the file's metadata ("config"): the pack drops the metadata, builds a plain
     # WanModel and does not refuse; an int8 (comfy_quant) file's layers get no weights on the ranks
     "video_wan_animate2_distilled": fails("'Linear' object has no attribute 'weight'"),
