@@ -524,7 +524,8 @@ def check_call(cfg: ParallelConfig, call_bytes: int, rows: int, memory: list, do
     if not memory or any(m is None for m in memory):
         return need
     if memory[0].get("shared"):
-        short = [(f"the host ({len(memory)} CPU ranks)", len(memory) * max(0, need - done), memory[0]["free"])]
+        ranks = f"{len(memory)} CPU rank{'s' if len(memory) > 1 else ''}"
+        short = [(f"the host ({ranks})", len(memory) * max(0, need - done), memory[0]["free"])]
     else:
         short = [(m["device"], need, m["free"]) for m in memory]
     over = [(d, n, f) for d, n, f in short if n > f]

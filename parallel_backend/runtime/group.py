@@ -221,19 +221,10 @@ class WorkerGroup:
                         self.remote.publish("shutdown", None)
                     except Exception:  # noqa: BLE001 (the store or a node is already gone)
                         pass
-                deadline = time.monotonic() + 10
-                for p in self.procs:
-                    p.join(timeout=max(0.0, deadline - time.monotonic()))
-            for p in self.procs:
-                if p.is_alive():
-                    p.terminate()
-                    with contextlib.suppress(OSError):
-                        os.kill(p.pid, signal.SIGCONT)  # a stopped rank (SIGSTOP) takes its SIGTERM only once continued
-            for p in self.procs:
-                p.join(timeout=3)
-                if p.is_alive():
-                    p.kill()
-                    p.join(timeout=3)
+            if self._tmpdir:  # first: nothing needs the group's files now, and ComfyUI killed during this stop (its
+                # ranks already gone, so none removes them as a rank does when its owner dies) would leave them
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._end_processes(graceful)
             for c in self.conns:
                 c.close()
             for slot in (self._in, self._out):
@@ -249,9 +240,24 @@ class WorkerGroup:
                 if self._admit_thread not in (None, threading.current_thread()):
                     self._admit_thread.join(timeout=2.0)  # it holds the store until it sees the cancel (one poll)
                 self.server.close()  # the last reference: the store's socket closes, the port is free
-            if self._tmpdir:
-                shutil.rmtree(self._tmpdir, ignore_errors=True)
             _forget(self)
+
+    def _end_processes(self, graceful: bool) -> None:
+        """The local ranks gone: given 10 s to leave after a shutdown (graceful), then terminated, then killed."""
+        if graceful:
+            deadline = time.monotonic() + 10
+            for p in self.procs:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGCONT)  # a stopped rank (SIGSTOP) takes its SIGTERM only once continued
+        for p in self.procs:
+            p.join(timeout=3)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=3)
 
     def _await_remote_shutdown(self, timeout: float = 5.0) -> None:
         """Let the remote ranks answer the shutdown before the store closes (they leave either way)."""

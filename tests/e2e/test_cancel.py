@@ -84,12 +84,17 @@ def _messages(h) -> dict:
 
 
 def _all_gone(server, pids, timeout=15):
+    """The group's ranks, shared memory and folder are gone (the history can show a prompt's end a moment before
+    the server, e.g. an Unload after it, stopped the group)."""
+    def alive():
+        return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() !=
-                                              psutil.STATUS_ZOMBIE for p in pids):
+    while time.monotonic() < deadline and (alive() or leftover_segments(server.proc.pid)
+                                           or comfy_host.pack_temp_files(server.tmp)):
         time.sleep(0.1)
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive()
     assert leftover_segments(server.proc.pid) == []
+    assert comfy_host.pack_temp_files(server.tmp) == []
 
 
 def _warm(server):
@@ -147,7 +152,6 @@ def test_a_stopped_rank_is_named_in_seconds(server):
     assert re.search(rf"rank 1 \(pid {pids[1]}, stopped \(SIGSTOP.*made no progress for \d+ s", text), text
     assert took < STALL_FLOOR + 10
     _all_gone(server, pids)
-    assert comfy_host.pack_temp_files(server.tmp) == []
     h = _run(server, _graph(prefix="latents/after_stall"))
     assert h["status"]["status_str"] == "success", h["status"]
     assert set(_ranks(server)).isdisjoint(pids)
@@ -172,7 +176,6 @@ def test_cancel_with_a_stopped_rank_stops_the_group(server):
     assert "execution_interrupted" in _messages(h), h["status"]
     assert took < 10 and f"rank 0 (pid {pids[0]}, stopped" in line and "2 x cpu (ulysses=2)" in line
     _all_gone(server, pids)
-    assert comfy_host.pack_temp_files(server.tmp) == []
     assert _run(server, _graph(prefix="latents/after_cancel"))["status"]["status_str"] == "success"
 
 
@@ -189,9 +192,9 @@ def test_cancel_inside_one_long_block_stops_the_group(server):
     took = time.monotonic() - t0
     print(f"Cancel inside a ~20 s block: prompt ended {took:.1f} s after /interrupt")
     assert "execution_interrupted" in _messages(h), h["status"]
-    assert took < 12
+    # the grace: two of the longest blocks seen, scaled to this call's tokens, here capped at 10 s; then the stop
+    assert took < 10 + 6
     _all_gone(server, pids)
-    assert comfy_host.pack_temp_files(server.tmp) == []
 
 
 def test_a_latent_too_large_is_refused_before_the_call(server):
@@ -233,4 +236,3 @@ def test_unload_while_a_prompt_runs_stops_the_group_when_it_ends(server):
     h = server.wait(pid, timeout=240)
     assert h["status"]["status_str"] == "success", h["status"]
     _all_gone(server, pids)
-    assert comfy_host.pack_temp_files(server.tmp) == []
