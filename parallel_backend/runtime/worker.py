@@ -295,7 +295,12 @@ def serve(conn, rank: int, config, mesh, device, io=None, files=None, progress_r
                     continue  # a remote rank answers a forward only when it fails
                 conn.send(("ok", None))
             elif op == "stats":
-                conn.send(("ok", {"rank": rank, "pid": os.getpid(), "rss": _rss_bytes(), "loads": loads,
+                cuda = {}
+                if device.type == "cuda":  # the allocator's peak since the last stats (what a call's activations took)
+                    cuda = {"cuda_allocated": torch.cuda.memory_allocated(device),
+                            "cuda_peak": torch.cuda.max_memory_allocated(device)}
+                    torch.cuda.reset_peak_memory_stats(device)
+                conn.send(("ok", {"rank": rank, "pid": os.getpid(), "rss": _rss_bytes(), "loads": loads, **cuda,
                                   "peak_rss": _peak_rss_bytes(), "forwards": forwards,
                                   # tokens this rank computed per forward (last TOKEN_LOG of them): 0 = it idled
                                   "tokens_per_forward": list(token_log), "fold_per_forward": list(fold_log),
