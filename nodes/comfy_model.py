@@ -61,13 +61,19 @@ class ParallelDiffusionModel(torch.nn.Module):
         # a real (tiny) buffer so ComfyUI's device moves have something to move, and no meta tensors
         self.register_buffer("device_anchor", torch.zeros(1), persistent=False)
 
-    def group(self):
-        """The warm group; restarted and reloaded transparently if a rank died since the last call."""
+    def warm_group(self):
+        """The warm group for this model's config, started if there is none (checked before its ranks start; Cancel
+        ends a start); nothing loaded."""
         import comfy.model_management
         from .fit import check_model_start
-        g = backend("runtime.group").get_group(  # a fresh group is checked before its ranks start; Cancel ends a start
+        return backend("runtime.group").get_group(
             self.parallel_config, comfy.model_management.throw_exception_if_processing_interrupted,
             check=lambda: check_model_start(self.parallel_config, self.path, self.precision))
+
+    def group(self):
+        """The warm group with this model loaded; restarted and reloaded transparently if a rank died since the last
+        call."""
+        g = self.warm_group()
         loras = tuple((lora_path(source, g), strength) for source, strength in self.loras)
         load_logged(g, self.path, self.precision, loras=loras, resident=self.resident)
         return g
@@ -512,7 +518,7 @@ def with_parallel_lora(model, proxy, source, strength) -> tuple:
     lora_proxy = proxy.with_loras(tuple(proxy.loras) + ((source, float(strength)),))
     patched = model.clone()
     patched.add_object_patch("diffusion_model", lora_proxy)
-    group = backend("runtime.group").get_group(proxy.parallel_config)
+    group = proxy.warm_group()
     if proxy.resident or not group.holds_other_models(proxy.path, proxy.precision):
         lora_proxy.group()  # merge now, so a LoRA that does not fit fails here, naming its file
     # else: the group holds another model a sampler of this graph may still use (Parallel Model Loader's
