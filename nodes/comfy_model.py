@@ -14,6 +14,8 @@ import weakref
 import torch
 
 from .backend import backend
+from .fit import call_activations
+from .lora_check import LoraTensors, check_lora, lora_path
 
 
 class UnsupportedPatchError(RuntimeError):
@@ -48,7 +50,8 @@ class ParallelDiffusionModel(torch.nn.Module):
         super().__init__()
         self.parallel_config, self.path, self.precision, self.info = config, path, precision, info
         self.resident = resident  # stay on the group while other models load (Wan 2.2 A14B's two experts)
-        self.loras = tuple(loras)  # ((lora path, strength), ...) from Parallel LoRA, merged on the ranks
+        # ((lora path or a native loader's LoraTensors, strength), ...), merged on the ranks (lora_check.py)
+        self.loras = tuple(loras)
         self.host_class = host_class  # ComfyUI's class for this file (as its detection builds it)
         self.compile_spec = compile_spec  # the loader's `compile` option: torch.compile kwargs for the ranks
         self._base_ref = None  # weakref to the BaseModel holding this proxy (to see its current patcher)
@@ -58,10 +61,21 @@ class ParallelDiffusionModel(torch.nn.Module):
         # a real (tiny) buffer so ComfyUI's device moves have something to move, and no meta tensors
         self.register_buffer("device_anchor", torch.zeros(1), persistent=False)
 
+    def warm_group(self):
+        """The warm group for this model's config, started if there is none (checked before its ranks start; Cancel
+        ends a start); nothing loaded."""
+        import comfy.model_management
+        from .fit import check_model_start
+        return backend("runtime.group").get_group(
+            self.parallel_config, comfy.model_management.throw_exception_if_processing_interrupted,
+            check=lambda: check_model_start(self.parallel_config, self.path, self.precision))
+
     def group(self):
-        """The warm group; restarted and reloaded transparently if a rank died since the last call."""
-        g = backend("runtime.group").get_group(self.parallel_config)
-        load_logged(g, self.path, self.precision, loras=self.loras, resident=self.resident)
+        """The warm group with this model loaded; restarted and reloaded transparently if a rank died since the last
+        call."""
+        g = self.warm_group()
+        loras = tuple((lora_path(source, g), strength) for source, strength in self.loras)
+        load_logged(g, self.path, self.precision, loras=loras, resident=self.resident)
         return g
 
     def class_name(self) -> str:
@@ -119,10 +133,14 @@ class ParallelDiffusionModel(torch.nn.Module):
                 raise UnsupportedPatchError(f"the conditioning input '{k}' of {self.class_name()} is a "
                                             f"{type(v).__name__}, which cannot cross to the worker ranks")
         g = self.group()
+        import comfy.model_management
+        # a call the ranks cannot hold is refused before it is sent (ComfyUI's own activation estimate, split over the
+        # ranks); Cancel mid-call: the ranks stop at the next block they all reach, or the group is stopped
         out = g.forward(x.detach().cpu(), timestep.detach().cpu(), context.detach().cpu(),
                         model_key=g.model_key_for(self.path, self.precision), compile=compile_spec, options=options,
-                        values=values, **extras)
-        import comfy.model_management
+                        values=values, interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                        activations=call_activations(base, x.shape),
+                        what=f"{x.shape[0]} rows of a {'x'.join(map(str, x.shape[2:]))} latent", **extras)
         comfy.model_management.throw_exception_if_processing_interrupted()
         return out.to(x.device)
 
@@ -188,10 +206,12 @@ def models_folder_names(paths) -> dict:
 def load_logged(group, path, precision, **kwargs) -> dict:
     """group.load, saying in ComfyUI's log whether weights were read or the warm group was reused
     (tests and users read these lines)."""
+    import comfy.model_management
     before = group.load_count
     if group.config.nodes > 1:  # the other nodes look the files up by these names under their --model-dir
         kwargs["names"] = models_folder_names([path] + [lo[0] for lo in kwargs.get("loras") or ()])
-    info = group.load(path, precision, **kwargs)
+    info = group.load(path, precision, interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                      **kwargs)
     name = os.path.basename(path)
     if group.load_count != before:
         logging.info("parallel_dit: loaded weights of %s onto pids %s (load #%d of this group)", name, group.pids,
@@ -438,9 +458,10 @@ def install_unload_hook():
 def install_lora_hook():
     """Native LoRA loaders (LoraLoader, LoraLoaderModelOnly, and any node that calls
     comfy.sd.load_lora_for_models) on the pack's MODEL: the model part is merged into every rank's shard, exactly as
-    Parallel LoRA does it (the LoRA's tensors, as the node loaded them, are written once to a temporary file the
-    ranks read their slices from); a CLIP part is applied natively. Any other MODEL, and every argument this pack
-    does not know (0.21+ passes `lora_metadata`), goes to ComfyUI's own function unchanged.
+    Parallel LoRA does it (the LoRA's tensors, as the node loaded them, stay with the MODEL and are written into the
+    worker group's folder for the ranks to read their slices from: lora_check.py); a CLIP part is applied natively.
+    Any other MODEL, and every argument this pack does not know (0.21+ passes `lora_metadata`), goes to ComfyUI's own
+    function unchanged.
 
     Why a wrapper and not an extension point: ComfyUI maps a LoRA's keys to the model's from the model's
     state_dict(), which the proxy cannot fill without also telling ComfyUI's memory manager, hooks and merges that
@@ -478,49 +499,24 @@ def parallel_lora_for_models(original, bound, proxy):
         new_clip = original(**{**args, "model": None, "strength_model": 0.0})[1]
     if strength_model == 0:
         return model, new_clip
-    patched = with_parallel_lora(model, proxy, lora_file(args["lora"]), strength_model)
+    patched, _ = with_parallel_lora(model, proxy, LoraTensors(args["lora"]), strength_model)
     metadata = args.get("lora_metadata")
     if metadata and hasattr(patched, "set_attachments"):
         patched.set_attachments("lora_metadata", metadata)
     return patched, new_clip
 
 
-def with_parallel_lora(model, proxy, path, strength):
-    """A clone of the pack's MODEL with the LoRA file `path` added at `strength` (merged on the ranks)."""
-    backend("weights.lora").read_lora_header(path)  # header only: refuses pickles, truncated and non-LoRA files
-    lora_proxy = proxy.with_loras(tuple(proxy.loras) + ((path, float(strength)),))
+def with_parallel_lora(model, proxy, source, strength) -> tuple:
+    """(a clone of the pack's MODEL with the LoRA `source` added at `strength`, merged on the ranks; the LoRA's report:
+    how many of its tensors apply). `source`: a models/loras path, or a native loader's LoraTensors. A LoRA of the
+    wrong shape is refused here, before any rank reads it."""
+    report = check_lora(proxy, source, strength)
+    lora_proxy = proxy.with_loras(tuple(proxy.loras) + ((source, float(strength)),))
     patched = model.clone()
     patched.add_object_patch("diffusion_model", lora_proxy)
-    group = backend("runtime.group").get_group(proxy.parallel_config)
+    group = proxy.warm_group()
     if proxy.resident or not group.holds_other_models(proxy.path, proxy.precision):
         lora_proxy.group()  # merge now, so a LoRA that does not fit fails here, naming its file
     # else: the group holds another model a sampler of this graph may still use (Parallel Model Loader's
     # "swap"); this model and its LoRAs are loaded when its own sampler first calls it
-    return patched
-
-
-_lora_files: dict = {}
-
-
-def lora_file(lora: dict) -> str:
-    """A safetensors file holding the LoRA tensors a native loader read (one per distinct content, reused)."""
-    import hashlib
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    h = hashlib.sha1()
-    for k in sorted(lora):
-        t = lora[k].detach().cpu().contiguous()
-        h.update(k.encode())
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    digest = h.hexdigest()[:20]
-    path = _lora_files.get(digest)
-    if path is None or not os.path.exists(path):
-        folder = os.path.join(tempfile.gettempdir(), f"pdit_loras_{os.getpid()}")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{digest}.safetensors")
-        save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, path)
-        _lora_files[digest] = path
-    return path
+    return patched, report

@@ -1,10 +1,11 @@
 import logging
 
-from . import gpu_sharing
+from . import fit, gpu_sharing
 from .backend import CATEGORY, CONFIG_TYPE, backend
 from .comfy_model import (
     build_model_patcher,
     detected_host_class,
+    host_model_config,
     install_lora_hook,
     install_unload_hook,
     load_logged,
@@ -241,13 +242,19 @@ class ParallelModelLoader:
         mb = model_bytes(header, family, base_precision)
         rank_bytes = cfgmod.weights_per_rank(config, mb)
         reserve = cfgmod.FIT_RESERVE.get(config.device, 0)
+        # the latent declared on Parallel Config, by ComfyUI's own activation estimate for this model class
+        activations = fit.declared_activations(config, *host_model_config(shape.family, path, base_precision,
+                                                                          header)[:2],
+                                               parallel_config.get("latent_shape"))
         # what ComfyUI holds on the ranks' GPUs (text encoders, VAE) goes first, through its own model management
-        gpu_sharing.free_comfy_models_on_rank_gpus(config, rank_bytes, reserve)
+        gpu_sharing.free_comfy_models_on_rank_gpus(config, rank_bytes, reserve + activations)
         import comfy.model_management  # Cancel works while a new group waits (e.g. for another machine to join)
-        group = backend("runtime.group").get_group(
-            config, comfy.model_management.throw_exception_if_processing_interrupted)  # only when no warm group matches
+        group = backend("runtime.group").get_group(  # starts ranks only when no warm group matches, after the check
+            config, comfy.model_management.throw_exception_if_processing_interrupted,
+            check=lambda: fit.check_before_start(config, mb, activations))
         try:  # the devices' free memory as the ranks found it: refuse a plan that cannot fit, before loading
-            cfgmod.check_fit(config, mb, group.device_memory, held=group.resident_bytes(path, base_precision))
+            cfgmod.check_fit(config, mb, group.device_memory, held=group.resident_bytes(path, base_precision),
+                             activations=activations)
         except ValueError:
             if not group.models:
                 group.stop()  # an empty group: give its devices back

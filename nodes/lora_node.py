@@ -20,8 +20,11 @@ class ParallelLora:
                                               "worker group; the model file is not read again."}),
         }}
 
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The parallel MODEL with this LoRA merged on the worker ranks.",)
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "lora_report")
+    OUTPUT_TOOLTIPS = ("The parallel MODEL with this LoRA merged on the worker ranks.",
+                       "How many of the LoRA's tensors apply to this model; keys that match no layer are named (and "
+                       "logged as 'lora key not loaded', as ComfyUI's own loader does).")
     FUNCTION = "apply"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Applies a LoRA to the model of Parallel Model Loader. The native LoraLoader cannot reach "
@@ -34,7 +37,7 @@ class ParallelLora:
             raise ValueError("Parallel LoRA needs the MODEL from Parallel Model Loader; for other models use the "
                              "native LoraLoader")
         if strength == 0:
-            return (model,)
+            return (model, f"{lora_name} at strength 0: not applied")
         import folder_paths
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        return (with_parallel_lora(model, proxy, path, strength),)
+        return with_parallel_lora(model, proxy, path, strength)

@@ -339,9 +339,15 @@ def choose_weights(mode: str, world_size: int, num_heads: int, fits_one_device: 
 
 
 # ---- does a plan fit the devices? -----------------------------------------------------------------------------------
-# beyond the weights a rank needs room for its CUDA context, activations and kernels' workspaces (a GPU), or for
-# the interpreter, ComfyUI's code and buffers (a CPU rank)
+# a rank's own memory beyond its weights and a call's activations: a GPU rank's CUDA context, kernels' workspaces and
+# allocator slack; a CPU rank's process (interpreter, torch, ComfyUI's code: measured 400 MiB unique per rank after
+# loading a tiny Wan on 0.3.75, torch 2.14)
 FIT_RESERVE = {"cuda": 2 << 30, "cpu": 512 << 20}
+# what of it the devices' free memory does not show yet when the ranks measure it at start: a CPU rank imports ComfyUI
+# only when it loads (measured +115 MiB); a GPU rank's context exists by then, its workspaces do not
+RESERVE_AFTER_START = {"cuda": 2 << 30, "cpu": 128 << 20}
+# CPU ranks (for testing) beyond this many per core only take turns on the cores, each with its runtime's memory
+CPU_RANKS_PER_CORE = 2
 
 
 # sharded weights hold this many blocks whole during a forward: the running one, the prefetched next, and the
@@ -392,8 +398,8 @@ def _gib(n: float) -> str:
 
 def _overflows(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int, held: list | None = None) -> list:
     """[(device, needed, free)] for each device the plan does not fit (`held`: bytes per rank already taken by
-    models that stay, not counted in the start-time free memory)."""
-    need = [n + (held[r] if held else 0) for r, n in enumerate(weights_per_rank(cfg, mb))]
+    models that stay, not counted in the start-time free memory; `reserve`: per rank, its runtime and activations)."""
+    need = [n + (held[r] if held else 0) for r, n in enumerate(weights_per_rank(cfg, mb))][:len(memory)]
     if memory[0].get("shared"):  # CPU ranks share the host's memory
         total = sum(need) + reserve * len(need)
         return [] if total <= memory[0]["free"] else [(f"{memory[0]['device']} (all {len(need)} ranks)", total,
@@ -402,22 +408,61 @@ def _overflows(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int, 
 
 
 def check_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int | None = None,
-              held: list | None = None) -> None:
+              held: list | None = None, activations: int = 0) -> None:
     """Refuse a plan whose weights do not fit the devices' free memory (as the ranks found it when the group
     started, less `held`: per rank, what resident models already take), naming the device, the bytes needed and
-    free, and suggesting a plan that would fit."""
+    free, and suggesting a plan that would fit. `reserve` (per rank; default what a rank still takes after its start,
+    RESERVE_AFTER_START) and `activations` (the largest rank's, for the latent Parallel Config declares) count too."""
     if not memory or any(m is None for m in memory):
         return
-    reserve = FIT_RESERVE.get(cfg.device, 0) if reserve is None else reserve
-    over = _overflows(cfg, mb, memory, reserve, held)
+    reserve = RESERVE_AFTER_START.get(cfg.device, 0) if reserve is None else reserve
+    over = _overflows(cfg, mb, memory, reserve + activations, held)
     if not over:
         return
     device, needed, free = over[0]
     more = "".join(f"; {d} would need {_gib(n)} and has {_gib(f)} free" for d, n, f in over[1:])
-    resident = f" + {_gib(max(held))} of resident models" if held and any(held) else ""
-    raise ConfigError(f"the model does not fit: {device} would need {_gib(needed)} (its weights under "
-                      f"{cfg.describe()}{resident} + {_gib(reserve)} for activations and the runtime) but has "
-                      f"{_gib(free)} free{more}; {suggest_fit(cfg, mb, memory, reserve, held)}")
+    parts = _need_parts(cfg, mb, held, reserve, activations)
+    raise ConfigError(f"the model does not fit: {device} would need {_gib(needed)} ({parts}) but has {_gib(free)} "
+                      f"free{more}; {suggest_fit(cfg, mb, memory, reserve + activations, held)}")
+
+
+def _need_parts(cfg: ParallelConfig, mb: ModelBytes, held: list | None, reserve: int, activations: int) -> str:
+    """What a rank needs, in words: its weights under the plan, resident models, activations, its runtime."""
+    weights = max(weights_per_rank(cfg, mb))
+    parts = [f"weights {_gib(weights)} under {cfg.describe()}"]
+    if held and any(held):
+        parts.append(f"{_gib(max(held))} of resident models")
+    none = "" if activations else " (no latent declared on Parallel Config)"
+    parts.append(f"activations {_gib(activations)}{none}")
+    parts.append(f"runtime reserve {_gib(reserve)}")
+    per = " per rank" if cfg.world_size > 1 else ""
+    return " + ".join(parts) + per
+
+
+def usable_cores() -> int:
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_start(cfg: ParallelConfig, mb: ModelBytes, memory: list | None, activations: int = 0,
+                cores: int | None = None) -> None:
+    """Before any rank process starts: CPU ranks against the cores, and every rank's weights + activations (the
+    largest rank's, for the declared latent) + FIT_RESERVE against the devices' free memory now (`memory`: as
+    WorkerGroup.start reports it; CPU: the host's, shared by all ranks; None where it cannot be known without
+    starting something, e.g. a GPU's free memory without NVML)."""
+    if cfg.device == "cpu":
+        cores = cores or usable_cores()
+        if cfg.local_ranks > CPU_RANKS_PER_CORE * cores:
+            raise ConfigError(
+                f"world_size {cfg.world_size} on device cpu starts {cfg.local_ranks} rank processes on this machine's "
+                f"{cores} CPU cores: beyond {CPU_RANKS_PER_CORE} per core they only take turns, each with its own "
+                f"{_gib(FIT_RESERVE['cpu'])} runtime; set world_size to at most {CPU_RANKS_PER_CORE * cores} "
+                f"(CPU ranks are for testing), or use device cuda")
+    if memory:
+        check_fit(cfg, mb, memory, reserve=FIT_RESERVE.get(cfg.device, 0), activations=activations)
 
 
 def suggest_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int, held: list | None = None) -> str:
@@ -437,16 +482,64 @@ def suggest_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int,
         candidates.append((dataclasses.replace(cfg, shard_weights=False, pp=world, tp=1, ulysses=1, ring=1, cfg=1,
                                                dp=1, stage_split=split),
                            f"pp={world} with stage_split {','.join(map(str, split))} (blocks by each GPU's free GB)"))
+    if memory[0].get("shared"):  # CPU ranks share the host: fewer of them (each holds a runtime) may fit
+        candidates += [(dataclasses.replace(cfg, world_size=w, dp=1, cfg=1, pp=1, ring=1, tp=1, ulysses=w,
+                                            shard_weights=False, stage_split=(), ranks_per_node=0, nodes=1),
+                        f"world_size {w}") for w in range(world - 1, 0, -1)]
     for c, text in candidates:
         try:
             validate_config(c)
         except ConfigError:
             continue
         if not _overflows(c, mb, memory, reserve, held):
+            if memory[0].get("shared"):
+                return f"{text} would fit ({_gib(sum(weights_per_rank(c, mb)) + reserve * c.world_size)} in all)"
             return f"{text} would fit ({_gib(max(weights_per_rank(c, mb)) + reserve)} on the fullest device)"
     hint = " or load the other models with residency 'swap'" if held and any(held) else ""
     return ("no split of these devices fits it: use a smaller file (fp8 halves the blocks of a bf16 file, GGUF Q8_0 "
             f"about halves, Q4_K about quarters them) or more devices{hint}")
+
+
+class CallTooLarge(ConfigError):
+    """A model call whose activations cannot fit the ranks' memory: refused before it is sent."""
+
+
+def rank_share(cfg: ParallelConfig, rows: int) -> float:
+    """The largest rank's share of a call of `rows` rows (activations scale with rows x tokens): its replica's rows
+    over the sequence split; a call with fewer rows than replicas folds the spare ones into the split
+    (runtime/mesh.py). Tensor parallelism is not counted: it splits heads and ffn, not the residual stream."""
+    from .runtime.mesh import fold_for
+
+    R, S = cfg.replica_degree, cfg.sequence_degree
+    fold = fold_for(rows, R)
+    return -(-rows // (R // fold)) / max(rows, 1) / (S * fold)
+
+
+def check_call(cfg: ParallelConfig, call_bytes: int, rows: int, memory: list, done: int = 0, what: str = "") -> int:
+    """Refuse a call whose activations the ranks cannot hold, before it is sent; returns the largest rank's bytes.
+    `call_bytes`: the call's activations on one device (ComfyUI's own estimate for the model class); `memory`: per
+    local rank what it has for them (CPU: the host's available memory now, shared; GPU: free after the last load);
+    `done`: the largest rank's bytes of a call that already ran (a CPU rank keeps that heap, so only more counts)."""
+    need = int(call_bytes * rank_share(cfg, rows))
+    if not memory or any(m is None for m in memory):
+        return need
+    if memory[0].get("shared"):
+        ranks = f"{len(memory)} CPU rank{'s' if len(memory) > 1 else ''}"
+        short = [(f"the host ({ranks})", len(memory) * max(0, need - done), memory[0]["free"])]
+    else:
+        short = [(m["device"], need, m["free"]) for m in memory]
+    over = [(d, n, f) for d, n, f in short if n > f]
+    if not over:
+        return need
+    device, needed, free = over[0]
+    fits = max(0.0, free / max(needed, 1))
+    fix = f"lower the resolution or frame count to about {fits:.0%} of these tokens"
+    fix += (" (more CPU ranks would not help: they share the host's memory)" if memory[0].get("shared") else
+            ", or add ranks to the sequence split (ulysses / ring): each then holds a smaller share")
+    raise CallTooLarge(f"this model call is too large for the ranks: {what or f'{rows} rows'} needs about "
+                       f"{_gib(need)} of activations on the largest rank under {cfg.describe()} ({_gib(call_bytes)} "
+                       f"on one device, ComfyUI's own estimate for this model), {device} needs {_gib(needed)} more "
+                       f"and has {_gib(free)}; {fix}. Nothing was sent to the ranks; the group stays ready")
 
 
 def choose_pipeline(world_size: int, totals: list, mb: ModelBytes, reserve: int | None = None,

@@ -102,8 +102,10 @@ def free_port() -> int:
 class ComfyServer:
     """A headless ComfyUI on 127.0.0.1; stopped by its own process id."""
 
-    def __init__(self, base_dir: str, python: str = sys.executable, extra_args=(), log_path: str | None = None):
+    def __init__(self, base_dir: str, python: str = sys.executable, extra_args=(), log_path: str | None = None,
+                 env: dict | None = None):
         self.base_dir, self.python, self.extra_args = base_dir, python, list(extra_args)
+        self.env = env  # added to this process's environment (e.g. TMPDIR: where the server's groups keep files)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or os.path.join(base_dir, "comfyui.log")
@@ -114,7 +116,7 @@ class ComfyServer:
                "--base-directory", self.base_dir, "--disable-auto-launch", *self.extra_args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -290,6 +292,14 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                         widgets.pop(0)
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return api
+
+
+def pack_temp_files(tmpdir: str) -> list:
+    """What the pack left in a server's temporary folder (its TMPDIR): group folders, LoRA copies."""
+    try:
+        return sorted(n for n in os.listdir(tmpdir) if n.startswith("pdit_"))
+    except FileNotFoundError:
+        return []
 
 
 def saved_latent(base_dir: str, prefix: str):

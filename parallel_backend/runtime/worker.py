@@ -54,8 +54,9 @@ def _peak_rss_bytes() -> int:
 def device_memory(torch, device) -> dict:
     """What this rank's device has, when the group starts: a GPU's free and total bytes (cudaMemGetInfo: what every
     process on it, ComfyUI's included, leaves), or the host's available memory for a CPU rank (shared by all)."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # (what torch's allocator holds unused is free to this rank too)
         free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return {"device": f"cuda:{device.index}", "free": int(free), "total": int(total), "shared": False}
     info = {}
     try:
@@ -90,9 +91,10 @@ def _release_memory(torch, device) -> None:
 
 
 def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid: int,
-                multinode: dict | None = None) -> None:
+                multinode: dict | None = None, progress_ref=None) -> None:
     """A rank spawned by the ComfyUI process (node 0's ranks when the group spans nodes: `multinode` holds the
-    rendezvous host, port, secret file and timeout; the group then forms through node 0's c10d store)."""
+    rendezvous host, port, secret file and timeout; the group then forms through node 0's c10d store).
+    `progress_ref`: the owner's control block (progress.py), where this rank reports its blocks and reads Cancel."""
     store_dir = os.path.dirname(store_path)
     _watch_parent(parent_pid, store_dir)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the ComfyUI terminal is the owner's to handle
@@ -121,7 +123,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
         conn.send(("error", rank, traceback.format_exc()))
         return
     conn.send(("ok", {"rank": rank, "pid": os.getpid(), "coord": mesh.coord, "memory": device_memory(torch, device)}))
-    owner_gone = serve(conn, rank, config, mesh, device, io, files)
+    owner_gone = serve(conn, rank, config, mesh, device, io, files, progress_ref)
     if owner_gone:
         shutil.rmtree(store_dir, ignore_errors=True)
 
@@ -174,19 +176,23 @@ class FileCheck:
         return path, loras
 
 
-def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
+def serve(conn, rank: int, config, mesh, device, io=None, files=None, progress_ref=None) -> bool:
     """The rank's serving loop: ops from `conn` (a local rank's pipe, or a remote rank's StoreChannel) until
     shutdown. `io` (NodeIO) moves inputs and outputs between nodes; `files` resolves and checks a load's files on
-    this node. Returns True when the owner went away (its end of the channel closed)."""
+    this node; `progress_ref` (a local rank) the owner's control block. Returns True when the owner went away (its
+    end of the channel closed)."""
     import torch
     import torch.distributed as dist
 
     from .patch_transfer import PatchReceiver
+    from .progress import CallCancelled, RankProgress
     from .sharded_model import ShardedModel, compiled_graphs
     from .transport import ShmReader
 
     reader = ShmReader()
     patch_objects = PatchReceiver(device)  # the model patches this group's calls carried, kept by their sender's id
+    progress = None if progress_ref is None else RankProgress(reader.view(progress_ref).numpy(), rank,
+                                                              config.local_ranks)
     token_log = collections.deque(maxlen=TOKEN_LOG)
     fold_log = collections.deque(maxlen=TOKEN_LOG)  # "none", or e.g. "2xulysses": how each call was spread
     graph_log = collections.deque(maxlen=TOKEN_LOG)  # graphs torch.compile has built in this rank, after each call
@@ -231,6 +237,8 @@ def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
                     path, loras = files(payload) if files else (payload["path"], payload.get("loras") or ())
                     model = ShardedModel(mesh, path, payload["precision"])
                     model.key = key
+                    if progress is not None:  # each block start is this rank's progress, and where Cancel can stop
+                        progress.watch(getattr(model.model, model.family.BLOCKS))
                     model.load_mem = {"load_rss_before": rss_before, "load_peak_rss": _peak_rss_bytes()}
                     loads += 1
                 if not reloaded and files:
@@ -241,7 +249,8 @@ def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
                 if lora_info.get("lora_changed"):
                     _release_memory(torch, device)
                 conn.send(("ok", {**model.info(), **model.load_mem, **lora_info, "reloaded": reloaded,
-                                  "loads": loads, "rss": _rss_bytes(), "peak_rss": _peak_rss_bytes()}))
+                                  "loads": loads, "rss": _rss_bytes(), "peak_rss": _peak_rss_bytes(),
+                                  "memory": device_memory(torch, device)}))
             elif op == "forward":
                 key = payload.get("key")
                 if key is not None and getattr(model, "key", None) != key and key in held:
@@ -262,9 +271,14 @@ def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
                 batch = x.shape[0]
                 model.set_compile(payload.get("compile"))
                 options = patch_objects.decode(payload.get("options"))  # transformer_options: model patches, ...
-                out = model.forward_rows(x, t, ctx, transformer_options=options, **extras)
-                del options
-                del x, t, ctx, extras
+                if progress is not None:
+                    progress.begin_call(payload.get("call", 0))
+                try:
+                    out = model.forward_rows(x, t, ctx, transformer_options=options, **extras)
+                finally:
+                    del x, t, ctx, extras, options
+                    if progress is not None:
+                        progress.end_call()
                 token_log.append(model.last_tokens)
                 fold_log.append(model.last_fold)
                 graph_log.append(compiled_graphs())
@@ -279,7 +293,12 @@ def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
                     continue  # a remote rank answers a forward only when it fails
                 conn.send(("ok", None))
             elif op == "stats":
-                conn.send(("ok", {"rank": rank, "pid": os.getpid(), "rss": _rss_bytes(), "loads": loads,
+                cuda = {}
+                if device.type == "cuda":  # the allocator's peak since the last stats (what a call's activations took)
+                    cuda = {"cuda_allocated": torch.cuda.memory_allocated(device),
+                            "cuda_peak": torch.cuda.max_memory_allocated(device)}
+                    torch.cuda.reset_peak_memory_stats(device)
+                conn.send(("ok", {"rank": rank, "pid": os.getpid(), "rss": _rss_bytes(), "loads": loads, **cuda,
                                   "peak_rss": _peak_rss_bytes(), "forwards": forwards,
                                   # tokens this rank computed per forward (last TOKEN_LOG of them): 0 = it idled
                                   "tokens_per_forward": list(token_log), "fold_per_forward": list(fold_log),
@@ -292,6 +311,8 @@ def serve(conn, rank: int, config, mesh, device, io=None, files=None) -> bool:
                                   **({} if model is None else model.info())}))
             else:
                 raise ValueError(f"unknown op {op!r}")
+        except CallCancelled as e:  # every local rank stopped this call at the same block: the group stays usable
+            conn.send(("cancelled", rank, str(e)))
         except KeyboardInterrupt as e:
             if io is not None and io.remote:
                 # torch's spawn sends a remote rank SIGINT when its node process dies: the node is going, and its

@@ -269,6 +269,22 @@ def read_lora_header(path: str) -> dict:
     return header
 
 
+def check_lora(path: str, key_map: dict, model_header: dict, aliases: dict | None = None,
+               header: dict | None = None) -> tuple:
+    """Before any rank reads it: the LoRA mapped onto the model from headers alone, exactly as the ranks map it
+    (plan_lora, every adapter kind allowed as on the ranks). Raises LoraError for a LoRA of the wrong shape or one
+    that matches nothing; returns (LoRA tensors applied, the keys that match nothing), which the ranks skip as
+    ComfyUI's own loader does ("lora key not loaded"). `header`: {key: (shape, dtype)} of LoRA tensors not yet in
+    a file (a native loader's), `path` then only names them."""
+    if header is None:
+        header = read_lora_header(path)
+    elif not looks_like_lora(header):
+        raise LoraError(f"{path}: not a LoRA (keys like {', '.join(sorted(header)[:3])})")
+    targets, unmatched = plan_lora(path, header, key_map, model_header, {}, aliases, adapters=True)
+    applied = len(header) - len(unmatched)
+    return applied, unmatched
+
+
 def lora_key(loras) -> tuple:
     """The identity of a LoRA list for caching: ((realpath, size, mtime_ns, strength), ...), zero strengths dropped."""
     out = []

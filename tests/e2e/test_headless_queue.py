@@ -25,7 +25,9 @@ def test_shipped_workflow_through_prompt_queue(tmp_path):
     base = comfy_host.make_base_dir(str(tmp_path / "comfy"), {"diffusion_models": [ckpt]})
     shipped = comfy_host.load_workflow("wan21_t2v_parallel_api.json")
     ui = comfy_host.load_workflow("wan21_t2v_parallel.json")
-    with comfy_host.ComfyServer(base) as server:
+    tmp = tmp_path / "tmp"  # the server's temporary folder: the group keeps its files there
+    tmp.mkdir()
+    with comfy_host.ComfyServer(base, env={"TMPDIR": str(tmp)}) as server:
         info = server.get("/object_info")
         for node in ("ParallelConfig", "ParallelModelLoader", "ParallelSampler", "ParallelUnload"):
             assert node in info, f"{node} not registered:\n{server.log_tail()}"
@@ -92,3 +94,4 @@ def test_shipped_workflow_through_prompt_queue(tmp_path):
             pass
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert leftover_segments(server_pid) == []
+    assert comfy_host.pack_temp_files(str(tmp)) == []  # the group's folder went with it

@@ -407,6 +407,66 @@ def test_check_fit_names_device_bytes_and_a_plan_that_fits():
         check_fit(ParallelConfig(world_size=2, tp=2, device="cuda"), mb, _gpus(24, 24), held=[14 * GB, 14 * GB])
 
 
+def _host(free_gb, ranks):
+    return [{"device": "cpu", "free": int(free_gb * GB), "total": int(64 * GB), "shared": True}] * ranks
+
+
+def test_check_start_refuses_cpu_ranks_beyond_the_cores_and_the_host_memory_before_any_process():
+    """Issue 26: world_size 64 on CPU once started every rank before the fit check, which then measured the memory
+    those ranks had taken. The start check runs on the memory free now and names the real need."""
+    from parallel_backend.config import CPU_RANKS_PER_CORE, FIT_RESERVE, ModelBytes, check_start
+
+    tiny = ModelBytes((20_000_000, 20_000_000), 3_000_000)  # a 43 MB model
+    many = cpu(world_size=64, ulysses=4, ring=16)
+    msg = refused(check_start, many, tiny, _host(21.6, 64), cores=16)
+    print(msg)
+    assert f"starts 64 rank processes on this machine's 16 CPU cores" in msg
+    assert f"set world_size to at most {CPU_RANKS_PER_CORE * 16}" in msg
+    # enough cores: the memory decides, and the message names weights, activations and the runtime reserve
+    msg = refused(check_start, many, tiny, _host(21.6, 64), cores=64)
+    print(msg)
+    assert "cpu (all 64 ranks) would need 34.6 GiB" in msg and "has 21.6 GiB free" in msg, msg
+    assert "weights 41 MiB" in msg and "activations 0 MiB (no latent declared" in msg
+    assert "runtime reserve 512 MiB per rank" in msg
+    assert "world_size 39 would fit" in msg, msg  # 39 x (41 MiB + 512 MiB) <= 21.6 GiB: a fix that works
+    check_start(cpu(world_size=39, ring=39), tiny, _host(21.6, 39), cores=64)
+    # a declared latent's activations count per rank
+    msg = refused(check_start, cpu(world_size=2, ulysses=2), tiny, _host(4.0, 2), activations=2 * GB, cores=2)
+    assert "activations 2.0 GiB" in msg, msg
+    assert FIT_RESERVE["cpu"] == 512 << 20
+    check_start(ParallelConfig(world_size=2, ulysses=2, device="cuda"), tiny, None)  # a GPU's free: not asked here
+
+
+def test_rank_share_follows_the_replicas_folds_and_the_sequence_split():
+    from parallel_backend.config import rank_share
+
+    assert rank_share(cpu(world_size=2, ulysses=2), 2) == 0.5  # both rows, half the tokens
+    assert rank_share(cpu(world_size=2, cfg=2), 2) == 0.5  # one row each, all tokens
+    assert rank_share(cpu(world_size=2, cfg=2), 1) == 0.5  # one row folded into the sequence split
+    assert rank_share(cpu(world_size=4, cfg=2, ulysses=2), 2) == 0.25
+    assert rank_share(cpu(world_size=3, dp=3), 2) == pytest.approx(1 / 3)  # 2 rows on 3 replicas: all fold into one
+    assert rank_share(cpu(world_size=2, tp=2), 2) == 1.0  # tp splits heads and ffn, not the residual stream
+
+
+def test_check_call_refuses_what_the_ranks_cannot_hold_with_the_numbers():
+    from parallel_backend.config import CallTooLarge, check_call
+
+    c = cpu(world_size=2, ulysses=2)
+    assert check_call(c, 8 * GB, 2, _host(20, 2)) == 4 * GB  # each rank half the tokens: 8 GiB in all fits
+    with pytest.raises(CallTooLarge) as info:
+        check_call(c, 64 * GB, 2, _host(20, 2), what="2 rows of a 1x1024x1024 latent")
+    msg = str(info.value)
+    print(msg)
+    assert "2 rows of a 1x1024x1024 latent needs about 32.0 GiB of activations on the largest rank" in msg
+    assert "the host (2 CPU ranks) needs 64.0 GiB more and has 20.0 GiB" in msg and "about 31% of these tokens" in msg
+    assert "more CPU ranks would not help" in msg and "Nothing was sent" in msg
+    # what the ranks already held for a call as large is not asked for again
+    assert check_call(c, 64 * GB, 2, _host(20, 2), done=31 * GB) == 32 * GB
+    gpu = ParallelConfig(world_size=2, ulysses=2, device="cuda")
+    with pytest.raises(CallTooLarge, match=r"cuda:1 needs 6\.0 GiB more and has 4\.0 GiB.*add ranks to the sequence"):
+        check_call(gpu, 12 * GB, 2, _gpus(40, 4))
+
+
 def test_auto_pipeline_only_for_unequal_gpus_no_symmetric_plan_fits():
     from parallel_backend.config import choose_pipeline
 
