@@ -331,9 +331,10 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
             # a chunked shard (a fused k / v projection) is not one slice of up / down: merged whole, then sharded
             chunked = shard_chunks_of(model, name) > 1
             if (chunked or quant) and (patch_weight is None or checkpoint is None):
-                raise LoraError(f"{loras[0][0]}: {name} is {'quantized' if quant else 'split in blocks over the '
-                                'tensor-parallel ranks'}, which only a whole-layer merge handles; use "
-                                f"{'a model without quantized layers' if quant else 'tp 1'} for this LoRA")
+                what, fix = (("quantized", "a model file without quantized layers") if quant else
+                             ("split in blocks over the tensor-parallel ranks", "tp 1"))
+                raise LoraError(f"{loras[0][0]}: {name} is {what}, which only a whole-layer merge handles; use {fix} "
+                                f"for this LoRA")
             if any(t.kind == "adapter" for _, t, _ in items) or fp8_stored or chunked or quant:
                 if base is None:
                     base = open_slices(checkpoint)
