@@ -73,9 +73,9 @@ def _quant_tensors(path: str, header: dict, prefix: str) -> dict:
 def host_state_dict(header: dict, path: str) -> tuple[dict, dict, str]:
     """(state dict, metadata, prefix) as ComfyUI's diffusion-model load hands them to its detection: the header's
     meta tensors (the quantization's small tensors read for real), the prefix stripped, and on a host with the
-    mixed-precision system (comfy.utils.convert_old_quants; 0.33.0, also Comfy-Org/ComfyUI 0271a469) converted by
-    it: a scaled-fp8 file's layers become per-layer `comfy_quant` + `weight_scale`, the file's
-    `_quantization_metadata` per-layer `comfy_quant` keys."""
+    mixed-precision system (comfy.utils.convert_old_quants: 0.33.0, and unchanged in Comfy-Org/ComfyUI 09708eae)
+    converted by it: a scaled-fp8 file's layers become per-layer `comfy_quant` + `weight_scale` (a `scale_input` of
+    1 dropped), the file's `_quantization_metadata` per-layer `comfy_quant` keys."""
     import comfy.utils
 
     sd, prefix = meta_state_dict(header)
@@ -266,9 +266,10 @@ class HostQuantLayers:
             module.weight = torch.nn.Parameter(torch.empty(w.shape, dtype=dtype, device="meta"), requires_grad=False)
             if fmt is not None:
                 self.formats[name], self.full_shape[name] = fmt, (module.out_features, module.in_features)
-                self.extras[name] = self._with_values(extras, name, sd)
+                self.extras[name] = self._with_values(extras, name)
 
-    def _with_values(self, extras: dict, name: str, sd: dict) -> dict:
+    def _with_values(self, extras: dict, name: str) -> dict:
+        """A quantized layer's tensors beside its weight, every one read from the file (host_state_dict)."""
         meta = sorted(k for k, v in extras.items() if v.is_meta)
         if meta:
             raise ValueError(f"{self.path}: {name} is quantized with tensors the pack does not read ({meta}); "
@@ -299,9 +300,10 @@ class HostQuantLayers:
                                  f"or sharded weights; load this file with tp 1 and weights 'replicated' (ulysses, "
                                  f"ring, cfg and pp split no weights)")
 
-    def _tensors(self, name: str, device) -> dict:
-        """The layer's tensors beside its weight, on `device` (its json bytes stay on the CPU, where it parses them)."""
-        extras = self.merged.get(name, self.extras[name])
+    def _tensors(self, name: str, device, merged: bool = True) -> dict:
+        """The layer's tensors beside its weight (the file's, or those of a LoRA merge), on `device` (its json bytes
+        stay on the CPU, where it parses them)."""
+        extras = self.merged.get(name, self.extras[name]) if merged else self.extras[name]
         return {k: (v if k == "comfy_quant" else v.to(device)) for k, v in extras.items()}
 
     def _host_load(self, module, name: str, weight: torch.Tensor, extras: dict) -> None:
@@ -338,7 +340,13 @@ class HostQuantLayers:
 
         def load(mod, _args):
             self.gathered[name] = gathered = mod._parameters["weight"]
-            self._host_load(mod, name, gathered, self._tensors(name, gathered.device))
+            # (FSDP's load_state_dict pre-hook would reshard the block: this is the layer reading its gathered data)
+            hooks = mod._load_state_dict_pre_hooks
+            mod._load_state_dict_pre_hooks = type(hooks)()
+            try:
+                self._host_load(mod, name, gathered, self._tensors(name, gathered.device))
+            finally:
+                mod._load_state_dict_pre_hooks = hooks
 
         def restore(mod, _args, out):
             mod._parameters["weight"] = self.gathered.pop(name)
@@ -361,8 +369,7 @@ class HostQuantLayers:
         device = local_tensor(module._parameters["weight"]).device
         out_features, in_features = self.full_shape[name]
         whole = type(module)(in_features, out_features, bias=False, device=device)  # the layer as ComfyUI holds it
-        self._host_load(whole, name, raw.to(device), {k: (v if k == "comfy_quant" else v.to(device))
-                                                       for k, v in self.extras[name].items()})
+        self._host_load(whole, name, raw.to(device), self._tensors(name, device, merged=False))
         dtype = mm.lora_compute_dtype(device) if hasattr(mm, "lora_compute_dtype") else torch.float32  # (0.3.75: fp32)
         temp = whole.convert_weight(mm.cast_to_device(whole.weight, device, dtype, copy=True), inplace=True)
         whole.set_weight(patch(temp).to(temp.dtype), seed=_string_to_seed(f"diffusion_model.{param}"))
