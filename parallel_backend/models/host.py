@@ -276,6 +276,14 @@ class HostQuantLayers:
                              f"sample this file with ComfyUI's own loader")
         return extras
 
+    def _present(self, model):
+        """(name, layer) of each quantized layer this rank runs (a pipeline stage has none of another's blocks)."""
+        for name in self.formats:
+            try:
+                yield name, model.get_submodule(name)
+            except AttributeError:
+                continue
+
     def holds(self, param: str) -> bool:
         """Whether parameter `param` is the weight of a quantized layer."""
         return param.endswith(".weight") and param[:-len(".weight")] in self.formats
@@ -291,8 +299,8 @@ class HostQuantLayers:
         from ..parallel.plan import shard_dim_of
         from ..parallel.sharded_weights import is_sharded
 
-        for name in self.formats:
-            w = model.get_submodule(name)._parameters["weight"]
+        for name, module in self._present(model):
+            w = module._parameters["weight"]
             if (is_sharded(w) or shard_dim_of(model, name + ".weight")[0] is not None) and not self.sliceable(name):
                 shapes = {k: tuple(v.shape) for k, v in self.extras[name].items() if k != "comfy_quant"}
                 raise ValueError(f"{self.path}: {name} is quantized as {self.formats[name]}, whose scales are not one "
@@ -321,11 +329,10 @@ class HostQuantLayers:
         quantized layer loads itself from its slice, with the file's tensors again."""
         from ..parallel.sharded_weights import is_sharded
 
-        for name in self.formats:
+        for name, module in self._present(model):
             if names is not None and name + ".weight" not in names:
                 continue
             self.merged.pop(name, None)
-            module = model.get_submodule(name)
             weight = module._parameters["weight"]
             if is_sharded(weight):
                 self._load_when_gathered(module, name)
