@@ -60,9 +60,16 @@ def head_sharded_norm(norm: nn.RMSNorm, group, tp_rank, tp_size) -> HeadShardedR
 # names stay the checkpoint's, and `shard_dims` tells the loader which slice each rank reads.
 
 
+def _is_linear(layer: nn.Module) -> bool:
+    """A Linear of the host: torch's, or one that only looks like it (ComfyUI's mixed-precision Linear is a plain
+    Module with `in_features` / `out_features` that loads its own, possibly quantized, weight)."""
+    return isinstance(layer, nn.Linear) or (not isinstance(layer, nn.modules.conv._ConvNd)
+                                            and hasattr(layer, "in_features") and hasattr(layer, "out_features"))
+
+
 def _sizes(layer: nn.Module) -> tuple[int, int]:
     """(inputs, outputs) of a host Linear or Conv layer."""
-    if isinstance(layer, nn.Linear):
+    if _is_linear(layer):
         return layer.in_features, layer.out_features
     if isinstance(layer, nn.modules.conv._ConvNd):
         if layer.groups != 1:
@@ -72,9 +79,13 @@ def _sizes(layer: nn.Module) -> tuple[int, int]:
 
 
 def _shrunk(layer: nn.Module, in_features: int, out_features: int) -> nn.Module:
-    if isinstance(layer, nn.Linear):
+    if _is_linear(layer):
         new = type(layer)(in_features, out_features, bias=layer.bias is not None, device="meta",
                           dtype=layer.weight.dtype)
+        if "weight" not in new._parameters:  # a layer that loads its own weight: the placeholder the loader fills
+            # (models/host.py gives the host-built layer one, in the dtype the file stores its weight in)
+            new.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=layer.weight.dtype, device="meta"),
+                                      requires_grad=False)
     else:
         new = type(layer)(in_features, out_features, layer.kernel_size, stride=layer.stride, padding=layer.padding,
                           dilation=layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode,
@@ -122,7 +133,7 @@ def host_row_parallel_sliced_input(layer: nn.Module, group, tp_rank, tp_size) ->
     state): each rank takes its own input features (channels for a Conv), so the layer holds 1 / tp of the
     weight for one all-reduce, where a replicated layer would hold all of it."""
     new = host_row_parallel(layer, group, tp_rank, tp_size)
-    new.input_dim = -1 if isinstance(layer, nn.Linear) else 1
+    new.input_dim = -1 if _is_linear(layer) else 1
     new.register_forward_pre_hook(_slice_input)
     return new
 

@@ -25,6 +25,8 @@ class ShardedModel:
         from ..models.host import import_host
         import_host(mesh.device.type)
         model, _, self.prefix = fam.build(header, self.dtype, path)
+        # a model of ComfyUI's mixed-precision layers: they load their own (quantized) weights (models/host.py)
+        self.host_quant = getattr(model, "host_quant", None)
         self.key_map = host_key_map(model, self.prefix)
         self.param_dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as the host built them
         # the family's plan for the class the host built (a variant adds its own modules' entries)
@@ -55,7 +57,9 @@ class ShardedModel:
             from ..parallel.sharded_weights import ShardedWeights
             self.sharded_weights = ShardedWeights(model, getattr(fam, "SHARD_UNITS", (fam.BLOCKS,)), mesh.weights_mesh)
             self.sharded_weights.materialize(mesh.device)
-        self.load_stats = load_host_sharded(model, path, self.prefix, mesh.device, header=header)
+        if self.host_quant is not None:  # before reading anything: what this mesh cannot split is refused
+            self.host_quant.refuse_split_blocks(model)
+        self.load_stats = self._load(model)
         if self.pipeline is not None:  # after the plan's hooks: a stage's first block splits, then receives
             self.pipeline.install_hops()
         lost = missing_plan_hooks(model, self.plan_hooks)
@@ -77,8 +81,7 @@ class ShardedModel:
         loras = tuple(tuple(x) for x in loras or ())
         if loras == self.loras:
             return {**self.lora_stats, "lora_changed": False}
-        restore = lambda names: load_host_sharded(self.model, self.path, self.prefix, self.mesh.device,
-                                                  header=self.header, names=names, dtypes=self.param_dtypes)
+        restore = lambda names: self._load(self.model, names)
         if self.lora_touched:
             restore(sorted(self.lora_touched))
         if self.gguf_stats:
@@ -95,7 +98,8 @@ class ShardedModel:
             stats = merge_loras(self.model, [(x[0], x[-1]) for x in loras], self.key_map, self.header, touched,
                                 aliases=aliases, compute_dtype=self.dtype, patch_weight=patch_weight,
                                 checkpoint=self.path, store_weight=getattr(self.family, "store_weight",
-                                                                           host_store_weight))
+                                                                           host_store_weight),
+                                quantized=self.host_quant)
         except BaseException:
             if touched:
                 restore(sorted(touched))
@@ -106,6 +110,16 @@ class ShardedModel:
         self.loras, self.lora_touched = loras, touched
         self.lora_stats = {**stats, "loras": [(x[0], x[-1]) for x in loras]}
         return {**self.lora_stats, "lora_changed": True}
+
+    def _load(self, model, names=None) -> dict:
+        """Read this rank's slices of the parameters (all, or `names`: a restore after a LoRA) from the checkpoint,
+        in the dtypes the host built them with; the host's quantized layers then load themselves from theirs."""
+        stats = load_host_sharded(model, self.path, self.prefix, self.mesh.device, header=self.header, names=names,
+                                  dtypes=self.param_dtypes if names is not None else None)
+        if self.host_quant is not None:
+            self.host_quant.install(model, self.mesh.device, names)
+            stats.update(param_stats(model))  # (a quantized layer holds its data and its scales)
+        return stats
 
     def info(self) -> dict:
         if self.gguf_stats:

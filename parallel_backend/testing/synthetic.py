@@ -458,6 +458,56 @@ def write_dequantized(src: str, dst: str, dtype=torch.float32, fp8_unet_keep: tu
     return write_safetensors_stream(dst, [(k, header[k][0], dtype, lambda k=k: make(k)) for k in keep])
 
 
+QUANT_LAYOUTS = ("comfy_quant", "metadata")
+
+
+def host_quantized(weight: torch.Tensor, fmt: str) -> dict:
+    """`weight` quantized by the running ComfyUI's own code (comfy.quant_ops: the format's layout class), as the
+    tensors its mixed-precision layer stores and loads: {"weight": stored data, "weight_scale": scale(s), ...}."""
+    import comfy.quant_ops as quant_ops
+
+    qt = quant_ops.QuantizedTensor.from_float(weight, quant_ops.QUANT_ALGOS[fmt]["comfy_tensor_layout"])
+    if hasattr(qt, "state_dict"):  # (0.33+: the layout's own serialization)
+        return dict(qt.state_dict("weight"))
+    data, scale = quant_ops.LAYOUTS[qt.layout_type].get_plain_tensors(qt)  # 0.3.75: per-tensor fp8 only
+    return {"weight": data, "weight_scale": scale}
+
+
+def write_quantized_variant(src: str, dst: str, layout: str = "comfy_quant", fmt: str = "float8_e4m3fn",
+                            only: tuple | None = None) -> str:
+    """A copy of checkpoint `src` in ComfyUI's mixed-precision layout, its linears quantized by ComfyUI's own code
+    (host_quantized; needs ComfyUI importable). Every Linear weight (2-D `.weight`; with `only`, those whose keys
+    start with one of these prefixes) is stored as ComfyUI's layer stores it in format `fmt` (float8_e4m3fn: fp8 data
+    + a per-tensor `weight_scale`; mxfp8 / nvfp4: block scales), the rest as in `src`. The quantized layers are named:
+      comfy_quant: by a `<layer>.comfy_quant` tensor each (json bytes {"format": fmt}), as ComfyUI 0.33 saves them;
+      metadata:    by the file's `_quantization_metadata` ({"format_version": "1.0", "layers": {layer: {...}}}), as
+                   ComfyUI 0.3.75 reads them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if layout not in QUANT_LAYOUTS:
+        raise ValueError(f"layout must be one of {QUANT_LAYOUTS}")
+    out, layers = {}, {}
+    with safe_open(src, framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if not (_is_linear_weight(k, t.shape) and (only is None or k.startswith(only))):
+                out[k] = t
+                continue
+            layer = k[:-len(".weight")]
+            for name, v in host_quantized(t.float(), fmt).items():
+                out[f"{layer}.{name}"] = v.contiguous()
+            layers[layer] = {"format": fmt}
+    if layout == "comfy_quant":
+        for layer, conf in layers.items():
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+        metadata = None
+    else:
+        metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    save_file(out, dst, metadata=metadata)
+    return dst
+
+
 # ---- LoRA files in the usual formats -------------------------------------------------------------------
 LORA_FORMATS = ("comfy", "kohya", "peft")
 

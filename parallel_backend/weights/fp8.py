@@ -1,12 +1,16 @@
-"""fp8 checkpoints: the dtypes, key names and header rules by which ComfyUI reads fp8 files.
+"""fp8 / quantized checkpoints: the dtypes, key names and header rules by which ComfyUI reads such files.
 
 - plain fp8 files ("..._fp8_e4m3fn.safetensors"): float8 weights, no scales;
-- ComfyUI's "fp8_scaled" files: a per-tensor `<layer>.scale_weight` beside each fp8 `<layer>.weight` and a
-  `scaled_fp8` marker key. ComfyUI builds every Linear of such a model in the marker's fp8 dtype
-  (comfy.ops.scaled_fp8_ops), so the linears' biases are held in fp8 too.
+- ComfyUI's "fp8_scaled" files: a per-tensor `<layer>.scale_weight` (and `.scale_input`) beside each fp8
+  `<layer>.weight` and a `scaled_fp8` marker key. ComfyUI 0.3.75 builds every Linear of such a model in the marker's
+  fp8 dtype (comfy.ops.scaled_fp8_ops), so the linears' biases are held in fp8 too; a host with the mixed-precision
+  system (comfy.utils.convert_old_quants, e.g. 0.33) converts the file to the layout below first;
+- the mixed-precision layout: per quantized layer `<layer>.comfy_quant` (json bytes: {"format": ...}) or the file's
+  `_quantization_metadata` (safetensors metadata), with `<layer>.weight_scale` (per tensor for the fp8 formats, per
+  block for mxfp8 / nvfp4), `.weight_scale_2`, `.input_scale`, ... beside the quantized `<layer>.weight`.
 
-The layers themselves are ComfyUI's (comfy.ops, built in each rank by models/host.py): they hold fp8 weights and
-upcast per call as natively. weights/reads.py uses these rules to tell fp8 files and their scales apart,
+The layers themselves are ComfyUI's (comfy.ops, built in each rank by models/host.py): they hold fp8 / quantized
+weights and upcast per call as natively. weights/reads.py uses these rules to tell fp8 files and their scales apart,
 weights/lora.py to merge into fp8 layers, testing/synthetic.py to write such files.
 """
 from __future__ import annotations
@@ -17,9 +21,13 @@ FP8_ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 FP8_DTYPES = tuple(FP8_ST_DTYPES.values())
 # per-tensor weight scales: ComfyUI's scaled_fp8 layout, and its newer mixed-precision layout
 WEIGHT_SCALE_SUFFIXES = ("scale_weight", "weight_scale")
-# tensors beside the weights that are not model parameters
-AUX_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
+# tensors beside the weights that are not model parameters (the first two: per-tensor fp8 scales of the old layout)
+AUX_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2",
+                ".pre_quant_scale")
 MARKER_KEYS = ("scaled_fp8",)
+# mixed-precision formats whose scales are one number per tensor: a slice of the weight keeps the layer's scale, so
+# tensor-parallel ranks and sharded weights can split such a layer (every other format's scales are per block)
+PER_TENSOR_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 
 
 def weight_scale_key(header: dict, weight_key: str) -> str | None:

@@ -36,7 +36,7 @@ import torch
 from ..parallel.plan import shard_chunks_of, shard_dim_of
 from ..parallel.sharded_weights import is_sharded, local_tensor
 from .fp8 import FP8_DTYPES
-from .reads import CheckpointError, _nbytes, _slice_for, open_slices, read_header, shard_of
+from .reads import CheckpointError, _nbytes, _slice_for, held_dtype, open_slices, read_header, shard_of
 
 
 class LoraError(ValueError):
@@ -306,7 +306,7 @@ def _alphas(reader, header: dict) -> dict:
 
 def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict, touched: set,
                 aliases: dict | None = None, compute_dtype: torch.dtype | None = None, patch_weight=None,
-                checkpoint: str | None = None, store_weight=None) -> dict:
+                checkpoint: str | None = None, store_weight=None, quantized=None) -> dict:
     """Merge `loras` ([(path, strength), ...]) into the model's (sharded) parameters.
 
     Each parameter gets the sum of all LoRAs' deltas in fp32 and is cast back once. Names of changed
@@ -316,7 +316,9 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
     without it they are refused. `store_weight(module, pname, weight, name)` (the family's) turns a whole patched
     layer into what the host stores for a parameter held in fp8 (ComfyUI: stochastic rounding back to fp8, seeded by
     the parameter's key, through the layer's scale): with it an fp8 parameter is merged whole and stays fp8, as
-    natively; without it the merged shard is held in the compute precision.
+    natively; without it the merged shard is held in the compute precision. `quantized` (the host's
+    models.host.HostQuantLayers, for a model of ComfyUI's mixed-precision layers) merges into a quantized layer as
+    ComfyUI's ModelPatcher does (whole, then requantized by the layer); such a layer merges only that way.
     """
     params = dict(model.named_parameters())
     per_param = defaultdict(list)
@@ -340,19 +342,23 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
             if _is_gguf_weight(model, name):  # stays quantized: the LoRA runs beside it as its factors
                 touched.update(_attach_factors(model, name, params[name], items))
                 continue
-            fp8_stored = store_weight is not None and params[name].dtype in FP8_DTYPES and checkpoint is not None
+            fp8_stored = store_weight is not None and held_dtype(params[name]) in FP8_DTYPES and checkpoint is not None
+            quant = quantized is not None and quantized.holds(name)
             # a chunked shard (a fused k / v projection) is not one slice of up / down: merged whole, then sharded
             chunked = shard_chunks_of(model, name) > 1
-            if chunked and (patch_weight is None or checkpoint is None):
-                raise LoraError(f"{loras[0][0]}: {name} is split in blocks over the tensor-parallel ranks, which only "
-                                f"a whole-layer merge handles; use tp 1 for this LoRA")
-            if any(t.kind == "adapter" for _, t, _ in items) or fp8_stored or chunked:
+            if (chunked or quant) and (patch_weight is None or checkpoint is None):
+                what, fix = (("quantized", "a model file without quantized layers") if quant else
+                             ("split in blocks over the tensor-parallel ranks", "tp 1"))
+                raise LoraError(f"{loras[0][0]}: {name} is {what}, which only a whole-layer merge handles; use {fix} "
+                                f"for this LoRA")
+            if any(t.kind == "adapter" for _, t, _ in items) or fp8_stored or chunked or quant:
                 if base is None:
                     base = open_slices(checkpoint)
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype,
                                             full=(base, key_map[name], patch_weight,
                                                   _nbytes(*model_header[key_map[name]])),
-                                            store_weight=store_weight if fp8_stored else None))
+                                            store_weight=store_weight if fp8_stored else None,
+                                            quantized=quantized if quant else None))
                 full_layers += 1
             else:
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype))
@@ -415,12 +421,17 @@ def _full_layer(name, base_weight, items, full) -> torch.Tensor:
     return w.float()
 
 
-def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_weight=None) -> set:
+def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_weight=None, quantized=None) -> set:
     """Merge into one parameter; returns the names it changed (a scaled-fp8 layer's scale too).
     `full`: (checkpoint reader, checkpoint key, patch_weight, bytes of the layer in the file) to merge the layer
-    whole (see _full_layer); `store_weight`: with `full`, store an fp8 parameter as the host does (see
-    merge_loras)."""
+    whole (see _full_layer); `store_weight`: with `full`, store an fp8 parameter as the host does; `quantized`:
+    with `full`, the host's mixed-precision layers, which merge this quantized layer themselves (see merge_loras)."""
     from ..parallel.tensor_parallel import BIAS_ON_RANK0
+
+    if quantized is not None:
+        reader, key, _, nbytes = full
+        raw = reader.read(key, None, nbytes).clone()  # (a view into the file's map until the reader moves on)
+        return quantized.merge_whole(model, name, raw, lambda base: _full_layer(name, base, items, full))
 
     module_name, _, pname = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model

@@ -48,6 +48,8 @@ def model_keys(header: dict) -> list:
 def checkpoint_precision(header: dict) -> str:
     """"fp8_scaled", "fp8", or the dtype most of the weights have (for messages and info)."""
     dts = [header[k][1] for k in model_keys(header)]
+    if any(k.endswith(".comfy_quant") for k in header) and not any(d in FP8_ST_DTYPES for d in dts):
+        return "quantized"  # ComfyUI's mixed-precision layout in another storage (nvfp4's packed bytes, int8, ...)
     if any(d in FP8_ST_DTYPES for d in dts):
         scaled = any(k.rpartition(".")[2] in MARKER_KEYS for k in header) or any(
             k.endswith(AUX_SUFFIXES) for k in header)
@@ -56,6 +58,17 @@ def checkpoint_precision(header: dict) -> str:
     if quantized:
         return max(set(quantized), key=quantized.count)
     return max(set(dts), key=dts.count) if dts else "empty"
+
+
+def read_metadata(path: str) -> dict:
+    """The safetensors file's `__metadata__` (str -> str; {} without one, and for a .gguf): ComfyUI reads its
+    `_quantization_metadata` (the mixed-precision layers) from here."""
+    if not path.endswith((".safetensors", ".sft")):
+        return {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n)).get("__metadata__")
+    return dict(meta) if meta else {}
 
 
 def read_header(path: str) -> dict:
@@ -138,7 +151,8 @@ def held_bytes(shape, st_dtype, precision: str) -> int:
     from .gguf import QUANT_BLOCKS, quantized_bytes
     if st_dtype in QUANT_BLOCKS and st_dtype not in ("F32", "F16", "BF16"):
         return quantized_bytes(shape, st_dtype)
-    return math.prod(shape) * (1 if str(st_dtype).startswith("F8") else DTYPE_NAMES[precision].itemsize)
+    one_byte = str(st_dtype).startswith("F8") or st_dtype in ("U8", "I8")  # fp8, packed / int8 quantized weights
+    return math.prod(shape) * (1 if one_byte else DTYPE_NAMES[precision].itemsize)
 
 
 def open_slices(path: str, budget: int = REOPEN_BYTES):
@@ -223,12 +237,26 @@ class _ParamPlan:
     __slots__ = ("name", "key", "shape", "st_dtype", "index", "touch", "owner", "pname", "rank0_only", "chunks", "dim")
 
 
+def held_parts(t: torch.Tensor) -> list:
+    """The tensors that hold a parameter's values: itself, or a tensor subclass's inner tensors (ComfyUI's
+    QuantizedTensor, whose logical dtype is the compute precision: its quantized data first, then its scales)."""
+    if not hasattr(type(t), "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [getattr(t, n) for n in names]
+
+
+def held_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a parameter is stored in (a QuantizedTensor's: its quantized data's, e.g. fp8)."""
+    return held_parts(t)[0].dtype
+
+
 def param_stats(model: torch.nn.Module) -> dict:
-    """Bytes this rank holds (a sharded parameter counts its local rows only)."""
-    local = [local_tensor(p) for p in model.parameters()]
-    held = sum(p.numel() * p.element_size() for p in local)
+    """Bytes this rank holds (a sharded parameter counts its local rows only; a quantized one its data and scales)."""
+    parts = [held_parts(local_tensor(p)) for p in model.parameters()]
+    held = sum(t.numel() * t.element_size() for ts in parts for t in ts)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    fp8 = sum(p.numel() * p.element_size() for p in local if p.dtype in FP8_DTYPES)
+    fp8 = sum(ts[0].numel() * ts[0].element_size() for ts in parts if ts[0].dtype in FP8_DTYPES)
     return {"param_bytes": held, "buffer_bytes": buffers, "fp8_weight_bytes": fp8}
 
 
@@ -274,8 +302,8 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
     from ..parallel.tensor_parallel import BIAS_ON_RANK0
 
     header = header if header is not None else read_header(path)
-    for k, (shape, _) in header.items():
-        if k.endswith(AUX_SUFFIXES[:2]) and math.prod(shape) != 1:
+    for k, (shape, _) in header.items():  # (the mixed-precision layout's block scales: models/host.py checks them)
+        if k.endswith(".scale_weight") and math.prod(shape) != 1:
             raise CheckpointError(f"{path}: {k} has shape {tuple(shape)}; only per-tensor fp8 scales (one number per "
                                   f"weight) are supported")
     params = dict(model.named_parameters())
@@ -317,9 +345,10 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
                     t = read(p.key, p.index and p.index[0], p.touch)
                 else:  # a chunked shard: this rank's part of each block, joined
                     t = torch.cat([read(p.key, i, p.touch // p.chunks) for i in p.index], p.dim)
-                if tuple(t.shape) != tuple(target.shape):
+                held = held_parts(target)[0]  # (a quantized layer's stored data, after a LoRA merge)
+                if tuple(t.shape) != tuple(held.shape):
                     raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's slice), expected "
-                                          f"{tuple(target.shape)}; the file does not match the model it was detected as")
+                                          f"{tuple(held.shape)}; the file does not match the model it was detected as")
                 value = _owned(t, dtype, device)
                 del t
             p.owner._parameters[p.pname] = torch.nn.Parameter(value, requires_grad=False)
@@ -336,5 +365,5 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
         raise CheckpointError(f"{path}: {len(left)} tensors were not materialised (e.g. {left[:3]})")
     return {"bytes_read": read, **param_stats(model),
             "fp8_layers": sum(1 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2
-                              and p.dtype in FP8_DTYPES),
+                              and held_dtype(p) in FP8_DTYPES),
             "checkpoint_precision": checkpoint_precision(header)}

@@ -112,18 +112,45 @@ def test_loader_never_reads_weights_in_the_comfyui_process(comfy, pack, config_s
         group.stop_all()
 
 
-# fp8 files as users get them: plain e4m3fn, ComfyUI fp8_scaled with fp32 biases (which ComfyUI rounds to fp8 when
-# it loads them into its scaled-fp8 layers), and fp8_scaled with fp8 biases (as ComfyUI saves such a model)
+# fp8 files as users get them: plain e4m3fn, ComfyUI fp8_scaled with fp32 biases (which ComfyUI 0.3.75 rounds to fp8
+# when it loads them into its scaled-fp8 layers), and fp8_scaled with fp8 biases (as ComfyUI saves such a model); and
+# ComfyUI's mixed-precision layout, quantized by its own code: named by the file's `_quantization_metadata` (0.3.75
+# and later read it), by per-layer `comfy_quant` keys (hosts with convert_old_quants; here only the blocks quantized,
+# the other linears bf16), and a block-scaled format (mxfp8, where the host has it: refused where weights are split)
 FP8_FILES = {"fp8_e4m3fn": dict(scaled=False), "fp8_scaled": dict(scaled=True),
              "fp8_scaled_fp8_biases": dict(scaled=True, fp8_biases=True)}
+QUANT_FILES = {"fp8_quant_metadata": dict(layout="metadata"),
+               "fp8_comfy_quant_blocks": dict(layout="comfy_quant", only=("blocks.",)),
+               "mxfp8_comfy_quant_blocks": dict(layout="comfy_quant", fmt="mxfp8", only=("blocks.",))}
+FP8_LAYERS = {"fp8_comfy_quant_blocks": 20, "mxfp8_comfy_quant_blocks": 20}  # (the rest: all 26 linears)
+
+
+def _host_reads(kw) -> bool:
+    """Whether this ComfyUI reads a mixed-precision file so written (0.3.75 reads only the metadata, fp8 only)."""
+    import comfy.quant_ops
+    import comfy.utils
+    keys = kw["layout"] == "metadata" or hasattr(comfy.utils, "convert_old_quants")
+    return keys and kw.get("fmt", "float8_e4m3fn") in comfy.quant_ops.QUANT_ALGOS
 
 
 @pytest.fixture(scope="module")
 def fp8_files(comfy):
-    from parallel_backend.testing.synthetic import write_fp8_variant
+    from parallel_backend.testing.synthetic import write_fp8_variant, write_quantized_variant
     src = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
-    return {name: os.path.basename(write_fp8_variant(src, os.path.join(comfy["models_dir"], f"tiny_wan_{name}.safetensors"),
-                                                     **kw)) for name, kw in FP8_FILES.items()}
+    out = {name: os.path.basename(write_fp8_variant(src, os.path.join(comfy["models_dir"], f"tiny_wan_{name}.safetensors"),
+                                                    **kw)) for name, kw in FP8_FILES.items()}
+    for name, kw in QUANT_FILES.items():
+        if _host_reads(kw):
+            out[name] = os.path.basename(write_quantized_variant(
+                src, os.path.join(comfy["models_dir"], f"tiny_wan_{name}.safetensors"), **kw))
+    return out
+
+
+def _reads_scaled(model_config) -> bool:
+    """Whether ComfyUI loaded the file into its scaled / quantized layers (0.3.75: the scaled_fp8 marker, or its
+    mixed-precision ops for a metadata file; later: the mixed-precision ops' quant_config)."""
+    attrs = ("scaled_fp8", "quant_config", "layer_quant_config")
+    return any(getattr(model_config, a) is not None for a in attrs if hasattr(type(model_config), a))
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +165,9 @@ def fp8_native(comfy, fp8_files):
     out = {}
     for name, fname in fp8_files.items():
         # a plain fp8 file as ComfyUI holds it on an fp8-capable GPU (UNETLoader's fp8_e4m3fn): an fp8 unet
-        options = {} if FP8_FILES[name]["scaled"] else {"dtype": torch.float8_e4m3fn}
+        options = {"dtype": torch.float8_e4m3fn} if name == "fp8_e4m3fn" else {}
         native = comfy_sd.load_diffusion_model(os.path.join(comfy["models_dir"], fname), model_options=options)
-        assert (native.model.model_config.scaled_fp8 is not None) == FP8_FILES[name]["scaled"]
+        assert _reads_scaled(native.model.model_config) == (name != "fp8_e4m3fn")
         out[name] = comfy_nodes.common_ksampler(native, 4, 4, 5.0, "euler", "simple", pos, neg, latent)[0]["samples"]
     return (pos, neg, latent), out
 
@@ -150,19 +177,28 @@ def fp8_native(comfy, fp8_files):
                                      dict(cfg=2, weights="sharded")],
                          ids=["ulysses2", "ring2", "tp2", "cfg2", "cfg2_sharded_weights"])
 def test_fp8_files_sampled_on_the_pack_equal_comfyui_native(pack, config_spec, fp8_files, fp8_native, degrees):
-    """Each fp8 layout, loaded by Parallel Model Loader on the mesh (weights kept fp8, fp32 compute) and sampled
-    by Parallel Sampler, equals ComfyUI's own model of the same file sampled by KSampler."""
+    """Each fp8 / quantized layout, loaded by Parallel Model Loader on the mesh (weights kept fp8 / quantized, fp32
+    compute) and sampled by Parallel Sampler, equals ComfyUI's own model of the same file sampled by KSampler; a
+    block-scaled file on a mesh that splits weights is refused, naming the file, its format and what to set."""
     import parallel_backend.runtime.group as group
 
     (pos, neg, latent), refs = fp8_native
+    sample = pack.NODE_CLASS_MAPPINGS["ParallelSampler"]().sample
+    splits = degrees.get("tp", 1) > 1 or degrees.get("weights") == "sharded"
     diffs = {}
     try:
         for name, fname in fp8_files.items():
-            model, _ = _loader(pack).load(fname, "fp32", config_spec(world_size=2, **degrees))
-            out = pack.NODE_CLASS_MAPPINGS["ParallelSampler"]().sample(model, 4, 4, 5.0, "euler", "simple", pos, neg,
-                                                                       latent)[0]["samples"]
+            spec = config_spec(world_size=2, **degrees)
+            if name.startswith("mxfp8") and splits:
+                with pytest.raises(Exception, match=rf"{fname}: .* quantized as mxfp8, whose scales are not one number "
+                                                    rf"per tensor.*tp 1 and weights 'replicated'"):
+                    model, _ = _loader(pack).load(fname, "fp32", spec)
+                    sample(model, 4, 4, 5.0, "euler", "simple", pos, neg, latent)
+                continue
+            model, _ = _loader(pack).load(fname, "fp32", spec)
+            out = sample(model, 4, 4, 5.0, "euler", "simple", pos, neg, latent)[0]["samples"]
             ranks = group.active_groups()[0].rank_load_stats
-            assert all(r["fp8_layers"] == 26 and r["fp8_weight_bytes"] > 0 for r in ranks)
+            assert all(r["fp8_layers"] == FP8_LAYERS.get(name, 26) and r["fp8_weight_bytes"] > 0 for r in ranks)
             assert group.active_groups()[0].config.shard_weights == (degrees.get("weights") == "sharded")
             diffs[name] = (out - refs[name]).abs().max().item()
     finally:

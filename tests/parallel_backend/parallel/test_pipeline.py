@@ -159,3 +159,43 @@ def test_stages_with_ulysses_and_cfg_match_one_rank(world4, reference):
 def test_refused_configs(spec, needle):
     with pytest.raises(ConfigError, match=needle):
         validate_config(ParallelConfig(device="cpu", **spec))
+
+
+def _quantized_rank_fn(mesh, path):
+    from parallel_backend.runtime.sharded_model import ShardedModel
+
+    m = ShardedModel(mesh, path, "fp32")
+    outs = {}
+    for case, (x, t, ctx) in _cases().items():
+        r = m.rows(x.shape[0])
+        outs[case] = ((r.start, r.stop), m.forward_rows(x, t, ctx), m.is_leader(x.shape[0]))
+    return outs
+
+
+def test_two_stages_of_a_quantized_file_match_one_rank(path, tmp_path):
+    """A file of ComfyUI's mixed-precision layout (comfy_quant keys where the host reads them, else its metadata;
+    quantized by ComfyUI's own code) on pp2: each stage's quantized layers load themselves (the other stage's blocks
+    are not there to load) and the last stage's output equals one rank's."""
+    import comfy_host
+    from parallel_backend.runtime.mesh import single_rank_mesh
+    from parallel_backend.runtime.sharded_model import ShardedModel
+    from parallel_backend.testing.spmd import run_on_ranks
+    from parallel_backend.testing.synthetic import write_quantized_variant
+
+    comfy_host.import_comfy()
+    import comfy.utils
+    layout = "comfy_quant" if hasattr(comfy.utils, "convert_old_quants") else "metadata"
+    qpath = write_quantized_variant(path, str(tmp_path / "wan4_quantized.safetensors"), layout)
+    one = ShardedModel(single_rank_mesh(ParallelConfig(world_size=1, device="cpu", dtype="fp32"), torch.device("cpu")),
+                       qpath, "fp32")
+    per_rank = run_on_ranks(_quantized_rank_fn, ParallelConfig(world_size=2, device="cpu", dtype="fp32", pp=2), qpath)
+    worst = 0.0
+    for case, (x, t, ctx) in _cases().items():
+        ref = one.forward_rows(x, t, ctx)
+        got = torch.full_like(ref, float("nan"))
+        for (start, stop), y, leader in (rep[case] for rep in per_rank):
+            if leader:
+                got[start:stop] = y
+        worst = max(worst, (got - ref).abs().max().item())
+    print(f"\n{layout} file on pp2: max abs diff vs 1 rank {worst:.2e}")
+    assert worst <= TOL

@@ -9,6 +9,8 @@ one, and the load checks they are all there.
 Each mesh's output (rows reassembled from the replica leaders) must equal one rank on the same file (fp32
 compute: the fp8 weights are upcast exactly). The fp8_scaled files keep their biases in fp32, the layout the
 pack's own writer produces by default and the one that used to differ from ComfyUI (which rounds them to fp8).
+The mixed-precision file is ComfyUI's newer layout (per-layer `comfy_quant` keys where the host reads them, else the
+`_quantization_metadata` that 0.3.75 reads), its layers quantized by ComfyUI's own code.
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ from parallel_backend.config import ParallelConfig
 from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel
 from parallel_backend.testing.spmd import run_on_ranks
-from parallel_backend.testing.synthetic import write_fp8_variant, write_tiny_wan
+from parallel_backend.testing.synthetic import write_fp8_variant, write_quantized_variant, write_tiny_wan
+from parallel_backend.weights.reads import held_dtype
+
+import comfy_host  # noqa: E402
 
 pytestmark = pytest.mark.multirank
 TOL = 1e-5
@@ -45,6 +50,10 @@ def files(tmp_path_factory):
          "bf16": write_tiny_wan(str(d / "tiny_bf16.safetensors"), seed=7, dtype=torch.bfloat16)}
     f["fp8"] = write_fp8_variant(f["bf16"], str(d / "tiny_fp8_e4m3fn.safetensors"), scaled=False)
     f["fp8_scaled"] = write_fp8_variant(f["bf16"], str(d / "tiny_fp8_scaled.safetensors"), scaled=True)
+    comfy_host.import_comfy()  # (the mixed-precision file is quantized by ComfyUI's own code)
+    import comfy.utils
+    layout = "comfy_quant" if hasattr(comfy.utils, "convert_old_quants") else "metadata"
+    f["fp8_mixed"] = write_quantized_variant(f["bf16"], str(d / f"tiny_fp8_{layout}.safetensors"), layout)
     return f
 
 
@@ -63,7 +72,7 @@ def _rank_fn(mesh0, files, meshes, cases):
             report[(mname, fname)] = {
                 "outs": outs, "leader": m.is_leader(2), "missing": missing_plan_hooks(m.model, m.plan_hooks),
                 "hooks": [(h.module, h.kind) for h in m.plan_hooks],
-                "head_dtype": m.model.head.head.weight.dtype, "fp8_layers": m.load_stats["fp8_layers"]}
+                "head_dtype": held_dtype(m.model.head.head.weight), "fp8_layers": m.load_stats["fp8_layers"]}
             del m
             gc.collect()
     return report

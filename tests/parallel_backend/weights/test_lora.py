@@ -267,10 +267,50 @@ def test_tp2_lora_on_fp8_weights_stays_fp8_as_native_and_unmerges(files, group):
           f"(an fp32 merge would differ by {(upcast - ref).abs().max().item():.2e})")
     assert diff <= TOL and (upcast - ref).abs().max() > 10 * TOL
     assert [s["fp8_weight_bytes"] for s in g.rank_load_stats] == fp8_bytes  # merged layers stay fp8
+    # LoHa and LoKr on the same fp8 layers: ComfyUI's adapters on the whole dequantized layer, stored back as it does
+    loras = [(files["loha"], 0.7), (files["lokr"], 0.5)]
+    g.load(files["fp8"], "fp32", loras=loras)
+    diff = (g.forward(x, t, ctx) - native_with_loras(files["fp8"], loras, x, t, ctx)).abs().max().item()
+    print(f"LoHa x0.7 + LoKr x0.5 on fp8_scaled weights (tp=2) vs ComfyUI's native patched fp8 model: {diff:.2e}")
+    assert diff <= TOL
     g.load(files["fp8"], "fp32", loras=[])
     assert [s["fp8_weight_bytes"] for s in g.rank_load_stats] == fp8_bytes  # fp8 shards and scales back
     assert torch.equal(g.forward(x, t, ctx), plain_out)
     assert plain["fp8_layers"] == 26
+
+
+def test_lora_on_each_quantized_layout_equals_comfyuis_patched_model(files, tmp_path):
+    """One rank, ComfyUI's mixed-precision layouts the host reads (quantized by its own code: the metadata layout with
+    every linear fp8; comfy_quant keys, blocks only, fp8 and mxfp8's block scales): a LoRA and a LoHa merged into
+    the quantized layers equal ComfyUI's own LoRA-patched model of the file (its patch_weight_to_device: dequantize,
+    patch, requantize with a recalculated scale and key-seeded stochastic rounding); clearing them gives the file's
+    layers back."""
+    comfy_host.import_comfy()
+    import comfy.quant_ops
+    import comfy.utils
+
+    from parallel_backend.testing.synthetic import write_quantized_variant
+
+    layouts = {"metadata": dict(layout="metadata")}
+    if hasattr(comfy.utils, "convert_old_quants"):
+        layouts["comfy_quant"] = dict(layout="comfy_quant", only=("blocks.",))
+        if "mxfp8" in comfy.quant_ops.QUANT_ALGOS:
+            layouts["mxfp8"] = dict(layout="comfy_quant", fmt="mxfp8", only=("blocks.",))
+    x, t, ctx = inputs()
+    loras = [(files["comfy"], 0.9), (files["loha"], 0.6)]
+    cfg = ParallelConfig(world_size=1, device="cpu", dtype="fp32")
+    for name, kw in layouts.items():
+        path = write_quantized_variant(files["bf16"], str(tmp_path / f"{name}.safetensors"), **kw)
+        m = ShardedModel(single_rank_mesh(cfg, torch.device("cpu")), path, "fp32")
+        plain = m.forward_rows(x, t, ctx)
+        info = m.set_loras(loras)
+        diff = (m.forward_rows(x, t, ctx) - native_with_loras(path, loras, x, t, ctx)).abs().max().item()
+        moved = (native_with_loras(path, loras, x, t, ctx) - plain).abs().max().item()
+        print(f"{name}: LoRA x0.9 + LoHa x0.6 on its quantized layers ({info['lora_full_layers']} merged whole) vs "
+              f"ComfyUI's native patched model: {diff:.2e} (the patch moves the output by {moved:.3f})")
+        assert diff <= 1e-6 and moved > 100 * TOL
+        m.set_loras([])
+        assert torch.equal(m.forward_rows(x, t, ctx), plain)
 
 
 def test_loha_merges_on_cosmos_like_a_hand_merge(files, tmp_path):

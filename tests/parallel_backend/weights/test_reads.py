@@ -21,7 +21,7 @@ from parallel_backend.runtime.group import get_group, stop_all
 from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel
 from parallel_backend.testing.synthetic import write_dequantized, write_fp8_variant, write_tiny_wan
-from parallel_backend.weights.reads import CheckpointError, model_keys, read_header
+from parallel_backend.weights.reads import CheckpointError, held_dtype, held_parts, model_keys, read_header
 
 CONFIG = ParallelConfig(world_size=2, tp=2, device="cpu", dtype="fp32")
 TOL = 1e-5
@@ -72,28 +72,47 @@ def group():
 # ------------------------------------------------------------------------------------ fp8, one process
 
 
+def _linears(model) -> list:
+    """The model's Linear layers: torch's, or ComfyUI's mixed-precision ones (plain Modules with in / out features)."""
+    return [m for m in model.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+
+
+def mixed_precision_host() -> bool:
+    """Whether this ComfyUI converts scaled-fp8 files to its mixed-precision layers (0.33: convert_old_quants)."""
+    comfy_host.import_comfy()
+    import comfy.utils
+    return hasattr(comfy.utils, "convert_old_quants")
+
+
 def test_fp8_kept_as_fp8_upcast_per_layer_with_scales(files):
     """The ranks build ComfyUI's own model for an fp8 file, with ComfyUI's own fp8 layers: a scaled-fp8 file gets
-    its scaled layers (linears fp8 with their per-tensor scale, biases rounded to fp8), a plain fp8 file keeps its
-    weights fp8 and casts per layer (as ComfyUI's UNETLoader with weight dtype fp8_e4m3fn). Each equals ComfyUI's
-    own model of the same file loaded that way."""
-    comfy_host.import_comfy()
+    0.3.75's scaled layers (linears fp8 with their per-tensor scale, biases rounded to fp8) or, on a host with the
+    mixed-precision system, its mixed-precision layers (a QuantizedTensor of fp8 data and the scale, biases in the
+    compute precision); a plain fp8 file keeps its weights fp8 and casts per layer (as ComfyUI's UNETLoader with
+    weight dtype fp8_e4m3fn). Each equals ComfyUI's own model of the same file loaded that way, stored tensor for
+    stored tensor."""
+    mixed = mixed_precision_host()
     import comfy.sd
 
     x, t, ctx = inputs()
     outs = {}
     for name in ("fp8_scaled", "fp8"):
         m = single(files[name], "fp32")
-        linears = [mod for n, mod in m.model.named_modules() if isinstance(mod, torch.nn.Linear)]
+        linears = _linears(m.model)
         assert len(linears) == 26 and m.load_stats["fp8_layers"] == 26  # every linear ComfyUI builds
         for mod in linears:
-            assert mod.weight.dtype == torch.float8_e4m3fn
-            assert mod.bias.dtype == torch.float8_e4m3fn  # scaled: ComfyUI's override; plain: the fp8 unet dtype
-            assert (getattr(mod, "scale_weight", None) is not None) == (name == "fp8_scaled")
+            assert held_dtype(mod.weight) == torch.float8_e4m3fn
+            if name == "fp8_scaled" and mixed:
+                assert type(mod.weight).__name__ == "QuantizedTensor" and mod.bias.dtype == torch.float32
+            else:  # scaled: ComfyUI's override; plain: the fp8 unet dtype
+                assert mod.bias.dtype == torch.float8_e4m3fn
+                assert (getattr(mod, "scale_weight", None) is not None) == (name == "fp8_scaled")
         assert m.load_stats["checkpoint_precision"] == name
         out = m.forward_rows(x, t, ctx)
         options = {} if name == "fp8_scaled" else {"dtype": torch.float8_e4m3fn}
         native = comfy.sd.load_diffusion_model(files[name], model_options=options).model.diffusion_model
+        for mine, theirs in zip(linears, _linears(native)):  # what each layer holds: bit for bit
+            assert all(torch.equal(a, b) for a, b in zip(held_parts(mine.weight), held_parts(theirs.weight)))
         with torch.no_grad():
             ref = native(x, t, ctx)
         diff = (out - ref).abs().max().item()
@@ -109,6 +128,47 @@ def test_fp8_kept_as_fp8_upcast_per_layer_with_scales(files):
         assert e <= bound
 
 
+def test_quantized_layouts_equal_the_hosts_own_model_of_the_file(files):
+    """ComfyUI's mixed-precision layout, quantized by its own code: named by `_quantization_metadata` (every host
+    here reads it), by per-layer `comfy_quant` keys (only the blocks quantized: the other linears are the host's
+    unquantized mixed-precision layers), and in block-scaled formats (mxfp8, nvfp4: per-block scales). Each the
+    host reads loads on one rank as ComfyUI's own model of the file, stored tensor for stored tensor and output for
+    output; a layout the host cannot read (comfy_quant keys before convert_old_quants, where ComfyUI's own output is
+    NaN) is refused, naming the file and the fix."""
+    mixed = mixed_precision_host()
+    import comfy.quant_ops
+    import comfy.sd
+
+    from parallel_backend.testing.synthetic import write_quantized_variant
+
+    x, t, ctx = inputs()
+    d = files["dir"]
+    layouts = {"metadata": write_quantized_variant(files["bf16"], str(d / "q_metadata.safetensors"), "metadata")}
+    keys = write_quantized_variant(files["bf16"], str(d / "q_keys.safetensors"), "comfy_quant", only=("blocks.",))
+    if not mixed:
+        with pytest.raises(ValueError, match=r"q_keys\.safetensors: .*comfy_quant.*update ComfyUI"):
+            single(keys, "fp32")
+    else:
+        layouts["comfy_quant"] = keys
+        for fmt in ("mxfp8", "nvfp4"):
+            if fmt in comfy.quant_ops.QUANT_ALGOS:
+                layouts[fmt] = write_quantized_variant(files["bf16"], str(d / f"q_{fmt}.safetensors"), "comfy_quant",
+                                                       fmt, only=("blocks.",))
+    for name, path in layouts.items():
+        m = single(path, "fp32")
+        native = comfy.sd.load_diffusion_model(path).model.diffusion_model
+        quantized = [mod for mod in _linears(native) if type(mod.weight).__name__ == "QuantizedTensor"]
+        assert len(quantized) == (26 if name == "metadata" else 20)
+        for mine, theirs in zip(_linears(m.model), _linears(native)):
+            assert type(mine.weight) is type(theirs.weight) and mine.bias.dtype == theirs.bias.dtype
+            assert all(torch.equal(a, b) for a, b in zip(held_parts(mine.weight), held_parts(theirs.weight)))
+        with torch.no_grad():
+            diff = (m.forward_rows(x, t, ctx) - native(x, t, ctx)).abs().max().item()
+        print(f"{name}: one rank vs ComfyUI's own model of the file: max abs {diff:.2e} ({len(quantized)} quantized "
+              f"linears, {m.load_stats['param_bytes'] / MiB:.2f} MiB)")
+        assert diff <= 1e-6
+
+
 # ------------------------------------------------------------------------------------ fp8 on tp=2 ranks
 
 
@@ -121,8 +181,10 @@ def test_fp8_tp2_matches_single_process_and_holds_half_the_bytes(files, group):
         diff = (g.forward(x, t, ctx) - single(files[name], "fp32").forward_rows(x, t, ctx)).abs().max().item()
         print(f"{name}: tp=2 vs single process (fp32 compute) {diff:.2e}")
         assert diff <= TOL
-    # each rank reads only its slice of the fp8 linears (scales are per tensor: shared by both shards); a scaled-fp8
-    # layer holds its bias in fp8 too (column-parallel: its slice; row-parallel: whole, zeros beside TP rank 0)
+    # each rank reads only its slice of the fp8 linears (scales are per tensor: shared by both shards); 0.3.75's
+    # scaled-fp8 layer holds its bias in fp8 too (column-parallel: its slice; row-parallel: whole, zeros beside TP
+    # rank 0), a mixed-precision layer in the compute precision
+    mixed = mixed_precision_host()
     header = read_header(files["fp8_scaled"])
     numel = lambda k: torch.Size(header[k][0]).numel()
     expected = 0
@@ -132,7 +194,9 @@ def test_fp8_tp2_matches_single_process_and_holds_half_the_bytes(files, group):
         stem = k[:-len(".weight")]
         row = stem.endswith((".o", ".ffn.2"))
         parts = 2 if stem.startswith("blocks.") else 1
-        expected += numel(k) // parts + (numel(stem + ".bias") if row or parts == 1 else numel(stem + ".bias") // 2)
+        expected += numel(k) // parts
+        if not mixed:
+            expected += numel(stem + ".bias") if row or parts == 1 else numel(stem + ".bias") // 2
     g.load(files["fp8_scaled"], "bf16")
     fp8_stats = g.rank_load_stats
     g.load(files["bf16"], "bf16")
@@ -142,8 +206,9 @@ def test_fp8_tp2_matches_single_process_and_holds_half_the_bytes(files, group):
               f"(fp8 tensors {f8['fp8_weight_bytes'] / MiB:.2f} MiB)")
         assert f8["fp8_weight_bytes"] == expected
         # the same tensors take twice the bytes in bf16: the saving is the fp8 bytes, less the fp32 scales
-        # (ComfyUI's scaled layers hold a scale_weight and a scale_input, fp32 scalars: 26 linears x 2 x 4 bytes)
-        assert f8["fp8_weight_bytes"] - (b16["param_bytes"] - f8["param_bytes"]) == 26 * 2 * 4
+        # (0.3.75's scaled layers hold a scale_weight and a scale_input, fp32 scalars: 26 linears x 2 x 4 bytes; a
+        # mixed-precision layer its weight_scale: ComfyUI drops a scale_input of 1)
+        assert f8["fp8_weight_bytes"] - (b16["param_bytes"] - f8["param_bytes"]) == 26 * (1 if mixed else 2) * 4
 
 
 # ------------------------------------------------------------------------------------ reloads on a warm group
