@@ -9,7 +9,6 @@ sequence-split (cross-attention, and self-attention on one sequence rank).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -345,13 +344,6 @@ def transformer_config(path: str) -> dict:
         raise ValueError(f"{path}: its metadata's 'config' is not a JSON object ({e}); the file is damaged") from None
 
 
-def detection_metadata(path: str) -> dict | None:
-    """The metadata to hand ComfyUI's `model_config_from_unet` for this file so that it picks the class ComfyUI's own
-    loader picks: the "config" with its transformer entries only (no other metadata's meaning changes), or None."""
-    config = transformer_config(path)
-    return {"config": json.dumps({"transformer": config})} if config else None
-
-
 def file_class(header: dict, config: dict) -> tuple[str, str] | None:
     """(ComfyUI class, what names it) that a file's keys or metadata ask for, beyond ComfyUI 0.3.75's detection."""
     keys = {_strip(k) for k in header}
@@ -364,21 +356,6 @@ def file_class(header: dict, config: dict) -> tuple[str, str] | None:
     return None
 
 
-@contextlib.contextmanager
-def _detection_reads(metadata: dict | None):
-    """ComfyUI's detection given the file's `detection_metadata` (ComfyUI 0.33 picks Animate 2, causal forcing and
-    FlowRVS files by it), for as long as models/host.py asks it without."""
-    import comfy.model_detection as detection
-
-    original = detection.model_config_from_unet
-    if metadata:
-        detection.model_config_from_unet = functools.partial(original, metadata=metadata)
-    try:
-        yield
-    finally:
-        detection.model_config_from_unet = original
-
-
 def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
     """ComfyUI's model for this file (WanModel, or the variant class its detection picks from the keys and the
     metadata), on meta. A file of a class this ComfyUI lacks is refused by name."""
@@ -386,8 +363,7 @@ def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
 
     wanted = file_class(header, transformer_config(path))
     try:
-        with _detection_reads(detection_metadata(path)):
-            model, model_config, prefix = build_host_model(header, compute_dtype, path)
+        model, model_config, prefix = build_host_model(header, compute_dtype, path)  # (the file's metadata read)
         built = f"{type(model_config).__name__} / {type(model).__name__}"
     except ValueError:  # not recognised at all (e.g. SCAIL's 20 input channels on an older ComfyUI)
         if wanted is None or host_has_class(wanted[0]):
