@@ -635,10 +635,11 @@ def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
                                                  "bf16": torch.bfloat16}[dtype], seed=seed, metadata=metadata)
 
 
-def write_int8_variant(src: str, dst: str) -> str:
+def write_int8_variant(src: str, dst: str, convrot: bool = True) -> str:
     """An int8 copy of checkpoint `src` in ComfyUI's mixed-precision layout, as the "int8_convrot" files are: each
     block linear's weight int8 with a per-tensor float32 `weight_scale` (max|w| / 127) and its `comfy_quant` entry
-    {"format": "int8_tensorwise", "convrot": true}; the rest and the file's metadata as they are."""
+    {"format": "int8_tensorwise", "convrot": true} (without convrot: the plain int8 files); the rest and the file's
+    metadata as they are."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -646,7 +647,8 @@ def write_int8_variant(src: str, dst: str) -> str:
     with safe_open(src, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = f.metadata()
-    conf = torch.tensor(list(json.dumps({"format": "int8_tensorwise", "convrot": True}).encode()), dtype=torch.uint8)
+    quant = {"format": "int8_tensorwise", **({"convrot": True} if convrot else {})}
+    conf = torch.tensor(list(json.dumps(quant).encode()), dtype=torch.uint8)
     out = {}
     for k, t in tensors.items():
         if k.startswith("blocks.") and k.endswith(".weight") and t.ndim == 2:

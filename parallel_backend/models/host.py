@@ -252,8 +252,10 @@ class HostQuantLayers:
         self.path, self.formats, self.extras, self.full_shape = path, {}, {}, {}
         self.merged = {}  # layer -> its tensors after a LoRA merge (the recalculated scale), until restored
         self.gathered = {}  # layer -> FSDP's gathered weight while the layer runs (sharded weights)
+        self.whole = {}  # other layers the file quantizes (0.33's quantized Embedding): loaded whole, by themselves
         for name, module in model.named_modules():
             if not _loads_own_weight(module):
+                self._note_whole(module, name, sd)
                 continue
             w = sd.get(name + ".weight")
             if w is None:
@@ -267,6 +269,29 @@ class HostQuantLayers:
             if fmt is not None:
                 self.formats[name], self.full_shape[name] = fmt, (module.out_features, module.in_features)
                 self.extras[name] = self._with_values(extras, name)
+
+    def _note_whole(self, module, name: str, sd: dict) -> None:
+        """A layer that holds a weight from its build but that the file quantizes (a `comfy_quant` entry; ComfyUI
+        0.33's mixed-precision Embedding): the loader reads its stored data as stored, and the layer then loads
+        itself from it whole (no plan splits such a layer)."""
+        conf, w = sd.get(name + ".comfy_quant"), sd.get(name + ".weight")
+        if conf is None or w is None or "weight" not in module._parameters:
+            return
+        stem = name + "."
+        extras = {k[len(stem):]: v for k, v in sd.items()
+                  if k.startswith(stem) and "." not in k[len(stem):] and k[len(stem):] not in ("weight", "bias")}
+        module.weight = torch.nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+        self.whole[name] = self._with_values(extras, name)
+
+    def _load_whole(self, model, device) -> None:
+        for name, extras in self.whole.items():
+            module = model.get_submodule(name)
+            sd = {f"{name}.weight": module._parameters["weight"].detach(),
+                  **{f"{name}.{k}": (v if k == "comfy_quant" else v.to(device)) for k, v in extras.items()}}
+            missing, unexpected, errors = [], [], []
+            module._load_from_state_dict(sd, name + ".", {}, False, missing, unexpected, errors)
+            if errors:
+                raise ValueError(f"{self.path}: ComfyUI could not load {name}: {'; '.join(map(str, errors))}")
 
     def _with_values(self, extras: dict, name: str) -> dict:
         """A quantized layer's tensors beside its weight, every one read from the file (host_state_dict)."""
@@ -302,11 +327,17 @@ class HostQuantLayers:
         for name, module in self._present(model):
             w = module._parameters["weight"]
             if (is_sharded(w) or shard_dim_of(model, name + ".weight")[0] is not None) and not self.sliceable(name):
-                shapes = {k: tuple(v.shape) for k, v in self.extras[name].items() if k != "comfy_quant"}
-                raise ValueError(f"{self.path}: {name} is quantized as {self.formats[name]}, whose scales are not one "
-                                 f"number per tensor ({shapes}): the pack cannot split it over tensor-parallel ranks "
-                                 f"or sharded weights; load this file with tp 1 and weights 'replicated' (ulysses, "
-                                 f"ring, cfg and pp split no weights)")
+                raise ValueError(f"{self.path}: {name} is quantized as {self.formats[name]}, {self._why_whole(name)}"
+                                 f": the pack cannot split it over tensor-parallel ranks or sharded weights; load this "
+                                 f"file with tp 1 and weights 'replicated' (ulysses, ring, cfg and pp split no "
+                                 f"weights)")
+
+    def _why_whole(self, name: str) -> str:
+        shapes = {k: tuple(v.shape) for k, v in self.extras[name].items() if k != "comfy_quant" and v.numel() > 1}
+        if shapes:
+            return f"whose scales are per block ({shapes})"
+        return ("whose layer quantizes each token's input over all its channels as it computes (int8 / ConvRot "
+                "formats; a slice of the channels would change the rounding) or which the pack slices no further")
 
     def _tensors(self, name: str, device, merged: bool = True) -> dict:
         """The layer's tensors beside its weight (the file's, or those of a LoRA merge), on `device` (its json bytes
@@ -329,6 +360,8 @@ class HostQuantLayers:
         quantized layer loads itself from its slice, with the file's tensors again."""
         from ..parallel.sharded_weights import is_sharded
 
+        if names is None:
+            self._load_whole(model, device)
         for name, module in self._present(model):
             if names is not None and name + ".weight" not in names:
                 continue

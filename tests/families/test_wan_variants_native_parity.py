@@ -414,3 +414,31 @@ def test_causal_forcing_is_refused_by_name(checkpoints_033):
         pytest.skip(f"{_host()} has no CausalWanModel (the refusal of a host without it is tested instead)")
     with pytest.raises(ValueError, match="CausalWanModel, which the parallel loader cannot run yet: causal forcing"):
         _one_rank(checkpoints_033["tiny-causal"])
+
+
+# ---- a quantized embedding: S2V's trainable_cond_mask in an fp8_scaled file ------------------------------------------
+def _run_s2v(mesh, path):
+    m = ShardedModel(mesh, path, "fp32")
+    x, t, ctx, kw = _inputs("tiny-s2v", S2V_SHAPES[0])
+    return m.rows(2), m.forward_rows(x, t, ctx, **kw)
+
+
+def test_s2v_fp8_scaled_with_its_quantized_embedding_equals_native(tmp_path):
+    """In an fp8_scaled S2V file every 2-D weight has a scale, the reference-mask embedding's too: ComfyUI 0.33 loads
+    that Embedding as a quantized layer (0.3.75 as its own fp8 embedding); the ranks load it the same way, whole."""
+    from parallel_backend.testing.synthetic import write_fp8_variant
+
+    comfy_host.import_comfy()
+    import comfy.sd
+
+    path = write_fp8_variant(_write_s2v(str(tmp_path / "s2v.safetensors"), seed=3),
+                             str(tmp_path / "s2v_fp8_scaled.safetensors"), scaled=True)
+    x, t, ctx, kw = _inputs("tiny-s2v", S2V_SHAPES[0])
+    with torch.no_grad():
+        ref = comfy.sd.load_diffusion_model(path).model.diffusion_model(x, t, ctx, **kw).float()
+    got = torch.full_like(ref, float("nan"))
+    for rows, y in run_on_ranks(_run_s2v, ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype="fp32"), path):
+        got[rows] = y
+    diff = (got - ref).abs().max().item()
+    print(f"S2V fp8_scaled (its embedding quantized) on ulysses2 vs native: {diff:.2e}")
+    assert diff <= TOL

@@ -20,6 +20,7 @@ from parallel_backend.runtime import group as group_mod
 from parallel_backend.runtime.group import get_group, stop_all
 from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.spmd import run_on_ranks
 from parallel_backend.testing.synthetic import write_dequantized, write_fp8_variant, write_tiny_wan
 from parallel_backend.weights.reads import CheckpointError, held_dtype, held_parts, model_keys, read_header
 
@@ -337,3 +338,49 @@ def test_chunked_shards_take_each_ranks_part_of_every_block():
         [shard_of(t, 0, r, 2, 2).tolist() for r in (0, 1)]
     assert torch.equal(shard_of(t, 0, 1, 2), t[4:])  # one chunk: the plain slice
     assert shard_of(t, None, 1, 2) is t
+
+
+def _forward_rows(mesh, path):
+    m = ShardedModel(mesh, path, "fp32")
+    x, t, ctx = inputs()
+    return m.rows(x.shape[0]), m.forward_rows(x, t, ctx)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("convrot", [False, True], ids=["int8", "int8_convrot"])
+def test_int8_files_on_a_split_sequence_round_like_comfyuis_own_kernels(files, convrot):
+    """An int8_tensorwise file (ComfyUI 0.33+; the int8 / int8_convrot releases) quantizes every linear's input per
+    token as it computes, so a 1e-7 difference in an activation (another attention kernel's summation order) can flip a
+    rounding step (1/127 of a row's scale). One rank equals ComfyUI's own model exactly; ulysses2 / ring2 stay within
+    3x of what ComfyUI itself moves when only its attention function changes (sdpa -> basic) on the same file; TP is
+    refused (a slice of the input channels changes each token's rounding)."""
+    if not mixed_precision_host():
+        pytest.skip("this ComfyUI has no mixed-precision int8 layers (0.3.75)")
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.wan.model as wan_model
+    import comfy.sd
+    from comfy_templates import write_int8_variant
+
+    path = write_int8_variant(files["bf16"], str(files["dir"] / f"int8_{convrot}.safetensors"), convrot=convrot)
+    x, t, ctx = inputs()
+    native = comfy.sd.load_diffusion_model(path).model.diffusion_model
+    with torch.no_grad():
+        ref = native(x, t, ctx).float()
+        original, wan_model.optimized_attention = wan_model.optimized_attention, attention.attention_basic
+        try:
+            kernel_swap = (native(x, t, ctx).float() - ref).abs().max().item()
+        finally:
+            wan_model.optimized_attention = original
+    assert (single(path, "fp32").forward_rows(x, t, ctx) - ref).abs().max().item() == 0.0
+    diffs = {}
+    for name, degrees in {"ulysses2": dict(ulysses=2), "ring2": dict(ring=2)}.items():
+        got = torch.full_like(ref, float("nan"))
+        for rows, y in run_on_ranks(_forward_rows, ParallelConfig(world_size=2, device="cpu", dtype="fp32",
+                                                                  **degrees), path):
+            got[rows] = y
+        diffs[name] = (got - ref).abs().max().item()
+    print(f"int8{' convrot' if convrot else ''}: split vs native {diffs}; native sdpa vs native basic attention "
+          f"{kernel_swap:.2e}")
+    assert kernel_swap > 1e-4 and max(diffs.values()) <= 3 * kernel_swap
+    with pytest.raises(Exception, match=r"int8_tensorwise, whose layer quantizes each token's input"):
+        run_on_ranks(_forward_rows, ParallelConfig(world_size=2, tp=2, device="cpu", dtype="fp32"), path)
