@@ -55,7 +55,7 @@ class ParallelDiffusionModel(torch.nn.Module):
         self.host_class = host_class  # ComfyUI's class for this file (as its detection builds it)
         self.compile_spec = compile_spec  # the loader's `compile` option: torch.compile kwargs for the ranks
         self._base_ref = None  # weakref to the BaseModel holding this proxy (to see its current patcher)
-        self.dtype = backend("weights.reads").DTYPE_NAMES[precision]
+        self.dtype = backend("weights.reads").compute_dtype(precision)
         shape = (info["num_heads"] * info["head_dim"], info["in_channels"], *info["patch_size"])
         self.patch_embedding = _ShapeOnly(shape, self.dtype)
         # a real (tiny) buffer so ComfyUI's device moves have something to move, and no meta tensors
@@ -81,9 +81,13 @@ class ParallelDiffusionModel(torch.nn.Module):
     def class_name(self) -> str:
         return self.host_class.__name__ if self.host_class is not None else "diffusion model"
 
+    def family(self):
+        """The model's family module (its plan, what it takes and refuses)."""
+        return backend("models").FAMILIES.get(self.info.get("family"))
+
     def conds(self) -> tuple:
         """The keyword inputs (ComfyUI conds) the ranks take for this model's class (the family says which)."""
-        family = backend("models").FAMILIES.get(self.info.get("family"))
+        family = self.family()
         conds_of = getattr(family, "conds_of", None)
         return tuple(conds_of(self.class_name())) if conds_of is not None else ()
 
@@ -109,7 +113,7 @@ class ParallelDiffusionModel(torch.nn.Module):
         patcher = getattr(base, "current_patcher", None)
         refuse_weight_patches(patcher)
         # the ranks run ComfyUI's own model code, which applies the patches that cross (or ignores them as natively)
-        refuse_patches(transformer_options, named.pop("control", None))
+        refuse_patches(transformer_options, named.pop("control", None), self.family())
         refuse_patcher_extras(patcher)
         options = crossing_options(transformer_options)
         compile_spec = compile_request(patcher, self.compile_spec, self.parallel_config)
@@ -276,8 +280,9 @@ def crossing_options(transformer_options: dict) -> dict:
     return {k: v for k, v in transformer_options.items() if k not in LOCAL_OPTIONS and v is not None}
 
 
-def refuse_patches(transformer_options, control):
-    """What changes the inside of the model and cannot reach remote shards: refuse it loudly."""
+def refuse_patches(transformer_options, control, family=None):
+    """What changes the inside of the model and cannot reach remote shards: refuse it loudly (and what the model's
+    family names in REFUSED_OPTIONS)."""
     if control is not None:
         raise UnsupportedPatchError("ControlNet on the parallel model is not supported: remove the ControlNet "
                                     "apply node, or use the native Load Diffusion Model for this graph")
@@ -285,6 +290,9 @@ def refuse_patches(transformer_options, control):
         if transformer_options.get(key):
             raise UnsupportedPatchError(f"{what} is set on the parallel MODEL ('{key}'), which the worker ranks do "
                                         f"not apply: remove that node, or sample with the native model")
+    for key, why in getattr(family, "REFUSED_OPTIONS", {}).items():
+        if transformer_options.get(key) is not None:
+            raise UnsupportedPatchError(f"'{key}' on the parallel MODEL: {why}")
 
 
 def refuse_patcher_extras(patcher):
@@ -355,7 +363,7 @@ def host_model_config(family_name, path, precision, header):
     model_config = _detected_model_config(family_name, path, header, sd)
     if model_config is None:
         raise RuntimeError(f"ComfyUI does not recognise {path} as a diffusion model it knows")
-    dtype = backend("weights.reads").DTYPE_NAMES[precision]
+    dtype = backend("weights.reads").compute_dtype(precision)
     model_config.set_inference_dtype(dtype, None)
     # ComfyUI's own class for this file, as its detection builds it (on meta: no memory, ~30 ms for 14B): the proxy
     # calls its forward, which runs the host's DIFFUSION_MODEL wrappers

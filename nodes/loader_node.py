@@ -206,6 +206,11 @@ class ParallelModelLoader:
                           "load (its weights per rank are added to theirs; no reload). swap: it is dropped when "
                           "another model loads and read again when its sampler next runs (one model's memory; "
                           "a reload from disk per switch)."}),
+            "weight_dtype": (["default", *backend("weights.fp8").WEIGHT_STORAGE], {"default": "default", "tooltip":
+                             "As the native Load Diffusion Model's weight_dtype: hold the weights in fp8 on the ranks "
+                             "(half of bf16's memory), cast per layer to base_precision as they compute; _fast also "
+                             "uses fp8 matmul where the GPU has it. default: as the file stores them (fp8 files stay "
+                             "fp8). Keep the same value when you swap the native loader for this one."}),
             "compile": (["off", "inductor"], {"default": "off", "tooltip":
                         "torch.compile the transformer blocks on every rank (inductor; the first steps pay the "
                         "compile time, later prompts of the same shape reuse it). The native TorchCompileModel node "
@@ -221,10 +226,15 @@ class ParallelModelLoader:
     DESCRIPTION = ("Loads a diffusion transformer onto a persistent worker group that holds it sharded over "
                    "several devices. A second run with the same config and file reuses the warm group.")
 
-    def load(self, model_name, base_precision, parallel_config, residency="swap", compile="off"):
+    def load(self, model_name, base_precision, parallel_config, residency="swap", compile="off", weight_dtype="default"):
         path = model_path(model_name)
         loading, models = backend("weights.reads"), backend("models")
         header = loading.read_header(path)  # refuses pickles, truncated and non-safetensors files
+        if weight_dtype != "default" and path.endswith(".gguf"):
+            raise ValueError(f"{model_name} is a GGUF file, already quantized: set weight_dtype to default")
+        # the weights' storage travels with the precision: the same file held two ways is two models on the group
+        base_precision = base_precision if weight_dtype == "default" else \
+            f"{base_precision}{loading.STORAGE_SEP}{weight_dtype}"
         try:
             family = models.detect_family(header, path)
         except models.UnsupportedModelError as e:  # name what ComfyUI itself sees in the file, if anything

@@ -53,7 +53,8 @@ def _model_keys(path: str, stamp: tuple, precision: str) -> tuple:
     reads, models = backend("weights.reads"), backend("models")
     header = reads.read_header(path)
     family = models.detect_family(header, path)
-    model, _, prefix = family.build(header, reads.DTYPE_NAMES[precision], path)
+    model, _, prefix = family.build(header, reads.compute_dtype(precision), path,
+                                    storage=reads.weight_storage(precision))
     return header, reads.host_key_map(model, prefix), family.diffusers_names(reads.model_keys(header))
 
 

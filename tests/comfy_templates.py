@@ -528,8 +528,8 @@ def parallel_degrees(g: dict) -> dict:
 
 
 def parallel_variant(g: dict, old_prefix: str, new_prefix: str, degrees: dict | None = None) -> dict:
-    """The same graph with only each UNETLoader replaced by Parallel Model Loader (fp32) on one Parallel Config
-    (2 CPU ranks; ulysses 2 unless `degrees` says otherwise), and the SaveLatent prefixes renamed."""
+    """The same graph with only each UNETLoader replaced by Parallel Model Loader (fp32, the same weight_dtype) on one
+    Parallel Config (2 CPU ranks; ulysses 2 unless `degrees` says otherwise), and the SaveLatent prefixes renamed."""
     g = copy.deepcopy(g)
     degrees = {"cfg": 1, "ulysses": 2, "ring": 1, "tp": 1, "dp": 1, **(degrees or {})}
     g["pdit_config"] = {"class_type": "ParallelConfig", "inputs": {
@@ -538,7 +538,9 @@ def parallel_variant(g: dict, old_prefix: str, new_prefix: str, degrees: dict | 
         if node["class_type"] == "UNETLoader":
             g[nid] = {"class_type": "ParallelModelLoader", "inputs": {
                 "model_name": node["inputs"]["unet_name"], "base_precision": "fp32",
-                "parallel_config": ["pdit_config", 0]}}
+                "parallel_config": ["pdit_config", 0],
+                # the swapped loader keeps the native one's weight_dtype, as a user would set it
+                "weight_dtype": node["inputs"].get("weight_dtype", "default")}}
         elif node["class_type"] == "SaveLatent":
             node["inputs"]["filename_prefix"] = node["inputs"]["filename_prefix"].replace(old_prefix, new_prefix, 1)
     return g

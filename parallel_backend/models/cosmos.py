@@ -155,11 +155,11 @@ def diffusers_names(source_keys) -> dict:
     return dict(converted)
 
 
-def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
+def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>", storage: str | None = None):
     """ComfyUI's MiniTrainDIT for this file, on meta, configured as `comfy_model_config` says."""
     from .host import build_with_pos_embed
 
-    return build_with_pos_embed(header, compute_dtype, path, comfy_model_config(header)[1])
+    return build_with_pos_embed(header, compute_dtype, path, comfy_model_config(header)[1], storage=storage)
 
 
 def conds_of(class_name: str) -> tuple:

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from ..weights.fp8 import AUX_SUFFIXES, FP8_DTYPES, PER_TENSOR_FORMATS
+from ..weights.fp8 import AUX_SUFFIXES, FP8_DTYPES, PER_TENSOR_FORMATS, WEIGHT_STORAGE
 from ..weights.reads import _ST_DTYPES, read_metadata
 
 
@@ -105,7 +105,8 @@ def _detect(sd: dict, metadata: dict, path: str):
     return model_config
 
 
-def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<file>", unet_config: dict | None = None):
+def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<file>", unet_config: dict | None = None,
+                     storage: str | None = None):
     """ComfyUI's diffusion model for this file, on meta, with ComfyUI's own operations for its dtypes:
     - a plain fp8 file keeps its weights fp8 (unet dtype fp8, cast per layer to `compute_dtype`), as ComfyUI does on
       a GPU with fp8 compute or with the UNETLoader's fp8 weight dtype;
@@ -116,6 +117,8 @@ def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<fil
     - any other file is held in `compute_dtype`.
     `unet_config` updates the config ComfyUI's detection gives (a family that reads what the detection guesses from
     the file, e.g. Cosmos' depth); the supported_models class and the fp8 markers stay the detection's.
+    `storage` (a key of fp8.WEIGHT_STORAGE): the weights held in that dtype and cast per layer, as UNETLoader's
+    weight_dtype makes ComfyUI hold them (`_fast`: its fp8 matmul where the device has one).
     Returns (model, model_config, prefix): the checkpoint key of parameter `n` is `prefix + n`."""
     sd, metadata, prefix = host_state_dict(header, path)
     model_config = _detect(sd, metadata, path)
@@ -124,7 +127,15 @@ def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<fil
     mixed = _declared(model_config, "quant_config") or _declared(model_config, "layer_quant_config")
     weight_dtypes = {t.dtype for t in sd.values() if t.ndim >= 2}
     fp8 = next((d for d in FP8_DTYPES if d in weight_dtypes), None)
-    if fp8 is not None and _declared(model_config, "scaled_fp8") is None and not mixed:
+    if storage is not None:
+        if mixed or _declared(model_config, "scaled_fp8") is not None:
+            raise ValueError(f"{path}: the file is already quantized; set Parallel Model Loader's weight_dtype to "
+                             f"default")
+        unet_dtype, fast = WEIGHT_STORAGE[storage]
+        manual_cast = compute_dtype
+        if fast:
+            model_config.optimizations["fp8"] = True
+    elif fp8 is not None and _declared(model_config, "scaled_fp8") is None and not mixed:
         unet_dtype, manual_cast = fp8, compute_dtype
     else:  # (mixed precision: ComfyUI casts to its manual-cast dtype; the pack's is the compute precision)
         unet_dtype, manual_cast = compute_dtype, (compute_dtype if mixed else None)
@@ -165,11 +176,13 @@ class _PatchFailures:
         logging.getLogger().removeHandler(self.handler)
 
 
-def build_with_pos_embed(header: dict, compute_dtype: torch.dtype, path: str, unet_config: dict):
+def build_with_pos_embed(header: dict, compute_dtype: torch.dtype, path: str, unet_config: dict,
+                         storage: str | None = None):
     """`build_host_model` for ComfyUI's Cosmos classes (MiniTrainDIT, GeneralDIT): their rope's frequency ranges are
     computed buffers, not in the state dict ComfyUI loads, so the host's own `build_pos_embed` makes them for real
     after the meta build; the learnable extra embedding (parameters, read from the file) stays as built."""
-    model, model_config, prefix = build_host_model(header, compute_dtype, path, unet_config=unet_config)
+    model, model_config, prefix = build_host_model(header, compute_dtype, path, unet_config=unet_config,
+                                                   storage=storage)
     extra = getattr(model, "extra_pos_embedder", None)
     model.build_pos_embed(device="cpu")
     if extra is not None:

@@ -218,6 +218,13 @@ PATCH_POINTS = {
 # block's own split hooks cut them when the original block runs)
 BLOCK_REPLACE = {("dit", "double_block"): BlockReplace(args={"img": Tokens(1)}, returns={"img": Tokens(1)})}
 
+# transformer_options of ComfyUI's Wan nodes the ranks cannot honour, each with what to change: refused before a call
+REFUSED_OPTIONS = {
+    "animate2_cache": "WanAnimate2Cache keeps the pose branch's block inputs in the ComfyUI process across steps, which "
+                      "the ranks (each holding its part of them) cannot share yet: remove the WanAnimate2Cache node "
+                      "(the pose branch then runs on every step, split like the video)",
+}
+
 # host classes this pack does not run yet, with the reason (refused at load, naming the class)
 NOT_YET: dict = {  # host class -> why the pack cannot run it yet
     "CausalWanModel": "causal forcing samples a few frames at a time with ComfyUI's ar_video sampler, which keeps "
@@ -356,14 +363,14 @@ def file_class(header: dict, config: dict) -> tuple[str, str] | None:
     return None
 
 
-def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>"):
+def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>", storage: str | None = None):
     """ComfyUI's model for this file (WanModel, or the variant class its detection picks from the keys and the
     metadata), on meta. A file of a class this ComfyUI lacks is refused by name."""
     from .host import build_host_model
 
     wanted = file_class(header, transformer_config(path))
     try:
-        model, model_config, prefix = build_host_model(header, compute_dtype, path)  # (the file's metadata read)
+        model, model_config, prefix = build_host_model(header, compute_dtype, path, storage=storage)
         built = f"{type(model_config).__name__} / {type(model).__name__}"
     except ValueError:  # not recognised at all (e.g. SCAIL's 20 input channels on an older ComfyUI)
         if wanted is None or host_has_class(wanted[0]):
@@ -536,10 +543,6 @@ def forward(model, x, timestep, context, clip_fea=None, transformer_options=None
     transformer_options = transformer_options or {}
     streams = getattr(model, "_pdit_streams", None)
     if streams is not None:
-        if transformer_options.get("animate2_cache") is not None:
-            raise ValueError("WanAnimate2Cache keeps the pose branch's block inputs in the ComfyUI process across "
-                             "steps, which the ranks (each holding its part of them) cannot share yet: remove the "
-                             "WanAnimate2Cache node (the pose branch then runs on every step, split like the video)")
         streams.begin_forward()
     return model._forward(x, timestep, context, clip_fea=clip_fea, transformer_options=transformer_options,
                           **extras)

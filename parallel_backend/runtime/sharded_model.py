@@ -6,7 +6,8 @@ import torch
 from ..config import validate_for_model
 from ..models import detect_family
 from ..parallel.plan import SequenceState, apply_sequence_parallel, apply_tensor_parallel, missing_plan_hooks
-from ..weights.reads import DTYPE_NAMES, host_key_map, load_host_sharded, model_keys, param_stats, read_header
+from ..weights.reads import (compute_dtype, host_key_map, load_host_sharded, model_keys, param_stats, read_header,
+                             weight_storage)
 from .mesh import RankMesh
 
 
@@ -18,13 +19,13 @@ class ShardedModel:
         self.family = detect_family(header, path)
         self.shape = self.family.model_shape(header)
         validate_for_model(mesh.config, self.shape)
-        self.dtype = DTYPE_NAMES[self.precision]
+        self.dtype = compute_dtype(self.precision)
         fam, c = self.family, mesh.config
         # the host's own class (ComfyUI imported in this rank, after its device was set): parameter names are the
         # checkpoint's keys; ComfyUI's ops hold fp8 / scaled fp8 layers as natively
         from ..models.host import import_host
         import_host(mesh.device.type)
-        model, _, self.prefix = fam.build(header, self.dtype, path)
+        model, _, self.prefix = fam.build(header, self.dtype, path, storage=weight_storage(self.precision))
         # a model of ComfyUI's mixed-precision layers: they load their own (quantized) weights (models/host.py)
         self.host_quant = getattr(model, "host_quant", None)
         self.key_map = host_key_map(model, self.prefix)

@@ -50,3 +50,9 @@ def scaled_fp8_dtype(header: dict) -> torch.dtype | None:
             # ComfyUI: a float32 marker means e4m3fn (model_detection.model_config_from_unet)
             return FP8_ST_DTYPES.get(dt, torch.float8_e4m3fn)
     return None
+
+
+# UNETLoader's `weight_dtype` choices (and Parallel Model Loader's): ComfyUI holds the weights in this dtype and casts
+# them per layer to the compute precision; `_fast` also turns on its fp8 matmul where the device has one
+WEIGHT_STORAGE = {"fp8_e4m3fn": (torch.float8_e4m3fn, False), "fp8_e4m3fn_fast": (torch.float8_e4m3fn, True),
+                  "fp8_e5m2": (torch.float8_e5m2, False)}

@@ -28,6 +28,17 @@ from ..parallel.sharded_weights import is_sharded, local_tensor
 from .fp8 import AUX_SUFFIXES, FP8_DTYPES, FP8_ST_DTYPES, MARKER_KEYS
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORAGE_SEP = "/"  # a precision may name how the weights are held too: "bf16/fp8_e4m3fn" (UNETLoader's weight_dtype)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The compute precision of a precision name ("bf16", or "bf16/fp8_e4m3fn")."""
+    return DTYPE_NAMES[precision.partition(STORAGE_SEP)[0]]
+
+
+def weight_storage(precision: str) -> str | None:
+    """How the weights are held, when the precision names it (a key of fp8.WEIGHT_STORAGE), else None."""
+    return precision.partition(STORAGE_SEP)[2] or None
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
               "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -152,7 +163,8 @@ def held_bytes(shape, st_dtype, precision: str) -> int:
     if st_dtype in QUANT_BLOCKS and st_dtype not in ("F32", "F16", "BF16"):
         return quantized_bytes(shape, st_dtype)
     one_byte = str(st_dtype).startswith("F8") or st_dtype in ("U8", "I8")  # fp8, packed / int8 quantized weights
-    return math.prod(shape) * (1 if one_byte else DTYPE_NAMES[precision].itemsize)
+    one_byte = one_byte or (weight_storage(precision) is not None and len(shape) >= 2)  # held in fp8 on request
+    return math.prod(shape) * (1 if one_byte else compute_dtype(precision).itemsize)
 
 
 def open_slices(path: str, budget: int = REOPEN_BYTES):

@@ -58,13 +58,11 @@ def missing(*nodes):
 
 
 _CONTROL = ["ComfyMathExpression", "ComfySwitchNode"]
-# ComfyUI 0.33 loads a `scaled_fp8` file through its mixed-precision layers (comfy.utils.convert_old_quants ->
-# per-layer comfy_quant, weight_scale); the pack's ranks (parallel_backend/models/host.py) still read
-# `model_config.scaled_fp8`, which 0.33 no longer sets, and build plain fp8 layers that ignore the scales.
-# The same templates with fp16 files of the same classes match on 0.33.
-FP8_SCALED = differs("fp8_scaled file on ComfyUI 0.33: the ranks ignore the per-tensor scales (NaN latents)")
-FP8_CAST = differs("UNETLoader weight_dtype fp8 on a 16-bit file: ComfyUI holds the weights in fp8, Parallel Model "
-                   "Loader has no fp8 weight option (with weight_dtype default both match)")
+# int8 (int8_tensorwise, ConvRot) files: every linear quantizes its input per token as it computes, so an activation
+# 1e-7 off (another attention kernel's summation order) flips roundings of 1/127 of a row's scale; ComfyUI itself
+# moves an int8_convrot model's output by as much when only its attention function changes (1.4e-2 per forward,
+# tests/parallel_backend/weights/test_reads.py::test_int8_files_on_a_split_sequence_round_like_comfyuis_own_kernels)
+MATCH_INT8 = ("match", 1e-1, "int8 activations rounded per token (see test_reads' int8 test)")
 # outcomes wherever the template's nodes exist; HOST_EXPECTED below says what differs on a given host
 EXPECTED = {
     # run on the pack, equal to native within TOL
@@ -92,26 +90,26 @@ EXPECTED = {
     "video_wan2_2_14B_fun_control": MATCH,
     "video_wan2_2_5B_fun_control": MATCH,
     # subgraph templates on fp8_scaled files (ComfySwitchNode picks the template's 20-step path, no LoRA)
-    "video_wan2_2_14B_t2v": FP8_SCALED,
-    "video_wan2_2_14B_i2v": FP8_SCALED,
-    "video_wan2_2_14B_s2v": FP8_SCALED,     # WanModel_S2V, 2 of the 6 "Video S2V Extend" instances active
-    "video_wanmove_480p": FP8_SCALED,
-    "templates-6-key-frames": FP8_SCALED,   # five FLF2V subgraph instances, two experts each
-    "image_chrono_edit_14B": FP8_CAST,      # chrono_edit_14B_fp16 loaded as fp8_e4m3fn; ScaleROPE on the MODEL
-    "video_wan_vace_inpainting": FP8_CAST,  # wan2.1_vace_14B_fp16 loaded as fp8_e4m3fn_fast; SAM3_Detect masks
-    # host classes the pack has no plan for yet (refused at load by name)
-    "video_wan_dancer": refused("ComfyUI detects this file as WanDancerModel, which the parallel loader cannot run"),
-    "video_wan21_scail2_character_replacement": refused(
-        "ComfyUI detects this file as SCAIL2WanModel, which the parallel loader cannot run"),
-    "video_wan21_scail2_character_replacement_int8": refused(
-        "ComfyUI detects this file as SCAIL2WanModel, which the parallel loader cannot run"),
+    "video_wan2_2_14B_t2v": MATCH,
+    "video_wan2_2_14B_i2v": MATCH,
+    "video_wan2_2_14B_s2v": MATCH,          # WanModel_S2V (its mask embedding quantized too), 2 of 6 extends active
+    "video_wanmove_480p": MATCH,
+    "templates-6-key-frames": MATCH,        # five FLF2V subgraph instances, two experts each
+    # a 16-bit file loaded with UNETLoader's weight_dtype fp8: the parallel loader gets the same weight_dtype
+    "image_chrono_edit_14B": MATCH,         # chrono_edit_14B_fp16 as fp8_e4m3fn; ScaleROPE on the MODEL
+    "video_wan_vace_inpainting": MATCH,     # wan2.1_vace_14B_fp16 as fp8_e4m3fn_fast; SAM3_Detect masks
+    # ComfyUI 0.33's classes (WanDancerModel; SCAIL2WanModel, its int8_convrot release too)
+    "video_wan_dancer": MATCH,
+    "video_wan21_scail2_character_replacement": MATCH,
+    "video_wan21_scail2_character_replacement_int8": MATCH_INT8,
     # InfiniteTalk's MultiTalk patches (a model of their own, sent to the ranks once; each sees the whole sequence);
     # the DiT is DIT_MULTITALK wide there (ring 2)
     "video_wan2_1_infinitetalk": MATCH,
-    # Wan classes ComfyUI 0.33 reads from the file's metadata ("config"): the pack drops the metadata, builds a plain
-    # WanModel and does not refuse; an int8 (comfy_quant) file's layers get no weights on the ranks
-    "video_wan_animate2_distilled": fails("'Linear' object has no attribute 'weight'"),
-    "video_causal_forcing_i2v": fails("ar_video sampler requires a Causal-WAN compatible model"),
+    # ComfyUI 0.33's classes picked by the file's metadata: Animate 2 runs, its WanAnimate2Cache (state kept across
+    # steps in this process) is refused by name; causal forcing's KV cache across calls is not held by the ranks
+    "video_wan_animate2_distilled": refused("remove the WanAnimate2Cache node"),
+    "video_causal_forcing_i2v": refused("ComfyUI detects this file as CausalWanModel, which the parallel loader "
+                                        "cannot run"),
     # cloud API nodes: nothing local to parallelize
     "api_wan_text_to_image": API,
     "api_wan2_6_i2v": API,
@@ -167,9 +165,6 @@ HOST_EXPECTED = {
         "api_wan_text_to_video": missing("LoadAudio", "RecordAudio"),
         "api_wan_r2v": missing("WanReferenceVideoApi"),
     },
-    "0.33.0": {name: FP8_SCALED for name in (
-        "video_wan2_2_14B_flf2v", "video_wan2.1_alpha_t2v_14B", "video_wan2_2_14B_fun_inpaint",
-        "video_wan2_2_14B_fun_camera", "video_wan2_2_14B_fun_control")},
 }
 OUTCOMES = {**EXPECTED, **HOST_EXPECTED.get(HOST, {})}
 RUNNABLE = [n for n, e in OUTCOMES.items() if e[0] not in ("api", "missing")]
@@ -282,4 +277,5 @@ def test_template_runs(host, name):
     if expected[0] == "differs":
         assert not diff <= TOL, f"{name} now matches native ({diff:.2e}): update EXPECTED and the README"
         return
-    assert diff <= TOL, f"{name}: parallel vs native max abs diff {diff:.2e}"
+    tol = expected[1] if len(expected) > 1 else TOL
+    assert diff <= tol, f"{name}: parallel vs native max abs diff {diff:.2e}"

@@ -208,6 +208,42 @@ def test_fp8_files_sampled_on_the_pack_equal_comfyui_native(pack, config_spec, f
     assert max(diffs.values()) <= 1e-4, diffs
 
 
+@pytest.mark.multirank
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"])
+def test_weight_dtype_holds_a_16_bit_file_as_the_native_loader_does(comfy, pack, config_spec, weight_dtype):
+    """UNETLoader's weight_dtype on an fp16 file (ComfyUI's chrono edit and VACE inpainting templates): ComfyUI holds
+    the weights in fp8 and casts per layer; Parallel Model Loader's weight_dtype does the same on the ranks (ulysses2),
+    so swapping the loader keeps the result (4 steps at cfg 5 = native within 1e-4; the fp8 storage moves the
+    latent), each rank holding its linears in fp8."""
+    import comfy.sd as comfy_sd  # (the fixture `comfy` keeps its name)
+
+    import nodes as comfy_nodes
+    import parallel_backend.runtime.group as group
+    from parallel_backend.testing.synthetic import write_tiny_wan
+
+    fname = "tiny_wan_fp16_storage.safetensors"
+    path = os.path.join(comfy["models_dir"], fname)
+    if not os.path.exists(path):
+        write_tiny_wan(path, seed=12, dtype=torch.float16)
+    g = torch.Generator().manual_seed(11)
+    pos, neg = [[torch.randn(1, 12, 4096, generator=g), {}]], [[torch.randn(1, 12, 4096, generator=g), {}]]
+    latent = {"samples": torch.zeros(1, 16, 3, 6, 10)}
+    run = lambda m: comfy_nodes.common_ksampler(m, 4, 4, 5.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+    native_model = comfy_nodes.UNETLoader().load_unet(fname, weight_dtype)[0]
+    ref, plain = run(native_model), run(comfy_sd.load_diffusion_model(path))
+    try:
+        model, _ = _loader(pack).load(fname, "fp32", config_spec(world_size=2, ulysses=2), weight_dtype=weight_dtype)
+        out = run(model)
+        ranks = group.active_groups()[0].rank_load_stats
+    finally:
+        group.stop_all()
+    diff, moved = (out - ref).abs().max().item(), (ref - plain).abs().max().item()
+    print(f"weight_dtype {weight_dtype} on ulysses2 vs UNETLoader {weight_dtype}: {diff:.2e} (fp8 storage moves the "
+          f"latent by {moved:.3f})")
+    assert all(r["fp8_layers"] == 26 for r in ranks)
+    assert moved > 1e-3 and diff <= 1e-4
+
+
 def test_wan_class_without_a_plan_is_refused_by_name(comfy, pack, config_spec, monkeypatch, no_new_processes):
     """A Wan file ComfyUI detects as a class the family has no plan for (every class of ComfyUI 0.3.75 has one: a
     newer host's class, stood in for here by HuMo with its entry removed) is refused at load, before any rank starts,
