@@ -130,7 +130,7 @@ STALL_FACTOR = 10   # a rank is hung after this many times the longest block see
 #                     that call's: attention grows faster, but a computing rank is never called hung: below) ...
 STALL_FLOOR_S = 30  # ... and never before this (PDIT_STALL_FLOOR_S overrides it)
 CANCEL_FLOOR_S = 5  # Cancel waits this long (or two blocks, up to CANCEL_MAX_S) for the ranks to stop the call
-CANCEL_MAX_S = 10   # (PDIT_CANCEL_GRACE_S overrides the floor); then the group is stopped
+CANCEL_MAX_S = 10   # (PDIT_CANCEL_GRACE_S / PDIT_CANCEL_MAX_S override them); then the group is stopped
 BUSY_SHARE = 0.2    # a rank using more than this share of a core is computing, not waiting
 
 
@@ -165,7 +165,7 @@ class CallWatch:
         expected = seconds * max(1.0, tokens / measured_tokens) if measured_tokens else 0.0  # (the longest block)
         self.stall_limit = max(_env_seconds("PDIT_STALL_FLOOR_S", STALL_FLOOR_S), STALL_FACTOR * expected)
         floor = _env_seconds("PDIT_CANCEL_GRACE_S", CANCEL_FLOOR_S)
-        self.grace = min(max(floor, 2 * expected), max(floor, CANCEL_MAX_S))
+        self.grace = min(max(floor, 2 * expected), max(floor, _env_seconds("PDIT_CANCEL_MAX_S", CANCEL_MAX_S)))
         self.cancelled_at = None
         self.exc = None       # what the interrupt raised: re-raised when the call ends (stopped or not)
         self.cpu = [proc_state(p)[1] for p in pids]
