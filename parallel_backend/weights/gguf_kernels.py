@@ -40,10 +40,8 @@ import math
 
 import torch
 
-from .gguf import QUANT_BLOCKS
-from .reads import CheckpointError
-
-QUANTIZED_TYPES = tuple(name for name, (block, _) in QUANT_BLOCKS.items() if block > 1)
+from .checkpoint import CheckpointError
+from .gguf import QUANT_BLOCKS, QUANTIZED_TYPES
 
 
 # ---- bytes -> integers / floats -------------------------------------------------------------------------------

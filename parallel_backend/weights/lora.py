@@ -35,8 +35,9 @@ import torch
 
 from ..parallel.plan import shard_chunks_of, shard_dim_of
 from ..parallel.sharded_weights import is_sharded, local_tensor
+from .checkpoint import CheckpointError, strip_prefix
 from .fp8 import FP8_DTYPES
-from .reads import CheckpointError, _nbytes, _slice_for, held_dtype, open_slices, read_header, shard_of
+from .reads import file_bytes, held_dtype, open_slices, read_header, shard_of, slice_for
 
 
 class LoraError(ValueError):
@@ -65,14 +66,6 @@ ADAPTER_SUFFIXES = {
 }
 # what a sharded model cannot take at all: refused, never silently skipped
 REFUSED_SUFFIXES = {".reshape_weight": "reshaped LoRA (it changes the layer's shape)", ".oft_diag": "OFT (oft_diag)"}
-_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def _strip(key: str) -> str:
-    for prefix in _CHECKPOINT_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
 
 
 def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
@@ -84,7 +77,7 @@ def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
     """
     table, ambiguous = {}, set()
     for dname, ckey in key_map.items():
-        ckey = _strip(ckey)
+        ckey = strip_prefix(ckey)
         if dname.endswith(".weight"):
             ds, cs = dname[:-len(".weight")], (ckey[:-len(".weight")] if ckey.endswith(".weight") else ckey)
         elif dname.endswith(".bias"):
@@ -104,9 +97,9 @@ def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
     for alias in ambiguous:
         del table[alias]
     if aliases:
-        by_key = {_strip(v): k for k, v in key_map.items()}
+        by_key = {strip_prefix(v): k for k, v in key_map.items()}
         for other, ckey in aliases.items():
-            mine = by_key.get(_strip(ckey))
+            mine = by_key.get(strip_prefix(ckey))
             if mine is None or not other.endswith(".weight") or not mine.endswith(".weight"):
                 continue
             os_, ms = other[:-len(".weight")], mine[:-len(".weight")]
@@ -356,7 +349,7 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
                     base = open_slices(checkpoint)
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype,
                                             full=(base, key_map[name], patch_weight,
-                                                  _nbytes(*model_header[key_map[name]])),
+                                                  file_bytes(*model_header[key_map[name]])),
                                             store_weight=store_weight if fp8_stored else None,
                                             quantized=quantized if quant else None))
                 full_layers += 1
@@ -473,13 +466,13 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_wei
     for reader, t, strength in (items if full is None else ()):
         if t.kind == "lora":  # only this shard's rows of up (column-parallel) or columns of down (row-parallel)
             up_shape, down_shape = t.shapes
-            up = reader.read(t.up, _slice_for(up_shape, 0, rank, parts) if dim == 0 else None)
-            down = reader.read(t.down, _slice_for(down_shape, 1, rank, parts) if dim == 1 else None)
+            up = reader.read(t.up, slice_for(up_shape, 0, rank, parts) if dim == 0 else None)
+            down = reader.read(t.down, slice_for(down_shape, 1, rank, parts) if dim == 1 else None)
             scale = (t.alpha / t.rank) if t.alpha is not None else 1.0
             delta = torch.mm(up.float().flatten(1), down.float().flatten(1)).reshape(w.shape)
             w += (strength * scale) * delta
         else:
-            d = reader.read(t.diff, _slice_for(t.shapes[0], dim, rank, parts) if dim is not None else None)
+            d = reader.read(t.diff, slice_for(t.shapes[0], dim, rank, parts) if dim is not None else None)
             w += strength * d.float().reshape(w.shape)
     if host_fp8 and sharded:
         raise LoraError(f"{name}: an fp8 layer of a sharded block merges only whole, through the family's "

@@ -25,7 +25,9 @@ import torch
 
 from ..parallel.plan import shard_chunks_of, shard_dim_of
 from ..parallel.sharded_weights import is_sharded, local_tensor
+from .checkpoint import REOPEN_BYTES, CheckpointError, ReopeningReader
 from .fp8 import AUX_SUFFIXES, FP8_DTYPES, FP8_ST_DTYPES, MARKER_KEYS
+from .gguf import QUANTIZED_TYPES, GGUFSliceReader, quantized_bytes, read_gguf_header
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORAGE_SEP = "/"  # a precision may name how the weights are held too: "bf16/fp8_e4m3fn" (UNETLoader's weight_dtype)
@@ -39,16 +41,18 @@ def compute_dtype(precision: str) -> torch.dtype:
 def weight_storage(precision: str) -> str | None:
     """How the weights are held, when the precision names it (a key of fp8.WEIGHT_STORAGE), else None."""
     return precision.partition(STORAGE_SEP)[2] or None
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-              "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-REOPEN_BYTES = 64 << 20
-_GGUF_QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
-class CheckpointError(ValueError):
-    pass
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+             "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def meta_tensors(header: dict) -> dict:
+    """key -> a meta tensor of the header's shape and dtype (float32 for a type torch has no dtype for: a GGUF quant
+    type): a state dict without weights, for code that reads only names, shapes and dtypes (ComfyUI's detection)."""
+    return {k: torch.empty(shape, dtype=ST_DTYPES.get(dt, torch.float32), device="meta")
+            for k, (shape, dt) in header.items()}
 
 
 def model_keys(header: dict) -> list:
@@ -65,7 +69,7 @@ def checkpoint_precision(header: dict) -> str:
         scaled = any(k.rpartition(".")[2] in MARKER_KEYS for k in header) or any(
             k.endswith(AUX_SUFFIXES) for k in header)
         return "fp8_scaled" if scaled else "fp8"
-    quantized = [d for d in dts if d in _GGUF_QUANTIZED]  # a GGUF: the type its big weights were quantized to
+    quantized = [d for d in dts if d in QUANTIZED_TYPES]  # a GGUF: the type its big weights were quantized to
     if quantized:
         return max(set(quantized), key=quantized.count)
     return max(set(dts), key=dts.count) if dts else "empty"
@@ -88,7 +92,6 @@ def read_header(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"model file not found: {path}")
     if path.endswith(".gguf"):
-        from .gguf import read_gguf_header
         return read_gguf_header(path)
     if not path.endswith(".safetensors") and not path.endswith(".sft"):
         raise CheckpointError(f"{path}: only .safetensors and .gguf files are loaded (pickle checkpoints such as "
@@ -114,7 +117,7 @@ def read_header(path: str) -> dict:
     return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
 
 
-def _slice_for(shape, dim, rank, parts):
+def slice_for(shape, dim, rank, parts):
     """This rank's slice along `dim`: equal parts (TP), or FSDP's ceil-sized chunks where they do not divide (sharded
     weights: the last ranks hold fewer rows, or none)."""
     index = [slice(None)] * len(shape)
@@ -128,7 +131,7 @@ def _slices_for(shape, dim, rank, parts, chunks=1) -> list:
     `dim` (a fused projection whose outputs are [k of every head | v of every head]: each rank takes its heads of
     each block)."""
     if chunks == 1:
-        return [_slice_for(shape, dim, rank, parts)]
+        return [slice_for(shape, dim, rank, parts)]
     block, out = shape[dim] // chunks, []
     for k in range(chunks):
         index = [slice(None)] * len(shape)
@@ -145,9 +148,9 @@ def shard_of(t: torch.Tensor, dim: int | None, rank: int, parts: int, chunks: in
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
-def _nbytes(shape, st_dtype) -> int:
-    from .gguf import QUANT_BLOCKS, quantized_bytes
-    if st_dtype in QUANT_BLOCKS and st_dtype not in ("F32", "F16", "BF16"):  # a GGUF quant type
+def file_bytes(shape, st_dtype) -> int:
+    """Bytes a tensor of `shape` takes in the file (`st_dtype`: a safetensors dtype name or a GGUF quant type)."""
+    if st_dtype in QUANTIZED_TYPES:
         return quantized_bytes(shape, st_dtype)
     size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}.get(st_dtype, 1)
     n = 1
@@ -159,8 +162,7 @@ def _nbytes(shape, st_dtype) -> int:
 def held_bytes(shape, st_dtype, precision: str) -> int:
     """Bytes a rank holds for a tensor of the file as loaded at `precision`: fp8 stays 1 byte, a GGUF quant type its
     quantized size, the rest the compute precision's size."""
-    from .gguf import QUANT_BLOCKS, quantized_bytes
-    if st_dtype in QUANT_BLOCKS and st_dtype not in ("F32", "F16", "BF16"):
+    if st_dtype in QUANTIZED_TYPES:
         return quantized_bytes(shape, st_dtype)
     one_byte = str(st_dtype).startswith("F8") or st_dtype in ("U8", "I8")  # fp8, packed / int8 quantized weights
     one_byte = one_byte or (weight_storage(precision) is not None and len(shape) >= 2)  # held in fp8 on request
@@ -170,47 +172,8 @@ def held_bytes(shape, st_dtype, precision: str) -> int:
 def open_slices(path: str, budget: int = REOPEN_BYTES):
     """The per-rank slice reader for a checkpoint: safetensors, or GGUF (weights/gguf.py) by extension."""
     if path.endswith(".gguf"):
-        from .gguf import GGUFSliceReader
         return GGUFSliceReader(path, budget)
     return SliceReader(path, budget)
-
-
-class ReopeningReader:
-    """A memory-mapped checkpoint read slice by slice, re-opened (its map dropped) after `budget` bytes of its pages
-    were touched, so the pages do not pile up in resident memory. Subclasses open (`_open_file`) and drop
-    (`_drop_file`) their file; `_handle(touch)` gives the open one."""
-
-    def __init__(self, path: str, budget: int = REOPEN_BYTES):
-        self.path, self.budget = path, budget or REOPEN_BYTES
-        self._f = None
-        self._touched = 0
-        self.bytes_read = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        if self._f is not None:
-            self._drop_file(self._f)
-            self._f = None
-        self._touched = 0
-
-    def _handle(self, touch: int):
-        if self._f is not None and self._touched + touch > self.budget:
-            self.close()
-        if self._f is None:
-            self._f = self._open_file()
-        self._touched += touch
-        return self._f
-
-    def _open_file(self):
-        raise NotImplementedError
-
-    def _drop_file(self, f) -> None:
-        pass
 
 
 class SliceReader(ReopeningReader):
@@ -335,7 +298,7 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
         dim, rank, parts = shard_dim_of(model, name)
         p.dim, p.chunks = dim, shard_chunks_of(model, name) if isinstance(dim, int) else 1
         p.index = _slices_for(shape, dim, rank, parts, p.chunks) if isinstance(dim, int) else None
-        full = _nbytes(shape, p.st_dtype or "F32")
+        full = file_bytes(shape, p.st_dtype or "F32")
         p.touch = full // parts if dim == 0 else full
         p.rank0_only = dim == BIAS_ON_RANK0 and rank != 0
         plans.append(p)
