@@ -274,66 +274,25 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
     is rounded to fp8, a compute-dtype layer is cast). `names`: only these parameters (a re-read after a LoRA);
     `dtypes`: the dtype each parameter was built with (a merge may have changed it since).
     Returns stats: bytes read, parameter / buffer bytes held, fp8 linear weights and the file's precision."""
-    from ..parallel.tensor_parallel import BIAS_ON_RANK0
-
     header = header if header is not None else read_header(path)
-    for k, (shape, _) in header.items():  # (the mixed-precision layout's block scales: models/host.py checks them)
-        if k.endswith(".scale_weight") and math.prod(shape) != 1:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(shape)}; only per-tensor fp8 scales (one number per "
-                                  f"weight) are supported")
+    _refuse_block_scales(path, header)
     params = dict(model.named_parameters())
     wanted = list(params) if names is None else [n for n in names if n in params]
     missing = [n for n in wanted if prefix + n not in header and n.rpartition(".")[2] not in HOST_DEFAULT_ONES]
     if missing:
         raise CheckpointError(f"{path}: no weights for {len(missing)} parameters of the model ComfyUI detected "
                               f"(e.g. {missing[:3]}); the file does not match that model")
-    plans = []
-    for name in wanted:
-        p = _ParamPlan()
-        p.name, p.key = name, prefix + name
-        module_name, _, p.pname = name.rpartition(".")
-        p.owner = model.get_submodule(module_name) if module_name else model
-        shape, p.st_dtype = header.get(p.key, (tuple(params[name].shape), None))
-        p.shape = shape
-        dim, rank, parts = shard_dim_of(model, name)
-        p.dim, p.chunks = dim, shard_chunks_of(model, name) if isinstance(dim, int) else 1
-        p.index = _slices_for(shape, dim, rank, parts, p.chunks) if isinstance(dim, int) else None
-        full = file_bytes(shape, p.st_dtype or "F32")
-        p.touch = full // parts if dim == 0 else full
-        p.rank0_only = dim == BIAS_ON_RANK0 and rank != 0
-        plans.append(p)
-    plans.sort(key=lambda p: -p.touch)
+    plans = sorted((_param_plan(model, name, params[name], header, prefix) for name in wanted), key=lambda p: -p.touch)
     with open_slices(path) as reader:
         for p in plans:
             target = params[p.name]
             if is_sharded(target):  # a block's sharded weight: FSDP owns the parameter; its local rows are filled
                 _fill_local(reader, p, local_tensor(target), path)
                 continue
-            dtype = (dtypes or {}).get(p.name, target.dtype)
-            if p.st_dtype is None:  # a scale the file does not carry: ComfyUI's default
-                value = torch.ones(target.shape, dtype=dtype, device=device)
-            elif p.rank0_only:
-                value = torch.zeros(target.shape, dtype=dtype, device=device)
-            else:
-                read = _reader_for(reader, target)
-                if p.index is None or len(p.index) == 1:
-                    t = read(p.key, p.index and p.index[0], p.touch)
-                else:  # a chunked shard: this rank's part of each block, joined
-                    t = torch.cat([read(p.key, i, p.touch // p.chunks) for i in p.index], p.dim)
-                held = held_parts(target)[0]  # (a quantized layer's stored data, after a LoRA merge)
-                if tuple(t.shape) != tuple(held.shape):
-                    raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's slice), expected "
-                                          f"{tuple(held.shape)}; the file does not match the model it was detected as")
-                value = _owned(t, dtype, device)
-                del t
+            value = _param_value(reader, p, target, (dtypes or {}).get(p.name, target.dtype), device, path)
             p.owner._parameters[p.pname] = torch.nn.Parameter(value, requires_grad=False)
-        if names is None:  # persistent buffers the file carries are loaded as ComfyUI's load_state_dict loads them,
-            # also where the class computed them at build (Animate's blur kernels): whole on every rank
-            for name, buf in list(model.named_buffers()):
-                module_name, _, bname = name.rpartition(".")
-                owner = model.get_submodule(module_name) if module_name else model
-                if prefix + name in header and bname not in owner._non_persistent_buffers_set:
-                    owner._buffers[bname] = _owned(reader.read(prefix + name), buf.dtype, device)
+        if names is None:
+            _load_buffers(model, reader, header, prefix, device)
         read = reader.bytes_read
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if names is None and left:
@@ -342,3 +301,58 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
             "fp8_layers": sum(1 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2
                               and held_dtype(p) in FP8_DTYPES),
             "checkpoint_precision": checkpoint_precision(header)}
+
+
+def _refuse_block_scales(path: str, header: dict) -> None:
+    for k, (shape, _) in header.items():  # (the mixed-precision layout's block scales: models/host.py checks them)
+        if k.endswith(".scale_weight") and math.prod(shape) != 1:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(shape)}; only per-tensor fp8 scales (one number per "
+                                  f"weight) are supported")
+
+
+def _param_plan(model, name: str, param, header: dict, prefix: str) -> _ParamPlan:
+    """Where parameter `name` is in the file, which slice of it this rank reads, and how many bytes that touches."""
+    from ..parallel.tensor_parallel import BIAS_ON_RANK0
+
+    p = _ParamPlan()
+    p.name, p.key = name, prefix + name
+    module_name, _, p.pname = name.rpartition(".")
+    p.owner = model.get_submodule(module_name) if module_name else model
+    shape, p.st_dtype = header.get(p.key, (tuple(param.shape), None))
+    p.shape = shape
+    dim, rank, parts = shard_dim_of(model, name)
+    p.dim, p.chunks = dim, shard_chunks_of(model, name) if isinstance(dim, int) else 1
+    p.index = _slices_for(shape, dim, rank, parts, p.chunks) if isinstance(dim, int) else None
+    full = file_bytes(shape, p.st_dtype or "F32")
+    p.touch = full // parts if dim == 0 else full
+    p.rank0_only = dim == BIAS_ON_RANK0 and rank != 0
+    return p
+
+
+def _param_value(reader, p: _ParamPlan, target, dtype, device, path: str) -> torch.Tensor:
+    """This rank's value of a parameter: its slice of the file in `dtype`, or ComfyUI's default for a scale the file
+    does not carry, or zeros where only rank 0 adds the bias."""
+    if p.st_dtype is None:  # a scale the file does not carry: ComfyUI's default
+        return torch.ones(target.shape, dtype=dtype, device=device)
+    if p.rank0_only:
+        return torch.zeros(target.shape, dtype=dtype, device=device)
+    read = _reader_for(reader, target)
+    if p.index is None or len(p.index) == 1:
+        t = read(p.key, p.index and p.index[0], p.touch)
+    else:  # a chunked shard: this rank's part of each block, joined
+        t = torch.cat([read(p.key, i, p.touch // p.chunks) for i in p.index], p.dim)
+    held = held_parts(target)[0]  # (a quantized layer's stored data, after a LoRA merge)
+    if tuple(t.shape) != tuple(held.shape):
+        raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's slice), expected "
+                              f"{tuple(held.shape)}; the file does not match the model it was detected as")
+    return _owned(t, dtype, device)
+
+
+def _load_buffers(model, reader, header: dict, prefix: str, device) -> None:
+    """Persistent buffers the file carries, loaded as ComfyUI's load_state_dict loads them, also where the class
+    computed them at build (Animate's blur kernels): whole on every rank."""
+    for name, buf in list(model.named_buffers()):
+        module_name, _, bname = name.rpartition(".")
+        owner = model.get_submodule(module_name) if module_name else model
+        if prefix + name in header and bname not in owner._non_persistent_buffers_set:
+            owner._buffers[bname] = _owned(reader.read(prefix + name), buf.dtype, device)
