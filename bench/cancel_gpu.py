@@ -34,9 +34,8 @@ def comfy_estimate(path: str, shape) -> int:
     """ComfyUI's memory_required for this file's class, as the pack's nodes ask it (nodes/fit.py)."""
     import comfy.model_detection
 
-    from parallel_backend.weights.reads import _ST_DTYPES, read_header
-    sd = {k: torch.empty(s, dtype=_ST_DTYPES.get(d, torch.float32), device="meta") for k, (s, d) in
-          read_header(path).items()}
+    from parallel_backend.weights.reads import meta_tensors, read_header
+    sd = meta_tensors(read_header(path))
     mc = comfy.model_detection.model_config_from_unet(sd, "")
     mc.set_inference_dtype(torch.bfloat16, None)
     mc.unet_config["disable_unet_model_creation"] = True

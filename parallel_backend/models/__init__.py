@@ -1,5 +1,6 @@
 """Model families: one module each, holding detection, build (the host's own class), parallel plan and the
-diffusers names its PEFT LoRAs may use."""
+diffusers names its PEFT LoRAs may use; host.py builds ComfyUI's class inside a rank, cosmos_common.py holds what
+the two Cosmos files share."""
 from __future__ import annotations
 
 from . import cosmos, cosmos1, wan

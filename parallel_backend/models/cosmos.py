@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..config import ModelShape
 from ..parallel.patch_points import PatchPoint, Tokens
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
+from .cosmos_common import converted_names, cosmos_shapes, strip_cosmos
 
 FAMILY = "cosmos_predict2"
 BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by one)
@@ -65,31 +66,17 @@ PATCH_POINTS = {
     "mlp_patch": PatchPoint(args={("dict", "x"): Tokens(1, grid=True)}, returns={("dict", "x"): Tokens(1, grid=True)}),
 }
 
-_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
-
-
-def _strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
 # parts of later releases on the same block layout (Predict2.5's text projection, Transfer2.5's image context)
 # that the host's MiniTrainDIT (ComfyUI 0.3.75) does not have: such files are refused rather than run without them
 _NOT_PREDICT2 = ("crossattn_proj.", "img_context_proj.")
 
 
 def detect(shapes: dict) -> bool:
-    keys = {_strip(k) for k in shapes}
+    keys = {strip_cosmos(k) for k in shapes}
     # Predict2 (MiniTrainDIT); Cosmos 1 has `blocks.block0.blocks.0.block.attn...` and no `mlp.layer1`
     return ({"x_embedder.proj.1.weight", "blocks.0.mlp.layer1.weight", "blocks.0.self_attn.q_proj.weight",
              "blocks.0.self_attn.q_norm.weight"} <= keys
             and not any(k.startswith(_NOT_PREDICT2) for k in keys))
-
-
-def _shapes(shapes: dict) -> dict:
-    return {_strip(k): tuple(v[0]) for k, v in shapes.items()}
 
 
 def _rope_scale(in_channels: int, width: int) -> tuple:
@@ -106,7 +93,7 @@ def _rope_scale(in_channels: int, width: int) -> tuple:
 
 def _sizes(shapes: dict) -> dict:
     """The model's sizes read from the checkpoint's tensor shapes."""
-    s = _shapes(shapes)
+    s = cosmos_shapes(shapes)
     width, patch_in = s["x_embedder.proj.1.weight"]
     head_dim = s["blocks.0.self_attn.q_norm.weight"][0]
     return dict(width=width, head_dim=head_dim, heads=width // head_dim,
@@ -145,14 +132,8 @@ def model_shape(shapes: dict) -> ModelShape:
 def diffusers_names(source_keys) -> dict:
     """diffusers parameter name -> checkpoint key, from diffusers' own converter run on key names: LoRAs saved with
     diffusers / PEFT names (`transformer.transformer_blocks.0.attn1.to_q.lora_A.weight`) are matched through it."""
-    from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
-
     # the converter strips `net.`; other prefixes (a ComfyUI-saved file) are stripped here, values keep the key
-    converted = convert_cosmos_transformer_checkpoint_to_diffusers({_strip(k): k for k in source_keys})
-    bad = [k for k, v in converted.items() if not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"Cosmos key conversion needs tensor values for {bad[:3]}: unsupported variant")
-    return dict(converted)
+    return converted_names({strip_cosmos(k): k for k in source_keys}, "Cosmos")
 
 
 def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>", storage: str | None = None):

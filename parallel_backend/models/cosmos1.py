@@ -23,6 +23,7 @@ import torch
 
 from ..config import ModelShape
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
+from .cosmos_common import converted_names, cosmos_shapes, strip_cosmos
 
 FAMILY = "cosmos1"
 BLOCKS = "blocks"  # the transformer blocks (a ModuleDict block0..: what torch.compile compiles, one by one)
@@ -49,30 +50,18 @@ PLAN = ParallelPlan(
     sequence_attention=("blocks.*.blocks.0.block",),  # the self-attention sub-blocks (FA)
 )
 
-_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
 _Q = "blocks.block0.blocks.0.block.attn.to_q."
-
-
-def _strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
 
 
 def detect(shapes: dict) -> bool:
     # ComfyUI's own Cosmos 1 key (Predict2 has `blocks.0.self_attn...`)
-    keys = {_strip(k) for k in shapes}
+    keys = {strip_cosmos(k) for k in shapes}
     return {"x_embedder.proj.1.weight", _Q + "0.weight", _Q + "1.weight", "final_layer.linear.weight"} <= keys
-
-
-def _shapes(shapes: dict) -> dict:
-    return {_strip(k): tuple(v[0]) for k, v in shapes.items()}
 
 
 def _sizes(shapes: dict) -> dict:
     """The model's sizes read from the checkpoint's tensor shapes."""
-    s = _shapes(shapes)
+    s = cosmos_shapes(shapes)
     width, patch_in = s["x_embedder.proj.1.weight"]
     head_dim = s[_Q + "1.weight"][0]
     return dict(width=width, head_dim=head_dim, heads=width // head_dim,
@@ -122,17 +111,10 @@ def diffusers_names(source_keys) -> dict:
     """diffusers parameter name -> checkpoint key, from diffusers' own converter run on key names (its Cosmos 1.0
     branch, chosen by the `net.`-prefixed key of block 1): LoRAs saved with diffusers / PEFT names
     (`transformer.transformer_blocks.0.attn1.to_q.lora_A.weight`) are matched through it."""
-    from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
-
     # the converter expects `net.` keys; other prefixes (a ComfyUI-saved file) are replaced here, values keep the key.
     # It pops every key before it looks for block 1's key to pick its Cosmos 1.0 table (so, given a plain dict, it
     # always renames with its 2.0 table): a mapping whose pop keeps the keys lets it see the release it converts
-    converted = convert_cosmos_transformer_checkpoint_to_diffusers(_KeepKeys({"net." + _strip(k): k
-                                                                              for k in source_keys}))
-    bad = [k for k, v in converted.items() if not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"Cosmos 1 key conversion needs tensor values for {bad[:3]}: unsupported variant")
-    return dict(converted)
+    return converted_names(_KeepKeys({"net." + strip_cosmos(k): k for k in source_keys}), "Cosmos 1")
 
 
 def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>", storage: str | None = None):

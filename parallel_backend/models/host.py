@@ -13,7 +13,7 @@ import json
 import torch
 
 from ..weights.fp8 import AUX_SUFFIXES, FP8_DTYPES, PER_TENSOR_FORMATS, WEIGHT_STORAGE
-from ..weights.reads import _ST_DTYPES, read_metadata
+from ..weights.reads import meta_tensors, read_metadata
 
 
 def import_host(device_type: str):
@@ -43,8 +43,7 @@ def meta_state_dict(header: dict) -> tuple[dict, str]:
     """(key -> meta tensor, prefix) with ComfyUI's diffusion-model prefix stripped, as comfy.sd strips it."""
     import comfy.model_detection
 
-    sd = {k: torch.empty(shape, dtype=_ST_DTYPES.get(dt, torch.float32), device="meta")
-          for k, (shape, dt) in header.items()}
+    sd = meta_tensors(header)
     prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
     stripped = {k[len(prefix):]: v for k, v in sd.items() if prefix and k.startswith(prefix)}
     return (stripped, prefix) if stripped else (sd, "")

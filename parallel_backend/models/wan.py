@@ -20,6 +20,7 @@ import torch
 from ..config import ModelShape
 from ..parallel.patch_points import BlockReplace, PatchPoint, Tokens
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit, extend_plan
+from ..weights.checkpoint import strip_prefix, stripped_shapes
 
 FAMILY = "wan"
 BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by one)
@@ -258,26 +259,15 @@ def plan_for(model) -> ParallelPlan:
     return extend_plan(PLAN, extra) if extra is not None else PLAN
 
 
-def _strip(key: str) -> str:
-    for prefix in ("model.diffusion_model.", "diffusion_model."):
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
 def detect(shapes: dict) -> bool:
-    keys = {_strip(k) for k in shapes}
+    keys = {strip_prefix(k) for k in shapes}
     return {"patch_embedding.weight", "blocks.0.self_attn.q.weight", "head.head.weight"} <= keys
-
-
-def _shapes(shapes: dict) -> dict:
-    return {_strip(k): tuple(v[0]) for k, v in shapes.items()}
 
 
 def config_from_shapes(shapes: dict) -> dict:
     """The model's sizes from the checkpoint's tensor shapes, as ComfyUI detects them (named as diffusers names
     its config)."""
-    s = _shapes(shapes)
+    s = stripped_shapes(shapes)
     dim, in_ch = s["patch_embedding.weight"][:2]
     patch = tuple(s["patch_embedding.weight"][2:])
     num_layers = 1 + max(int(k.split(".")[1]) for k in s if k.startswith("blocks."))
@@ -353,7 +343,7 @@ def transformer_config(path: str) -> dict:
 
 def file_class(header: dict, config: dict) -> tuple[str, str] | None:
     """(ComfyUI class, what names it) that a file's keys or metadata ask for, beyond ComfyUI 0.3.75's detection."""
-    keys = {_strip(k) for k in header}
+    keys = {strip_prefix(k) for k in header}
     for key, cls in CLASS_KEYS:
         if key in keys:
             return cls, f"its key {key}"

@@ -1,1 +1,3 @@
-"""How one model is split: attention, collectives, tensor-parallel layers, the plan applier, replicas."""
+"""How one model is split: the plan and its appliers (TP layers, sequence split hooks, sequence-parallel attention
+and its kernels), model patches on split tokens, replicas, pipeline stages, sharded weights, and the collectives
+they use. The order they are applied in is runtime/parallelize.py's."""

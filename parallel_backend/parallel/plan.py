@@ -4,8 +4,10 @@ A plan says, by module path pattern:
   - tp:         which layers become column / row parallel, which norms become head-sharded;
   - seq_split:  which module inputs / outputs are split over the sequence ranks (padded tail);
   - seq_gather: which module output is gathered back to the full sequence;
-  - attention:  which attention modules get the family's parallel processor.
-The way diffusers keeps `_cp_plan` beside a model and torchtitan keeps `parallelize_<model>`.
+  - attention_heads / sequence_attention: which attention modules divide their heads by tp, and whose attention
+                call runs sequence-parallel (the family installs the wrapper: parallel/attention.py).
+The plan is data beside the model, as diffusers keeps `_cp_plan`; the order the appliers run in, with the other
+transforms, is runtime/parallelize.py's (as torchtitan's `parallelize_<model>`).
 """
 from __future__ import annotations
 

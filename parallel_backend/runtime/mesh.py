@@ -1,4 +1,4 @@
-"""The worker mesh: one DeviceMesh over dp x cfg x ring x ulysses x tp, the groups each layer needs, and the
+"""The worker mesh: one DeviceMesh over dp x cfg x pp x ring x ulysses x tp, the groups each layer needs, and the
 per-call layouts that keep every rank busy when a call carries fewer rows than there are replicas.
 
 A replica (one (dp, cfg) coordinate) owns a slice of the batch rows. At cfg 1.0 ComfyUI sends one row per call,

@@ -43,6 +43,7 @@ from .multinode import (
     read_secret,
     session_store,
 )
+from .rendezvous import pick_device
 
 DEFAULT_TARGET = "parallel_backend.runtime.worker:serve_remote"
 CHECK_TARGET = "parallel_backend.runtime.node:check_group"
@@ -118,11 +119,7 @@ def _rank_main(local_rank: int, spec: NodeSpec, parent_pid: int) -> None:
     _exit_with_parent(parent_pid)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world.nproc_per_node))
-        if spec.device == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
+        device = pick_device(spec.device, local_rank)
         secret = read_secret(spec.secret_file)
         store = connect_store(spec.host, spec.port, spec.timeout)
         member = join_group(store, secret, rank, spec.world, device, spec.host, spec.endpoint, spec.timeout)

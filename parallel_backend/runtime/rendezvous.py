@@ -13,14 +13,23 @@ import torch.distributed as dist
 from ..config import ParallelConfig
 
 
+def pick_device(kind: str, index: int) -> torch.device:
+    """This rank's device: CUDA device `index` made current (before ComfyUI is imported: models/host.py says why),
+    or the CPU."""
+    if kind != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
+
+
 def init_process_group(config: ParallelConfig, rank: int, store_path: str) -> torch.device:
     """Join the group through a FileStore (no network listener) and pick this rank's device."""
     if config.device == "cuda":
-        device = torch.device("cuda", config.device_index(rank))
-        torch.cuda.set_device(device)
+        device = pick_device("cuda", config.device_index(rank))
         backend = "nccl"
     else:
-        device = torch.device("cpu")
+        device = pick_device("cpu", rank)
         backend = "gloo"
         # gloo connects ranks over TCP: keep it on loopback.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -1,77 +1,54 @@
-"""One rank's sharded model: build from a checkpoint, apply the family's plan, run its replica's rows."""
+"""One rank's sharded model: build the host's class from a checkpoint, parallelize it (runtime/parallelize.py: the
+transforms in their order), load its slices, check; then run its replica's rows, LoRAs merged and unmerged."""
 from __future__ import annotations
 
 import torch
 
 from ..config import validate_for_model
 from ..models import detect_family
-from ..parallel.plan import SequenceState, apply_sequence_parallel, apply_tensor_parallel, missing_plan_hooks
 from ..weights.reads import (compute_dtype, host_key_map, load_host_sharded, model_keys, param_stats, read_header,
                              weight_storage)
 from .mesh import RankMesh
+from .parallelize import compile_blocks, finish_after_load, parallelize
 
 
 class ShardedModel:
     def __init__(self, mesh: RankMesh, path: str, precision: str | None = None):
         self.mesh, self.path = mesh, path
         self.precision = precision or mesh.config.dtype
-        self.header = header = read_header(path)
-        self.family = detect_family(header, path)
-        self.shape = self.family.model_shape(header)
-        validate_for_model(mesh.config, self.shape)
-        self.dtype = compute_dtype(self.precision)
-        fam, c = self.family, mesh.config
-        # the host's own class (ComfyUI imported in this rank, after its device was set): parameter names are the
-        # checkpoint's keys; ComfyUI's ops hold fp8 / scaled fp8 layers as natively
-        from ..models.host import import_host
-        import_host(mesh.device.type)
-        model, _, self.prefix = fam.build(header, self.dtype, path, storage=weight_storage(self.precision))
-        # a model of ComfyUI's mixed-precision layers: they load their own (quantized) weights (models/host.py)
-        self.host_quant = getattr(model, "host_quant", None)
-        self.key_map = host_key_map(model, self.prefix)
-        self.param_dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as the host built them
-        # the family's plan for the class the host built (a variant adds its own modules' entries)
-        self.plan = plan = fam.plan_for(model) if hasattr(fam, "plan_for") else fam.PLAN
-        # every module replacement first (TP layers), the plan's hooks last: a hook put on a module that is replaced
-        # afterwards would be lost with it (replace_module carries hooks over any later swap, and the check after
-        # loading proves none went missing)
-        self.pipeline = None
-        if c.pp > 1:  # this stage's blocks only: the others become pass-throughs before anything is split or loaded
-            from ..parallel.pipeline import PipelineStage
-            classes = getattr(fam, "PIPELINE_CLASSES", ())
-            if type(model).__name__ not in classes:
-                raise ValueError(f"{path}: pipeline stages (pp={c.pp}) run {', '.join(classes) or 'no class'} of "
-                                 f"{fam.FAMILY}, not ComfyUI's {type(model).__name__}: set pp to 1 and use "
-                                 f"ulysses / ring / cfg (or sharded weights to fit)")
-            self.pipeline = PipelineStage(model, fam.BLOCKS, mesh.coord["pp"], c.pp, mesh.groups["pp"], c.stage_split)
-            self.pipeline.skip_outside()
-        apply_tensor_parallel(model, plan, mesh.groups["tp"], mesh.coord["tp"], c.tp)
-        self.gguf_stats = {}
-        if getattr(header, "architecture", None) is not None:  # a GGUF: quantized linears stay quantized
-            from ..weights.gguf_linear import keep_quantized
-            self.gguf_stats = keep_quantized(model, header, self.prefix)
-        self.seq_state = SequenceState(mesh.sequence_groups(), mesh.sequence_index)
-        self.plan_hooks = apply_sequence_parallel(model, plan, self.seq_state, mesh.max_sequence_degree)
-        fam.install_attention(model, self.seq_state, c.attention)
-        self.sharded_weights = None
-        if c.shard_weights:  # each block's weights as 1/N row shards, gathered per block (FSDP2 on the host class)
-            from ..parallel.sharded_weights import ShardedWeights
-            self.sharded_weights = ShardedWeights(model, getattr(fam, "SHARD_UNITS", (fam.BLOCKS,)), mesh.weights_mesh)
-            self.sharded_weights.materialize(mesh.device)
-        if self.host_quant is not None:  # before reading anything: what this mesh cannot split is refused
-            self.host_quant.refuse_split_blocks(model)
+        model = self._build()
+        parts = parallelize(model, self.family, self.plan, mesh, self.header, self.prefix, path)
+        self.pipeline, self.sharded_weights, self.gguf_stats = parts.pipeline, parts.sharded_weights, parts.gguf_stats
+        self.seq_state, self.plan_hooks = parts.seq_state, parts.plan_hooks
         self.load_stats = self._load(model)
-        if self.pipeline is not None:  # after the plan's hooks: a stage's first block splits, then receives
-            self.pipeline.install_hops()
-        lost = missing_plan_hooks(model, self.plan_hooks)
-        if lost:  # a rank would return only its own tokens: fail loudly rather than sample garbage
-            raise RuntimeError(f"{path}: the parallel plan's hooks are missing after loading: {lost}")
+        finish_after_load(model, parts, path)
         self.model = model.eval().requires_grad_(False)
         self.loras: tuple = ()          # the merged LoRA list, as lora.lora_key gives it
         self.lora_touched: set = set()  # parameters the merge changed (restored from the file on change)
         self.lora_stats: dict = {}
         self.last_tokens, self.last_fold = 0, "none"  # what the last forward computed on this rank
         self.compile_spec = None  # torch.compile kwargs the blocks run under (None: eager)
+
+    def _build(self) -> torch.nn.Module:
+        """The host's own class for the file, on meta (its family, shape and plan set on self); checked against the
+        mesh first."""
+        self.header = header = read_header(self.path)
+        self.family = fam = detect_family(header, self.path)
+        self.shape = fam.model_shape(header)
+        validate_for_model(self.mesh.config, self.shape)
+        self.dtype = compute_dtype(self.precision)
+        # the host's own class (ComfyUI imported in this rank, after its device was set): parameter names are the
+        # checkpoint's keys; ComfyUI's ops hold fp8 / scaled fp8 layers as natively
+        from ..models.host import import_host
+        import_host(self.mesh.device.type)
+        model, _, self.prefix = fam.build(header, self.dtype, self.path, storage=weight_storage(self.precision))
+        # a model of ComfyUI's mixed-precision layers: they load their own (quantized) weights (models/host.py)
+        self.host_quant = getattr(model, "host_quant", None)
+        self.key_map = host_key_map(model, self.prefix)
+        self.param_dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as the host built them
+        # the family's plan for the class the host built (a variant adds its own modules' entries)
+        self.plan = fam.plan_for(model) if hasattr(fam, "plan_for") else fam.PLAN
+        return model
 
     def set_loras(self, loras) -> dict:
         """Make the merged LoRAs exactly `loras` ([(path, ..., strength)], as lora.lora_key gives them):
@@ -135,12 +112,7 @@ class ShardedModel:
         spec = dict(spec) if spec else None
         if spec == self.compile_spec:
             return
-        blocks = getattr(self.model, self.family.BLOCKS)
-        for block in (blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks):  # Cosmos 1: a dict
-            if spec is None:
-                block._compiled_call_impl = None  # back to eager
-            else:
-                block.compile(**spec)
+        compile_blocks(self.model, self.family.BLOCKS, spec)
         self.compile_spec = spec
 
     def layout(self, batch: int):

@@ -1,5 +1,6 @@
 """GGUF DiT files (city96's ComfyUI-GGUF layout for Wan / Cosmos): header checks and per-rank row reads that keep
-the quantized bytes quantized. The reader only; the loader does not use it yet (issue 13).
+the quantized bytes quantized. The loader reads a .gguf through `GGUFSliceReader` (reads.open_slices picks it by
+extension); the layers that stay quantized are weights/gguf_linear.py's.
 
 Layout: the tensors carry the safetensors DiT's own keys (`blocks.0.self_attn.q.weight`), the architecture is the
 `general.architecture` string, and each tensor's dims are stored in ggml order (innermost first), so the PyTorch
@@ -21,7 +22,7 @@ import re
 import numpy as np
 import torch
 
-from .reads import CheckpointError, ReopeningReader
+from .checkpoint import CheckpointError, ReopeningReader
 
 ARCHITECTURES = ("wan", "cosmos")
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
@@ -34,6 +35,7 @@ QUANT_BLOCKS = {
     "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
+QUANTIZED_TYPES = tuple(name for name, (block, _) in QUANT_BLOCKS.items() if block > 1)  # (F32 / F16 / BF16: plain)
 
 
 class GGUFHeader(dict):

@@ -40,10 +40,8 @@ import math
 
 import torch
 
-from .gguf import QUANT_BLOCKS
-from .reads import CheckpointError
-
-QUANTIZED_TYPES = tuple(name for name, (block, _) in QUANT_BLOCKS.items() if block > 1)
+from .checkpoint import CheckpointError
+from .gguf import QUANT_BLOCKS, QUANTIZED_TYPES
 
 
 # ---- bytes -> integers / floats -------------------------------------------------------------------------------
@@ -171,22 +169,25 @@ def _nibbles256(qs):
     return _bits(qs.reshape(-1, 4, 32), (0, 4), 0x0F).reshape(qs.shape[0], 8, 32)
 
 
-def _q4_k(b):
+def _k4_scales(b):
+    """Q4_K / Q5_K's head: each 32-element sub-block's (scale, min), from the super-block's f16 d / dmin and the
+    6-bit codes, shaped (n, 8, 1) to broadcast over the sub-block."""
     n = b.shape[0]
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
-    dl = (d * _f(sc)).reshape(n, 8, 1)
-    ml = (dmin * _f(mn)).reshape(n, 8, 1)
+    return (d * _f(sc)).reshape(n, 8, 1), (dmin * _f(mn)).reshape(n, 8, 1)
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    dl, ml = _k4_scales(b)
     q = _f(_nibbles256(b[:, 16:144]))
     return (dl * q - ml).reshape(n, 256)
 
 
 def _q5_k(b):
     n = b.shape[0]
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    dl = (d * _f(sc)).reshape(n, 8, 1)
-    ml = (dmin * _f(mn)).reshape(n, 8, 1)
+    dl, ml = _k4_scales(b)
     ql = _nibbles256(b[:, 48:176])
     qh = _bits(b[:, 16:48], tuple(range(8)), 1)  # (n, 8, 32): bit j of byte l -> element 32j + l
     q = _f(ql | (qh << 4))

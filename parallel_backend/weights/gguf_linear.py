@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .gguf import QUANT_BLOCKS, column_slice_on_block_boundary
-from .gguf_kernels import QUANTIZED_TYPES, dequantize_torch
+from .gguf import QUANT_BLOCKS, QUANTIZED_TYPES, column_slice_on_block_boundary
+from .gguf_kernels import dequantize_torch
 
 _CARRIED = ("shard_dims", "tp_group", "tp_rank", "tp_size", "shard_chunks", "input_dim")
 

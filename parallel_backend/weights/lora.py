@@ -35,8 +35,9 @@ import torch
 
 from ..parallel.plan import shard_chunks_of, shard_dim_of
 from ..parallel.sharded_weights import is_sharded, local_tensor
+from .checkpoint import CheckpointError, strip_prefix
 from .fp8 import FP8_DTYPES
-from .reads import CheckpointError, _nbytes, _slice_for, held_dtype, open_slices, read_header, shard_of
+from .reads import file_bytes, held_dtype, open_slices, read_header, shard_of, slice_for
 
 
 class LoraError(ValueError):
@@ -65,14 +66,6 @@ ADAPTER_SUFFIXES = {
 }
 # what a sharded model cannot take at all: refused, never silently skipped
 REFUSED_SUFFIXES = {".reshape_weight": "reshaped LoRA (it changes the layer's shape)", ".oft_diag": "OFT (oft_diag)"}
-_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def _strip(key: str) -> str:
-    for prefix in _CHECKPOINT_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
 
 
 def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
@@ -84,7 +77,7 @@ def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
     """
     table, ambiguous = {}, set()
     for dname, ckey in key_map.items():
-        ckey = _strip(ckey)
+        ckey = strip_prefix(ckey)
         if dname.endswith(".weight"):
             ds, cs = dname[:-len(".weight")], (ckey[:-len(".weight")] if ckey.endswith(".weight") else ckey)
         elif dname.endswith(".bias"):
@@ -104,9 +97,9 @@ def alias_table(key_map: dict, aliases: dict | None = None) -> dict:
     for alias in ambiguous:
         del table[alias]
     if aliases:
-        by_key = {_strip(v): k for k, v in key_map.items()}
+        by_key = {strip_prefix(v): k for k, v in key_map.items()}
         for other, ckey in aliases.items():
-            mine = by_key.get(_strip(ckey))
+            mine = by_key.get(strip_prefix(ckey))
             if mine is None or not other.endswith(".weight") or not mine.endswith(".weight"):
                 continue
             os_, ms = other[:-len(".weight")], mine[:-len(".weight")]
@@ -171,32 +164,7 @@ def plan_lora(path: str, lora_header: dict, key_map: dict, model_header: dict, a
     none of whose modules belong to this model.
     """
     table = alias_table(key_map, aliases)
-    modules = defaultdict(dict)
-    module_keys = defaultdict(list)  # module -> [(file key, name under the normalised module)], biases aside
-    module_adapters = defaultdict(set)
-    unknown = []
-    for key in lora_header:
-        module, role = _split_key(key)
-        if module is None:
-            unknown.append(key)
-            continue
-        kind = role.split(":", 1)[1] if ":" in role else ""
-        if role.startswith("refused:"):
-            raise LoraError(f"{path}: '{key}' is a {kind}, which the parallel loader cannot merge into a sharded "
-                            f"model; sample with the native model (UNETLoader) for this LoRA")
-        if role.startswith("adapter:") and not adapters:
-            raise LoraError(f"{path}: '{key}' is a {kind} adapter, which the parallel loader merges only on model "
-                            f"families whose ranks run ComfyUI's own model class (which patches the layer whole); "
-                            f"without it only plain LoRA (up/down, alpha, diff) files merge: convert it to a plain "
-                            f"LoRA, or sample with the native model")
-        name = _normalise(module)
-        if role.startswith("adapter:"):
-            module_adapters[name].add(kind)
-            modules[name].setdefault("adapter", key)
-        else:
-            modules[name][role] = key
-        if role != "diff_b":
-            module_keys[name].append((key, name + key[len(module):]))
+    modules, module_keys, module_adapters, unknown = _keys_by_module(path, lora_header, adapters)
     targets, unmatched = [], list(unknown)
     for module, roles in modules.items():
         stem = table.get(module)
@@ -215,22 +183,8 @@ def plan_lora(path: str, lora_header: dict, key_map: dict, model_header: dict, a
             targets.append(LoraTarget(weight, "adapter", module=module, keys=keys, adapter=" + ".join(kinds),
                                       shapes=(tuple(model_header[key_map[weight]][0]),)))
         elif "up" in roles or "down" in roles:
-            if "up" not in roles or "down" not in roles:
-                raise LoraError(f"{path}: module '{module}' has only one of the two LoRA matrices "
-                                f"({', '.join(sorted(roles.values()))}); the file is incomplete")
-            up_shape, down_shape = lora_header[roles["up"]][0], lora_header[roles["down"]][0]
-            full = model_header[key_map[weight]][0]
-            rank = down_shape[0]
-            if (len(up_shape) < 2 or up_shape[1] != rank or up_shape[0] != full[0]
-                    or math.prod(down_shape[1:]) != math.prod(full[1:])):
-                raise LoraError(f"{path}: '{module}' has up {tuple(up_shape)} / down {tuple(down_shape)}, which do "
-                                f"not fit the model's {weight} of shape {tuple(full)}: this LoRA was trained for "
-                                f"another model (size or variant)")
-            alpha = None
-            if "alpha" in roles:
-                alpha = (alpha_values or {}).get(roles["alpha"])
-            targets.append(LoraTarget(weight, "lora", up=roles["up"], down=roles["down"], alpha=alpha, rank=rank,
-                                      shapes=(tuple(up_shape), tuple(down_shape)), module=module, keys=keys))
+            targets.append(_lora_target(path, module, roles, keys, weight, lora_header, model_header[key_map[weight]]
+                                        if "up" in roles and "down" in roles else None, alpha_values))
         if "diff" in roles and module not in module_adapters:
             full = model_header[key_map[weight]][0]
             if tuple(lora_header[roles["diff"]][0]) != tuple(full):
@@ -255,6 +209,56 @@ def plan_lora(path: str, lora_header: dict, key_map: dict, model_header: dict, a
         raise LoraError(f"{path}: none of this LoRA's {len(lora_header)} tensors belong to the loaded model (keys "
                         f"like {sample}); is it a LoRA for another model family, or for the text encoder?")
     return targets, unmatched
+
+
+def _keys_by_module(path: str, lora_header: dict, adapters: bool):
+    """The file's keys grouped by (normalised) module: (module -> {role: key}, module -> [(file key, name under the
+    normalised module)] (biases aside), module -> adapter kinds, keys of no module). Refused types raise here."""
+    modules, module_keys, module_adapters, unknown = defaultdict(dict), defaultdict(list), defaultdict(set), []
+    for key in lora_header:
+        module, role = _split_key(key)
+        if module is None:
+            unknown.append(key)
+            continue
+        kind = role.split(":", 1)[1] if ":" in role else ""
+        if role.startswith("refused:"):
+            raise LoraError(f"{path}: '{key}' is a {kind}, which the parallel loader cannot merge into a sharded "
+                            f"model; sample with the native model (UNETLoader) for this LoRA")
+        if role.startswith("adapter:") and not adapters:
+            raise LoraError(f"{path}: '{key}' is a {kind} adapter, which the parallel loader merges only on model "
+                            f"families whose ranks run ComfyUI's own model class (which patches the layer whole); "
+                            f"without it only plain LoRA (up/down, alpha, diff) files merge: convert it to a plain "
+                            f"LoRA, or sample with the native model")
+        name = _normalise(module)
+        if role.startswith("adapter:"):
+            module_adapters[name].add(kind)
+            modules[name].setdefault("adapter", key)
+        else:
+            modules[name][role] = key
+        if role != "diff_b":
+            module_keys[name].append((key, name + key[len(module):]))
+    return modules, module_keys, module_adapters, unknown
+
+
+def _lora_target(path, module, roles, keys, weight, lora_header, weight_entry, alpha_values) -> LoraTarget:
+    """A plain LoRA's target (up / down, alpha): both matrices there, and of shapes that fit `weight` (its header
+    entry `weight_entry`)."""
+    if "up" not in roles or "down" not in roles:
+        raise LoraError(f"{path}: module '{module}' has only one of the two LoRA matrices "
+                        f"({', '.join(sorted(roles.values()))}); the file is incomplete")
+    up_shape, down_shape = lora_header[roles["up"]][0], lora_header[roles["down"]][0]
+    full = weight_entry[0]
+    rank = down_shape[0]
+    if (len(up_shape) < 2 or up_shape[1] != rank or up_shape[0] != full[0]
+            or math.prod(down_shape[1:]) != math.prod(full[1:])):
+        raise LoraError(f"{path}: '{module}' has up {tuple(up_shape)} / down {tuple(down_shape)}, which do "
+                        f"not fit the model's {weight} of shape {tuple(full)}: this LoRA was trained for "
+                        f"another model (size or variant)")
+    alpha = None
+    if "alpha" in roles:
+        alpha = (alpha_values or {}).get(roles["alpha"])
+    return LoraTarget(weight, "lora", up=roles["up"], down=roles["down"], alpha=alpha, rank=rank,
+                      shapes=(tuple(up_shape), tuple(down_shape)), module=module, keys=keys)
 
 
 def read_lora_header(path: str) -> dict:
@@ -356,7 +360,7 @@ def merge_loras(model: torch.nn.Module, loras, key_map: dict, model_header: dict
                     base = open_slices(checkpoint)
                 touched.update(_merge_param(model, name, params[name], items, compute_dtype,
                                             full=(base, key_map[name], patch_weight,
-                                                  _nbytes(*model_header[key_map[name]])),
+                                                  file_bytes(*model_header[key_map[name]])),
                                             store_weight=store_weight if fp8_stored else None,
                                             quantized=quantized if quant else None))
                 full_layers += 1
@@ -473,13 +477,13 @@ def _merge_param(model, name, p, items, compute_dtype=None, full=None, store_wei
     for reader, t, strength in (items if full is None else ()):
         if t.kind == "lora":  # only this shard's rows of up (column-parallel) or columns of down (row-parallel)
             up_shape, down_shape = t.shapes
-            up = reader.read(t.up, _slice_for(up_shape, 0, rank, parts) if dim == 0 else None)
-            down = reader.read(t.down, _slice_for(down_shape, 1, rank, parts) if dim == 1 else None)
+            up = reader.read(t.up, slice_for(up_shape, 0, rank, parts) if dim == 0 else None)
+            down = reader.read(t.down, slice_for(down_shape, 1, rank, parts) if dim == 1 else None)
             scale = (t.alpha / t.rank) if t.alpha is not None else 1.0
             delta = torch.mm(up.float().flatten(1), down.float().flatten(1)).reshape(w.shape)
             w += (strength * scale) * delta
         else:
-            d = reader.read(t.diff, _slice_for(t.shapes[0], dim, rank, parts) if dim is not None else None)
+            d = reader.read(t.diff, slice_for(t.shapes[0], dim, rank, parts) if dim is not None else None)
             w += strength * d.float().reshape(w.shape)
     if host_fp8 and sharded:
         raise LoraError(f"{name}: an fp8 layer of a sharded block merges only whole, through the family's "

@@ -25,7 +25,9 @@ import torch
 
 from ..parallel.plan import shard_chunks_of, shard_dim_of
 from ..parallel.sharded_weights import is_sharded, local_tensor
+from .checkpoint import REOPEN_BYTES, CheckpointError, ReopeningReader
 from .fp8 import AUX_SUFFIXES, FP8_DTYPES, FP8_ST_DTYPES, MARKER_KEYS
+from .gguf import QUANTIZED_TYPES, GGUFSliceReader, quantized_bytes, read_gguf_header
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORAGE_SEP = "/"  # a precision may name how the weights are held too: "bf16/fp8_e4m3fn" (UNETLoader's weight_dtype)
@@ -39,16 +41,18 @@ def compute_dtype(precision: str) -> torch.dtype:
 def weight_storage(precision: str) -> str | None:
     """How the weights are held, when the precision names it (a key of fp8.WEIGHT_STORAGE), else None."""
     return precision.partition(STORAGE_SEP)[2] or None
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-              "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-REOPEN_BYTES = 64 << 20
-_GGUF_QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
-class CheckpointError(ValueError):
-    pass
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+             "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def meta_tensors(header: dict) -> dict:
+    """key -> a meta tensor of the header's shape and dtype (float32 for a type torch has no dtype for: a GGUF quant
+    type): a state dict without weights, for code that reads only names, shapes and dtypes (ComfyUI's detection)."""
+    return {k: torch.empty(shape, dtype=ST_DTYPES.get(dt, torch.float32), device="meta")
+            for k, (shape, dt) in header.items()}
 
 
 def model_keys(header: dict) -> list:
@@ -65,7 +69,7 @@ def checkpoint_precision(header: dict) -> str:
         scaled = any(k.rpartition(".")[2] in MARKER_KEYS for k in header) or any(
             k.endswith(AUX_SUFFIXES) for k in header)
         return "fp8_scaled" if scaled else "fp8"
-    quantized = [d for d in dts if d in _GGUF_QUANTIZED]  # a GGUF: the type its big weights were quantized to
+    quantized = [d for d in dts if d in QUANTIZED_TYPES]  # a GGUF: the type its big weights were quantized to
     if quantized:
         return max(set(quantized), key=quantized.count)
     return max(set(dts), key=dts.count) if dts else "empty"
@@ -88,7 +92,6 @@ def read_header(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"model file not found: {path}")
     if path.endswith(".gguf"):
-        from .gguf import read_gguf_header
         return read_gguf_header(path)
     if not path.endswith(".safetensors") and not path.endswith(".sft"):
         raise CheckpointError(f"{path}: only .safetensors and .gguf files are loaded (pickle checkpoints such as "
@@ -114,7 +117,7 @@ def read_header(path: str) -> dict:
     return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
 
 
-def _slice_for(shape, dim, rank, parts):
+def slice_for(shape, dim, rank, parts):
     """This rank's slice along `dim`: equal parts (TP), or FSDP's ceil-sized chunks where they do not divide (sharded
     weights: the last ranks hold fewer rows, or none)."""
     index = [slice(None)] * len(shape)
@@ -128,7 +131,7 @@ def _slices_for(shape, dim, rank, parts, chunks=1) -> list:
     `dim` (a fused projection whose outputs are [k of every head | v of every head]: each rank takes its heads of
     each block)."""
     if chunks == 1:
-        return [_slice_for(shape, dim, rank, parts)]
+        return [slice_for(shape, dim, rank, parts)]
     block, out = shape[dim] // chunks, []
     for k in range(chunks):
         index = [slice(None)] * len(shape)
@@ -145,9 +148,9 @@ def shard_of(t: torch.Tensor, dim: int | None, rank: int, parts: int, chunks: in
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
-def _nbytes(shape, st_dtype) -> int:
-    from .gguf import QUANT_BLOCKS, quantized_bytes
-    if st_dtype in QUANT_BLOCKS and st_dtype not in ("F32", "F16", "BF16"):  # a GGUF quant type
+def file_bytes(shape, st_dtype) -> int:
+    """Bytes a tensor of `shape` takes in the file (`st_dtype`: a safetensors dtype name or a GGUF quant type)."""
+    if st_dtype in QUANTIZED_TYPES:
         return quantized_bytes(shape, st_dtype)
     size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}.get(st_dtype, 1)
     n = 1
@@ -159,8 +162,7 @@ def _nbytes(shape, st_dtype) -> int:
 def held_bytes(shape, st_dtype, precision: str) -> int:
     """Bytes a rank holds for a tensor of the file as loaded at `precision`: fp8 stays 1 byte, a GGUF quant type its
     quantized size, the rest the compute precision's size."""
-    from .gguf import QUANT_BLOCKS, quantized_bytes
-    if st_dtype in QUANT_BLOCKS and st_dtype not in ("F32", "F16", "BF16"):
+    if st_dtype in QUANTIZED_TYPES:
         return quantized_bytes(shape, st_dtype)
     one_byte = str(st_dtype).startswith("F8") or st_dtype in ("U8", "I8")  # fp8, packed / int8 quantized weights
     one_byte = one_byte or (weight_storage(precision) is not None and len(shape) >= 2)  # held in fp8 on request
@@ -170,47 +172,8 @@ def held_bytes(shape, st_dtype, precision: str) -> int:
 def open_slices(path: str, budget: int = REOPEN_BYTES):
     """The per-rank slice reader for a checkpoint: safetensors, or GGUF (weights/gguf.py) by extension."""
     if path.endswith(".gguf"):
-        from .gguf import GGUFSliceReader
         return GGUFSliceReader(path, budget)
     return SliceReader(path, budget)
-
-
-class ReopeningReader:
-    """A memory-mapped checkpoint read slice by slice, re-opened (its map dropped) after `budget` bytes of its pages
-    were touched, so the pages do not pile up in resident memory. Subclasses open (`_open_file`) and drop
-    (`_drop_file`) their file; `_handle(touch)` gives the open one."""
-
-    def __init__(self, path: str, budget: int = REOPEN_BYTES):
-        self.path, self.budget = path, budget or REOPEN_BYTES
-        self._f = None
-        self._touched = 0
-        self.bytes_read = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        if self._f is not None:
-            self._drop_file(self._f)
-            self._f = None
-        self._touched = 0
-
-    def _handle(self, touch: int):
-        if self._f is not None and self._touched + touch > self.budget:
-            self.close()
-        if self._f is None:
-            self._f = self._open_file()
-        self._touched += touch
-        return self._f
-
-    def _open_file(self):
-        raise NotImplementedError
-
-    def _drop_file(self, f) -> None:
-        pass
 
 
 class SliceReader(ReopeningReader):
@@ -311,66 +274,25 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
     is rounded to fp8, a compute-dtype layer is cast). `names`: only these parameters (a re-read after a LoRA);
     `dtypes`: the dtype each parameter was built with (a merge may have changed it since).
     Returns stats: bytes read, parameter / buffer bytes held, fp8 linear weights and the file's precision."""
-    from ..parallel.tensor_parallel import BIAS_ON_RANK0
-
     header = header if header is not None else read_header(path)
-    for k, (shape, _) in header.items():  # (the mixed-precision layout's block scales: models/host.py checks them)
-        if k.endswith(".scale_weight") and math.prod(shape) != 1:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(shape)}; only per-tensor fp8 scales (one number per "
-                                  f"weight) are supported")
+    _refuse_block_scales(path, header)
     params = dict(model.named_parameters())
     wanted = list(params) if names is None else [n for n in names if n in params]
     missing = [n for n in wanted if prefix + n not in header and n.rpartition(".")[2] not in HOST_DEFAULT_ONES]
     if missing:
         raise CheckpointError(f"{path}: no weights for {len(missing)} parameters of the model ComfyUI detected "
                               f"(e.g. {missing[:3]}); the file does not match that model")
-    plans = []
-    for name in wanted:
-        p = _ParamPlan()
-        p.name, p.key = name, prefix + name
-        module_name, _, p.pname = name.rpartition(".")
-        p.owner = model.get_submodule(module_name) if module_name else model
-        shape, p.st_dtype = header.get(p.key, (tuple(params[name].shape), None))
-        p.shape = shape
-        dim, rank, parts = shard_dim_of(model, name)
-        p.dim, p.chunks = dim, shard_chunks_of(model, name) if isinstance(dim, int) else 1
-        p.index = _slices_for(shape, dim, rank, parts, p.chunks) if isinstance(dim, int) else None
-        full = _nbytes(shape, p.st_dtype or "F32")
-        p.touch = full // parts if dim == 0 else full
-        p.rank0_only = dim == BIAS_ON_RANK0 and rank != 0
-        plans.append(p)
-    plans.sort(key=lambda p: -p.touch)
+    plans = sorted((_param_plan(model, name, params[name], header, prefix) for name in wanted), key=lambda p: -p.touch)
     with open_slices(path) as reader:
         for p in plans:
             target = params[p.name]
             if is_sharded(target):  # a block's sharded weight: FSDP owns the parameter; its local rows are filled
                 _fill_local(reader, p, local_tensor(target), path)
                 continue
-            dtype = (dtypes or {}).get(p.name, target.dtype)
-            if p.st_dtype is None:  # a scale the file does not carry: ComfyUI's default
-                value = torch.ones(target.shape, dtype=dtype, device=device)
-            elif p.rank0_only:
-                value = torch.zeros(target.shape, dtype=dtype, device=device)
-            else:
-                read = _reader_for(reader, target)
-                if p.index is None or len(p.index) == 1:
-                    t = read(p.key, p.index and p.index[0], p.touch)
-                else:  # a chunked shard: this rank's part of each block, joined
-                    t = torch.cat([read(p.key, i, p.touch // p.chunks) for i in p.index], p.dim)
-                held = held_parts(target)[0]  # (a quantized layer's stored data, after a LoRA merge)
-                if tuple(t.shape) != tuple(held.shape):
-                    raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's slice), expected "
-                                          f"{tuple(held.shape)}; the file does not match the model it was detected as")
-                value = _owned(t, dtype, device)
-                del t
+            value = _param_value(reader, p, target, (dtypes or {}).get(p.name, target.dtype), device, path)
             p.owner._parameters[p.pname] = torch.nn.Parameter(value, requires_grad=False)
-        if names is None:  # persistent buffers the file carries are loaded as ComfyUI's load_state_dict loads them,
-            # also where the class computed them at build (Animate's blur kernels): whole on every rank
-            for name, buf in list(model.named_buffers()):
-                module_name, _, bname = name.rpartition(".")
-                owner = model.get_submodule(module_name) if module_name else model
-                if prefix + name in header and bname not in owner._non_persistent_buffers_set:
-                    owner._buffers[bname] = _owned(reader.read(prefix + name), buf.dtype, device)
+        if names is None:
+            _load_buffers(model, reader, header, prefix, device)
         read = reader.bytes_read
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if names is None and left:
@@ -379,3 +301,58 @@ def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: to
             "fp8_layers": sum(1 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2
                               and held_dtype(p) in FP8_DTYPES),
             "checkpoint_precision": checkpoint_precision(header)}
+
+
+def _refuse_block_scales(path: str, header: dict) -> None:
+    for k, (shape, _) in header.items():  # (the mixed-precision layout's block scales: models/host.py checks them)
+        if k.endswith(".scale_weight") and math.prod(shape) != 1:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(shape)}; only per-tensor fp8 scales (one number per "
+                                  f"weight) are supported")
+
+
+def _param_plan(model, name: str, param, header: dict, prefix: str) -> _ParamPlan:
+    """Where parameter `name` is in the file, which slice of it this rank reads, and how many bytes that touches."""
+    from ..parallel.tensor_parallel import BIAS_ON_RANK0
+
+    p = _ParamPlan()
+    p.name, p.key = name, prefix + name
+    module_name, _, p.pname = name.rpartition(".")
+    p.owner = model.get_submodule(module_name) if module_name else model
+    shape, p.st_dtype = header.get(p.key, (tuple(param.shape), None))
+    p.shape = shape
+    dim, rank, parts = shard_dim_of(model, name)
+    p.dim, p.chunks = dim, shard_chunks_of(model, name) if isinstance(dim, int) else 1
+    p.index = _slices_for(shape, dim, rank, parts, p.chunks) if isinstance(dim, int) else None
+    full = file_bytes(shape, p.st_dtype or "F32")
+    p.touch = full // parts if dim == 0 else full
+    p.rank0_only = dim == BIAS_ON_RANK0 and rank != 0
+    return p
+
+
+def _param_value(reader, p: _ParamPlan, target, dtype, device, path: str) -> torch.Tensor:
+    """This rank's value of a parameter: its slice of the file in `dtype`, or ComfyUI's default for a scale the file
+    does not carry, or zeros where only rank 0 adds the bias."""
+    if p.st_dtype is None:  # a scale the file does not carry: ComfyUI's default
+        return torch.ones(target.shape, dtype=dtype, device=device)
+    if p.rank0_only:
+        return torch.zeros(target.shape, dtype=dtype, device=device)
+    read = _reader_for(reader, target)
+    if p.index is None or len(p.index) == 1:
+        t = read(p.key, p.index and p.index[0], p.touch)
+    else:  # a chunked shard: this rank's part of each block, joined
+        t = torch.cat([read(p.key, i, p.touch // p.chunks) for i in p.index], p.dim)
+    held = held_parts(target)[0]  # (a quantized layer's stored data, after a LoRA merge)
+    if tuple(t.shape) != tuple(held.shape):
+        raise CheckpointError(f"{path}: {p.key} has shape {tuple(t.shape)} (this rank's slice), expected "
+                              f"{tuple(held.shape)}; the file does not match the model it was detected as")
+    return _owned(t, dtype, device)
+
+
+def _load_buffers(model, reader, header: dict, prefix: str, device) -> None:
+    """Persistent buffers the file carries, loaded as ComfyUI's load_state_dict loads them, also where the class
+    computed them at build (Animate's blur kernels): whole on every rank."""
+    for name, buf in list(model.named_buffers()):
+        module_name, _, bname = name.rpartition(".")
+        owner = model.get_submodule(module_name) if module_name else model
+        if prefix + name in header and bname not in owner._non_persistent_buffers_set:
+            owner._buffers[bname] = _owned(reader.read(prefix + name), buf.dtype, device)

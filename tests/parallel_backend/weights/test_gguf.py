@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from parallel_backend.weights.checkpoint import CheckpointError
 from parallel_backend.weights.gguf import (
     QUANT_BLOCKS,
     column_slice_on_block_boundary,
@@ -22,7 +23,6 @@ from parallel_backend.weights.gguf import (
     read_gguf_header,
     read_rows,
 )
-from parallel_backend.weights.reads import CheckpointError
 
 pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
 

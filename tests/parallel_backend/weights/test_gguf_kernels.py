@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from parallel_backend.weights.gguf import QUANT_BLOCKS
-from parallel_backend.weights.gguf_kernels import QUANTIZED_TYPES, dequantize_torch
-from parallel_backend.weights.reads import CheckpointError
+from parallel_backend.weights.checkpoint import CheckpointError
+from parallel_backend.weights.gguf import QUANT_BLOCKS, QUANTIZED_TYPES
+from parallel_backend.weights.gguf_kernels import dequantize_torch
 
 pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
 

@@ -384,3 +384,11 @@ def test_int8_files_on_a_split_sequence_round_like_comfyuis_own_kernels(files, c
     assert kernel_swap > 1e-4 and max(diffs.values()) <= 3 * kernel_swap
     with pytest.raises(Exception, match=r"int8_tensorwise, whose layer quantizes each token's input"):
         run_on_ranks(_forward_rows, ParallelConfig(world_size=2, tp=2, device="cpu", dtype="fp32"), path)
+
+
+def test_meta_tensors_keep_each_headers_shape_and_dtype_without_storage():
+    from parallel_backend.weights.reads import meta_tensors
+    sd = meta_tensors({"a.weight": ((4, 2), "F8_E4M3"), "b": ((3,), "Q4_K"), "c": ((), "BF16")})
+    assert {k: (tuple(t.shape), t.dtype, t.device.type) for k, t in sd.items()} == {
+        "a.weight": ((4, 2), torch.float8_e4m3fn, "meta"), "b": ((3,), torch.float32, "meta"),  # no torch dtype: fp32
+        "c": ((), torch.bfloat16, "meta")}
