@@ -565,10 +565,10 @@ class WorkerGroup:
         """The largest rank's activation bytes for this call; refused (CallTooLarge) when the ranks cannot hold them:
         CPU ranks against the host's available memory now, GPU ranks against what their device had after loading."""
         from ..config import check_call
-        from .worker import device_memory
+        from .rank import device_memory
         memory = self.call_memory
         if self.config.device == "cpu":
-            memory = [device_memory(torch, torch.device("cpu"))] * self.config.local_ranks
+            memory = [device_memory(torch.device("cpu"))] * self.config.local_ranks
         return check_call(self.config, activations, rows, memory, self.activations_done, what)
 
     def _options_message(self, options: dict | None) -> dict | None:
