@@ -36,6 +36,9 @@ class ResidentModels:
     def __contains__(self, key) -> bool:
         return key in self.entries
 
+    def __iter__(self):
+        return iter(self.entries)
+
     def get(self, key):
         return self.entries.get(key)
 

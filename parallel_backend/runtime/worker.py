@@ -40,7 +40,6 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
 
     from ..config import ParallelConfig
     from .mesh import build_mesh
-    from .rank import Rank, device_memory
     from .rendezvous import init_process_group
 
     config = ParallelConfig(**config_dict)
@@ -61,6 +60,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
     except BaseException:
         conn.send(("error", rank, traceback.format_exc()))
         return
+    from .rank import Rank, device_memory  # once joined: the rendezvous waits for no import
     conn.send(("ok", {"rank": rank, "pid": os.getpid(), "coord": mesh.coord, "memory": device_memory(device)}))
     owner_gone = Rank(rank, config, mesh, device, io, files, progress_ref).serve(conn)
     if owner_gone:

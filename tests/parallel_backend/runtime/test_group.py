@@ -537,7 +537,8 @@ def test_resident_bytes_are_the_other_resident_models(tmp_path):
         files[name] = str(tmp_path / f"{name}.safetensors")
         Path(files[name]).write_bytes(b"x")
     high, low = (g.model_key_for(files[n], "bf16") for n in ("high", "low"))
-    g.models = {high: {"resident": True, "rank_bytes": [7, 5]}, low: {"resident": False, "rank_bytes": [3, 3]}}
+    g.models.add(high, {"resident": True, "rank_bytes": [7, 5]})
+    g.models.add(low, {"resident": False, "rank_bytes": [3, 3]})
     assert g.resident_bytes(files["low"], "bf16") == [7, 5]  # high stays; low itself does not count
     assert g.resident_bytes(files["high"], "bf16") == [0, 0]  # low (swap) is dropped when high loads
 
