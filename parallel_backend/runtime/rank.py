@@ -80,8 +80,8 @@ class ResidentModels:
 class Rank:
     """One rank's state between ops: the models it holds, the shared-memory reader, the model patches the group's
     calls carried, its block progress, and what its calls computed (for the owner's stats). `io` (NodeIO, several
-    nodes) moves inputs and outputs between nodes; `files` (FileCheck) resolves and checks a load's files on this node;
-    `progress_ref` (a local rank) names the owner's control block (progress.py)."""
+    nodes) moves inputs and outputs between nodes; `files` (remote.FileCheck) resolves and checks a load's files on
+    this node; `progress_ref` (a local rank) names the owner's control block (progress.py)."""
 
     def __init__(self, rank: int, config, mesh, device, io=None, files=None, progress_ref=None):
         self.rank, self.config, self.mesh, self.device, self.io, self.files = rank, config, mesh, device, io, files

@@ -22,7 +22,9 @@ import datetime
 import hashlib
 import hmac
 import json
+import os
 import pickle
+import tempfile
 import threading
 import time
 
@@ -385,7 +387,6 @@ class NodeIO:
         dist.broadcast(data, src=0, group=self.group)
         if self.rank == 0:
             return path
-        import os
         os.makedirs(folder, exist_ok=True)
         local = os.path.join(folder, os.path.basename(path))
         with open(local + ".part", "wb") as f:
@@ -419,3 +420,32 @@ def load_paths(payload: dict, model_dir: str | None, node: int) -> tuple[str, li
 
 def describe_nodes(config) -> str:
     return json.dumps({"nodes": config.nodes, "ranks_per_node": config.local_ranks})
+
+
+class FileCheck:
+    """Multi-node loads: this node's copy of the model (and LoRA) files, checked on every rank against node 0's
+    (size + header sha256, through the store) before anything is read. LoRA files only node 0 has (those a native
+    LoraLoader produced) are sent to the other nodes over the process group instead."""
+
+    def __init__(self, config, rank: int, store, model_dir: str | None, io=None):
+        from .multinode import World
+        self.config, self.rank, self.store, self.model_dir, self.io = config, rank, store, model_dir, io
+        self.world = World(config.nodes, config.local_ranks)
+        self.shipped = os.path.join(tempfile.gettempdir(), f"pdit_shipped_{os.getpid()}")
+
+    def __call__(self, payload: dict) -> tuple:
+        from .multinode import ModelFileMismatch, check_model_file
+        tag = payload.get("check", "load")
+        try:
+            path, loras = load_paths(payload, self.model_dir, self.config.node_of(self.rank))
+        except ModelFileMismatch as e:  # every rank hears why (none waits for this one's fingerprint)
+            check_model_file(self.store, self.rank, self.world, None, tag=f"{tag}/model", error=str(e))
+            raise
+        check_model_file(self.store, self.rank, self.world, path, tag=f"{tag}/model")
+        ship = list(payload.get("ship") or ())
+        for i, lo in enumerate(loras):
+            if lo[0] in ship or payload["loras"][i][0] in ship:
+                loras[i] = (self.io.share_file(payload["loras"][i][0], self.shipped), *lo[1:])
+            else:
+                check_model_file(self.store, self.rank, self.world, lo[0], tag=f"{tag}/lora{i}")
+        return path, loras

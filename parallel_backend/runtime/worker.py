@@ -54,7 +54,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
             device = init_process_group(config, rank, store_path)
         mesh = build_mesh(config, rank, device)
         if multinode:
-            from .remote import NodeIO
+            from .remote import FileCheck, NodeIO
             io = NodeIO(config, rank)
             files = FileCheck(config, rank, session, None, io)
     except BaseException:
@@ -83,38 +83,6 @@ def _join_nodes(config, rank: int, spec: dict):
     return device, member.store
 
 
-class FileCheck:
-    """Multi-node loads: this node's copy of the model (and LoRA) files, checked on every rank against node 0's
-    (size + header sha256, through the store) before anything is read. LoRA files only node 0 has (those a native
-    LoraLoader produced) are sent to the other nodes over the process group instead."""
-
-    def __init__(self, config, rank: int, store, model_dir: str | None, io=None):
-        import tempfile
-
-        from .multinode import World
-        self.config, self.rank, self.store, self.model_dir, self.io = config, rank, store, model_dir, io
-        self.world = World(config.nodes, config.local_ranks)
-        self.shipped = os.path.join(tempfile.gettempdir(), f"pdit_shipped_{os.getpid()}")
-
-    def __call__(self, payload: dict) -> tuple:
-        from .multinode import ModelFileMismatch, check_model_file
-        from .remote import load_paths
-        tag = payload.get("check", "load")
-        try:
-            path, loras = load_paths(payload, self.model_dir, self.config.node_of(self.rank))
-        except ModelFileMismatch as e:  # every rank hears why (none waits for this one's fingerprint)
-            check_model_file(self.store, self.rank, self.world, None, tag=f"{tag}/model", error=str(e))
-            raise
-        check_model_file(self.store, self.rank, self.world, path, tag=f"{tag}/model")
-        ship = list(payload.get("ship") or ())
-        for i, lo in enumerate(loras):
-            if lo[0] in ship or payload["loras"][i][0] in ship:
-                loras[i] = (self.io.share_file(payload["loras"][i][0], self.shipped), *lo[1:])
-            else:
-                check_model_file(self.store, self.rank, self.world, lo[0], tag=f"{tag}/lora{i}")
-        return path, loras
-
-
 def serve_remote(ctx) -> None:
     """The target a remote node's ranks run (`python -m parallel_backend.runtime.node`): the group is formed (ctx);
     take node 0's config from the store, build the mesh with every rank, serve node 0's ops until it shuts the
@@ -125,7 +93,7 @@ def serve_remote(ctx) -> None:
     from .mesh import build_mesh
     from .multinode import read_secret
     from .rank import Rank, device_memory
-    from .remote import NodeIO, StoreChannel, session_config
+    from .remote import FileCheck, NodeIO, StoreChannel, session_config
 
     secret = read_secret(ctx.secret_file)
     config = ParallelConfig(**session_config(ctx.store, secret, ctx.nonce))
