@@ -18,7 +18,7 @@ are enough GPUs); one spawn per mode, whose ranks load its files in turn:
 In each rank:
   baseline   after torch, ComfyUI's model code (the ranks build its WanModel) and the pack are imported and
              the mesh is built;
-  peak RSS   resource.getrusage(RUSAGE_SELF).ru_maxrss, as runtime/worker.py reports it, after the load;
+  peak RSS   resource.getrusage(RUSAGE_SELF).ru_maxrss, as runtime/rank.py reports it, after the load;
   VmHWM      /proc/self/status peak RSS, reset (clear_refs 5) just before the load: the load's own peak;
   anon/file  the largest RssAnon (private memory: the parameters) and RssFile (pages of the mmapped
              checkpoint that safetensors touched; page cache, shared and reclaimable) seen by a 5 ms
@@ -498,7 +498,7 @@ def main(argv=None) -> int:
     print(f"[1] At load, per rank (MiB; 'of full' = params / the tp1 rank's of the same file: "
           f"{', '.join(f'{f} {mib(b)} MiB' for f, b in full.items())}):")
     print(table(rows, cols, "llr" + "r" * (len(cols) - 3)))
-    print("base RSS: after imports + mesh, before ShardedModel. peak RSS: ru_maxrss after the load (runtime/worker.py's "
+    print("base RSS: after imports + mesh, before ShardedModel. peak RSS: ru_maxrss after the load (runtime/rank.py's "
           "peak_rss). load delta = peak RSS - base RSS.\nVmHWM delta: the load's own peak (reset before the load) - "
           "base. anon / file delta: largest growth of private RSS / of file-backed RSS (mmapped checkpoint\npages: "
           "page cache, shared between ranks, reclaimable) during the load, sampled every 5 ms. shardN: sharded "

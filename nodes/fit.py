@@ -46,7 +46,7 @@ def check_before_start(config, mb, activations: int) -> None:
     memory = None
     if config.device == "cpu":
         import torch
-        host = backend("runtime.worker").device_memory(torch, torch.device("cpu"))
+        host = backend("runtime.rank").device_memory(torch.device("cpu"))
         memory = [host] * config.local_ranks
     cfgmod.check_start(config, mb, memory, activations)
 

@@ -32,6 +32,8 @@ import torch
 from ..config import ParallelConfig, validate_config
 from .patch_transfer import PatchSender, PatchTransferError
 from .progress import CallWatch, OwnerProgress, cooperative
+from .rank import ResidentModels, device_memory
+from .remote import NodeFailure, RemoteNodes
 from .transport import ShmTensorSlot
 
 REMOTE_OPTIONS_LIMIT = 64 << 20  # bytes of model patches one call may carry through node 0's store
@@ -79,6 +81,33 @@ def _plain_main_module():
         sys.modules["__main__"] = real
 
 
+class _Replies:
+    """One op's replies as they arrive: each rank's result, the errors, the ranks that stopped a cancelled call, and
+    who is still to answer (local ranks by pipe, remote ranks by rank number)."""
+
+    def __init__(self, what: str, world_size: int, conns: list, remote_ranks):
+        self.what = what
+        self.replies = [None] * world_size
+        self.pending = dict(enumerate(conns))
+        self.remote_pending = set(remote_ranks)
+        self.errors, self.cancelled = [], set()
+
+    def waiting(self) -> set:
+        return set(self.pending) | self.remote_pending
+
+    def take(self, rank: int, msg: tuple) -> None:
+        """One rank's reply: ok (its result), cancelled (it stopped the call where every rank agreed), or error."""
+        if msg[0] == "error":
+            self.errors.append((msg[1], msg[2]))
+            if self.what != "load":  # peers may be blocked in a collective: do not wait for them
+                self.pending.clear()
+                self.remote_pending.clear()
+        elif msg[0] == "cancelled":
+            self.cancelled.add(rank)
+        else:
+            self.replies[rank] = msg[1]
+
+
 class WorkerGroup:
     start_timeout = 300.0
     load_timeout = 3600.0
@@ -91,21 +120,15 @@ class WorkerGroup:
         self.pids: list[int] = []
         self.remote_pids: dict = {}  # several nodes: rank -> pid on its own machine
         self.device_memory: list = []
-        self.model_key = None
-        self.lora_key: tuple = ()
-        self.model_info: dict | None = None
-        # every model on the ranks, key -> {"info", "lora_key", "resident"}; model_key / model_info above
-        # are the current one. Loading a model drops the others unless they were loaded resident.
-        self.models: dict = {}
+        # every model on the ranks, key -> {"info", "lora_key", "resident", "rank_bytes"}, and the current one
+        self.models = ResidentModels()
         self.load_count = 0   # model (re)builds on the ranks
         self.lora_count = 0   # LoRA list changes merged on the ranks
         self._lock = threading.RLock()
         self._tmpdir = None
         self._in = self._out = None
         self.closed = False
-        self.server = self.remote = None  # several nodes: node 0's RendezvousServer and RemoteRanks
-        self._admission = None            # the admission thread's outcome: None (pending), True or the error
-        self._admit_thread = None
+        self.nodes: RemoteNodes | None = None  # several nodes: node 0's half (rendezvous, admission, remote ranks)
         self._loads = 0
         self.patch_sender = PatchSender()  # which model patch objects the ranks hold
         self.progress = None   # OwnerProgress: the ranks' block counters and the cancel word (progress.py)
@@ -130,7 +153,10 @@ class WorkerGroup:
         self._tmpdir = tempfile.mkdtemp(prefix="pdit_group_")
         store = os.path.join(self._tmpdir, "store")
         try:
-            multinode = self._host_rendezvous() if self.config.nodes > 1 else None
+            multinode = None
+            if self.config.nodes > 1:
+                self.nodes = RemoteNodes(self.config)
+                multinode = self.nodes.host()
             self.progress = OwnerProgress(ShmTensorSlot("ctl", 4096), self.config.local_ranks, cooperative(self.config))
             with _plain_main_module():
                 for rank in range(self.config.local_ranks):
@@ -151,47 +177,6 @@ class WorkerGroup:
             self.stop(graceful=False)
             raise
         return self
-
-    def _host_rendezvous(self) -> dict:
-        """Node 0: torch's store on the rendezvous address, the group's config published (signed) for the other
-        nodes, and the admission of every rank running in a thread while the local ranks start."""
-        from .multinode import RendezvousServer, World, parse_endpoint, read_secret, session_store
-        from .remote import RemoteRanks, session_config
-
-        c = self.config
-        host, port = parse_endpoint(c.rendezvous)
-        secret = read_secret(c.secret_file)
-        self.server = RendezvousServer(host, port, secret, World(c.nodes, c.local_ranks), timeout=c.rejoin_timeout)
-        session = session_store(self.server.store, self.server.nonce)
-        session_config(session, secret, self.server.nonce, c.to_dict())
-        self.remote = RemoteRanks(session, secret, self.server.nonce, c)
-
-        def admit():
-            try:
-                self.server.admit()
-                self._admission = True
-            except Exception as e:  # noqa: BLE001 (reported by _collect, naming the node)
-                e.__traceback__ = None  # its frames hold the store: the port must be free when the group stops
-                self._admission = e
-        self._admit_thread = threading.Thread(target=admit, name="pdit-admission", daemon=True)
-        self._admit_thread.start()
-        return {"host": host, "port": self.server.port, "secret_file": c.secret_file, "endpoint": self.server.endpoint,
-                "timeout": c.rejoin_timeout + 30}
-
-    def _admission_failed(self) -> WorkerGroupError:
-        from .multinode import RendezvousRefused
-        e, c = self._admission, self.config
-        if isinstance(e, RendezvousRefused):
-            hint = "fix that node's command (the same --secret-file, --nodes and --nproc-per-node as node 0's config)"
-        else:
-            missing = sorted({c.node_of(r) for r in range(c.world_size)} - {0} -
-                             {c.node_of(r) for r in self.server.admitted})
-            hint = (f"start (or restart) `python -m parallel_backend.runtime.node --rendezvous {c.rendezvous} "
-                    f"--node-rank N --nodes {c.nodes} --nproc-per-node {c.local_ranks} --secret-file FILE --model-dir "
-                    f"DIR` on node{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} and queue the "
-                    f"prompt again")
-        self.stop(graceful=False)
-        return WorkerGroupError(f"the group of {c.describe()} could not form: {e}; {hint}")
 
     def alive(self) -> bool:
         return not self.closed and bool(self.procs) and all(p.is_alive() for p in self.procs)
@@ -219,11 +204,8 @@ class WorkerGroup:
                         c.send(("shutdown", None))
                     except (OSError, BrokenPipeError):
                         pass
-                if self.remote is not None and self._admission is True:
-                    try:
-                        self.remote.publish("shutdown", None)
-                    except Exception:  # noqa: BLE001 (the store or a node is already gone)
-                        pass
+                if self.nodes is not None:
+                    self.nodes.ask_shutdown()
             if self._tmpdir:  # first: nothing needs the group's files now, and ComfyUI killed during this stop (its
                 # ranks already gone, so none removes them as a rank does when its owner dies) would leave them
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -235,14 +217,9 @@ class WorkerGroup:
                     slot.close()
             if self.progress is not None:
                 self.progress.close()
-            if self.server is not None:  # closing the store ends every remote rank's session (they rejoin later)
-                if graceful and self.remote is not None and self._admission is True:
-                    self._await_remote_shutdown()
-                self.server.cancelled = True
-                self.remote = None
-                if self._admit_thread not in (None, threading.current_thread()):
-                    self._admit_thread.join(timeout=2.0)  # it holds the store until it sees the cancel (one poll)
-                self.server.close()  # the last reference: the store's socket closes, the port is free
+            if self.nodes is not None:  # closing the store ends every remote rank's session (they rejoin later)
+                self.nodes.close(graceful)
+                self.nodes = None
             _forget(self)
 
     def _end_processes(self, graceful: bool) -> None:
@@ -262,95 +239,94 @@ class WorkerGroup:
                 p.kill()
                 p.join(timeout=3)
 
-    def _await_remote_shutdown(self, timeout: float = 5.0) -> None:
-        """Let the remote ranks answer the shutdown before the store closes (they leave either way)."""
-        pending, deadline = set(self.remote.ranks), time.monotonic() + timeout
-        try:
-            while pending and time.monotonic() < deadline:
-                pending -= {r for r, _ in self.remote.replies(self.remote.seq, pending)}
-                time.sleep(0.02)
-        except Exception:  # noqa: BLE001
-            pass
-
     # ---- control channel -----------------------------------------------------------------------
-    def _remote_poll(self, seq: int, remote_pending: set, what: str) -> list:
-        """Several nodes: the remote ranks' replies to op `seq`, and the checks that name a lost node."""
-        from .remote import RemoteNodeLost
-        if self._admission is not None and self._admission is not True:
-            raise self._admission_failed()
-        try:
-            got = self.remote.replies(seq, remote_pending) if remote_pending else self.remote.errors(seq)
-            if self._admission is True:  # heartbeats count once every node is in
-                self.remote.check_alive()
-        except RemoteNodeLost as e:
-            self.stop(graceful=False)
-            raise WorkerGroupError(f"{e} during {what} on {self.config.describe()}; the group was stopped and the "
-                                   f"next run waits up to {self.config.rejoin_timeout:.0f} s for the node to rejoin")
-        except Exception as e:  # noqa: BLE001  the store itself failed
-            self.stop(graceful=False)
-            raise WorkerGroupError(f"node 0's rendezvous store failed during {what}: {e}; the group was stopped")
-        return got
+    def _call(self, op: str, payload, timeout: float, interrupt=None, watch: CallWatch | None = None) -> list:
+        with self._lock:
+            if not self.alive():
+                raise WorkerGroupError("the worker group is not running (it was stopped or a rank died)")
+            seq = self.nodes.publish(op, payload) if self.nodes is not None else 0
+            for c in self.conns:
+                c.send((op, payload))
+            self._in_call, self._call_thread = True, threading.get_ident()
+            try:
+                return self._collect(timeout, op, interrupt=interrupt, seq=seq, watch=watch)
+            finally:
+                self._in_call = False
 
     def _collect(self, timeout: float, what: str, interrupt=None, seq: int = 0, watch: CallWatch | None = None) -> list:
-        """Wait for one reply per rank, watching for dead ranks; tear down on any failure. Several nodes: the other
-        nodes' ranks answer through the store (`seq`: the op's number) - except for a forward, where only a remote
-        failure answers (rank 0 completes after every remote rank delivered). `interrupt` (ComfyUI's Cancel; not for
-        a forward, whose `watch` polls it) stops the group and propagates; `watch` (a forward): Cancel, hung ranks."""
-        replies = [None] * self.config.world_size
-        pending = dict(enumerate(self.conns))
-        remote_pending = set(self.remote.ranks) if self.remote is not None and what != "forward" else set()
+        """Wait for one reply per rank; tear down on any failure. Each source has its own failure model: a local rank
+        (its pipe's error, its death: _take_local), a remote node (its heartbeat, node 0's store: _take_remote), the
+        admission of the other nodes while the group forms (_admission_failure). Several nodes: the other nodes' ranks
+        answer through the store (`seq`: the op's number) - except for a forward, where only a remote failure answers
+        (rank 0 completes after every remote rank delivered). `interrupt` (ComfyUI's Cancel; not for a forward, whose
+        `watch` polls it) stops the group and propagates; `watch` (a forward): Cancel, hung ranks."""
+        remote = self.nodes.ranks if self.nodes is not None and what != "forward" else ()
+        replies = _Replies(what, self.config.world_size, self.conns, remote)
         sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
         deadline = time.monotonic() + timeout
-        errors, cancelled = [], set()
-        while pending or remote_pending:
-            self._check_waiting(what, interrupt, watch, set(pending) | remote_pending)
-            if self.remote is not None:
-                for rank, msg in self._remote_poll(seq, remote_pending, what):
-                    remote_pending.discard(rank)
-                    self._take(rank, msg, what, replies, errors, cancelled, pending, remote_pending)
-            ready = wait(list(pending.values()) + list(sentinels), timeout=0.05) if pending else \
-                time.sleep(0.02) or []
-            for obj in ready:
-                if obj in sentinels:
-                    rank = sentinels[obj]
-                    if rank in pending and not pending[rank].poll():
-                        raise self._died(rank, what)
-                    continue
-                rank = next((r for r, c in pending.items() if c is obj), None)
-                if rank is None:
-                    continue  # an error earlier in this batch cleared `pending`
-                try:
-                    msg = obj.recv()
-                except (EOFError, OSError):  # the rank's end of the pipe closed: it has exited
-                    raise self._died(rank, what) from None
-                del pending[rank]
-                self._take(rank, msg, what, replies, errors, cancelled, pending, remote_pending)
+        while replies.waiting():
+            self._check_waiting(what, interrupt, watch, replies.waiting())
+            if self.nodes is not None:
+                self._take_remote(seq, replies)
+            self._take_local(sentinels, replies)
             if time.monotonic() > deadline:
                 self.stop(graceful=False)
-                raise WorkerGroupError(f"ranks {sorted(set(pending) | remote_pending)} of {self.config.describe()} did "
-                                       f"not answer {what} within {timeout:.0f} s; the group was stopped")
-        if errors:
-            self._raise_error(errors, what)
+                raise WorkerGroupError(f"ranks {sorted(replies.waiting())} of {self.config.describe()} did not answer "
+                                       f"{what} within {timeout:.0f} s; the group was stopped")
+        if replies.errors:
+            self._raise_error(replies.errors, what)
         if watch is not None and watch.exc is not None:
-            self._end_cancelled(watch, cancelled)
-        elif cancelled:  # the ranks stopped a call nobody cancelled: their state is unknown
+            self._end_cancelled(watch, replies.cancelled)
+        elif replies.cancelled:  # the ranks stopped a call nobody cancelled: their state is unknown
             self.stop(graceful=False)
-            raise WorkerGroupError(f"ranks {sorted(cancelled)} of {self.config.describe()} stopped {what} unasked; "
-                                   f"the group was stopped")
-        return replies
+            raise WorkerGroupError(f"ranks {sorted(replies.cancelled)} of {self.config.describe()} stopped {what} "
+                                   f"unasked; the group was stopped")
+        return replies.replies
 
-    @staticmethod
-    def _take(rank, msg, what, replies, errors, cancelled, pending, remote_pending) -> None:
-        """One rank's reply: ok (its result), cancelled (it stopped the call where every rank agreed), or error."""
-        if msg[0] == "error":
-            errors.append((msg[1], msg[2]))
-            if what != "load":  # peers may be blocked in a collective: do not wait for them
-                pending.clear()
-                remote_pending.clear()
-        elif msg[0] == "cancelled":
-            cancelled.add(rank)
-        else:
-            replies[rank] = msg[1]
+    def _take_local(self, sentinels: dict, replies: "_Replies") -> None:
+        """The local ranks' failure model: each pipe's reply (a result, an error, a cancelled call), and a rank's
+        death (its sentinel with nothing left in its pipe, or its pipe closed), which stops the group naming it."""
+        pending = replies.pending
+        ready = wait(list(pending.values()) + list(sentinels), timeout=0.05) if pending else time.sleep(0.02) or []
+        for obj in ready:
+            if obj in sentinels:
+                rank = sentinels[obj]
+                if rank in pending and not pending[rank].poll():
+                    raise self._died(rank, replies.what)
+                continue
+            rank = next((r for r, c in pending.items() if c is obj), None)
+            if rank is None:
+                continue  # an error earlier in this batch cleared `pending`
+            try:
+                msg = obj.recv()
+            except (EOFError, OSError):  # the rank's end of the pipe closed: it has exited
+                raise self._died(rank, replies.what) from None
+            del pending[rank]
+            replies.take(rank, msg)
+
+    def _take_remote(self, seq: int, replies: "_Replies") -> None:
+        """The remote nodes' failure model: their ranks' replies through node 0's store; a node that could not join
+        or is lost (its heartbeat, its death notice), or the store failing, stops the group (RemoteNodes says which)."""
+        try:
+            got = self.nodes.poll(seq, replies.remote_pending, replies.what)
+        except NodeFailure as e:
+            self.stop(graceful=False)
+            raise WorkerGroupError(str(e)) from None
+        for rank, msg in got:
+            replies.remote_pending.discard(rank)
+            replies.take(rank, msg)
+
+    def _admission_failure(self) -> WorkerGroupError | None:
+        """The admission's failure model (several nodes, while the group forms): a node missing or refused, as the
+        error to raise (the group stopped) - a local rank's join fails at the same moment, so its error or death is
+        reported as this. None when the group is one node's or every rank is in."""
+        if self.nodes is None or self.nodes.admission is True:
+            return None
+        failed = self.nodes.admission_failure()
+        if failed is None:
+            return None
+        self.stop(graceful=False)
+        return WorkerGroupError(str(failed))
 
     def _check_waiting(self, what: str, interrupt, watch: CallWatch | None, pending: set) -> None:
         """While the ranks work: the caller's interrupt (a start or a load: stop the group), a stop asked from another
@@ -391,47 +367,37 @@ class WorkerGroup:
         raise watch.exc
 
     def _raise_error(self, errors: list, what: str) -> None:
+        """A rank reported an error. Outside a load its peers may be blocked in a collective, and the error may be the
+        echo of another failure: that one is named first (_raise_echoed_failure), and the group stops."""
         rank, text = errors[0]
         if what != "load":
-            # A peer's death shows up on the other ranks as a collective error ("connection closed"),
-            # which can arrive before the dead rank's sentinel is seen: name the dead rank, not its echo.
-            reporters = {r for r, _ in errors}
-            others = {p.sentinel: r for r, p in enumerate(self.procs) if r not in reporters}
-            dead = wait(list(others), timeout=0.5) if others else []
-            last = next((ln for ln in reversed(text.strip().splitlines()) if ln.strip()), "").strip()
-            failed = self._admission_outcome() if self.remote is not None and self._admission is not True else None
-            if failed is not None:  # a local rank's join fails as the admission does: report the admission
-                raise failed
-            if dead:
-                raise self._died(min(others[s] for s in dead), what, f"; rank {rank} then failed: {last}")
-            if self.remote is not None and self._admission is True and _looks_like_a_lost_peer(text):
-                from .remote import HEARTBEAT_STALE_S, RemoteNodeLost
-                try:  # a remote node's death shows here first as a connection error: name the node
-                    self.remote.wait_for_verdict(HEARTBEAT_STALE_S + 1.5)
-                except RemoteNodeLost as e:
-                    self.stop(graceful=False)
-                    raise WorkerGroupError(f"{e} during {what} on {self.config.describe()} (rank {rank} then "
-                                           f"failed: {last}); the group was stopped and the next run waits up to "
-                                           f"{self.config.rejoin_timeout:.0f} s for the node to rejoin") from None
-                except Exception:  # noqa: BLE001
-                    pass
+            self._raise_echoed_failure(errors, what)
             self.stop(graceful=False)
         raise WorkerGroupError(f"rank {rank} of {self.config.describe()} failed during {what}:\n{text}")
 
-    def _admission_outcome(self, wait: float = 2.0) -> WorkerGroupError | None:
-        """Several nodes, while the group forms: the admission's failure (a node missing or refused) as the error to
-        raise, waiting up to `wait` s for it to be decided - a local rank's join fails at the same moment."""
-        until = time.monotonic() + wait
-        while self._admission is None and time.monotonic() < until:
-            time.sleep(0.05)
-        return self._admission_failed() if isinstance(self._admission, Exception) else None
+    def _raise_echoed_failure(self, errors: list, what: str) -> None:
+        """What a rank's collective error ("connection closed") may echo, raised when seen: a failed admission, a local
+        peer's death (its sentinel can fire after the echo arrives), a lost remote node (seen by its heartbeat)."""
+        rank, text = errors[0]
+        reporters = {r for r, _ in errors}
+        others = {p.sentinel: r for r, p in enumerate(self.procs) if r not in reporters}
+        dead = wait(list(others), timeout=0.5) if others else []
+        last = next((ln for ln in reversed(text.strip().splitlines()) if ln.strip()), "").strip()
+        failed = self._admission_failure()
+        if failed is not None:
+            raise failed
+        if dead:
+            raise self._died(min(others[s] for s in dead), what, f"; rank {rank} then failed: {last}")
+        lost = self.nodes.lost_node(text, what, f"rank {rank} then failed: {last}") if self.nodes is not None else None
+        if lost is not None:
+            self.stop(graceful=False)
+            raise WorkerGroupError(str(lost)) from None
 
     def _died(self, rank: int, what: str, extra: str = "") -> WorkerGroupError:
         """Stop the group after rank `rank` died; the error names the rank and its exit code / signal."""
-        if self.remote is not None and self._admission is not True:
-            failed = self._admission_outcome()
-            if failed is not None:
-                return failed
+        failed = self._admission_failure()
+        if failed is not None:
+            return failed
         proc = self.procs[rank]
         proc.join(timeout=2.0)  # the sentinel fires as the process closes its fds, a moment before it is reapable
         code = proc.exitcode
@@ -439,19 +405,6 @@ class WorkerGroup:
         return WorkerGroupError(
             f"rank {rank} of {self.config.describe()} died during {what} ({_exit_cause(code)}){extra}; "
             f"the group was stopped and the next run starts a fresh one")
-
-    def _call(self, op: str, payload, timeout: float, interrupt=None, watch: CallWatch | None = None) -> list:
-        with self._lock:
-            if not self.alive():
-                raise WorkerGroupError("the worker group is not running (it was stopped or a rank died)")
-            seq = self.remote.publish(op, payload) if self.remote is not None else 0
-            for c in self.conns:
-                c.send((op, payload))
-            self._in_call, self._call_thread = True, threading.get_ident()
-            try:
-                return self._collect(timeout, op, interrupt=interrupt, seq=seq, watch=watch)
-            finally:
-                self._in_call = False
 
     # ---- model ---------------------------------------------------------------------------------
     @staticmethod
@@ -479,10 +432,10 @@ class WorkerGroup:
         if held is not None:
             held["resident"] = resident
             if held["lora_key"] == lkey and all(m["resident"] for k, m in self.models.items() if k != key):
-                self.model_key, self.lora_key, self.model_info = key, lkey, held["info"]
+                self.models.use(key)
                 return held["info"]
-        self.models = {k: m for k, m in self.models.items() if k != key and m["resident"]}
-        self.model_key = self.model_info = None
+        self.models.keep_only({k for k, m in self.models.items() if k != key and m["resident"]})
+        self.models.use(None)
         self._loads += 1
         names = {**{os.path.realpath(p): n for p, n in (names or {}).items()}, **(names or {})}
         # several nodes: a LoRA without a models-folder name (a native LoraLoader's tensors, saved by the nodes) is
@@ -491,16 +444,15 @@ class WorkerGroup:
         replies = self._call("load", {"path": path, "precision": precision, "key": key, "loras": lkey,
                                       "keep": list(self.models), "check": f"load{self._loads}", "names": names,
                                       "ship": ship}, self.load_timeout, interrupt=interrupt)
-        self.model_key, self.lora_key, self.model_info = key, lkey, replies[0]
         self.call_memory = [r.get("memory") for r in replies[:self.config.local_ranks]]
-        self.models[key] = {"info": replies[0], "lora_key": lkey, "resident": resident,
-                            "rank_bytes": [r.get("param_bytes", 0) for r in replies]}
+        self.models.add(key, {"info": replies[0], "lora_key": lkey, "resident": resident,
+                              "rank_bytes": [r.get("param_bytes", 0) for r in replies]})
         if replies[0].get("reloaded", True):
             self.load_count += 1
         if replies[0].get("lora_changed"):
             self.lora_count += 1
         self.rank_load_stats = replies
-        return self.model_info
+        return replies[0]
 
     def resident_bytes(self, path: str, precision: str) -> list:
         """Per rank, the parameter bytes of the other models that stay on the ranks when this one loads (those
@@ -535,24 +487,24 @@ class WorkerGroup:
         max(PDIT_STALL_FLOOR_S, 10 x the longest block seen).
         `activations`: the call's activation bytes on one device (the caller's estimate, `what` describes the call):
         a call the ranks cannot hold is refused (config.CallTooLarge) before anything is sent."""
-        key = self.model_key if model_key is None else model_key
+        key = self.models.key if model_key is None else model_key
         held = self.models.get(key)
         if held is None:
             raise WorkerGroupError("no model is loaded on the worker group" if key is None else
                                    f"{key[0]} is not loaded on the worker group (load it first)")
-        self.model_key, self.lora_key, self.model_info = key, held["lora_key"], held["info"]
+        self.models.use(key)
         tensors = {"x": x, "timestep": timestep.reshape(-1).expand(x.shape[0]) if timestep.numel() == 1 else timestep,
                    "context": context}
         tensors.update({k: v for k, v in extras.items() if v is not None})
         need = 0 if activations is None else self._check_call(activations, x.shape[0], what)
         with self._lock:
             refs = self._in.write(tensors)
-            out_shape = (x.shape[0], self.model_info["out_channels"], *x.shape[2:])
+            out_shape = (x.shape[0], held["info"]["out_channels"], *x.shape[2:])
             out_ref = self._out.layout({"out": (out_shape, torch.float32)})["out"]
             self.calls += 1
             self.progress.clear_cancel()
             watch = CallWatch(self.progress, self.calls, self.pids, x.numel(), interrupt, self.timing,
-                              remote=self.remote is not None)
+                              remote=self.nodes is not None)
             payload = {"inputs": refs, "out": out_ref, "fault": fault, "key": key, "compile": compile,
                        "options": self._options_message(options), "values": dict(values or {}), "call": self.calls}
             self._call("forward", payload, self.step_timeout, watch=watch)
@@ -565,10 +517,10 @@ class WorkerGroup:
         """The largest rank's activation bytes for this call; refused (CallTooLarge) when the ranks cannot hold them:
         CPU ranks against the host's available memory now, GPU ranks against what their device had after loading."""
         from ..config import check_call
-        from .worker import device_memory
+        from .rank import device_memory
         memory = self.call_memory
         if self.config.device == "cpu":
-            memory = [device_memory(torch, torch.device("cpu"))] * self.config.local_ranks
+            memory = [device_memory(torch.device("cpu"))] * self.config.local_ranks
         return check_call(self.config, activations, rows, memory, self.activations_done, what)
 
     def _options_message(self, options: dict | None) -> dict | None:
@@ -576,7 +528,7 @@ class WorkerGroup:
         if not options:
             return None
         message = self.patch_sender.encode(options)
-        if self.remote is not None:
+        if self.nodes is not None:
             size = len(message["options"]) + sum(map(len, message["define"].values()))
             if size > REMOTE_OPTIONS_LIMIT:
                 self.patch_sender.forget()
@@ -588,12 +540,6 @@ class WorkerGroup:
 
     def stats(self) -> list:
         return self._call("stats", None, 60)
-
-
-def _looks_like_a_lost_peer(text: str) -> bool:
-    t = text.lower()
-    return any(w in t for w in ("connection", "closed", "reset by peer", "peer", "timed out", "timeout", "nccl",
-                                "gloo", "broken pipe", "keyboardinterrupt"))
 
 
 # ---- cache of warm groups, one per config -------------------------------------------------------

@@ -22,7 +22,10 @@ import datetime
 import hashlib
 import hmac
 import json
+import os
 import pickle
+import tempfile
+import threading
 import time
 
 import torch
@@ -145,6 +148,150 @@ class RemoteRanks:
             time.sleep(0.1)
 
 
+class NodeFailure(RuntimeError):
+    """Node 0's half of a multi-node group failed: a node could not join or was lost, or the store failed. The message
+    names the node and what to do; the group stops itself and raises it as its own error."""
+
+
+def _looks_like_a_lost_peer(text: str) -> bool:
+    t = text.lower()
+    return any(w in t for w in ("connection", "closed", "reset by peer", "peer", "timed out", "timeout", "nccl",
+                                "gloo", "broken pipe", "keyboardinterrupt"))
+
+
+class RemoteNodes:
+    """Node 0's half of a group that spans nodes, held by the WorkerGroup: hosts the rendezvous (torch's store, the
+    group's config signed for the other nodes), admits every rank in a thread while the local ranks start, relays
+    each op to the other nodes' ranks (RemoteRanks) and polls their replies and heartbeats, and shuts them down.
+    What fails comes back as a NodeFailure saying which node and what to do."""
+
+    def __init__(self, config):
+        self.config = config
+        self.server = None     # multinode.RendezvousServer
+        self.channel = None    # RemoteRanks: ops out and replies in through the session store
+        self.admission = None  # the admission thread's outcome: None (pending), True or the error
+        self._admit_thread = None
+
+    @property
+    def ranks(self) -> list:
+        return self.channel.ranks
+
+    def host(self) -> dict:
+        """Torch's store on the rendezvous address, the group's config published (signed) for the other nodes, and
+        the admission of every rank running in a thread. Returns what node 0's local ranks join with."""
+        from .multinode import RendezvousServer, World, parse_endpoint, read_secret, session_store
+        c = self.config
+        host, port = parse_endpoint(c.rendezvous)
+        secret = read_secret(c.secret_file)
+        self.server = RendezvousServer(host, port, secret, World(c.nodes, c.local_ranks), timeout=c.rejoin_timeout)
+        session = session_store(self.server.store, self.server.nonce)
+        session_config(session, secret, self.server.nonce, c.to_dict())
+        self.channel = RemoteRanks(session, secret, self.server.nonce, c)
+        self._admit_thread = threading.Thread(target=self._admit, name="pdit-admission", daemon=True)
+        self._admit_thread.start()
+        return {"host": host, "port": self.server.port, "secret_file": c.secret_file, "endpoint": self.server.endpoint,
+                "timeout": c.rejoin_timeout + 30}
+
+    def _admit(self) -> None:
+        try:
+            self.server.admit()
+            self.admission = True
+        except Exception as e:  # noqa: BLE001 (reported by the group, naming the node)
+            e.__traceback__ = None  # its frames hold the store: the port must be free when the group stops
+            self.admission = e
+
+    def publish(self, op: str, payload) -> int:
+        return self.channel.publish(op, payload)
+
+    # ---- what fails, seen from node 0 ---------------------------------------------------------------------------
+    def admission_failure(self, wait: float = 2.0) -> NodeFailure | None:
+        """While the group forms: the admission's failure (a node missing or refused), waiting up to `wait` s for it
+        to be decided - a local rank's join fails at the same moment. None once every rank is in."""
+        until = time.monotonic() + wait
+        while self.admission is None and time.monotonic() < until:
+            time.sleep(0.05)
+        return self._admission_error() if isinstance(self.admission, Exception) else None
+
+    def _admission_error(self) -> NodeFailure:
+        from .multinode import RendezvousRefused
+        e, c = self.admission, self.config
+        if isinstance(e, RendezvousRefused):
+            hint = "fix that node's command (the same --secret-file, --nodes and --nproc-per-node as node 0's config)"
+        else:
+            missing = sorted({c.node_of(r) for r in range(c.world_size)} - {0} -
+                             {c.node_of(r) for r in self.server.admitted})
+            hint = (f"start (or restart) `python -m parallel_backend.runtime.node --rendezvous {c.rendezvous} "
+                    f"--node-rank N --nodes {c.nodes} --nproc-per-node {c.local_ranks} --secret-file FILE --model-dir "
+                    f"DIR` on node{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} and queue the "
+                    f"prompt again")
+        return NodeFailure(f"the group of {c.describe()} could not form: {e}; {hint}")
+
+    def poll(self, seq: int, pending: set, what: str) -> list:
+        """The remote ranks' replies to op `seq` (only errors when none is pending: a forward), after the checks that
+        name a node that could not join or is lost (its heartbeat, its death notice) or a failed store."""
+        if isinstance(self.admission, Exception):
+            raise self._admission_error()
+        try:
+            got = self.channel.replies(seq, pending) if pending else self.channel.errors(seq)
+            if self.admission is True:  # heartbeats count once every node is in
+                self.channel.check_alive()
+        except RemoteNodeLost as e:
+            raise self._lost(e, what) from None
+        except Exception as e:  # noqa: BLE001  the store itself failed
+            raise NodeFailure(f"node 0's rendezvous store failed during {what}: {e}; the group was stopped") from None
+        return got
+
+    def lost_node(self, text: str, what: str, echo: str) -> NodeFailure | None:
+        """After a local rank failed with `text`: a remote node's death shows there first as a connection error; give
+        a lost node the time its heartbeat takes to show (the failure naming it), else None. `echo` says what the
+        local rank reported."""
+        if self.admission is not True or not _looks_like_a_lost_peer(text):
+            return None
+        try:
+            self.channel.wait_for_verdict(HEARTBEAT_STALE_S + 1.5)
+        except RemoteNodeLost as e:
+            return self._lost(e, what, f" ({echo})")
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+
+    def _lost(self, e: RemoteNodeLost, what: str, echo: str = "") -> NodeFailure:
+        return NodeFailure(f"{e} during {what} on {self.config.describe()}{echo}; the group was stopped and the next "
+                           f"run waits up to {self.config.rejoin_timeout:.0f} s for the node to rejoin")
+
+    # ---- shutdown -----------------------------------------------------------------------------------------------
+    def ask_shutdown(self) -> None:
+        """Tell the remote ranks to leave (a graceful stop), when every one was admitted."""
+        if self.channel is not None and self.admission is True:
+            try:
+                self.channel.publish("shutdown", None)
+            except Exception:  # noqa: BLE001 (the store or a node is already gone)
+                pass
+
+    def close(self, graceful: bool) -> None:
+        """Close the store, which ends every remote rank's session (they rejoin the next group), and free the port.
+        Graceful: the remote ranks first get a few seconds to answer the shutdown."""
+        if self.server is None:
+            return
+        if graceful and self.channel is not None and self.admission is True:
+            self._await_shutdown()
+        self.server.cancelled = True
+        self.channel = None
+        if self._admit_thread not in (None, threading.current_thread()):
+            self._admit_thread.join(timeout=2.0)  # it holds the store until it sees the cancel (one poll)
+        self.server.close()  # the last reference: the store's socket closes, the port is free
+
+    def _await_shutdown(self, timeout: float = 5.0) -> None:
+        """Let the remote ranks answer the shutdown before the store closes (they leave either way)."""
+        pending, deadline = set(self.channel.ranks), time.monotonic() + timeout
+        try:
+            while pending and time.monotonic() < deadline:
+                pending -= {r for r, _ in self.channel.replies(self.channel.seq, pending)}
+                time.sleep(0.02)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 # ---- a remote rank's side ------------------------------------------------------------------------------------------
 
 class StoreChannel:
@@ -240,7 +387,6 @@ class NodeIO:
         dist.broadcast(data, src=0, group=self.group)
         if self.rank == 0:
             return path
-        import os
         os.makedirs(folder, exist_ok=True)
         local = os.path.join(folder, os.path.basename(path))
         with open(local + ".part", "wb") as f:
@@ -274,3 +420,32 @@ def load_paths(payload: dict, model_dir: str | None, node: int) -> tuple[str, li
 
 def describe_nodes(config) -> str:
     return json.dumps({"nodes": config.nodes, "ranks_per_node": config.local_ranks})
+
+
+class FileCheck:
+    """Multi-node loads: this node's copy of the model (and LoRA) files, checked on every rank against node 0's
+    (size + header sha256, through the store) before anything is read. LoRA files only node 0 has (those a native
+    LoraLoader produced) are sent to the other nodes over the process group instead."""
+
+    def __init__(self, config, rank: int, store, model_dir: str | None, io=None):
+        from .multinode import World
+        self.config, self.rank, self.store, self.model_dir, self.io = config, rank, store, model_dir, io
+        self.world = World(config.nodes, config.local_ranks)
+        self.shipped = os.path.join(tempfile.gettempdir(), f"pdit_shipped_{os.getpid()}")
+
+    def __call__(self, payload: dict) -> tuple:
+        from .multinode import ModelFileMismatch, check_model_file
+        tag = payload.get("check", "load")
+        try:
+            path, loras = load_paths(payload, self.model_dir, self.config.node_of(self.rank))
+        except ModelFileMismatch as e:  # every rank hears why (none waits for this one's fingerprint)
+            check_model_file(self.store, self.rank, self.world, None, tag=f"{tag}/model", error=str(e))
+            raise
+        check_model_file(self.store, self.rank, self.world, path, tag=f"{tag}/model")
+        ship = list(payload.get("ship") or ())
+        for i, lo in enumerate(loras):
+            if lo[0] in ship or payload["loras"][i][0] in ship:
+                loras[i] = (self.io.share_file(payload["loras"][i][0], self.shipped), *lo[1:])
+            else:
+                check_model_file(self.store, self.rank, self.world, lo[0], tag=f"{tag}/lora{i}")
+        return path, loras

@@ -1,4 +1,4 @@
-"""WorkerGroup reliability (parallel_backend/group.py, worker.py) on CPU/gloo ranks.
+"""WorkerGroup reliability (parallel_backend/runtime/group.py, worker.py, rank.py) on CPU/gloo ranks.
 
 One warm group (2 ranks, ulysses=2) is shared by the tests through the module's `warm()` helper;
 tests that break it (a killed or failing rank) end by checking that `get_group` starts a fresh one.
@@ -21,7 +21,8 @@ import torch
 
 from parallel_backend.config import ParallelConfig
 from parallel_backend.runtime import group as group_mod
-from parallel_backend.runtime import transport, worker
+from parallel_backend.runtime import rank as rank_mod
+from parallel_backend.runtime import transport
 from parallel_backend.runtime.group import WorkerGroup, WorkerGroupError, get_group, stop_all
 from parallel_backend.runtime.mesh import single_rank_mesh
 from parallel_backend.runtime.sharded_model import ShardedModel
@@ -388,12 +389,12 @@ def test_out_of_memory_hint_text():
     cfg = ParallelConfig(world_size=4, ulysses=4, device="cuda", dtype="bf16")
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity "
                                  "of 23.64 GiB of which 1.02 GiB is free.")
-    text = worker._describe(oom, cfg)
+    text = rank_mod.failure_text(oom, cfg)
     assert "CUDA out of memory. Tried to allocate 2.50 GiB" in text  # the original message stays
     hint = text[text.index("Hint:"):]
     assert cfg.describe() in hint and "raise tp" in hint and "resolution" in hint
     # other errors get no hint
-    assert "Hint:" not in worker._describe(RuntimeError("shape mismatch"), cfg)
+    assert "Hint:" not in rank_mod.failure_text(RuntimeError("shape mismatch"), cfg)
 
 
 # ------------------------------------------------------------------------------------ the owner dies
@@ -536,7 +537,8 @@ def test_resident_bytes_are_the_other_resident_models(tmp_path):
         files[name] = str(tmp_path / f"{name}.safetensors")
         Path(files[name]).write_bytes(b"x")
     high, low = (g.model_key_for(files[n], "bf16") for n in ("high", "low"))
-    g.models = {high: {"resident": True, "rank_bytes": [7, 5]}, low: {"resident": False, "rank_bytes": [3, 3]}}
+    g.models.add(high, {"resident": True, "rank_bytes": [7, 5]})
+    g.models.add(low, {"resident": False, "rank_bytes": [3, 3]})
     assert g.resident_bytes(files["low"], "bf16") == [7, 5]  # high stays; low itself does not count
     assert g.resident_bytes(files["high"], "bf16") == [0, 0]  # low (swap) is dropped when high loads
 

@@ -214,7 +214,7 @@ RSS_FIXED = 32 << 20
 
 def _load_rss(mesh, path):
     from parallel_backend.runtime.sharded_model import ShardedModel
-    from parallel_backend.runtime.worker import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+    from parallel_backend.runtime.rank import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
 
     import_ok = ShardedModel  # ComfyUI and the model code are imported before the measurement
     from parallel_backend.models.host import import_host

@@ -1,4 +1,4 @@
-"""Loading (parallel_backend/weights/reads.py, runtime/sharded_model.py, runtime/worker.py "load"): fp8 kept as fp8, sharded reads,
+"""Loading (parallel_backend/weights/reads.py, runtime/sharded_model.py, runtime/rank.py "load"): fp8 kept as fp8, sharded reads,
 reloads on a warm group, per-rank memory while loading, and files that are not what they claim.
 
 One warm tp=2 group (CPU/gloo) serves the multi-rank tests of this module, in order; each test loads
