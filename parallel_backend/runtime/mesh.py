@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from ..config import AXES, ParallelConfig, rank_coords
 from ..parallel.attention import SequenceParallelGroups
 from ..parallel.replicas import replica_slice
+from ..planner import fold_for  # the fold rule is a choice of the planner's; the groups are built here
 
 FOLD_KINDS = ("ulysses", "ring")  # which sequence axis the folded replicas join
 
@@ -95,14 +96,6 @@ def fold_fits_a_node(config: ParallelConfig, fold: int) -> bool:
     in every layer); replicas on different nodes fold into the Ring instead. A replica is a contiguous block of
     world / replicas ranks, and fold f joins f neighbouring blocks."""
     return config.local_ranks % (config.world_size // config.replica_degree * fold) == 0
-
-
-def fold_for(batch: int, replicas: int) -> int:
-    """Fold factor for a call of `batch` rows on `replicas` replicas: the smallest divisor f of `replicas` with
-    replicas / f <= batch (1 when every replica has a row)."""
-    if batch >= replicas:
-        return 1
-    return min(f for f in range(1, replicas + 1) if replicas % f == 0 and replicas // f <= max(batch, 1))
 
 
 def _coords(config: ParallelConfig, rank: int) -> dict:
