@@ -236,6 +236,19 @@ def fold_for(batch: int, replicas: int) -> int:
     return min(f for f in range(1, replicas + 1) if replicas % f == 0 and replicas // f <= max(batch, 1))
 
 
+def fold_fits_a_node(config: ParallelConfig, fold: int) -> bool:
+    """Whether `fold` neighbouring replicas lie on one node: only then may they join the Ulysses all-to-all (it runs
+    in every layer); replicas on different nodes fold into the Ring instead. A replica is a contiguous block of
+    world / replicas ranks, and fold f joins f neighbouring blocks."""
+    return config.local_ranks % (config.world_size // config.replica_degree * fold) == 0
+
+
+def fold_kind(config: ParallelConfig, fold: int, heads: int) -> str:
+    """The sequence axis `fold` folded replicas join (runtime/mesh.py's FOLD_KINDS): Ulysses when the heads still
+    divide and the replicas share a node, Ring otherwise."""
+    return "ulysses" if heads % (config.ulysses * fold * config.tp) == 0 and fold_fits_a_node(config, fold) else "ring"
+
+
 def placement(cfg: ParallelConfig) -> str:
     """Which axes cross nodes, in words (parallel_plan)."""
     if cfg.nodes == 1:

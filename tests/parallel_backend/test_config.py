@@ -285,11 +285,3 @@ def test_multinode_fields_are_checked_before_any_process_starts():
     assert nodes(ulysses=2, ring=2, devices=(3, 5)).device_index(1) == 5
     assert nodes(ulysses=2, ring=2, devices=(3, 5)).device_index(3) == 5  # the same local rank on node 1
     assert "one device per rank of a node" in refused(validate_config, nodes(ulysses=2, ring=2, devices=(0, 1, 2, 3)))
-
-
-def test_the_cfg_fold_joins_ulysses_only_inside_a_node():
-    from parallel_backend.runtime.mesh import fold_fits_a_node
-    assert fold_fits_a_node(cpu(world_size=4, cfg=2, ulysses=2), 2)           # one node of 4
-    assert not fold_fits_a_node(nodes(cfg=2, ulysses=2), 2)                    # the two replicas are two nodes
-    assert fold_fits_a_node(nodes(world_size=8, ranks_per_node=4, dp=2, cfg=2, ulysses=2), 2)  # cfg pairs in a node
-    assert not fold_fits_a_node(nodes(world_size=8, ranks_per_node=4, dp=2, cfg=2, ulysses=2), 4)

@@ -25,6 +25,8 @@ from parallel_backend.planner import (
     check_start,
     choose_pipeline,
     choose_weights,
+    fold_fits_a_node,
+    fold_kind,
     latent_tokens,
     model_bytes,
     placement,
@@ -275,6 +277,17 @@ def test_auto_degrees_keep_ulysses_and_tp_inside_a_node():
         for heads in (4, 12, 40):
             deg, _ = auto_degrees(world, heads, uses_cfg=True, ranks_per_node=per)
             validate_config(nodes(world_size=world, nodes=world // per, ranks_per_node=per, **deg))
+
+
+def test_the_cfg_fold_joins_ulysses_only_inside_a_node():
+    assert fold_fits_a_node(cpu(world_size=4, cfg=2, ulysses=2), 2)           # one node of 4
+    assert not fold_fits_a_node(nodes(cfg=2, ulysses=2), 2)                    # the two replicas are two nodes
+    assert fold_fits_a_node(nodes(world_size=8, ranks_per_node=4, dp=2, cfg=2, ulysses=2), 2)  # cfg pairs in a node
+    assert not fold_fits_a_node(nodes(world_size=8, ranks_per_node=4, dp=2, cfg=2, ulysses=2), 4)
+    # which axis the fold joins: Ulysses while the heads divide and the replicas share a node, else Ring
+    assert fold_kind(cpu(world_size=4, cfg=2, ulysses=2), 2, heads=4) == "ulysses"
+    assert fold_kind(cpu(world_size=4, cfg=2, ulysses=2), 2, heads=2) == "ring"  # 2 heads over 4 ranks: no
+    assert fold_kind(nodes(cfg=2, ulysses=2), 2, heads=4) == "ring"  # the two replicas are two nodes
 
 
 def test_block_bytes_cover_numbered_and_named_blocks(tmp_path):
