@@ -204,6 +204,11 @@ def auto_degrees(world_size: int, num_heads: int, uses_cfg: bool = True, fits_on
     return deg, "; ".join(why) or "single rank"
 
 
+def split_by_memory(nbytes: list) -> tuple:
+    """A stage_split from each stage's memory in bytes: whole GiB, at least 1 (stage_ranges weighs blocks by it)."""
+    return tuple(max(1, round(n / 2**30)) for n in nbytes)
+
+
 def choose_pipeline(world_size: int, totals: list, mb: ModelBytes, reserve: int | None = None,
                     device: str = "cuda") -> tuple:
     """Auto pp for devices of different memory (`totals`, bytes per rank): when no symmetric plan (every rank the
@@ -217,7 +222,7 @@ def choose_pipeline(world_size: int, totals: list, mb: ModelBytes, reserve: int 
                  ParallelConfig(world_size=world_size, device=device, ulysses=world_size, shard_weights=True)]
     if any(not _overflows(c, mb, memory, reserve) for c in symmetric):
         return (), ""
-    split = tuple(max(1, round(t / 2**30)) for t in totals)
+    split = split_by_memory(totals)
     staged = ParallelConfig(world_size=world_size, device=device, pp=world_size, stage_split=split)
     if _overflows(staged, mb, memory, reserve):
         return (), ""
@@ -380,7 +385,7 @@ def suggest_fit(cfg: ParallelConfig, mb: ModelBytes, memory: list, reserve: int,
             candidates.append((dataclasses.replace(cfg, shard_weights=False, tp=d, pp=1, stage_split=(),
                                                    ulysses=seq // d), f"tp={d}"))
     if world > 1 and not memory[0].get("shared") and len(mb.blocks) >= world:
-        split = tuple(max(1, round(m["free"] / 2**30)) for m in memory)
+        split = split_by_memory([m["free"] for m in memory])
         candidates.append((dataclasses.replace(cfg, shard_weights=False, pp=world, tp=1, ulysses=1, ring=1, cfg=1,
                                                dp=1, stage_split=split),
                            f"pp={world} with stage_split {','.join(map(str, split))} (blocks by each GPU's free GB)"))
@@ -505,5 +510,5 @@ def _stages_by_memory(spec: dict, picked: dict) -> tuple:
     shape_only = ParallelConfig(world_size=spec["world_size"], device="cpu", **picked)
     stages = [min(t for r, t in enumerate(totals) if rank_coords(shape_only, r)["pp"] == s)
               for s in range(picked["pp"])]  # a stage is as big as its smallest GPU
-    split = tuple(max(1, round(t / 2**30)) for t in stages)
+    split = split_by_memory(stages)
     return split, f"; stage_split {','.join(map(str, split))} from each stage's GPU memory (GiB)"
