@@ -174,18 +174,3 @@ def wan_file_header(preset: str, fmt: str, layers: int | None = None) -> dict:
     from parallel_backend.testing.gguf_files import gguf_type_for
 
     return {k: (s, gguf_type_for(k, s, torch.bfloat16, fmt)) for k, s in shapes.items()}
-
-
-def is_block_key(key: str) -> bool:
-    """A tensor of a transformer block (what sharded weights split; Wan T2V's SHARD_UNITS hold only `blocks`)."""
-    import re
-
-    return re.match(r"blocks\.[0-9]+\.", key) is not None
-
-
-def block_weight_bytes(header: dict, precision: str = "bf16") -> int:
-    """Bytes of all the blocks as ranks hold them, by the pack's own rule (weights/reads.held_bytes: fp8 1 byte, GGUF
-    quantized, the rest at `precision`): what nodes/loader_node.block_weight_bytes gives auto mode."""
-    from parallel_backend.weights.reads import held_bytes
-
-    return sum(held_bytes(s, d, precision) for k, (s, d) in header.items() if is_block_key(k))

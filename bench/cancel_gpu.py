@@ -21,7 +21,8 @@ import time
 import torch
 from _common import header, import_comfy, table, write_fast_checkpoint
 
-from parallel_backend.config import CallTooLarge, ParallelConfig
+from parallel_backend.config import ParallelConfig
+from parallel_backend.planner import CallTooLarge
 from parallel_backend.runtime.group import WorkerGroup
 from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes
 

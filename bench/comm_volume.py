@@ -31,7 +31,7 @@ CONVENTION (the one that reproduces design.md's table)
                 forward, so a rank sends its 1/n of it to the n-1 others: W * (n-1) / n for W = all the
                 blocks' weight bytes as held (bf16 2 B, fp8 1 B, GGUF its quantized bytes) -- parallel/
                 traffic.weight_gather_bytes, independent of the tokens and of the batch rows; compared
-                with TP's all-reduces (traffic.tensor_parallel_bytes), as auto mode (config.choose_weights)
+                with TP's all-reduces (traffic.tensor_parallel_bytes), as auto mode (planner.choose_weights)
                 does.
     design.md's anchors (Wan 14B 720p: S = 75600, D = 5120, L = 40) are the leading terms times L:
       Ulysses 4*S*D*e*L*(n-1)/n^2 = 31.0 / 23.2 / 13.5 GB at n = 2 / 4 / 8   (13.55 printed as 13.5)
@@ -71,9 +71,11 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from bench._common import block_weight_bytes, gb, header, table, wan_file_header, write_fast_checkpoint  # noqa: E402
+from bench._common import gb, header, table, wan_file_header, write_fast_checkpoint  # noqa: E402
 from parallel_backend.config import ConfigError, ModelShape, ParallelConfig, validate_for_model  # noqa: E402
+from parallel_backend.models import wan  # noqa: E402
 from parallel_backend.parallel.traffic import weight_gather_bytes  # noqa: E402
+from parallel_backend.planner import FitCosts, auto_tp, block_weight_bytes, choose_weights  # noqa: E402
 from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes  # noqa: E402
 
 AXES = ("ulysses", "ring", "tp", "cfg")
@@ -239,23 +241,16 @@ def split_shard_name(name: str) -> tuple:
     return preset, int(degree), fmt
 
 
-def auto_tp(world: int, heads: int) -> int | None:
-    """The tp degree auto mode weighs sharded weights against on `world` ranks (config.choose_weights: the
-    smallest of 2 / 4 / 8 dividing the world and the heads), None if none does."""
-    return next((d for d in (2, 4, 8) if world % d == 0 and heads % d == 0), None)
-
-
 def sharded_vs_tp(preset: str, fmt: str, n: int, tokens: int, precision: str = "bf16") -> dict:
     """Per rank, per forward of one row: the weight gathers of sharded weights over n ranks (parallel/traffic.py's
     weight_gather_bytes of all the blocks' bytes as held -- what auto mode computes) and the all-reduces of tp=n at
     `tokens` (traffic.tensor_parallel_bytes; None where n does not divide the heads), and what auto mode picks on
-    n ranks for a model that does not fit one device (config.choose_weights)."""
-    from parallel_backend.config import FitCosts, choose_weights
+    n ranks for a model that does not fit one device (planner.choose_weights)."""
     from parallel_backend.parallel.traffic import tensor_parallel_bytes, weight_gather_bytes
 
     p = WAN_PRESETS[preset]
     heads, layers, elt = p["dim"] // HEAD_DIM, p["num_layers"], 4 if precision == "fp32" else 2
-    blocks = block_weight_bytes(wan_file_header(preset, fmt), precision)
+    blocks = block_weight_bytes(wan_file_header(preset, fmt), wan, precision)
     gather = weight_gather_bytes(blocks, n)
     tp = tensor_parallel_bytes(tokens, p["dim"], layers, n, elt=elt) if heads % n == 0 else None
     # below this many tokens tp=n's all-reduces move fewer bytes than the gathers (TP bytes grow with the tokens)
@@ -510,7 +505,7 @@ def main(argv=None) -> int:
           "weight_gather_bytes(all blocks' weight bytes as\n    held, n) = blocks x (n-1)/n, independent of the "
           "latent; TP = traffic.tensor_parallel_bytes at tp = n (the leading all-reduce term of [3]'s tp rows).\n"
           "    MEASURED = [2s]'s weight_gather per block x the real block count (sharded weights x n on CPU ranks). "
-          "fewer: which moves fewer bytes on the same n ranks;\n    auto: what config.choose_weights picks on n "
+          "fewer: which moves fewer bytes on the same n ranks;\n    auto: what planner.choose_weights picks on n "
           "ranks for a model that does not fit one device (it weighs the gathers against its own tp degree, "
           "given).")
     for preset in models:

@@ -2,7 +2,7 @@
 
 A model call's activations are ComfyUI's own estimate for the model class (`BaseModel.memory_required`: the class's
 `memory_usage_factor` per latent element, the formula ComfyUI uses to plan its own GPU memory); the engine splits it
-over the ranks (config.rank_share) and compares it with what they have. Measured against the ranks' peak RSS on CPU
+over the ranks (planner.rank_share) and compares it with what they have. Measured against the ranks' peak RSS on CPU
 (one rank, fp32, Wan widths 512 and 1536, 4,096 to 9,216 tokens): ComfyUI's estimate (its non-flash formula, as on
 CPU) was within 5% of the measured growth.
 """
@@ -35,26 +35,24 @@ def declared_activations(config, model_config, sd, latent_shape) -> int:
     if len(shape) == 4:
         shape = (shape[0], shape[1], 1, *shape[2:])
     total = call_activations(base, shape) or 0
-    return int(total * backend("config").rank_share(config, shape[0]))
+    return int(total * backend("planner").rank_share(config, shape[0]))
 
 
 def check_before_start(config, mb, activations: int) -> None:
     """Before the ranks start (a new group): CPU ranks against the cores, every rank's weights + activations +
     runtime against the memory free now. A GPU's free memory is not asked here (that would open a CUDA context on
     each rank's GPU in this process): the ranks report it as they start, and the loader checks it before loading."""
-    cfgmod = backend("config")
     memory = None
     if config.device == "cpu":
         import torch
         host = backend("runtime.rank").device_memory(torch.device("cpu"))
         memory = [host] * config.local_ranks
-    cfgmod.check_start(config, mb, memory, activations)
+    backend("planner").check_start(config, mb, memory, activations)
 
 
 def check_model_start(config, path: str, precision: str) -> None:
     """check_before_start for a MODEL whose group restarts (after Unload, or a rank died): the model file's weights
     under the plan, no declared latent (each call is checked as it is sent)."""
-    from .loader_node import model_bytes
     reads, models = backend("weights.reads"), backend("models")
     header = reads.read_header(path)
-    check_before_start(config, model_bytes(header, models.detect_family(header, path), precision), 0)
+    check_before_start(config, backend("planner").model_bytes(header, models.detect_family(header, path), precision), 0)

@@ -13,126 +13,6 @@ from .comfy_model import (
 )
 
 
-def resolve_config(spec: dict, shape, header, family=None, precision: str = "bf16") -> tuple:
-    """ParallelConfig from the Config node's spec, filling auto (0) degrees and the weights mode for this model."""
-    cfgmod, group = backend("config"), backend("runtime.group")
-    fixed = {a: spec.get(a, 1 if a == "pp" else 0) for a in cfgmod.AXES}  # (pp: specs from before it existed)
-    fits = _fits_one_device(spec, header, precision)
-    costs = cfgmod.FitCosts(block_bytes=block_weight_bytes(header, family, precision), dim=shape.dim,
-                            layers=shape.num_layers, tokens=latent_tokens(spec.get("latent_shape"), shape.patch_size),
-                            elt=4 if spec["dtype"] == "fp32" else 2)
-    shard, why_weights = cfgmod.choose_weights(spec.get("weights", "auto"), spec["world_size"], shape.num_heads,
-                                               fits, fixed["tp"], costs)
-    stage_split, why_pp = tuple(spec.get("stage_split", ())), ""
-    others_auto = all(fixed[a] in (0, 1) for a in cfgmod.AXES if a != "pp")
-    if fixed["pp"] == 0 and spec.get("nodes", 1) > 1:  # auto pp weighs every GPU's memory: this machine sees its own
-        fixed["pp"], why_pp = 1, "pp=1 (auto stages need every node's GPU sizes: set pp and stage_split yourself)"
-    if fixed["pp"] == 0 and others_auto:  # auto: stages only for GPUs of different memory no symmetric split fits
-        split, why_pp = cfgmod.choose_pipeline(spec["world_size"], _device_totals(spec) or [],
-                                               model_bytes(header, family, precision), device=spec["device"])
-        if split:
-            fixed = {**{a: 1 for a in cfgmod.AXES}, "pp": spec["world_size"]}
-            stage_split, shard, why_weights = split, False, ""
-    fixed["pp"] = fixed["pp"] or 1
-    nodes = {k: spec[k] for k in NODE_FIELDS if k in spec}
-    if all(fixed.values()):
-        picked, why = fixed, why_pp or "as set"
-    else:  # sharded weights make the model fit without tp
-        picked, why = cfgmod.auto_degrees(spec["world_size"], shape.num_heads, uses_cfg=True,
-                                          fits_one_device=fits or shard, fixed=fixed,
-                                          ranks_per_node=_ranks_per_node(spec))
-    if picked.get("pp", 1) > 1 and not stage_split:  # stages follow each GPU's memory unless the user split them
-        totals = _device_totals(spec)
-        if totals and len(set(totals)) > 1:
-            shape_only = cfgmod.ParallelConfig(world_size=spec["world_size"], device="cpu", **picked)
-            stages = [min(t for r, t in enumerate(totals) if cfgmod.rank_coords(shape_only, r)["pp"] == s)
-                      for s in range(picked["pp"])]  # a stage is as big as its smallest GPU
-            stage_split = tuple(max(1, round(t / 2**30)) for t in stages)
-            why += f"; stage_split {','.join(map(str, stage_split))} from each stage's GPU memory (GiB)"
-    why = "; ".join(w for w in (why_weights, why) if w and w != "single rank") or why
-    config = cfgmod.ParallelConfig(world_size=spec["world_size"], dtype=spec["dtype"], device=spec["device"],
-                                   attention=spec["attention"], first_device=spec.get("first_device", 0),
-                                   devices=tuple(spec.get("devices", ())), stage_split=stage_split,
-                                   shard_weights=shard, **nodes, **picked)
-    cfgmod.validate_config(config, group.available_devices(config.device))
-    cfgmod.validate_for_model(config, shape)
-    if config.nodes > 1:
-        why += f"; {cfgmod.placement(config)}"
-    return config, why
-
-
-NODE_FIELDS = ("nodes", "ranks_per_node", "rendezvous", "secret_file", "rejoin_timeout")
-
-
-def _ranks_per_node(spec) -> int:
-    """Ranks on each machine (0 when the group is one machine)."""
-    n = spec.get("nodes", 1)
-    return 0 if n <= 1 else (spec.get("ranks_per_node") or spec["world_size"] // n)
-
-
-def block_weight_bytes(header, family, precision: str) -> int:
-    """Bytes of the blocks sharded-weights mode would split (the family's SHARD_UNITS), as the ranks hold them:
-    fp8 stays 1 byte, GGUF quantized, the rest at `precision`."""
-    import re
-
-    held = backend("weights.reads").held_bytes
-    units = getattr(family, "SHARD_UNITS", ("blocks",))
-    # a list's children are numbered (blocks.0.), Cosmos 1's ModuleDict names them (blocks.block0.)
-    pattern = re.compile(r"(^|\.)(" + "|".join(re.escape(u) for u in units) + r")\.(block)?[0-9]+\.")
-    return sum(held(s, d, precision) for k, (s, d) in header.items() if pattern.search(k))
-
-
-def model_bytes(header, family, precision: str):
-    """ModelBytes of a file as the ranks hold it: each transformer block's bytes (the family's BLOCKS), the rest."""
-    import re
-
-    held = backend("weights.reads").held_bytes
-    pattern = re.compile(r"(^|\.)" + re.escape(getattr(family, "BLOCKS", "blocks")) + r"\.(?:block)?([0-9]+)\.")
-    blocks, rest = {}, 0
-    for k, (s, d) in header.items():
-        m = pattern.search(k)
-        if m:
-            blocks[int(m.group(2))] = blocks.get(int(m.group(2)), 0) + held(s, d, precision)
-        else:
-            rest += held(s, d, precision)
-    return backend("config").ModelBytes(tuple(blocks[i] for i in sorted(blocks)), rest)
-
-
-def latent_tokens(latent_shape, patch) -> int | None:
-    """Tokens of a latent (B, C, T, H, W) or (B, C, H, W) after patching; None without one."""
-    if not latent_shape:
-        return None
-    dims = list(latent_shape[2:])
-    if len(dims) == 2:
-        dims = [1] + dims
-    n = 1
-    for s, p in zip(dims, patch):
-        n *= -(-s // p)
-    return n
-
-
-def _device_totals(spec) -> list | None:
-    """Each rank's GPU memory (bytes) from the driver's properties (no CUDA context in this process); None off
-    CUDA."""
-    if spec["device"] != "cuda":
-        return None
-    import torch
-    if not torch.cuda.is_available():
-        return None
-    local = _ranks_per_node(spec) or spec["world_size"]  # the other nodes' GPUs are known once their ranks report
-    devices = list(spec.get("devices") or range(spec.get("first_device", 0), spec.get("first_device", 0) + local))
-    return [torch.cuda.get_device_properties(d).total_memory for d in devices]
-
-
-def _fits_one_device(spec, header, precision: str = "bf16") -> bool:
-    totals = _device_totals(spec)
-    if not totals:
-        return True
-    held = backend("weights.reads").held_bytes
-    nbytes = sum(held(s, d, precision) for s, d in header.values())
-    return nbytes < 0.7 * min(totals)
-
-
 GGUF_FOLDERS = ("diffusion_models", "unet_gguf")  # ComfyUI's DiT folders (models/unet too), ComfyUI-GGUF's if present
 
 
@@ -228,7 +108,7 @@ class ParallelModelLoader:
 
     def load(self, model_name, base_precision, parallel_config, residency="swap", compile="off", weight_dtype="default"):
         path = model_path(model_name)
-        loading, models = backend("weights.reads"), backend("models")
+        loading, models, planner = backend("weights.reads"), backend("models"), backend("planner")
         header = loading.read_header(path)  # refuses pickles, truncated and non-safetensors files
         if weight_dtype != "default" and path.endswith(".gguf"):
             raise ValueError(f"{model_name} is a GGUF file, already quantized: set weight_dtype to default")
@@ -244,14 +124,14 @@ class ParallelModelLoader:
             raise models.UnsupportedModelError(f"{e}. ComfyUI detects it as {detected}, which the parallel loader "
                                                f"cannot run: sample it with the native Load Diffusion Model") from None
         shape = family.model_shape(header)
-        config, why = resolve_config(parallel_config, shape, header, family, base_precision)
+        config, why = planner.resolve_config(parallel_config, shape, header, family, base_precision,
+                                             backend("runtime.group").available_devices(parallel_config["device"]))
         refuse_unsupported_class(shape.family, path, header)  # a variant the family cannot run: before any rank
         install_unload_hook()
         install_lora_hook()
-        cfgmod = backend("config")
-        mb = model_bytes(header, family, base_precision)
-        rank_bytes = cfgmod.weights_per_rank(config, mb)
-        reserve = cfgmod.FIT_RESERVE.get(config.device, 0)
+        mb = planner.model_bytes(header, family, base_precision)
+        rank_bytes = planner.weights_per_rank(config, mb)
+        reserve = planner.FIT_RESERVE.get(config.device, 0)
         # the latent declared on Parallel Config, by ComfyUI's own activation estimate for this model class
         activations = fit.declared_activations(config, *host_model_config(shape.family, path, base_precision,
                                                                           header)[:2],
@@ -263,8 +143,8 @@ class ParallelModelLoader:
             config, comfy.model_management.throw_exception_if_processing_interrupted,
             check=lambda: fit.check_before_start(config, mb, activations))
         try:  # the devices' free memory as the ranks found it: refuse a plan that cannot fit, before loading
-            cfgmod.check_fit(config, mb, group.device_memory, held=group.resident_bytes(path, base_precision),
-                             activations=activations)
+            planner.check_fit(config, mb, group.device_memory, held=group.resident_bytes(path, base_precision),
+                              activations=activations)
         except ValueError:
             if not group.models:
                 group.stop()  # an empty group: give its devices back

@@ -486,7 +486,7 @@ class WorkerGroup:
         stopped. A rank that makes no progress while none computes is named (WorkerGroupError) within
         max(PDIT_STALL_FLOOR_S, 10 x the longest block seen).
         `activations`: the call's activation bytes on one device (the caller's estimate, `what` describes the call):
-        a call the ranks cannot hold is refused (config.CallTooLarge) before anything is sent."""
+        a call the ranks cannot hold is refused (planner.CallTooLarge) before anything is sent."""
         key = self.models.key if model_key is None else model_key
         held = self.models.get(key)
         if held is None:
@@ -516,7 +516,7 @@ class WorkerGroup:
     def _check_call(self, activations: int, rows: int, what: str) -> int:
         """The largest rank's activation bytes for this call; refused (CallTooLarge) when the ranks cannot hold them:
         CPU ranks against the host's available memory now, GPU ranks against what their device had after loading."""
-        from ..config import check_call
+        from ..planner import check_call
         from .rank import device_memory
         memory = self.call_memory
         if self.config.device == "cpu":

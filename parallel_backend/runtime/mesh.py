@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from ..config import AXES, ParallelConfig, rank_coords
 from ..parallel.attention import SequenceParallelGroups
 from ..parallel.replicas import replica_slice
+from ..planner import fold_for, fold_kind  # which fold a call takes is the planner's choice; the groups are built here
 
 FOLD_KINDS = ("ulysses", "ring")  # which sequence axis the folded replicas join
 
@@ -86,23 +87,7 @@ class RankMesh:
         fold = fold_for(batch, c.replica_degree)
         if fold == 1:
             return self.base_layout()
-        kind = "ulysses" if heads % (c.ulysses * fold * c.tp) == 0 and fold_fits_a_node(c, fold) else "ring"
-        return self.folds[(fold, kind)]
-
-
-def fold_fits_a_node(config: ParallelConfig, fold: int) -> bool:
-    """Whether `fold` neighbouring replicas lie on one node: only then may they join the Ulysses all-to-all (it runs
-    in every layer); replicas on different nodes fold into the Ring instead. A replica is a contiguous block of
-    world / replicas ranks, and fold f joins f neighbouring blocks."""
-    return config.local_ranks % (config.world_size // config.replica_degree * fold) == 0
-
-
-def fold_for(batch: int, replicas: int) -> int:
-    """Fold factor for a call of `batch` rows on `replicas` replicas: the smallest divisor f of `replicas` with
-    replicas / f <= batch (1 when every replica has a row)."""
-    if batch >= replicas:
-        return 1
-    return min(f for f in range(1, replicas + 1) if replicas % f == 0 and replicas // f <= max(batch, 1))
+        return self.folds[(fold, fold_kind(c, fold, heads))]
 
 
 def _coords(config: ParallelConfig, rank: int) -> dict:

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import parse_endpoint  # noqa: F401  (the rendezvous field's format: config validates it)
+
 MIN_SECRET_BYTES = 16
 POLL_S = 0.05
 _ROOT = "pdit/rdzv/"  # every key this module writes lives under it
@@ -63,18 +65,6 @@ class ModelFileMismatch(RuntimeError):
 
 
 # ---- addresses, secret --------------------------------------------------------------------------------------------
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6]:PORT' -> (host, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"rendezvous {text!r}: give HOST:PORT (an IPv6 address as [ADDR]:PORT), e.g. 10.0.0.1:29500")
-    return host, int(port)
-
 
 def resolve_address(host: str) -> str:
     """One numeric address for `host` (an address stays itself; a name is resolved once)."""

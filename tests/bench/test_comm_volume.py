@@ -131,7 +131,8 @@ def measured_shard(tmp_path_factory):
 
 @pytest.mark.multirank
 def test_measured_weight_gather_equals_formula(measured_shard):
-    from bench._common import block_weight_bytes
+    from parallel_backend.models import wan
+    from parallel_backend.planner import block_weight_bytes
     from parallel_backend.parallel.traffic import weight_gather_bytes
     from parallel_backend.weights.reads import read_header
 
@@ -143,7 +144,7 @@ def test_measured_weight_gather_equals_formula(measured_shard):
         got = rec["total"]["weight_gather"]
         assert got > 0 and got == rec["gathered_formula"], (name, grid, ctx, got, rec["gathered_formula"])
         # the blocks' bytes as the ranks hold them = the pack's rule (what auto mode computes from the header)
-        assert rec["unit_bytes"] == block_weight_bytes(read_header(measured_shard["paths"][fmt]), "bf16")
+        assert rec["unit_bytes"] == block_weight_bytes(read_header(measured_shard["paths"][fmt]), wan, "bf16")
         ideal = weight_gather_bytes(rec["unit_bytes"], n)
         assert abs(got - ideal) <= 0.01 * ideal, (name, got, ideal)  # padded shards only
         # the ulysses axis over the same ranks sends what it sends without sharded weights

@@ -1,5 +1,4 @@
 """Bad input is refused by the nodes before any process starts, with a message naming the fix."""
-import math
 import os
 import pickle
 
@@ -279,8 +278,8 @@ def test_file_comfyui_knows_but_the_pack_does_not_names_comfyuis_class(comfy, pa
 def test_auto_weights_pick_sharded_or_tp_by_bytes_for_the_latent(comfy, pack, monkeypatch, no_new_processes):
     """A model that does not fit one device: auto mode shards the weights for a video latent (gathers < TP's
     all-reduces) and picks TP for a one-image latent, and `parallel_plan` says why; as the Config node makes it."""
-    loader = _loader_module(pack)
-    monkeypatch.setattr(loader, "_fits_one_device", lambda *a, **k: False)
+    planner = pack_backend(pack, "planner")
+    monkeypatch.setattr(planner, "fits_one_device", lambda *a, **k: False)
     reads, models = pack_backend(pack, "weights.reads"), pack_backend(pack, "models")
     path = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
     header = reads.read_header(path)
@@ -290,15 +289,15 @@ def test_auto_weights_pick_sharded_or_tp_by_bytes_for_the_latent(comfy, pack, mo
     video = {"samples": torch.zeros(1, 16, 21, 60, 104)}  # 480p, 81 frames: 32,760 tokens
     image = {"samples": torch.zeros(1, 16, 1, 8, 8)}      # 16 tokens
     spec = make(2, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", latent=video)[0]
-    config, why = loader.resolve_config(spec, shape, header, family, "fp32")
+    config, why = planner.resolve_config(spec, shape, header, family, "fp32")
     assert config.shard_weights and config.tp == 1 and "sharded weights because" in why and "32760 tokens" in why
     spec = make(2, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", latent=image)[0]
-    config, why = loader.resolve_config(spec, shape, header, family, "fp32")
+    config, why = planner.resolve_config(spec, shape, header, family, "fp32")
     assert not config.shard_weights and config.tp == 2 and why.startswith("tp rather than sharded weights")
     spec = make(2, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", weights="replicated", latent=video)[0]
-    config, _ = loader.resolve_config(spec, shape, header, family, "fp32")
+    config, _ = planner.resolve_config(spec, shape, header, family, "fp32")
     assert not config.shard_weights and config.tp == 2  # replicated: TP is the only way to fit
-    print(f"\nauto, video: {loader.resolve_config(make(2, 0, 0, 0, 0, 0, 'fp32', 'cpu', 'sdpa', latent=video)[0], shape, header, family, 'fp32')[1]}")
+    print(f"\nauto, video: {planner.resolve_config(make(2, 0, 0, 0, 0, 0, 'fp32', 'cpu', 'sdpa', latent=video)[0], shape, header, family, 'fp32')[1]}")
 
 
 def _loader_module(pack):
@@ -316,14 +315,15 @@ def test_plan_that_cannot_fit_is_refused_before_loading(comfy, pack, config_spec
     activations) do not fit one of them is refused before any weight is read, naming the device, the bytes and a
     plan that fits, and the empty group is stopped. (CPU ranks: the devices' accounting is faked.)"""
     import parallel_backend.runtime.group as group
-    from parallel_backend.config import RESERVE_AFTER_START, ParallelConfig, weights_per_rank
+    from parallel_backend.config import ParallelConfig
+    from parallel_backend.planner import RESERVE_AFTER_START, weights_per_rank
 
-    loader = _loader_module(pack)
+    planner = pack_backend(pack, "planner")
     reads, models = pack_backend(pack, "weights.reads"), pack_backend(pack, "models")
     path = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
     header = reads.read_header(path)
     family = models.detect_family(header, path)
-    mb = loader.model_bytes(header, family, "fp32")
+    mb = planner.model_bytes(header, family, "fp32")
     # GPU 1 holds the rest and one and a half blocks: not the whole model (nor sharded weights' two gathered blocks
     # of this 2-block model), but half of each block (tp=2) or one pipeline stage
     # (the reserve a rank still needs once started: the check runs on the free memory the ranks report at start)
@@ -355,45 +355,24 @@ def test_plan_that_cannot_fit_is_refused_before_loading(comfy, pack, config_spec
 def test_pp_stages_follow_each_gpus_memory_unless_split_by_the_user(comfy, pack, monkeypatch, no_new_processes):
     """pp > 1 without stage_split: the stages are sized by each stage's smallest GPU (the driver's totals; faked
     here); with auto pp on unequal GPUs that no symmetric plan fits, pp is picked and said so."""
-    loader = _loader_module(pack)
+    planner = pack_backend(pack, "planner")
     reads, models = pack_backend(pack, "weights.reads"), pack_backend(pack, "models")
     path = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
     header = reads.read_header(path)
     family = models.detect_family(header, path)
     shape = family.model_shape(header)
-    monkeypatch.setattr(loader, "_device_totals", lambda spec: [24 << 30, 24 << 30, 16 << 30, 16 << 30])
-    monkeypatch.setattr(pack_backend(pack, "runtime.group"), "available_devices", lambda kind: None)
+    monkeypatch.setattr(planner, "device_totals", lambda spec: [24 << 30, 24 << 30, 16 << 30, 16 << 30])
     make = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make
     spec = make(4, 1, 2, 1, 1, 1, "fp32", "cpu", "sdpa", pp=2)[0]
-    config, why = loader.resolve_config(spec, shape, header, family, "fp32")
+    config, why = planner.resolve_config(spec, shape, header, family, "fp32")
     assert config.pp == 2 and config.ulysses == 2 and config.stage_split == (24, 16), (config, why)
     assert "stage_split 24,16 from each stage's GPU memory" in why
     spec = make(4, 1, 2, 1, 1, 1, "fp32", "cpu", "sdpa", pp=2, stage_split="3,1")[0]
-    assert loader.resolve_config(spec, shape, header, family, "fp32")[0].stage_split == (3, 1)
+    assert planner.resolve_config(spec, shape, header, family, "fp32")[0].stage_split == (3, 1)
     # auto pp (0): unequal GPUs that no symmetric plan fits (Wan 14B-sized weights, faked) -> stages by memory
-    from parallel_backend.config import ModelBytes
-    monkeypatch.setattr(loader, "_device_totals", lambda spec: [24 << 30, 12 << 30])
-    monkeypatch.setattr(loader, "model_bytes", lambda *a: ModelBytes(tuple([702_000_000] * 40), 464_000_000))
+    monkeypatch.setattr(planner, "device_totals", lambda spec: [24 << 30, 12 << 30])
+    monkeypatch.setattr(planner, "model_bytes", lambda *a: planner.ModelBytes(tuple([702_000_000] * 40), 464_000_000))
     spec = make(2, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", pp=0)[0]
-    config, why = loader.resolve_config(spec, shape, header, family, "fp32")
+    config, why = planner.resolve_config(spec, shape, header, family, "fp32")
     assert config.pp == 2 and config.stage_split == (24, 12) and "because the GPUs differ (24, 12 GiB)" in why, why
     print(f"\nauto pp: {why}")
-
-
-def test_block_bytes_cover_numbered_and_named_blocks(pack, tmp_path):
-    """The fit check and auto mode count each transformer block's bytes: Wan's `blocks.N.` and Cosmos 1's
-    `blocks.blockN.` (a ModuleDict), the rest outside."""
-    from parallel_backend.models import detect_family
-    from parallel_backend.testing.synthetic import write_tiny_cosmos1, write_tiny_wan
-    from parallel_backend.weights.reads import read_header
-
-    loader = _loader_module(pack)
-    for write in (write_tiny_wan, write_tiny_cosmos1):
-        path = write(str(tmp_path / f"{write.__name__}.safetensors"))
-        header = read_header(path)
-        family = detect_family(header, path)
-        mb = loader.model_bytes(header, family, "fp32")
-        total = sum(n * 4 for n in (math.prod(s) for s, _ in header.values()))
-        assert len(mb.blocks) == family.model_shape(header).num_layers and mb.rest > 0
-        assert sum(mb.blocks) + mb.rest == total
-        assert loader.block_weight_bytes(header, family, "fp32") == sum(mb.blocks)
