@@ -8,7 +8,7 @@ CPU) was within 5% of the measured growth.
 """
 import logging
 
-from .backend import backend
+from . import engine
 
 
 def call_activations(base, shape) -> int | None:
@@ -35,26 +35,25 @@ def declared_activations(config, model_config, sd, latent_shape) -> int:
     if len(shape) == 4:
         shape = (shape[0], shape[1], 1, *shape[2:])
     total = call_activations(base, shape) or 0
-    return int(total * backend("config").rank_share(config, shape[0]))
+    return int(total * engine.config.rank_share(config, shape[0]))
 
 
 def check_before_start(config, mb, activations: int) -> None:
     """Before the ranks start (a new group): CPU ranks against the cores, every rank's weights + activations +
     runtime against the memory free now. A GPU's free memory is not asked here (that would open a CUDA context on
     each rank's GPU in this process): the ranks report it as they start, and the loader checks it before loading."""
-    cfgmod = backend("config")
     memory = None
     if config.device == "cpu":
         import torch
-        host = backend("runtime.worker").device_memory(torch, torch.device("cpu"))
+        host = engine.worker.device_memory(torch, torch.device("cpu"))
         memory = [host] * config.local_ranks
-    cfgmod.check_start(config, mb, memory, activations)
+    engine.config.check_start(config, mb, memory, activations)
 
 
 def check_model_start(config, path: str, precision: str) -> None:
     """check_before_start for a MODEL whose group restarts (after Unload, or a rank died): the model file's weights
     under the plan, no declared latent (each call is checked as it is sent)."""
     from .loader_node import model_bytes
-    reads, models = backend("weights.reads"), backend("models")
+    reads, models = engine.reads, engine.models
     header = reads.read_header(path)
     check_before_start(config, model_bytes(header, models.detect_family(header, path), precision), 0)
