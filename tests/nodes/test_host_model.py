@@ -1,5 +1,6 @@
-"""The pack's MODEL as ComfyUI builds it in its own process (nodes/comfy_model.py), without any rank: the BaseModel
-(sampling type, conds) is the one ComfyUI's own loader builds for the file, its metadata included."""
+"""ComfyUI's own detection for a file, as the pack asks it in the ComfyUI process (nodes/host_model.py), without any
+rank: the BaseModel (sampling type, conds) is the one ComfyUI's own loader builds for the file, its metadata
+included."""
 import pytest
 
 import comfy_host
