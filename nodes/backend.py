@@ -1,4 +1,6 @@
-"""Access to parallel_backend by its plain module name (see the pack's __init__.py for why)."""
+"""The nodes' category and the config type they pass. `backend(name)` is the old string access to the engine, left only
+for the loader's planning functions (resolve_config, model_bytes, ...: they move to parallel_backend/planner.py);
+every other node imports nodes/engine.py."""
 import importlib
 import os
 import sys
