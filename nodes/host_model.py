@@ -20,12 +20,9 @@ def _detected_model_config(family_name, path, header, sd):
 
 
 def _file_metadata(path) -> dict | None:
-    """A safetensors file's metadata, as comfy.sd hands it to the detection (the header only is read)."""
-    if not str(path).endswith((".safetensors", ".sft")):
-        return None
-    from safetensors import safe_open
-    with safe_open(path, framework="pt", device="cpu") as f:
-        return f.metadata()
+    """A safetensors file's metadata, as comfy.sd hands it to the detection (None without any, as safetensors says).
+    Read by the engine from the header bytes: the ComfyUI process never opens the tensor data."""
+    return engine.reads.read_metadata(str(path)) or None
 
 
 def host_model_config(family_name, path, precision, header):
