@@ -1,6 +1,7 @@
 import os
 
-from .backend import CATEGORY, CONFIG_TYPE, backend
+from . import engine
+from .backend import CATEGORY, CONFIG_TYPE
 
 _AXIS_HELP = {
     "cfg": "CFG parallel: cond and uncond on separate rank groups (no traffic inside the model). 2 or 1; 0 = auto.",
@@ -30,23 +31,22 @@ class ParallelConfigNode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        cfgmod = backend("config")
         axes = {a: ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": _AXIS_HELP[a]})
                 for a in ("cfg", "ulysses", "ring", "tp", "dp")}
         return {"required": {
             "world_size": ("INT", {"default": 2, "min": 1, "max": 64,
                                    "tooltip": "Number of devices (ranks). The degrees multiply to this."}),
             **axes,
-            "dtype": (list(cfgmod.DTYPES), {"default": "bf16", "tooltip": "Compute precision of the ranks."}),
-            "device": (list(cfgmod.DEVICE_KINDS), {"default": "cuda",
+            "dtype": (list(engine.config.DTYPES), {"default": "bf16", "tooltip": "Compute precision of the ranks."}),
+            "device": (list(engine.config.DEVICE_KINDS), {"default": "cuda",
                        "tooltip": "cuda: one GPU per rank (NCCL). cpu: gloo ranks, for testing without GPUs."}),
-            "attention": (list(cfgmod.ATTENTION_BACKENDS), {"default": "sdpa",
+            "attention": (list(engine.config.ATTENTION_BACKENDS), {"default": "sdpa",
                           "tooltip": "Attention kernel on the ranks: sdpa (torch's fused), math (reference), flash (flash-attn) or "
                                      "sage (SageAttention); flash and sage need CUDA and their package installed."}),
             "first_device": ("INT", {"default": 0, "min": 0, "max": 63,
                              "tooltip": "GPU index of rank 0; ranks take consecutive GPUs."}),
         }, "optional": {
-            "weights": (list(cfgmod.WEIGHT_MODES), {"default": "auto", "tooltip":
+            "weights": (list(engine.config.WEIGHT_MODES), {"default": "auto", "tooltip":
                         "How the DiT's weights are held. replicated: every rank holds all of them (or its tp "
                         "share). sharded: every rank holds 1/world of each block and gathers a block whole just "
                         "before it runs (FSDP-style: fits 14B on small cards; moves the blocks' bytes once per "
@@ -117,22 +117,20 @@ class ParallelConfigNode:
         if nodes > 1:  # kept out of one-node specs, so their configs (and warm groups) stay as they were
             spec.update(nodes=nodes, ranks_per_node=ranks_per_node, rendezvous=rendezvous.strip(),
                         secret_file=os.path.expanduser(secret_file.strip()), rejoin_timeout=float(rejoin_timeout))
-            cfgmod = backend("config")
-            probe = cfgmod.ParallelConfig(world_size=world_size, device=device, **{a: 1 for a in cfgmod.AXES},
-                                          **{k: spec[k] for k in ("nodes", "ranks_per_node", "rendezvous",
-                                                                  "secret_file", "rejoin_timeout")})
+            nodes_spec = {k: spec[k] for k in ("nodes", "ranks_per_node", "rendezvous", "secret_file",
+                                                "rejoin_timeout")}
+            probe = engine.config.ParallelConfig(world_size=world_size, device=device,
+                                                 **{a: 1 for a in engine.config.AXES}, **nodes_spec)
             try:  # the node fields alone (the degrees may still be auto): refuse before any process starts
-                cfgmod.validate_nodes(probe)
-            except cfgmod.ConfigError as e:
+                engine.config.validate_nodes(probe)
+            except engine.config.ConfigError as e:
                 if "would span nodes" not in str(e):
                     raise
-            backend("runtime.multinode").read_secret(spec["secret_file"])  # missing / short: say so now
+            engine.multinode.read_secret(spec["secret_file"])  # missing / short: say so now
         if latent is not None:
             spec["latent_shape"] = tuple(latent["samples"].shape)
-        cfgmod = backend("config")
-        if all(spec[a] for a in cfgmod.AXES):  # fully fixed: refuse now, before any process starts
-            group = backend("runtime.group")
-            c = cfgmod.ParallelConfig(**{k: v for k, v in spec.items() if k not in ("weights", "latent_shape")},
-                                      shard_weights=weights == "sharded")
-            cfgmod.validate_config(c, group.available_devices(device))
+        if all(spec[a] for a in engine.config.AXES):  # fully fixed: refuse now, before any process starts
+            fixed = {k: v for k, v in spec.items() if k not in ("weights", "latent_shape")}
+            c = engine.config.ParallelConfig(**fixed, shard_weights=weights == "sharded")
+            engine.config.validate_config(c, engine.group.available_devices(device))
         return (spec,)

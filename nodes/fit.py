@@ -8,7 +8,7 @@ CPU) was within 5% of the measured growth.
 """
 import logging
 
-from .backend import backend
+from . import engine
 
 
 def call_activations(base, shape) -> int | None:
@@ -35,7 +35,7 @@ def declared_activations(config, model_config, sd, latent_shape) -> int:
     if len(shape) == 4:
         shape = (shape[0], shape[1], 1, *shape[2:])
     total = call_activations(base, shape) or 0
-    return int(total * backend("planner").rank_share(config, shape[0]))
+    return int(total * engine.planner.rank_share(config, shape[0]))
 
 
 def check_before_start(config, mb, activations: int) -> None:
@@ -45,14 +45,14 @@ def check_before_start(config, mb, activations: int) -> None:
     memory = None
     if config.device == "cpu":
         import torch
-        host = backend("runtime.rank").device_memory(torch.device("cpu"))
+        host = engine.rank.device_memory(torch.device("cpu"))
         memory = [host] * config.local_ranks
-    backend("planner").check_start(config, mb, memory, activations)
+    engine.planner.check_start(config, mb, memory, activations)
 
 
 def check_model_start(config, path: str, precision: str) -> None:
     """check_before_start for a MODEL whose group restarts (after Unload, or a rank died): the model file's weights
     under the plan, no declared latent (each call is checked as it is sent)."""
-    reads, models = backend("weights.reads"), backend("models")
+    reads, models = engine.reads, engine.models
     header = reads.read_header(path)
-    check_before_start(config, backend("planner").model_bytes(header, models.detect_family(header, path), precision), 0)
+    check_before_start(config, engine.planner.model_bytes(header, models.detect_family(header, path), precision), 0)

@@ -1,16 +1,11 @@
 import logging
 
-from . import fit, gpu_sharing
-from .backend import CATEGORY, CONFIG_TYPE, backend
-from .comfy_model import (
-    build_model_patcher,
-    detected_host_class,
-    host_model_config,
-    install_lora_hook,
-    install_unload_hook,
-    load_logged,
-    refuse_unsupported_class,
-)
+from . import engine, fit, gpu_sharing
+from .backend import CATEGORY, CONFIG_TYPE
+from .comfy_hooks import install_lora_hook, install_unload_hook
+from .host_model import detected_host_class, host_model_config, refuse_unsupported_class
+from .model_patcher import build_model_patcher
+from .proxy import load_logged
 
 
 GGUF_FOLDERS = ("diffusion_models", "unet_gguf")  # ComfyUI's DiT folders (models/unet too), ComfyUI-GGUF's if present
@@ -66,6 +61,19 @@ def gguf_plan_note(header, info) -> str:
     return note
 
 
+def detect_family(path, header):
+    """The engine's family for the file; a file it cannot run is refused naming what ComfyUI itself sees in it."""
+    models = engine.models
+    try:
+        return models.detect_family(header, path)
+    except models.UnsupportedModelError as e:
+        detected = detected_host_class(path, header)
+        if detected is None:
+            raise
+        raise models.UnsupportedModelError(f"{e}. ComfyUI detects it as {detected}, which the parallel loader "
+                                           f"cannot run: sample it with the native Load Diffusion Model") from None
+
+
 class ParallelModelLoader:
     """Starts (or reuses) the worker group and loads a DiT file onto it, sharded."""
 
@@ -86,7 +94,7 @@ class ParallelModelLoader:
                           "load (its weights per rank are added to theirs; no reload). swap: it is dropped when "
                           "another model loads and read again when its sampler next runs (one model's memory; "
                           "a reload from disk per switch)."}),
-            "weight_dtype": (["default", *backend("weights.fp8").WEIGHT_STORAGE], {"default": "default", "tooltip":
+            "weight_dtype": (["default", *engine.fp8.WEIGHT_STORAGE], {"default": "default", "tooltip":
                              "As the native Load Diffusion Model's weight_dtype: hold the weights in fp8 on the ranks "
                              "(half of bf16's memory), cast per layer to base_precision as they compute; _fast also "
                              "uses fp8 matmul where the GPU has it. default: as the file stores them (fp8 files stay "
@@ -108,24 +116,17 @@ class ParallelModelLoader:
 
     def load(self, model_name, base_precision, parallel_config, residency="swap", compile="off", weight_dtype="default"):
         path = model_path(model_name)
-        loading, models, planner = backend("weights.reads"), backend("models"), backend("planner")
-        header = loading.read_header(path)  # refuses pickles, truncated and non-safetensors files
+        planner = engine.planner
+        header = engine.reads.read_header(path)  # refuses pickles, truncated and non-safetensors files
         if weight_dtype != "default" and path.endswith(".gguf"):
             raise ValueError(f"{model_name} is a GGUF file, already quantized: set weight_dtype to default")
         # the weights' storage travels with the precision: the same file held two ways is two models on the group
         base_precision = base_precision if weight_dtype == "default" else \
-            f"{base_precision}{loading.STORAGE_SEP}{weight_dtype}"
-        try:
-            family = models.detect_family(header, path)
-        except models.UnsupportedModelError as e:  # name what ComfyUI itself sees in the file, if anything
-            detected = detected_host_class(path, header)
-            if detected is None:
-                raise
-            raise models.UnsupportedModelError(f"{e}. ComfyUI detects it as {detected}, which the parallel loader "
-                                               f"cannot run: sample it with the native Load Diffusion Model") from None
+            f"{base_precision}{engine.reads.STORAGE_SEP}{weight_dtype}"
+        family = detect_family(path, header)
         shape = family.model_shape(header)
         config, why = planner.resolve_config(parallel_config, shape, header, family, base_precision,
-                                             backend("runtime.group").available_devices(parallel_config["device"]))
+                                             engine.group.available_devices(parallel_config["device"]))
         refuse_unsupported_class(shape.family, path, header)  # a variant the family cannot run: before any rank
         install_unload_hook()
         install_lora_hook()
@@ -139,7 +140,7 @@ class ParallelModelLoader:
         # what ComfyUI holds on the ranks' GPUs (text encoders, VAE) goes first, through its own model management
         gpu_sharing.free_comfy_models_on_rank_gpus(config, rank_bytes, reserve + activations)
         import comfy.model_management  # Cancel works while a new group waits (e.g. for another machine to join)
-        group = backend("runtime.group").get_group(  # starts ranks only when no warm group matches, after the check
+        group = engine.group.get_group(  # starts ranks only when no warm group matches, after the check
             config, comfy.model_management.throw_exception_if_processing_interrupted,
             check=lambda: fit.check_before_start(config, mb, activations))
         try:  # the devices' free memory as the ranks found it: refuse a plan that cannot fit, before loading

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .backend import backend
+from . import engine
 
 
 class LoraTensors:
@@ -50,7 +50,7 @@ def lora_path(source, group) -> str:
 def _model_keys(path: str, stamp: tuple, precision: str) -> tuple:
     """(header, parameter name -> checkpoint key, diffusers aliases) of a model file, from ComfyUI's own class built
     on meta exactly as the ranks build it (no weights read)."""
-    reads, models = backend("weights.reads"), backend("models")
+    reads, models = engine.reads, engine.models
     header = reads.read_header(path)
     family = models.detect_family(header, path)
     model, _, prefix = family.build(header, reads.compute_dtype(precision), path,
@@ -69,7 +69,7 @@ def check_lora(proxy, source, strength: float) -> str:
         lora_header = {k: (list(t.shape), str(t.dtype)) for k, t in source.tensors.items()}
     else:
         name, lora_header = os.path.basename(source), None
-    applied, unmatched = backend("weights.lora").check_lora(str(source if lora_header is None else name), key_map,
+    applied, unmatched = engine.lora.check_lora(str(source if lora_header is None else name), key_map,
                                                              header, aliases, header=lora_header)
     for key in unmatched:
         logging.warning("lora key not loaded: %s", key)  # ComfyUI's own words (comfy/lora.py)
@@ -79,3 +79,19 @@ def check_lora(proxy, source, strength: float) -> str:
                    f"(e.g. {', '.join(unmatched[:3])}): is the LoRA made for another model size or variant?")
         logging.warning("parallel_dit: LoRA %s", report)
     return report
+
+
+def with_parallel_lora(model, proxy, source, strength) -> tuple:
+    """(a clone of the pack's MODEL with the LoRA `source` added at `strength`, merged on the ranks; the LoRA's report:
+    how many of its tensors apply). `source`: a models/loras path, or a native loader's LoraTensors. A LoRA of the
+    wrong shape is refused here, before any rank reads it."""
+    report = check_lora(proxy, source, strength)
+    lora_proxy = proxy.with_loras(tuple(proxy.loras) + ((source, float(strength)),))
+    patched = model.clone()
+    patched.add_object_patch("diffusion_model", lora_proxy)
+    group = proxy.warm_group()
+    if proxy.resident or not group.holds_other_models(proxy.path, proxy.precision):
+        lora_proxy.group()  # merge now, so a LoRA that does not fit fails here, naming its file
+    # else: the group holds another model a sampler of this graph may still use (Parallel Model Loader's
+    # "swap"); this model and its LoRAs are loaded when its own sampler first calls it
+    return patched, report

@@ -1,5 +1,6 @@
 from .backend import CATEGORY
-from .comfy_model import parallel_model_of, with_parallel_lora
+from .lora_check import with_parallel_lora
+from .proxy import parallel_model_of
 
 
 class ParallelLora:

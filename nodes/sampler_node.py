@@ -1,5 +1,6 @@
-from .backend import CATEGORY, backend
-from .comfy_model import parallel_model_of
+from . import engine
+from .backend import CATEGORY
+from .proxy import parallel_model_of
 
 
 class ParallelSampler:
@@ -37,9 +38,8 @@ class ParallelSampler:
         if proxy is None:
             raise ValueError("Parallel Sampler needs the MODEL from Parallel Model Loader; for other models use "
                              "the native KSampler")
-        cfgmod = backend("config")
-        shape = cfgmod.ModelShape.from_info(proxy.info)
-        cfgmod.validate_latent(shape, tuple(latent_image["samples"].shape))
+        shape = engine.config.ModelShape.from_info(proxy.info)
+        engine.config.validate_latent(shape, tuple(latent_image["samples"].shape))
         import nodes as comfy_nodes  # ComfyUI's own nodes.py (the host imported it before any pack)
         return comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                            latent_image, denoise=denoise)

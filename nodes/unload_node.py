@@ -1,4 +1,5 @@
-from .backend import CATEGORY, backend
+from . import engine
+from .backend import CATEGORY
 
 
 class ParallelUnload:
@@ -24,7 +25,7 @@ class ParallelUnload:
         return True
 
     def unload(self, passthrough=None):
-        backend("runtime.group").stop_all()
+        engine.group.stop_all()
         from .gpu_sharing import release_reservation
         release_reservation()
         return (passthrough,)

@@ -19,7 +19,7 @@ on this rank's share as usual.
 
 Which patch points a family's host class applies, and the layout of each tensor there, is data in the family file
 (`PATCH_POINTS`, `BLOCK_REPLACE`); a patch point the host applies that the family does not describe is refused by
-the nodes before the call (nodes/comfy_model.py), never run on a share.
+the nodes before the call (nodes/patches.py), never run on a share.
 """
 from __future__ import annotations
 

@@ -2,8 +2,6 @@
 diffusion model is the pack's proxy. What ComfyUI's BaseModel hands GeneralDIT's forward reaches the group as the
 ranks take it: the defaults GeneralDIT.forward passes on itself (data_type) are not conds, the text attention mask
 and the frame rate cross, anything else is refused (here a stand-in group records the call: no rank starts)."""
-import sys
-
 import pytest
 import torch
 
@@ -27,16 +25,15 @@ class _Group:
 
 @pytest.fixture
 def cosmos1_model(comfy, pack, tmp_path):
-    cm = sys.modules[pack.__name__ + ".nodes.comfy_model"]
     path = write_tiny_cosmos1(str(tmp_path / "tiny_cosmos1_v2w.safetensors"), preset="tiny-v2w")
     header = read_header(path)
     info = cosmos1.model_shape(header).to_info()
     config = ParallelConfig(world_size=1, device="cpu", dtype="fp32")
-    patcher = cm.build_model_patcher(config, path, "fp32", header, info)
-    proxy = cm.parallel_model_of(patcher)
+    patcher = pack.nodes.model_patcher.build_model_patcher(config, path, "fp32", header, info)
+    proxy = pack.nodes.proxy.parallel_model_of(patcher)
     group = _Group()
     proxy.group = lambda: group
-    return patcher.model, proxy, group, cm
+    return patcher.model, proxy, group, pack.nodes.patches
 
 
 def test_cosmos1_conds_cross_to_the_group(cosmos1_model):
@@ -83,7 +80,7 @@ def test_loader_runs_cosmos1_on_the_group_as_comfyui_native(comfy, pack, config_
         model, plan = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load(name, "fp32",
                                                                              config_spec(world_size=2, ulysses=2))
         assert "ulysses=2" in plan and "for cosmos1 (4 heads, 2 blocks)" in plan, plan
-        proxy = sys.modules[pack.__name__ + ".nodes.comfy_model"].parallel_model_of(model)
+        proxy = pack.nodes.proxy.parallel_model_of(model)
         assert proxy.info["family"] == "cosmos1" and type(model.model).__name__ == "CosmosVideo"
         g = torch.Generator().manual_seed(0)
         x, ctx = torch.randn(1, 16, 3, 6, 10, generator=g), torch.randn(1, 12, 1024, generator=g)

@@ -15,10 +15,8 @@ def test_call_activations_are_comfyuis_own_estimate_of_the_native_model(comfy, p
     path = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
     import comfy.sd  # (rebinds the `comfy` fixture's name)
     native = comfy.sd.load_diffusion_model(path)
-    comfy_model = sys.modules[pack.__name__ + ".nodes.comfy_model"]
-    reads = comfy_model.backend("weights.reads")
-    header = reads.read_header(path)
-    model_config, sd, _ = comfy_model.host_model_config("wan", path, "fp32", header)
+    header = pack.nodes.engine.reads.read_header(path)
+    model_config, sd, _ = pack.nodes.host_model.host_model_config("wan", path, "fp32", header)
     model_config.unet_config["disable_unet_model_creation"] = True
     base = model_config.get_model(sd, "")
     base.memory_required = lambda *a, **k: 0  # as the pack's MODEL answers ComfyUI's memory manager
@@ -31,12 +29,12 @@ def test_call_activations_are_comfyuis_own_estimate_of_the_native_model(comfy, p
 
 def test_declared_latent_counts_cond_and_uncond_and_the_rank_share(comfy, pack, no_new_processes):
     from parallel_backend.config import ParallelConfig
-    comfy_model = sys.modules[pack.__name__ + ".nodes.comfy_model"]
+    host_model = pack.nodes.host_model
     path = os.path.join(comfy["models_dir"], "tiny_wan.safetensors")
-    header = comfy_model.backend("weights.reads").read_header(path)
+    header = pack.nodes.engine.reads.read_header(path)
 
     def declared(config, latent):
-        return _fit(pack).declared_activations(config, *comfy_model.host_model_config("wan", path, "fp32",
+        return _fit(pack).declared_activations(config, *host_model.host_model_config("wan", path, "fp32",
                                                                                       header)[:2], latent)
     one = declared(ParallelConfig(world_size=1, device="cpu", dtype="fp32"), (1, 16, 5, 64, 64))
     two = declared(ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype="fp32"), (1, 16, 5, 64, 64))

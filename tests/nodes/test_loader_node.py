@@ -95,8 +95,7 @@ def test_loader_never_reads_weights_in_the_comfyui_process(comfy, pack, config_s
     before = psutil.Process().memory_info().rss
     try:
         model, _ = _loader(pack).load("medium_wan.safetensors", "bf16", spec)
-        import sys
-        proxy = sys.modules[pack.__name__ + ".nodes.comfy_model"].parallel_model_of(model)
+        proxy = pack.nodes.proxy.parallel_model_of(model)
         proxy.group()  # what the sampler's first model call does (the loader may defer a swap to it)
         with open("/proc/self/status") as f:
             peak = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
@@ -306,7 +305,10 @@ def _loader_module(pack):
 
 
 def pack_backend(pack, name):
-    return _loader_module(pack).backend(name)
+    """The engine module `parallel_backend.<name>` as the nodes hold it (nodes/engine.py, by its plain name)."""
+    import sys
+    pack.nodes.engine  # noqa: B018  (imported with the nodes)
+    return sys.modules[f"parallel_backend.{name}"]
 
 
 @pytest.mark.multirank

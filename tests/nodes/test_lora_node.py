@@ -103,8 +103,6 @@ def test_native_lora_loaders_on_the_parallel_model_merge_on_the_ranks(comfy, pac
                                                                        stop_groups_after):
     """LoraLoaderModelOnly and LoraLoader, ComfyUI's own nodes, on the pack's MODEL: the LoRA reaches every rank's
     shard at the given strength (= native within 1e-4); a new strength re-merges on the same ranks."""
-    import sys
-
     import parallel_backend.runtime.group as group
 
     models_dir = comfy["models_dir"]
@@ -112,7 +110,7 @@ def test_native_lora_loaders_on_the_parallel_model_merge_on_the_ranks(comfy, pac
 
     import nodes as comfy_nodes  # ComfyUI's nodes.py
 
-    UnsupportedPatchError = sys.modules[pack.__name__ + ".nodes.comfy_model"].UnsupportedPatchError
+    UnsupportedPatchError = pack.nodes.patches.UnsupportedPatchError
     nodes = pack.NODE_CLASS_MAPPINGS
     pos, neg = conds
     latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}

@@ -1,5 +1,6 @@
-"""The pack's MODEL as ComfyUI builds it in its own process (nodes/comfy_model.py), without any rank: the BaseModel
-(sampling type, conds) is the one ComfyUI's own loader builds for the file, its metadata included."""
+"""ComfyUI's own detection for a file, as the pack asks it in the ComfyUI process (nodes/host_model.py), without any
+rank: the BaseModel (sampling type, conds) is the one ComfyUI's own loader builds for the file, its metadata
+included."""
 import pytest
 
 import comfy_host
@@ -22,8 +23,8 @@ def test_the_proxy_model_is_the_class_the_file_metadata_picks(tmp_path, pack, pr
     if not hasattr(comfy.model_base, base_name):
         pytest.skip(f"this ComfyUI has no {base_name} (ComfyUI 0.3.75): its files are refused by class name")
     path = write_tiny_wan(str(tmp_path / f"{preset}.safetensors"), preset=preset, fill=0.0)
-    comfy_model = comfy_host.import_pack().nodes.comfy_model
-    model_config, sd, host_class = comfy_model.host_model_config("wan", path, "fp32", read_header(path))
+    host_model = comfy_host.import_pack().nodes.host_model
+    model_config, sd, host_class = host_model.host_model_config("wan", path, "fp32", read_header(path))
     base = model_config.get_model(sd, "", device="meta")
     assert type(base).__name__ == base_name and host_class.__name__ == model_name
-    assert comfy_model.detected_host_class(path, read_header(path)).endswith(f"({model_name})")
+    assert host_model.detected_host_class(path, read_header(path)).endswith(f"({model_name})")
