@@ -43,9 +43,9 @@ class ParallelConfigNode:
             "attention": (list(cfgmod.ATTENTION_BACKENDS), {"default": "sdpa",
                           "tooltip": "Attention kernel on the ranks: sdpa (torch's fused), math (reference), flash (flash-attn) or "
                                      "sage (SageAttention); flash and sage need CUDA and their package installed."}),
-        }, "optional": {  # after the inputs every user sets; the advanced ones (placement, pipeline, several
-            # machines) hidden until the node's "show advanced" where the frontend has it. The order is the saved
-            # workflows' widgets_values order: keep it.
+        }, "optional": {  # after the inputs every user sets; placement, pipeline and several machines marked
+            # advanced (for a frontend that hides such widgets). The order is the saved workflows' widgets_values
+            # order: keep it.
             "first_device": ("INT", {"default": 0, "min": 0, "max": 63, "advanced": True,
                              "tooltip": "GPU index of rank 0; ranks take consecutive GPUs."}),
             "weights": (list(cfgmod.WEIGHT_MODES), {"default": "auto", "tooltip":

@@ -37,8 +37,8 @@ def _io_input(io, name, decl, optional):
         extra = {k: opts[k] for k in _PASS.get(kind, ()) if k in opts}
         made = _io_type(io, kind).Input(name, **extra, **common)
     # on the built input's extra_dict (as_dict merges it on every host): 0.3.75's Int.Input etc. take neither
-    # `advanced=` nor `extra_dict=` (0.33's and 0.38's, Comfy-Org/ComfyUI 04e2a91, take both); the frontend hides
-    # such a widget until the node's "show advanced"
+    # `advanced=` nor `extra_dict=` (0.33's and 0.38's, Comfy-Org/ComfyUI 04e2a91, take both); it reaches
+    # object_info as the classic declaration's flag does
     if opts.get("advanced") and isinstance(getattr(made, "extra_dict", None), dict):
         made.extra_dict["advanced"] = True
     return made
