@@ -43,9 +43,11 @@ class ParallelConfigNode:
             "attention": (list(engine.config.ATTENTION_BACKENDS), {"default": "sdpa",
                           "tooltip": "Attention kernel on the ranks: sdpa (torch's fused), math (reference), flash (flash-attn) or "
                                      "sage (SageAttention); flash and sage need CUDA and their package installed."}),
-            "first_device": ("INT", {"default": 0, "min": 0, "max": 63,
+        }, "optional": {  # after the inputs every user sets; placement, pipeline and several machines marked
+            # advanced (for a frontend that hides such widgets). The order is the saved workflows' widgets_values
+            # order: keep it.
+            "first_device": ("INT", {"default": 0, "min": 0, "max": 63, "advanced": True,
                              "tooltip": "GPU index of rank 0; ranks take consecutive GPUs."}),
-        }, "optional": {
             "weights": (list(engine.config.WEIGHT_MODES), {"default": "auto", "tooltip":
                         "How the DiT's weights are held. replicated: every rank holds all of them (or its tp "
                         "share). sharded: every rank holds 1/world of each block and gathers a block whole just "
@@ -56,33 +58,34 @@ class ParallelConfigNode:
             "latent": ("LATENT", {"tooltip": "Optional: the latent you will sample (e.g. from EmptyHunyuanLatent"
                                   "Video). auto mode sizes its traffic comparison for it; without it, for a 480p "
                                   "81-frame video."}),
-            "pp": ("INT", {"default": 1, "min": 0, "max": 64, "tooltip":
+            "pp": ("INT", {"advanced": True, "default": 1, "min": 0, "max": 64, "tooltip":
                    "Pipeline stages: each stage holds a contiguous range of the blocks and hands the activation on "
                    "(cond / uncond rows overlap as micro-batches). For cards of different sizes or to fit a model; "
                    "slower than ulysses on equal cards. 1 = off, 0 = auto (on only when the GPUs differ in memory "
                    "and a symmetric split would not fit the smallest)."}),
-            "stage_split": ("STRING", {"default": "", "tooltip":
+            "stage_split": ("STRING", {"advanced": True, "default": "", "tooltip":
                             "With pp > 1: the share of the blocks per stage, e.g. '24,16' for a 24 GB and a 16 GB "
                             "card; empty = equal stages (auto: by each GPU's memory)."}),
-            "devices": ("STRING", {"default": "", "tooltip":
+            "devices": ("STRING", {"advanced": True, "default": "", "tooltip":
                         "GPU indices for the ranks, e.g. '1,2,3' to keep rank 0 off ComfyUI's GPU 0 (one per rank; "
                         "with several nodes, one per rank of this machine). Empty = consecutive from first_device."}),
-            "nodes": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+            "nodes": ("INT", {"advanced": True, "default": 1, "min": 1, "max": 64, "tooltip":
                       "Machines the group spans. This ComfyUI machine is node 0; every other machine runs `python -m "
                       "parallel_backend.runtime.node --rendezvous HOST:PORT --node-rank K --nodes N "
                       "--nproc-per-node P --secret-file FILE --model-dir MODELS` (see the README). Trusted networks "
                       "only. world_size = nodes x ranks_per_node."}),
-            "ranks_per_node": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
+            "ranks_per_node": ("INT", {"advanced": True, "default": 0, "min": 0, "max": 64, "tooltip":
                                "Ranks (GPUs) on each machine; 0 = world_size / nodes. Ulysses and tp stay inside a "
                                "machine, ring / cfg / pp cross machines (auto picks so)."}),
-            "rendezvous": ("STRING", {"default": "", "tooltip":
+            "rendezvous": ("STRING", {"advanced": True, "default": "", "tooltip":
                            "With nodes > 1: HOST:PORT of this machine that the others reach, e.g. 10.0.0.1:29500. "
                            "torch's c10d store listens on exactly this address (never on every interface)."}),
-            "secret_file": ("STRING", {"default": "", "tooltip":
+            "secret_file": ("STRING", {"advanced": True, "default": "", "tooltip":
                             "With nodes > 1: a file holding a shared secret (>= 16 bytes; the same file on every "
                             "machine, chmod 600). A rank that cannot prove it knows the secret is refused; the "
                             "secret itself never crosses the network."}),
-            "rejoin_timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip":
+            "rejoin_timeout": ("FLOAT", {"advanced": True, "default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0,
+                                         "tooltip":
                                "With nodes > 1: seconds a prompt waits for the other machines to join (or to come "
                                "back after a failure) before it fails naming the missing node."}),
         }}

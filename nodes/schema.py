@@ -32,9 +32,16 @@ def _io_input(io, name, decl, optional):
     kind, opts = decl[0], (decl[1] if len(decl) > 1 else {})
     common = {"tooltip": opts.get("tooltip"), "optional": optional}
     if isinstance(kind, (list, tuple)):
-        return io.Combo.Input(name, options=list(kind), default=opts.get("default"), **common)
-    extra = {k: opts[k] for k in _PASS.get(kind, ()) if k in opts}
-    return _io_type(io, kind).Input(name, **extra, **common)
+        made = io.Combo.Input(name, options=list(kind), default=opts.get("default"), **common)
+    else:
+        extra = {k: opts[k] for k in _PASS.get(kind, ()) if k in opts}
+        made = _io_type(io, kind).Input(name, **extra, **common)
+    # on the built input's extra_dict (as_dict merges it on every host): 0.3.75's Int.Input etc. take neither
+    # `advanced=` nor `extra_dict=` (0.33's and 0.38's, Comfy-Org/ComfyUI 04e2a91, take both); it reaches
+    # object_info as the classic declaration's flag does
+    if opts.get("advanced") and isinstance(getattr(made, "extra_dict", None), dict):
+        made.extra_dict["advanced"] = True
+    return made
 
 
 def v3_from_classic(classic, node_id: str, display_name: str):

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -29,18 +30,32 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [i for i in items if id(i) not in ids]
 
 
-@pytest.fixture(autouse=True)
-def _quick_tier_spawns_nothing(request, monkeypatch):
-    """Under --quick a test that starts a process is unmarked: fail it, naming the marker it needs."""
-    if not request.config.getoption("--quick"):
+@contextlib.contextmanager
+def _no_process_starts(item):
+    """Under --quick a test that starts a process is unmarked: fail it, naming the marker it needs. Around the setup
+    too, so a module- or session-scoped fixture that spawns ranks is caught with the first test that asks for it."""
+    if not item.config.getoption("--quick"):
         yield
         return
     import multiprocessing.process
     import subprocess
+    from unittest import mock
 
     def refuse(*_args, **_kwargs):
-        raise AssertionError(f"{request.node.nodeid} starts a process: mark it `multirank` (ranks, other processes) "
+        raise AssertionError(f"{item.nodeid} starts a process: mark it `multirank` (ranks, other processes) "
                              f"or `e2e` (a ComfyUI server), so --quick leaves it out")
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
-    yield
+    with mock.patch.object(multiprocessing.process.BaseProcess, "start", refuse), \
+            mock.patch.object(subprocess.Popen, "__init__", refuse):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _no_process_starts(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _no_process_starts(item):
+        yield

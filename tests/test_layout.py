@@ -41,7 +41,7 @@ def _imports(path):
 
 def test_readme_tree_lists_every_module_and_only_existing_ones():
     readme = open(os.path.join(REPO, "README.md")).read()
-    block = readme.split("## How it works", 1)[1].split("```", 2)[1]
+    block = readme.split("## Source tree", 1)[1].split("```", 2)[1]
     listed, stack = set(), []
     for line in block.splitlines():
         m = re.match(r"^( *)(\S+)", line)

@@ -53,6 +53,28 @@ def link(node: int, slot: int = 0):
     return ("link", node, slot)
 
 
+# Parallel Config's inputs in the node's order with the node's defaults: every widget the browser draws gets its value
+# (so the box is sized for all of them), and a workflow names only what it changes
+PARALLEL_CONFIG_DEFAULTS = {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0, "dtype": "bf16",
+                            "device": "cuda", "attention": "sdpa", "first_device": 0, "weights": "auto", "pp": 1,
+                            "stage_split": "", "devices": "", "nodes": 1, "ranks_per_node": 0, "rendezvous": "",
+                            "secret_file": "", "rejoin_timeout": 120.0}
+
+
+def parallel_config(**changed) -> dict:
+    unknown = set(changed) - set(PARALLEL_CONFIG_DEFAULTS)
+    assert not unknown, f"not a Parallel Config widget: {sorted(unknown)}"
+    return {**PARALLEL_CONFIG_DEFAULTS, **changed}
+
+
+def parallel_loader(model_name: str, **changed) -> dict:
+    """Parallel Model Loader's inputs in the node's order (fed by Parallel Config, node 4), defaults filled in."""
+    inputs = {"model_name": model_name, "base_precision": "bf16", "parallel_config": link(4), "residency": "swap",
+              "weight_dtype": "default", "compile": "off"}
+    assert set(changed) <= set(inputs) - {"model_name", "parallel_config"}, sorted(changed)
+    return {**inputs, **changed}
+
+
 WAN21_T2V = {
     "title": "Wan 2.1 text-to-video on a parallel worker group",
     "nodes": [
@@ -60,10 +82,8 @@ WAN21_T2V = {
         (2, "CLIPTextEncode", {"text": "a red fox running through fresh snow, golden hour, cinematic",
                                "clip": link(1)}),
         (3, "CLIPTextEncode", {"text": "blurry, low quality, static, watermark", "clip": link(1)}),
-        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
-                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
-        (5, "ParallelModelLoader", {"model_name": "wan2.1_t2v_14B_bf16.safetensors", "base_precision": "bf16",
-                                    "parallel_config": link(4), "residency": "swap"}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("wan2.1_t2v_14B_bf16.safetensors")),
         (6, "EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
         (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
                                 "scheduler": "simple", "positive": link(2), "negative": link(3),
@@ -89,12 +109,11 @@ WAN22_A14B_T2V = {
         (2, "CLIPTextEncode", {"text": "a lighthouse on a cliff at dusk, waves breaking, drone shot, cinematic",
                                "clip": link(1)}),
         (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
-        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
-                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
-        (5, "ParallelModelLoader", {"model_name": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
-                                    "base_precision": "bf16", "parallel_config": link(4), "residency": "resident"}),
-        (6, "ParallelModelLoader", {"model_name": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
-                                    "base_precision": "bf16", "parallel_config": link(4), "residency": "resident"}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                                               residency="resident")),
+        (6, "ParallelModelLoader", parallel_loader("wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+                                               residency="resident")),
         (7, "ModelSamplingSD3", {"model": link(5), "shift": 8.0}),
         (8, "ModelSamplingSD3", {"model": link(6), "shift": 8.0}),
         (9, "EmptyHunyuanLatentVideo", {"width": 1280, "height": 704, "length": 81, "batch_size": 1}),
@@ -122,10 +141,8 @@ WAN22_TI2V_5B = {
         (2, "CLIPTextEncode", {"text": "the cat in the picture turns its head and yawns, soft window light",
                                "clip": link(1)}),
         (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
-        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
-                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
-        (5, "ParallelModelLoader", {"model_name": "wan2.2_ti2v_5B_fp16.safetensors", "base_precision": "bf16",
-                                    "parallel_config": link(4), "residency": "swap"}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("wan2.2_ti2v_5B_fp16.safetensors")),
         (6, "ModelSamplingSD3", {"model": link(5), "shift": 8.0}),
         (7, "VAELoader", {"vae_name": "wan2.2_vae.safetensors"}),
         (8, "LoadImage", {"image": "example.png"}),
@@ -151,10 +168,8 @@ COSMOS_PREDICT2_T2I = {
         (2, "CLIPTextEncode", {"text": "a red vintage bicycle leaning against a sunlit brick wall, ivy, "
                                        "photorealistic, sharp focus", "clip": link(1)}),
         (3, "CLIPTextEncode", {"text": "blurry, low quality, watermark, text, deformed", "clip": link(1)}),
-        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
-                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
-        (5, "ParallelModelLoader", {"model_name": "cosmos_predict2_2B_t2i.safetensors", "base_precision": "bf16",
-                                    "parallel_config": link(4), "residency": "swap"}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("cosmos_predict2_2B_t2i.safetensors")),
         (6, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
         (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 35, "cfg": 4.0, "sampler_name": "euler",
                                 "scheduler": "simple", "positive": link(2), "negative": link(3),
@@ -177,10 +192,8 @@ COSMOS1_T2W = {
         (2, "CLIPTextEncode", {"text": "a drone shot gliding over a foggy pine forest at sunrise, light rays through "
                                        "the trees, cinematic, photorealistic", "clip": link(1)}),
         (3, "CLIPTextEncode", {"text": "blurry, low quality, watermark, text, deformed, static", "clip": link(1)}),
-        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
-                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
-        (5, "ParallelModelLoader", {"model_name": "Cosmos-1_0-Diffusion-7B-Text2World.safetensors",
-                                    "base_precision": "bf16", "parallel_config": link(4), "residency": "swap"}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("Cosmos-1_0-Diffusion-7B-Text2World.safetensors")),
         (6, "EmptyCosmosLatentVideo", {"width": 1280, "height": 704, "length": 121, "batch_size": 1}),
         (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 6.5,
                                 "sampler_name": "res_multistep", "scheduler": "karras", "positive": link(2),
@@ -202,10 +215,8 @@ WAN21_I2V = {
         (2, "CLIPTextEncode", {"text": "the woman in the picture turns towards the camera and smiles, gentle wind",
                                "clip": link(1)}),
         (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
-        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
-                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
-        (5, "ParallelModelLoader", {"model_name": "wan2.1_i2v_480p_14B_bf16.safetensors", "base_precision": "bf16",
-                                    "parallel_config": link(4), "residency": "swap"}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("wan2.1_i2v_480p_14B_bf16.safetensors")),
         (6, "CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"}),
         (7, "LoadImage", {"image": "example.png"}),
         (8, "CLIPVisionEncode", {"clip_vision": link(6), "image": link(7), "crop": "none"}),
@@ -232,10 +243,8 @@ WAN21_VACE = {
         (2, "CLIPTextEncode", {"text": "the toy robot from the reference walks across a wooden desk, soft daylight",
                                "clip": link(1)}),
         (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
-        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
-                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0}),
-        (5, "ParallelModelLoader", {"model_name": "wan2.1_vace_14B_fp16.safetensors", "base_precision": "bf16",
-                                    "parallel_config": link(4), "residency": "swap"}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("wan2.1_vace_14B_fp16.safetensors")),
         (6, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
         (7, "LoadImage", {"image": "example.png"}),
         (8, "WanVaceToVideo", {"positive": link(2), "negative": link(3), "vae": link(6), "width": 832,
@@ -261,11 +270,8 @@ WAN21_T2V_GGUF = {
         (2, "CLIPTextEncode", {"text": "a red fox running through fresh snow, golden hour, cinematic",
                                "clip": link(1)}),
         (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
-        (4, "ParallelConfig", {"world_size": 2, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
-                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0,
-                               "weights": "sharded"}),
-        (5, "ParallelModelLoader", {"model_name": "wan2.1-t2v-14b-Q8_0.gguf", "base_precision": "bf16",
-                                    "parallel_config": link(4), "residency": "swap"}),
+        (4, "ParallelConfig", parallel_config(weights="sharded")),
+        (5, "ParallelModelLoader", parallel_loader("wan2.1-t2v-14b-Q8_0.gguf")),
         (6, "EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
         (7, "KSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
                          "scheduler": "simple", "positive": link(2), "negative": link(3), "latent_image": link(6),
@@ -287,13 +293,9 @@ WAN21_T2V_TWO_NODES = {
         (2, "CLIPTextEncode", {"text": "a red fox running through fresh snow, golden hour, cinematic",
                                "clip": link(1)}),
         (3, "CLIPTextEncode", {"text": NEGATIVE, "clip": link(1)}),
-        (4, "ParallelConfig", {"world_size": 16, "cfg": 0, "ulysses": 0, "ring": 0, "tp": 0, "dp": 0,
-                               "dtype": "bf16", "device": "cuda", "attention": "sdpa", "first_device": 0,
-                               "weights": "auto", "pp": 1, "stage_split": "", "devices": "", "nodes": 2,
-                               "ranks_per_node": 8, "rendezvous": "10.0.0.1:29500", "secret_file": "~/pdit.secret",
-                               "rejoin_timeout": 120.0}),
-        (5, "ParallelModelLoader", {"model_name": "wan2.1_t2v_14B_bf16.safetensors", "base_precision": "bf16",
-                                    "parallel_config": link(4), "residency": "swap"}),
+        (4, "ParallelConfig", parallel_config(world_size=16, nodes=2, ranks_per_node=8,
+                                               rendezvous="10.0.0.1:29500", secret_file="~/pdit.secret")),
+        (5, "ParallelModelLoader", parallel_loader("wan2.1_t2v_14B_bf16.safetensors")),
         (6, "EmptyHunyuanLatentVideo", {"width": 1280, "height": 720, "length": 81, "batch_size": 1}),
         (7, "KSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
                          "scheduler": "simple", "positive": link(2), "negative": link(3), "latent_image": link(6),

@@ -28,3 +28,19 @@ def test_classic_nodes_on_a_host_without_v3(comfy, pack, monkeypatch):
             for name, spec in decl.get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{name}"
         assert cls.CATEGORY == "parallel_dit" and hasattr(cls, cls.FUNCTION)
+
+
+def test_parallel_config_asks_the_common_inputs_first(comfy, pack):
+    """world size, degrees, dtype, device, attention first (required); placement, pipeline and several machines
+    optional and advanced (hidden by a frontend that has advanced widgets), in the saved workflows' order."""
+    classic = sys.modules[pack.__name__ + ".nodes"].NODE_CLASS_MAPPINGS["ParallelConfig"]
+    decl = classic.INPUT_TYPES()
+    assert list(decl["required"]) == ["world_size", "cfg", "ulysses", "ring", "tp", "dp", "dtype", "device",
+                                      "attention"]
+    advanced = [n for n, spec in decl["optional"].items() if spec[1].get("advanced")]
+    assert advanced == ["first_device", "pp", "stage_split", "devices", "nodes", "ranks_per_node", "rendezvous",
+                        "secret_file", "rejoin_timeout"]
+    v3 = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]
+    if hasattr(v3, "GET_SCHEMA"):  # the V3 declaration carries the flag to the frontend too
+        shown = {i.id: i.as_dict() for i in v3.GET_SCHEMA().inputs}
+        assert [n for n, d in shown.items() if d.get("advanced")] == advanced

@@ -143,10 +143,12 @@ def test_stage_ranges():
     assert bubble_fraction(2, 1) == 0.5 and bubble_fraction(2, 4) == 0.2 and bubble_fraction(1, 1) == 0.0
 
 
+@pytest.mark.multirank
 def test_two_stages_match_one_rank(world2, reference):
     _check(world2, reference, MESHES_2)
 
 
+@pytest.mark.multirank
 def test_stages_with_ulysses_and_cfg_match_one_rank(world4, reference):
     _check(world4, reference, MESHES_4)
 
@@ -172,6 +174,7 @@ def _quantized_rank_fn(mesh, path):
     return outs
 
 
+@pytest.mark.multirank
 def test_two_stages_of_a_quantized_file_match_one_rank(path, tmp_path):
     """A file of ComfyUI's mixed-precision layout (comfy_quant keys where the host reads them, else its metadata;
     quantized by ComfyUI's own code) on pp2: each stage's quantized layers load themselves (the other stage's blocks

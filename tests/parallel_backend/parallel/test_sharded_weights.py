@@ -181,10 +181,12 @@ def _check(per_rank, reference, meshes):
               f"(blocks x (N-1)/N = {unit * (world - 1) / world:.0f})")
 
 
+@pytest.mark.multirank
 def test_two_ranks_match_one_rank(world2, reference):
     _check(world2, reference, MESHES_2)
 
 
+@pytest.mark.multirank
 def test_four_ranks_match_one_rank(world4, reference):
     _check(world4, reference, MESHES_4)
 

@@ -153,6 +153,7 @@ def test_one_rank_gguf_equals_its_dequantized_weights_and_approximates_the_origi
         < one_rank["F16"]["info"]["param_bytes"]
 
 
+@pytest.mark.multirank
 def test_meshes_match_one_rank_on_the_same_file(world2, one_rank):
     worst = {}
     for name in MESHES:
@@ -163,6 +164,7 @@ def test_meshes_match_one_rank_on_the_same_file(world2, one_rank):
     print("\nmax abs diff vs one rank: " + ", ".join(f"{n}/{q} {d:.1e}" for (n, q), d in worst.items()))
 
 
+@pytest.mark.multirank
 def test_ranks_hold_quantized_bytes_and_report_dequantized_layers(world2, one_rank):
     for q in ("Q8_0", "Q4_K"):
         full = one_rank[q]["info"]["gguf_weight_bytes"]  # every kept-quantized layer lies in the blocks
@@ -187,6 +189,7 @@ def test_ranks_hold_quantized_bytes_and_report_dequantized_layers(world2, one_ra
           + ", ".join(f"{n} {world2[0][n, 'Q8_0'][3]['gguf_weight_bytes']}" for n in MESHES))
 
 
+@pytest.mark.multirank
 def test_lora_on_gguf_equals_lora_on_the_dequantized_weights(world2, one_rank):
     one = (one_rank["lora_gguf"] - one_rank["lora_deq"]).abs().max().item()
     tp2 = (_assembled(world2, ("tp2", "lora")) - one_rank["lora_deq"]).abs().max().item()
