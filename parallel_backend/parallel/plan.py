@@ -363,16 +363,14 @@ class PlanHook:
         return self.handle.id in table
 
 
-def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: SequenceState, max_degree: int | None = None
-                            ) -> list:
-    """Register the split / gather hooks; returns them as PlanHook records. Apply this after every module
-    replacement that is known up front (TP, fp8); `replace_module` carries the hooks over any later one.
-    `max_degree`: the widest split any call may use (a fold can split a mesh whose own sequence degree is 1)."""
-    if (max_degree or state.degree) == 1:
-        return []
-    handles = []
+class _SequenceHooks:
+    """The hook functions of one model's sequence split, over its SequenceState (one per rank's model)."""
 
-    def cut(t, s):
+    def __init__(self, plan: ParallelPlan, state: SequenceState):
+        self.plan, self.state = plan, state
+
+    def cut(self, t, s: SeqSplit):
+        state = self.state
         if s.first_only:
             if not state.tokens_pending:
                 return t
@@ -383,106 +381,120 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
             return state.split_frames(t, s.dim, s.rest)
         return state.split_per_token(t, s.dim) if s.per_token else state.split(t, s.dim)
 
-    def split_inputs(spec, kw_spec=None):
+    def split_inputs(self, spec, kw_spec=None):
         def hook(_module, args, kwargs):
             args = list(args)
             for i, s in (spec or {}).items():
                 if i < len(args) and torch.is_tensor(args[i]) and (s.expected_ndim in (None, args[i].ndim)):
-                    args[i] = cut(args[i], s)
+                    args[i] = self.cut(args[i], s)
             for k, s in (kw_spec or {}).items():
                 v = kwargs.get(k)
                 if torch.is_tensor(v) and (s.expected_ndim in (None, v.ndim)):
-                    kwargs = {**kwargs, k: cut(v, s)}
+                    kwargs = {**kwargs, k: self.cut(v, s)}
             return tuple(args), kwargs
         return hook
 
-    def split_outputs(spec):
+    def split_outputs(self, spec):
         def hook(_module, _args, output):
             out = list(output) if isinstance(output, (tuple, list)) else [output]
             for i, s in spec.items():
                 if s.expected_ndim in (None, out[i].ndim):
-                    out[i] = cut(out[i], s)
+                    out[i] = self.cut(out[i], s)
             return type(output)(out) if isinstance(output, (tuple, list)) else out[0]
         return hook
 
-    def gather_output(spec):
+    def gather_output(self, spec: SeqGather):
         def hook(_module, _args, output):
             if spec.grid:
-                return state.gather_grid(output, spec.dim, spec.flat)
+                return self.state.gather_grid(output, spec.dim, spec.flat)
             if spec.frames:
-                return state.gather_frames(output, spec.dim)
-            return state.gather(output, spec.dim)
+                return self.state.gather_frames(output, spec.dim)
+            return self.state.gather(output, spec.dim)
         return hook
 
-    def whole_grid_input(dim):
+    def whole_grid_input(self, dim: int):
         def hook(_module, args):
-            t = args[0] if args else None
-            if state.grid is None or not torch.is_tensor(t) or t.ndim < dim + 3:
+            t, grid = (args[0] if args else None), self.state.grid
+            if grid is None or not torch.is_tensor(t) or t.ndim < dim + 3:
                 return None
-            frames, h, w = state.grid
+            frames, h, w = grid
             if t.shape[dim] != frames or t.shape[dim + 1] != 1:
-                raise ValueError(f"a grid-shape input {tuple(t.shape)} is not this rank's part of a {state.grid} grid")
+                raise ValueError(f"a grid-shape input {tuple(t.shape)} is not this rank's part of a {grid} grid")
             shape = (*t.shape[:dim], frames, h, w, *t.shape[dim + 3:])
             return (t.new_zeros(()).expand(shape), *args[1:])  # no memory: only its shape is read
         return hook
 
-    def attention_scope(enter):
+    def attention_scope(self, enter: bool):
         def hook(*_args):
             if enter:
-                ACTIVE_SEQUENCE_STATES.append(state)
+                ACTIVE_SEQUENCE_STATES.append(self.state)
             elif ACTIVE_SEQUENCE_STATES:
                 ACTIVE_SEQUENCE_STATES.pop()
         return hook
 
-    names = [n for n, _ in model.named_modules()]
-    expand = lambda pattern: [n for n in names if _matches(n, pattern)] or [pattern]
-    # positional splits first (they split the tokens and learn the real length), then keyword ones, which may be
-    # per-token tensors cut to the tokens this rank now holds
-    for pattern, spec in list(plan.seq_split_inputs.items()) + [(p, None) for p in plan.seq_split_kwargs]:
-        for name in expand(pattern):
-            hook = split_inputs(spec, None) if spec is not None else split_inputs(None, plan.seq_split_kwargs[pattern])
-            h = model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
-            handles.append(PlanHook(name, "split_inputs", h))
-    def record_plane(_module, _args, output):
+    def record_plane(self, _module, _args, output):
+        state = self.state
         if state.main is None:  # the first call of the forward: the latent's own frames
-            plane, runs = output.shape[-2] * output.shape[-1], plan.plane_runs
+            plane, runs = output.shape[-2] * output.shape[-1], self.plan.plane_runs
             if plane % runs:
                 raise ValueError(f"this model's sequence split takes each frame's {plane} tokens in {runs} equal "
                                  f"runs: pick a size whose tokens per frame divide by {runs}")
             state.plane = plane // runs
             state.main = (output.shape[-3] * runs, state.plane)
 
-    def main_length(key):
+    def main_length(self, key):
         def hook(_module, args, kwargs):
-            if state.grid is None:
+            if self.state.grid is None:
                 return None
+            local = self.state.main_local_len
             if isinstance(key, str):
-                return (args, {**kwargs, key: state.main_local_len}) if key in kwargs else None
-            return ((*args[:key], state.main_local_len, *args[key + 1:]), kwargs) if key < len(args) else None
+                return (args, {**kwargs, key: local}) if key in kwargs else None
+            return ((*args[:key], local, *args[key + 1:]), kwargs) if key < len(args) else None
         return hook
 
-    for pattern, key in plan.main_length_args.items():
-        for name in expand(pattern):
-            h = model.get_submodule(name).register_forward_pre_hook(main_length(key), with_kwargs=True)
-            handles.append(PlanHook(name, "split_inputs", h))
 
-    for pattern in plan.plane_from:
-        for name in expand(pattern):
-            handles.append(PlanHook(name, "gather_output", model.get_submodule(name).register_forward_hook(record_plane)))
-    for pattern, dim in plan.grid_shape_inputs.items():
-        for name in expand(pattern):
-            h = model.get_submodule(name).register_forward_pre_hook(whole_grid_input(dim))
-            handles.append(PlanHook(name, "split_inputs", h))
-    for name, spec in plan.seq_split_outputs.items():
-        handles.append(PlanHook(name, "split_outputs", model.get_submodule(name).register_forward_hook(split_outputs(spec))))
-    for name, spec in plan.seq_gather_outputs.items():
-        handles.append(PlanHook(name, "gather_output", model.get_submodule(name).register_forward_hook(gather_output(spec))))
-    for pattern in plan.sequence_attention:
-        for name in expand(pattern):
-            mod = model.get_submodule(name)
-            handles.append(PlanHook(name, "split_inputs", mod.register_forward_pre_hook(attention_scope(True))))
-            handles.append(PlanHook(name, "gather_output", mod.register_forward_hook(attention_scope(False))))
-    return handles
+def _pre(model, name, hook, with_kwargs=False):
+    return PlanHook(name, "split_inputs", model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+
+
+def _post(model, name, hook, kind="gather_output"):
+    return PlanHook(name, kind, model.get_submodule(name).register_forward_hook(hook))
+
+
+def _input_hooks(model, plan: ParallelPlan, hooks: _SequenceHooks, expand) -> list:
+    """Positional splits first (they split the tokens and learn the real length), then keyword ones, which may be
+    per-token tensors cut to the tokens this rank now holds; then the main-length arguments and grid-shape inputs."""
+    out = [_pre(model, name, hooks.split_inputs(spec), True)
+           for pattern, spec in plan.seq_split_inputs.items() for name in expand(pattern)]
+    out += [_pre(model, name, hooks.split_inputs(None, kw_spec), True)
+            for pattern, kw_spec in plan.seq_split_kwargs.items() for name in expand(pattern)]
+    out += [_pre(model, name, hooks.main_length(key), True)
+            for pattern, key in plan.main_length_args.items() for name in expand(pattern)]
+    out += [_post(model, name, hooks.record_plane) for pattern in plan.plane_from for name in expand(pattern)]
+    out += [_pre(model, name, hooks.whole_grid_input(dim))
+            for pattern, dim in plan.grid_shape_inputs.items() for name in expand(pattern)]
+    return out
+
+
+def _output_and_attention_hooks(model, plan: ParallelPlan, hooks: _SequenceHooks, expand) -> list:
+    out = [_post(model, name, hooks.split_outputs(spec), "split_outputs") for name, spec in plan.seq_split_outputs.items()]
+    out += [_post(model, name, hooks.gather_output(spec)) for name, spec in plan.seq_gather_outputs.items()]
+    for name in (n for pattern in plan.sequence_attention for n in expand(pattern)):
+        out += [_pre(model, name, hooks.attention_scope(True)), _post(model, name, hooks.attention_scope(False))]
+    return out
+
+
+def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: SequenceState, max_degree: int | None = None
+                            ) -> list:
+    """Register the split / gather hooks; returns them as PlanHook records. Apply this after every module
+    replacement that is known up front (TP, fp8); `replace_module` carries the hooks over any later one.
+    `max_degree`: the widest split any call may use (a fold can split a mesh whose own sequence degree is 1)."""
+    if (max_degree or state.degree) == 1:
+        return []
+    names = [n for n, _ in model.named_modules()]
+    expand = lambda pattern: [n for n in names if _matches(n, pattern)] or [pattern]  # noqa: E731
+    hooks = _SequenceHooks(plan, state)
+    return _input_hooks(model, plan, hooks, expand) + _output_and_attention_hooks(model, plan, hooks, expand)
 
 
 def missing_plan_hooks(model: nn.Module, hooks: list) -> list:
