@@ -48,15 +48,16 @@ class WorkerGroupInterrupted(RuntimeError):
     pass
 
 
-def _exit_cause(code: int | None) -> str:
+def exit_cause(code: int | None) -> str:
+    """How a process ended, from its exit code (multiprocessing's: negative = the signal that killed it)."""
     if code is None:
-        return "still running"
+        return "is still running"
     if code < 0:
         try:
-            return f"killed by signal {signal.Signals(-code).name}"
+            return f"was killed by signal {signal.Signals(-code).name}"
         except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def available_devices(kind: str) -> int | None:
@@ -403,7 +404,7 @@ class WorkerGroup:
         code = proc.exitcode
         self.stop(graceful=False)
         return WorkerGroupError(
-            f"rank {rank} of {self.config.describe()} died during {what} ({_exit_cause(code)}){extra}; "
+            f"rank {rank} of {self.config.describe()} died during {what} ({exit_cause(code)}){extra}; "
             f"the group was stopped and the next run starts a fresh one")
 
     # ---- model ---------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from .multinode import (
     read_secret,
     session_store,
 )
+from .group import exit_cause
 from .rendezvous import pick_device
 
 DEFAULT_TARGET = "parallel_backend.runtime.worker:serve_remote"
@@ -196,16 +197,6 @@ def parse_args(argv=None) -> NodeSpec:
                     a.timeout, once)
 
 
-def _exit_cause(code) -> str:
-    import signal
-    if code is not None and code < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 class _Heartbeat:
     """Bumps `hb/<node>` in the session's store every HEARTBEAT_S; `lost` is set when the store cannot be reached
     (node 0 stopped the group or is gone)."""
@@ -253,7 +244,7 @@ def _serve_session(spec: NodeSpec) -> int:
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
                 rank = spec.node_rank * spec.world.nproc_per_node + e.error_index
                 cause = ("raised an error (its traceback is above)" if isinstance(e, mp.ProcessRaisedException)
-                         else _exit_cause(e.exit_code))
+                         else exit_cause(e.exit_code))
                 print(f"{tag} rank {rank} {cause}; its peers on this node were stopped", file=sys.stderr, flush=True)
                 try:
                     session.set(f"dead/{rank}", cause)

@@ -69,14 +69,9 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
 
 def _join_nodes(config, rank: int, spec: dict):
     """Node 0's local rank joins the multi-node group through node 0's store (the ComfyUI process hosts it)."""
-    import torch
-
     from .multinode import World, connect_store, join_group, read_secret
-    if config.device == "cuda":
-        device = torch.device("cuda", config.device_index(rank))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    from .rendezvous import pick_device
+    device = pick_device(config.device, config.device_index(rank))
     store = connect_store(spec["host"], spec["port"], spec["timeout"])
     member = join_group(store, read_secret(spec["secret_file"]), rank, World(config.nodes, config.local_ranks),
                         device, spec["host"], spec.get("endpoint", "node 0"), spec["timeout"])
