@@ -1,6 +1,7 @@
 """The tree's promises, checked on the source: the README's module tree matches the code, the product never
-imports the test helpers, the engine never imports ComfyUI (family files may, inside a rank), and the nodes
-never call torch.distributed."""
+imports the test helpers, the engine never imports ComfyUI (family files may, inside a rank), the nodes
+never call torch.distributed, the engine's imports run down its layers with no cycle, and no product function is
+longer than a reader can hold at once."""
 import ast
 import os
 import re
@@ -75,3 +76,62 @@ def test_engine_never_imports_comfyui_and_nodes_never_torch_distributed():
     for path in _py_files("nodes"):
         bad = {m for m in _imports(path) if m and m.startswith("torch.distributed")}
         assert not bad, f"{path} uses torch.distributed: {bad}"
+
+
+def _engine_graph():
+    """parallel_backend's modules -> the parallel_backend modules each imports (anywhere in the file)."""
+    modules = {}
+    for path in _py_files("parallel_backend"):
+        name = path[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        modules[name] = path
+    return {m: {i for i in _imports(p) if i in modules and i != m} for m, p in modules.items()}
+
+
+# the engine's layers, lowest first: a module imports only from its own layer or a lower one
+ENGINE_LAYERS = ("config", "parallel", "weights", "models", "planner", "runtime", "testing")
+# config validates the attention backend by asking the kernels which package is missing (a leaf module)
+LAYER_EXCEPTIONS = {("parallel_backend.config", "parallel_backend.parallel.kernels")}
+
+
+def _layer(module):
+    parts = module.split(".")
+    return ENGINE_LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in ENGINE_LAYERS else -1
+
+
+def test_engine_imports_run_down_the_layers_only():
+    upward = sorted((m, i) for m, imports in _engine_graph().items() for i in imports
+                    if _layer(i) > _layer(m) and (m, i) not in LAYER_EXCEPTIONS)
+    assert upward == [], f"arrows that run up {ENGINE_LAYERS}: {upward}"
+
+
+def test_engine_has_no_import_cycle():
+    graph, done, stack = _engine_graph(), set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        if m in done:
+            return
+        stack.append(m)
+        for i in sorted(graph[m]):
+            visit(i)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_product_functions_are_short_enough_to_read_at_once():
+    long = []
+    for path in [p for top in ("parallel_backend", "nodes") for p in _py_files(top)
+                 if not p.startswith(os.path.join("parallel_backend", "testing"))]:
+        for node in ast.walk(ast.parse(open(os.path.join(REPO, path)).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == [], f"split these (at most {MAX_FUNCTION_LINES} lines each): {long}"
