@@ -55,6 +55,28 @@ PLAN = ParallelPlan(
 PATCH_POINTS: dict = {}  # the host applies no attn / mlp patches in this class (only the block replacement above)
 
 
+def keep_text_states(text_states):
+    """The proxy's `preprocess_text_embeds`: the host BaseModel refines the text once per sampling run through its
+    diffusion model; here the ranks refine it in every call instead (MiniMaxH3Model._forward does when the context
+    is not yet hidden-wide): the same ops on the same values, the text refiner's cost once per step."""
+    return text_states
+
+
+# what ComfyUI's MiniMaxH3 BaseModel and MiniMaxH3Model.forward read off the diffusion model in the ComfyUI process
+# (the class's defaults: ComfyUI's detection sets no other shift)
+PROXY_ATTRIBUTES = {"sigma_shift_video": 12.0, "sigma_shift_audio": 3.0, "patch_size": PATCH,
+                    "preprocess_text_embeds": keep_text_states}
+
+
+def crossing_inputs(named: dict) -> dict:
+    """The call's inputs as they cross: the payload without the host's prebuilt PackedLayout (an object of the
+    ComfyUI process; the rank's _forward builds the same layout from the same shapes, keyframes and refs)."""
+    payload = named.get("minimax_payload")
+    if isinstance(payload, dict) and "layout" in payload:
+        named = {**named, "minimax_payload": {k: v for k, v in payload.items() if k != "layout"}}
+    return named
+
+
 def detect(shapes: dict) -> bool:
     keys = {k.removeprefix("model.diffusion_model.") for k in shapes}
     return {"video_patch_proj.weight", "audio_patch_proj.weight", "blocks.0.attn.qkv_proj.weight",
