@@ -60,11 +60,21 @@ def refuse_unsupported_class(family_name, path, header):
     check = getattr(family, "variant_of", None)
     if check is None:
         return
-    _, _, host_class = host_model_config(family_name, path, "fp32", header)
     try:
-        check(host_class.__name__)
+        check(_host_class_name(family, family_name, path, header))
     except ValueError as e:
         raise ValueError(f"{os.path.basename(path)}: {e}") from None
+
+
+def _host_class_name(family, family_name, path, header) -> str | None:
+    """The diffusion model class ComfyUI builds for the file; None where the supported_models class the family names
+    is not in this ComfyUI (a family newer than the host: MiniMax H3 on 0.3.75)."""
+    hint = getattr(family, "comfy_model_config", None)
+    if hint is not None:
+        import comfy.supported_models
+        if not hasattr(comfy.supported_models, hint(header)[0]):
+            return None
+    return host_model_config(family_name, path, "fp32", header)[2].__name__
 
 
 def _family_model_config(family_name, header):

@@ -24,10 +24,22 @@ def _batched_list(v, rows: int) -> bool:
     return isinstance(v, (list, tuple)) and bool(v) and all(torch.is_tensor(t) and t.shape[0] == rows for t in v)
 
 
-def _plain(v) -> bool:
-    if isinstance(v, (bool, int, float, str)):
+def _plain(v, nested: bool = False) -> bool:
+    """Numbers, strings, lists of them; inside a dict (a family's payload cond, MiniMax H3's) also tensors and
+    dicts: sent with the call."""
+    if isinstance(v, (bool, int, float, str)) or (nested and (v is None or torch.is_tensor(v))):
         return True
-    return isinstance(v, (list, tuple)) and all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x, True) for k, x in v.items())
+    return isinstance(v, (list, tuple)) and all(_plain(x, nested) for x in v)
+
+
+def _on_cpu(v):
+    if torch.is_tensor(v):
+        return v.detach().cpu()
+    if isinstance(v, dict):
+        return {k: _on_cpu(x) for k, x in v.items()}
+    return type(v)(_on_cpu(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 def crossing_conds(named: dict, conds: tuple, class_name: str, rows: int) -> tuple:
@@ -48,7 +60,7 @@ def crossing_conds(named: dict, conds: tuple, class_name: str, rows: int) -> tup
         elif _batched_list(v, rows):  # a list of such tensors (Wan's context_latents): one per item
             extras.update({f"{k}{sep}{i}": t.detach().cpu() for i, t in enumerate(v)})
         elif _plain(v):  # numbers, strings, lists of them (VACE's per-context strengths): with the call
-            values[k] = v
+            values[k] = _on_cpu(v)
         else:
             raise UnsupportedPatchError(f"the conditioning input '{k}' of {class_name} is a "
                                         f"{type(v).__name__}, which cannot cross to the worker ranks")

@@ -53,6 +53,10 @@ class ParallelDiffusionModel(torch.nn.Module):
         self.dtype = engine.reads.compute_dtype(precision)
         shape = (info["num_heads"] * info["head_dim"], info["in_channels"], *info["patch_size"])
         self.patch_embedding = _ShapeOnly(shape, self.dtype)
+        # what the host's BaseModel and forward read off their diffusion model besides the call (MiniMax H3: its
+        # sigma shifts, patch size, text preprocessing), as the family gives them
+        for name, value in getattr(self.family(), "PROXY_ATTRIBUTES", {}).items():
+            setattr(self, name, value)
         # a real (tiny) buffer so ComfyUI's device moves have something to move, and no meta tensors
         self.register_buffer("device_anchor", torch.zeros(1), persistent=False)
 
@@ -102,6 +106,12 @@ class ParallelDiffusionModel(torch.nn.Module):
         named = _bind(self.host_class, args, kwargs)
         names = list(named)
         x, timestep, context = (named.pop(n) for n in names[:3])  # (x, timestep(s), context) in every DiT
+        streams = None
+        if isinstance(x, (list, tuple)):  # a packed latent's streams (MiniMax H3: [video, audio]): cross as one tensor
+            import comfy.utils
+            x, streams = comfy.utils.pack_latents(x)
+            named["latent_shapes"] = [tuple(s) for s in streams]
+        named = getattr(self.family(), "crossing_inputs", lambda n: n)(named)
         transformer_options = named.pop("transformer_options", None) or {}
         base = self._base_ref() if self._base_ref is not None else None
         patcher = getattr(base, "current_patcher", None)
@@ -122,6 +132,9 @@ class ParallelDiffusionModel(torch.nn.Module):
                         activations=call_activations(base, x.shape),
                         what=f"{x.shape[0]} rows of a {'x'.join(map(str, x.shape[2:]))} latent", **extras)
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if streams is not None:
+            import comfy.utils
+            return comfy.utils.unpack_latents(out.to(x.device), streams)
         return out.to(x.device)
 
 

@@ -30,13 +30,15 @@ def block_weight_bytes(header, family, precision: str) -> int:
     fp8 stays 1 byte, GGUF quantized, the rest at `precision`."""
     units = getattr(family, "SHARD_UNITS", ("blocks",))
     # a list's children are numbered (blocks.0.), Cosmos 1's ModuleDict names them (blocks.block0.)
-    pattern = re.compile(r"(^|\.)(" + "|".join(re.escape(u) for u in units) + r")\.(block)?[0-9]+\.")
+    pattern = re.compile(getattr(family, "BLOCK_PATTERN", None)  # (a family whose blocks' name recurs: its own)
+                         or r"(^|\.)(" + "|".join(re.escape(u) for u in units) + r")\.(block)?[0-9]+\.")
     return sum(held_bytes(s, d, precision) for k, (s, d) in header.items() if pattern.search(k))
 
 
 def model_bytes(header, family, precision: str) -> ModelBytes:
     """ModelBytes of a file as the ranks hold it: each transformer block's bytes (the family's BLOCKS), the rest."""
-    pattern = re.compile(r"(^|\.)" + re.escape(getattr(family, "BLOCKS", "blocks")) + r"\.(?:block)?([0-9]+)\.")
+    pattern = re.compile(getattr(family, "BLOCK_PATTERN", None)
+                         or r"(^|\.)" + re.escape(getattr(family, "BLOCKS", "blocks")) + r"\.(?:block)?([0-9]+)\.")
     blocks, rest = {}, 0
     for k, (s, d) in header.items():
         m = pattern.search(k)

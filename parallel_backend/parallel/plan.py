@@ -42,6 +42,8 @@ class SeqSplit:
     #                     count as keys on the first rank only
     grid: bool = False  # the tokens are a grid (B, T, H, W, ...) with frames at `dim`: frames stay whole (per-frame
     #                     operations see every frame) and each frame's H x W plane is split, padded at its end
+    segments: bool = False  # not a tensor: a list of (start, stop, row) over the whole flat sequence (MiniMax H3's
+    #                         per-segment modulation; `row` an index or one per token): cut to this rank's tokens
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class ParallelPlan:
     # a `frames` split's unit is 1 / plane_runs of a frame: each frame's tokens in that many equal runs, each rank n
     # tokens of every run (WanDancer's music injector gives each eighth of a frame its own music token)
     plane_runs: int = 1
+    # module pattern -> {arg index: SeqGather}: inputs gathered back to the whole sequence before the module runs (a
+    # head that slices its streams out of the packed sequence by position: MiniMax H3's final layer)
+    seq_gather_inputs: dict = field(default_factory=dict)
 
 
 def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
@@ -99,7 +104,8 @@ def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
         grid_shape_inputs={**plan.grid_shape_inputs, **extra.grid_shape_inputs},
         plane_from=plan.plane_from + extra.plane_from,
         main_length_args={**plan.main_length_args, **extra.main_length_args},
-        plane_runs=max(plan.plane_runs, extra.plane_runs))
+        plane_runs=max(plan.plane_runs, extra.plane_runs),
+        seq_gather_inputs=merged(plan.seq_gather_inputs, extra.seq_gather_inputs))
 
 
 class SequenceState:
@@ -294,6 +300,21 @@ class SequenceState:
         tokens = torch.arange(self.index * n, self.index * n + n, device=t.device).clamp(max=full - 1)
         return t.index_select(dim, tokens // step)
 
+    def split_segments(self, segments: list) -> list:
+        """This rank's part of a segment table [(start, stop, row), ...] over the whole flat sequence (see
+        SeqSplit.segments), in its local positions; call after the tokens were split (flat). Padding rows belong
+        to no segment (the host leaves them unmodulated; they are masked as keys and dropped at the gather)."""
+        if not self.is_split or self.degree == 1:
+            return segments
+        n = self.local_len
+        lo, hi = self.index * n, self.index * n + n
+        out = []
+        for a, b, row in segments:
+            first, last = max(a, lo), min(b, hi)
+            if first < last:
+                out.append((first - lo, last - lo, row[first - a:last - a] if torch.is_tensor(row) else row))
+        return out
+
     def _narrow_padded(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         n = -(-t.shape[dim] // self.degree)
         idx = torch.arange(self.index * n, self.index * n + n, device=t.device).clamp(max=t.shape[dim] - 1)
@@ -385,7 +406,9 @@ class _SequenceHooks:
         def hook(_module, args, kwargs):
             args = list(args)
             for i, s in (spec or {}).items():
-                if i < len(args) and torch.is_tensor(args[i]) and (s.expected_ndim in (None, args[i].ndim)):
+                if s.segments and i < len(args) and isinstance(args[i], list):
+                    args[i] = self.state.split_segments(args[i])
+                elif i < len(args) and torch.is_tensor(args[i]) and (s.expected_ndim in (None, args[i].ndim)):
                     args[i] = self.cut(args[i], s)
             for k, s in (kw_spec or {}).items():
                 v = kwargs.get(k)
@@ -401,6 +424,12 @@ class _SequenceHooks:
                 if s.expected_ndim in (None, out[i].ndim):
                     out[i] = self.cut(out[i], s)
             return type(output)(out) if isinstance(output, (tuple, list)) else out[0]
+        return hook
+
+    def gather_inputs(self, spec: dict):
+        def hook(_module, args):
+            return tuple(self.state.whole(a, spec[i].dim) if i in spec and torch.is_tensor(a) else a
+                         for i, a in enumerate(args))
         return hook
 
     def gather_output(self, spec: SeqGather):
@@ -478,6 +507,8 @@ def _input_hooks(model, plan: ParallelPlan, hooks: _SequenceHooks, expand) -> li
 
 def _output_and_attention_hooks(model, plan: ParallelPlan, hooks: _SequenceHooks, expand) -> list:
     out = [_post(model, name, hooks.split_outputs(spec), "split_outputs") for name, spec in plan.seq_split_outputs.items()]
+    out += [_pre(model, name, hooks.gather_inputs(spec))
+            for pattern, spec in plan.seq_gather_inputs.items() for name in expand(pattern)]
     out += [_post(model, name, hooks.gather_output(spec)) for name, spec in plan.seq_gather_outputs.items()]
     for name in (n for pattern in plan.sequence_attention for n in expand(pattern)):
         out += [_pre(model, name, hooks.attention_scope(True)), _post(model, name, hooks.attention_scope(False))]

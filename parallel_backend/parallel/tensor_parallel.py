@@ -116,6 +116,16 @@ def host_column_parallel_kv(layer: nn.Module, group, tp_rank, tp_size) -> nn.Mod
     return new
 
 
+def host_column_parallel_qkv(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
+    """A fused q / k / v projection whose outputs are [q of every head | k ... | v ...] (MiniMax H3): each rank holds
+    its heads' rows of all three blocks, so its output is [its q heads | its k heads | its v heads]."""
+    n_in, n_out = _sizes(layer)
+    assert n_out % (3 * tp_size) == 0, f"out_features {n_out} % (3 x tp {tp_size})"
+    new = host_column_parallel(layer, group, tp_rank, tp_size)
+    new.shard_chunks = 3
+    return new
+
+
 def host_row_parallel(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
     """The host layer with inputs / tp, its output all-reduced over TP. The bias is held by TP rank 0 only (the
     others hold zeros), so the sum adds it once and the layer's own forward stays the host's."""
@@ -152,5 +162,6 @@ def _slice_input(module, args):
 
 
 TP_STYLES = {"host_colwise": host_column_parallel, "host_colwise_kv": host_column_parallel_kv,
+             "host_colwise_qkv": host_column_parallel_qkv,
              "host_rowwise": host_row_parallel,
              "host_rowwise_sliced_input": host_row_parallel_sliced_input, "head_norm": head_sharded_norm}

@@ -500,7 +500,9 @@ class WorkerGroup:
         need = 0 if activations is None else self._check_call(activations, x.shape[0], what)
         with self._lock:
             refs = self._in.write(tensors)
-            out_shape = (x.shape[0], held["info"]["out_channels"], *x.shape[2:])
+            # a packed latent of several streams (MiniMax H3's [video, audio]) comes back packed alike
+            out_shape = tuple(x.shape) if "latent_shapes" in (values or {}) else \
+                (x.shape[0], held["info"]["out_channels"], *x.shape[2:])
             out_ref = self._out.layout({"out": (out_shape, torch.float32)})["out"]
             self.calls += 1
             self.progress.clear_cancel()

@@ -332,6 +332,61 @@ def write_tiny_cosmos1(path: str, seed: int = 0, dtype=torch.float32, preset: st
     return write_checkpoint(path, cosmos1_shapes(**cfg), dtype=dtype, seed=seed, prefix="net.")
 
 
+# ---- MiniMax H3 (ComfyUI 0.33's MiniMaxH3Model: joint audio + video, one packed stream) -------------------
+# name -> sizes; the real release: 50 blocks of 5376 wide, 56 heads of 128, a 2-block text refiner on Qwen3-VL states
+MINIMAX_PRESETS = {
+    # 6 heads of 64 (divide by 2, 3, 6), 2 blocks, a rope of 8 frequencies per axis (rotates 48 of 64 channels)
+    "tiny": dict(hidden=384, num_layers=2, refiner_layers=1, heads=6, head_dim=64, ffn=512, text_dim=96,
+                 time_hidden=128, time_dim=64, rope_len=8),
+    "minimax-h3": dict(hidden=5376, num_layers=50, refiner_layers=2, heads=56, head_dim=128, ffn=14336,
+                       text_dim=5120, time_hidden=5376, time_dim=2688, rope_len=16),
+}
+
+
+def _minimax_block(prefix: str, hidden: int, inner: int, head_dim: int, ffn: int) -> dict:
+    return {prefix + "norm1.weight": (hidden,), prefix + "norm2.weight": (hidden,),
+            prefix + "attn.qkv_proj.weight": (3 * inner, hidden), prefix + "attn.q_norm.weight": (head_dim,),
+            prefix + "attn.k_norm.weight": (head_dim,), prefix + "attn.out_proj.weight": (hidden, inner),
+            prefix + "mlp.fc1.weight": (2 * ffn, hidden), prefix + "mlp.fc2.weight": (hidden, ffn)}
+
+
+def minimax_shapes(hidden, num_layers, refiner_layers, heads, head_dim, ffn, text_dim, time_hidden, time_dim,
+                   rope_len, latents=24, audio=32, time_in=256) -> dict:
+    """key -> shape of a MiniMax H3 DiT (ComfyUI's MiniMaxH3Model names; the video patch is 1 x 2 x 2)."""
+    inner = heads * head_dim
+    s = {"video_patch_proj.weight": (hidden, 4 * latents), "video_patch_proj.bias": (hidden,),
+         "audio_patch_proj.weight": (hidden, audio), "audio_patch_proj.bias": (hidden,),
+         "condition_proj.weight": (hidden, text_dim), "condition_proj.bias": (hidden,),
+         "time_embedder.proj_in.weight": (time_hidden, time_in), "time_embedder.proj_in.bias": (time_hidden,),
+         "time_embedder.proj_out.weight": (time_dim, time_hidden), "time_embedder.proj_out.bias": (time_dim,),
+         "rope.inv_freq": (rope_len,)}
+    for i in range(refiner_layers):
+        s.update(_minimax_block(f"token_refiner.blocks.{i}.", hidden, inner, head_dim, ffn))
+    s["token_refiner.final_norm.weight"] = (hidden,)
+    for i in range(num_layers):
+        s.update(_minimax_block(f"blocks.{i}.", hidden, inner, head_dim, ffn))
+        s[f"blocks.{i}.adaln_proj.linear.weight"] = (18 * hidden, time_dim)
+        s[f"blocks.{i}.adaln_proj.linear.bias"] = (18 * hidden,)
+    s.update({"final_layer.norm.weight": (hidden,), "final_layer.adaln_proj.linear.weight": (2 * hidden, time_dim),
+              "final_layer.adaln_proj.linear.bias": (2 * hidden,), "final_layer.video_out.weight": (4 * latents, hidden),
+              "final_layer.video_out.bias": (4 * latents,), "final_layer.audio_out.weight": (audio, hidden),
+              "final_layer.audio_out.bias": (audio,)})
+    return s
+
+
+def write_tiny_minimax(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", **overrides) -> str:
+    """A random MiniMax H3 checkpoint in ComfyUI's layout; the rope's inverse frequencies are a real geometric
+    ladder (random ones would rotate far faster than any release)."""
+    cfg = {**MINIMAX_PRESETS[preset], **overrides}
+    g = torch.Generator().manual_seed(seed)
+    n = cfg["rope_len"]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(n, dtype=torch.float32) / n))
+    entries = [(k, tuple(v), torch.float32 if k == "rope.inv_freq" else dtype,
+                (lambda: inv_freq) if k == "rope.inv_freq" else (lambda k=k, v=v: random_tensor(k, v, g).to(dtype)))
+               for k, v in minimax_shapes(**cfg).items()]
+    return write_safetensors_stream(path, entries)
+
+
 # ---- safetensors written tensor by tensor ---------------------------------------------------------
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32"}

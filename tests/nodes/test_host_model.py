@@ -28,3 +28,24 @@ def test_the_proxy_model_is_the_class_the_file_metadata_picks(tmp_path, pack, pr
     base = model_config.get_model(sd, "", device="meta")
     assert type(base).__name__ == base_name and host_class.__name__ == model_name
     assert host_model.detected_host_class(path, read_header(path)).endswith(f"({model_name})")
+
+
+def test_minimax_h3_runs_where_the_host_has_the_class_and_is_refused_by_name_elsewhere(tmp_path, pack):
+    """MiniMax H3 files: accepted on a ComfyUI with MiniMaxH3Model (0.33), refused before any rank starts on one
+    without it (0.3.75), the refusal naming the missing class and what to change."""
+    import comfy.supported_models
+
+    from parallel_backend.testing.synthetic import write_tiny_minimax
+    from parallel_backend.weights.reads import read_header
+
+    path = write_tiny_minimax(str(tmp_path / "minimax_h3.safetensors"))
+    host_model = comfy_host.import_pack().nodes.host_model
+    if hasattr(comfy.supported_models, "MiniMaxH3"):
+        host_model.refuse_unsupported_class("minimax_h3", path, read_header(path))
+        assert host_model.host_model_config("minimax_h3", path, "fp32", read_header(path))[2].__name__ == \
+            "MiniMaxH3Model"
+        return
+    assert comfy_host.comfyui_version() == "0.3.75"
+    with pytest.raises(ValueError, match=r"minimax_h3.safetensors: this ComfyUI has no MiniMaxH3 model class .*update "
+                                         r"ComfyUI"):
+        host_model.refuse_unsupported_class("minimax_h3", path, read_header(path))

@@ -1,0 +1,125 @@
+"""MiniMax H3, sharded on cfg2 x ulysses2, ring2 x tp2 and on 3 ranks (ulysses3, ring3), equals ComfyUI 0.33's native
+MiniMaxH3Model._forward on the same file, <= 1e-4 max abs in fp32; on a host without the class (0.3.75) the file is
+refused by class name before any rank starts.
+
+The oracle is ComfyUI's own loader (comfy.sd.load_diffusion_model detects a tiny H3 file fully). The class runs one
+row per call (ComfyUI never batches its cond and uncond), so on the cfg2 mesh the two replicas fold into the sequence
+split (checked). Packed sequences of 70 and 77 tokens (text | cond rows | audio | video) divide by neither 4 nor 3:
+the split pads. The keyframe case has a condition frame (cond rows with noise augmentation), text tags (the text
+span modulated in runs) and video / audio denoise masks that vary per token (segment rows per token).
+"""
+import pytest
+import torch
+from mesh_parity import MESHES_4, assert_rows_match, run_meshes
+
+import comfy_host
+from parallel_backend.config import ParallelConfig
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.spmd import run_on_ranks
+from parallel_backend.testing.synthetic import write_tiny_minimax
+
+TOL = 1e-4
+HAS_MINIMAX = comfy_host.comfyui_version() != "0.3.75"
+MESHES_3 = {"ulysses3": dict(ulysses=3), "ring3": dict(ring=3)}
+
+
+def _case(name):
+    """(video, audio, timestep, context, conds) of a case; tokens = text + 2 x audio frames + T x H/2 x W/2."""
+    g = torch.Generator().manual_seed(len(name))
+    video = torch.randn(1, 24, 3, 6, 10, generator=g)  # 45 video tokens
+    audio = torch.randn(1, 32, 2, 7, generator=g)       # 14 audio rows
+    text = 11 if name == "t2va_70tok" else 12
+    ctx = torch.randn(1, text, 96, generator=g)
+    conds = {"minimax_payload": {"seed": 3, "audio_scale": 1.0}}
+    if name == "keyframe_77tok":  # one condition frame before the targets (cond rows: 15 more tokens)
+        frame = torch.randn(1, 24, 1, 6, 10, generator=g)
+        mask = torch.ones(1, 1, 3, 6, 10)
+        mask[:, :, 0] = 0.25
+        mask[:, :, 1, :2, :4] = 0.5
+        amask = torch.ones(1, 1, 2, 7)
+        amask[..., :3] = 0.4
+        conds = {"minimax_payload": {"seed": 3, "audio_scale": 1.0, "visual_cond_noise_aug": 0.95,
+                                     "keyframes": [{"latent": frame, "resolved_frame_index": 4}],
+                                     "cond_video_latents": [frame],
+                                     "text_token_tags": torch.tensor([1] * 5 + [0] * 4 + [1] * 3)},
+                 "denoise_mask": mask, "audio_denoise_mask": amask}
+    return video, audio, torch.tensor([700.0]), ctx, conds
+
+
+CASES = ("t2va_70tok", "keyframe_77tok")
+
+
+def _run_mesh(mesh, path):
+    import comfy.utils
+
+    m = ShardedModel(mesh, path, "fp32")
+    out = {}
+    for name in CASES:
+        video, audio, t, ctx, conds = _case(name)
+        x, shapes = comfy.utils.pack_latents([video, audio])
+        y = m.forward_rows(x, t, ctx, latent_shapes=shapes, **conds)
+        out[("tiny", name)] = (m.rows(1), y, m.last_fold)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_minimax(str(tmp_path_factory.mktemp("minimax") / "minimax_h3_tiny.safetensors"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def native_outputs(checkpoint):
+    comfy_host.import_comfy()
+    import comfy.sd
+    import comfy.utils
+
+    dm = comfy.sd.load_diffusion_model(checkpoint).model.diffusion_model
+    ref = {}
+    for name in CASES:
+        video, audio, t, ctx, conds = _case(name)
+        with torch.no_grad():
+            out = dm._forward([video, audio], t, ctx, transformer_options={}, **conds)
+        ref[("tiny", name)] = comfy.utils.pack_latents(out)[0].float()
+    return ref
+
+
+pytestmark = [pytest.mark.multirank,
+              pytest.mark.skipif(not HAS_MINIMAX, reason="this ComfyUI has no MiniMax H3 class (see the refusal test)")]
+
+
+def test_native_outputs_are_not_trivial(native_outputs):
+    a, b = native_outputs[("tiny", "t2va_70tok")], native_outputs[("tiny", "keyframe_77tok")]
+    assert a.abs().mean() > 0.1 and (a - b).abs().max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def world4(checkpoint):
+    config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
+    return run_on_ranks(run_meshes, config, _run_mesh, checkpoint, MESHES_4, timeout=600)
+
+
+@pytest.mark.parametrize("mesh", list(MESHES_4))
+def test_sharded_forward_equals_comfyui_native(native_outputs, world4, mesh):
+    config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4[mesh])
+    assert_rows_match(native_outputs, [r[mesh] for r in world4], config.describe(), TOL)
+    folds = {r[mesh][("tiny", "t2va_70tok")][2] for r in world4}
+    # one row per call: the cfg replicas join the sequence split (the fold at cfg 1), so no rank idles
+    assert folds == ({"none"} if mesh == "ring2xtp2" else {"2xring"}), folds
+
+
+def _run_meshes_3(mesh0, path):
+    from parallel_backend.runtime.mesh import build_mesh
+
+    out = {}
+    for name, degrees in MESHES_3.items():
+        cfg = ParallelConfig(world_size=3, device="cpu", dtype="fp32", **degrees)
+        mesh = mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device)
+        out[name] = _run_mesh(mesh, path)
+    return out
+
+
+def test_odd_world_size_equals_comfyui_native(native_outputs, checkpoint):
+    config = ParallelConfig(world_size=3, device="cpu", dtype="fp32", **MESHES_3["ulysses3"])
+    per_rank = run_on_ranks(_run_meshes_3, config, checkpoint, timeout=600)
+    for mesh in MESHES_3:
+        assert_rows_match(native_outputs, [r[mesh] for r in per_rank], mesh, TOL)
