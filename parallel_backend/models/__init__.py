@@ -3,9 +3,9 @@ diffusers names its PEFT LoRAs may use; host.py builds ComfyUI's class inside a 
 the two Cosmos files share."""
 from __future__ import annotations
 
-from . import cosmos, cosmos1, wan
+from . import cosmos, cosmos1, ltxv, wan
 
-FAMILIES = {wan.FAMILY: wan, cosmos.FAMILY: cosmos, cosmos1.FAMILY: cosmos1}
+FAMILIES = {wan.FAMILY: wan, cosmos.FAMILY: cosmos, cosmos1.FAMILY: cosmos1, ltxv.FAMILY: ltxv}
 
 
 class UnsupportedModelError(ValueError):
@@ -24,5 +24,5 @@ def detect_family(shapes: dict, path: str = "<file>"):
     sample = ", ".join(sorted(shapes)[:4])
     raise UnsupportedModelError(
         f"{path} is not a diffusion transformer this pack supports (supported: {', '.join(FAMILIES)}); "
-        f"its first keys are: {sample}. Pick a Wan, Cosmos Predict2 or Cosmos 1.0 DiT file from models/diffusion_models "
+        f"its first keys are: {sample}. Pick a Wan, Cosmos Predict2, Cosmos 1.0 or LTX-Video DiT file from models/diffusion_models "
         f"(text encoders, VAEs and LoRAs go in their own loaders)")

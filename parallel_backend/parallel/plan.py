@@ -12,7 +12,7 @@ transforms, is runtime/parallelize.py's (as torchtitan's `parallelize_<model>`).
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,8 @@ class SeqSplit:
     #                     count as keys on the first rank only
     grid: bool = False  # the tokens are a grid (B, T, H, W, ...) with frames at `dim`: frames stay whole (per-frame
     #                     operations see every frame) and each frame's H x W plane is split, padded at its end
+    item: int | None = None  # the tensor is this item of a tuple the module gets (ComfyUI 0.33's LTX rope:
+    #                          (rotation matrix, split mode)); the tuple's other items pass unchanged
 
 
 @dataclass(frozen=True)
@@ -383,16 +385,24 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
             return state.split_frames(t, s.dim, s.rest)
         return state.split_per_token(t, s.dim) if s.per_token else state.split(t, s.dim)
 
+    def cut_value(v, s):
+        """`v` cut by `s` where it is what `s` names (a tensor of the expected ndim, or a tuple holding one at
+        `s.item`); anything else passes unchanged."""
+        if s.item is not None:
+            if not isinstance(v, tuple) or len(v) <= s.item:
+                return v
+            return (*v[:s.item], cut_value(v[s.item], replace(s, item=None)), *v[s.item + 1:])
+        return cut(v, s) if torch.is_tensor(v) and s.expected_ndim in (None, v.ndim) else v
+
     def split_inputs(spec, kw_spec=None):
         def hook(_module, args, kwargs):
             args = list(args)
             for i, s in (spec or {}).items():
-                if i < len(args) and torch.is_tensor(args[i]) and (s.expected_ndim in (None, args[i].ndim)):
-                    args[i] = cut(args[i], s)
+                if i < len(args):
+                    args[i] = cut_value(args[i], s)
             for k, s in (kw_spec or {}).items():
-                v = kwargs.get(k)
-                if torch.is_tensor(v) and (s.expected_ndim in (None, v.ndim)):
-                    kwargs = {**kwargs, k: cut(v, s)}
+                if k in kwargs:
+                    kwargs = {**kwargs, k: cut_value(kwargs[k], s)}
             return tuple(args), kwargs
         return hook
 
@@ -435,7 +445,10 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
         return hook
 
     names = [n for n, _ in model.named_modules()]
-    expand = lambda pattern: [n for n in names if _matches(n, pattern)] or [pattern]
+    # a pattern names the modules it matches; a plain name that matches none is looked up (and fails loudly), a
+    # wildcard one that matches none (the two-digit blocks of a smaller model) names no module
+    expand = lambda pattern: ([n for n in names if _matches(n, pattern)]
+                              or ([] if any(c in pattern for c in "*?[") else [pattern]))
     # positional splits first (they split the tokens and learn the real length), then keyword ones, which may be
     # per-token tensors cut to the tokens this rank now holds
     for pattern, spec in list(plan.seq_split_inputs.items()) + [(p, None) for p in plan.seq_split_kwargs]:
