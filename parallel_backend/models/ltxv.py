@@ -138,10 +138,38 @@ def diffusers_names(source_keys) -> dict:
     return {k: v for k, v in converted.items() if isinstance(v, str)}
 
 
+AUDIO_KEY = "audio_adaln_single.linear.weight"  # ComfyUI 0.33's detection: "ltxav" where the file has it
+
+
+def file_class(header: dict) -> str:
+    """The LTX class a file asks for, as ComfyUI 0.33's detection reads its keys."""
+    return "LTXAVModel" if AUDIO_KEY in {strip_prefix(k) for k in header} else "LTXVModel"
+
+
+def host_has_class(name: str) -> bool:
+    """Whether this ComfyUI defines the LTX model class (comfy.ldm.lightricks.model / av_model)."""
+    import importlib
+
+    for module in ("comfy.ldm.lightricks.model", "comfy.ldm.lightricks.av_model"):
+        try:
+            if hasattr(importlib.import_module(module), name):
+                return True
+        except ImportError:  # 0.3.75 has no av_model
+            continue
+    return False
+
+
 def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>", storage: str | None = None):
     """ComfyUI's model for this file, on meta, as its detection builds it; a class the pack cannot run is refused."""
     from .host import build_host_model
 
+    wanted = file_class(header)
+    if not host_has_class(wanted):  # 0.3.75 would build a video-only LTXVModel of an LTX-2 file, its audio unused
+        raise ValueError(f"{path}: its key {AUDIO_KEY} makes it ComfyUI's {wanted} (LTX-2 audio + video), which "
+                         f"this ComfyUI does not have (it would build LTXVModel and sample another model): update "
+                         f"ComfyUI to a release with {wanted}")
+    if wanted not in VARIANTS:
+        variant_of(wanted)
     model, model_config, prefix = build_host_model(header, compute_dtype, path, storage=storage)
     try:
         variant_of(type(model).__name__)

@@ -82,3 +82,20 @@ def test_diffusers_names_map_to_the_file_keys():
     names = ltxv.diffusers_names(list(_header("tiny")))
     assert names["proj_in.weight"] == "model.diffusion_model.patchify_proj.weight"
     assert names["transformer_blocks.0.attn1.norm_q.weight"] == "model.diffusion_model.transformer_blocks.0.attn1.q_norm.weight"
+
+
+def test_an_ltx2_audio_video_file_is_refused_by_class_name(tmp_path):
+    """An LTX-2 file (ComfyUI 0.33 detects LTXAVModel by its audio AdaLN key): refused naming the class, before any
+    weight is read; on a ComfyUI without the class (0.3.75, which would build a video-only LTXVModel of it) with the
+    update to make."""
+    from parallel_backend.models.host import import_host
+
+    import_host("cpu")
+    header = {**_header("tiny"), "model.diffusion_model.audio_adaln_single.linear.weight": ((6 * 256, 256), "BF16")}
+    assert ltxv.file_class(header) == "LTXAVModel" and detect_family(header) is ltxv
+    if ltxv.host_has_class("LTXAVModel"):
+        match = r"LTXAVModel, which the parallel loader cannot run yet"
+    else:
+        match = r"makes it ComfyUI's LTXAVModel .* which this ComfyUI does not have .* update ComfyUI"
+    with pytest.raises(ValueError, match=match):
+        ltxv.build(header, torch.float32, "ltx-2-19b-dev.safetensors")
