@@ -232,7 +232,7 @@ def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees
             inp.update(world_size=world_size, dtype=dtype, device="cpu", attention="sdpa", **degrees)
         elif ct == "ParallelModelLoader":
             inp.update(model_name=model_name, base_precision=dtype)
-        elif ct == "EmptyHunyuanLatentVideo":
+        elif ct in ("EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo"):
             inp.update(width=width, height=height, length=length, batch_size=1)
         elif ct == "EmptyCosmosLatentVideo":  # latent frames: (length - 1) // 8 + 1
             inp.update(width=width, height=height, length=length, batch_size=1)

@@ -38,6 +38,8 @@ OUTPUTS = {
     "WanVaceToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
                        ("trim_latent", "INT")],
     "TrimVideoLatent": [("LATENT", "LATENT")],
+    "LTXVConditioning": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    "EmptyLTXVLatentVideo": [("LATENT", "LATENT")],
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
 SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("KSamplerAdvanced", "noise_seed"),
@@ -205,6 +207,32 @@ COSMOS1_T2W = {
     ],
 }
 
+# LTX-Video 2B text-to-video: ComfyUI's native LTXV graph (T5-XXL text encoder, LTXVConditioning's frame rate,
+# EmptyLTXVLatentVideo, the LTXV VAE) with the pack's three nodes in place of the checkpoint's model and the sampler.
+# The release's checkpoint holds the DiT, the VAE and no text encoder: put it in models/diffusion_models for the
+# Parallel Model Loader (it reads the DiT's keys only) and the VAE in models/vae.
+LTXV_T2V = {
+    "title": "LTX-Video 2B text-to-video on a parallel worker group",
+    "nodes": [
+        (1, "CLIPLoader", {"clip_name": "t5xxl_fp16.safetensors", "type": "ltxv", "device": "default"}),
+        (2, "CLIPTextEncode", {"text": "a paper boat drifting down a rain-soaked street at dusk, reflections of neon "
+                                       "signs, slow camera pan, cinematic", "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": "low quality, worst quality, deformed, distorted, watermark, static",
+                               "clip": link(1)}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("ltx-video-2b-v0.9.5.safetensors")),
+        (6, "LTXVConditioning", {"positive": link(2), "negative": link(3), "frame_rate": 24.0}),
+        (7, "EmptyLTXVLatentVideo", {"width": 768, "height": 512, "length": 97, "batch_size": 1}),
+        (8, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 3.0, "sampler_name": "euler",
+                                "scheduler": "simple", "positive": link(6, 0), "negative": link(6, 1),
+                                "latent_image": link(7), "denoise": 1.0}),
+        (9, "VAELoader", {"vae_name": "ltxv_vae.safetensors"}),
+        (10, "VAEDecode", {"samples": link(8), "vae": link(9)}),
+        (11, "SaveAnimatedWEBP", {"images": link(10), "filename_prefix": "parallel_dit/ltxv_t2v", "fps": 24.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+    ],
+}
+
 # Wan 2.1 image-to-video (480p / 720p I2V files): ComfyUI's native I2V graph, CLIP vision of the start image
 # and WanImageToVideo's conditioning, with the pack's three nodes in place of Load Diffusion Model and KSampler.
 # For first-last-frame, load an FLF2V file and use WanFirstLastFrameToVideo instead of WanImageToVideo.
@@ -309,7 +337,8 @@ WAN21_T2V_TWO_NODES = {
 
 WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_t2v_two_nodes_parallel": WAN21_T2V_TWO_NODES, "wan21_t2v_gguf_sharded_parallel": WAN21_T2V_GGUF, "wan21_i2v_parallel": WAN21_I2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
              "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I,
-             "wan21_vace_parallel": WAN21_VACE, "cosmos1_t2w_parallel": COSMOS1_T2W}
+             "wan21_vace_parallel": WAN21_VACE, "cosmos1_t2w_parallel": COSMOS1_T2W,
+             "ltxv_t2v_parallel": LTXV_T2V}
 
 
 def spec_from_api(api: dict, title: str) -> dict:

@@ -12,7 +12,7 @@ transforms, is runtime/parallelize.py's (as torchtitan's `parallelize_<model>`).
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,8 @@ class SeqSplit:
     #                     operations see every frame) and each frame's H x W plane is split, padded at its end
     segments: bool = False  # not a tensor: a list of (start, stop, row) over the whole flat sequence (MiniMax H3's
     #                         per-segment modulation; `row` an index or one per token): cut to this rank's tokens
+    item: int | None = None  # the tensor is this item of a tuple the module gets (ComfyUI 0.33's LTX rope:
+    #                          (rotation matrix, split mode)); the tuple's other items pass unchanged
 
 
 @dataclass(frozen=True)
@@ -402,18 +404,26 @@ class _SequenceHooks:
             return state.split_frames(t, s.dim, s.rest)
         return state.split_per_token(t, s.dim) if s.per_token else state.split(t, s.dim)
 
+    def cut_value(self, v, s: SeqSplit):
+        """`v` cut by `s` where it is what `s` names (a tensor of the expected ndim, or a tuple holding one at
+        `s.item`); anything else passes unchanged."""
+        if s.item is not None:
+            if not isinstance(v, tuple) or len(v) <= s.item:
+                return v
+            return (*v[:s.item], self.cut_value(v[s.item], replace(s, item=None)), *v[s.item + 1:])
+        return self.cut(v, s) if torch.is_tensor(v) and s.expected_ndim in (None, v.ndim) else v
+
     def split_inputs(self, spec, kw_spec=None):
         def hook(_module, args, kwargs):
             args = list(args)
             for i, s in (spec or {}).items():
                 if s.segments and i < len(args) and isinstance(args[i], list):
                     args[i] = self.state.split_segments(args[i])
-                elif i < len(args) and torch.is_tensor(args[i]) and (s.expected_ndim in (None, args[i].ndim)):
-                    args[i] = self.cut(args[i], s)
+                elif i < len(args):
+                    args[i] = self.cut_value(args[i], s)
             for k, s in (kw_spec or {}).items():
-                v = kwargs.get(k)
-                if torch.is_tensor(v) and (s.expected_ndim in (None, v.ndim)):
-                    kwargs = {**kwargs, k: self.cut(v, s)}
+                if k in kwargs:
+                    kwargs = {**kwargs, k: self.cut_value(kwargs[k], s)}
             return tuple(args), kwargs
         return hook
 
@@ -523,7 +533,10 @@ def apply_sequence_parallel(model: nn.Module, plan: ParallelPlan, state: Sequenc
     if (max_degree or state.degree) == 1:
         return []
     names = [n for n, _ in model.named_modules()]
-    expand = lambda pattern: [n for n in names if _matches(n, pattern)] or [pattern]  # noqa: E731
+    # a pattern names the modules it matches; a plain name that matches none is looked up (and fails loudly), a
+    # wildcard one that matches none (the two-digit blocks of a smaller model) names no module
+    expand = lambda pattern: ([n for n in names if _matches(n, pattern)]  # noqa: E731
+                              or ([] if any(c in pattern for c in "*?[") else [pattern]))
     hooks = _SequenceHooks(plan, state)
     return _input_hooks(model, plan, hooks, expand) + _output_and_attention_hooks(model, plan, hooks, expand)
 

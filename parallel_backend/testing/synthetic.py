@@ -385,6 +385,49 @@ def write_tiny_minimax(path: str, seed: int = 0, dtype=torch.float32, preset: st
                 (lambda: inv_freq) if k == "rope.inv_freq" else (lambda k=k, v=v: random_tensor(k, v, g).to(dtype)))
                for k, v in minimax_shapes(**cfg).items()]
     return write_safetensors_stream(path, entries)
+# ---- LTX-Video (ComfyUI's LTXVModel; the release's files hold these keys under `model.diffusion_model.`) --------
+# name -> width (32 heads: ComfyUI's detection reads the head dim as width // 32), blocks, latent channels, text width
+LTXV_PRESETS = {
+    # 32 heads of 8, 2 blocks: ~3.8 M params
+    "tiny": dict(width=256, num_layers=2, in_channels=128, caption_channels=4096),
+    "ltxv-2b": dict(width=2048, num_layers=28, in_channels=128, caption_channels=4096),
+    "ltxv-13b": dict(width=4096, num_layers=48, in_channels=128, caption_channels=4096),
+}
+
+
+def ltxv_shapes(width, num_layers, in_channels=128, caption_channels=4096, ffn_mult=4) -> dict:
+    """key -> shape of an LTX-Video DiT (ComfyUI's LTXVModel names, without the `model.diffusion_model.` prefix)."""
+    d, ffn = width, width * ffn_mult
+    s = {"patchify_proj.weight": (d, in_channels), "patchify_proj.bias": (d,),
+         "adaln_single.emb.timestep_embedder.linear_1.weight": (d, 256),
+         "adaln_single.emb.timestep_embedder.linear_1.bias": (d,),
+         "adaln_single.emb.timestep_embedder.linear_2.weight": (d, d),
+         "adaln_single.emb.timestep_embedder.linear_2.bias": (d,),
+         "adaln_single.linear.weight": (6 * d, d), "adaln_single.linear.bias": (6 * d,),
+         "caption_projection.linear_1.weight": (d, caption_channels), "caption_projection.linear_1.bias": (d,),
+         "caption_projection.linear_2.weight": (d, d), "caption_projection.linear_2.bias": (d,),
+         "scale_shift_table": (2, d), "proj_out.weight": (in_channels, d), "proj_out.bias": (in_channels,)}
+    for i in range(num_layers):
+        b = f"transformer_blocks.{i}."
+        for attn in ("attn1", "attn2"):
+            for n in ("q_norm", "k_norm"):
+                s[f"{b}{attn}.{n}.weight"] = (d,)
+            for p in ("to_q", "to_k", "to_v", "to_out.0"):
+                s[f"{b}{attn}.{p}.weight"], s[f"{b}{attn}.{p}.bias"] = (d, d), (d,)
+        s[b + "ff.net.0.proj.weight"], s[b + "ff.net.0.proj.bias"] = (ffn, d), (ffn,)
+        s[b + "ff.net.2.weight"], s[b + "ff.net.2.bias"] = (d, ffn), (d,)
+        s[b + "scale_shift_table"] = (6, d)
+    return s
+
+
+def write_tiny_ltxv(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", fill: float | None = None,
+                    metadata: dict | None = None, **overrides) -> str:
+    """A random LTX-Video checkpoint in the release's layout (`model.diffusion_model.` keys); `metadata`: the
+    "transformer" entries of the file's metadata "config", as the release carries them."""
+    cfg = {**LTXV_PRESETS[preset], **overrides}
+    meta = {"config": json.dumps({"transformer": metadata})} if metadata else None
+    return write_checkpoint(path, ltxv_shapes(**cfg), dtype=dtype, seed=seed, prefix="model.diffusion_model.",
+                            metadata=meta, fill=fill)
 
 
 # ---- safetensors written tensor by tensor ---------------------------------------------------------

@@ -12,15 +12,22 @@ class PditTestConditioning:
                              "tooltip": "seed of the fake embedding"}),
             "tokens": ("INT", {"default": 12, "min": 1, "max": 512, "tooltip": "fake prompt length"}),
             "width": ("INT", {"default": 4096, "min": 1, "max": 8192, "tooltip": "embedding width (umt5: 4096)"}),
+        }, "optional": {
+            "masked_tail": ("INT", {"default": -1, "min": -1, "max": 512,
+                                    "tooltip": "with an attention mask (as LTXV's T5 gives), its last n tokens "
+                                               "padding; -1: no mask"}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "make"
     CATEGORY = "testing"
 
-    def make(self, seed, tokens, width):
+    def make(self, seed, tokens, width, masked_tail=-1):
         g = torch.Generator().manual_seed(seed)
-        return ([[torch.randn(1, tokens, width, generator=g), {}]],)
+        extra = {}
+        if masked_tail >= 0:
+            extra["attention_mask"] = (torch.arange(tokens) < tokens - masked_tail).long().view(1, tokens)
+        return ([[torch.randn(1, tokens, width, generator=g), extra]],)
 
 
 class _FakeWan22VAE:

@@ -1,0 +1,240 @@
+"""LTX-Video (LTXV 0.9.x, 2B / 13B) on the host's own model class: ComfyUI's `comfy.ldm.lightricks.model.LTXVModel`,
+built in each rank on the meta device exactly as ComfyUI's detection builds it for the file; this file is its
+parallel plan as data.
+
+The checkpoint's keys are the module paths (ComfyUI's prefix `model.diffusion_model.` stripped), so no key map
+exists. ComfyUI's own detection configures the model for any size (it fixes the heads at 32 and reads the head dim
+from the width; a file's metadata "config" may override both), so the pack uses it unchanged.
+
+LTXVModel patchifies the latent into flat tokens (B, T * H * W, D) (patch 1 x 1 x 1), with a rope table and (for
+image-to-video, keyframes) a timestep per token. The plan splits the tokens where they enter the first block that
+runs, cuts each block's per-token keywords (the AdaLN timestep, one entry or one per token; the rope table) to this
+rank's tokens, runs attn1 (self-attention) sequence-parallel, and gathers at `norm_out`'s output, before the final
+modulation (whose embedded timestep is per token too) and the unpatchify. Guide tokens (LTXVAddGuide, keyframes) are
+appended to the sequence before the blocks and scattered back after the head: they split like any token.
+
+Two host versions differ in the rope's layout: ComfyUI 0.33 passes `pe` as a tuple (rotation matrix
+(B, N, heads, head_dim / 2, 2, 2), split mode), 0.3.75 as one tensor (B, 1, N, width / 2, 2, 2); `plan_for` picks the
+plan of the host the rank runs. Under TP each rank also takes its heads' part of that table (`_TPRope`), and the
+q / k RMSNorm, which spans all heads' channels, all-reduces its mean square (head_norm).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+
+from ..config import ModelShape
+from ..parallel.patch_points import BlockReplace, Tokens
+from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
+from ..weights.checkpoint import strip_prefix, stripped_shapes
+
+FAMILY = "ltxv"
+BLOCKS = "transformer_blocks"  # the transformer blocks (what torch.compile compiles, one by one)
+SHARD_UNITS = (BLOCKS,)  # sharded-weights mode: one gather per block; the rest is held whole
+PIPELINE_CLASSES = ("LTXVModel",)  # a plain loop over transformer_blocks
+PATCH = (1, 1, 1)  # SymmetricPatchifier(1): one token per latent voxel
+HEADS = 32  # ComfyUI's detection: attention_head_dim = width // 32 (num_attention_heads keeps its default, 32)
+
+_ATTN = ("attn1", "attn2")
+_BLOCK = "transformer_blocks.*"  # (in a path with more after it; fnmatch's * also matches dots)
+# the blocks themselves, by index (one and two digits): a split entry on "transformer_blocks.*" would also hook
+# every module inside the blocks (attn1 takes `pe` as a keyword too, and would cut it twice)
+_BLOCKS = ("transformer_blocks.[0-9]", "transformer_blocks.[0-9][0-9]")
+_BLOCK_KWARGS = {"timestep": SeqSplit(1, per_token=True, expected_ndim=3),
+                 "pe": SeqSplit(1, per_token=True, expected_ndim=6, item=0)}
+# Parallel plan as data (see parallel/plan.py), on ComfyUI 0.33's LTXVModel.
+PLAN = ParallelPlan(
+    # Megatron split of each block: q / k / v by output, the output projection by input (all-reduced), the per-head
+    # gate (LTX 2.x files with gated attention) by head; the q / k RMSNorm spans all heads (head_norm)
+    tp={**{f"{_BLOCK}.{a}.to_{p}": "host_colwise" for a in _ATTN for p in "qkv"},
+        **{f"{_BLOCK}.{a}.to_out.0": "host_rowwise" for a in _ATTN},
+        **{f"{_BLOCK}.{a}.to_gate_logits": "host_colwise" for a in _ATTN},
+        **{f"{_BLOCK}.{a}.{n}_norm": "head_norm" for a in _ATTN for n in "qk"},
+        f"{_BLOCK}.ff.net.0.proj": "host_colwise", f"{_BLOCK}.ff.net.2": "host_rowwise"},
+    attention_heads=tuple(f"{_BLOCK}.{a}" for a in _ATTN), heads_attr="heads",
+    # the tokens enter the first block that runs whole and are split there (a block replacement may skip block 0);
+    # every block gets the AdaLN timestep (B, 1 or N, 6|9 x D) and the rope table per token: each rank keeps the
+    # entries of its own tokens; the text, its mask and the prompt timestep stay whole
+    seq_split_inputs={b: {0: SeqSplit(1, first_only=True)} for b in _BLOCKS},
+    seq_split_kwargs={b: _BLOCK_KWARGS for b in _BLOCKS},
+    seq_gather_outputs={"norm_out": SeqGather(1)},
+    sequence_attention=(f"{_BLOCK}.attn1",),
+)
+# ComfyUI 0.3.75's LTXVModel: the rope table is one tensor (B, 1, N, width / 2, 2, 2), tokens at dim 2
+PLAN_0375 = dataclasses.replace(
+    PLAN, seq_split_kwargs={b: {**_BLOCK_KWARGS, "pe": SeqSplit(2, per_token=True, expected_ndim=6)} for b in _BLOCKS})
+
+# LTXVModel's patch points: only the block replacement (`patches_replace["dit"][("double_block", i)]`, e.g.
+# SkipLayerGuidanceDiT): img (B, N, D) in and out; vec / pe stay as the host passes them (the block's own split
+# hooks cut them when the original block runs). LTXVModel applies no `patches`.
+PATCH_POINTS: dict = {}
+BLOCK_REPLACE = {("dit", "double_block"): BlockReplace(args={"img": Tokens(1)}, returns={"img": Tokens(1)})}
+
+# The host classes of this family and the keyword inputs (ComfyUI conds) each takes: the text mask, the frame
+# rate (the rope's time scale), the image-to-video / guide denoise mask (0.33: the tokens a guide keeps), the guide
+# frames' pixel positions, and 0.33's guide attention entries and generated-keyframe slots.
+VARIANTS = {
+    "LTXVModel": dict(conds=("attention_mask", "frame_rate", "denoise_mask", "keyframe_idxs",
+                             "guide_attention_entries", "generated_keyframes")),
+}
+NOT_YET = {  # host class -> why the pack cannot run it yet
+    "LTXAVModel": "LTX-2's audio + video model runs two token streams with cross-attention between them, which the "
+                  "pack's plan does not split yet",
+}
+
+
+def variant_of(class_name: str) -> dict:
+    """The VARIANTS entry of a host class; raises with the class name and the reason for one the pack cannot run."""
+    if class_name in VARIANTS:
+        return VARIANTS[class_name]
+    why = NOT_YET.get(class_name, "the pack has no parallel plan for this class")
+    raise ValueError(f"ComfyUI detects this file as {class_name}, which the parallel loader cannot run yet: {why}. "
+                     f"Sample it with the native Load Diffusion Model (UNETLoader); supported LTX classes: "
+                     f"{', '.join(VARIANTS)}")
+
+
+def conds_of(class_name: str) -> tuple:
+    return variant_of(class_name)["conds"]
+
+
+def _host_passes_rope_tuple(model) -> bool:
+    """ComfyUI 0.33's LTX code (LTXBaseModel) hands the blocks `pe` as (rotation, split mode); 0.3.75's a tensor."""
+    return hasattr(sys.modules[type(model).__module__], "LTXBaseModel")
+
+
+def plan_for(model) -> ParallelPlan:
+    variant_of(type(model).__name__)
+    return PLAN if _host_passes_rope_tuple(model) else PLAN_0375
+
+
+def detect(shapes: dict) -> bool:
+    keys = {strip_prefix(k) for k in shapes}
+    return {"adaln_single.emb.timestep_embedder.linear_1.bias", "patchify_proj.weight",
+            "transformer_blocks.0.attn1.to_q.weight"} <= keys
+
+
+def _sizes(shapes: dict) -> dict:
+    s = stripped_shapes(shapes)
+    width, in_channels = s["patchify_proj.weight"]
+    return dict(width=width, in_channels=in_channels, out_channels=s["proj_out.weight"][0],
+                ffn=s["transformer_blocks.0.ff.net.0.proj.weight"][0],
+                layers=1 + max(int(k.split(".")[1]) for k in s if k.startswith("transformer_blocks.")))
+
+
+def model_shape(shapes: dict) -> ModelShape:
+    c = _sizes(shapes)
+    return ModelShape(FAMILY, HEADS, c["width"] // HEADS, c["ffn"], c["layers"], c["in_channels"],
+                      c["out_channels"], PATCH)
+
+
+def diffusers_names(source_keys) -> dict:
+    """diffusers parameter name -> checkpoint key: diffusers' LTX transformer uses ComfyUI's module names (its
+    converter only renames `patchify_proj` / `adaln_single` / `q_norm` / `k_norm`), run on key names."""
+    from diffusers.loaders.single_file_utils import convert_ltx_transformer_checkpoint_to_diffusers
+
+    converted = convert_ltx_transformer_checkpoint_to_diffusers({k: k for k in source_keys})
+    return {k: v for k, v in converted.items() if isinstance(v, str)}
+
+
+AUDIO_KEY = "audio_adaln_single.linear.weight"  # ComfyUI 0.33's detection: "ltxav" where the file has it
+
+
+def file_class(header: dict) -> str:
+    """The LTX class a file asks for, as ComfyUI 0.33's detection reads its keys."""
+    return "LTXAVModel" if AUDIO_KEY in {strip_prefix(k) for k in header} else "LTXVModel"
+
+
+def host_has_class(name: str) -> bool:
+    """Whether this ComfyUI defines the LTX model class (comfy.ldm.lightricks.model / av_model)."""
+    import importlib
+
+    for module in ("comfy.ldm.lightricks.model", "comfy.ldm.lightricks.av_model"):
+        try:
+            if hasattr(importlib.import_module(module), name):
+                return True
+        except ImportError:  # 0.3.75 has no av_model
+            continue
+    return False
+
+
+def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>", storage: str | None = None):
+    """ComfyUI's model for this file, on meta, as its detection builds it; a class the pack cannot run is refused."""
+    from .host import build_host_model
+
+    wanted = file_class(header)
+    if not host_has_class(wanted):  # 0.3.75 would build a video-only LTXVModel of an LTX-2 file, its audio unused
+        raise ValueError(f"{path}: its key {AUDIO_KEY} makes it ComfyUI's {wanted} (LTX-2 audio + video), which "
+                         f"this ComfyUI does not have (it would build LTXVModel and sample another model): update "
+                         f"ComfyUI to a release with {wanted}")
+    if wanted not in VARIANTS:
+        variant_of(wanted)
+    model, model_config, prefix = build_host_model(header, compute_dtype, path, storage=storage)
+    try:
+        variant_of(type(model).__name__)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return model, model_config, prefix
+
+
+def install_attention(model, seq_state, backend: str) -> None:
+    """Self-attention inside the plan's sequence-attention scope runs Ulysses / Ring: LTX's CrossAttention looks up
+    `comfy.ldm.modules.attention.optimized_attention` at call time, which is wrapped once per rank process (calls
+    outside the scope, the text cross-attention, are ComfyUI's own). Under TP each attention takes its heads' rope.
+    A guide attention mask (LTXVAddGuide with strength < 1 or a pixel mask, 0.33) on a split sequence is refused."""
+    import comfy.ldm.modules.attention as host
+
+    from ..parallel.attention import sequence_parallel_attention
+
+    host.optimized_attention = sequence_parallel_attention(host.optimized_attention)
+    rope_dim = 2 if _host_passes_rope_tuple(model) else 3  # heads / channel pairs of the rope table
+    for name, module in model.named_modules():
+        to_q = getattr(module, "to_q", None)
+        if name.endswith(".attn1") and getattr(to_q, "tp_size", 1) > 1:
+            module.register_forward_pre_hook(_TPRope(rope_dim, to_q.tp_rank, to_q.tp_size), with_kwargs=True)
+    _refuse_guide_mask_when_split(model, seq_state)
+
+
+class _TPRope:
+    """attn1's `pe` cut to this TP rank's heads: ComfyUI applies the table over the full width (0.33: reshaping q to
+    the table's head count), where a TP rank holds width / tp of q and k."""
+
+    def __init__(self, dim: int, rank: int, size: int):
+        self.dim, self.rank, self.size = dim, rank, size
+
+    def _local(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[self.dim] // self.size
+        return t.narrow(self.dim, self.rank * n, n)
+
+    def __call__(self, _module, args, kwargs):
+        pe = kwargs.get("pe")
+        if pe is None:
+            return None
+        pe = (self._local(pe[0]), *pe[1:]) if isinstance(pe, tuple) else self._local(pe)
+        return args, {**kwargs, "pe": pe}
+
+
+def _refuse_guide_mask_when_split(model, seq_state) -> None:
+    """ComfyUI 0.33 attenuates guide attention with a mask over the whole sequence (GuideAttentionMask: the guide
+    tokens' columns and rows), which a rank's share of the queries and keys cannot apply: refused on a split call."""
+    build_mask = getattr(model, "_build_guide_self_attention_mask", None)
+    if build_mask is None:
+        return
+
+    def checked(*args, **kwargs):
+        mask = build_mask(*args, **kwargs)
+        if mask is not None and seq_state.degree > 1:
+            raise ValueError("a guide with strength below 1 or a pixel mask (LTXVAddGuide / LTXVImgToVideoInplace "
+                             "attention strength) masks the self-attention over the whole sequence, which the "
+                             "sequence split (ulysses / ring) cannot apply: set ulysses and ring to 1 (use cfg / tp), "
+                             "or set the guide's strength to 1")
+        return mask
+
+    model._build_guide_self_attention_mask = checked
+
+
+def forward(model, x, timestep, context, attention_mask=None, frame_rate=25, transformer_options=None, **extras):
+    """ComfyUI's LTXVModel._forward (its DIFFUSION_MODEL wrappers already ran in the ComfyUI process), with the
+    patches that crossed from the ComfyUI process."""
+    return model._forward(x, timestep, context, attention_mask, frame_rate, transformer_options or {}, **extras)
