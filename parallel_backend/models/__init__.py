@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from . import cosmos, cosmos1, wan
 from . import minimax
+from . import hunyuan_video
 
 FAMILIES = {wan.FAMILY: wan, cosmos.FAMILY: cosmos, cosmos1.FAMILY: cosmos1}
 FAMILIES[minimax.FAMILY] = minimax
+FAMILIES[hunyuan_video.FAMILY] = hunyuan_video
 
 
 class UnsupportedModelError(ValueError):
@@ -26,5 +28,5 @@ def detect_family(shapes: dict, path: str = "<file>"):
     sample = ", ".join(sorted(shapes)[:4])
     raise UnsupportedModelError(
         f"{path} is not a diffusion transformer this pack supports (supported: {', '.join(FAMILIES)}); "
-        f"its first keys are: {sample}. Pick a Wan, Cosmos Predict2, Cosmos 1.0 or MiniMax H3 DiT file from models/diffusion_models "
+        f"its first keys are: {sample}. Pick a Wan, Cosmos Predict2, Cosmos 1.0, MiniMax H3 or HunyuanVideo DiT file from models/diffusion_models "
         f"(text encoders, VAEs and LoRAs go in their own loaders)")
