@@ -109,3 +109,10 @@ def test_odd_world_size_equals_comfyui_native(native_outputs, checkpoint):
     per_rank = run_on_ranks(_run_meshes_3, config, checkpoint, timeout=600)
     for mesh in MESHES_3:
         assert_rows_match(native_outputs, [r[mesh] for r in per_rank], mesh, TOL)
+
+
+def test_sharded_weights_equal_comfyui_native(native_outputs, checkpoint):
+    """Sharded weights (each double / single block's weights split over the ranks, gathered per block) on ulysses2."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", ulysses=2, shard_weights=True)
+    per_rank = run_on_ranks(_run_mesh, config, checkpoint, timeout=600)
+    assert_rows_match(native_outputs, per_rank, config.describe(), TOL)
