@@ -153,8 +153,17 @@ def sequence_parallel_attention(original):
     def attention(q, k, v, heads, *args, **kwargs):
         state = ACTIVE_SEQUENCE_STATES[-1] if ACTIVE_SEQUENCE_STATES else None
         mask = args[0] if args else kwargs.get("mask")
-        if state is None or state.degree == 1 or mask is not None:
+        if state is None or state.degree == 1:
             return original(q, k, v, heads, *args, **kwargs)
+        key_valid = state.key_valid
+        if mask is not None:  # only a joint stream's key mask (HunyuanVideo's text mask) folds into the split
+            if not (state.is_split and any(state.joint)):
+                return original(q, k, v, heads, *args, **kwargs)
+            key_valid = state.joint_key_mask(mask)
+            if key_valid is None:
+                raise ValueError("the model's joint attention got a mask that is not a key mask of its text tokens (0 "
+                                 "for a key, the lowest value for none), which the sequence split cannot apply: use "
+                                 "the text encoder's own attention mask, or set ulysses and ring to 1")
         q, k, v = (_tensor_of(t) for t in (q, k, v))
         if kwargs.get("skip_reshape"):  # (B, H, S, D)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -162,7 +171,7 @@ def sequence_parallel_attention(original):
             q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
         preferred = getattr(kwargs.get("preferred_attention"), "function", None)
         groups = state.groups if preferred is None else _with_kernel(state.groups, preferred)
-        out = ulysses_attention(q, k, v, groups, key_valid=state.key_valid)  # (B, S, H, D)
+        out = ulysses_attention(q, k, v, groups, key_valid=key_valid)  # (B, S, H, D)
         return out.transpose(1, 2) if kwargs.get("skip_output_reshape") else out.flatten(2)
 
     attention._pdit_original = original

@@ -46,6 +46,10 @@ class SeqSplit:
     #                         per-segment modulation; `row` an index or one per token): cut to this rank's tokens
     item: int | None = None  # the tensor is this item of a tuple the module gets (ComfyUI 0.33's LTX rope:
     #                          (rotation matrix, split mode)); the tuple's other items pass unchanged
+    joint: str | None = None  # not cut: a stream held whole by every rank that joins the split tokens in one attention
+    #                           ("before" or "after" them: HunyuanVideo's text), counted as keys of the first chunk
+    #                           only (as xDiT's joint attention); its length is recorded, and a per-token table over
+    #                           both streams (the rope) keeps that part whole
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ class SeqGather:
     frames: bool = False  # the inverse of a `frames` split: (B, T * n, ...) back to (B, T * plane, ...)
     flat: bool = False  # with grid: the output holds each frame's n tokens at `dim`, its frames folded into another
     #                     axis (ComfyUI's Cosmos 1 final layer: (B * T, n, C)); gathered to (..., H * W, ...)
+    share_first: bool = False  # (an input gather) the tensor starts with this rank's split tokens; what follows them
+    #                            (joint tokens a host's cut by the whole length left: ComfyUI 0.3.75's HunyuanVideo
+    #                            `img[:, :img_len]`) is dropped before the gather
 
 
 @dataclass(frozen=True)
@@ -126,11 +133,12 @@ class SequenceState:
         self.main: tuple | None = None  # (frames, plane) of the first `plane_from` output this forward
         self.rest = 0  # tokens after the frames that every rank holds whole (a `rest` split)
         self.is_split = False  # this forward's tokens are split over the sequence ranks (by any kind of split)
+        self.joint = (0, 0)  # (before, after): tokens of a joint stream every rank holds whole around its split ones
 
     def begin_forward(self) -> None:
         """Before each forward: the tokens are whole again."""
         self.local_len, self.tokens_pending, self.grid, self.plane, self.main, self.rest = 0, True, None, None, None, 0
-        self.is_split = False
+        self.is_split, self.joint = False, (0, 0)
 
     # ---- whole-sequence views for code that must see every token (a model patch: parallel/patch_points.py) ------
     def whole(self, t: torch.Tensor, dim: int, grid: bool = False) -> torch.Tensor:
@@ -265,6 +273,8 @@ class SequenceState:
         """Validity of the keys of sequence chunks [first, first + count) in their order on the ranks (chunk-major),
         or None when none of them is padding (see parallel/attention.py). `frames`: each chunk's keys are that many
         frames of the split's plane instead (another stream split alike, or some frames of each)."""
+        if any(self.joint) and self.is_split:
+            return self.joint_key_valid(first, count, device)
         if not self.padded:
             return None
         if self.grid is None:
@@ -280,11 +290,60 @@ class SequenceState:
             keep = torch.cat([keep, first_chunk.expand(count, self.rest)], 1)
         return keep.flatten()
 
+    # ---- a joint stream (SeqSplit.joint): whole on every rank, beside the split tokens in one attention ----------
+    def record_joint(self, t: torch.Tensor, dim: int, where: str) -> torch.Tensor:
+        """Note the length of a joint stream (`where`: "before" / "after" the split tokens); `t` is not cut."""
+        if where not in ("before", "after"):
+            raise ValueError(f"a joint stream lies 'before' or 'after' the split tokens, not {where!r}")
+        if self.is_split and self.grid is None:
+            self.joint = (t.shape[dim], 0) if where == "before" else (0, t.shape[dim])
+        return t
+
+    def joint_key_valid(self, first: int, count: int, device=None, joint_keep: torch.Tensor | None = None):
+        """Validity of the keys of chunks [first, first + count), each chunk [joint before | n split | joint after]:
+        the joint tokens count in the first chunk only (`joint_keep`: which of them are keys at all, from the host's
+        key mask), the split ones where they are not padding."""
+        before, after = self.joint
+        n = self.local_len
+        split = torch.arange(first * n, (first + count) * n, device=device).view(count, n) < self.valid_len
+        is_first = (torch.arange(first, first + count, device=device) == 0).view(count, 1)
+        keep = torch.ones(before + after, dtype=torch.bool, device=device) if joint_keep is None \
+            else joint_keep.to(device)
+        joint = is_first & keep.view(1, -1)
+        return torch.cat([joint[:, :before], split, joint[:, before:]], 1).flatten()
+
+    def joint_key_mask(self, mask: torch.Tensor):
+        """A `key_valid` for an attention the host calls with an additive key mask over the whole joint sequence
+        (1, 1, before + valid_len + after), that masks only joint tokens, each by 0 (a key) or the dtype's lowest
+        value / -inf (not one): ComfyUI's text mask. None for any other mask (the caller refuses it)."""
+        before, after = self.joint
+        total = before + self.valid_len + after
+        if not any(self.joint) or mask.numel() != total or mask.shape[-1] != total:
+            return None
+        m = mask.reshape(-1).float()
+        split_part = m[before:before + self.valid_len]
+        joint = torch.cat([m[:before], m[before + self.valid_len:]])
+        low = torch.finfo(mask.dtype).min if mask.is_floating_point() else None
+        if bool(split_part.any()) or low is None or not bool(((joint == 0) | (joint <= low)).all()):
+            return None
+        keep = joint == 0
+        return lambda first, count, device=None: self.joint_key_valid(first, count, device, keep)
+
+    def _split_joint_table(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """A per-token table over [joint before | all split tokens | joint after]: the joint parts whole, the split
+        tokens' entries cut to this rank's (padding repeats the last)."""
+        before, after = self.joint
+        mid = self._narrow_padded(t.narrow(dim, before, self.valid_len), dim)
+        parts = [t.narrow(dim, 0, before), mid, t.narrow(dim, before + self.valid_len, after)]
+        return torch.cat([p for p in parts if p.shape[dim]], dim)
+
     def split_per_token(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's entries of a per-token tensor (see SeqSplit.per_token); call after the tokens were split."""
         n_e, full = t.shape[dim], self.valid_len
         if n_e == 1 or self.degree == 1 or full is None:
             return t
+        if any(self.joint) and self.grid is None and n_e == full + sum(self.joint):
+            return self._split_joint_table(t, dim)
         if self.grid is not None:  # frame-major entries: this rank's part of every frame's plane (then the rest)
             if n_e == self.grid[0] and not self.rest:  # one entry per frame: every rank holds every frame
                 return t
@@ -365,8 +424,8 @@ def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, group, tp_rank: 
                 break
     entries = [(e, plan.heads_attr) if isinstance(e, str) else e for e in plan.attention_heads]
     for name, module in model.named_modules():
-        attr = next((a for p, a in entries if _matches(name, p)), None)
-        if attr is not None:
+        # every entry naming the module (a fused block divides its heads and its widths: HunyuanVideo's single blocks)
+        for attr in dict.fromkeys(a for p, a in entries if _matches(name, p)):
             heads = getattr(module, attr)
             assert heads % tp_size == 0
             setattr(module, attr, heads // tp_size)
@@ -398,6 +457,8 @@ class _SequenceHooks:
             if not state.tokens_pending:
                 return t
             state.tokens_pending = False
+        if s.joint:
+            return state.record_joint(t, s.dim, s.joint)
         if s.grid:
             return state.split_grid(t, s.dim)
         if s.frames:
@@ -437,9 +498,13 @@ class _SequenceHooks:
         return hook
 
     def gather_inputs(self, spec: dict):
+        def whole(a, s: SeqGather):
+            if s.share_first and self.state.is_split and a.shape[s.dim] > self.state.local_len:
+                a = a.narrow(s.dim, 0, self.state.local_len)
+            return self.state.whole(a, s.dim)
+
         def hook(_module, args):
-            return tuple(self.state.whole(a, spec[i].dim) if i in spec and torch.is_tensor(a) else a
-                         for i, a in enumerate(args))
+            return tuple(whole(a, spec[i]) if i in spec and torch.is_tensor(a) else a for i, a in enumerate(args))
         return hook
 
     def gather_output(self, spec: SeqGather):

@@ -126,6 +126,31 @@ def host_column_parallel_qkv(layer: nn.Module, group, tp_rank, tp_size) -> nn.Mo
     return new
 
 
+def host_column_parallel_chunks(chunks: int):
+    """A fused projection whose outputs are `chunks` equal blocks (HunyuanVideo's single block: [q | k | v | four
+    blocks of its MLP's input]): each rank holds its part of every block, so its output is [its q heads | its k heads
+    | its v heads | its part of each MLP block]; the layer after it takes the same parts (`host_row_parallel_chunks`)."""
+    def style(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
+        n_in, n_out = _sizes(layer)
+        assert n_out % (chunks * tp_size) == 0, f"out_features {n_out} % ({chunks} x tp {tp_size})"
+        new = host_column_parallel(layer, group, tp_rank, tp_size)
+        new.shard_chunks = chunks
+        return new
+    return style
+
+
+def host_row_parallel_chunks(chunks: int):
+    """A row-parallel layer whose input is `chunks` equal blocks, each split over TP (the input a
+    `host_column_parallel_chunks` layer's parts make: HunyuanVideo's single block takes [attention | MLP])."""
+    def style(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
+        n_in, n_out = _sizes(layer)
+        assert n_in % (chunks * tp_size) == 0, f"in_features {n_in} % ({chunks} x tp {tp_size})"
+        new = host_row_parallel(layer, group, tp_rank, tp_size)
+        new.shard_chunks = chunks
+        return new
+    return style
+
+
 def host_row_parallel(layer: nn.Module, group, tp_rank, tp_size) -> nn.Module:
     """The host layer with inputs / tp, its output all-reduced over TP. The bias is held by TP rank 0 only (the
     others hold zeros), so the sum adds it once and the layer's own forward stays the host's."""
@@ -163,5 +188,7 @@ def _slice_input(module, args):
 
 TP_STYLES = {"host_colwise": host_column_parallel, "host_colwise_kv": host_column_parallel_kv,
              "host_colwise_qkv": host_column_parallel_qkv,
+             # HunyuanVideo's single block at mlp_ratio 4: linear1 [q | k | v | 4 x mlp], linear2 [attention | 4 x mlp]
+             "host_colwise_7chunks": host_column_parallel_chunks(7), "host_rowwise_5chunks": host_row_parallel_chunks(5),
              "host_rowwise": host_row_parallel,
              "host_rowwise_sliced_input": host_row_parallel_sliced_input, "head_norm": head_sharded_norm}

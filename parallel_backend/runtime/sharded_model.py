@@ -44,7 +44,8 @@ class ShardedModel:
         model, _, self.prefix = fam.build(header, self.dtype, self.path, storage=weight_storage(self.precision))
         # a model of ComfyUI's mixed-precision layers: they load their own (quantized) weights (models/host.py)
         self.host_quant = getattr(model, "host_quant", None)
-        self.key_map = host_key_map(model, self.prefix)
+        # (a family whose file names differ from the class's: its own map, from the host's renaming)
+        self.key_map = getattr(fam, "key_map", host_key_map)(model, self.prefix)
         self.param_dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as the host built them
         # the family's plan for the class the host built (a variant adds its own modules' entries)
         self.plan = fam.plan_for(model) if hasattr(fam, "plan_for") else fam.PLAN
@@ -93,7 +94,7 @@ class ShardedModel:
         """Read this rank's slices of the parameters (all, or `names`: a restore after a LoRA) from the checkpoint,
         in the dtypes the host built them with; the host's quantized layers then load themselves from theirs."""
         stats = load_host_sharded(model, self.path, self.prefix, self.mesh.device, header=self.header, names=names,
-                                  dtypes=self.param_dtypes if names is not None else None)
+                                  dtypes=self.param_dtypes if names is not None else None, key_map=self.key_map)
         if self.host_quant is not None:
             self.host_quant.install(model, self.mesh.device, names)
             stats.update(param_stats(model))  # (a quantized layer holds its data and its scales)

@@ -430,6 +430,113 @@ def write_tiny_ltxv(path: str, seed: int = 0, dtype=torch.float32, preset: str =
                             metadata=meta, fill=fill)
 
 
+# ---- HunyuanVideo (1.5 / 1.0): ComfyUI's HunyuanVideo class, saved in the released layout ---------------------------
+# name -> sizes; HunyuanVideo 1.5 (8.3B): 54 double blocks of 2048 (16 heads of 128), no single blocks, Qwen2.5-VL text
+# (3584), ByT5 glyph text, SigLIP image tokens (1152), a 32-channel latent (+ 32 image + 1 mask for I2V = 65 in)
+HUNYUAN_PRESETS = {
+    # 2 heads of 128 (ComfyUI derives heads as hidden // 128), one block of each kind, the 1.5 extras
+    "tiny": dict(hidden=256, depth=1, single=1, text_dim=64, in_channels=65, out_channels=32, patch=(1, 1, 1),
+                 byt5=True, vision=True, meanflow=False, guidance=False),
+    "hunyuan-video-1.5": dict(hidden=2048, depth=54, single=0, text_dim=3584, in_channels=65, out_channels=32,
+                              patch=(1, 1, 1), byt5=True, vision=True, meanflow=False, guidance=False),
+    "hunyuan-video-1.0": dict(hidden=3072, depth=20, single=40, text_dim=4096, in_channels=16, out_channels=16,
+                              patch=(1, 2, 2), byt5=False, vision=False, meanflow=False, guidance=True, vector=True),
+}
+# ComfyUI's module names -> the released names (the inverse of supported_models.HunyuanVideo's renaming at load)
+_HUNYUAN_RELEASED = (("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."),  # (first: the embedders' own names keep mlp.0)
+                     ("txt_in.t_embedder.in_layer.", "txt_in.t_embedder.mlp.0."),
+                     ("txt_in.t_embedder.out_layer.", "txt_in.t_embedder.mlp.2."),
+                     ("txt_in.c_embedder.in_layer.", "txt_in.c_embedder.linear_1."),
+                     ("txt_in.c_embedder.out_layer.", "txt_in.c_embedder.linear_2."),
+                     ("time_in.in_layer.", "time_in.mlp.0."), ("time_in.out_layer.", "time_in.mlp.2."),
+                     ("guidance_in.in_layer.", "guidance_in.mlp.0."), ("guidance_in.out_layer.", "guidance_in.mlp.2."),
+                     ("_mod.lin.", "_mod.linear."), ("_attn.qkv.", "_attn_qkv."), ("_attn.proj.", "_attn_proj."),
+                     ("_attn.norm.query_norm.", "_attn_q_norm."), ("_attn.norm.key_norm.", "_attn_k_norm."),
+                     (".norm.query_norm.", ".q_norm."), (".norm.key_norm.", ".k_norm."),
+                     (".modulation.lin.", ".modulation.linear."))
+
+
+def hunyuan_released_name(name: str) -> str:
+    for comfy_name, released in _HUNYUAN_RELEASED:
+        name = name.replace(comfy_name, released)
+    return name
+
+
+def _hunyuan_block_shapes(hidden: int) -> dict:
+    """ComfyUI names of one double block's and one single block's tensors (mlp_ratio 4, q / k norms per head)."""
+    d = {}
+    for s in ("img", "txt"):
+        d.update({f"{s}_mod.lin.weight": (6 * hidden, hidden), f"{s}_mod.lin.bias": (6 * hidden,),
+                  f"{s}_attn.qkv.weight": (3 * hidden, hidden), f"{s}_attn.qkv.bias": (3 * hidden,),
+                  f"{s}_attn.norm.query_norm.weight": (128,), f"{s}_attn.norm.key_norm.weight": (128,),
+                  f"{s}_attn.proj.weight": (hidden, hidden), f"{s}_attn.proj.bias": (hidden,),
+                  f"{s}_mlp.0.weight": (4 * hidden, hidden), f"{s}_mlp.0.bias": (4 * hidden,),
+                  f"{s}_mlp.2.weight": (hidden, 4 * hidden), f"{s}_mlp.2.bias": (hidden,)})
+    single = {"linear1.weight": (7 * hidden, hidden), "linear1.bias": (7 * hidden,),
+              "linear2.weight": (hidden, 5 * hidden), "linear2.bias": (hidden,), "norm.query_norm.weight": (128,),
+              "norm.key_norm.weight": (128,), "modulation.lin.weight": (3 * hidden, hidden),
+              "modulation.lin.bias": (3 * hidden,)}
+    return d, single
+
+
+def _mlp_embedder(prefix: str, n_in: int, hidden: int) -> dict:
+    return {prefix + "in_layer.weight": (hidden, n_in), prefix + "in_layer.bias": (hidden,),
+            prefix + "out_layer.weight": (hidden, hidden), prefix + "out_layer.bias": (hidden,)}
+
+
+def _hunyuan_refiner_shapes(hidden: int, text_dim: int) -> dict:
+    s = {"txt_in.input_embedder.weight": (hidden, text_dim), "txt_in.input_embedder.bias": (hidden,),
+         **_mlp_embedder("txt_in.t_embedder.", 256, hidden), **_mlp_embedder("txt_in.c_embedder.", text_dim, hidden)}
+    for i in range(2):  # ComfyUI builds the refiner with 2 blocks
+        b = f"txt_in.individual_token_refiner.blocks.{i}."
+        s.update({b + "adaLN_modulation.1.weight": (2 * hidden, hidden), b + "adaLN_modulation.1.bias": (2 * hidden,),
+                  b + "norm1.weight": (hidden,), b + "norm1.bias": (hidden,), b + "norm2.weight": (hidden,),
+                  b + "norm2.bias": (hidden,), b + "self_attn.qkv.weight": (3 * hidden, hidden),
+                  b + "self_attn.qkv.bias": (3 * hidden,), b + "self_attn.proj.weight": (hidden, hidden),
+                  b + "self_attn.proj.bias": (hidden,), b + "mlp.0.weight": (4 * hidden, hidden),
+                  b + "mlp.0.bias": (4 * hidden,), b + "mlp.2.weight": (hidden, 4 * hidden), b + "mlp.2.bias": (hidden,)})
+    return s
+
+
+def hunyuan_video_shapes(hidden, depth, single, text_dim, in_channels, out_channels, patch, byt5, vision, meanflow,
+                         guidance, vector=False) -> dict:
+    """ComfyUI module name -> shape of a HunyuanVideo DiT (its class's state dict; `hunyuan_released_name` gives the
+    file's key)."""
+    s = {"img_in.proj.weight": (hidden, in_channels, *patch), "img_in.proj.bias": (hidden,),
+         **_mlp_embedder("time_in.", 256, hidden), **_hunyuan_refiner_shapes(hidden, text_dim)}
+    if vector:
+        s.update(_mlp_embedder("vector_in.", 768, hidden))
+    if guidance:
+        s.update(_mlp_embedder("guidance_in.", 256, hidden))
+    double, single_block = _hunyuan_block_shapes(hidden)
+    s.update({f"double_blocks.{i}.{k}": v for i in range(depth) for k, v in double.items()})
+    s.update({f"single_blocks.{i}.{k}": v for i in range(single) for k, v in single_block.items()})
+    if byt5:
+        s.update({"byt5_in.layernorm.weight": (1472,), "byt5_in.layernorm.bias": (1472,),
+                  "byt5_in.fc1.weight": (2048, 1472), "byt5_in.fc1.bias": (2048,),
+                  "byt5_in.fc2.weight": (2048, 2048), "byt5_in.fc2.bias": (2048,),
+                  "byt5_in.fc3.weight": (hidden, 2048), "byt5_in.fc3.bias": (hidden,)})
+    if meanflow:
+        s.update(_mlp_embedder("time_r_in.", 256, hidden))
+    s.update({"final_layer.linear.weight": (out_channels * math.prod(patch), hidden),
+              "final_layer.linear.bias": (out_channels * math.prod(patch),),
+              "final_layer.adaLN_modulation.1.weight": (2 * hidden, hidden),
+              "final_layer.adaLN_modulation.1.bias": (2 * hidden,)})
+    if vision:
+        s.update({"vision_in.proj.0.weight": (1152,), "vision_in.proj.0.bias": (1152,),
+                  "vision_in.proj.1.weight": (1152, 1152), "vision_in.proj.1.bias": (1152,),
+                  "vision_in.proj.3.weight": (hidden, 1152), "vision_in.proj.3.bias": (hidden,),
+                  "vision_in.proj.4.weight": (hidden,), "vision_in.proj.4.bias": (hidden,),
+                  "cond_type_embedding.weight": (3, hidden)})
+    return s
+
+
+def write_tiny_hunyuan_video(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", **overrides) -> str:
+    """A random HunyuanVideo checkpoint in the released layout (the names ComfyUI renames at load)."""
+    shapes = hunyuan_video_shapes(**{**HUNYUAN_PRESETS[preset], **overrides})
+    return write_checkpoint(path, {hunyuan_released_name(k): v for k, v in shapes.items()}, dtype=dtype, seed=seed)
+
+
 # ---- safetensors written tensor by tensor ---------------------------------------------------------
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32"}

@@ -268,21 +268,26 @@ def _fill_local(reader, p, local: torch.Tensor, path: str) -> None:
 
 
 def load_host_sharded(model: torch.nn.Module, path: str, prefix: str, device: torch.device,
-                      header: dict | None = None, names=None, dtypes: dict | None = None) -> dict:
+                      header: dict | None = None, names=None, dtypes: dict | None = None,
+                      key_map: dict | None = None) -> dict:
     """Materialise a host-built (meta) model on `device`, each parameter read as this rank's slice straight into the
     dtype ComfyUI built it with (the host's own load semantics: an fp8 layer stays fp8, a scaled-fp8 layer's bias
     is rounded to fp8, a compute-dtype layer is cast). `names`: only these parameters (a re-read after a LoRA);
-    `dtypes`: the dtype each parameter was built with (a merge may have changed it since).
+    `dtypes`: the dtype each parameter was built with (a merge may have changed it since). `key_map`: parameter
+    name -> checkpoint key where the file names it otherwise than prefix + name (a family whose released layout the
+    host renames at load: HunyuanVideo).
     Returns stats: bytes read, parameter / buffer bytes held, fp8 linear weights and the file's precision."""
     header = header if header is not None else read_header(path)
     _refuse_block_scales(path, header)
     params = dict(model.named_parameters())
     wanted = list(params) if names is None else [n for n in names if n in params]
-    missing = [n for n in wanted if prefix + n not in header and n.rpartition(".")[2] not in HOST_DEFAULT_ONES]
+    key_of = (lambda n: key_map.get(n, prefix + n)) if key_map else (lambda n: prefix + n)
+    missing = [n for n in wanted if key_of(n) not in header and n.rpartition(".")[2] not in HOST_DEFAULT_ONES]
     if missing:
         raise CheckpointError(f"{path}: no weights for {len(missing)} parameters of the model ComfyUI detected "
                               f"(e.g. {missing[:3]}); the file does not match that model")
-    plans = sorted((_param_plan(model, name, params[name], header, prefix) for name in wanted), key=lambda p: -p.touch)
+    plans = sorted((_param_plan(model, name, params[name], header, key_of(name)) for name in wanted),
+                   key=lambda p: -p.touch)
     with open_slices(path) as reader:
         for p in plans:
             target = params[p.name]
@@ -310,12 +315,12 @@ def _refuse_block_scales(path: str, header: dict) -> None:
                                   f"weight) are supported")
 
 
-def _param_plan(model, name: str, param, header: dict, prefix: str) -> _ParamPlan:
+def _param_plan(model, name: str, param, header: dict, key: str) -> _ParamPlan:
     """Where parameter `name` is in the file, which slice of it this rank reads, and how many bytes that touches."""
     from ..parallel.tensor_parallel import BIAS_ON_RANK0
 
     p = _ParamPlan()
-    p.name, p.key = name, prefix + name
+    p.name, p.key = name, key
     module_name, _, p.pname = name.rpartition(".")
     p.owner = model.get_submodule(module_name) if module_name else model
     shape, p.st_dtype = header.get(p.key, (tuple(param.shape), None))
