@@ -29,6 +29,9 @@ from ..config import ModelShape
 from ..parallel.patch_points import BlockReplace, Tokens
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 from ..weights.checkpoint import strip_prefix, stripped_shapes
+from .ltxav import CONDS as AV_CONDS, ROPED as AV_ROPED, VIDEO_PLAN as AV_VIDEO_PLAN  # LTX-2 (models/ltxav.py)
+from .ltxav import check_mesh as av_check_mesh, check_rows as av_check_rows, forward as av_forward
+from .ltxav import install as av_install, model_shape as av_model_shape
 
 FAMILY = "ltxv"
 BLOCKS = "transformer_blocks"  # the transformer blocks (what torch.compile compiles, one by one)
@@ -78,11 +81,10 @@ BLOCK_REPLACE = {("dit", "double_block"): BlockReplace(args={"img": Tokens(1)}, 
 VARIANTS = {
     "LTXVModel": dict(conds=("attention_mask", "frame_rate", "denoise_mask", "keyframe_idxs",
                              "guide_attention_entries", "generated_keyframes")),
+    # LTX-2 audio + video (ComfyUI 0.33): its own plan and forward, models/ltxav.py
+    "LTXAVModel": dict(conds=AV_CONDS, av=True),
 }
-NOT_YET = {  # host class -> why the pack cannot run it yet
-    "LTXAVModel": "LTX-2's audio + video model runs two token streams with cross-attention between them, which the "
-                  "pack's plan does not split yet",
-}
+NOT_YET: dict = {}  # host class -> why the pack cannot run it yet
 
 
 def variant_of(class_name: str) -> dict:
@@ -99,13 +101,28 @@ def conds_of(class_name: str) -> tuple:
     return variant_of(class_name)["conds"]
 
 
+FLOAT32_CONDS = ("a_timestep",)  # LTX-2's audio timestep, float32 as ComfyUI hands it
+
+
+def check_mesh(model, config, path: str) -> None:
+    """LTX-2's audio heads (from the file's metadata) must split like the video's."""
+    if variant_of(type(model).__name__).get("av"):
+        av_check_mesh(model, config, path)
+
+
+def check_rows(class_name: str, timestep, extras: dict, rows: slice) -> None:
+    if variant_of(class_name).get("av"):
+        av_check_rows(timestep, extras, rows)
+
+
 def _host_passes_rope_tuple(model) -> bool:
     """ComfyUI 0.33's LTX code (LTXBaseModel) hands the blocks `pe` as (rotation, split mode); 0.3.75's a tensor."""
-    return hasattr(sys.modules[type(model).__module__], "LTXBaseModel")
+    return hasattr(sys.modules["comfy.ldm.lightricks.model"], "LTXBaseModel")  # (LTX-2's class lives in av_model)
 
 
 def plan_for(model) -> ParallelPlan:
-    variant_of(type(model).__name__)
+    if variant_of(type(model).__name__).get("av"):
+        return AV_VIDEO_PLAN
     return PLAN if _host_passes_rope_tuple(model) else PLAN_0375
 
 
@@ -125,8 +142,9 @@ def _sizes(shapes: dict) -> dict:
 
 def model_shape(shapes: dict) -> ModelShape:
     c = _sizes(shapes)
-    return ModelShape(FAMILY, HEADS, c["width"] // HEADS, c["ffn"], c["layers"], c["in_channels"],
-                      c["out_channels"], PATCH)
+    video = ModelShape(FAMILY, HEADS, c["width"] // HEADS, c["ffn"], c["layers"], c["in_channels"],
+                       c["out_channels"], PATCH)
+    return av_model_shape(video, shapes) if file_class(shapes) == "LTXAVModel" else video
 
 
 def diffusers_names(source_keys) -> dict:
@@ -189,16 +207,20 @@ def install_attention(model, seq_state, backend: str) -> None:
 
     host.optimized_attention = sequence_parallel_attention(host.optimized_attention)
     rope_dim = 2 if _host_passes_rope_tuple(model) else 3  # heads / channel pairs of the rope table
+    roped = AV_ROPED if variant_of(type(model).__name__).get("av") else ("attn1",)
     for name, module in model.named_modules():
         to_q = getattr(module, "to_q", None)
-        if name.endswith(".attn1") and getattr(to_q, "tp_size", 1) > 1:
+        if name.rpartition(".")[2] in roped and getattr(to_q, "tp_size", 1) > 1:
             module.register_forward_pre_hook(_TPRope(rope_dim, to_q.tp_rank, to_q.tp_size), with_kwargs=True)
     _refuse_guide_mask_when_split(model, seq_state)
+    if variant_of(type(model).__name__).get("av"):
+        av_install(model, seq_state)
 
 
 class _TPRope:
-    """attn1's `pe` cut to this TP rank's heads: ComfyUI applies the table over the full width (0.33: reshaping q to
-    the table's head count), where a TP rank holds width / tp of q and k."""
+    """An attention's rope tables (`pe`, and LTX-2's cross-attention `k_pe`) cut to this TP rank's heads: ComfyUI
+    applies a table over the full width (0.33: reshaping q to the table's head count), where a TP rank holds
+    width / tp of q and k."""
 
     def __init__(self, dim: int, rank: int, size: int):
         self.dim, self.rank, self.size = dim, rank, size
@@ -208,11 +230,11 @@ class _TPRope:
         return t.narrow(self.dim, self.rank * n, n)
 
     def __call__(self, _module, args, kwargs):
-        pe = kwargs.get("pe")
-        if pe is None:
+        tables = {k: kwargs[k] for k in ("pe", "k_pe") if kwargs.get(k) is not None}
+        if not tables:
             return None
-        pe = (self._local(pe[0]), *pe[1:]) if isinstance(pe, tuple) else self._local(pe)
-        return args, {**kwargs, "pe": pe}
+        cut = {k: (self._local(pe[0]), *pe[1:]) if isinstance(pe, tuple) else self._local(pe) for k, pe in tables.items()}
+        return args, {**kwargs, **cut}
 
 
 def _refuse_guide_mask_when_split(model, seq_state) -> None:
@@ -236,5 +258,7 @@ def _refuse_guide_mask_when_split(model, seq_state) -> None:
 
 def forward(model, x, timestep, context, attention_mask=None, frame_rate=25, transformer_options=None, **extras):
     """ComfyUI's LTXVModel._forward (its DIFFUSION_MODEL wrappers already ran in the ComfyUI process), with the
-    patches that crossed from the ComfyUI process."""
+    patches that crossed from the ComfyUI process; LTX-2's through models/ltxav.py."""
+    if variant_of(type(model).__name__).get("av"):
+        return av_forward(model, x, timestep, context, attention_mask, frame_rate, transformer_options, **extras)
     return model._forward(x, timestep, context, attention_mask, frame_rate, transformer_options or {}, **extras)

@@ -132,6 +132,14 @@ def ulysses_attention(q, k, v, groups: SequenceParallelGroups, valid_len: int | 
 ACTIVE_SEQUENCE_STATES: list = []
 
 
+@dataclass(frozen=True)
+class KeysOf:
+    """A scope entry whose attention call takes its keys / values from `state`'s split tokens and its queries from
+    another stream (LTX-2's audio <-> video cross-attention): the keys are gathered whole (padding dropped) and each
+    rank's queries attend to all of them with the host's own kernel."""
+    state: object
+
+
 def _tensor_of(t):
     """ComfyUI 0.38+ hands attention its q / k / v in single-owner containers (`AttentionTensorContainer`: `take()`
     gives the tensor; read in Comfy-Org/ComfyUI 05080f6, comfy/ldm/modules/attention.py); older hosts the tensors."""
@@ -153,6 +161,8 @@ def sequence_parallel_attention(original):
     def attention(q, k, v, heads, *args, **kwargs):
         state = ACTIVE_SEQUENCE_STATES[-1] if ACTIVE_SEQUENCE_STATES else None
         mask = args[0] if args else kwargs.get("mask")
+        if isinstance(state, KeysOf):
+            return _with_whole_keys(original, state.state, q, k, v, heads, mask, *args, **kwargs)
         if state is None or state.degree == 1:
             return original(q, k, v, heads, *args, **kwargs)
         key_valid = state.key_valid
@@ -176,6 +186,19 @@ def sequence_parallel_attention(original):
 
     attention._pdit_original = original
     return attention
+
+
+def _with_whole_keys(original, state, q, k, v, heads, mask, *args, **kwargs):
+    """The host's attention with `state`'s keys / values gathered to the whole sequence (a mask over local keys
+    cannot be applied to the gathered ones: refused)."""
+    if not state.is_split or state.degree == 1:
+        return original(q, k, v, heads, *args, **kwargs)
+    if mask is not None:
+        raise ValueError("an attention mask on a cross-attention whose keys are split over the sequence ranks cannot "
+                         "be applied: set ulysses and ring to 1 (use cfg / tp)")
+    dim = 2 if kwargs.get("skip_reshape") else 1
+    k, v = (state.whole(_tensor_of(t), dim) for t in (k, v))
+    return original(_tensor_of(q), k, v, heads, *args, **kwargs)
 
 
 def _with_kernel(groups: SequenceParallelGroups, function) -> SequenceParallelGroups:

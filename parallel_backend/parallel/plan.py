@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import ACTIVE_SEQUENCE_STATES, SequenceParallelGroups, flat_key_valid
+from .attention import ACTIVE_SEQUENCE_STATES, KeysOf, SequenceParallelGroups, flat_key_valid
 from .collectives import all_gather
 from .tensor_parallel import TP_STYLES
 
@@ -91,6 +91,9 @@ class ParallelPlan:
     # module pattern -> {arg index: SeqGather}: inputs gathered back to the whole sequence before the module runs (a
     # head that slices its streams out of the packed sequence by position: MiniMax H3's final layer)
     seq_gather_inputs: dict = field(default_factory=dict)
+    # patterns of modules whose attention call takes its keys / values from this split's tokens and its queries from
+    # another stream split by another state (LTX-2's audio <-> video cross-attention): the keys are gathered whole
+    key_gather_attention: tuple = ()
 
 
 def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
@@ -114,7 +117,8 @@ def extend_plan(plan: ParallelPlan, extra: ParallelPlan) -> ParallelPlan:
         plane_from=plan.plane_from + extra.plane_from,
         main_length_args={**plan.main_length_args, **extra.main_length_args},
         plane_runs=max(plan.plane_runs, extra.plane_runs),
-        seq_gather_inputs=merged(plan.seq_gather_inputs, extra.seq_gather_inputs))
+        seq_gather_inputs=merged(plan.seq_gather_inputs, extra.seq_gather_inputs),
+        key_gather_attention=plan.key_gather_attention + extra.key_gather_attention)
 
 
 class SequenceState:
@@ -528,10 +532,10 @@ class _SequenceHooks:
             return (t.new_zeros(()).expand(shape), *args[1:])  # no memory: only its shape is read
         return hook
 
-    def attention_scope(self, enter: bool):
+    def attention_scope(self, enter: bool, keys_only: bool = False):
         def hook(*_args):
             if enter:
-                ACTIVE_SEQUENCE_STATES.append(self.state)
+                ACTIVE_SEQUENCE_STATES.append(KeysOf(self.state) if keys_only else self.state)
             elif ACTIVE_SEQUENCE_STATES:
                 ACTIVE_SEQUENCE_STATES.pop()
         return hook
@@ -587,6 +591,9 @@ def _output_and_attention_hooks(model, plan: ParallelPlan, hooks: _SequenceHooks
     out += [_post(model, name, hooks.gather_output(spec)) for name, spec in plan.seq_gather_outputs.items()]
     for name in (n for pattern in plan.sequence_attention for n in expand(pattern)):
         out += [_pre(model, name, hooks.attention_scope(True)), _post(model, name, hooks.attention_scope(False))]
+    for name in (n for pattern in plan.key_gather_attention for n in expand(pattern)):
+        out += [_pre(model, name, hooks.attention_scope(True, keys_only=True)),
+                _post(model, name, hooks.attention_scope(False))]
     return out
 
 

@@ -42,6 +42,8 @@ class ShardedModel:
         from ..models.host import import_host
         import_host(self.mesh.device.type)
         model, _, self.prefix = fam.build(header, self.dtype, self.path, storage=weight_storage(self.precision))
+        if hasattr(fam, "check_mesh"):  # what the file's shapes do not say (LTX-2's audio heads, from its metadata)
+            fam.check_mesh(model, self.mesh.config, self.path)
         # a model of ComfyUI's mixed-precision layers: they load their own (quantized) weights (models/host.py)
         self.host_quant = getattr(model, "host_quant", None)
         # (a family whose file names differ from the class's: its own map, from the host's renaming)
@@ -138,11 +140,16 @@ class ShardedModel:
         self.last_fold = "none" if layout.fold == 1 else f"{layout.fold}x{layout.kind}"
         if rows.start == rows.stop:
             return None
+        if rows != slice(0, x.shape[0]) and hasattr(self.family, "check_rows"):  # a model whose rows interact
+            self.family.check_rows(type(self.model).__name__, timestep, extras, rows)
         self.seq_state.use(layout.groups, layout.sequence_index)
         dev, dt = self.mesh.device, self.dtype
         take = lambda t: None if t is None else t[rows].to(dev, dt if t.is_floating_point() else t.dtype)
         kw = {k: take(v) if torch.is_tensor(v) else [take(t) for t in v] if _tensor_list(v) else v
               for k, v in gather_lists(extras).items()}  # tensors (and lists of them) are batched like x
+        # timesteps beside x (LTX-2's audio one) stay float32, as the host hands them
+        kw.update({k: extras[k][rows].to(dev) for k in getattr(self.family, "FLOAT32_CONDS", ())
+                   if torch.is_tensor(extras.get(k))})
         self.seq_state.begin_forward()
         if transformer_options:
             kw["transformer_options"] = self.options_for_call(transformer_options, rows, x.shape[0])

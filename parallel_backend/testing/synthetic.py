@@ -538,6 +538,91 @@ def write_tiny_hunyuan_video(path: str, seed: int = 0, dtype=torch.float32, pres
 
 
 # ---- safetensors written tensor by tensor ---------------------------------------------------------
+# ---- LTX-2 audio + video (ComfyUI 0.33's LTXAVModel; same `model.diffusion_model.` layout) -------------------------
+# name -> video width (32 heads), audio width (32 heads: ComfyUI's default audio head count), blocks, text width
+# (= the text connectors' width: heads x head dim), connector heads / layers; the release's metadata config carries
+# what ComfyUI's detection cannot read from the keys
+LTXAV_PRESETS = {
+    # video 32 heads of 8, audio 32 heads of 4, 2 blocks, text 32 wide: 4.7 M params
+    "tiny": dict(width=256, audio_width=128, num_layers=2, caption_channels=32, connector_heads=2, connector_layers=1),
+    "ltx-2-19b": dict(width=4096, audio_width=2048, num_layers=48, caption_channels=3840, connector_heads=30,
+                      connector_layers=2),
+}
+
+
+def _adaln(prefix: str, d: int, coefficient: int) -> dict:
+    s = {f"{prefix}.emb.timestep_embedder.linear_1.weight": (d, 256), f"{prefix}.emb.timestep_embedder.linear_1.bias": (d,),
+         f"{prefix}.emb.timestep_embedder.linear_2.weight": (d, d), f"{prefix}.emb.timestep_embedder.linear_2.bias": (d,)}
+    return {**s, f"{prefix}.linear.weight": (coefficient * d, d), f"{prefix}.linear.bias": (coefficient * d,)}
+
+
+def _ltx_attention(prefix: str, query: int, inner: int, context: int) -> dict:
+    s = {f"{prefix}.q_norm.weight": (inner,), f"{prefix}.k_norm.weight": (inner,)}
+    for p, (o, i) in {"to_q": (inner, query), "to_k": (inner, context), "to_v": (inner, context),
+                      "to_out.0": (query, inner)}.items():
+        s[f"{prefix}.{p}.weight"], s[f"{prefix}.{p}.bias"] = (o, i), (o,)
+    return s
+
+
+def _ltx_ff(prefix: str, d: int, mult: int = 4) -> dict:
+    return {f"{prefix}.net.0.proj.weight": (mult * d, d), f"{prefix}.net.0.proj.bias": (mult * d,),
+            f"{prefix}.net.2.weight": (d, mult * d), f"{prefix}.net.2.bias": (d,)}
+
+
+def _ltx_connector(prefix: str, d: int, layers: int, registers: int = 128) -> dict:
+    s = {f"{prefix}.learnable_registers": (registers, d)}
+    for i in range(layers):
+        s.update(_ltx_attention(f"{prefix}.transformer_1d_blocks.{i}.attn1", d, d, d))
+        s.update(_ltx_ff(f"{prefix}.transformer_1d_blocks.{i}.ff", d))
+    return s
+
+
+def ltxav_shapes(width, audio_width, num_layers, caption_channels, connector_heads, connector_layers,
+                 in_channels=128, audio_in_channels=128) -> dict:
+    """key -> shape of an LTX-2 audio + video DiT (ComfyUI's LTXAVModel names, without `model.diffusion_model.`)."""
+    v, a = width, audio_width
+    s = {k: x for k, x in ltxv_shapes(v, 0, in_channels, caption_channels).items()}
+    s.update({"audio_patchify_proj.weight": (a, audio_in_channels), "audio_patchify_proj.bias": (a,),
+              **_adaln("audio_adaln_single", a, 6), **_adaln("av_ca_video_scale_shift_adaln_single", v, 4),
+              **_adaln("av_ca_a2v_gate_adaln_single", v, 1), **_adaln("av_ca_audio_scale_shift_adaln_single", a, 4),
+              **_adaln("av_ca_v2a_gate_adaln_single", a, 1),
+              "audio_caption_projection.linear_1.weight": (a, caption_channels),
+              "audio_caption_projection.linear_1.bias": (a,), "audio_caption_projection.linear_2.weight": (a, a),
+              "audio_caption_projection.linear_2.bias": (a,),
+              **_ltx_connector("audio_embeddings_connector", caption_channels, connector_layers),
+              **_ltx_connector("video_embeddings_connector", caption_channels, connector_layers),
+              "audio_scale_shift_table": (2, a), "audio_proj_out.weight": (audio_in_channels, a),
+              "audio_proj_out.bias": (audio_in_channels,)})
+    for i in range(num_layers):
+        b = f"transformer_blocks.{i}."
+        for name, (q, inner, ctx) in {"attn1": (v, v, v), "attn2": (v, v, v), "audio_attn1": (a, a, a),
+                                      "audio_attn2": (a, a, a), "audio_to_video_attn": (v, a, a),
+                                      "video_to_audio_attn": (a, a, v)}.items():
+            s.update(_ltx_attention(b + name, q, inner, ctx))
+        s.update({**_ltx_ff(b + "ff", v), **_ltx_ff(b + "audio_ff", a), b + "scale_shift_table": (6, v),
+                  b + "audio_scale_shift_table": (6, a), b + "scale_shift_table_a2v_ca_audio": (5, a),
+                  b + "scale_shift_table_a2v_ca_video": (5, v)})
+    return s
+
+
+def ltxav_metadata(width, audio_width, caption_channels, connector_heads, connector_layers, **_) -> dict:
+    """The "transformer" entries of an LTX-2 file's metadata config that a tiny file needs (ComfyUI's detection
+    reads the rest from the keys; audio heads stay ComfyUI's default 32)."""
+    return {"audio_attention_head_dim": audio_width // 32, "audio_cross_attention_dim": audio_width,
+            "caption_channels": caption_channels, "connector_num_attention_heads": connector_heads,
+            "connector_attention_head_dim": caption_channels // connector_heads,
+            "connector_num_layers": connector_layers}
+
+
+def write_tiny_ltxav(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", fill: float | None = None,
+                     **overrides) -> str:
+    """A random LTX-2 audio + video checkpoint in the release's layout, with its metadata config."""
+    cfg = {**LTXAV_PRESETS[preset], **overrides}
+    meta = {"config": json.dumps({"transformer": ltxav_metadata(**cfg)})}
+    return write_checkpoint(path, ltxav_shapes(**cfg), dtype=dtype, seed=seed, prefix="model.diffusion_model.",
+                            metadata=meta, fill=fill)
+
+
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32"}
 

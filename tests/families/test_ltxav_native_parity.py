@@ -1,0 +1,158 @@
+"""LTX-2 audio + video, sharded on 4-rank meshes (cfg2 x ulysses2, ring2 x tp2), on 3 ranks (ring3) and on
+1 rank, equals ComfyUI 0.33's native LTXAVModel forward on the same file, <= 1e-4 max abs in fp32 (video and audio).
+
+The oracle is ComfyUI's own loader (`comfy.sd.load_diffusion_model` detects the tiny file as LTXAV, its metadata
+config giving the tiny text and audio widths); each case runs its `diffusion_model` with what ComfyUI's LTXAV
+BaseModel passes: the [video, audio] pair, the timestep (or the (video, audio) pair process_timestep makes from the
+denoise masks), the connectors' text (video and audio halves), the text mask and frame rate. The ranks get the pair
+packed into one tensor with its stream shapes and the audio timestep as a cond, as the MODEL proxy sends them.
+
+Cases: video and audio token counts that divide no sequence degree (45 video / 7 audio tokens; 31 / 5), one timestep
+per row, per-token video timesteps (frame 0 kept: image-to-video, ComfyUI's per-frame CompressedTimestep) and
+per-token audio timesteps (the first audio tokens kept), a padded text mask.
+"""
+import os
+
+import pytest
+import torch
+from mesh_parity import MESHES_4, assert_rows_match, run_meshes
+
+import comfy_host
+from parallel_backend.config import ParallelConfig
+from parallel_backend.runtime.mesh import single_rank_mesh
+from parallel_backend.runtime.sharded_model import ShardedModel
+from parallel_backend.testing.spmd import run_on_ranks
+from parallel_backend.testing.synthetic import LTXAV_PRESETS, write_tiny_ltxav
+
+pytestmark = [pytest.mark.multirank, pytest.mark.skipif(
+    not os.path.isfile(os.path.join(comfy_host.comfyui_path(), "comfy", "ldm", "lightricks", "av_model.py")),
+    reason="this ComfyUI has no LTXAVModel (0.3.75: its refusal is tests/parallel_backend/models/test_ltxv.py's)")]
+TOL = 1e-4
+T_ROWS = (0.7, 0.7)  # cond and uncond at one sigma, as samplers call (see ROWS_DIFFER)
+TEXT_TOKENS = 12
+P = LTXAV_PRESETS["tiny"]
+
+# case -> (video frames, height, width), audio latent frames, per-token video timestep (i2v), per-token audio
+# timestep (audio kept at its start), padded text mask
+CASES = {
+    "t2v_45v_7a_masked_text": ((3, 5, 3), 7, False, False, True),
+    "i2v_45v_7a": ((3, 5, 3), 7, True, False, False),
+    "a2v_45v_7a": ((3, 5, 3), 7, False, True, False),
+    "t2v_31v_5a": ((1, 1, 31), 5, False, False, False),
+}
+# rows at different timesteps: LTXAVModel gates its cross-attentions by the largest timestep of the whole batch, so
+# a replica split of the rows (cfg / dp) is refused; every other split equals native
+ROWS_DIFFER = "rows_differ_45v_7a"
+CASES[ROWS_DIFFER] = CASES["i2v_45v_7a"]
+
+
+def _inputs(case, seed=0):
+    """(video, audio, timestep(s), context, {keyword inputs}) as ComfyUI's LTXAV BaseModel hands them."""
+    thw, audio_len, i2v, a2v, masked = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    vx = torch.randn(2, 128, *thw, generator=g)
+    ax = torch.randn(2, 8, audio_len, 16, generator=g)  # LTXAVModel's audio latent: 8 channels x 16 bins
+    ctx = torch.randn(2, TEXT_TOKENS, 2 * P["caption_channels"], generator=g)  # the connectors' video | audio text
+    t = torch.tensor((0.8, 0.3) if case == ROWS_DIFFER else T_ROWS)
+    mask = torch.ones(2, TEXT_TOKENS, dtype=torch.long)
+    if masked:
+        mask[0, 9:] = 0
+        mask[1, 5:] = 0
+    kw = {"frame_rate": 24, "attention_mask": mask}
+    v_t, a_t = t, t
+    if i2v:  # LTXAV.process_timestep: the denoise mask times sigma, one entry per video token
+        dm = torch.ones(2, 1, *thw)
+        dm[:, :, 0] = 0.0
+        v_t = (dm * t.view(2, 1, 1, 1, 1)).flatten(2)[:, 0]
+        kw["denoise_mask"] = dm
+    if a2v:  # ... and per audio token (the first 3 kept)
+        adm = torch.ones(2, 1, audio_len, 1)
+        adm[:, :, :3] = 0.0
+        a_t = (adm * t.view(2, 1, 1, 1))[:, 0, :, 0]
+    return vx, ax, (v_t, a_t), ctx, kw
+
+
+def _run(model):
+    import comfy.utils
+
+    out = {}
+    for case in CASES:
+        vx, ax, (v_t, a_t), ctx, kw = _inputs(case)
+        x, shapes = comfy.utils.pack_latents([vx, ax])
+        try:
+            y = model.forward_rows(x, v_t, ctx, a_timestep=a_t, latent_shapes=[tuple(s) for s in shapes], **kw)
+        except ValueError as e:
+            out[("video", case)] = out[("audio", case)] = str(e)
+            continue
+        rows = model.rows(2)
+        if y is None:
+            out[("video", case)] = out[("audio", case)] = (rows, None)
+            continue
+        video, audio = comfy.utils.unpack_latents(y, shapes)
+        out[("video", case)], out[("audio", case)] = (rows, video), (rows, audio)
+    return out
+
+
+def _run_mesh(mesh, path):
+    return _run(ShardedModel(mesh, path, "fp32"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_ltxav(str(tmp_path_factory.mktemp("ltxav") / "ltx2_tiny.safetensors"), seed=5)
+
+
+def ltxav_native(path):
+    """ComfyUI's own LTXAV model for the file, as its Load Diffusion Model loads it (fp32)."""
+    comfy_host.import_comfy()
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float32}).model
+
+
+@pytest.fixture(scope="module")
+def native_outputs(checkpoint):
+    base = ltxav_native(checkpoint)
+    assert type(base).__name__ == "LTXAV" and type(base.diffusion_model).__name__ == "LTXAVModel"
+    ref = {}
+    for case in CASES:
+        vx, ax, t, ctx, kw = _inputs(case)
+        with torch.no_grad():
+            video, audio = base.diffusion_model([vx, ax], t, ctx, **kw)
+        ref[("video", case)], ref[("audio", case)] = video.float(), audio.float()
+    return ref
+
+
+def test_native_outputs_are_not_trivial(native_outputs):
+    """The audio reaches the video and back (the cross-attentions act), and per-token timesteps change both."""
+    v, a = native_outputs[("video", "t2v_45v_7a_masked_text")], native_outputs[("audio", "t2v_45v_7a_masked_text")]
+    assert v.abs().mean() > 0.1 and a.abs().mean() > 0.1
+    assert (native_outputs[("audio", "a2v_45v_7a")] - native_outputs[("audio", "i2v_45v_7a")]).abs().max() > 1e-2
+    assert (native_outputs[("video", "a2v_45v_7a")] - native_outputs[("video", "i2v_45v_7a")]).abs().max() > 1e-2
+
+
+def test_one_rank_equals_comfyui_native(checkpoint, native_outputs):
+    mesh = single_rank_mesh(ParallelConfig(world_size=1, device="cpu", dtype="fp32"), torch.device("cpu"))
+    assert_rows_match(native_outputs, [_run_mesh(mesh, checkpoint)], "1 rank", TOL)
+
+
+@pytest.fixture(scope="module")
+def world4(checkpoint):
+    config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
+    return run_on_ranks(run_meshes, config, _run_mesh, checkpoint, MESHES_4, timeout=600)
+
+
+@pytest.mark.parametrize("mesh", list(MESHES_4))
+def test_sharded_forward_equals_comfyui_native(native_outputs, world4, mesh):
+    config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4[mesh])
+    per_rank = [r[mesh] for r in world4]
+    if config.cfg > 1:  # the replicas split the rows: rows at different timesteps are refused with what to change
+        assert all("set cfg and dp to 1" in r[("video", ROWS_DIFFER)] for r in per_rank)
+        native_outputs = {k: v for k, v in native_outputs.items() if k[1] != ROWS_DIFFER}
+    assert_rows_match(native_outputs, per_rank, config.describe(), TOL)
+
+
+def test_odd_world_size_ring3_equals_comfyui_native(checkpoint, native_outputs):
+    """3 ranks: 32 heads do not divide by 3, so both streams split by Ring; every token count is ragged on 3."""
+    config = ParallelConfig(world_size=3, device="cpu", dtype="fp32", ring=3)
+    assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoint), config.describe(), TOL)
