@@ -49,6 +49,9 @@ from ..config import parse_endpoint  # noqa: F401  (the rendezvous field's forma
 
 MIN_SECRET_BYTES = 16
 POLL_S = 0.05
+# node 0's own ranks are processes this machine is starting (importing torch and ComfyUI's model code): they get at
+# least this long, however short the rejoin timeout, which is the other nodes' time once node 0's ranks are in
+LOCAL_START_S = 120.0
 _ROOT = "pdit/rdzv/"  # every key this module writes lives under it
 
 
@@ -258,8 +261,11 @@ class RendezvousServer:
         """Wait for every rank's claim, check each, and mark the group formed (returns rank -> claim). The first
         refusal (or the deadline) aborts the rendezvous for every rank and raises, naming the rank and node."""
         root, w = _root(self.store), self.world
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait  # the other nodes' (pushed back until node 0's ranks are in)
+        local_deadline = time.monotonic() + max(wait, LOCAL_START_S)
         pending = set(range(w.world_size)) - set(self.admitted)
+        local = {r for r in pending if w.node_of(r) == 0}
         while pending:
             if self.cancelled:
                 self._abort("node 0 stopped the group")
@@ -280,11 +286,14 @@ class RendezvousServer:
                     {"ok": True, "mac": _mac(self._secret, "pdit-admit", self.nonce, rank, claim["proof"])}))
                 self.admitted[rank] = claim
                 pending.discard(rank)
-            if pending and time.monotonic() > deadline:
+                if local and rank in local and not (local & pending):  # node 0 is in: the others' time starts now
+                    deadline = max(deadline, time.monotonic() + wait)
+            waiting_on_node0 = bool(local & pending)
+            if pending and time.monotonic() > (local_deadline if waiting_on_node0 else deadline):
                 missing = sorted(pending)
                 nodes = sorted({w.node_of(r) for r in missing})
                 msg = (f"rank(s) {missing} (node(s) {nodes}) did not join {self.endpoint} within "
-                       f"{(self.timeout if timeout is None else timeout):.0f} s; the group was not formed")
+                       f"{max(wait, LOCAL_START_S) if waiting_on_node0 else wait:.0f} s; the group was not formed")
                 self._abort(msg)
                 raise RendezvousError(msg)
             if pending:
