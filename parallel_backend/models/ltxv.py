@@ -85,6 +85,9 @@ VARIANTS = {
     "LTXAVModel": dict(conds=AV_CONDS, av=True),
 }
 NOT_YET: dict = {}  # host class -> why the pack cannot run it yet
+# host class -> why its MODEL cannot run through ComfyUI yet (the engine runs it; the ComfyUI-side proxy does not)
+NOT_ON_COMFYUI_YET = {"LTXAVModel": "the MODEL proxy does not yet hand LTX-2's (video, audio) timestep pair and "
+                                    "unprocessed text to the ranks"}
 
 
 def variant_of(class_name: str) -> dict:
@@ -177,15 +180,25 @@ def host_has_class(name: str) -> bool:
     return False
 
 
+def check_file_class(header: dict) -> str:
+    """The LTX class the file asks for; refused where this ComfyUI lacks it (0.3.75 would build a video-only
+    LTXVModel of an LTX-2 file, its audio unused)."""
+    wanted = file_class(header)
+    if not host_has_class(wanted):
+        raise ValueError(f"its key {AUDIO_KEY} makes it ComfyUI's {wanted} (LTX-2 audio + video), which "
+                         f"this ComfyUI does not have (it would build LTXVModel and sample another model): update "
+                         f"ComfyUI to a release with {wanted}")
+    return wanted
+
+
 def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>", storage: str | None = None):
     """ComfyUI's model for this file, on meta, as its detection builds it; a class the pack cannot run is refused."""
     from .host import build_host_model
 
-    wanted = file_class(header)
-    if not host_has_class(wanted):  # 0.3.75 would build a video-only LTXVModel of an LTX-2 file, its audio unused
-        raise ValueError(f"{path}: its key {AUDIO_KEY} makes it ComfyUI's {wanted} (LTX-2 audio + video), which "
-                         f"this ComfyUI does not have (it would build LTXVModel and sample another model): update "
-                         f"ComfyUI to a release with {wanted}")
+    try:
+        wanted = check_file_class(header)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     if wanted not in VARIANTS:
         variant_of(wanted)
     model, model_config, prefix = build_host_model(header, compute_dtype, path, storage=storage)
