@@ -62,15 +62,9 @@ def refuse_unsupported_class(family_name, path, header):
         return
     try:
         getattr(family, "check_file_class", lambda _header: None)(header)  # a class this ComfyUI lacks
-        name = _host_class_name(family, family_name, path, header)
-        check(name)
+        check(_host_class_name(family, family_name, path, header))
     except ValueError as e:
         raise ValueError(f"{os.path.basename(path)}: {e}") from None
-    why = getattr(family, "NOT_ON_COMFYUI_YET", {}).get(name)
-    if why:
-        raise ValueError(f"{os.path.basename(path)}: ComfyUI detects it as {name}, which the Parallel Model Loader "
-                         f"cannot run through ComfyUI's samplers yet ({why}). Sample it with the native Load "
-                         f"Diffusion Model (UNETLoader)")
 
 
 def _host_class_name(family, family_name, path, header) -> str | None:

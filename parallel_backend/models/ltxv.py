@@ -32,6 +32,7 @@ from ..weights.checkpoint import strip_prefix, stripped_shapes
 from .ltxav import CONDS as AV_CONDS, ROPED as AV_ROPED, VIDEO_PLAN as AV_VIDEO_PLAN  # LTX-2 (models/ltxav.py)
 from .ltxav import check_mesh as av_check_mesh, check_rows as av_check_rows, forward as av_forward
 from .ltxav import install as av_install, model_shape as av_model_shape
+from .ltxav import CROSSING_FLAGS as AV_CROSSING_FLAGS, host_forward as av_host_forward, proxy_attributes as av_proxy_attributes
 
 FAMILY = "ltxv"
 BLOCKS = "transformer_blocks"  # the transformer blocks (what torch.compile compiles, one by one)
@@ -85,9 +86,6 @@ VARIANTS = {
     "LTXAVModel": dict(conds=AV_CONDS, av=True),
 }
 NOT_YET: dict = {}  # host class -> why the pack cannot run it yet
-# host class -> why its MODEL cannot run through ComfyUI yet (the engine runs it; the ComfyUI-side proxy does not)
-NOT_ON_COMFYUI_YET = {"LTXAVModel": "the MODEL proxy does not yet hand LTX-2's (video, audio) timestep pair and "
-                                    "unprocessed text to the ranks"}
 
 
 def variant_of(class_name: str) -> dict:
@@ -104,6 +102,19 @@ def conds_of(class_name: str) -> tuple:
     return variant_of(class_name)["conds"]
 
 
+def proxy_attributes(class_name: str) -> dict:
+    """What the host's BaseModel reads off its diffusion model in the ComfyUI process (LTX-2: models/ltxav.py)."""
+    return av_proxy_attributes() if variant_of(class_name).get("av") else {}
+
+
+def host_forward(host_class, proxy, args, kwargs):
+    """The host class's forward called on the proxy (LTX-2's splits its timestep pair first: models/ltxav.py)."""
+    if variant_of(host_class.__name__).get("av"):
+        return av_host_forward(host_class, proxy, args, kwargs)
+    return host_class.forward(proxy, *args, **kwargs)
+
+
+CROSSING_FLAGS = AV_CROSSING_FLAGS  # extra_conds flags that cross as conds (the proxy's BaseModel adds them)
 FLOAT32_CONDS = ("a_timestep",)  # LTX-2's audio timestep, float32 as ComfyUI hands it
 
 
