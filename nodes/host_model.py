@@ -61,6 +61,7 @@ def refuse_unsupported_class(family_name, path, header):
     if check is None:
         return
     try:
+        getattr(family, "check_file_class", lambda _header: None)(header)  # a class this ComfyUI lacks
         check(_host_class_name(family, family_name, path, header))
     except ValueError as e:
         raise ValueError(f"{os.path.basename(path)}: {e}") from None

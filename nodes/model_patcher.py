@@ -43,8 +43,24 @@ def build_model_patcher(config, path, precision, header, info, resident=False, c
     base.diffusion_model._base_ref = weakref.ref(base)
     # the loader's own proxy (no LoRA): base.diffusion_model is a Parallel LoRA proxy while such a MODEL is loaded
     base._pdit = {"proxy": base.diffusion_model}
+    flags = getattr(base.diffusion_model.family(), "CROSSING_FLAGS", ())
+    if flags:
+        base.extra_conds = _with_flags(base.extra_conds, flags)
     # activations live on the ranks, not in this process
     base.memory_required = lambda *a, **k: 0
     logging.info("parallel_dit: %s as %s on %s", path, type(model_config).__name__, config.describe())
     return parallel_model_patcher_class()(base, load_device=comfy.model_management.get_torch_device(),
                                           offload_device=comfy.model_management.unet_offload_device())
+
+
+def _with_flags(extra_conds, names):
+    """The BaseModel's extra_conds plus the named encoder flags as constant conds: the host reads them there to treat
+    the text with its diffusion model's own modules (LTX-2's connectors), which live on the ranks."""
+    import comfy.conds
+
+    def extra_conds_with_flags(**kwargs):
+        out = extra_conds(**kwargs)
+        out.update({n: comfy.conds.CONDConstant(kwargs[n]) for n in names if kwargs.get(n)})
+        return out
+
+    return extra_conds_with_flags

@@ -55,7 +55,11 @@ class ParallelDiffusionModel(torch.nn.Module):
         self.patch_embedding = _ShapeOnly(shape, self.dtype)
         # what the host's BaseModel and forward read off their diffusion model besides the call (MiniMax H3: its
         # sigma shifts, patch size, text preprocessing), as the family gives them
-        for name, value in getattr(self.family(), "PROXY_ATTRIBUTES", {}).items():
+        family = self.family()
+        attributes = dict(getattr(family, "PROXY_ATTRIBUTES", {}))
+        if hasattr(family, "proxy_attributes"):  # per host class (LTX-2's patchifiers)
+            attributes.update(family.proxy_attributes(self.class_name()))
+        for name, value in attributes.items():
             setattr(self, name, value)
         # a real (tiny) buffer so ComfyUI's device moves have something to move, and no meta tensors
         self.register_buffer("device_anchor", torch.zeros(1), persistent=False)
@@ -100,6 +104,9 @@ class ParallelDiffusionModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self.host_class is None:
             return self._forward(*args, **kwargs)
+        host_forward = getattr(self.family(), "host_forward", None)  # a host forward that needs help (LTX-2's super())
+        if host_forward is not None:
+            return host_forward(self.host_class, self, args, kwargs)
         return self.host_class.forward(self, *args, **kwargs)
 
     def _forward(self, *args, **kwargs):

@@ -76,7 +76,37 @@ _VIDEO_TIMESTEPS = ("v_timestep", "v_cross_scale_shift_timestep", "v_cross_gate_
 # ComfyUI conds LTXAVModel takes: LTXV's, the audio timestep the proxy hands on (LTXAVModel.forward's
 # (video, audio) timestep pair), the audio denoise mask, and the stream shapes of the packed latent
 CONDS = ("attention_mask", "frame_rate", "denoise_mask", "keyframe_idxs", "guide_attention_entries",
-         "generated_keyframes", "a_timestep", "audio_denoise_mask", "latent_shapes")
+         "generated_keyframes", "a_timestep", "audio_denoise_mask", "latent_shapes", "unprocessed_ltxav_embeds")
+# the text encoder's flag the host's LTXAV BaseModel reads in extra_conds (LTX 2.3's raw text is as wide as processed
+# text): the proxy has no text connectors, so the flag crosses as a constant cond and the ranks run them
+CROSSING_FLAGS = ("unprocessed_ltxav_embeds",)
+
+
+def proxy_attributes() -> dict:
+    """What ComfyUI's LTXAV BaseModel reads off its diffusion model in the ComfyUI process: the patchifiers
+    (process_timestep with denoise masks, context windows), the host's own as LTXAVModel builds them."""
+    from comfy.ldm.lightricks.symmetric_patchifier import AudioPatchifier, SymmetricPatchifier
+
+    return {"patchifier": SymmetricPatchifier(1, start_end=True), "a_patchifier": AudioPatchifier(1, start_end=True)}
+
+
+def host_forward(host_class, proxy, args, kwargs):
+    """LTXAVModel.forward on the proxy: the (video, audio) timestep pair becomes `a_timestep` as the host's forward
+    makes it, then its parent's forward runs (the DIFFUSION_MODEL wrappers around the proxy's `_forward`): the host's
+    own `super()` cannot bind to the proxy, which is no LTXAVModel."""
+    import inspect
+
+    bound = inspect.signature(host_class.forward).bind(proxy, *args, **kwargs)
+    bound.apply_defaults()  # the host passes its own defaults on (attention_mask=None, frame_rate=25, ...)
+    a = dict(bound.arguments)
+    extra = a.pop("kwargs", {})
+    timestep = a["timestep"]
+    if isinstance(timestep, (tuple, list)) and len(timestep) == 2:
+        timestep, extra["a_timestep"] = timestep
+    else:
+        extra["a_timestep"] = timestep
+    return host_class.__mro__[1].forward(proxy, a["x"], timestep, a["context"], a["attention_mask"], a["frame_rate"],
+                                         a["transformer_options"], a["keyframe_idxs"], **extra)
 
 
 def audio_heads(shapes: dict) -> tuple[int, int]:
@@ -198,5 +228,7 @@ def forward(model, x, timestep, context, attention_mask=None, frame_rate=25, tra
     if not isinstance(x, (list, tuple)):
         x = [x]  # a video-only call: LTXAVModel runs with an empty audio stream
     extras.setdefault("a_timestep", timestep)
+    # the text connectors run here (the proxy has none): ComfyUI's LTXAV.extra_conds step, with its flag
+    context = model.preprocess_text_embeds(context, unprocessed=bool(extras.pop("unprocessed_ltxav_embeds", False)))
     out = model._forward(list(x), timestep, context, attention_mask, frame_rate, transformer_options or {}, **extras)
     return comfy.utils.pack_latents(out)[0] if isinstance(out, (list, tuple)) else out

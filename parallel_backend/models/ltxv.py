@@ -32,6 +32,7 @@ from ..weights.checkpoint import strip_prefix, stripped_shapes
 from .ltxav import CONDS as AV_CONDS, ROPED as AV_ROPED, VIDEO_PLAN as AV_VIDEO_PLAN  # LTX-2 (models/ltxav.py)
 from .ltxav import check_mesh as av_check_mesh, check_rows as av_check_rows, forward as av_forward
 from .ltxav import install as av_install, model_shape as av_model_shape
+from .ltxav import CROSSING_FLAGS as AV_CROSSING_FLAGS, host_forward as av_host_forward, proxy_attributes as av_proxy_attributes
 
 FAMILY = "ltxv"
 BLOCKS = "transformer_blocks"  # the transformer blocks (what torch.compile compiles, one by one)
@@ -101,6 +102,19 @@ def conds_of(class_name: str) -> tuple:
     return variant_of(class_name)["conds"]
 
 
+def proxy_attributes(class_name: str) -> dict:
+    """What the host's BaseModel reads off its diffusion model in the ComfyUI process (LTX-2: models/ltxav.py)."""
+    return av_proxy_attributes() if variant_of(class_name).get("av") else {}
+
+
+def host_forward(host_class, proxy, args, kwargs):
+    """The host class's forward called on the proxy (LTX-2's splits its timestep pair first: models/ltxav.py)."""
+    if variant_of(host_class.__name__).get("av"):
+        return av_host_forward(host_class, proxy, args, kwargs)
+    return host_class.forward(proxy, *args, **kwargs)
+
+
+CROSSING_FLAGS = AV_CROSSING_FLAGS  # extra_conds flags that cross as conds (the proxy's BaseModel adds them)
 FLOAT32_CONDS = ("a_timestep",)  # LTX-2's audio timestep, float32 as ComfyUI hands it
 
 
@@ -177,15 +191,25 @@ def host_has_class(name: str) -> bool:
     return False
 
 
+def check_file_class(header: dict) -> str:
+    """The LTX class the file asks for; refused where this ComfyUI lacks it (0.3.75 would build a video-only
+    LTXVModel of an LTX-2 file, its audio unused)."""
+    wanted = file_class(header)
+    if not host_has_class(wanted):
+        raise ValueError(f"its key {AUDIO_KEY} makes it ComfyUI's {wanted} (LTX-2 audio + video), which "
+                         f"this ComfyUI does not have (it would build LTXVModel and sample another model): update "
+                         f"ComfyUI to a release with {wanted}")
+    return wanted
+
+
 def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>", storage: str | None = None):
     """ComfyUI's model for this file, on meta, as its detection builds it; a class the pack cannot run is refused."""
     from .host import build_host_model
 
-    wanted = file_class(header)
-    if not host_has_class(wanted):  # 0.3.75 would build a video-only LTXVModel of an LTX-2 file, its audio unused
-        raise ValueError(f"{path}: its key {AUDIO_KEY} makes it ComfyUI's {wanted} (LTX-2 audio + video), which "
-                         f"this ComfyUI does not have (it would build LTXVModel and sample another model): update "
-                         f"ComfyUI to a release with {wanted}")
+    try:
+        wanted = check_file_class(header)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     if wanted not in VARIANTS:
         variant_of(wanted)
     model, model_config, prefix = build_host_model(header, compute_dtype, path, storage=storage)

@@ -1,6 +1,8 @@
 """Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder, CLIP vision, the
 Wan 2.2 VAE's encoder, the wav2vec2 audio encoders and SAM 3, which cannot be downloaded where the tests run, and
 ComfyUI's native Cosmos Predict2 and Cosmos 1.0 models for a tiny file (which ComfyUI's own loader cannot size)."""
+import math
+
 import torch
 
 
@@ -53,18 +55,36 @@ class _FakeWan22VAE:
         return z + pixels.float().mean()
 
 
+class _FakeLTX2AudioVAE:
+    """LTX-2's audio VAE in shape only (8 channels x 16 frequency bins), so LTXVEmptyLatentAudio runs its real code
+    around it; about 6 latents per second (the release has 25: fewer keeps the test's audio stream short)."""
+    latent_channels = 8
+
+    def __init__(self):
+        self.first_stage_model = self
+
+    latent_frequency_bins = 16
+
+    @staticmethod
+    def num_of_latents_from_frames(frames_number, frame_rate):
+        return max(1, math.ceil(frames_number / frame_rate * 6.25))
+
+
 class PditTestVAE:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                                               "tooltip": "seed of the fake latent"})},
-                "optional": {"kind": (["wan2.2", "wan2.1"], {"default": "wan2.2", "tooltip": "whose latent shape"})}}
+                "optional": {"kind": (["wan2.2", "wan2.1", "ltx2-audio"], {"default": "wan2.2",
+                                                                         "tooltip": "whose latent shape"})}}
 
     RETURN_TYPES = ("VAE",)
     FUNCTION = "make"
     CATEGORY = "testing"
 
     def make(self, seed, kind="wan2.2"):
+        if kind == "ltx2-audio":
+            return (_FakeLTX2AudioVAE(),)
         return (_FakeWan22VAE(seed) if kind == "wan2.2" else _FakeWan22VAE(seed, channels=16, spatial=8),)
 
 

@@ -49,3 +49,21 @@ def test_minimax_h3_runs_where_the_host_has_the_class_and_is_refused_by_name_els
     with pytest.raises(ValueError, match=r"minimax_h3.safetensors: this ComfyUI has no MiniMaxH3 model class .*update "
                                          r"ComfyUI"):
         host_model.refuse_unsupported_class("minimax_h3", path, read_header(path))
+
+
+def test_an_ltx2_file_runs_where_the_host_has_ltxavmodel_and_is_refused_before_any_rank_elsewhere(tmp_path, pack):
+    """An LTX-2 (audio + video) file in Parallel Model Loader: accepted on 0.33 (LTXAVModel, through the queue in
+    tests/families/test_ltxav_workflow.py); on 0.3.75 (no LTXAVModel: it would build a video-only LTXVModel) refused
+    in the ComfyUI process before any rank starts, naming the class and what to change."""
+    from parallel_backend.models import ltxv
+    from parallel_backend.testing.synthetic import write_tiny_ltxav
+    from parallel_backend.weights.reads import read_header
+
+    path = write_tiny_ltxav(str(tmp_path / "ltx2.safetensors"))
+    host_model = comfy_host.import_pack().nodes.host_model
+    if ltxv.host_has_class("LTXAVModel"):
+        host_model.refuse_unsupported_class("ltxv", path, read_header(path))
+        assert host_model.host_model_config("ltxv", path, "fp32", read_header(path))[2].__name__ == "LTXAVModel"
+        return
+    with pytest.raises(ValueError, match=r"ltx2.safetensors: its key .* LTXAVModel .* update ComfyUI"):
+        host_model.refuse_unsupported_class("ltxv", path, read_header(path))
