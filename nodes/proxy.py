@@ -41,6 +41,19 @@ class ParallelDiffusionModel(torch.nn.Module):
     sends x, timestep, context and the conditioning tensors to the group; whatever the ranks cannot honour is
     refused with a message."""
 
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            host_class = self.__dict__.get("host_class")
+            if host_class is None or name.startswith("__") or not hasattr(host_class, name):
+                raise
+        # still an AttributeError (hasattr() stays False for ComfyUI's feature checks), but one that says why
+        raise AttributeError(f"a node called {host_class.__name__}.{name} on the parallel MODEL's diffusion model in "
+                             f"the ComfyUI process, where the pack holds no weights (they are on the worker group): "
+                             f"this node cannot run on the parallel MODEL; use ComfyUI's own loader for the graph that "
+                             f"needs it")
+
     def __init__(self, config, path, precision, info, resident=False, loras=(), host_class=None, compile_spec=None):
         super().__init__()
         self.parallel_config, self.path, self.precision, self.info = config, path, precision, info

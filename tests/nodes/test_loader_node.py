@@ -105,6 +105,10 @@ def test_loader_never_reads_weights_in_the_comfyui_process(comfy, pack, config_s
               f"+{(peak - before) / 2**20:.1f} MiB; ranks hold {[r['param_bytes'] >> 20 for r in ranks]} MiB")
         assert peak - before < 32 * 2**20
         assert all(r["param_bytes"] > 100 * 2**20 for r in ranks) and model is not None
+        # a node that calls the host model's own method here (LTX's duration head: preprocess_text_embeds) is told why
+        with pytest.raises(AttributeError, match=r"WanModel\.unpatchify on the parallel MODEL.*cannot run on"):
+            proxy.unpatchify  # noqa: B018
+        assert not hasattr(proxy, "no_such_attribute")
     finally:
         monkeypatch.undo()
         group.stop_all()
