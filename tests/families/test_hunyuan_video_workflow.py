@@ -1,0 +1,101 @@
+"""The shipped HunyuanVideo 1.5 workflows (text-to-video, image-to-video) through a real headless ComfyUI queue on 2 CPU
+ranks (ulysses2), each equal to the same graph with the pack's loader and sampler swapped for ComfyUI's native
+UNETLoader and KSampler, in the same server (same seed, conditioning, latent).
+
+ComfyUI's own loader detects a tiny HunyuanVideo 1.5 file fully (HunyuanVideo15: 65 input channels, SigLIP projection
+of 1152), so the native UNETLoader is the oracle. The text is 12 Qwen tokens and 4 ByT5 glyph tokens; the latent (1, 32, 3, 5, 7) is 105 tokens, ragged on 2 ranks. I2V runs ComfyUI's
+HunyuanVideo15ImageToVideo on a start image (test VAE of the 1.5 VAE's shapes: 32 channels, 16x) and SigLIP tokens
+(test CLIP vision: 729 x 1152): its concat_cond reads the image / mask channels off the proxy's img_in.proj.weight.
+Both graphs use one tiny file, so the second reuses the warm group's weights.
+"""
+import os
+
+import pytest
+import torch
+
+import comfy_host
+from parallel_backend.testing.synthetic import write_tiny_hunyuan_video
+
+pytestmark = [pytest.mark.e2e, pytest.mark.multirank]
+MODEL = "tiny_hunyuan_video15.safetensors"
+TOL = 1e-4  # sampled latent, parallel vs native (fp32, 4 steps, cfg 6)
+SIZE = dict(width=112, height=80, length=9)  # latent 3 x 5 x 7
+
+
+def _texts(graph: dict) -> None:
+    """The test conditioning as HunyuanVideo 1.5's text encoders give it: Qwen tokens and ByT5 glyph tokens (no text
+    mask: the host's own forward takes a mask only for one row without ByT5 tokens; the parity test covers it)."""
+    for node in graph.values():
+        if node["class_type"] == "PditTestConditioning":
+            node["inputs"].update(byt5_tokens=4)
+
+
+def _t2v(api: dict) -> dict:
+    g = comfy_host.tiny_cpu_variant(api, MODEL, seed=3, prefix="latents/hy_t2v", text_width=64, **SIZE)
+    _texts(g)
+    return g
+
+
+def _i2v(api: dict, image: str) -> dict:
+    """Test stand-ins for the VAE and SigLIP; the image, HunyuanVideo15ImageToVideo and the pack's nodes as shipped."""
+    g = {k: dict(v, inputs=dict(v["inputs"])) for k, v in api.items()}
+    for nid, node in list(g.items()):
+        ct = node["class_type"]
+        if ct == "VAELoader":
+            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "hunyuan_video_1.5"}}
+        elif ct == "CLIPVisionLoader":
+            del g[nid]
+        elif ct == "CLIPVisionEncode":
+            g[nid] = {"class_type": "PditTestClipVision", "inputs": {"seed": 8, "kind": "siglip_384"}}
+        elif ct == "LoadImage":
+            node["inputs"]["image"] = image
+        elif ct == "HunyuanVideo15ImageToVideo":
+            node["inputs"].update(SIZE)
+    g = comfy_host.tiny_cpu_variant(g, MODEL, seed=4, prefix="latents/hy_i2v", text_width=64)
+    _texts(g)
+    return g
+
+
+def _run(server, base, graph, prefix):
+    h = server.wait(server.queue(graph), timeout=240)
+    assert h["status"]["status_str"] == "success", (h["status"], server.log_tail())
+    return comfy_host.saved_latent(base, prefix)[0]
+
+
+def _parallel_and_native(server, base, graph, prefix):
+    out = _run(server, base, graph, prefix)
+    ref = _run(server, base, comfy_host.native_variant(graph, prefix=prefix + "_native"), prefix + "_native")
+    assert out.shape == ref.shape == (1, 32, 3, 5, 7)
+    assert out.abs().mean() > 0.1
+    return out, ref, (out - ref).abs().max().item()
+
+
+def _shipped(server, name):
+    api, ui = comfy_host.load_workflow(f"{name}_api.json"), comfy_host.load_workflow(f"{name}.json")
+    assert comfy_host.ui_to_api(ui, server.get("/object_info")) == {
+        k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    return api
+
+
+def test_hunyuan_video15_t2v_and_i2v_through_prompt_queue(tmp_path):
+    from PIL import Image
+    d = tmp_path / "models"
+    d.mkdir()
+    base = comfy_host.make_base_dir(str(tmp_path / "comfy"),
+                                    {"diffusion_models": [write_tiny_hunyuan_video(str(d / MODEL), seed=41)]})
+    ramp = torch.linspace(0, 255, 80 * 112).reshape(80, 112, 1).expand(80, 112, 3).to(torch.uint8).contiguous()
+    Image.fromarray(ramp.numpy()).save(os.path.join(base, "input", "start.png"))
+    with comfy_host.ComfyServer(base) as server:
+        t2v = _shipped(server, "hunyuan_video15_t2v_parallel")
+        assert {n["class_type"] for n in t2v.values()} >= {"DualCLIPLoader", "EmptyHunyuanVideo15Latent",
+                                                           "ModelSamplingSD3", "ParallelModelLoader", "ParallelSampler"}
+        out, _, t2v_diff = _parallel_and_native(server, base, _t2v(t2v), "latents/hy_t2v")
+        i2v = _shipped(server, "hunyuan_video15_i2v_parallel")
+        assert "HunyuanVideo15ImageToVideo" in {n["class_type"] for n in i2v.values()}
+        i2v_out, _, i2v_diff = _parallel_and_native(server, base, _i2v(i2v, "start.png"), "latents/hy_i2v")
+        log = open(server.log_path).read()
+    print(f"HunyuanVideo 1.5 queue, 2 CPU ranks (ulysses2) vs native UNETLoader + KSampler: t2v {t2v_diff:.2e}, "
+          f"i2v {i2v_diff:.2e}")
+    assert t2v_diff <= TOL and i2v_diff <= TOL
+    assert (i2v_out - out).abs().max() > 1e-2  # the start image and SigLIP tokens reached the model
+    assert "as HunyuanVideo15 on" in log, log[-3000:]
