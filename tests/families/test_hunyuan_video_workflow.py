@@ -1,12 +1,13 @@
-"""The shipped HunyuanVideo 1.5 workflows (text-to-video, image-to-video) through a real headless ComfyUI queue on 2 CPU
-ranks (ulysses2), each equal to the same graph with the pack's loader and sampler swapped for ComfyUI's native
-UNETLoader and KSampler, in the same server (same seed, conditioning, latent).
+"""The shipped HunyuanVideo 1.5 image-to-video workflow through a real headless ComfyUI queue on 2 CPU ranks (ulysses2),
+equal to the same graph with the pack's loader and sampler swapped for ComfyUI's native UNETLoader and KSampler, in
+the same server (same seed, conditioning, latent). The text-to-video workflow is the same graph without the image
+nodes: checked as the browser queues it here (its sampling on the pack is covered by ComfyUI's own 1.5 T2V template in
+test_templates.py, to keep the suite's time).
 
 ComfyUI's own loader detects a tiny HunyuanVideo 1.5 file fully (HunyuanVideo15: 65 input channels, SigLIP projection
 of 1152), so the native UNETLoader is the oracle. The text is 12 Qwen tokens and 4 ByT5 glyph tokens; the latent (1, 32, 3, 5, 7) is 105 tokens, ragged on 2 ranks. I2V runs ComfyUI's
 HunyuanVideo15ImageToVideo on a start image (test VAE of the 1.5 VAE's shapes: 32 channels, 16x) and SigLIP tokens
 (test CLIP vision: 729 x 1152): its concat_cond reads the image / mask channels off the proxy's img_in.proj.weight.
-Both graphs use one tiny file, so the second reuses the warm group's weights.
 """
 import os
 
@@ -28,12 +29,6 @@ def _texts(graph: dict) -> None:
     for node in graph.values():
         if node["class_type"] == "PditTestConditioning":
             node["inputs"].update(byt5_tokens=4)
-
-
-def _t2v(api: dict) -> dict:
-    g = comfy_host.tiny_cpu_variant(api, MODEL, seed=3, prefix="latents/hy_t2v", text_width=64, **SIZE)
-    _texts(g)
-    return g
 
 
 def _i2v(api: dict, image: str) -> dict:
@@ -62,14 +57,6 @@ def _run(server, base, graph, prefix):
     return comfy_host.saved_latent(base, prefix)[0]
 
 
-def _parallel_and_native(server, base, graph, prefix):
-    out = _run(server, base, graph, prefix)
-    ref = _run(server, base, comfy_host.native_variant(graph, prefix=prefix + "_native"), prefix + "_native")
-    assert out.shape == ref.shape == (1, 32, 3, 5, 7)
-    assert out.abs().mean() > 0.1
-    return out, ref, (out - ref).abs().max().item()
-
-
 def _shipped(server, name):
     api, ui = comfy_host.load_workflow(f"{name}_api.json"), comfy_host.load_workflow(f"{name}.json")
     assert comfy_host.ui_to_api(ui, server.get("/object_info")) == {
@@ -77,7 +64,7 @@ def _shipped(server, name):
     return api
 
 
-def test_hunyuan_video15_t2v_and_i2v_through_prompt_queue(tmp_path):
+def test_hunyuan_video15_i2v_through_prompt_queue(tmp_path):
     from PIL import Image
     d = tmp_path / "models"
     d.mkdir()
@@ -89,13 +76,21 @@ def test_hunyuan_video15_t2v_and_i2v_through_prompt_queue(tmp_path):
         t2v = _shipped(server, "hunyuan_video15_t2v_parallel")
         assert {n["class_type"] for n in t2v.values()} >= {"DualCLIPLoader", "EmptyHunyuanVideo15Latent",
                                                            "ModelSamplingSD3", "ParallelModelLoader", "ParallelSampler"}
-        out, _, t2v_diff = _parallel_and_native(server, base, _t2v(t2v), "latents/hy_t2v")
         i2v = _shipped(server, "hunyuan_video15_i2v_parallel")
         assert "HunyuanVideo15ImageToVideo" in {n["class_type"] for n in i2v.values()}
-        i2v_out, _, i2v_diff = _parallel_and_native(server, base, _i2v(i2v, "start.png"), "latents/hy_i2v")
+        graph = _i2v(i2v, "start.png")
+        out = _run(server, base, graph, "latents/hy_i2v")
+        ref = _run(server, base, comfy_host.native_variant(graph, prefix="latents/hy_i2v_native"),
+                   "latents/hy_i2v_native")
+        # the same graph without the start image: the image and SigLIP tokens reach the model
+        for node in graph.values():
+            if node["class_type"] == "HunyuanVideo15ImageToVideo":
+                del node["inputs"]["start_image"], node["inputs"]["clip_vision_output"]
+        no_image = _run(server, base, comfy_host.native_variant(graph, prefix="latents/hy_t2v"), "latents/hy_t2v")
         log = open(server.log_path).read()
-    print(f"HunyuanVideo 1.5 queue, 2 CPU ranks (ulysses2) vs native UNETLoader + KSampler: t2v {t2v_diff:.2e}, "
-          f"i2v {i2v_diff:.2e}")
-    assert t2v_diff <= TOL and i2v_diff <= TOL
-    assert (i2v_out - out).abs().max() > 1e-2  # the start image and SigLIP tokens reached the model
+    assert out.shape == ref.shape == (1, 32, 3, 5, 7) and out.abs().mean() > 0.1
+    diff = (out - ref).abs().max().item()
+    print(f"HunyuanVideo 1.5 I2V queue, 2 CPU ranks (ulysses2) vs native UNETLoader + KSampler: {diff:.2e}")
+    assert diff <= TOL
+    assert (ref - no_image).abs().max() > 1e-2
     assert "as HunyuanVideo15 on" in log, log[-3000:]
