@@ -444,7 +444,7 @@ def _stand_ins(g: dict):
             g[nid] = {"class_type": "PditTestConditioning", "inputs": {"seed": 100 + _id_number(nid), "tokens": 12,
                                                                        "width": 4096, **_pooled(g, inp["clip"])}}
         elif ct == "CLIPVisionEncode":
-            siglip = "sigclip" in g[inp["clip_vision"][0]]["inputs"]["clip_name"]
+            siglip = "sigclip" in g.get(inp["clip_vision"][0], {}).get("inputs", {}).get("clip_name", "")
             g[nid] = {"class_type": "PditTestClipVision", "inputs": {"seed": 200 + _id_number(nid),
                                                                      **({"kind": "siglip_384"} if siglip else {})}}
         elif ct == "VAELoader" and "2.2" in inp["vae_name"]:
