@@ -55,7 +55,9 @@ def _model_keys(path: str, stamp: tuple, precision: str) -> tuple:
     family = models.detect_family(header, path)
     model, _, prefix = family.build(header, reads.compute_dtype(precision), path,
                                     storage=reads.weight_storage(precision))
-    return header, reads.host_key_map(model, prefix), family.diffusers_names(reads.model_keys(header))
+    # the family's own map where it has one (the ranks read and merge under it: HunyuanVideo's released key names)
+    key_map = getattr(family, "key_map", reads.host_key_map)(model, prefix)
+    return header, key_map, family.diffusers_names(reads.model_keys(header))
 
 
 def check_lora(proxy, source, strength: float) -> str:

@@ -74,6 +74,9 @@ class ParallelDiffusionModel(torch.nn.Module):
             attributes.update(family.proxy_attributes(self.class_name()))
         for name, value in attributes.items():
             setattr(self, name, value)
+        # the family's name for the patch embedding (HunyuanVideo 1.5's concat_cond reads img_in.proj.weight's shape)
+        for path in getattr(self.family(), "PATCH_EMBEDDING_ALIASES", ()):
+            _set_path(self, path, self.patch_embedding)
         # a real (tiny) buffer so ComfyUI's device moves have something to move, and no meta tensors
         self.register_buffer("device_anchor", torch.zeros(1), persistent=False)
 
@@ -156,6 +159,17 @@ class ParallelDiffusionModel(torch.nn.Module):
             import comfy.utils
             return comfy.utils.unpack_latents(out.to(x.device), streams)
         return out.to(x.device)
+
+
+def _set_path(root, path: str, value) -> None:
+    """root.a.b.c = value, the missing parents made as plain namespaces (no modules: nothing for device moves)."""
+    import types
+    *parents, last = path.split(".")
+    for name in parents:
+        if not hasattr(root, name):
+            object.__setattr__(root, name, types.SimpleNamespace())
+        root = getattr(root, name)
+    setattr(root, last, value)
 
 
 def _bind(host_class, args, kwargs) -> dict:

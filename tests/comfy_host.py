@@ -220,7 +220,7 @@ def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees
     decoded_from = {}
     for nid, node in list(g.items()):
         ct, inp = node["class_type"], node["inputs"]
-        if ct in ("CLIPLoader", "VAELoader"):
+        if ct in ("CLIPLoader", "DualCLIPLoader", "VAELoader"):
             del g[nid]
         elif ct == "CLIPTextEncode":
             g[nid] = {"class_type": "PditTestConditioning", "inputs": {"seed": 100 + int(nid), "tokens": 12,
@@ -232,7 +232,7 @@ def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees
             inp.update(world_size=world_size, dtype=dtype, device="cpu", attention="sdpa", **degrees)
         elif ct == "ParallelModelLoader":
             inp.update(model_name=model_name, base_precision=dtype)
-        elif ct in ("EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo"):
+        elif ct in ("EmptyHunyuanLatentVideo", "EmptyHunyuanVideo15Latent", "EmptyLTXVLatentVideo"):
             inp.update(width=width, height=height, length=length, batch_size=1)
         elif ct == "EmptyCosmosLatentVideo":  # latent frames: (length - 1) // 8 + 1
             inp.update(width=width, height=height, length=length, batch_size=1)

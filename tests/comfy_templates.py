@@ -63,6 +63,14 @@ def wan_cosmos_templates() -> list[str]:
     return out
 
 
+def hunyuan_video_templates() -> list[str]:
+    """Names of the index's templates whose models list HunyuanVideo (not Hunyuan3D), in index order."""
+    with open(os.path.join(templates_dir(), "index.json")) as f:
+        index = json.load(f)
+    return [t["name"] for category in index for t in category["templates"]
+            if "hunyuan video" in " ".join(t.get("models", [])).lower()]
+
+
 def node_types(ui: dict) -> list[str]:
     """Node types of the graph and of its subgraph definitions (virtual nodes left out)."""
     nodes = list(ui.get("nodes", []))
@@ -434,11 +442,15 @@ def _stand_ins(g: dict):
         ct, inp = node["class_type"], node["inputs"]
         if ct == "CLIPTextEncode":
             g[nid] = {"class_type": "PditTestConditioning", "inputs": {"seed": 100 + _id_number(nid), "tokens": 12,
-                                                                       "width": 4096}}
+                                                                       "width": 4096, **_pooled(g, inp["clip"])}}
         elif ct == "CLIPVisionEncode":
-            g[nid] = {"class_type": "PditTestClipVision", "inputs": {"seed": 200 + _id_number(nid)}}
+            siglip = "sigclip" in g.get(inp["clip_vision"][0], {}).get("inputs", {}).get("clip_name", "")
+            g[nid] = {"class_type": "PditTestClipVision", "inputs": {"seed": 200 + _id_number(nid),
+                                                                     **({"kind": "siglip_384"} if siglip else {})}}
         elif ct == "VAELoader" and "2.2" in inp["vae_name"]:
             g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "wan2.2"}}
+        elif ct == "VAELoader" and "hunyuanvideo15" in inp["vae_name"]:  # (1.5's VAE: 32 channels, 16x)
+            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "hunyuan_video_1.5"}}
         elif ct == "AudioEncoderEncode":
             name = g[inp["audio_encoder"][0]]["inputs"]["audio_encoder_name"]
             g[nid] = {"class_type": "PditTestAudioEncoding", "inputs": {
@@ -456,6 +468,12 @@ def _stand_ins(g: dict):
             inp = node["inputs"]
             g[nid] = {"class_type": "LoraLoaderModelOnly", "inputs": {
                 "model": inp["model"], "lora_name": inp["lora_name"], "strength_model": inp["strength_model"]}}
+
+
+def _pooled(g: dict, clip_link) -> dict:
+    """HunyuanVideo 1.0's text encoders give a pooled CLIP-L vector (768) besides the tokens; the others none."""
+    loader = g.get(clip_link[0], {})
+    return {"pooled_width": 768} if loader.get("inputs", {}).get("type") == "hunyuan_video" else {}
 
 
 def _latent_outputs(g: dict, prefix: str) -> dict:
@@ -618,8 +636,28 @@ def wan_dit_shapes(unet_config: dict) -> dict:
     return host_state_shapes(base.diffusion_model)
 
 
+# tiny HunyuanVideo files (2 heads of 128, one double and one single block) with umt5's text width, as the test
+# conditioning gives it; 1.0 with its CLIP-L vector and guidance embedders, 1.5 with ByT5 and SigLIP projections
+HUNYUAN_TINY = {"1.5": dict(preset="tiny", text_dim=4096),
+                "1.0": dict(preset="tiny", text_dim=4096, in_channels=16, out_channels=16, patch=(1, 2, 2), byt5=False,
+                            vision=False, guidance=True, vector=True)}
+
+
+def write_hunyuan_dit(path: str, name: str, seed: int) -> str:
+    import torch
+
+    from parallel_backend.testing.synthetic import write_tiny_hunyuan_video
+    n = name.lower()
+    dtype = torch.bfloat16 if "bf16" in n else torch.float16 if "fp16" in n else torch.float32
+    version = "1.5" if "1.5" in n or "15" in n else "1.0"
+    return write_tiny_hunyuan_video(path, seed=seed, dtype=dtype, **HUNYUAN_TINY[version])
+
+
 def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
     import torch
+
+    if "hunyuan" in name.lower():
+        return write_hunyuan_dit(path, name, seed)
 
     from parallel_backend.testing.synthetic import write_checkpoint, write_fp8_variant
     cfg, dtype, metadata = dit_config(name, dims)

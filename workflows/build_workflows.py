@@ -40,6 +40,9 @@ OUTPUTS = {
     "TrimVideoLatent": [("LATENT", "LATENT")],
     "LTXVConditioning": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
     "EmptyLTXVLatentVideo": [("LATENT", "LATENT")],
+    "DualCLIPLoader": [("CLIP", "CLIP")],
+    "EmptyHunyuanVideo15Latent": [("LATENT", "LATENT")],
+    "HunyuanVideo15ImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
 SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("KSamplerAdvanced", "noise_seed"),
@@ -233,6 +236,58 @@ LTXV_T2V = {
     ],
 }
 
+# HunyuanVideo 1.5 (720p T2V / I2V files): ComfyUI's native graph (Qwen2.5-VL + ByT5 glyph text encoders through
+# DualCLIPLoader, the flow shift of ModelSamplingSD3, cfg 6 as the Hunyuan team's table gives) with the pack's three
+# nodes in place of Load Diffusion Model and the sampler.
+HUNYUAN15_TEXT = {"clip_name1": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                  "clip_name2": "byt5_small_glyphxl_fp16.safetensors", "type": "hunyuan_video_15", "device": "default"}
+HUNYUAN15_T2V = {
+    "title": "HunyuanVideo 1.5 text-to-video on a parallel worker group",
+    "nodes": [
+        (1, "DualCLIPLoader", dict(HUNYUAN15_TEXT)),
+        (2, "CLIPTextEncode", {"text": "a paper airplane gliding between skyscrapers towards the sunset, first-person "
+                                       "camera following it, dreamlike colors", "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": "", "clip": link(1)}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("hunyuanvideo1.5_720p_t2v_fp16.safetensors")),
+        (6, "ModelSamplingSD3", {"model": link(5), "shift": 9.0}),
+        (7, "EmptyHunyuanVideo15Latent", {"width": 1280, "height": 720, "length": 121, "batch_size": 1}),
+        (8, "ParallelSampler", {"model": link(6), "seed": 42, "steps": 20, "cfg": 6.0, "sampler_name": "euler",
+                                "scheduler": "simple", "positive": link(2), "negative": link(3),
+                                "latent_image": link(7), "denoise": 1.0}),
+        (9, "VAELoader", {"vae_name": "hunyuanvideo15_vae_fp16.safetensors"}),
+        (10, "VAEDecode", {"samples": link(8), "vae": link(9)}),
+        (11, "SaveAnimatedWEBP", {"images": link(10), "filename_prefix": "parallel_dit/hunyuan_video15_t2v",
+                                  "fps": 24.0, "lossless": False, "quality": 90, "method": "default"}),
+    ],
+}
+# I2V: the start image VAE-encoded and its SigLIP tokens, through HunyuanVideo15ImageToVideo
+HUNYUAN15_I2V = {
+    "title": "HunyuanVideo 1.5 image-to-video on a parallel worker group",
+    "nodes": [
+        (1, "DualCLIPLoader", dict(HUNYUAN15_TEXT)),
+        (2, "CLIPTextEncode", {"text": "the dinosaur in the picture lifts its head and walks through the misty forest",
+                               "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": "", "clip": link(1)}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("hunyuanvideo1.5_720p_i2v_fp16.safetensors")),
+        (6, "ModelSamplingSD3", {"model": link(5), "shift": 7.0}),
+        (7, "LoadImage", {"image": "example.png"}),
+        (8, "CLIPVisionLoader", {"clip_name": "sigclip_vision_patch14_384.safetensors"}),
+        (9, "CLIPVisionEncode", {"clip_vision": link(8), "image": link(7), "crop": "center"}),
+        (10, "VAELoader", {"vae_name": "hunyuanvideo15_vae_fp16.safetensors"}),
+        (11, "HunyuanVideo15ImageToVideo", {"positive": link(2), "negative": link(3), "vae": link(10), "width": 1280,
+                                            "height": 720, "length": 121, "batch_size": 1, "start_image": link(7),
+                                            "clip_vision_output": link(9)}),
+        (12, "ParallelSampler", {"model": link(6), "seed": 42, "steps": 20, "cfg": 6.0, "sampler_name": "euler",
+                                 "scheduler": "simple", "positive": link(11, 0), "negative": link(11, 1),
+                                 "latent_image": link(11, 2), "denoise": 1.0}),
+        (13, "VAEDecode", {"samples": link(12), "vae": link(10)}),
+        (14, "SaveAnimatedWEBP", {"images": link(13), "filename_prefix": "parallel_dit/hunyuan_video15_i2v",
+                                  "fps": 24.0, "lossless": False, "quality": 90, "method": "default"}),
+    ],
+}
+
 # Wan 2.1 image-to-video (480p / 720p I2V files): ComfyUI's native I2V graph, CLIP vision of the start image
 # and WanImageToVideo's conditioning, with the pack's three nodes in place of Load Diffusion Model and KSampler.
 # For first-last-frame, load an FLF2V file and use WanFirstLastFrameToVideo instead of WanImageToVideo.
@@ -338,7 +393,8 @@ WAN21_T2V_TWO_NODES = {
 WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_t2v_two_nodes_parallel": WAN21_T2V_TWO_NODES, "wan21_t2v_gguf_sharded_parallel": WAN21_T2V_GGUF, "wan21_i2v_parallel": WAN21_I2V, "wan22_a14b_t2v_parallel": WAN22_A14B_T2V,
              "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I,
              "wan21_vace_parallel": WAN21_VACE, "cosmos1_t2w_parallel": COSMOS1_T2W,
-             "ltxv_t2v_parallel": LTXV_T2V}
+             "ltxv_t2v_parallel": LTXV_T2V,
+             "hunyuan_video15_t2v_parallel": HUNYUAN15_T2V, "hunyuan_video15_i2v_parallel": HUNYUAN15_I2V}
 
 
 def spec_from_api(api: dict, title: str) -> dict:

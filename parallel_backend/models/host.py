@@ -142,8 +142,9 @@ def build_host_model(header: dict, compute_dtype: torch.dtype, path: str = "<fil
     base = model_config.get_model(sd, "", device=torch.device("meta"))
     model = base.diffusion_model
     model.requires_grad_(False)
-    model.host_quant = HostQuantLayers(model, sd, path, _declared(model_config, "layer_quant_config")) if mixed \
-        else None
+    # the layers by the host's module names: its load renames the file's keys first (HunyuanVideo's released names)
+    model.host_quant = HostQuantLayers(model, model_config.process_unet_state_dict(dict(sd)), path,
+                                       _declared(model_config, "layer_quant_config")) if mixed else None
     return model, model_config, prefix
 
 

@@ -80,6 +80,9 @@ def plan_for(model) -> ParallelPlan:
     return PLAN_IMAGE_FIRST if blocks and getattr(blocks[0], "flipped_img_txt", False) else PLAN
 
 
+# what the host's BaseModel reads off its diffusion model in the ComfyUI process: HunyuanVideo15.concat_cond sizes the
+# image / mask channels from img_in.proj.weight's shape (the proxy's patch embedding, same shape)
+PATCH_EMBEDDING_ALIASES = ("img_in.proj",)
 PATCH_POINTS: dict = {}  # attn1_patch / attn1_output_patch (0.33) see the joint sequence: refused where split
 REFUSED_CONDS = ("guiding_frame_index", "ref_latent")
 
@@ -122,11 +125,24 @@ def comfy_model_config(shapes: dict) -> tuple[str, dict]:
              byt5="byt5_in.fc1.weight" in keys, guidance_embed=has("guidance_in."),
              use_cond_type_embedding="cond_type_embedding.weight" in keys,
              vision_in_dim=s["vision_in.proj.0.weight"][0] if "vision_in.proj.0.weight" in keys else None)
+    if "meanflow_sum" in _host_params():  # ComfyUI 0.33 (not 0.3.75): 1.5's meanflow sums its two time vectors
+        c["meanflow_sum"] = c["vision_in_dim"] is not None
     if c["vision_in_dim"] == 1152:
         name = "HunyuanVideo15_SR_Distilled" if c["in_channels"] == 98 else "HunyuanVideo15"
     else:
         name = {33: "HunyuanVideoI2V", 32: "HunyuanVideoSkyreelsI2V"}.get(c["in_channels"], "HunyuanVideo")
     return name, c
+
+
+def _host_params() -> tuple:
+    """The fields of this host's HunyuanVideoParams (the class takes exactly these) where the host's model code is
+    already imported (the ComfyUI process), else (). Never imported from here: a rank imports ComfyUI only once its
+    device and flags are set."""
+    import dataclasses
+    import sys
+
+    host = sys.modules.get("comfy.ldm.hunyuan_video.model")
+    return tuple(f.name for f in dataclasses.fields(host.HunyuanVideoParams)) if host is not None else ()
 
 
 def model_shape(shapes: dict) -> ModelShape:

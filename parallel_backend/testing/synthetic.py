@@ -537,6 +537,27 @@ def write_tiny_hunyuan_video(path: str, seed: int = 0, dtype=torch.float32, pres
     return write_checkpoint(path, {hunyuan_released_name(k): v for k, v in shapes.items()}, dtype=dtype, seed=seed)
 
 
+def write_hunyuan_video_lora(path: str, model_path: str, rank: int = 4, alpha: float = 2.0, seed: int = 0,
+                             magnitude: float = 0.1) -> None:
+    """A random LoRA for the HunyuanVideo file `model_path` on every linear of its double blocks (q / k / v fused,
+    projections, MLPs of both streams) and single blocks (fused linear1 / linear2), in the diffusion-pipe / musubi
+    layout ComfyUI reads for this class: `diffusion_model.<released name>.lora_A.weight` / `lora_B` / `.alpha`."""
+    from ..weights.reads import read_header
+
+    header = read_header(model_path)
+    layers = [k[:-len(".weight")] for k in header if k.endswith(".weight") and len(header[k][0]) == 2
+              and k.startswith(("double_blocks.", "single_blocks.")) and "_mod." not in k and "modulation" not in k]
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for m in sorted(layers):
+        out_f, in_f = header[m + ".weight"][0]
+        tensors[f"diffusion_model.{m}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * magnitude / rank ** 0.5
+        tensors[f"diffusion_model.{m}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+        tensors[f"diffusion_model.{m}.alpha"] = torch.tensor(float(alpha))
+    from safetensors.torch import save_file
+    save_file(tensors, path)
+
+
 # ---- safetensors written tensor by tensor ---------------------------------------------------------
 # ---- LTX-2 audio + video (ComfyUI 0.33's LTXAVModel; same `model.diffusion_model.` layout) -------------------------
 # name -> video width (32 heads), audio width (32 heads: ComfyUI's default audio head count), blocks, text width

@@ -18,18 +18,26 @@ class PditTestConditioning:
             "masked_tail": ("INT", {"default": -1, "min": -1, "max": 512,
                                     "tooltip": "with an attention mask (as LTXV's T5 gives), its last n tokens "
                                                "padding; -1: no mask"}),
+            "byt5_tokens": ("INT", {"default": 0, "min": 0, "max": 256,
+                                    "tooltip": "HunyuanVideo 1.5's ByT5 glyph text (n tokens of 1472); 0: none"}),
+            "pooled_width": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                     "tooltip": "a pooled vector of this width (HunyuanVideo 1.0's CLIP-L: 768); 0: "
+                                                "None, as CLIPTextEncode gives for a text encoder without one"}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "make"
     CATEGORY = "testing"
 
-    def make(self, seed, tokens, width, masked_tail=-1):
+    def make(self, seed, tokens, width, masked_tail=-1, byt5_tokens=0, pooled_width=0):
         g = torch.Generator().manual_seed(seed)
-        extra = {}
+        extra = {"pooled_output": torch.randn(1, pooled_width, generator=g) if pooled_width else None}
         if masked_tail >= 0:
             extra["attention_mask"] = (torch.arange(tokens) < tokens - masked_tail).long().view(1, tokens)
-        return ([[torch.randn(1, tokens, width, generator=g), extra]],)
+        text = torch.randn(1, tokens, width, generator=g)
+        if byt5_tokens:
+            extra["conditioning_byt5small"] = torch.randn(1, byt5_tokens, 1472, generator=g)
+        return ([[text, extra]],)
 
 
 class _FakeWan22VAE:
@@ -75,8 +83,8 @@ class PditTestVAE:
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                                               "tooltip": "seed of the fake latent"})},
-                "optional": {"kind": (["wan2.2", "wan2.1", "ltx2-audio"], {"default": "wan2.2",
-                                                                         "tooltip": "whose latent shape"})}}
+                "optional": {"kind": (["wan2.2", "wan2.1", "hunyuan_video_1.5", "ltx2-audio"],
+                                      {"default": "wan2.2", "tooltip": "whose latent shape"})}}
 
     RETURN_TYPES = ("VAE",)
     FUNCTION = "make"
@@ -85,7 +93,8 @@ class PditTestVAE:
     def make(self, seed, kind="wan2.2"):
         if kind == "ltx2-audio":
             return (_FakeLTX2AudioVAE(),)
-        return (_FakeWan22VAE(seed) if kind == "wan2.2" else _FakeWan22VAE(seed, channels=16, spatial=8),)
+        channels, spatial = {"wan2.2": (48, 16), "wan2.1": (16, 8), "hunyuan_video_1.5": (32, 16)}[kind]
+        return (_FakeWan22VAE(seed, channels=channels, spatial=spatial),)
 
 
 def _native_cosmos(path, image_model, count_blocks, head_norm_key, num_blocks, num_heads):
@@ -172,20 +181,24 @@ class PditTestCosmos1Loader(_NativeCosmosLoader):
 
 
 class PditTestClipVision:
-    """Stand-in for CLIPVisionEncode with clip_vision_h: 257 penultimate tokens of width 1280."""
+    """Stand-in for CLIPVisionEncode with clip_vision_h (257 penultimate tokens of width 1280) or with SigLIP 384
+    (sigclip_vision_patch14_384: 729 last hidden states of width 1152, what HunyuanVideo 1.5 I2V reads)."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
-                                              "tooltip": "seed of the fake CLIP vision tokens"})}}
+                                              "tooltip": "seed of the fake CLIP vision tokens"})},
+                "optional": {"kind": (["clip_vision_h", "siglip_384"], {"default": "clip_vision_h"})}}
 
     RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
     FUNCTION = "make"
     CATEGORY = "testing"
 
-    def make(self, seed):
+    def make(self, seed, kind="clip_vision_h"):
         import types
         g = torch.Generator().manual_seed(seed)
+        if kind == "siglip_384":
+            return (types.SimpleNamespace(last_hidden_state=torch.randn(1, 729, 1152, generator=g)),)
         return (types.SimpleNamespace(penultimate_hidden_states=torch.randn(1, 257, 1280, generator=g)),)
 
 

@@ -4,7 +4,8 @@ fp32, on both hosts (0.33 joins the text before the image tokens, 0.3.75 after t
 
 105 image tokens (3 x 5 x 7) divide by neither 2, 4 nor 3: the split pads. The text (9 Qwen tokens, 4 ByT5 glyph
 tokens, 3 SigLIP image tokens: 16) is held whole by every rank and counted once as keys; the masked case (batch 1,
-the host's integer text mask with 3 of 9 tokens off) checks the mask folds into the split keys.
+the host's integer text mask with 3 of 9 tokens off) checks the mask folds into the split keys. HunyuanVideo 1.0 (patch
+1 x 2 x 2, single blocks, its pooled CLIP-L `y` and guidance) on ring2 x tp2 and cfg2 x ulysses2.
 """
 import pytest
 import torch
@@ -116,3 +117,41 @@ def test_sharded_weights_equal_comfyui_native(native_outputs, checkpoint):
     config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", ulysses=2, shard_weights=True)
     per_rank = run_on_ranks(_run_mesh, config, checkpoint, timeout=600)
     assert_rows_match(native_outputs, per_rank, config.describe(), TOL)
+
+
+# HunyuanVideo 1.0 (T2V): patch (1, 2, 2), the pooled CLIP-L vector `y` (vector_in) and the guidance number
+# (guidance_in) join the per-row modulation vector; 3 x 3 x 5 = 45 image tokens, 9 text tokens
+V10 = dict(in_channels=16, out_channels=16, patch=(1, 2, 2), byt5=False, vision=False, guidance=True, vector=True)
+
+
+def _case_10():
+    g = torch.Generator().manual_seed(10)
+    conds = {"y": torch.randn(2, 768, generator=g), "guidance": torch.tensor([6.0, 3.5])}
+    x, ctx = torch.randn(2, 16, 3, 6, 10, generator=g), torch.randn(2, 9, 64, generator=g)
+    return x, torch.tensor([0.8, 0.4]), ctx, conds
+
+
+def _run_10(mesh, path):
+    m = ShardedModel(mesh, path, "fp32")
+    x, t, ctx, conds = _case_10()
+    return {("hunyuan-1.0", "y_guidance"): (m.rows(2), m.forward_rows(x, t, ctx, **conds))}
+
+
+def test_hunyuan_video_10_pooled_clip_and_guidance_equal_comfyui_native(tmp_path):
+    """1.0's own inputs on ring2 x tp2 (single blocks' fused layers split, the sequence ringed) and cfg2 x ulysses2."""
+    comfy_host.import_comfy()
+    import comfy.sd
+
+    path = write_tiny_hunyuan_video(str(tmp_path / "hunyuan_video10_tiny.safetensors"), seed=3, **V10)
+    x, t, ctx, conds = _case_10()
+    dm = comfy.sd.load_diffusion_model(path).model.diffusion_model
+    with torch.no_grad():
+        ref = dm._forward(x, t, ctx, transformer_options={}, **conds).float()
+        plain = dm._forward(x, t, ctx, transformer_options={}, y=torch.zeros_like(conds["y"]),
+                            guidance=torch.ones(2)).float()
+    assert ref.abs().mean() > 0.1 and (ref - plain).abs().max() > 1e-2  # y and guidance change the output
+    meshes = {k: MESHES_4[k] for k in ("ring2xtp2", "cfg2xulysses2")}
+    config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **meshes["ring2xtp2"])
+    per_rank = run_on_ranks(run_meshes, config, _run_10, path, meshes, timeout=600)
+    for mesh in meshes:
+        assert_rows_match({("hunyuan-1.0", "y_guidance"): ref}, [r[mesh] for r in per_rank], mesh, TOL)

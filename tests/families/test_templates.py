@@ -1,7 +1,8 @@
 """ComfyUI's own workflow templates (the pinned comfyui-workflow-templates-json) as tests, on the host the tests run
 on (0.3.75 or 0.33.0: the expected outcomes are measured per host, EXPECTED + HOST_EXPECTED).
 
-Every template of the package's index whose name or models mention Wan or Cosmos is classified (the index has no
+Every template of the package's index whose name or models mention Wan or Cosmos, or whose models list HunyuanVideo,
+is classified (the index has no
 Cosmos template in 0.1.123). Those whose nodes this host has are converted UI -> API from the server's
 /object_info as ComfyUI's frontend queues them (tests/comfy_templates.py: subgraph instances expanded into their
 inner nodes, links, bypassed and muted nodes, widget values with the seed widgets' "control after generate" value,
@@ -127,6 +128,11 @@ EXPECTED = {
     "api_wan3_0_r2v": missing("Wan3ReferenceToVideoApi"),
     "api_wan3_0_t2v": missing("Wan3ReferenceToVideoApi"),
     "templates_mjm_looped_restyler": missing("GeminiNodeV3"),
+    # HunyuanVideo (1.5: its super-resolution pass is bypassed in both templates; 1.0: CLIP-L pooled vector and
+    # FluxGuidance's guidance)
+    "video_hunyuan_video_1.5_720p_t2v": MATCH,
+    "video_hunyuan_video_1.5_720p_i2v": MATCH,
+    "hunyuan_video_text_to_video": MATCH,
 }
 HOST_EXPECTED = {
     "0.3.75": {
@@ -184,11 +190,11 @@ def host(tmp_path_factory):
 
 
 def test_template_index_classified(host):
-    """Every Wan / Cosmos template of the pinned index is in EXPECTED, and its host-side class holds: the nodes
+    """Every Wan / Cosmos / HunyuanVideo template of the pinned index is in EXPECTED, and its host-side class holds: the nodes
     this host lacks, the cloud API templates, and the rest convertible with a UNETLoader to swap. The converter
     also reproduces the pack's own shipped UI / API workflow pairs."""
     server, base, info = host
-    names = ct.wan_cosmos_templates()
+    names = ct.wan_cosmos_templates() + ct.hunyuan_video_templates()
     assert sorted(names) == sorted(EXPECTED), ("index and EXPECTED differ: new " +
                                                str(sorted(set(names) - set(EXPECTED))) + ", gone " +
                                                str(sorted(set(EXPECTED) - set(names))))
