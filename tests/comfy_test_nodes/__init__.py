@@ -16,18 +16,24 @@ class PditTestConditioning:
             "masked_tail": ("INT", {"default": -1, "min": -1, "max": 512,
                                     "tooltip": "with an attention mask (as LTXV's T5 gives), its last n tokens "
                                                "padding; -1: no mask"}),
+            "pooled": ("INT", {"default": 0, "min": 0, "max": 8192,
+                               "tooltip": "width of a pooled vector given with the text (CLIP-L's 768, as "
+                                          "Kandinsky 5's text encoder gives); 0: none"}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "make"
     CATEGORY = "testing"
 
-    def make(self, seed, tokens, width, masked_tail=-1):
+    def make(self, seed, tokens, width, masked_tail=-1, pooled=0):
         g = torch.Generator().manual_seed(seed)
         extra = {}
         if masked_tail >= 0:
             extra["attention_mask"] = (torch.arange(tokens) < tokens - masked_tail).long().view(1, tokens)
-        return ([[torch.randn(1, tokens, width, generator=g), extra]],)
+        cond = torch.randn(1, tokens, width, generator=g)
+        if pooled:
+            extra["pooled_output"] = torch.randn(1, pooled, generator=g)
+        return ([[cond, extra]],)
 
 
 class _FakeWan22VAE:
