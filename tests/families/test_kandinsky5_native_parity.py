@@ -1,7 +1,7 @@
 """Kandinsky 5, sharded on cfg2 x ulysses2, ring2 x tp2, on 3 ranks (ulysses3, ring3), on 2 pipeline stages and with
 sharded weights, equals ComfyUI 0.33's native Kandinsky5._forward on the same file (loaded by ComfyUI's own loader),
-<= 1e-4 max abs in fp32; on a host without the class (0.3.75) the file is refused by class name before any rank
-starts.
+<= 1e-4 max abs in fp32, and so do a LoRA (ComfyUI's key layout) and an fp8_scaled copy on tp2; on a host without the
+class (0.3.75) the file is refused by class name before any rank starts.
 
 The I2V case (2 rows, a 2 x 10 x 10 latent with its start frame written in by `time_dim_replace`) has 5 x 5 = 25
 tokens a frame, which divide by neither 2, 3 nor 4: the split pads every frame's plane. The image-shaped case (1 row,
@@ -142,3 +142,86 @@ def test_pipeline_and_sharded_weights_equal_comfyui_native(native_outputs, check
     config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", **degrees)
     per_rank = run_on_ranks(_run_mesh, config, checkpoint, timeout=600)
     assert_rows_match(native_outputs, per_rank, config.describe(), TOL)
+
+
+# ---- a LoRA (ComfyUI's key layout) and an fp8_scaled file on tp2: each layer's rows split after the merge / scale ----
+LORA_STRENGTH = 0.8
+LORA_MODULES = ("text_transformer_blocks.0.self_attention.to_key", "visual_transformer_blocks.0.self_attention.to_query",
+                "visual_transformer_blocks.1.cross_attention.to_value", "visual_transformer_blocks.1.self_attention.out_layer",
+                "visual_transformer_blocks.0.feed_forward.in_layer", "visual_transformer_blocks.1.feed_forward.out_layer")
+
+
+def _write_lora(path, model_path):
+    """A rank-4 LoRA in ComfyUI's names (`diffusion_model.<module>.lora_up / lora_down / alpha`) on column- and
+    row-split layers of both block kinds."""
+    from safetensors.torch import save_file
+
+    from parallel_backend.weights.reads import read_header
+
+    header, g, out = read_header(model_path), torch.Generator().manual_seed(9), {}
+    for m in LORA_MODULES:
+        rows, cols = header[m + ".weight"][0]
+        out[f"diffusion_model.{m}.lora_up.weight"] = torch.randn(rows, 4, generator=g) * 0.05
+        out[f"diffusion_model.{m}.lora_down.weight"] = torch.randn(4, cols, generator=g) / cols ** 0.5
+        out[f"diffusion_model.{m}.alpha"] = torch.tensor(2.0)
+    save_file(out, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def variants(checkpoint, tmp_path_factory):
+    from parallel_backend.testing.synthetic import write_fp8_variant
+
+    d = tmp_path_factory.mktemp("kandinsky5_variants")
+    return {"lora": _write_lora(str(d / "kandinsky5_lora.safetensors"), checkpoint),
+            "fp8_scaled": write_fp8_variant(checkpoint, str(d / "kandinsky5_fp8_scaled.safetensors"))}
+
+
+def _native(path, lora=None):
+    comfy_host.import_comfy()
+    import comfy.sd
+    import comfy.utils
+
+    patcher = comfy.sd.load_diffusion_model(path)
+    if lora:
+        patcher, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(lora), LORA_STRENGTH, 0)
+    out = {}
+    with torch.no_grad():
+        patcher.patch_model()
+        try:
+            for name in CASES:
+                x, t, ctx, conds = _case(name)
+                out[("tiny", name)] = patcher.model.diffusion_model._forward(x, t, ctx, transformer_options={},
+                                                                            **conds).float()
+        finally:
+            patcher.unpatch_model()
+    return out
+
+
+def _run_variants(mesh, checkpoint, variants):
+    from parallel_backend.weights.lora import lora_key
+
+    lora = ShardedModel(mesh, checkpoint, "fp32")
+    lora.set_loras(lora_key([(variants["lora"], LORA_STRENGTH)]))
+    out = {"lora": {}, "fp8_scaled": {}}
+    fp8 = ShardedModel(mesh, variants["fp8_scaled"], "fp32")
+    for name in CASES:
+        x, t, ctx, conds = _case(name)
+        for kind, m in (("lora", lora), ("fp8_scaled", fp8)):
+            out[kind][("tiny", name)] = (m.rows(x.shape[0]), m.forward_rows(x, t, ctx, **conds), m.last_fold)
+    return out
+
+
+@needs_class
+@pytest.mark.multirank
+def test_lora_and_fp8_scaled_on_tp2_equal_comfyui_native(native_outputs, checkpoint, variants):
+    """A LoRA merged on the ranks (ComfyUI's own key map and patch code per layer, then the TP split) and an
+    fp8_scaled file (ComfyUI's scaled-fp8 layers) on tp2 equal ComfyUI's LoraLoader / its loader of the same files."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", tp=2)
+    per_rank = run_on_ranks(_run_variants, config, checkpoint, variants, timeout=600)
+    lora_ref = _native(checkpoint, variants["lora"])
+    assert (lora_ref[("tiny", "i2v_2rows")] - native_outputs[("tiny", "i2v_2rows")]).abs().max() > 1e-3
+    assert_rows_match(lora_ref, [r["lora"] for r in per_rank], "tp2 + LoRA", TOL)
+    fp8_ref = _native(variants["fp8_scaled"])
+    assert (fp8_ref[("tiny", "i2v_2rows")] - native_outputs[("tiny", "i2v_2rows")]).abs().max() > 1e-3  # held in fp8
+    assert_rows_match(fp8_ref, [r["fp8_scaled"] for r in per_rank], "tp2 fp8_scaled", TOL)
