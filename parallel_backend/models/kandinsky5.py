@@ -21,9 +21,8 @@ TP: q / k / v projections of every attention (text self-attention, visual self- 
 by heads, their out projections and the feed-forwards Megatron-style; the per-head q / k RMSNorms act on head_dim and
 stay whole, as do the modulations, the embeddings and the out layer.
 
-Patch points: the class applies only the `dit` / `double_block` block replacement; it is not described here, so the
-ranks refuse it where the tokens are split (parallel/patch_points.py). `rope_options` (the RoPE scaling nodes) is read
-where the whole rope table is made, before the cut.
+Patch points: the class applies only the `dit` / `double_block` block replacement (SkipLayerGuidanceDiT, ...): it
+sees the whole visual sequence (`BLOCK_REPLACE`, parallel/patch_points.py). `rope_options` (the RoPE scaling nodes) is read where the whole rope table is made, before the cut.
 """
 from __future__ import annotations
 
@@ -32,6 +31,7 @@ import math
 import torch
 
 from ..config import ModelShape
+from ..parallel.patch_points import BlockReplace, Tokens
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 from ..weights.checkpoint import strip_prefix
 
@@ -71,7 +71,12 @@ PLAN = ParallelPlan(
     seq_gather_inputs={"out_layer": {0: SeqGather(1, grid=True)}},
     sequence_attention=tuple(f"{b}.self_attention" for b in _VISUAL),
 )
-PATCH_POINTS: dict = {}  # the host applies no attn / mlp patches in this class (only the block replacement above)
+PATCH_POINTS: dict = {}  # the host applies no attn / mlp patches in this class (only the block replacement below)
+# `dit` / `double_block` (SkipLayerGuidanceDiT, ...): the replacement gets {"x": the visual tokens (B, L, D), flat and
+# frame-major, "context", "time_embed", "freqs" (the whole rope table), ...} and returns {"x"}. (ComfyUI 0.33's
+# `original_block` for it calls the block with keywords its forward does not take: a replacement that calls it fails
+# natively, and here alike.)
+BLOCK_REPLACE = {("dit", "double_block"): BlockReplace(args={"x": Tokens(1)}, returns={"x": Tokens(1)})}
 
 
 # ---- the file: detection, ComfyUI's config and names --------------------------------------------------------------
