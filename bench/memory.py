@@ -136,6 +136,8 @@ def _file_ranges(path: str) -> list:
 
 
 FWD_GRID, FWD_CTX = (1, 4, 8), 8  # the tiny forward: 1 x 2 x 4 = 8 tokens after 1x2x2 patches, 8 text tokens
+# family -> (text width, pooled inputs {name: width}) of the tiny forward (Wan: umt5's 4096)
+FWD_TEXT = {"kandinsky5": (3584, {"y": 768})}
 
 
 def _rank_load(mesh, paths: list, precision: str, forward: bool = True) -> list:
@@ -173,16 +175,18 @@ def _load_one(mesh, path: str, precision: str, forward: bool = True) -> dict:
     def nbytes(t):
         return t.numel() * t.element_size()
 
-    blocks = sum(nbytes(t) for n, t in local if n.startswith("blocks."))
+    prefix = model.family.BLOCKS + "."  # the family's transformer blocks (Wan: blocks.)
+    blocks = sum(nbytes(t) for n, t in local if n.startswith(prefix))
     mapped = _file_ranges(path)
     aliased = [t for _, t in local if t.numel() and any(a <= t.data_ptr() < b for a, b in mapped)]
     info = model.info()
     out = {
         "rank": mesh.rank, "tp_rank": mesh.coord["tp"], "load_s": load_s,
         "param_bytes": info["param_bytes"], "bytes_read": model.load_stats["bytes_read"],
-        "block_bytes": blocks, "num_blocks": len(model.model.blocks), "num_params": len(params),
+        "block_bytes": blocks, "num_blocks": len(model.model.get_submodule(model.family.BLOCKS)),
+        "num_params": len(params),
         # the blocks whole, as held (a sharded parameter's global size): what one gather assembles
-        "block_full_bytes": sum(p.numel() * p.element_size() for n, p in params if n.startswith("blocks.")),
+        "block_full_bytes": sum(p.numel() * p.element_size() for n, p in params if n.startswith(prefix)),
         "sharded_params": sum(is_sharded(p) for _, p in params),
         "gguf_weight_bytes": info.get("gguf_weight_bytes"), "gguf_quantized_layers": info.get("gguf_quantized_layers"),
         "gguf_dequantized_at_load": info.get("gguf_dequantized_at_load"), "fp8_weight_bytes": info["fp8_weight_bytes"],
@@ -206,7 +210,9 @@ def _load_one(mesh, path: str, precision: str, forward: bool = True) -> dict:
     if forward:  # one tiny forward: what it holds beyond the weights (gathered blocks, a dequantized layer)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, model.shape.in_channels, *FWD_GRID, generator=g)
-        ctx = torch.randn(1, FWD_CTX, 4096, generator=g)
+        text_width, pooled = FWD_TEXT.get(model.family.FAMILY, (4096, {}))
+        ctx = torch.randn(1, FWD_CTX, text_width, generator=g)
+        conds = {k: torch.randn(1, w, generator=g) for k, w in pooled.items()}
         gc.collect()
         if mesh.device.type == "cuda":
             torch.cuda.synchronize(mesh.device)
@@ -216,7 +222,7 @@ def _load_one(mesh, path: str, precision: str, forward: bool = True) -> dict:
         _reset_hwm()
         t0 = time.perf_counter()
         with count_bytes() as counted:
-            y = model.forward_rows(x, torch.full((1,), 500.0), ctx)
+            y = model.forward_rows(x, torch.full((1,), 500.0), ctx, **conds)
         out.update(fwd_s=time.perf_counter() - t0, fwd_rss_before=before,
                    fwd_hwm=_status_kb("VmHWM").get("VmHWM", 0) if hwm_reset else None,
                    fwd_gathered=counted.get("weight_gather", 0),
@@ -386,7 +392,10 @@ def transient(an: dict, mode: str, fmt: str, resident: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", type=int, default=1, help="blocks in the synthetic file (real model: 40)")
-    ap.add_argument("--preset", default=PRESET, choices=PRESETS, help="the Wan shapes (tiny: the tests' quick run)")
+    ap.add_argument("--preset", default=None, help=f"the shapes: Wan {', '.join(PRESETS)} (default {PRESET}; tiny: "
+                    f"the tests' quick run); with --family kandinsky5 a KANDINSKY5_PRESETS name")
+    ap.add_argument("--family", default="wan", choices=("wan", "kandinsky5"),
+                    help="kandinsky5: tables [1k] / [2k] only (bf16 and fp8 files; --blocks visual blocks)")
     ap.add_argument("--tps", default="1,2,4", help="tensor-parallel degrees to load with (modes tpN)")
     ap.add_argument("--shards", default="2,4", help="sharded-weights world sizes to load with (modes shardN; '' none)")
     ap.add_argument("--modes", default="", help="explicit mode list, e.g. tp1,tp2,shard2 (overrides --tps/--shards)")
@@ -410,6 +419,11 @@ def main(argv=None) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= max(worlds) else "cpu"
     backend = "nccl" if device == "cuda" else "gloo"
+    if args.family != "wan":
+        return family_main(args, modes, device)
+    args.preset = args.preset or PRESET
+    if args.preset not in PRESETS:
+        ap.error(f"--preset must be one of {PRESETS} for Wan")
 
     preset, shape = args.preset, WAN_PRESETS[args.preset]
     real_layers = shape["num_layers"]
@@ -605,6 +619,64 @@ def main(argv=None) -> int:
           "output (measured: [2b] with --blocks 3 reads 4.0 blocks). Each with the largest block layer's cast where "
           "it is larger; the cast of the layers\noutside the blocks (fp8's time_projection) happens with no block "
           "gathered.")
+    return 0
+
+
+# ---- another family (Kandinsky 5): measured per-rank bytes and RSS, projected to the real block count ---------------
+def _write_family_file(path: str, family: str, preset: str, blocks: int) -> None:
+    from parallel_backend.testing.synthetic import KANDINSKY5_PRESETS, kandinsky5_shapes
+    shapes = kandinsky5_shapes(**{**KANDINSKY5_PRESETS[preset], "visual_blocks": blocks})
+    write_fast_checkpoint(path, shapes, dtype=torch.bfloat16)
+
+
+def family_main(args, modes: list, device: str) -> int:
+    """Tables [1k] (per rank at load and after one tiny forward) and [2k] (projection to the real model from the
+    measured block / non-block split) for a family other than Wan."""
+    from parallel_backend.testing.spmd import run_on_ranks
+    from parallel_backend.testing.synthetic import KANDINSKY5_PRESETS
+    from parallel_backend.weights.reads import held_bytes, read_header
+
+    preset = args.preset or "kandinsky5-lite-video"
+    real = KANDINSKY5_PRESETS[preset]
+    header(f"Per-rank parameter bytes and RSS at load, {preset} shapes ({real['model_dim']} wide, "
+           f"{real['visual_blocks']} visual + {real['text_blocks']} text blocks): tensor parallel, sharded weights")
+    formats = ["bf16"] + (["fp8"] if args.fp8 else [])
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="pdit_bench_mem_") as tmp:
+        files = {"bf16": os.path.join(tmp, f"{preset}.safetensors")}
+        _in_child(_write_family_file, files["bf16"], args.family, preset, args.blocks)
+        if args.fp8:
+            files["fp8"] = os.path.join(tmp, f"{preset}_fp8.safetensors")
+            _in_child(_write_variant, files["bf16"], files["fp8"], "fp8")
+        full = {f: sum(held_bytes(sh, d, "bf16") for sh, d in read_header(p).values()) for f, p in files.items()}
+        print(f"file: {args.blocks} of {real['visual_blocks']} visual blocks, bf16 {mib(os.path.getsize(files['bf16']))}"
+              f" MiB; loaded in bf16 on {device} ranks, modes {', '.join(modes)}\n")
+        for mode in modes:
+            per_rank = run_on_ranks(_rank_load, mode_config(mode, device), [files[f] for f in formats], "bf16",
+                                    not args.no_forward, timeout=1800)
+            for j, fmt in enumerate(formats):
+                results[fmt, mode] = [recs[j] for recs in per_rank]
+    rows, rows_p = [], []
+    for (fmt, mode), ranks in results.items():
+        for r in ranks:
+            fwd = None if r.get("fwd_hwm") is None else r["fwd_hwm"] - r["fwd_rss_before"]
+            rows.append([fmt, mode, r["rank"], mib(r["param_bytes"]), f"{r['param_bytes'] / full[fmt]:.3f}",
+                         mib(r["bytes_read"]), mib(r["peak_rss"] - r["base_rss"]) if r["first"] else "-",
+                         "" if r["hwm"] is None else mib(r["hwm"] - r["base_rss"]), "" if fwd is None else mib(fwd),
+                         f"{r['load_s']:.1f}", "yes" if r.get("fwd_finite") in (True, None) else "NO"])
+        r = ranks[0]
+        per_block, other = r["block_bytes"] / r["num_blocks"], r["param_bytes"] - r["block_bytes"]
+        rows_p.append([fmt, mode, mib(per_block), mib(other),
+                       f"{(other + per_block * real['visual_blocks']) / 2**30:.2f}"])
+    print("[1k] At load and one tiny forward, per rank (MiB; 'of full' = params / the whole file as held):")
+    print(table(rows, ["weights", "mode", "rank", "params MiB", "of full", "read MiB", "load delta", "VmHWM delta",
+                       "fwd peak", "load s", "finite"], "llr" + "r" * 8))
+    print("load delta: ru_maxrss after the load - RSS before it (first load of a spawn only); VmHWM delta: the load's "
+          "own peak - that RSS; fwd peak: VmHWM over one forward of 8 tokens - RSS before it.")
+    print(f"\n[2k] Projection to the real {real['visual_blocks']} visual blocks, per rank (rank 0), from the MEASURED "
+          f"split (non-block: embeddings, out layer and the {real['text_blocks']} text blocks, which sharded weights "
+          f"split too):")
+    print(table(rows_p, ["weights", "mode", "per block MiB", "non-block MiB", "params GiB"], "llrrr"))
     return 0
 
 

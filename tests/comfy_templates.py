@@ -50,15 +50,15 @@ def load_template(name: str) -> dict:
         return json.load(f)
 
 
-def wan_cosmos_templates() -> list[str]:
-    """Names of the index's templates whose name or models mention Wan or Cosmos, in index order."""
+def wan_cosmos_templates(words: tuple = ("wan", "cosmos")) -> list[str]:
+    """Names of the index's templates whose name or models mention one of `words` (Wan or Cosmos), in index order."""
     with open(os.path.join(templates_dir(), "index.json")) as f:
         index = json.load(f)
     out = []
     for category in index:
         for t in category["templates"]:
             text = (t["name"] + " " + " ".join(t.get("models", []))).lower()
-            if ("wan" in text or "cosmos" in text) and t["name"] not in out:
+            if any(w in text for w in words) and t["name"] not in out:
                 out.append(t["name"])
     return out
 
@@ -69,6 +69,10 @@ def hunyuan_video_templates() -> list[str]:
         index = json.load(f)
     return [t["name"] for category in index for t in category["templates"]
             if "hunyuan video" in " ".join(t.get("models", [])).lower()]
+
+
+def kandinsky5_templates() -> list[str]:
+    return wan_cosmos_templates(("kandinsky",))
 
 
 def node_types(ui: dict) -> list[str]:
@@ -420,7 +424,8 @@ def _smaller(g: dict):
     """width x height x frames to WIDTH x HEIGHT x LENGTH on every node that has them: where the value is held
     (the widget, or the primitive / switch branch feeding it); a value computed by a node that is not made
     smaller itself (a math expression of the template's duration) is replaced by the constant."""
-    sizes = {"width": WIDTH, "height": HEIGHT, "length": LENGTH, "video_frames": LENGTH, "motion_frame_count": LENGTH}
+    length = _min_length(g)
+    sizes = {"width": WIDTH, "height": HEIGHT, "length": length, "video_frames": length, "motion_frame_count": length}
     for nid, node in list(g.items()):
         if node["class_type"] == "SaveLatent" or node["class_type"].startswith("PditTest"):
             continue  # (the test conditioning's width is the embedding's)
@@ -435,14 +440,22 @@ def _smaller(g: dict):
                 g[where[0]]["inputs"][where[1]] = value
 
 
+def _min_length(g: dict) -> int:
+    """LENGTH, or more frames where the graph needs them: NormalizeVideoLatentStart (Kandinsky 5 I2V) takes the mean
+    of the latent frames after its start frames, NaN when there are none (4 frames a latent frame)."""
+    starts = [n["inputs"]["start_frame_count"] for n in g.values() if n["class_type"] == "NormalizeVideoLatentStart"]
+    return max([LENGTH] + [4 * int(k) + 5 for k in starts if isinstance(k, int)])
+
+
 def _stand_ins(g: dict):
     """Text encoders, CLIP vision, the Wan 2.2 VAE, audio encoders and SAM 3 replaced by the test nodes (see
     tiny_variant)."""
     for nid, node in list(g.items()):
         ct, inp = node["class_type"], node["inputs"]
         if ct == "CLIPTextEncode":
+            shape = {**_pooled(g, inp["clip"]), **_text_shape(g, inp["clip"][0])}
             g[nid] = {"class_type": "PditTestConditioning", "inputs": {"seed": 100 + _id_number(nid), "tokens": 12,
-                                                                       "width": 4096, **_pooled(g, inp["clip"])}}
+                                                                       **shape}}
         elif ct == "CLIPVisionEncode":
             siglip = "sigclip" in g.get(inp["clip_vision"][0], {}).get("inputs", {}).get("clip_name", "")
             g[nid] = {"class_type": "PditTestClipVision", "inputs": {"seed": 200 + _id_number(nid),
@@ -474,6 +487,15 @@ def _pooled(g: dict, clip_link) -> dict:
     """HunyuanVideo 1.0's text encoders give a pooled CLIP-L vector (768) besides the tokens; the others none."""
     loader = g.get(clip_link[0], {})
     return {"pooled_width": 768} if loader.get("inputs", {}).get("type") == "hunyuan_video" else {}
+
+
+def _text_shape(g: dict, clip_node: str) -> dict:
+    """The test conditioning's widths for the text encoder feeding a CLIPTextEncode: umt5's 4096, or Kandinsky 5's
+    Qwen2.5-VL hidden states (3584) with CLIP-L's pooled vector (768)."""
+    loaders = _upstream(g, clip_node, "DualCLIPLoader")
+    if loaders and str(g[loaders[0]]["inputs"].get("type", "")).startswith("kandinsky5"):
+        return {"width": 3584, "pooled_width": 768}
+    return {"width": 4096}
 
 
 def _latent_outputs(g: dict, prefix: str) -> dict:
@@ -656,10 +678,12 @@ def write_hunyuan_dit(path: str, name: str, seed: int) -> str:
 def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
     import torch
 
+    from parallel_backend.testing.synthetic import write_checkpoint, write_fp8_variant, write_tiny_kandinsky5
     if "hunyuan" in name.lower():
         return write_hunyuan_dit(path, name, seed)
-
-    from parallel_backend.testing.synthetic import write_checkpoint, write_fp8_variant
+    if "kandinsky5" in name.lower():  # 6 heads of 64; the image model is 2560 wide (ComfyUI detects it by width)
+        image = dict(model_dim=2560, visual_embed_dim=64, visual_blocks=1) if "t2i" in name.lower() else {}
+        return write_tiny_kandinsky5(path, seed=seed, **image)
     cfg, dtype, metadata = dit_config(name, dims)
     shapes = wan_dit_shapes(cfg)
     if dtype.startswith("fp8") or dtype == "int8":

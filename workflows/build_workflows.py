@@ -43,6 +43,8 @@ OUTPUTS = {
     "DualCLIPLoader": [("CLIP", "CLIP")],
     "EmptyHunyuanVideo15Latent": [("LATENT", "LATENT")],
     "HunyuanVideo15ImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
+    "Kandinsky5ImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
+                               ("cond_latent", "LATENT")],
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
 SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("KSamplerAdvanced", "noise_seed"),
@@ -285,6 +287,32 @@ HUNYUAN15_I2V = {
         (13, "VAEDecode", {"samples": link(12), "vae": link(10)}),
         (14, "SaveAnimatedWEBP", {"images": link(13), "filename_prefix": "parallel_dit/hunyuan_video15_i2v",
                                   "fps": 24.0, "lossless": False, "quality": 90, "method": "default"}),
+
+
+# Kandinsky 5 Video Lite text-to-video (ComfyUI 0.33+): ComfyUI's own template (video_kandinsky5_t2v: Qwen2.5-VL +
+# CLIP-L text, Kandinsky5ImageToVideo's empty latent, ModelSamplingSD3 shift 5, the native KSampler, the HunyuanVideo
+# VAE) with only Load Diffusion Model swapped for the pack's two nodes; an animated WEBP instead of the template's
+# CreateVideo + SaveVideo. Give Kandinsky5ImageToVideo a start_image for image-to-video.
+KANDINSKY5_T2V = {
+    "title": "Kandinsky 5 Video Lite text-to-video on a parallel worker group",
+    "nodes": [
+        (1, "DualCLIPLoader", {"clip_name1": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "clip_name2": "clip_l.safetensors",
+                               "type": "kandinsky5", "device": "default"}),
+        (2, "CLIPTextEncode", {"text": "a lighthouse on a cliff at dusk, waves crashing below, seagulls circling, slow "
+                                       "aerial orbit, warm light", "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": "", "clip": link(1)}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("kandinsky5lite_t2v_sft_5s.safetensors")),
+        (6, "VAELoader", {"vae_name": "hunyuan_video_vae_bf16.safetensors"}),
+        (7, "Kandinsky5ImageToVideo", {"positive": link(2), "negative": link(3), "vae": link(6), "width": 768,
+                                       "height": 512, "length": 121, "batch_size": 1}),
+        (8, "ModelSamplingSD3", {"model": link(5), "shift": 5.0}),
+        (9, "KSampler", {"model": link(8), "seed": 42, "steps": 50, "cfg": 5.0, "sampler_name": "euler_ancestral",
+                         "scheduler": "beta", "positive": link(7, 0), "negative": link(7, 1),
+                         "latent_image": link(7, 2), "denoise": 1.0}),
+        (10, "VAEDecode", {"samples": link(9), "vae": link(6)}),
+        (11, "SaveAnimatedWEBP", {"images": link(10), "filename_prefix": "parallel_dit/kandinsky5_t2v", "fps": 24.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
     ],
 }
 
@@ -394,7 +422,8 @@ WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_t2v_two_nodes_parallel": WA
              "wan22_ti2v_5b_parallel": WAN22_TI2V_5B, "cosmos_predict2_t2i_parallel": COSMOS_PREDICT2_T2I,
              "wan21_vace_parallel": WAN21_VACE, "cosmos1_t2w_parallel": COSMOS1_T2W,
              "ltxv_t2v_parallel": LTXV_T2V,
-             "hunyuan_video15_t2v_parallel": HUNYUAN15_T2V, "hunyuan_video15_i2v_parallel": HUNYUAN15_I2V}
+             "hunyuan_video15_t2v_parallel": HUNYUAN15_T2V, "hunyuan_video15_i2v_parallel": HUNYUAN15_I2V,
+             "kandinsky5_t2v_parallel": KANDINSKY5_T2V}
 
 
 def spec_from_api(api: dict, title: str) -> dict:

@@ -3,10 +3,11 @@ diffusers names its PEFT LoRAs may use; host.py builds ComfyUI's class inside a 
 the two Cosmos files share."""
 from __future__ import annotations
 
-from . import cosmos, cosmos1, hunyuan_video, ltxv, minimax, wan
+from . import cosmos, cosmos1, hunyuan_video, kandinsky5, ltxv, minimax, wan
 
 FAMILIES = {wan.FAMILY: wan, cosmos.FAMILY: cosmos, cosmos1.FAMILY: cosmos1, ltxv.FAMILY: ltxv,
-            minimax.FAMILY: minimax, hunyuan_video.FAMILY: hunyuan_video}
+            minimax.FAMILY: minimax, hunyuan_video.FAMILY: hunyuan_video,
+            kandinsky5.FAMILY: kandinsky5}
 
 
 class UnsupportedModelError(ValueError):
@@ -25,6 +26,6 @@ def detect_family(shapes: dict, path: str = "<file>"):
     sample = ", ".join(sorted(shapes)[:4])
     raise UnsupportedModelError(
         f"{path} is not a diffusion transformer this pack supports (supported: {', '.join(FAMILIES)}); "
-        f"its first keys are: {sample}. Pick a Wan, Cosmos Predict2, Cosmos 1.0, LTX-Video, MiniMax H3 or HunyuanVideo "
-        f"DiT file from models/diffusion_models "
+        f"its first keys are: {sample}. Pick a Wan, Cosmos Predict2, Cosmos 1.0, LTX-Video, MiniMax H3, HunyuanVideo "
+        f"or Kandinsky 5 DiT file from models/diffusion_models "
         f"(text encoders, VAEs and LoRAs go in their own loaders)")

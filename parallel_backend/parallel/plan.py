@@ -56,6 +56,7 @@ class SeqSplit:
 class SeqGather:
     dim: int
     grid: bool = False  # the inverse of a grid split: (B, T, 1, n, ...) back to (B, T, H, W, ...), frames at `dim`
+    #                     (an output, or an input the host reshaped back to its grid: Kandinsky 5's out layer)
     frames: bool = False  # the inverse of a `frames` split: (B, T * n, ...) back to (B, T * plane, ...)
     flat: bool = False  # with grid: the output holds each frame's n tokens at `dim`, its frames folded into another
     #                     axis (ComfyUI's Cosmos 1 final layer: (B * T, n, C)); gathered to (..., H * W, ...)
@@ -505,7 +506,7 @@ class _SequenceHooks:
         def whole(a, s: SeqGather):
             if s.share_first and self.state.is_split and a.shape[s.dim] > self.state.local_len:
                 a = a.narrow(s.dim, 0, self.state.local_len)
-            return self.state.whole(a, s.dim)
+            return self.state.whole(a, s.dim, grid=s.grid)
 
         def hook(_module, args):
             return tuple(whole(a, spec[i]) if i in spec and torch.is_tensor(a) else a for i, a in enumerate(args))

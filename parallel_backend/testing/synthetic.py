@@ -558,6 +558,65 @@ def write_hunyuan_video_lora(path: str, model_path: str, rank: int = 4, alpha: f
     save_file(tensors, path)
 
 
+# ---- Kandinsky 5 (ComfyUI 0.33's Kandinsky5 class: its module names are the file's keys) ----------------------------
+# name -> sizes; ComfyUI's detection reads the width, time width, ffn, patch input and block counts (the text widths
+# 3584 / 768 and 16 output channels are the class defaults); heads = width // sum(axes_dims), 64 below 1792 wide
+KANDINSKY5_PRESETS = {
+    # 6 heads of 64 (divide by 2, 3, 6), 1 text and 2 visual blocks, a video patch input (16 + 16 image + 1 mask) x 4
+    "tiny": dict(model_dim=384, time_dim=64, ff_dim=512, visual_embed_dim=132, text_blocks=1, visual_blocks=2),
+    "kandinsky5-lite-video": dict(model_dim=1792, time_dim=512, ff_dim=7168, visual_embed_dim=132, text_blocks=2,
+                                  visual_blocks=32),
+    "kandinsky5-pro-video": dict(model_dim=4096, time_dim=1024, ff_dim=16384, visual_embed_dim=132, text_blocks=4,
+                                 visual_blocks=60),
+    "kandinsky5-lite-image": dict(model_dim=2560, time_dim=512, ff_dim=10240, visual_embed_dim=64, text_blocks=2,
+                                  visual_blocks=50),
+}
+
+
+def _kandinsky5_attention(prefix: str, d: int, head_dim: int) -> dict:
+    s = {f"{prefix}{p}.weight": (d, d) for p in ("to_query", "to_key", "to_value", "out_layer")}
+    s.update({f"{prefix}{p}.bias": (d,) for p in ("to_query", "to_key", "to_value", "out_layer")})
+    s.update({prefix + "query_norm.weight": (head_dim,), prefix + "key_norm.weight": (head_dim,)})
+    return s
+
+
+def _kandinsky5_block(prefix: str, d: int, t: int, ff: int, head_dim: int, visual: bool) -> dict:
+    mod = prefix + ("visual_modulation" if visual else "text_modulation") + ".out_layer."
+    s = {mod + "weight": ((9 if visual else 6) * d, t), mod + "bias": ((9 if visual else 6) * d,),
+         prefix + "feed_forward.in_layer.weight": (ff, d), prefix + "feed_forward.out_layer.weight": (d, ff),
+         **_kandinsky5_attention(prefix + "self_attention.", d, head_dim)}
+    if visual:
+        s.update(_kandinsky5_attention(prefix + "cross_attention.", d, head_dim))
+    return s
+
+
+def kandinsky5_shapes(model_dim, time_dim, ff_dim, visual_embed_dim, text_blocks, visual_blocks) -> dict:
+    """key -> shape of a Kandinsky 5 DiT (ComfyUI's Kandinsky5 names; patch 1 x 2 x 2, 16 output channels)."""
+    d, t = model_dim, time_dim
+    head_dim = 128 if d in (4096, 2560) else 64  # ComfyUI's detection: axes (32, 48, 48) or (16, 24, 24)
+    s = {"time_embeddings.in_layer.weight": (t, d), "time_embeddings.in_layer.bias": (t,),
+         "time_embeddings.out_layer.weight": (t, t), "time_embeddings.out_layer.bias": (t,),
+         "text_embeddings.in_layer.weight": (d, 3584), "text_embeddings.in_layer.bias": (d,),
+         "text_embeddings.norm.weight": (d,), "text_embeddings.norm.bias": (d,),
+         "pooled_text_embeddings.in_layer.weight": (t, 768), "pooled_text_embeddings.in_layer.bias": (t,),
+         "pooled_text_embeddings.norm.weight": (t,), "pooled_text_embeddings.norm.bias": (t,),
+         "visual_embeddings.in_layer.weight": (d, visual_embed_dim), "visual_embeddings.in_layer.bias": (d,)}
+    for i in range(text_blocks):
+        s.update(_kandinsky5_block(f"text_transformer_blocks.{i}.", d, t, ff_dim, head_dim, False))
+    for i in range(visual_blocks):
+        s.update(_kandinsky5_block(f"visual_transformer_blocks.{i}.", d, t, ff_dim, head_dim, True))
+    s.update({"out_layer.modulation.out_layer.weight": (2 * d, t), "out_layer.modulation.out_layer.bias": (2 * d,),
+              "out_layer.out_layer.weight": (64, d), "out_layer.out_layer.bias": (64,)})
+    return s
+
+
+def write_tiny_kandinsky5(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny",
+                          fill: float | None = None, **overrides) -> str:
+    """A random Kandinsky 5 checkpoint in ComfyUI's layout (its module names, no prefix)."""
+    shapes = kandinsky5_shapes(**{**KANDINSKY5_PRESETS[preset], **overrides})
+    return write_checkpoint(path, shapes, dtype=dtype, seed=seed, fill=fill)
+
+
 # ---- safetensors written tensor by tensor ---------------------------------------------------------
 # ---- LTX-2 audio + video (ComfyUI 0.33's LTXAVModel; same `model.diffusion_model.` layout) -------------------------
 # name -> video width (32 heads), audio width (32 heads: ComfyUI's default audio head count), blocks, text width

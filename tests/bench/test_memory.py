@@ -130,3 +130,26 @@ def test_tiny_run_prints_the_sharded_and_gguf_rows():
     fits = _table(out, "[5] ANALYTIC")
     assert all(cell.endswith("[16]") for row in fits for k, cell in row.items() if k != "weights")  # tiny fits
     assert {row["weights"] for row in _table(out, "[5b]")} == set(WEIGHT_FORMATS)
+
+
+@pytest.mark.multirank
+def test_kandinsky5_run_prints_per_rank_rows():
+    """--family kandinsky5 on the tiny preset (2 visual blocks), tp1 and sharded x2: the rows of both ranks, each
+    sharded rank holding about half of every text and visual block (rows split by FSDP, the rest whole), a finite
+    forward, and the projection to the real block count."""
+    if comfy_host.comfyui_version() == "0.3.75":
+        pytest.skip("this ComfyUI has no Kandinsky 5 class")
+    env = {**os.environ, "COMFYUI_PATH": comfy_host.comfyui_path()}
+    r = subprocess.run([sys.executable, "bench/memory.py", "--family", "kandinsky5", "--preset", "tiny", "--blocks",
+                        "2", "--modes", "tp1,shard2", "--device", "cpu"], cwd=comfy_host.REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {(row["mode"], row["rank"]): row for row in _table(r.stdout, "[1k] At load")}
+    assert set(rows) == {("tp1", "0"), ("shard2", "0"), ("shard2", "1")}
+    whole = float(rows["tp1", "0"]["params MiB"])
+    assert rows["tp1", "0"]["of full"] == "1.000"
+    for rank in "01":
+        held = float(rows["shard2", rank]["params MiB"])
+        assert 0.5 * whole < held < 0.75 * whole, (held, whole)  # the embeddings and out layer stay whole
+        assert rows["shard2", rank]["finite"] == "yes"
+    assert [row["mode"] for row in _table(r.stdout, "[2k] Projection")] == ["tp1", "shard2"]

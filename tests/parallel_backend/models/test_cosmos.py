@@ -85,7 +85,7 @@ def test_family_detection_and_refusal():
     assert not cosmos.detect({**_header("tiny"), "net.crossattn_proj.0.weight": ((1024, 100352), "BF16")})
     with pytest.raises(UnsupportedModelError, match=r"vae\.safetensors.*supported: wan, cosmos_predict2, cosmos1, "):
         detect_family({"decoder.conv_in.weight": ((4, 4, 3, 3), "F32")}, "vae.safetensors")
-    assert {"wan", "cosmos_predict2", "cosmos1", "ltxv"} <= set(FAMILIES)  # (the others test their own detection)
+    assert {"wan", "cosmos_predict2", "cosmos1", "ltxv", "kandinsky5"} <= set(FAMILIES)  # (the others test their own detection)
 
 
 def test_host_model_parameters_are_the_file_keys(tmp_path):
