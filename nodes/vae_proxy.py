@@ -123,7 +123,8 @@ class ParallelVAE:
             comfy.model_management.throw_exception_if_processing_interrupted()
         out = group.vae_tiles(key, x.float().contiguous(), tuple(out_shape), tiles, encode, interrupt=interrupt)
         bar.update_absolute(count, count)
-        return out.to(self.vae_output_dtype())
+        # the host's output dtype (0.3.75 has no vae_output_dtype: its tiled code returns float32)
+        return out.to(self.vae_output_dtype()) if hasattr(self, "vae_output_dtype") else out
 
 
 def _given(**kwargs) -> dict:

@@ -60,3 +60,40 @@ def test_plain_decode_and_encode_are_the_tiled_nodes_with_their_defaults(vaes):
     enc = comfy_nodes.VAEEncode().encode(ours, image)[0]["samples"]
     ref = comfy_nodes.VAEEncodeTiled().encode(native, image, 512, 64, 64, 8)[0]["samples"]
     assert _max_diff(enc, ref) <= TOL
+
+
+def test_cancel_stops_between_tiles_and_the_group_stays_warm(vaes):
+    import comfy.model_management as mm
+
+    import nodes as comfy_nodes
+    import parallel_backend.runtime.group as group
+    native, ours = vaes
+    latent = _latent((1, 16, 3, 8, 20))
+    g = group.active_groups()[0]
+    mm.interrupt_current_processing(True)  # Cancel pressed: the ranks stop at the first tile they all reach
+    try:
+        with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
+            comfy_nodes.VAEDecodeTiled().decode(ours, latent, **TILED)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert g.alive() and group.active_groups() == [g]
+    with torch.inference_mode():
+        out = comfy_nodes.VAEDecodeTiled().decode(ours, latent, **TILED)[0]
+        ref = comfy_nodes.VAEDecodeTiled().decode(native, latent, **TILED)[0]
+    assert _max_diff(out, ref) <= TOL
+
+
+def test_a_rank_that_dies_during_a_decode_is_named(vaes):
+    import os
+    import signal
+    import threading
+
+    import nodes as comfy_nodes
+    import parallel_backend.runtime.group as group
+    _, ours = vaes
+    g = group.active_groups()[0]
+    threading.Timer(0.5, os.kill, (g.pids[1], signal.SIGKILL)).start()
+    with pytest.raises(group.WorkerGroupError, match=r"rank 1 of .* died during vae_tiles \(was killed by signal "
+                                                     r"SIGKILL\)"), torch.inference_mode():
+        comfy_nodes.VAEDecodeTiled().decode(ours, _latent((1, 16, 5, 8, 44)), **TILED)
+    assert not g.alive()
