@@ -77,7 +77,8 @@ def pack_row(pack, path: str, latent, device: str, ranks: int) -> tuple:
     import torch
 
     import parallel_backend.runtime.group as group
-    make = sys.modules[pack.__name__ + ".nodes.vae_proxy"].make_parallel_vae
+    import importlib
+    make = importlib.import_module(pack.__name__ + ".nodes.vae_proxy").make_parallel_vae
     spec = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(ranks, 1, 1, 1, 1, ranks, "bf16" if device == "cuda"
                                                              else "fp32", device, "sdpa")[0]
     vae = make(spec, path, "default")

@@ -140,6 +140,9 @@ class WorkerGroup:
         self.activations_done = 0    # the largest rank's activation bytes of a call that ran (CPU ranks keep that heap)
         self._in_call, self._call_thread = False, None
         self.vaes: dict = {}  # VAE key -> what rank 0 reported of it (vae_load)
+        # (seconds, latent elements) of the last VAE call: a stall is 10x that, scaled by size (one tile can be the
+        # whole call); before any, a guess of 60 s for this call's size (a 10-minute stall limit)
+        self.vae_timing = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, interrupt=None) -> "WorkerGroup":
@@ -570,10 +573,13 @@ class WorkerGroup:
             out_ref = self._out.layout({"out": (tuple(out_shape), torch.float32)})["out"]
             self.calls += 1
             self.progress.clear_cancel()
-            watch = CallWatch(self.progress, self.calls, self.pids, x.numel(), interrupt, None)
+            watch = CallWatch(self.progress, self.calls, self.pids, x.numel(), interrupt,
+                              self.vae_timing or (60.0, x.numel()))
             payload = {"inputs": refs, "out": out_ref, "key": key, "tiles": dict(tiles), "encode": encode,
                        "call": self.calls}
+            started = time.monotonic()
             self._call("vae_tiles", payload, self.step_timeout, watch=watch)
+            self.vae_timing = (time.monotonic() - started, x.numel())
             return self._out.read(out_ref)
 
 
