@@ -38,4 +38,14 @@ PY
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi: not available"
-timeout 570 "${PDIT_PY:-python3}" bench/gpu_check.py "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_check.log"
+if [ -z "${PDIT_VAE_ONLY:-}" ]; then
+  timeout 570 "${PDIT_PY:-python3}" bench/gpu_check.py "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_check.log"
+fi
+# VAE section (bench/vae.py): the Parallel VAE's decode on one NCCL rank vs ComfyUI's VAE Decode and VAE Decode
+# (Tiled), the release's Wan 2.1 VAE width (random weights), 480p and 720p latents of 81 frames: time, peak memory,
+# and each tiled result's distance from the untiled decode. PDIT_VAE_ONLY=1 runs only this section (about 4 min on an
+# H100 by estimate; not yet run on one), PDIT_SKIP_VAE=1 leaves it out.
+if [ -z "${PDIT_SKIP_VAE:-}" ]; then
+  timeout "${PDIT_VAE_TIMEOUT:-300}" "${PDIT_PY:-python3}" bench/vae.py --device cuda --dim 96 --frames 21 --ranks 1 \
+    2>&1 | tee "${OUT:-/tmp}/gpu_check_vae.log"
+fi

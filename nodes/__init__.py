@@ -4,6 +4,7 @@ from .loader_node import ParallelModelLoader
 from .lora_node import ParallelLora
 from .sampler_node import ParallelSampler
 from .unload_node import ParallelUnload
+from .vae_node import ParallelVAELoader
 
 NODE_CLASS_MAPPINGS = {
     "ParallelConfig": ParallelConfigNode,
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "ParallelLora": ParallelLora,
     "ParallelSampler": ParallelSampler,
     "ParallelUnload": ParallelUnload,
+    "ParallelVAELoader": ParallelVAELoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ParallelConfig": "Parallel Config",
@@ -18,4 +20,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ParallelLora": "Parallel LoRA",
     "ParallelSampler": "Parallel Sampler",
     "ParallelUnload": "Parallel Unload",
+    "ParallelVAELoader": "Parallel VAE Loader",
 }

@@ -24,5 +24,6 @@ import parallel_backend.runtime.sharded_model as sharded_model  # noqa: E402
 import parallel_backend.weights.fp8 as fp8  # noqa: E402
 import parallel_backend.weights.lora as lora  # noqa: E402
 import parallel_backend.weights.reads as reads  # noqa: E402
+import parallel_backend.models.vae as vae  # noqa: E402
 
-__all__ = ["config", "fp8", "group", "host", "lora", "models", "multinode", "planner", "rank", "reads", "sharded_model"]
+__all__ = ["config", "fp8", "group", "host", "lora", "models", "multinode", "planner", "rank", "reads", "sharded_model", "vae"]

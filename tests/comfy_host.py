@@ -220,7 +220,7 @@ def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees
     decoded_from = {}
     for nid, node in list(g.items()):
         ct, inp = node["class_type"], node["inputs"]
-        if ct in ("CLIPLoader", "DualCLIPLoader", "VAELoader"):
+        if ct in ("CLIPLoader", "DualCLIPLoader", "VAELoader", "ParallelVAELoader"):
             del g[nid]
         elif ct == "CLIPTextEncode":
             g[nid] = {"class_type": "PditTestConditioning", "inputs": {"seed": 100 + int(nid), "tokens": 12,

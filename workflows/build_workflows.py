@@ -20,6 +20,7 @@ OUTPUTS = {
     "ParallelSampler": [("LATENT", "LATENT")],
     "KSampler": [("LATENT", "LATENT")],
     "VAELoader": [("VAE", "VAE")],
+    "ParallelVAELoader": [("VAE", "VAE")],
     "VAEDecode": [("IMAGE", "IMAGE")],
     "SaveAnimatedWEBP": [],
     "SaveLatent": [],
@@ -82,6 +83,11 @@ def parallel_loader(model_name: str, **changed) -> dict:
     return {**inputs, **changed}
 
 
+def parallel_vae_loader(vae_name: str) -> dict:
+    """Parallel VAE Loader's inputs (fed by Parallel Config, node 4: the DiT's ranks decode)."""
+    return {"vae_name": vae_name, "precision": "default", "parallel_config": link(4)}
+
+
 WAN21_T2V = {
     "title": "Wan 2.1 text-to-video on a parallel worker group",
     "nodes": [
@@ -95,7 +101,7 @@ WAN21_T2V = {
         (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
                                 "scheduler": "simple", "positive": link(2), "negative": link(3),
                                 "latent_image": link(6), "denoise": 1.0}),
-        (8, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (8, "ParallelVAELoader", parallel_vae_loader("wan_2.1_vae.safetensors")),
         (9, "VAEDecode", {"samples": link(7), "vae": link(8)}),
         (10, "SaveAnimatedWEBP", {"images": link(9), "filename_prefix": "parallel_dit/wan21_t2v", "fps": 16.0,
                                   "lossless": False, "quality": 90, "method": "default"}),

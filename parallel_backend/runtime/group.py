@@ -100,7 +100,7 @@ class _Replies:
         """One rank's reply: ok (its result), cancelled (it stopped the call where every rank agreed), or error."""
         if msg[0] == "error":
             self.errors.append((msg[1], msg[2]))
-            if self.what != "load":  # peers may be blocked in a collective: do not wait for them
+            if self.what not in ("load", "vae_load"):  # peers may be blocked in a collective: do not wait for them
                 self.pending.clear()
                 self.remote_pending.clear()
         elif msg[0] == "cancelled":
@@ -139,6 +139,10 @@ class WorkerGroup:
         self.call_memory: list = []  # per local rank, what its device had after the last load (forward's fit check)
         self.activations_done = 0    # the largest rank's activation bytes of a call that ran (CPU ranks keep that heap)
         self._in_call, self._call_thread = False, None
+        self.vaes: dict = {}  # VAE key -> what rank 0 reported of it (vae_load)
+        # (seconds, latent elements) of the last VAE call: a stall is 10x that, scaled by size (one tile can be the
+        # whole call); before any, a guess of 60 s for this call's size (a 10-minute stall limit)
+        self.vae_timing = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, interrupt=None) -> "WorkerGroup":
@@ -371,7 +375,7 @@ class WorkerGroup:
         """A rank reported an error. Outside a load its peers may be blocked in a collective, and the error may be the
         echo of another failure: that one is named first (_raise_echoed_failure), and the group stops."""
         rank, text = errors[0]
-        if what != "load":
+        if what not in ("load", "vae_load"):
             self._raise_echoed_failure(errors, what)
             self.stop(graceful=False)
         raise WorkerGroupError(f"rank {rank} of {self.config.describe()} failed during {what}:\n{text}")
@@ -543,6 +547,40 @@ class WorkerGroup:
 
     def stats(self) -> list:
         return self._call("stats", None, 60)
+
+    # ---- VAE: whole on every rank, the tiles of a decode / encode dealt over them (models/vae.py) ----------------
+    def vae_load(self, path: str, precision: str, interrupt=None) -> tuple:
+        """Load ComfyUI's own VAE for `path` on every rank (a no-op when they hold it); returns its key."""
+        key = self.model_key_for(path, precision)
+        if key not in self.vaes:
+            if self.nodes is not None:
+                raise WorkerGroupError("the Parallel VAE runs on one machine's ranks: give the VAE loader a Parallel "
+                                       "Config with nodes 1")
+            replies = self._call("vae_load", {"path": path, "precision": precision, "key": key}, self.load_timeout,
+                                 interrupt=interrupt)
+            self.vaes[key] = replies[0]
+        return key
+
+    def vae_tiles(self, key: tuple, x: torch.Tensor, out_shape: tuple, tiles: dict, encode: bool,
+                  interrupt=None) -> torch.Tensor:
+        """ComfyUI's tiled decode (or encode, `encode`) of `x` with `tiles` (decode_tiled's / encode_tiled's
+        keywords), its tiles dealt over the ranks; `out_shape`: the result's shape, channels first (before the VAE's
+        process_output, which the caller applies). `interrupt`: as for forward (Cancel stops at the next tile)."""
+        if key not in self.vaes:
+            raise WorkerGroupError(f"{key[0]} is not loaded on the worker group as a VAE (load it first)")
+        with self._lock:
+            refs = self._in.write({"x": x})
+            out_ref = self._out.layout({"out": (tuple(out_shape), torch.float32)})["out"]
+            self.calls += 1
+            self.progress.clear_cancel()
+            watch = CallWatch(self.progress, self.calls, self.pids, x.numel(), interrupt,
+                              self.vae_timing or (60.0, x.numel()))
+            payload = {"inputs": refs, "out": out_ref, "key": key, "tiles": dict(tiles), "encode": encode,
+                       "call": self.calls}
+            started = time.monotonic()
+            self._call("vae_tiles", payload, self.step_timeout, watch=watch)
+            self.vae_timing = (time.monotonic() - started, x.numel())
+            return self._out.read(out_ref)
 
 
 # ---- cache of warm groups, one per config -------------------------------------------------------

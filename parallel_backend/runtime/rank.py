@@ -95,6 +95,8 @@ class Rank:
         self.fold_log = collections.deque(maxlen=TOKEN_LOG)   # "none", or e.g. "2xulysses": how each call was spread
         self.graph_log = collections.deque(maxlen=TOKEN_LOG)  # graphs torch.compile has built here, after each call
         self.handlers = {"load": self.load, "forward": self.forward, "stats": self.stats}
+        self.vaes: dict = {}  # VAE key -> the host's own VAE (models/vae.py), whole on every rank
+        self.handlers.update(vae_load=self.vae_load, vae_tiles=self.vae_tiles)
 
     @property
     def remote(self) -> bool:
@@ -245,6 +247,48 @@ class Rank:
             self.reader.view(out_ref)[model.rows(batch)].copy_(out.to("cpu"))
         if self.io:
             self.io.outputs(out, model.rows(batch) if writes else None, out_ref, self.reader)
+
+    # ---- VAE -----------------------------------------------------------------------------------------------------
+    def vae_load(self, payload: dict) -> dict:
+        """ComfyUI's own VAE for a file, whole on this rank (kept beside the DiT; a VAE is small)."""
+        from ..models.host import import_host
+        import_host(self.device.type)
+        from ..models.vae import build_host_vae, class_path
+        key = payload["key"]
+        if key not in self.vaes:
+            self.vaes[key] = build_host_vae(payload["path"], payload["precision"], self.device)
+        vae = self.vaes[key]
+        return {"class": class_path(vae.first_stage_model), "dtype": str(vae.vae_dtype),
+                "param_bytes": sum(p.numel() * p.element_size() for p in vae.first_stage_model.parameters())}
+
+    def vae_tiles(self, payload: dict) -> None:
+        """This rank's tiles of a tiled decode / encode (models/vae.py), the ranks' sums reduced onto rank 0, which
+        writes the result into the owner's output segment. Each tile (computed here or not) is a progress step and a
+        point where Cancel can stop the call."""
+        import torch.distributed as dist
+
+        from ..models.vae import decode_share, encode_share
+        vae = self.vaes.get(payload["key"])
+        if vae is None:
+            raise RuntimeError(f"{payload['key'][0]} is not loaded on this worker group as a VAE")
+        x = self.reader.view(payload["inputs"]["x"])
+        share = encode_share if payload["encode"] else decode_share
+        on_tile = None
+        if self.progress is not None:
+            self.progress.begin_call(payload["call"])
+            on_tile = self.progress.block_started
+        try:
+            out = share(vae, x, payload["tiles"], self.rank, self.config.world_size, on_tile=on_tile)
+        finally:
+            del x
+            if self.progress is not None:
+                self.progress.end_call()
+        out = out.to(torch.float32).contiguous()
+        if self.config.world_size > 1:
+            dist.reduce(out, dst=0)
+        if self.rank == 0:
+            self.reader.view(payload["out"]).copy_(out.to("cpu"))
+        return None
 
     # ---- stats --------------------------------------------------------------------------------------------------
     def stats(self, payload=None) -> dict:

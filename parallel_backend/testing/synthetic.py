@@ -1016,3 +1016,43 @@ def write_wan_adapter(path: str, model_path: str, kind: str, rank: int = 4, alph
             deltas[m + ".weight"] = delta
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
     return deltas
+
+
+# ---- VAEs (the host's own classes: written from a meta instance's state dict, so the key layout is the host's) ----
+TINY_WAN22_VAE = {"dim": 16, "dec_dim": 32}  # ComfyUI's detection fixes the Wan 2.2 VAE's widths (160 / 256)
+
+
+def write_tiny_wan_vae(path: str, version: str = "2.1", dim: int = 16, seed: int = 11) -> str:
+    """A random Wan VAE of ComfyUI's class: 2.1 (comfy.ldm.wan.vae.WanVAE, its width read from the file by ComfyUI's
+    detection) at width `dim`, or 2.2 (comfy.ldm.wan.vae2_2.WanVAE, 48 latent channels) at TINY_WAN22_VAE's widths:
+    ComfyUI builds that one at its release widths whatever the file says (wan22_vae_width narrows it)."""
+    kwargs = dict(z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                  temperal_downsample=[False, True, True], dropout=0.0)
+    if version == "2.1":
+        import comfy.ldm.wan.vae as wan_vae
+        cls, kwargs = wan_vae.WanVAE, {**kwargs, "dim": dim}
+    else:
+        import comfy.ldm.wan.vae2_2 as wan_vae
+        cls, kwargs = wan_vae.WanVAE, {**kwargs, **TINY_WAN22_VAE, "z_dim": 48}
+    with torch.device("meta"):
+        vae = cls(**kwargs)
+    g = torch.Generator().manual_seed(seed)
+
+    def make(k, s):  # RMS_norm gammas are (C, 1, 1[, 1]): ones plus noise, like any norm weight
+        return 1.0 + 0.1 * torch.randn(s, generator=g) if k.endswith("gamma") else random_tensor(k, s, g)
+
+    shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    return write_safetensors_stream(path, [(k, s, torch.float32, lambda k=k, s=s: make(k, s)) for k, s in shapes.items()])
+
+
+def wan22_vae_width():
+    """Within: ComfyUI's detection builds the Wan 2.2 VAE at TINY_WAN22_VAE's widths (its own class and code
+    otherwise), so a tiny file of write_tiny_wan_vae(version="2.2") loads through comfy.sd.VAE. Tests only."""
+    from unittest import mock
+
+    import comfy.ldm.wan.vae2_2 as wan_vae
+    real = wan_vae.WanVAE
+
+    def narrow(**kwargs):
+        return real(**{**kwargs, **TINY_WAN22_VAE})
+    return mock.patch.object(wan_vae, "WanVAE", narrow)

@@ -1,0 +1,117 @@
+"""VAEs on the ranks: ComfyUI's own `comfy.sd.VAE` built in each rank for a file, and the share of a tiled decode or
+encode each rank computes; this file is the VAE plan as data (which host VAE classes split, and how).
+
+The split: ComfyUI's own tiled code (`VAE.decode_tiled` / `encode_tiled` -> `comfy.utils.tiled_scale_multidim`) runs
+on every rank over the whole tile grid, but each rank's first stage model computes only the tiles dealt to it (tile i
+of the grid to rank i % world) and answers the others with zeros of the tile's output shape. The blend weights (the
+feathered masks and their sum) depend on the tile shapes only, so every rank's result is (sum of its own tiles x
+mask) / (sum of all masks), and the ranks' results summed are ComfyUI's tiled result up to the order of the float
+additions. Each tile is a separate call of the host's decode, so a causal video VAE's time cache is per tile, as in
+ComfyUI's own tiled decode. The non-linear output step (ComfyUI's `process_output`: shift, scale, clamp) is skipped
+on the ranks and applied by the owner to the sum.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# first stage model class (module.qualname) -> what the pack knows of it. "dims": the tiled path ComfyUI takes for it
+# (3: decode_tiled_3d / encode_tiled_3d, time and space). A VAE not listed is refused by its class name.
+SPLITS = {
+    "comfy.ldm.wan.vae.WanVAE": {"name": "Wan 2.1 VAE", "dims": 3},
+    "comfy.ldm.wan.vae2_2.WanVAE": {"name": "Wan 2.2 VAE", "dims": 3},
+}
+
+
+class VAERefused(ValueError):
+    """A VAE the pack cannot split; the message names it and says what to use instead."""
+
+
+def class_path(module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def split_of(first_stage_model) -> dict:
+    """The SPLITS entry for a host VAE's model, or VAERefused naming its class."""
+    path = class_path(first_stage_model)
+    split = SPLITS.get(path)
+    if split is None:
+        known = ", ".join(s["name"] for s in SPLITS.values())
+        raise VAERefused(f"the Parallel VAE Loader cannot split this VAE ({path}); it splits: {known}. Load this file "
+                         f"with ComfyUI's own Load VAE node instead")
+    return split
+
+
+def build_host_vae(path: str, precision: str, device: torch.device):
+    """ComfyUI's own VAE for the file, as its VAELoader builds it (comfy.sd.VAE from the state dict and metadata), on
+    this rank's device in `precision` (None / "default": ComfyUI's choice for the device)."""
+    import comfy.sd
+    import comfy.utils
+
+    sd, metadata = comfy.utils.load_torch_file(path, return_metadata=True)
+    dtype = None if precision in (None, "default") else getattr(torch, {"fp32": "float32", "fp16": "float16",
+                                                                        "bf16": "bfloat16"}[precision])
+    vae = comfy.sd.VAE(sd=sd, device=device, dtype=dtype, metadata=metadata)
+    del sd
+    vae.throw_exception_if_invalid()
+    split_of(vae.first_stage_model)
+    vae.first_stage_model.to(device)
+    vae.output_device = device  # the blend on the rank's device: the ranks' sums are reduced there
+    return vae
+
+
+def scaled_shape(vae, shape, encode: bool) -> tuple:
+    """The output shape ComfyUI's tiled_scale_multidim gives `shape` (batch, channels, *dims) for this VAE: each dim
+    scaled (a callable for time), rounded; channels the VAE's pixel (decode) or latent (encode) channels."""
+    ratio = vae.downscale_ratio if encode else vae.upscale_ratio
+    dims = len(shape) - 2
+    ratios = ratio if isinstance(ratio, (tuple, list)) else [ratio] * dims
+    out = []
+    for r, n in zip(ratios, shape[2:]):
+        out.append(round(r(n) if callable(r) else (n / r if encode else n * r)))
+    return (shape[0], vae.latent_channels if encode else vae.output_channels, *out)
+
+
+@contextlib.contextmanager
+def own_tiles_only(vae, rank: int, world: int, encode: bool, on_tile=None):
+    """Within: the VAE's first stage model computes only the tiles dealt to `rank` (i % world), zeros of the tile's
+    output shape for the others; `on_tile()` is called before each tile, computed or not (progress, Cancel), so every
+    rank passes the same tile sequence."""
+    model = vae.first_stage_model
+    name = "encode" if encode else "decode"
+    real = getattr(model, name)
+    count = [0]
+
+    def share(x, *args, **kwargs):
+        i = count[0]
+        count[0] += 1
+        if on_tile is not None:
+            on_tile()
+        if i % world == rank:
+            return real(x, *args, **kwargs)
+        return torch.zeros(scaled_shape(vae, x.shape, encode), dtype=x.dtype, device=x.device)
+
+    setattr(model, name, share)
+    process_output = vae.process_output
+    vae.process_output = lambda image: image  # applied by the owner to the sum (it is not linear: a clamp)
+    try:
+        yield count
+    finally:
+        delattr(model, name)
+        vae.process_output = process_output
+
+
+def decode_share(vae, latent: torch.Tensor, tiles: dict, rank: int, world: int, on_tile=None) -> torch.Tensor:
+    """This rank's share of ComfyUI's `vae.decode_tiled(latent, **tiles)` before process_output, channels first
+    (batch, channels, *dims)."""
+    with own_tiles_only(vae, rank, world, encode=False, on_tile=on_tile):
+        out = vae.decode_tiled(latent, **tiles)
+    return out.movedim(-1, 1)
+
+
+def encode_share(vae, pixels: torch.Tensor, tiles: dict, rank: int, world: int, on_tile=None) -> torch.Tensor:
+    """This rank's share of ComfyUI's `vae.encode_tiled(pixels, **tiles)` (pixels as the IMAGE ComfyUI passes)."""
+    with own_tiles_only(vae, rank, world, encode=True, on_tile=on_tile):
+        return vae.encode_tiled(pixels, **tiles)
