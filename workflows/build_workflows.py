@@ -293,7 +293,8 @@ HUNYUAN15_I2V = {
         (13, "VAEDecode", {"samples": link(12), "vae": link(10)}),
         (14, "SaveAnimatedWEBP", {"images": link(13), "filename_prefix": "parallel_dit/hunyuan_video15_i2v",
                                   "fps": 24.0, "lossless": False, "quality": 90, "method": "default"}),
-
+    ],
+}
 
 # Kandinsky 5 Video Lite text-to-video (ComfyUI 0.33+): ComfyUI's own template (video_kandinsky5_t2v: Qwen2.5-VL +
 # CLIP-L text, Kandinsky5ImageToVideo's empty latent, ModelSamplingSD3 shift 5, the native KSampler, the HunyuanVideo
