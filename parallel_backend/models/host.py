@@ -39,6 +39,20 @@ def import_host(device_type: str):
     return comfy
 
 
+def supported_model_if_any(name: str) -> str | None:
+    """`name` if this host's comfy.supported_models has the class, else None (a family newer than the host)."""
+    import comfy.supported_models
+    return name if hasattr(comfy.supported_models, name) else None
+
+
+def newer_class_refusal(class_name: str | None, label: str, supported: str, module: str, model_class: str) -> str:
+    """What to say about a file of a family the host lacks (class_name None) or detects as another class."""
+    seen = (f"this ComfyUI has no {supported} model class (supported_models.{supported}, {module})"
+            if class_name is None else f"ComfyUI detects this {label} file as {class_name}")
+    return (f"{seen}; the parallel loader runs ComfyUI's own {model_class} (ComfyUI 0.33 and newer): "
+            f"update ComfyUI to a release with {label}")
+
+
 def meta_state_dict(header: dict) -> tuple[dict, str]:
     """(key -> meta tensor, prefix) with ComfyUI's diffusion-model prefix stripped, as comfy.sd strips it."""
     import comfy.model_detection

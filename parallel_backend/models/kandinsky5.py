@@ -136,16 +136,15 @@ def variant_of(class_name: str | None) -> dict:
     is refused by name."""
     if class_name in CLASSES:
         return {}
-    seen = ("this ComfyUI has no Kandinsky5 model class (supported_models.Kandinsky5, comfy.ldm.kandinsky5)"
-            if class_name is None else f"ComfyUI detects this Kandinsky 5 file as {class_name}")
-    raise ValueError(f"{seen}; the parallel loader runs ComfyUI's own Kandinsky5 class (ComfyUI 0.33 and newer): "
-                     f"update ComfyUI to a release with Kandinsky 5")
+    from .host import newer_class_refusal
+    raise ValueError(newer_class_refusal(class_name, "Kandinsky 5", "Kandinsky5", "comfy.ldm.kandinsky5",
+                                         "Kandinsky5 class"))
 
 
 def host_class_name() -> str | None:
     """The supported_models class this host has for the family, or None (ComfyUI 0.3.75 has no Kandinsky 5)."""
-    import comfy.supported_models
-    return "Kandinsky5" if hasattr(comfy.supported_models, "Kandinsky5") else None
+    from .host import supported_model_if_any
+    return supported_model_if_any("Kandinsky5")
 
 
 def diffusers_names(source_keys) -> dict:

@@ -128,16 +128,14 @@ def variant_of(class_name: str | None) -> dict:
     is refused by name."""
     if class_name in CLASSES:
         return {}
-    seen = ("this ComfyUI has no MiniMaxH3 model class (supported_models.MiniMaxH3, comfy.ldm.minimax)"
-            if class_name is None else f"ComfyUI detects this MiniMax H3 file as {class_name}")
-    raise ValueError(f"{seen}; the parallel loader runs ComfyUI's own MiniMaxH3Model (ComfyUI 0.33 and newer): "
-                     f"update ComfyUI to a release with MiniMax H3")
+    from .host import newer_class_refusal
+    raise ValueError(newer_class_refusal(class_name, "MiniMax H3", "MiniMaxH3", "comfy.ldm.minimax", "MiniMaxH3Model"))
 
 
 def host_class_name() -> str | None:
     """The supported_models class this host has for the family, or None (ComfyUI 0.3.75 has no MiniMax H3)."""
-    import comfy.supported_models
-    return "MiniMaxH3" if hasattr(comfy.supported_models, "MiniMaxH3") else None
+    from .host import supported_model_if_any
+    return supported_model_if_any("MiniMaxH3")
 
 
 def diffusers_names(source_keys) -> dict:
