@@ -99,6 +99,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _terminate_with_parent() -> None:
+    """In the server's child before exec: SIGTERM when the test process dies (a pytest killed by a CI timeout never
+    runs its fixtures' teardown; the server, and with it its ranks, must not outlive it)."""
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ComfyServer:
     """A headless ComfyUI on 127.0.0.1; stopped by its own process id."""
 
@@ -116,7 +123,8 @@ class ComfyServer:
                "--base-directory", self.base_dir, "--disable-auto-launch", *self.extra_args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, **(self.env or {})})
+                                     start_new_session=True, env={**os.environ, **(self.env or {})},
+                                     preexec_fn=_terminate_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
