@@ -53,6 +53,25 @@ def newer_class_refusal(class_name: str | None, label: str, supported: str, modu
             f"update ComfyUI to a release with {label}")
 
 
+def variant_entry(variants: dict, not_yet: dict, class_name: str, family_label: str) -> dict:
+    """A family's VARIANTS entry for a host class; raises with the class name and the reason for one the pack cannot
+    run (the family's NOT_YET), naming the classes it can."""
+    if class_name in variants:
+        return variants[class_name]
+    why = not_yet.get(class_name, "the pack has no parallel plan for this class")
+    raise ValueError(f"ComfyUI detects this file as {class_name}, which the parallel loader cannot run yet: {why}. "
+                     f"Sample it with the native Load Diffusion Model (UNETLoader); supported {family_label} classes: "
+                     f"{', '.join(variants)}")
+
+
+def build_newer_family(family, header: dict, compute_dtype: torch.dtype, path: str, storage: str | None):
+    """The host's class for a family newer than some hosts (MiniMax H3, Kandinsky 5): refused by class name where the
+    host lacks it, else built on meta from the family's unet config."""
+    if family.host_class_name() is None:
+        family.variant_of(None)
+    return build_host_model(header, compute_dtype, path, family.comfy_model_config(header)[1], storage=storage)
+
+
 def meta_state_dict(header: dict) -> tuple[dict, str]:
     """(key -> meta tensor, prefix) with ComfyUI's diffusion-model prefix stripped, as comfy.sd strips it."""
     import comfy.model_detection

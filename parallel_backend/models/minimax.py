@@ -145,11 +145,10 @@ def diffusers_names(source_keys) -> dict:
 
 def build(header: dict, compute_dtype: torch.dtype, path: str = "<file>", storage: str | None = None):
     """ComfyUI's MiniMaxH3Model for this file, on meta; refused by class name on a host without it."""
-    from .host import build_host_model
+    import sys
 
-    if host_class_name() is None:
-        variant_of(None)
-    return build_host_model(header, compute_dtype, path, comfy_model_config(header)[1], storage=storage)
+    from .host import build_newer_family
+    return build_newer_family(sys.modules[__name__], header, compute_dtype, path, storage)
 
 
 def conds_of(class_name: str) -> tuple:

@@ -237,12 +237,8 @@ NOT_YET: dict = {  # host class -> why the pack cannot run it yet
 
 def variant_of(class_name: str) -> dict:
     """The VARIANTS entry of a host class; raises with the class name and the reason for one the pack cannot run."""
-    if class_name in VARIANTS:
-        return VARIANTS[class_name]
-    why = NOT_YET.get(class_name, "the pack has no parallel plan for this class")
-    raise ValueError(f"ComfyUI detects this file as {class_name}, which the parallel loader cannot run yet: {why}. "
-                     f"Sample it with the native Load Diffusion Model (UNETLoader); supported Wan classes: "
-                     f"{', '.join(VARIANTS)}")
+    from .host import variant_entry
+    return variant_entry(VARIANTS, NOT_YET, class_name, "Wan")
 
 
 def conds_of(class_name: str) -> tuple:
