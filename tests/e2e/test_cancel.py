@@ -9,6 +9,7 @@ import re
 import signal
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -81,6 +82,30 @@ def _wait_busy(pids, share=0.5, timeout=120):
         if min(p.cpu_percent(None) for p in procs) > share * 100:
             return
     raise TimeoutError("the ranks never computed")
+
+
+def _blocks_started(server) -> list:
+    """(call, block) each rank last started, read from the group's progress words (runtime/progress.py's layout;
+    the test reads them to know the ranks are inside a block, not before the first one)."""
+    from parallel_backend.runtime.progress import CALL_SHIFT
+    names = [n for n in leftover_segments(server.proc.pid) if n.endswith("_ctl")]
+    if not names:
+        return []
+    with open(f"/dev/shm/{names[-1]}", "rb") as f:
+        words = np.frombuffer(f.read(8 * 6), dtype=np.int64)
+    return [(int(w) >> CALL_SHIFT, int(w) & ((1 << CALL_SHIFT) - 1)) for w in words[2:6:2]]
+
+
+def _wait_inside_first_block(server, timeout=120):
+    """Until both ranks started block 1 of a call later than the ones already seen (the ranks are then inside it)."""
+    before = max((c for c, _ in _blocks_started(server)), default=0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = _blocks_started(server)
+        if seen and all(c > before and b >= 1 for c, b in seen):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the ranks never started a block of a new call: {_blocks_started(server)}")
 
 
 def _messages(h) -> dict:
@@ -190,8 +215,7 @@ def test_cancel_inside_one_long_block_stops_the_group(server):
     pids = _warm(server)
     gave_up_before = open(server.log_path).read().count("Cancel during a model call")
     pid = server.queue(_graph(steps=1, width=2048, height=2048, length=1, prefix="latents/huge"))
-    _wait_running(server)
-    _wait_busy(pids)
+    _wait_inside_first_block(server)  # (a Cancel before block 1 stops the call there: the warm-group case above)
     t0 = time.monotonic()
     server.post("/interrupt", {})
     h = server.wait(pid, timeout=60)
