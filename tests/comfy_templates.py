@@ -75,6 +75,23 @@ def kandinsky5_templates() -> list[str]:
     return wan_cosmos_templates(("kandinsky",))
 
 
+def ltx_templates() -> list[str]:
+    """LTX-Video (0.9.x) and LTX-2 (2, 2.3, 2.5) templates: name or models mention LTX."""
+    return wan_cosmos_templates(("ltx",))
+
+
+def minimax_h3_templates() -> list[str]:
+    """Names of the index's templates whose models list MiniMax H3 (not MiniMax Music), in index order."""
+    with open(os.path.join(templates_dir(), "index.json")) as f:
+        index = json.load(f)
+    out = []
+    for category in index:
+        for t in category["templates"]:
+            if "minimax h3" in " ".join(t.get("models", [])).lower() and t["name"] not in out:
+                out.append(t["name"])
+    return out
+
+
 def node_types(ui: dict) -> list[str]:
     """Node types of the graph and of its subgraph definitions (virtual nodes left out)."""
     nodes = list(ui.get("nodes", []))
@@ -397,7 +414,7 @@ def _fewer_steps(g: dict):
     value is held (the sampler's widget or the primitive feeding it, shared primitives once)."""
     wanted = {}  # location -> the values the samplers using it want there
     for nid, node in g.items():
-        if node["class_type"] not in ("KSampler", "KSamplerAdvanced", "BasicScheduler"):
+        if node["class_type"] not in ("KSampler", "KSamplerAdvanced", "BasicScheduler", "LTXVScheduler"):
             continue
         where = {k: _locate(g, nid, k) for k in ("steps", "start_at_step", "end_at_step") if k in node["inputs"]}
         if None in where.values():
@@ -425,7 +442,8 @@ def _smaller(g: dict):
     (the widget, or the primitive / switch branch feeding it); a value computed by a node that is not made
     smaller itself (a math expression of the template's duration) is replaced by the constant."""
     length = _min_length(g)
-    sizes = {"width": WIDTH, "height": HEIGHT, "length": length, "video_frames": length, "motion_frame_count": length}
+    sizes = {"width": WIDTH, "height": HEIGHT, "length": length, "video_frames": length, "motion_frame_count": length,
+             "frames_number": length}
     for nid, node in list(g.items()):
         if node["class_type"] == "SaveLatent" or node["class_type"].startswith("PditTest"):
             continue  # (the test conditioning's width is the embedding's)
@@ -442,9 +460,11 @@ def _smaller(g: dict):
 
 def _min_length(g: dict) -> int:
     """LENGTH, or more frames where the graph needs them: NormalizeVideoLatentStart (Kandinsky 5 I2V) takes the mean
-    of the latent frames after its start frames, NaN when there are none (4 frames a latent frame)."""
+    of the latent frames after its start frames, NaN when there are none (4 frames a latent frame); the LTX nodes take
+    8k + 1 frames, at least 9."""
     starts = [n["inputs"]["start_frame_count"] for n in g.values() if n["class_type"] == "NormalizeVideoLatentStart"]
-    return max([LENGTH] + [4 * int(k) + 5 for k in starts if isinstance(k, int)])
+    ltx = any(n["class_type"].startswith(("LTXV", "EmptyLTXV")) for n in g.values())  # LTX nodes take 8k + 1, >= 9
+    return max([LENGTH] + [4 * int(k) + 5 for k in starts if isinstance(k, int)] + ([9] if ltx else []))
 
 
 def _stand_ins(g: dict):
@@ -469,6 +489,10 @@ def _stand_ins(g: dict):
             g[nid] = {"class_type": "PditTestAudioEncoding", "inputs": {
                 "audio": inp["audio"], "kind": "wav2vec2_base" if "base" in name else "wav2vec2_large",
                 "seed": 300 + _id_number(nid)}}
+        elif ct == "CheckpointLoaderSimple" and "ltx" in inp["ckpt_name"].lower():
+            _ltx_checkpoint(g, nid)
+        elif ct == "LTXVAudioVAELoader":
+            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 8, "kind": "ltx2-audio"}}
         elif ct == "SAM3_Detect":
             g[nid] = {"class_type": "PditTestSAM3Detect", "inputs": {"image": inp["image"]}}
         elif ct == "SAM3_VideoTrack":
@@ -483,6 +507,19 @@ def _stand_ins(g: dict):
                 "model": inp["model"], "lora_name": inp["lora_name"], "strength_model": inp["strength_model"]}}
 
 
+def _ltx_checkpoint(g: dict, nid: str):
+    """An LTX all-in-one checkpoint in both runs: its DiT through UNETLoader (the loader the parallel run swaps; both
+    read the file's model.diffusion_model.* tensors), its VAE output as the test VAE of LTX's latent shape (ComfyUI's
+    LTX VAE at full size only); its CLIP output fed only the replaced text encoders."""
+    vae = f"{nid}:9999"
+    g[vae] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "ltxv"}}
+    for k, name in _consumers(g, nid):
+        if g[k]["inputs"][name][1] == 2:
+            g[k]["inputs"][name] = [vae, 0]
+    g[nid] = {"class_type": "UNETLoader", "inputs": {"unet_name": g[nid]["inputs"]["ckpt_name"],
+                                                     "weight_dtype": "default"}}
+
+
 def _pooled(g: dict, clip_link) -> dict:
     """HunyuanVideo 1.0's text encoders give a pooled CLIP-L vector (768) besides the tokens; the others none."""
     loader = g.get(clip_link[0], {})
@@ -490,11 +527,17 @@ def _pooled(g: dict, clip_link) -> dict:
 
 
 def _text_shape(g: dict, clip_node: str) -> dict:
-    """The test conditioning's widths for the text encoder feeding a CLIPTextEncode: umt5's 4096, or Kandinsky 5's
-    Qwen2.5-VL hidden states (3584) with CLIP-L's pooled vector (768)."""
+    """The test conditioning's widths for the text encoder feeding a CLIPTextEncode: umt5's 4096, Kandinsky 5's
+    Qwen2.5-VL hidden states (3584) with CLIP-L's pooled vector (768), LTX-Video's T5 with its mask, LTX-2's raw
+    Gemma text at the tiny file's width."""
     loaders = _upstream(g, clip_node, "DualCLIPLoader")
     if loaders and str(g[loaders[0]]["inputs"].get("type", "")).startswith("kandinsky5"):
         return {"width": 3584, "pooled_width": 768}
+    if g.get(clip_node, {}).get("inputs", {}).get("type") == "ltxv":  # LTX-Video's T5 gives a mask (3 pad tokens)
+        return {"width": 4096, "masked_tail": 3}
+    if g.get(clip_node, {}).get("class_type") == "LTXAVTextEncoderLoader":  # Gemma's raw text, the tiny file's width
+        from parallel_backend.testing.synthetic import LTXAV_PRESETS
+        return {"width": LTXAV_PRESETS["tiny"]["caption_channels"]}
     return {"width": 4096}
 
 
@@ -678,9 +721,14 @@ def write_hunyuan_dit(path: str, name: str, seed: int) -> str:
 def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
     import torch
 
-    from parallel_backend.testing.synthetic import write_checkpoint, write_fp8_variant, write_tiny_kandinsky5
+    from parallel_backend.testing.synthetic import (write_checkpoint, write_fp8_variant, write_tiny_kandinsky5,
+                                                    write_tiny_ltxav, write_tiny_ltxv)
     if "hunyuan" in name.lower():
         return write_hunyuan_dit(path, name, seed)
+    if "ltx-2" in name.lower():  # LTX-2 (audio + video): its metadata config gives the tiny widths
+        return write_tiny_ltxav(path, seed=seed)
+    if "ltx-video" in name.lower() or "ltxv" in name.lower():
+        return write_tiny_ltxv(path, seed=seed)
     if "kandinsky5" in name.lower():  # 6 heads of 64; the image model is 2560 wide (ComfyUI detects it by width)
         image = dict(model_dim=2560, visual_embed_dim=64, visual_blocks=1) if "t2i" in name.lower() else {}
         return write_tiny_kandinsky5(path, seed=seed, **image)

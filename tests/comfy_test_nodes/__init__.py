@@ -43,23 +43,25 @@ class PditTestConditioning:
 class _FakeWan22VAE:
     """Encodes like the Wan 2.2 VAE in shape only (48 channels, 16x spatial, 4x temporal compression):
     deterministic noise plus the image's mean, so Wan22ImageToVideoLatent runs its real code around it.
-    channels=16, spatial=8: the Wan 2.1 VAE's shapes (Cosmos Predict2's CosmosPredict2ImageToVideoLatent)."""
+    channels=16, spatial=8: the Wan 2.1 VAE's shapes (Cosmos Predict2's CosmosPredict2ImageToVideoLatent); 128, 32,
+    temporal 8: LTX-Video's and LTX-2's."""
 
-    def __init__(self, seed, channels=48, spatial=16):
-        self.seed, self.channels, self.spatial = seed, channels, spatial
+    def __init__(self, seed, channels=48, spatial=16, temporal=4):
+        self.seed, self.channels, self.spatial, self.temporal = seed, channels, spatial, temporal
         self.latent_channels = channels  # what ComfyUI's Wan nodes read from a VAE besides encode()
+        self.downscale_index_formula = (temporal, spatial, spatial)  # what the LTX nodes read
 
     def spacial_compression_encode(self):
         return self.spatial
 
     def temporal_compression_encode(self):
-        return 4
+        return self.temporal
 
     def encode(self, pixels):
         frames, height, width = pixels.shape[0], pixels.shape[1], pixels.shape[2]
         g = torch.Generator().manual_seed(self.seed)
-        z = torch.randn(1, self.channels, (frames - 1) // 4 + 1, height // self.spatial, width // self.spatial,
-                        generator=g)
+        z = torch.randn(1, self.channels, (frames - 1) // self.temporal + 1, height // self.spatial,
+                        width // self.spatial, generator=g)
         return z + pixels.float().mean()
 
 
@@ -83,7 +85,7 @@ class PditTestVAE:
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                                               "tooltip": "seed of the fake latent"})},
-                "optional": {"kind": (["wan2.2", "wan2.1", "hunyuan_video_1.5", "ltx2-audio"],
+                "optional": {"kind": (["wan2.2", "wan2.1", "hunyuan_video_1.5", "ltx2-audio", "ltxv"],
                                       {"default": "wan2.2", "tooltip": "whose latent shape"})}}
 
     RETURN_TYPES = ("VAE",)
@@ -93,6 +95,8 @@ class PditTestVAE:
     def make(self, seed, kind="wan2.2"):
         if kind == "ltx2-audio":
             return (_FakeLTX2AudioVAE(),)
+        if kind == "ltxv":  # LTX-Video's and LTX-2's video VAE: 128 channels, 32x spatial, 8x temporal
+            return (_FakeWan22VAE(seed, channels=128, spatial=32, temporal=8),)
         channels, spatial = {"wan2.2": (48, 16), "wan2.1": (16, 8), "hunyuan_video_1.5": (32, 16)}[kind]
         return (_FakeWan22VAE(seed, channels=channels, spatial=spatial),)
 

@@ -143,6 +143,9 @@ EXPECTED = {
     "video_hunyuan_video_1.5_720p_t2v": MATCH,
     "video_hunyuan_video_1.5_720p_i2v": MATCH,
     "hunyuan_video_text_to_video": MATCH,
+    # LTX-Video 0.9 (CheckpointLoaderSimple: its DiT through UNETLoader in both runs, the VAE the test's)
+    "ltxv_text_to_video": MATCH,
+    "ltxv_image_to_video": MATCH,
 }
 HOST_EXPECTED = {
     "0.3.75": {
