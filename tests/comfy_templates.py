@@ -131,9 +131,11 @@ def _opts(spec) -> dict:
 
 
 def _is_widget(spec) -> bool:
+    """A widget: a combo or a widget type, or a multi-type input drawn as the widget it names ("FLOAT,INT" with
+    widgetType FLOAT: LTXVEmptyLatentAudio's frame_rate)."""
     kind = spec[0]
-    return (isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO) and not _opts(spec).get(
-        "forceInput")
+    return (isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO or "widgetType" in _opts(spec)) \
+        and not _opts(spec).get("forceInput")
 
 
 def _has_control(name: str, spec) -> bool:

@@ -60,12 +60,10 @@ OUTPUTS = {
     "VAEDecodeTiled": [("IMAGE", "IMAGE")],
     "LTXVAudioVAEDecode": [("Audio", "AUDIO")],
     "SaveAudio": [],
-    "PrimitiveInt": [("INT", "INT")],
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
 SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("KSamplerAdvanced", "noise_seed"),
-                ("PditTestConditioning", "seed"), ("RandomNoise", "noise_seed"),
-                ("PrimitiveInt", "value")}
+                ("PditTestConditioning", "seed"), ("RandomNoise", "noise_seed")}
 # widgets followed by an extra UI-only value the frontend keeps after them
 # widgets fed by a link (a widget converted to an input): the frontend keeps the widget's value in widgets_values
 # and marks the input with "widget"; value = what the widget holds
@@ -366,25 +364,24 @@ LTX2_T2V = {
         (6, "LTXVConditioning", {"positive": link(2), "negative": link(3), "frame_rate": 24.0}),
         (7, "EmptyLTXVLatentVideo", {"width": 640, "height": 352, "length": 121, "batch_size": 1}),
         (8, "LTXVAudioVAELoader", {"ckpt_name": LTX2_CKPT}),
-        (9, "PrimitiveInt", {"value": 24}),  # the audio latent's frame rate (an input without a widget)
-        (10, "LTXVEmptyLatentAudio", {"frames_number": 121, "frame_rate": link(9), "batch_size": 1,
-                                      "audio_vae": link(8)}),
-        (11, "LTXVConcatAVLatent", {"video_latent": link(7), "audio_latent": link(10)}),
-        (12, "RandomNoise", {"noise_seed": 10}),
-        (13, "KSamplerSelect", {"sampler_name": "euler_ancestral"}),
-        (14, "LTXVScheduler", {"steps": 20, "max_shift": 2.05, "base_shift": 0.95, "stretch": True, "terminal": 0.1,
-                               "latent": link(11)}),
-        (15, "CFGGuider", {"model": link(5), "positive": link(6, 0), "negative": link(6, 1), "cfg": 4.0}),
-        (16, "SamplerCustomAdvanced", {"noise": link(12), "guider": link(15), "sampler": link(13), "sigmas": link(14),
-                                       "latent_image": link(11)}),
-        (17, "LTXVSeparateAVLatent", {"av_latent": link(16)}),
-        (18, "CheckpointLoaderSimple", {"ckpt_name": LTX2_CKPT}),
-        (19, "VAEDecodeTiled", {"samples": link(17, 0), "vae": link(18, 2), "tile_size": 512, "overlap": 64,
+        (9, "LTXVEmptyLatentAudio", {"frames_number": 121, "frame_rate": 24.0, "batch_size": 1,
+                                     "audio_vae": link(8)}),
+        (10, "LTXVConcatAVLatent", {"video_latent": link(7), "audio_latent": link(9)}),
+        (11, "RandomNoise", {"noise_seed": 10}),
+        (12, "KSamplerSelect", {"sampler_name": "euler_ancestral"}),
+        (13, "LTXVScheduler", {"steps": 20, "max_shift": 2.05, "base_shift": 0.95, "stretch": True, "terminal": 0.1,
+                               "latent": link(10)}),
+        (14, "CFGGuider", {"model": link(5), "positive": link(6, 0), "negative": link(6, 1), "cfg": 4.0}),
+        (15, "SamplerCustomAdvanced", {"noise": link(11), "guider": link(14), "sampler": link(12), "sigmas": link(13),
+                                       "latent_image": link(10)}),
+        (16, "LTXVSeparateAVLatent", {"av_latent": link(15)}),
+        (17, "CheckpointLoaderSimple", {"ckpt_name": LTX2_CKPT}),
+        (18, "VAEDecodeTiled", {"samples": link(16, 0), "vae": link(17, 2), "tile_size": 512, "overlap": 64,
                                 "temporal_size": 4096, "temporal_overlap": 8}),
-        (20, "SaveAnimatedWEBP", {"images": link(19), "filename_prefix": "parallel_dit/ltx2_t2v", "fps": 24.0,
+        (19, "SaveAnimatedWEBP", {"images": link(18), "filename_prefix": "parallel_dit/ltx2_t2v", "fps": 24.0,
                                   "lossless": False, "quality": 90, "method": "default"}),
-        (21, "LTXVAudioVAEDecode", {"samples": link(17, 1), "audio_vae": link(8)}),
-        (22, "SaveAudio", {"audio": link(21), "filename_prefix": "parallel_dit/ltx2_t2v"}),
+        (20, "LTXVAudioVAEDecode", {"samples": link(16, 1), "audio_vae": link(8)}),
+        (21, "SaveAudio", {"audio": link(20), "filename_prefix": "parallel_dit/ltx2_t2v"}),
     ],
 }
 
