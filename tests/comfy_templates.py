@@ -33,6 +33,10 @@ DIT = dict(dim=256, ffn_dim=512, num_layers=2)
 DIT_MULTITALK = dict(dim=640, ffn_dim=1280, num_layers=2)
 MULTITALK_DIR = "multitalk"
 WIDTH, HEIGHT, LENGTH, MAX_STEPS = 96, 64, 5, 4
+MINIMAX_TEXT = 96  # the tiny MiniMax H3's text width (MINIMAX_PRESETS["tiny"]["text_dim"])
+# an int8_convrot MiniMax H3: ConvRot rotates each linear's input in groups of 256, so every block linear's input
+# width (hidden, heads x head_dim, ffn, the time embedding) is a multiple of 256: 4 heads of 64
+MINIMAX_INT8 = dict(hidden=512, heads=4, head_dim=64, ffn=512, time_dim=256)
 
 
 class Unconvertible(Exception):
@@ -493,8 +497,15 @@ def _stand_ins(g: dict):
                 "seed": 300 + _id_number(nid)}}
         elif ct == "CheckpointLoaderSimple" and "ltx" in inp["ckpt_name"].lower():
             _ltx_checkpoint(g, nid)
-        elif ct == "LTXVAudioVAELoader":
+        elif ct == "LTXVAudioVAELoader" or (ct == "VAELoader" and "ltx" in inp["vae_name"]
+                                             and "audio" in inp["vae_name"]):  # (LTX-2.5's audio VAE file)
             g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 8, "kind": "ltx2-audio"}}
+        elif ct == "VAELoader" and "ltx" in inp["vae_name"]:  # LTX-2.5's video VAE file
+            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "ltxv"}}
+        elif ct == "CLIPLoader" and inp.get("type") == "minimax":  # MiniMaxH3ImageToVideo encodes with the CLIP
+            g[nid] = {"class_type": "PditTestTextEncoder", "inputs": {"width": MINIMAX_TEXT}}
+        elif ct == "VAELoader" and "minimax_h3" in inp["vae_name"] and "video" in inp["vae_name"]:
+            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "minimax_h3"}}
         elif ct == "SAM3_Detect":
             g[nid] = {"class_type": "PditTestSAM3Detect", "inputs": {"image": inp["image"]}}
         elif ct == "SAM3_VideoTrack":
@@ -535,25 +546,33 @@ def _text_shape(g: dict, clip_node: str) -> dict:
     loaders = _upstream(g, clip_node, "DualCLIPLoader")
     if loaders and str(g[loaders[0]]["inputs"].get("type", "")).startswith("kandinsky5"):
         return {"width": 3584, "pooled_width": 768}
-    if g.get(clip_node, {}).get("inputs", {}).get("type") == "ltxv":  # LTX-Video's T5 gives a mask (3 pad tokens)
+    loader = g.get(clip_node, {})
+    gemma = "gemma" in str(loader.get("inputs", {}).get("clip_name", ""))  # LTX-2.5's CLIPLoader (type ltxv too)
+    if loader.get("inputs", {}).get("type") == "ltxv" and not gemma:  # LTX-Video's T5 gives a mask (3 pad tokens)
         return {"width": 4096, "masked_tail": 3}
-    if g.get(clip_node, {}).get("class_type") == "LTXAVTextEncoderLoader":  # Gemma's raw text, the tiny file's width
+    if loader.get("class_type") == "PditTestTextEncoder" or loader.get("inputs", {}).get("type") == "minimax":
+        return {"width": MINIMAX_TEXT}
+    if loader.get("class_type") == "LTXAVTextEncoderLoader" or gemma:  # Gemma's raw text, the tiny file's width
         from parallel_backend.testing.synthetic import LTXAV_PRESETS
         return {"width": LTXAV_PRESETS["tiny"]["caption_channels"]}
     return {"width": 4096}
 
 
 def _latent_outputs(g: dict, prefix: str) -> dict:
-    """The outputs replaced by one SaveLatent per decoded latent; the nodes no output needs dropped."""
+    """The outputs replaced by one SaveLatent per decoded latent (video and audio); the nodes no output needs
+    dropped."""
     decoded = {}
     for nid, node in list(g.items()):
-        if node["class_type"] in ("VAEDecode", "VAEDecodeTiled"):
+        if node["class_type"] in ("VAEDecode", "VAEDecodeTiled", "LTXVAudioVAEDecode", "VAEDecodeAudio"):
             decoded.setdefault(tuple(node["inputs"]["samples"]), nid)
     for nid, node in list(g.items()):
         if node["class_type"].startswith(("Save", "Preview", "CreateVideo")):
             del g[nid]
-    for i, (samples, _) in enumerate(sorted(decoded.items(), key=lambda kv: _id_number(kv[1]))):
-        g[f"save{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": list(samples),
+    saved = []
+    for samples, _ in sorted(decoded.items(), key=lambda kv: _id_number(kv[1])):
+        saved += _av_split(g, samples)
+    for i, samples in enumerate(saved):
+        g[f"save{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": samples,
                                                                 "filename_prefix": f"{prefix}_{i}"}}
     keep, todo = set(), [k for k in g if k.startswith("save")]
     while todo:
@@ -565,6 +584,20 @@ def _latent_outputs(g: dict, prefix: str) -> dict:
     if missing:
         raise Unconvertible(f"nodes {missing} are needed but were dropped (text / vision encoders feed another node)")
     return {k: v for k, v in g.items() if k in keep}
+
+
+SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
+
+
+def _av_split(g: dict, samples: tuple) -> list:
+    """The latents to save for a decoded one: MiniMax H3's sampled [video, audio] nested latent (which its decoders
+    unbind, and SaveLatent cannot store) split by ComfyUI's LTXVSeparateAVLatent into both; any other as it is."""
+    minimax = any(n["class_type"].startswith(("MiniMaxH3", "EmptyMiniMaxH3")) for n in g.values())
+    if not (minimax and g[samples[0]]["class_type"] in SAMPLERS):
+        return [list(samples)]
+    split = f"{samples[0]}:9998"
+    g[split] = {"class_type": "LTXVSeparateAVLatent", "inputs": {"av_latent": list(samples)}}
+    return [[split, 0], [split, 1]]
 
 
 def tiny_variant(api: dict, prefix: str) -> dict:
@@ -729,6 +762,8 @@ def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
         return write_hunyuan_dit(path, name, seed)
     if "ltx-2" in name.lower():  # LTX-2 (audio + video): its metadata config gives the tiny widths
         return write_tiny_ltxav(path, seed=seed)
+    if "minimax_h3" in name.lower():
+        return write_minimax_dit(path, name, seed)
     if "ltx-video" in name.lower() or "ltxv" in name.lower():
         return write_tiny_ltxv(path, seed=seed)
     if "kandinsky5" in name.lower():  # 6 heads of 64; the image model is 2560 wide (ComfyUI detects it by width)
@@ -747,6 +782,18 @@ def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
         return path
     return write_checkpoint(path, shapes, dtype={"fp32": torch.float32, "fp16": torch.float16,
                                                  "bf16": torch.bfloat16}[dtype], seed=seed, metadata=metadata)
+
+
+def write_minimax_dit(path: str, name: str, seed: int) -> str:
+    """A tiny MiniMax H3 (6 heads of 64, 2 blocks); int8 (ComfyUI's mixed-precision layout, its block linears) for
+    the int8_convrot release names, at MINIMAX_INT8's widths."""
+    from parallel_backend.testing.synthetic import write_tiny_minimax
+    if "int8" not in name.lower():
+        return write_tiny_minimax(path, seed=seed)
+    write_tiny_minimax(path + ".fp32", seed=seed, **MINIMAX_INT8)
+    write_int8_variant(path + ".fp32", path)
+    os.remove(path + ".fp32")
+    return path
 
 
 def write_int8_variant(src: str, dst: str, convrot: bool = True) -> str:
@@ -791,6 +838,51 @@ def write_multitalk_patch(path: str, dim: int, seed: int = 5) -> str:
     g = torch.Generator().manual_seed(seed)
     return write_safetensors_stream(path, [(k, s, torch.float16, lambda k=k, s=s: random_tensor(k, s, g).half())
                                            for k, s in host_state_shapes(patch).items()])
+
+
+# a tiny LTX latent upscaler (ComfyUI's LatentUpsampler, read from the file's metadata config): x2 spatial
+LTX_UPSAMPLER = dict(in_channels=128, mid_channels=32, num_blocks_per_stage=1, dims=3, spatial_upsample=True,
+                     temporal_upsample=False, spatial_scale=2.0, rational_resampler=False)
+
+
+def write_ltx_latent_upsampler(path: str, seed: int = 13) -> str:
+    """A random LTX latent upscale model of ComfyUI's class (comfy.ldm.lightricks.latent_upsampler.LatentUpsampler)
+    with its config in the metadata, as LatentUpscaleModelLoader reads it."""
+    import torch
+    from comfy.ldm.lightricks.latent_upsampler import LatentUpsampler
+
+    import comfy.ops
+    from parallel_backend.testing.synthetic import random_tensor, write_safetensors_stream
+    with torch.device("meta"):
+        model = LatentUpsampler.from_config(LTX_UPSAMPLER, operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(seed)
+    return write_safetensors_stream(path, [(k, s, torch.float32, lambda k=k, s=s: random_tensor(k, s, g))
+                                           for k, s in host_state_shapes(model).items()],
+                                    metadata={"config": json.dumps(LTX_UPSAMPLER)})
+
+
+def write_block_lora(path: str, model_path: str, fmt: str = "comfy", seed: int = 0, rank: int = 4) -> str:
+    """A random rank-4 LoRA in ComfyUI's names (`diffusion_model.<module>.lora_up / lora_down / alpha`) on every
+    linear of a DiT file's blocks (LTX's `transformer_blocks.N`, video and audio; MiniMax H3's `blocks.N`)."""
+    import torch
+
+    from parallel_backend.testing.synthetic import write_safetensors_stream
+    from parallel_backend.weights.reads import read_header
+    assert fmt == "comfy", fmt
+    header = read_header(model_path)
+    g = torch.Generator().manual_seed(seed)
+    entries = []
+    for key, info in sorted(header.items()):
+        module = key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+        shape = tuple(info[0]) if isinstance(info, (list, tuple)) else tuple(info)
+        if not (module.startswith(("transformer_blocks.", "blocks.")) and key.endswith(".weight") and len(shape) == 2):
+            continue
+        rows, cols = shape
+        up, down = torch.randn(rows, rank, generator=g) * 0.05, torch.randn(rank, cols, generator=g) / cols ** 0.5
+        entries += [(f"diffusion_model.{module}.lora_up.weight", (rows, rank), torch.float32, lambda t=up: t),
+                    (f"diffusion_model.{module}.lora_down.weight", (rank, cols), torch.float32, lambda t=down: t),
+                    (f"diffusion_model.{module}.alpha", (), torch.float32, lambda: torch.tensor(float(rank)))]
+    return write_safetensors_stream(path, entries)
 
 
 def write_wan21_vae(path: str, seed: int = 11, dim: int = 16) -> str:
@@ -877,6 +969,11 @@ def write_inputs(g: dict, base: str) -> dict:
             if not os.path.exists(p):
                 write_multitalk_patch(p, DIT_MULTITALK["dim"])
             made.setdefault("model_patches", []).append(inp["name"])
+        elif ct == "LatentUpscaleModelLoader":
+            p = path_of("latent_upscale_models", inp["model_name"])
+            if not os.path.exists(p):
+                write_ltx_latent_upsampler(p)
+            made.setdefault("latent_upscale_models", []).append(inp["model_name"])
         elif ct == "VAELoader":
             p = path_of("vae", inp["vae_name"])
             if not os.path.exists(p):
@@ -905,7 +1002,9 @@ def write_inputs(g: dict, base: str) -> dict:
                 raise Unconvertible(f"LoRA {name}: {len(unets)} diffusion models upstream")
             p = path_of("loras", name)
             if not os.path.exists(p):
-                write_wan_lora(p, path_of("diffusion_models", g[unets[0]]["inputs"]["unet_name"]), fmt="comfy",
-                               seed=sum(map(ord, name)) % 1000)
+                dit = path_of("diffusion_models", g[unets[0]]["inputs"]["unet_name"])
+                unet = g[unets[0]]["inputs"]["unet_name"].lower()
+                writer = write_block_lora if "ltx" in unet or "minimax" in unet else write_wan_lora
+                writer(p, dit, fmt="comfy", seed=sum(map(ord, name)) % 1000)
             made["loras"].append(name)
     return made
