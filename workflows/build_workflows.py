@@ -60,6 +60,10 @@ OUTPUTS = {
     "VAEDecodeTiled": [("IMAGE", "IMAGE")],
     "LTXVAudioVAEDecode": [("Audio", "AUDIO")],
     "SaveAudio": [],
+    "MiniMaxH3ImageToVideo": [("positive", "CONDITIONING"), ("LATENT", "LATENT")],
+    "BasicScheduler": [("SIGMAS", "SIGMAS")],
+    "BasicGuider": [("GUIDER", "GUIDER")],
+    "VAEDecodeAudio": [("AUDIO", "AUDIO")],
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
 SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("KSamplerAdvanced", "noise_seed"),
@@ -385,6 +389,40 @@ LTX2_T2V = {
     ],
 }
 
+# MiniMax H3 text-to-video with audio (ComfyUI 0.33+): ComfyUI's own template (video_minimax_h3_t2v: Qwen3-VL through
+# CLIPLoader `minimax`, MiniMaxH3ImageToVideo's prompt and [video, audio] latent, 20 res_multistep steps with
+# BasicScheduler and BasicGuider, each stream decoded by its VAE) with only Load Diffusion Model swapped for the
+# pack's two nodes; its 8-step turbo LoRA path (off in the template) left out, the template's ResolutionSelector
+# (16:9, 0.4 MP) and 5-second length as their values; an animated WEBP and the audio as a FLAC file instead of
+# CreateVideo + SaveVideo. Give MiniMaxH3ImageToVideo a first_frame (and last_frame) for image-to-video.
+MINIMAX_H3_T2V = {
+    "title": "MiniMax H3 text-to-video with audio on a parallel worker group",
+    "nodes": [
+        (1, "CLIPLoader", {"clip_name": "qwen3vl_32b_minimax_h3_nvfp4_awq.safetensors", "type": "minimax",
+                           "device": "default"}),
+        (2, "VAELoader", {"vae_name": "minimax_h3_video_vae_int8_convrot.safetensors"}),
+        (3, "VAELoader", {"vae_name": "minimax_h3_audio_vae_fp32.safetensors"}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("minimax_h3_fl2va_pruned_int8_convrot.safetensors")),
+        (6, "MiniMaxH3ImageToVideo", {"clip": link(1), "vae": link(2), "prompt": "Realistic live-action cinematic "
+                                      "look: at dusk on a cluster of skyscrapers, the protagonist sprints and leaps "
+                                      "across rooftops with pursuers closing in behind, anamorphic lens, film grain, "
+                                      "city volumetric fog. Audio: wind, rapid footsteps, a low score, an accent hit on "
+                                      "each leap.", "width": 832, "height": 480, "length": 124}),
+        (7, "RandomNoise", {"noise_seed": 42}),
+        (8, "KSamplerSelect", {"sampler_name": "res_multistep"}),
+        (9, "BasicScheduler", {"model": link(5), "scheduler": "simple", "steps": 20, "denoise": 1.0}),
+        (10, "BasicGuider", {"model": link(5), "conditioning": link(6, 0)}),
+        (11, "SamplerCustomAdvanced", {"noise": link(7), "guider": link(10), "sampler": link(8), "sigmas": link(9),
+                                       "latent_image": link(6, 1)}),
+        (12, "VAEDecode", {"samples": link(11), "vae": link(2)}),
+        (13, "SaveAnimatedWEBP", {"images": link(12), "filename_prefix": "parallel_dit/minimax_h3_t2v", "fps": 24.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+        (14, "VAEDecodeAudio", {"samples": link(11), "vae": link(3)}),
+        (15, "SaveAudio", {"audio": link(14), "filename_prefix": "parallel_dit/minimax_h3_t2v"}),
+    ],
+}
+
 # Wan 2.1 image-to-video (480p / 720p I2V files): ComfyUI's native I2V graph, CLIP vision of the start image
 # and WanImageToVideo's conditioning, with the pack's three nodes in place of Load Diffusion Model and KSampler.
 # For first-last-frame, load an FLF2V file and use WanFirstLastFrameToVideo instead of WanImageToVideo.
@@ -493,7 +531,7 @@ WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_t2v_two_nodes_parallel": WA
              "ltxv_t2v_parallel": LTXV_T2V,
              "hunyuan_video15_t2v_parallel": HUNYUAN15_T2V, "hunyuan_video15_i2v_parallel": HUNYUAN15_I2V,
              "kandinsky5_t2v_parallel": KANDINSKY5_T2V,
-             "ltx2_t2v_parallel": LTX2_T2V}
+             "ltx2_t2v_parallel": LTX2_T2V, "minimax_h3_t2v_parallel": MINIMAX_H3_T2V}
 
 
 def spec_from_api(api: dict, title: str) -> dict:
