@@ -407,8 +407,8 @@ MINIMAX_H3_T2V = {
         (6, "MiniMaxH3ImageToVideo", {"clip": link(1), "vae": link(2), "prompt": "Realistic live-action cinematic "
                                       "look: at dusk on a cluster of skyscrapers, the protagonist sprints and leaps "
                                       "across rooftops with pursuers closing in behind, anamorphic lens, film grain, "
-                                      "city volumetric fog. Audio: wind, rapid footsteps, a low score, an accent hit on "
-                                      "each leap.", "width": 832, "height": 480, "length": 124}),
+                                      "city volumetric fog. Audio: wind, rapid footsteps, a low score, an accent hit "
+                                      "on each leap.", "width": 832, "height": 480, "length": 124}),
         (7, "RandomNoise", {"noise_seed": 42}),
         (8, "KSamplerSelect", {"sampler_name": "res_multistep"}),
         (9, "BasicScheduler", {"model": link(5), "scheduler": "simple", "steps": 20, "denoise": 1.0}),
