@@ -615,8 +615,11 @@ def tiny_variant(api: dict, prefix: str) -> dict:
       WanDancer's audio features, InfiniteTalk's motion frames, and the primitives feeding them), steps to at most
       4 (samplers and BasicScheduler; a KSamplerAdvanced split scaled with them);
     - beside an InfiniteTalk patch the DiT and its LoRAs are DIT_MULTITALK wide, under MULTITALK_DIR/;
+    - LTX and MiniMax H3: an LTX checkpoint's DiT through UNETLoader, test VAEs of their latent shapes, a test
+      text-encoder object where a node encodes with the CLIP itself, LTX graphs at 9 frames (docs/templates.md);
     - everything after the sampler (VAE decode, video / image saves and previews) replaced by SaveLatent of the
-      decoded latent, so the sampled latents are compared, and nodes no output needs dropped.
+      decoded latent (video and audio; MiniMax H3's [video, audio] latent split first), so the sampled latents are
+      compared, and nodes no output needs dropped.
     Seeds, cfg, samplers, schedulers, shifts, LoRA strengths and every other node stay as the template has them."""
     g = copy.deepcopy(api)
     _stand_ins(g)
@@ -785,8 +788,8 @@ def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
 
 
 def write_minimax_dit(path: str, name: str, seed: int) -> str:
-    """A tiny MiniMax H3 (6 heads of 64, 2 blocks); int8 (ComfyUI's mixed-precision layout, its block linears) for
-    the int8_convrot release names, at MINIMAX_INT8's widths."""
+    """A tiny MiniMax H3 (MINIMAX_PRESETS' tiny: 6 heads of 64, 2 blocks); for the int8_convrot release names an int8
+    file (ComfyUI's mixed-precision layout on its block linears) at MINIMAX_INT8's widths."""
     from parallel_backend.testing.synthetic import write_tiny_minimax
     if "int8" not in name.lower():
         return write_tiny_minimax(path, seed=seed)
