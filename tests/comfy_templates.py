@@ -37,6 +37,9 @@ MINIMAX_TEXT = 96  # the tiny MiniMax H3's text width (MINIMAX_PRESETS["tiny"]["
 # an int8_convrot MiniMax H3: ConvRot rotates each linear's input in groups of 256, so every block linear's input
 # width (hidden, heads x head_dim, ffn, the time embedding) is a multiple of 256: 4 heads of 64
 MINIMAX_INT8 = dict(hidden=512, heads=4, head_dim=64, ffn=512, time_dim=256)
+# a MiniMax H3 graph with guides at given frames (MiniMaxH3AddGuide: seconds x 24, the template's at 1.5, 3 and 5 s)
+# keeps its 5-second length (17k + 5 frames, as its own length expression makes them)
+MINIMAX_GUIDED_LENGTH = 124
 
 
 class Unconvertible(Exception):
@@ -467,10 +470,12 @@ def _smaller(g: dict):
 def _min_length(g: dict) -> int:
     """LENGTH, or more frames where the graph needs them: NormalizeVideoLatentStart (Kandinsky 5 I2V) takes the mean
     of the latent frames after its start frames, NaN when there are none (4 frames a latent frame); the LTX nodes take
-    8k + 1 frames, at least 9."""
+    8k + 1 frames, at least 9; MiniMaxH3AddGuide's frames are the template's (seconds x 24)."""
     starts = [n["inputs"]["start_frame_count"] for n in g.values() if n["class_type"] == "NormalizeVideoLatentStart"]
     ltx = any(n["class_type"].startswith(("LTXV", "EmptyLTXV")) for n in g.values())  # LTX nodes take 8k + 1, >= 9
-    return max([LENGTH] + [4 * int(k) + 5 for k in starts if isinstance(k, int)] + ([9] if ltx else []))
+    guides = any(n["class_type"] == "MiniMaxH3AddGuide" for n in g.values())
+    return max([LENGTH] + [4 * int(k) + 5 for k in starts if isinstance(k, int)] + ([9] if ltx else []) +
+               ([MINIMAX_GUIDED_LENGTH] if guides else []))
 
 
 def _stand_ins(g: dict):
