@@ -204,10 +204,11 @@ LTX_MINIMAX_EXPECTED = {
                               "api_minimax_h3_flf2v", "api_minimax_h3_t2v", "api_minimax_h3_max_turbo_t2v")},
 }
 EXPECTED.update(LTX_MINIMAX_EXPECTED)
-# CI's 45-minute budget takes one text-to-video and one image / audio variant per family of these; every one runs
-# with PDIT_ALL_TEMPLATES=1 (docs/templates.md has each one's figure or refusal)
+# CI's 45-minute budget takes one text-to-video and one image / audio variant per family of these and a refusal of
+# each family (a guide mask on LTX-2, an attention override on MiniMax H3); every one runs with PDIT_ALL_TEMPLATES=1 (docs/templates.md has each one's figure or refusal)
 LTX_MINIMAX_IN_CI = ("ltxv_text_to_video", "ltxv_image_to_video", "video_ltx2_t2v", "video_ltx2_3_ia2v",
-                     "video_minimax_h3_t2v", "video_minimax_h3_i2v")
+                     "video_minimax_h3_t2v", "video_minimax_h3_i2v",
+                     "video_ltx2_3_flf2v", "image_minimax_h3_t2i")
 ALL_TEMPLATES = os.environ.get("PDIT_ALL_TEMPLATES") == "1"
 HOST_EXPECTED = {
     "0.3.75": {
