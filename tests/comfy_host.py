@@ -286,7 +286,10 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         for section in ("required", "optional"):
             for name, spec in info.get(section, {}).items():
                 kind = spec[0]
-                is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                # a multi-type input ("FLOAT,INT") is drawn as the widget its widgetType names
+                is_widget = (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+                             or "widgetType" in opts)
                 if name in linked:
                     l = linked[name]
                     inputs[name] = [str(l[1]), l[2]]
@@ -295,7 +298,6 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                     continue
                 if is_widget and widgets:
                     inputs[name] = widgets.pop(0)
-                    opts = spec[1] if len(spec) > 1 else {}
                     if opts.get("control_after_generate"):
                         widgets.pop(0)
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}

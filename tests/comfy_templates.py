@@ -33,6 +33,13 @@ DIT = dict(dim=256, ffn_dim=512, num_layers=2)
 DIT_MULTITALK = dict(dim=640, ffn_dim=1280, num_layers=2)
 MULTITALK_DIR = "multitalk"
 WIDTH, HEIGHT, LENGTH, MAX_STEPS = 96, 64, 5, 4
+MINIMAX_TEXT = 96  # the tiny MiniMax H3's text width (MINIMAX_PRESETS["tiny"]["text_dim"])
+# an int8_convrot MiniMax H3: ConvRot rotates each linear's input in groups of 256, so every block linear's input
+# width (hidden, heads x head_dim, ffn, the time embedding) is a multiple of 256: 4 heads of 64
+MINIMAX_INT8 = dict(hidden=512, heads=4, head_dim=64, ffn=512, time_dim=256)
+# a MiniMax H3 graph with guides at given frames (MiniMaxH3AddGuide: seconds x 24, the template's at 1.5, 3 and 5 s)
+# keeps its 5-second length (17k + 5 frames, as its own length expression makes them)
+MINIMAX_GUIDED_LENGTH = 124
 
 
 class Unconvertible(Exception):
@@ -75,6 +82,23 @@ def kandinsky5_templates() -> list[str]:
     return wan_cosmos_templates(("kandinsky",))
 
 
+def ltx_templates() -> list[str]:
+    """LTX-Video (0.9.x) and LTX-2 (2, 2.3, 2.5) templates: name or models mention LTX."""
+    return wan_cosmos_templates(("ltx",))
+
+
+def minimax_h3_templates() -> list[str]:
+    """Names of the index's templates whose models list MiniMax H3 (not MiniMax Music), in index order."""
+    with open(os.path.join(templates_dir(), "index.json")) as f:
+        index = json.load(f)
+    out = []
+    for category in index:
+        for t in category["templates"]:
+            if "minimax h3" in " ".join(t.get("models", [])).lower() and t["name"] not in out:
+                out.append(t["name"])
+    return out
+
+
 def node_types(ui: dict) -> list[str]:
     """Node types of the graph and of its subgraph definitions (virtual nodes left out)."""
     nodes = list(ui.get("nodes", []))
@@ -114,9 +138,11 @@ def _opts(spec) -> dict:
 
 
 def _is_widget(spec) -> bool:
+    """A widget: a combo or a widget type, or a multi-type input drawn as the widget it names ("FLOAT,INT" with
+    widgetType FLOAT: LTXVEmptyLatentAudio's frame_rate)."""
     kind = spec[0]
-    return (isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO) and not _opts(spec).get(
-        "forceInput")
+    return (isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO or "widgetType" in _opts(spec)) \
+        and not _opts(spec).get("forceInput")
 
 
 def _has_control(name: str, spec) -> bool:
@@ -397,7 +423,7 @@ def _fewer_steps(g: dict):
     value is held (the sampler's widget or the primitive feeding it, shared primitives once)."""
     wanted = {}  # location -> the values the samplers using it want there
     for nid, node in g.items():
-        if node["class_type"] not in ("KSampler", "KSamplerAdvanced", "BasicScheduler"):
+        if node["class_type"] not in ("KSampler", "KSamplerAdvanced", "BasicScheduler", "LTXVScheduler"):
             continue
         where = {k: _locate(g, nid, k) for k in ("steps", "start_at_step", "end_at_step") if k in node["inputs"]}
         if None in where.values():
@@ -425,7 +451,8 @@ def _smaller(g: dict):
     (the widget, or the primitive / switch branch feeding it); a value computed by a node that is not made
     smaller itself (a math expression of the template's duration) is replaced by the constant."""
     length = _min_length(g)
-    sizes = {"width": WIDTH, "height": HEIGHT, "length": length, "video_frames": length, "motion_frame_count": length}
+    sizes = {"width": WIDTH, "height": HEIGHT, "length": length, "video_frames": length, "motion_frame_count": length,
+             "frames_number": length}
     for nid, node in list(g.items()):
         if node["class_type"] == "SaveLatent" or node["class_type"].startswith("PditTest"):
             continue  # (the test conditioning's width is the embedding's)
@@ -442,9 +469,13 @@ def _smaller(g: dict):
 
 def _min_length(g: dict) -> int:
     """LENGTH, or more frames where the graph needs them: NormalizeVideoLatentStart (Kandinsky 5 I2V) takes the mean
-    of the latent frames after its start frames, NaN when there are none (4 frames a latent frame)."""
+    of the latent frames after its start frames, NaN when there are none (4 frames a latent frame); the LTX nodes take
+    8k + 1 frames, at least 9; MiniMaxH3AddGuide's frames are the template's (seconds x 24)."""
     starts = [n["inputs"]["start_frame_count"] for n in g.values() if n["class_type"] == "NormalizeVideoLatentStart"]
-    return max([LENGTH] + [4 * int(k) + 5 for k in starts if isinstance(k, int)])
+    ltx = any(n["class_type"].startswith(("LTXV", "EmptyLTXV")) for n in g.values())  # LTX nodes take 8k + 1, >= 9
+    guides = any(n["class_type"] == "MiniMaxH3AddGuide" for n in g.values())
+    return max([LENGTH] + [4 * int(k) + 5 for k in starts if isinstance(k, int)] + ([9] if ltx else []) +
+               ([MINIMAX_GUIDED_LENGTH] if guides else []))
 
 
 def _stand_ins(g: dict):
@@ -469,6 +500,17 @@ def _stand_ins(g: dict):
             g[nid] = {"class_type": "PditTestAudioEncoding", "inputs": {
                 "audio": inp["audio"], "kind": "wav2vec2_base" if "base" in name else "wav2vec2_large",
                 "seed": 300 + _id_number(nid)}}
+        elif ct == "CheckpointLoaderSimple" and "ltx" in inp["ckpt_name"].lower():
+            _ltx_checkpoint(g, nid)
+        elif ct == "LTXVAudioVAELoader" or (ct == "VAELoader" and "ltx" in inp["vae_name"]
+                                             and "audio" in inp["vae_name"]):  # (LTX-2.5's audio VAE file)
+            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 8, "kind": "ltx2-audio"}}
+        elif ct == "VAELoader" and "ltx" in inp["vae_name"]:  # LTX-2.5's video VAE file
+            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "ltxv"}}
+        elif ct == "CLIPLoader" and inp.get("type") == "minimax":  # MiniMaxH3ImageToVideo encodes with the CLIP
+            g[nid] = {"class_type": "PditTestTextEncoder", "inputs": {"width": MINIMAX_TEXT}}
+        elif ct == "VAELoader" and "minimax_h3" in inp["vae_name"] and "video" in inp["vae_name"]:
+            g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "minimax_h3"}}
         elif ct == "SAM3_Detect":
             g[nid] = {"class_type": "PditTestSAM3Detect", "inputs": {"image": inp["image"]}}
         elif ct == "SAM3_VideoTrack":
@@ -483,6 +525,19 @@ def _stand_ins(g: dict):
                 "model": inp["model"], "lora_name": inp["lora_name"], "strength_model": inp["strength_model"]}}
 
 
+def _ltx_checkpoint(g: dict, nid: str):
+    """An LTX all-in-one checkpoint in both runs: its DiT through UNETLoader (the loader the parallel run swaps; both
+    read the file's model.diffusion_model.* tensors), its VAE output as the test VAE of LTX's latent shape (ComfyUI's
+    LTX VAE at full size only); its CLIP output fed only the replaced text encoders."""
+    vae = f"{nid}:9999"
+    g[vae] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "ltxv"}}
+    for k, name in _consumers(g, nid):
+        if g[k]["inputs"][name][1] == 2:
+            g[k]["inputs"][name] = [vae, 0]
+    g[nid] = {"class_type": "UNETLoader", "inputs": {"unet_name": g[nid]["inputs"]["ckpt_name"],
+                                                     "weight_dtype": "default"}}
+
+
 def _pooled(g: dict, clip_link) -> dict:
     """HunyuanVideo 1.0's text encoders give a pooled CLIP-L vector (768) besides the tokens; the others none."""
     loader = g.get(clip_link[0], {})
@@ -490,25 +545,39 @@ def _pooled(g: dict, clip_link) -> dict:
 
 
 def _text_shape(g: dict, clip_node: str) -> dict:
-    """The test conditioning's widths for the text encoder feeding a CLIPTextEncode: umt5's 4096, or Kandinsky 5's
-    Qwen2.5-VL hidden states (3584) with CLIP-L's pooled vector (768)."""
+    """The test conditioning's widths for the text encoder feeding a CLIPTextEncode: umt5's 4096, Kandinsky 5's
+    Qwen2.5-VL hidden states (3584) with CLIP-L's pooled vector (768), LTX-Video's T5 with its mask, LTX-2's raw
+    Gemma text at the tiny file's width."""
     loaders = _upstream(g, clip_node, "DualCLIPLoader")
     if loaders and str(g[loaders[0]]["inputs"].get("type", "")).startswith("kandinsky5"):
         return {"width": 3584, "pooled_width": 768}
+    loader = g.get(clip_node, {})
+    gemma = "gemma" in str(loader.get("inputs", {}).get("clip_name", ""))  # LTX-2.5's CLIPLoader (type ltxv too)
+    if loader.get("inputs", {}).get("type") == "ltxv" and not gemma:  # LTX-Video's T5 gives a mask (3 pad tokens)
+        return {"width": 4096, "masked_tail": 3}
+    if loader.get("class_type") == "PditTestTextEncoder" or loader.get("inputs", {}).get("type") == "minimax":
+        return {"width": MINIMAX_TEXT}
+    if loader.get("class_type") == "LTXAVTextEncoderLoader" or gemma:  # Gemma's raw text, the tiny file's width
+        from parallel_backend.testing.synthetic import LTXAV_PRESETS
+        return {"width": LTXAV_PRESETS["tiny"]["caption_channels"]}
     return {"width": 4096}
 
 
 def _latent_outputs(g: dict, prefix: str) -> dict:
-    """The outputs replaced by one SaveLatent per decoded latent; the nodes no output needs dropped."""
+    """The outputs replaced by one SaveLatent per decoded latent (video and audio); the nodes no output needs
+    dropped."""
     decoded = {}
     for nid, node in list(g.items()):
-        if node["class_type"] in ("VAEDecode", "VAEDecodeTiled"):
+        if node["class_type"] in ("VAEDecode", "VAEDecodeTiled", "LTXVAudioVAEDecode", "VAEDecodeAudio"):
             decoded.setdefault(tuple(node["inputs"]["samples"]), nid)
     for nid, node in list(g.items()):
         if node["class_type"].startswith(("Save", "Preview", "CreateVideo")):
             del g[nid]
-    for i, (samples, _) in enumerate(sorted(decoded.items(), key=lambda kv: _id_number(kv[1]))):
-        g[f"save{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": list(samples),
+    saved = []
+    for samples, _ in sorted(decoded.items(), key=lambda kv: _id_number(kv[1])):
+        saved += _av_split(g, samples)
+    for i, samples in enumerate(saved):
+        g[f"save{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": samples,
                                                                 "filename_prefix": f"{prefix}_{i}"}}
     keep, todo = set(), [k for k in g if k.startswith("save")]
     while todo:
@@ -520,6 +589,20 @@ def _latent_outputs(g: dict, prefix: str) -> dict:
     if missing:
         raise Unconvertible(f"nodes {missing} are needed but were dropped (text / vision encoders feed another node)")
     return {k: v for k, v in g.items() if k in keep}
+
+
+SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
+
+
+def _av_split(g: dict, samples: tuple) -> list:
+    """The latents to save for a decoded one: MiniMax H3's sampled [video, audio] nested latent (which its decoders
+    unbind, and SaveLatent cannot store) split by ComfyUI's LTXVSeparateAVLatent into both; any other as it is."""
+    minimax = any(n["class_type"].startswith(("MiniMaxH3", "EmptyMiniMaxH3")) for n in g.values())
+    if not (minimax and g[samples[0]]["class_type"] in SAMPLERS):
+        return [list(samples)]
+    split = f"{samples[0]}:9998"
+    g[split] = {"class_type": "LTXVSeparateAVLatent", "inputs": {"av_latent": list(samples)}}
+    return [[split, 0], [split, 1]]
 
 
 def tiny_variant(api: dict, prefix: str) -> dict:
@@ -537,8 +620,11 @@ def tiny_variant(api: dict, prefix: str) -> dict:
       WanDancer's audio features, InfiniteTalk's motion frames, and the primitives feeding them), steps to at most
       4 (samplers and BasicScheduler; a KSamplerAdvanced split scaled with them);
     - beside an InfiniteTalk patch the DiT and its LoRAs are DIT_MULTITALK wide, under MULTITALK_DIR/;
+    - LTX and MiniMax H3: an LTX checkpoint's DiT through UNETLoader, test VAEs of their latent shapes, a test
+      text-encoder object where a node encodes with the CLIP itself, LTX graphs at 9 frames (docs/templates.md);
     - everything after the sampler (VAE decode, video / image saves and previews) replaced by SaveLatent of the
-      decoded latent, so the sampled latents are compared, and nodes no output needs dropped.
+      decoded latent (video and audio; MiniMax H3's [video, audio] latent split first), so the sampled latents are
+      compared, and nodes no output needs dropped.
     Seeds, cfg, samplers, schedulers, shifts, LoRA strengths and every other node stay as the template has them."""
     g = copy.deepcopy(api)
     _stand_ins(g)
@@ -678,9 +764,16 @@ def write_hunyuan_dit(path: str, name: str, seed: int) -> str:
 def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
     import torch
 
-    from parallel_backend.testing.synthetic import write_checkpoint, write_fp8_variant, write_tiny_kandinsky5
+    from parallel_backend.testing.synthetic import (write_checkpoint, write_fp8_variant, write_tiny_kandinsky5,
+                                                    write_tiny_ltxav, write_tiny_ltxv)
     if "hunyuan" in name.lower():
         return write_hunyuan_dit(path, name, seed)
+    if "ltx-2" in name.lower():  # LTX-2 (audio + video): its metadata config gives the tiny widths
+        return write_tiny_ltxav(path, seed=seed)
+    if "minimax_h3" in name.lower():
+        return write_minimax_dit(path, name, seed)
+    if "ltx-video" in name.lower() or "ltxv" in name.lower():
+        return write_tiny_ltxv(path, seed=seed)
     if "kandinsky5" in name.lower():  # 6 heads of 64; the image model is 2560 wide (ComfyUI detects it by width)
         image = dict(model_dim=2560, visual_embed_dim=64, visual_blocks=1) if "t2i" in name.lower() else {}
         return write_tiny_kandinsky5(path, seed=seed, **image)
@@ -697,6 +790,18 @@ def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
         return path
     return write_checkpoint(path, shapes, dtype={"fp32": torch.float32, "fp16": torch.float16,
                                                  "bf16": torch.bfloat16}[dtype], seed=seed, metadata=metadata)
+
+
+def write_minimax_dit(path: str, name: str, seed: int) -> str:
+    """A tiny MiniMax H3 (MINIMAX_PRESETS' tiny: 6 heads of 64, 2 blocks); for the int8_convrot release names an int8
+    file (ComfyUI's mixed-precision layout on its block linears) at MINIMAX_INT8's widths."""
+    from parallel_backend.testing.synthetic import write_tiny_minimax
+    if "int8" not in name.lower():
+        return write_tiny_minimax(path, seed=seed)
+    write_tiny_minimax(path + ".fp32", seed=seed, **MINIMAX_INT8)
+    write_int8_variant(path + ".fp32", path)
+    os.remove(path + ".fp32")
+    return path
 
 
 def write_int8_variant(src: str, dst: str, convrot: bool = True) -> str:
@@ -741,6 +846,51 @@ def write_multitalk_patch(path: str, dim: int, seed: int = 5) -> str:
     g = torch.Generator().manual_seed(seed)
     return write_safetensors_stream(path, [(k, s, torch.float16, lambda k=k, s=s: random_tensor(k, s, g).half())
                                            for k, s in host_state_shapes(patch).items()])
+
+
+# a tiny LTX latent upscaler (ComfyUI's LatentUpsampler, read from the file's metadata config): x2 spatial
+LTX_UPSAMPLER = dict(in_channels=128, mid_channels=32, num_blocks_per_stage=1, dims=3, spatial_upsample=True,
+                     temporal_upsample=False, spatial_scale=2.0, rational_resampler=False)
+
+
+def write_ltx_latent_upsampler(path: str, seed: int = 13) -> str:
+    """A random LTX latent upscale model of ComfyUI's class (comfy.ldm.lightricks.latent_upsampler.LatentUpsampler)
+    with its config in the metadata, as LatentUpscaleModelLoader reads it."""
+    import torch
+    from comfy.ldm.lightricks.latent_upsampler import LatentUpsampler
+
+    import comfy.ops
+    from parallel_backend.testing.synthetic import random_tensor, write_safetensors_stream
+    with torch.device("meta"):
+        model = LatentUpsampler.from_config(LTX_UPSAMPLER, operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(seed)
+    return write_safetensors_stream(path, [(k, s, torch.float32, lambda k=k, s=s: random_tensor(k, s, g))
+                                           for k, s in host_state_shapes(model).items()],
+                                    metadata={"config": json.dumps(LTX_UPSAMPLER)})
+
+
+def write_block_lora(path: str, model_path: str, fmt: str = "comfy", seed: int = 0, rank: int = 4) -> str:
+    """A random rank-4 LoRA in ComfyUI's names (`diffusion_model.<module>.lora_up / lora_down / alpha`) on every
+    linear of a DiT file's blocks (LTX's `transformer_blocks.N`, video and audio; MiniMax H3's `blocks.N`)."""
+    import torch
+
+    from parallel_backend.testing.synthetic import write_safetensors_stream
+    from parallel_backend.weights.reads import read_header
+    assert fmt == "comfy", fmt
+    header = read_header(model_path)
+    g = torch.Generator().manual_seed(seed)
+    entries = []
+    for key, info in sorted(header.items()):
+        module = key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+        shape = tuple(info[0]) if isinstance(info, (list, tuple)) else tuple(info)
+        if not (module.startswith(("transformer_blocks.", "blocks.")) and key.endswith(".weight") and len(shape) == 2):
+            continue
+        rows, cols = shape
+        up, down = torch.randn(rows, rank, generator=g) * 0.05, torch.randn(rank, cols, generator=g) / cols ** 0.5
+        entries += [(f"diffusion_model.{module}.lora_up.weight", (rows, rank), torch.float32, lambda t=up: t),
+                    (f"diffusion_model.{module}.lora_down.weight", (rank, cols), torch.float32, lambda t=down: t),
+                    (f"diffusion_model.{module}.alpha", (), torch.float32, lambda: torch.tensor(float(rank)))]
+    return write_safetensors_stream(path, entries)
 
 
 def write_wan21_vae(path: str, seed: int = 11, dim: int = 16) -> str:
@@ -827,6 +977,11 @@ def write_inputs(g: dict, base: str) -> dict:
             if not os.path.exists(p):
                 write_multitalk_patch(p, DIT_MULTITALK["dim"])
             made.setdefault("model_patches", []).append(inp["name"])
+        elif ct == "LatentUpscaleModelLoader":
+            p = path_of("latent_upscale_models", inp["model_name"])
+            if not os.path.exists(p):
+                write_ltx_latent_upsampler(p)
+            made.setdefault("latent_upscale_models", []).append(inp["model_name"])
         elif ct == "VAELoader":
             p = path_of("vae", inp["vae_name"])
             if not os.path.exists(p):
@@ -855,7 +1010,9 @@ def write_inputs(g: dict, base: str) -> dict:
                 raise Unconvertible(f"LoRA {name}: {len(unets)} diffusion models upstream")
             p = path_of("loras", name)
             if not os.path.exists(p):
-                write_wan_lora(p, path_of("diffusion_models", g[unets[0]]["inputs"]["unet_name"]), fmt="comfy",
-                               seed=sum(map(ord, name)) % 1000)
+                dit = path_of("diffusion_models", g[unets[0]]["inputs"]["unet_name"])
+                unet = g[unets[0]]["inputs"]["unet_name"].lower()
+                writer = write_block_lora if "ltx" in unet or "minimax" in unet else write_wan_lora
+                writer(p, dit, fmt="comfy", seed=sum(map(ord, name)) % 1000)
             made["loras"].append(name)
     return made

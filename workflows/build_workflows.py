@@ -46,10 +46,28 @@ OUTPUTS = {
     "HunyuanVideo15ImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
     "Kandinsky5ImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
                                ("cond_latent", "LATENT")],
+    "LTXAVTextEncoderLoader": [("CLIP", "CLIP")],
+    "LTXVAudioVAELoader": [("Audio VAE", "VAE")],
+    "LTXVEmptyLatentAudio": [("Latent", "LATENT")],
+    "LTXVConcatAVLatent": [("latent", "LATENT")],
+    "RandomNoise": [("NOISE", "NOISE")],
+    "KSamplerSelect": [("SAMPLER", "SAMPLER")],
+    "LTXVScheduler": [("SIGMAS", "SIGMAS")],
+    "CFGGuider": [("GUIDER", "GUIDER")],
+    "SamplerCustomAdvanced": [("output", "LATENT"), ("denoised_output", "LATENT")],
+    "LTXVSeparateAVLatent": [("video_latent", "LATENT"), ("audio_latent", "LATENT")],
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "VAEDecodeTiled": [("IMAGE", "IMAGE")],
+    "LTXVAudioVAEDecode": [("Audio", "AUDIO")],
+    "SaveAudio": [],
+    "MiniMaxH3ImageToVideo": [("positive", "CONDITIONING"), ("LATENT", "LATENT")],
+    "BasicScheduler": [("SIGMAS", "SIGMAS")],
+    "BasicGuider": [("GUIDER", "GUIDER")],
+    "VAEDecodeAudio": [("AUDIO", "AUDIO")],
 }
 # widgets followed by an extra UI-only value ("control_after_generate")
 SEED_WIDGETS = {("ParallelSampler", "seed"), ("KSampler", "seed"), ("KSamplerAdvanced", "noise_seed"),
-                ("PditTestConditioning", "seed")}
+                ("PditTestConditioning", "seed"), ("RandomNoise", "noise_seed")}
 # widgets followed by an extra UI-only value the frontend keeps after them
 # widgets fed by a link (a widget converted to an input): the frontend keeps the widget's value in widgets_values
 # and marks the input with "widget"; value = what the widget holds
@@ -323,6 +341,88 @@ KANDINSKY5_T2V = {
     ],
 }
 
+# LTX-2 19B text-to-video with audio (ComfyUI 0.33+): the first pass of ComfyUI's own template (video_ltx2_t2v: Gemma 3
+# text through LTXAVTextEncoderLoader, LTXVConditioning's frame rate, the empty video and audio latents joined,
+# LTXVScheduler, CFGGuider at cfg 4 and euler_ancestral in SamplerCustomAdvanced, the pair split and each decoded) with
+# only the checkpoint's MODEL taken from the pack's two nodes. The release is one all-in-one file: put it (or a link
+# to it) in models/diffusion_models too, where Parallel Model Loader reads its model.diffusion_model.* tensors;
+# CheckpointLoaderSimple stays for the video VAE (ComfyUI's VAELoader does not read a checkpoint's vae.* tensors)
+# and its MODEL output is left unconnected. The template's x2 latent-upscale pass is not in this graph (it runs on
+# the same MODEL: LTXVLatentUpsampler, then a 3-step CFGGuider pass with the distilled LoRA). An animated WEBP and the
+# audio as a FLAC file instead of the template's CreateVideo + SaveVideo.
+LTX2_CKPT = "ltx-2-19b-dev-fp8.safetensors"
+LTX2_T2V = {
+    "title": "LTX-2 19B text-to-video with audio on a parallel worker group",
+    "nodes": [
+        (1, "LTXAVTextEncoderLoader", {"text_encoder": "gemma_3_12B_it_fp4_mixed.safetensors", "ckpt_name": LTX2_CKPT,
+                                       "device": "default"}),
+        (2, "CLIPTextEncode", {"text": "A close-up of a cheerful girl puppet with curly auburn yarn hair and wide "
+                                       "button eyes, holding a small red umbrella above her head. Rain falls gently "
+                                       "around her. She looks upward and begins to sing with joy in English: \"It's "
+                                       "raining, it's raining, I love it when its raining.\" The camera holds steady "
+                                       "as the rain sparkles against the soft lighting.", "clip": link(1)}),
+        (3, "CLIPTextEncode", {"text": "blurry, low quality, still frame, frames, watermark, overlay, titles, has "
+                                       "blurbox, has subtitles", "clip": link(1)}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader(LTX2_CKPT)),
+        (6, "LTXVConditioning", {"positive": link(2), "negative": link(3), "frame_rate": 24.0}),
+        (7, "EmptyLTXVLatentVideo", {"width": 640, "height": 352, "length": 121, "batch_size": 1}),
+        (8, "LTXVAudioVAELoader", {"ckpt_name": LTX2_CKPT}),
+        (9, "LTXVEmptyLatentAudio", {"frames_number": 121, "frame_rate": 24.0, "batch_size": 1,
+                                     "audio_vae": link(8)}),
+        (10, "LTXVConcatAVLatent", {"video_latent": link(7), "audio_latent": link(9)}),
+        (11, "RandomNoise", {"noise_seed": 10}),
+        (12, "KSamplerSelect", {"sampler_name": "euler_ancestral"}),
+        (13, "LTXVScheduler", {"steps": 20, "max_shift": 2.05, "base_shift": 0.95, "stretch": True, "terminal": 0.1,
+                               "latent": link(10)}),
+        (14, "CFGGuider", {"model": link(5), "positive": link(6, 0), "negative": link(6, 1), "cfg": 4.0}),
+        (15, "SamplerCustomAdvanced", {"noise": link(11), "guider": link(14), "sampler": link(12), "sigmas": link(13),
+                                       "latent_image": link(10)}),
+        (16, "LTXVSeparateAVLatent", {"av_latent": link(15)}),
+        (17, "CheckpointLoaderSimple", {"ckpt_name": LTX2_CKPT}),
+        (18, "VAEDecodeTiled", {"samples": link(16, 0), "vae": link(17, 2), "tile_size": 512, "overlap": 64,
+                                "temporal_size": 4096, "temporal_overlap": 8}),
+        (19, "SaveAnimatedWEBP", {"images": link(18), "filename_prefix": "parallel_dit/ltx2_t2v", "fps": 24.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+        (20, "LTXVAudioVAEDecode", {"samples": link(16, 1), "audio_vae": link(8)}),
+        (21, "SaveAudio", {"audio": link(20), "filename_prefix": "parallel_dit/ltx2_t2v"}),
+    ],
+}
+
+# MiniMax H3 text-to-video with audio (ComfyUI 0.33+): ComfyUI's own template (video_minimax_h3_t2v: Qwen3-VL through
+# CLIPLoader `minimax`, MiniMaxH3ImageToVideo's prompt and [video, audio] latent, 20 res_multistep steps with
+# BasicScheduler and BasicGuider, each stream decoded by its VAE) with only Load Diffusion Model swapped for the
+# pack's two nodes; its 8-step turbo LoRA path (off in the template) left out, the template's ResolutionSelector
+# (16:9, 0.4 MP) and 5-second length as their values; an animated WEBP and the audio as a FLAC file instead of
+# CreateVideo + SaveVideo. Give MiniMaxH3ImageToVideo a first_frame (and last_frame) for image-to-video.
+MINIMAX_H3_T2V = {
+    "title": "MiniMax H3 text-to-video with audio on a parallel worker group",
+    "nodes": [
+        (1, "CLIPLoader", {"clip_name": "qwen3vl_32b_minimax_h3_nvfp4_awq.safetensors", "type": "minimax",
+                           "device": "default"}),
+        (2, "VAELoader", {"vae_name": "minimax_h3_video_vae_int8_convrot.safetensors"}),
+        (3, "VAELoader", {"vae_name": "minimax_h3_audio_vae_fp32.safetensors"}),
+        (4, "ParallelConfig", parallel_config()),
+        (5, "ParallelModelLoader", parallel_loader("minimax_h3_fl2va_pruned_int8_convrot.safetensors")),
+        (6, "MiniMaxH3ImageToVideo", {"clip": link(1), "vae": link(2), "prompt": "Realistic live-action cinematic "
+                                      "look: at dusk on a cluster of skyscrapers, the protagonist sprints and leaps "
+                                      "across rooftops with pursuers closing in behind, anamorphic lens, film grain, "
+                                      "city volumetric fog. Audio: wind, rapid footsteps, a low score, an accent hit "
+                                      "on each leap.", "width": 832, "height": 480, "length": 124}),
+        (7, "RandomNoise", {"noise_seed": 42}),
+        (8, "KSamplerSelect", {"sampler_name": "res_multistep"}),
+        (9, "BasicScheduler", {"model": link(5), "scheduler": "simple", "steps": 20, "denoise": 1.0}),
+        (10, "BasicGuider", {"model": link(5), "conditioning": link(6, 0)}),
+        (11, "SamplerCustomAdvanced", {"noise": link(7), "guider": link(10), "sampler": link(8), "sigmas": link(9),
+                                       "latent_image": link(6, 1)}),
+        (12, "VAEDecode", {"samples": link(11), "vae": link(2)}),
+        (13, "SaveAnimatedWEBP", {"images": link(12), "filename_prefix": "parallel_dit/minimax_h3_t2v", "fps": 24.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+        (14, "VAEDecodeAudio", {"samples": link(11), "vae": link(3)}),
+        (15, "SaveAudio", {"audio": link(14), "filename_prefix": "parallel_dit/minimax_h3_t2v"}),
+    ],
+}
+
 # Wan 2.1 image-to-video (480p / 720p I2V files): ComfyUI's native I2V graph, CLIP vision of the start image
 # and WanImageToVideo's conditioning, with the pack's three nodes in place of Load Diffusion Model and KSampler.
 # For first-last-frame, load an FLF2V file and use WanFirstLastFrameToVideo instead of WanImageToVideo.
@@ -430,7 +530,8 @@ WORKFLOWS = {"wan21_t2v_parallel": WAN21_T2V, "wan21_t2v_two_nodes_parallel": WA
              "wan21_vace_parallel": WAN21_VACE, "cosmos1_t2w_parallel": COSMOS1_T2W,
              "ltxv_t2v_parallel": LTXV_T2V,
              "hunyuan_video15_t2v_parallel": HUNYUAN15_T2V, "hunyuan_video15_i2v_parallel": HUNYUAN15_I2V,
-             "kandinsky5_t2v_parallel": KANDINSKY5_T2V}
+             "kandinsky5_t2v_parallel": KANDINSKY5_T2V,
+             "ltx2_t2v_parallel": LTX2_T2V, "minimax_h3_t2v_parallel": MINIMAX_H3_T2V}
 
 
 def spec_from_api(api: dict, title: str) -> dict:

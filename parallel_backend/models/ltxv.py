@@ -99,8 +99,20 @@ def conds_of(class_name: str) -> tuple:
 
 
 def proxy_attributes(class_name: str) -> dict:
-    """What the host's BaseModel reads off its diffusion model in the ComfyUI process (LTX-2: models/ltxav.py)."""
-    return av_proxy_attributes() if variant_of(class_name).get("av") else {}
+    """What the host's BaseModel reads off its diffusion model in the ComfyUI process: the patchifier (process_timestep
+    with a denoise mask: LTXVImgToVideo's start frame, guides), LTX-2's audio one too (models/ltxav.py)."""
+    return av_proxy_attributes() if variant_of(class_name).get("av") else {"patchifier": _host_patchifier()}
+
+
+def _host_patchifier():
+    """The host's video patchifier as its LTXVModel builds it (0.33: start_end=True; 0.3.75's class has no such
+    option)."""
+    import inspect
+
+    from comfy.ldm.lightricks.symmetric_patchifier import SymmetricPatchifier
+    if "start_end" in inspect.signature(SymmetricPatchifier.__init__).parameters:
+        return SymmetricPatchifier(1, start_end=True)
+    return SymmetricPatchifier(1)
 
 
 def host_forward(host_class, proxy, args, kwargs):

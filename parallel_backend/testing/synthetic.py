@@ -740,7 +740,7 @@ def _is_linear_weight(key: str, shape) -> bool:
 
 
 def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.float8_e4m3fn,
-                      fp8_biases: bool = False) -> str:
+                      fp8_biases: bool = False, keep_metadata: bool = False) -> str:
     """An fp8 copy of checkpoint `src`, tensor by tensor.
 
     scaled=True: ComfyUI's "fp8_scaled" layout: every Linear weight (2-D `.weight`) becomes
@@ -752,6 +752,8 @@ def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.f
     their dtype.
     fp8_biases=True: the biases of the quantized linears are cast to fp8 too (unscaled), as in files
     ComfyUI saves from a scaled-fp8 model (its fp8 Linear holds the bias in fp8 as well).
+    keep_metadata=True: the source's safetensors metadata copied (LTX-2's config, which ComfyUI reads its widths
+    from).
     """
     from safetensors import safe_open
 
@@ -759,6 +761,7 @@ def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.f
         keys = list(f.keys())
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
         src_dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+        metadata = f.metadata() if keep_metadata else None
     names = {v: k for k, v in _ST_NAMES.items()}
     entries = []
 
@@ -791,7 +794,7 @@ def write_fp8_variant(src: str, dst: str, scaled: bool = True, fp8_dtype=torch.f
     if scaled:
         prefix = "model.diffusion_model." if all(k.startswith("model.diffusion_model.") for k in keys) else ""
         entries.append((prefix + "scaled_fp8", (0,), fp8_dtype, lambda: torch.empty(0, dtype=fp8_dtype)))
-    return write_safetensors_stream(dst, entries)
+    return write_safetensors_stream(dst, entries, metadata=metadata)
 
 
 def write_dequantized(src: str, dst: str, dtype=torch.float32, fp8_unet_keep: tuple | None = None) -> str:

@@ -1,4 +1,5 @@
-"""Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder, CLIP vision, the
+"""Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder (and a text encoder
+object for nodes that take the CLIP itself), CLIP vision, the
 Wan 2.2 VAE's encoder, the wav2vec2 audio encoders and SAM 3, which cannot be downloaded where the tests run, and
 ComfyUI's native Cosmos Predict2 and Cosmos 1.0 models for a tiny file (which ComfyUI's own loader cannot size)."""
 import math
@@ -43,23 +44,25 @@ class PditTestConditioning:
 class _FakeWan22VAE:
     """Encodes like the Wan 2.2 VAE in shape only (48 channels, 16x spatial, 4x temporal compression):
     deterministic noise plus the image's mean, so Wan22ImageToVideoLatent runs its real code around it.
-    channels=16, spatial=8: the Wan 2.1 VAE's shapes (Cosmos Predict2's CosmosPredict2ImageToVideoLatent)."""
+    channels=16, spatial=8: the Wan 2.1 VAE's shapes (Cosmos Predict2's CosmosPredict2ImageToVideoLatent); 128, 32,
+    temporal 8: LTX-Video's and LTX-2's."""
 
-    def __init__(self, seed, channels=48, spatial=16):
-        self.seed, self.channels, self.spatial = seed, channels, spatial
+    def __init__(self, seed, channels=48, spatial=16, temporal=4):
+        self.seed, self.channels, self.spatial, self.temporal = seed, channels, spatial, temporal
         self.latent_channels = channels  # what ComfyUI's Wan nodes read from a VAE besides encode()
+        self.downscale_index_formula = (temporal, spatial, spatial)  # what the LTX nodes read
 
     def spacial_compression_encode(self):
         return self.spatial
 
     def temporal_compression_encode(self):
-        return 4
+        return self.temporal
 
     def encode(self, pixels):
         frames, height, width = pixels.shape[0], pixels.shape[1], pixels.shape[2]
         g = torch.Generator().manual_seed(self.seed)
-        z = torch.randn(1, self.channels, (frames - 1) // 4 + 1, height // self.spatial, width // self.spatial,
-                        generator=g)
+        z = torch.randn(1, self.channels, (frames - 1) // self.temporal + 1, height // self.spatial,
+                        width // self.spatial, generator=g)
         return z + pixels.float().mean()
 
 
@@ -77,14 +80,41 @@ class _FakeLTX2AudioVAE:
     def num_of_latents_from_frames(frames_number, frame_rate):
         return max(1, math.ceil(frames_number / frame_rate * 6.25))
 
+    audio_sample_rate = 16000  # the test's WAV rate: no resampling (the encode below is shape only)
+
+    def encode(self, waveform):
+        """(batch, samples, channels) -> the latent's shape for that duration: deterministic noise plus the sound's
+        mean, as LTXVAudioVAEEncode / LTXVReferenceAudio use it."""
+        seconds = waveform.shape[1] / self.audio_sample_rate
+        g = torch.Generator().manual_seed(5)
+        latents = max(1, math.ceil(seconds * 6.25))
+        return torch.randn(waveform.shape[0], self.latent_channels, latents, self.latent_frequency_bins,
+                           generator=g) + waveform.float().mean()
+
+
+class _UnitLatentStatistics:
+    """An LTX VAE's per-channel latent statistics at mean 0, std 1 (LTXVLatentUpsampler un-normalizes the latent
+    with them before the upscale model and normalizes after)."""
+
+    def __init__(self):
+        self.per_channel_statistics = self
+
+    @staticmethod
+    def normalize(x):
+        return x
+
+    @staticmethod
+    def un_normalize(x):
+        return x
+
 
 class PditTestVAE:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                                               "tooltip": "seed of the fake latent"})},
-                "optional": {"kind": (["wan2.2", "wan2.1", "hunyuan_video_1.5", "ltx2-audio"],
-                                      {"default": "wan2.2", "tooltip": "whose latent shape"})}}
+                "optional": {"kind": (["wan2.2", "wan2.1", "hunyuan_video_1.5", "ltx2-audio", "ltxv",
+                                       "minimax_h3"], {"default": "wan2.2", "tooltip": "whose latent shape"})}}
 
     RETURN_TYPES = ("VAE",)
     FUNCTION = "make"
@@ -93,6 +123,12 @@ class PditTestVAE:
     def make(self, seed, kind="wan2.2"):
         if kind == "ltx2-audio":
             return (_FakeLTX2AudioVAE(),)
+        if kind == "minimax_h3":  # MiniMax H3's video VAE: 24 channels, 16x spatial, 4x temporal
+            return (_FakeWan22VAE(seed, channels=24, spatial=16),)
+        if kind == "ltxv":  # LTX-Video's and LTX-2's video VAE: 128 channels, 32x spatial, 8x temporal
+            vae = _FakeWan22VAE(seed, channels=128, spatial=32, temporal=8)
+            vae.first_stage_model = _UnitLatentStatistics()  # what LTXVLatentUpsampler reads
+            return (vae,)
         channels, spatial = {"wan2.2": (48, 16), "wan2.1": (16, 8), "hunyuan_video_1.5": (32, 16)}[kind]
         return (_FakeWan22VAE(seed, channels=channels, spatial=spatial),)
 
@@ -275,7 +311,37 @@ class PditTestSAM3Track:
         return ({"packed_masks": pack_masks(masks), "scores": [0.9] * objects, "n_frames": n, "orig_size": (h, w)},)
 
 
+class _FakeTextEncoder:
+    """A text encoder in shape only, for nodes that take the CLIP itself (MiniMaxH3ImageToVideo tokenizes the prompt
+    with its keyframe images and encodes): 12 tokens of `width` per prompt, seeded by the prompt's text."""
+
+    def __init__(self, width):
+        self.width = width
+
+    def tokenize(self, text, images=None, **_kwargs):
+        return {"seed": sum(map(ord, text)) % 2**31, "images": len(images or [])}
+
+    def encode_from_tokens_scheduled(self, tokens, **_kwargs):
+        g = torch.Generator().manual_seed(tokens["seed"])
+        return [[torch.randn(1, 12, self.width, generator=g), {"pooled_output": None}]]
+
+
+class PditTestTextEncoder:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"width": ("INT", {"default": 96, "min": 1, "max": 8192,
+                                               "tooltip": "the encoder's hidden width (the tiny MiniMax H3: 96)"})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, width):
+        return (_FakeTextEncoder(width),)
+
+
 NODE_CLASS_MAPPINGS = {"PditTestConditioning": PditTestConditioning, "PditTestVAE": PditTestVAE,
+                       "PditTestTextEncoder": PditTestTextEncoder,
                        "PditTestClipVision": PditTestClipVision,
                        "PditTestCosmosPredict2Loader": PditTestCosmosPredict2Loader,
                        "PditTestCosmos1Loader": PditTestCosmos1Loader, "PditTestAudioEncoding": PditTestAudioEncoding,

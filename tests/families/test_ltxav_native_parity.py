@@ -156,3 +156,87 @@ def test_odd_world_size_ring3_equals_comfyui_native(checkpoint, native_outputs):
     """3 ranks: 32 heads do not divide by 3, so both streams split by Ring; every token count is ragged on 3."""
     config = ParallelConfig(world_size=3, device="cpu", dtype="fp32", ring=3)
     assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoint), config.describe(), TOL)
+
+
+# ---- a LoRA (ComfyUI's key layout) and an fp8_scaled file on tp2: each layer's rows split after the merge / scale ----
+LORA_STRENGTH = 0.8
+# column- and row-split layers of both streams and of the audio <-> video cross-attentions
+LORA_MODULES = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.audio_attn1.to_k",
+                "transformer_blocks.1.audio_to_video_attn.to_v", "transformer_blocks.1.video_to_audio_attn.to_out.0",
+                "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.audio_ff.net.2")
+VARIANT_CASES = ("t2v_45v_7a_masked_text", "a2v_45v_7a")
+
+
+def _write_lora(path, model_path):
+    """A rank-4 LoRA in ComfyUI's names (`diffusion_model.<module>.lora_up / lora_down / alpha`)."""
+    from safetensors.torch import save_file
+
+    from parallel_backend.weights.reads import read_header
+
+    header, g, out = read_header(model_path), torch.Generator().manual_seed(9), {}
+    for m in LORA_MODULES:
+        rows, cols = header["model.diffusion_model." + m + ".weight"][0]
+        out[f"diffusion_model.{m}.lora_up.weight"] = torch.randn(rows, 4, generator=g) * 0.05
+        out[f"diffusion_model.{m}.lora_down.weight"] = torch.randn(4, cols, generator=g) / cols ** 0.5
+        out[f"diffusion_model.{m}.alpha"] = torch.tensor(2.0)
+    save_file(out, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def variants(checkpoint, tmp_path_factory):
+    from parallel_backend.testing.synthetic import write_fp8_variant
+
+    d = tmp_path_factory.mktemp("ltxav_variants")
+    return {"lora": _write_lora(str(d / "ltx2_lora.safetensors"), checkpoint),
+            "fp8_scaled": write_fp8_variant(checkpoint, str(d / "ltx2_fp8_scaled.safetensors"), keep_metadata=True)}
+
+
+def _native_variant(path, lora=None):
+    """ComfyUI's loader of the file (LoraLoader's merge for the LoRA) on the variant cases."""
+    comfy_host.import_comfy()
+    import comfy.sd
+    import comfy.utils
+
+    patcher = comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float32})
+    if lora:
+        patcher, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(lora), LORA_STRENGTH, 0)
+    out = {}
+    with torch.no_grad():
+        patcher.patch_model()
+        try:
+            for case in VARIANT_CASES:
+                vx, ax, t, ctx, kw = _inputs(case)
+                video, audio = patcher.model.diffusion_model([vx, ax], t, ctx, **kw)
+                out[("video", case)], out[("audio", case)] = video.float(), audio.float()
+        finally:
+            patcher.unpatch_model()
+    return out
+
+
+def _run_variants(mesh, checkpoint, variants):
+    from parallel_backend.weights.lora import lora_key
+
+    lora = ShardedModel(mesh, checkpoint, "fp32")
+    lora.set_loras(lora_key([(variants["lora"], LORA_STRENGTH)]))
+    fp8 = ShardedModel(mesh, variants["fp8_scaled"], "fp32")
+    return {"lora": _variant_rows(lora), "fp8_scaled": _variant_rows(fp8)}
+
+
+def _variant_rows(model):
+    return {k: v for k, v in _run(model).items() if k[1] in VARIANT_CASES}
+
+
+def test_lora_and_fp8_scaled_on_tp2_equal_comfyui_native(native_outputs, checkpoint, variants):
+    """A LoRA merged on the ranks (ComfyUI's own key map and patch code per layer, then the TP split) and an
+    fp8_scaled file (ComfyUI's scaled-fp8 layers) on tp2 equal ComfyUI's LoraLoader / its loader of the same files,
+    video and audio."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", tp=2)
+    per_rank = run_on_ranks(_run_variants, config, checkpoint, variants, timeout=600)
+    for kind in ("lora", "fp8_scaled"):
+        ref = _native_variant(checkpoint, variants["lora"]) if kind == "lora" else _native_variant(
+            variants["fp8_scaled"])
+        for stream in ("video", "audio"):  # the variant changes both streams' outputs
+            key = (stream, "t2v_45v_7a_masked_text")
+            assert (ref[key] - native_outputs[key]).abs().max() > 1e-3, (kind, stream)
+        assert_rows_match(ref, [r[kind] for r in per_rank], f"tp2 {kind}", TOL)

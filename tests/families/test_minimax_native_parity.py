@@ -123,3 +123,87 @@ def test_odd_world_size_equals_comfyui_native(native_outputs, checkpoint):
     per_rank = run_on_ranks(_run_meshes_3, config, checkpoint, timeout=600)
     for mesh in MESHES_3:
         assert_rows_match(native_outputs, [r[mesh] for r in per_rank], mesh, TOL)
+
+
+# ---- a LoRA (ComfyUI's key layout) and an fp8_scaled file on tp2: each layer's rows split after the merge / scale ----
+LORA_STRENGTH = 0.8
+# fused q/k/v (split by thirds) and SwiGLU fc1 (by halves), row-split out_proj / fc2, the text refiner's block too
+LORA_MODULES = ("blocks.0.attn.qkv_proj", "blocks.1.attn.out_proj", "blocks.0.mlp.fc1", "blocks.1.mlp.fc2",
+                "token_refiner.blocks.0.attn.qkv_proj")
+
+
+def _write_lora(path, model_path):
+    """A rank-4 LoRA in ComfyUI's names (`diffusion_model.<module>.lora_up / lora_down / alpha`)."""
+    from safetensors.torch import save_file
+
+    from parallel_backend.weights.reads import read_header
+
+    header, g, out = read_header(model_path), torch.Generator().manual_seed(9), {}
+    for m in LORA_MODULES:
+        rows, cols = header[m + ".weight"][0]
+        out[f"diffusion_model.{m}.lora_up.weight"] = torch.randn(rows, 4, generator=g) * 0.05
+        out[f"diffusion_model.{m}.lora_down.weight"] = torch.randn(4, cols, generator=g) / cols ** 0.5
+        out[f"diffusion_model.{m}.alpha"] = torch.tensor(2.0)
+    save_file(out, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def variants(checkpoint, tmp_path_factory):
+    from parallel_backend.testing.synthetic import write_fp8_variant
+
+    d = tmp_path_factory.mktemp("minimax_variants")
+    return {"lora": _write_lora(str(d / "minimax_h3_lora.safetensors"), checkpoint),
+            "fp8_scaled": write_fp8_variant(checkpoint, str(d / "minimax_h3_fp8_scaled.safetensors"))}
+
+
+def _native_variant(path, lora=None):
+    """ComfyUI's loader of the file (LoraLoader's merge for the LoRA) on the cases."""
+    comfy_host.import_comfy()
+    import comfy.sd
+    import comfy.utils
+
+    patcher = comfy.sd.load_diffusion_model(path)
+    if lora:
+        patcher, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(lora), LORA_STRENGTH, 0)
+    out = {}
+    with torch.no_grad():
+        patcher.patch_model()
+        try:
+            for name in CASES:
+                video, audio, t, ctx, conds = _case(name)
+                y = patcher.model.diffusion_model._forward([video, audio], t, ctx, transformer_options={}, **conds)
+                out[("tiny", name)] = comfy.utils.pack_latents(y)[0].float()
+        finally:
+            patcher.unpatch_model()
+    return out
+
+
+def _run_variants(mesh, checkpoint, variants):
+    import comfy.utils
+
+    from parallel_backend.weights.lora import lora_key
+
+    lora = ShardedModel(mesh, checkpoint, "fp32")
+    lora.set_loras(lora_key([(variants["lora"], LORA_STRENGTH)]))
+    fp8 = ShardedModel(mesh, variants["fp8_scaled"], "fp32")
+    out = {"lora": {}, "fp8_scaled": {}}
+    for name in CASES:
+        video, audio, t, ctx, conds = _case(name)
+        x, shapes = comfy.utils.pack_latents([video, audio])
+        for kind, m in (("lora", lora), ("fp8_scaled", fp8)):
+            out[kind][("tiny", name)] = (m.rows(1), m.forward_rows(x, t, ctx, latent_shapes=shapes, **conds))
+    return out
+
+
+def test_lora_and_fp8_scaled_on_tp2_equal_comfyui_native(native_outputs, checkpoint, variants):
+    """A LoRA merged on the ranks (ComfyUI's own key map and patch code per layer, then the TP split of the fused
+    q/k/v and SwiGLU rows) and an fp8_scaled file (ComfyUI's scaled-fp8 layers) on tp2 equal ComfyUI's LoraLoader /
+    its loader of the same files."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", tp=2)
+    per_rank = run_on_ranks(_run_variants, config, checkpoint, variants, timeout=600)
+    for kind in ("lora", "fp8_scaled"):
+        ref = _native_variant(checkpoint, variants["lora"]) if kind == "lora" else _native_variant(
+            variants["fp8_scaled"])
+        assert (ref[("tiny", "t2va_70tok")] - native_outputs[("tiny", "t2va_70tok")]).abs().max() > 1e-3, kind
+        assert_rows_match(ref, [r[kind] for r in per_rank], f"tp2 {kind}", TOL)
