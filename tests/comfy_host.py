@@ -319,3 +319,42 @@ def saved_latent(base_dir: str, prefix: str):
     if not files:
         raise FileNotFoundError(f"no latent saved under output/{prefix}*")
     return load_file(files[-1])["latent_tensor"], files[-1]
+
+
+# ---- the Wan 2.2 VAE at a tiny width, in a server and its ranks ----------------------------------------------------
+def tiny_wan22_vae_env() -> dict:
+    """ComfyServer(env=...) for a server (and the ranks it spawns) that builds the Wan 2.2 VAE at
+    synthetic.TINY_WAN22_VAE's widths (tests/comfy_site/sitecustomize.py), so write_tiny_wan_vae(version="2.2")
+    files load through ComfyUI's own Load VAE and the Parallel VAE Loader alike."""
+    from parallel_backend.testing.synthetic import TINY_WAN22_VAE
+    path = [os.path.join(REPO, "tests", "comfy_site")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    return {"PYTHONPATH": os.pathsep.join(path), "PDIT_TEST_WAN22_VAE_WIDTHS": json.dumps(TINY_WAN22_VAE)}
+
+
+# VAE Decode (Tiled)'s / VAE Encode (Tiled)'s default widgets: what the Parallel VAE Loader's plain decode / encode run
+VAE_TILED_DEFAULTS = {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}
+
+
+def native_vae_nodes(g: dict) -> dict:
+    """`g` with each Parallel VAE Loader replaced by Load VAE and plain VAE Decode / Encode by the Tiled nodes at their
+    default widgets: the native graph the pack's VAE must equal."""
+    import copy
+    g = copy.deepcopy(g)
+    for nid, node in g.items():
+        ct, inp = node["class_type"], node["inputs"]
+        if ct == "ParallelVAELoader":
+            g[nid] = {"class_type": "VAELoader", "inputs": {"vae_name": inp["vae_name"]}}
+        elif ct in ("VAEDecode", "VAEEncode"):
+            g[nid] = {"class_type": ct + "Tiled", "inputs": {**inp, **VAE_TILED_DEFAULTS}}
+    return g
+
+
+def saved_image(base_dir: str, prefix: str):
+    """The newest IMAGE the test node PditTestSaveImage wrote under output/<prefix>*, as the float tensor it got."""
+    import glob
+
+    from safetensors.torch import load_file
+    files = sorted(glob.glob(os.path.join(base_dir, "output", prefix + "*.image.safetensors")), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no image saved under output/{prefix}*")
+    return load_file(files[-1])["image"]

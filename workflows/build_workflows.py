@@ -147,6 +147,8 @@ WAN22_A14B_T2V = {
 
 # Wan 2.2 TI2V-5B: 48-channel latent from Wan22ImageToVideoLatent (Wan 2.2 VAE); with a start image the
 # first latent frame is kept clean and ComfyUI passes one timestep per latent frame (the pack handles it).
+# The decode runs on the DiT's ranks (Parallel VAE Loader); the start image's one-frame encode stays on Load VAE: it
+# may run before the DiT's loader has started the group, and the VAE loader would then start a second group for it.
 WAN22_TI2V_5B = {
     "title": "Wan 2.2 TI2V-5B text/image-to-video on a parallel worker group",
     "nodes": [
@@ -164,7 +166,8 @@ WAN22_TI2V_5B = {
         (10, "ParallelSampler", {"model": link(6), "seed": 42, "steps": 20, "cfg": 5.0, "sampler_name": "uni_pc",
                                  "scheduler": "simple", "positive": link(2), "negative": link(3),
                                  "latent_image": link(9), "denoise": 1.0}),
-        (11, "VAEDecode", {"samples": link(10), "vae": link(7)}),
+        (13, "ParallelVAELoader", parallel_vae_loader("wan2.2_vae.safetensors")),
+        (11, "VAEDecode", {"samples": link(10), "vae": link(13)}),
         (12, "SaveAnimatedWEBP", {"images": link(11), "filename_prefix": "parallel_dit/wan22_ti2v_5b", "fps": 24.0,
                                   "lossless": False, "quality": 90, "method": "default"}),
     ],

@@ -1,6 +1,7 @@
 """Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder, CLIP vision, the
 Wan 2.2 VAE's encoder, the wav2vec2 audio encoders and SAM 3, which cannot be downloaded where the tests run, and
-ComfyUI's native Cosmos Predict2 and Cosmos 1.0 models for a tiny file (which ComfyUI's own loader cannot size)."""
+ComfyUI's native Cosmos Predict2 and Cosmos 1.0 models for a tiny file (which ComfyUI's own loader cannot size); and
+an IMAGE saved as its float tensor."""
 import math
 
 import torch
@@ -275,8 +276,38 @@ class PditTestSAM3Track:
         return ({"packed_masks": pack_masks(masks), "scores": [0.9] * objects, "n_frames": n, "orig_size": (h, w)},)
 
 
+
+class PditTestSaveImage:
+    """Saves an IMAGE as the float tensor it is (output/<prefix>_<n>.image.safetensors): a decode compared exactly,
+    not through an 8-bit PNG."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE", {"tooltip": "the decoded frames"}),
+                             "filename_prefix": ("STRING", {"default": "images/test", "tooltip": "under output/"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, images, filename_prefix):
+        import os
+
+        import folder_paths
+        from safetensors.torch import save_file
+        base = os.path.join(folder_paths.get_output_directory(), filename_prefix)
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        n = 1
+        while os.path.exists(f"{base}_{n:05}.image.safetensors"):
+            n += 1
+        save_file({"image": images.float().contiguous().cpu()}, f"{base}_{n:05}.image.safetensors")
+        return {}
+
+
 NODE_CLASS_MAPPINGS = {"PditTestConditioning": PditTestConditioning, "PditTestVAE": PditTestVAE,
                        "PditTestClipVision": PditTestClipVision,
                        "PditTestCosmosPredict2Loader": PditTestCosmosPredict2Loader,
                        "PditTestCosmos1Loader": PditTestCosmos1Loader, "PditTestAudioEncoding": PditTestAudioEncoding,
-                       "PditTestSAM3Detect": PditTestSAM3Detect, "PditTestSAM3Track": PditTestSAM3Track}
+                       "PditTestSAM3Detect": PditTestSAM3Detect, "PditTestSAM3Track": PditTestSAM3Track,
+                       "PditTestSaveImage": PditTestSaveImage}
