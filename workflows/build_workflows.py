@@ -115,6 +115,7 @@ NEGATIVE = "blurry, low quality, static, watermark, deformed, extra limbs"
 # from the boundary step on, two KSamplerAdvanced) with both experts loaded by Parallel Model Loaders on
 # one worker group. residency "resident": both experts stay on the ranks (2x weights per rank, no reload);
 # "swap": each expert is read again when its sampler starts (1x weights, two loads per prompt).
+# The decode runs on the same ranks (Parallel VAE Loader on the same Parallel Config).
 WAN22_A14B_T2V = {
     "title": "Wan 2.2 A14B text-to-video (high / low noise experts) on a parallel worker group",
     "nodes": [
@@ -138,7 +139,7 @@ WAN22_A14B_T2V = {
                                   "sampler_name": "euler", "scheduler": "simple", "positive": link(2),
                                   "negative": link(3), "latent_image": link(10), "start_at_step": 10,
                                   "end_at_step": 10000, "return_with_leftover_noise": "disable"}),
-        (12, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (12, "ParallelVAELoader", parallel_vae_loader("wan_2.1_vae.safetensors")),
         (13, "VAEDecode", {"samples": link(11), "vae": link(12)}),
         (14, "SaveAnimatedWEBP", {"images": link(13), "filename_prefix": "parallel_dit/wan22_a14b_t2v", "fps": 16.0,
                                   "lossless": False, "quality": 90, "method": "default"}),

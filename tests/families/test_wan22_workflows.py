@@ -7,9 +7,10 @@
   per-frame timesteps) are the same graphs in UI and API form, and queued over HTTP on 2 CPU ranks
   (ulysses2) equal ComfyUI's native graphs (two UNETLoaders / one UNETLoader) in the same server. The A14B
   experts are fp8_scaled files under the names ComfyUI's own Wan 2.2 template uses (the files most users
-  download), with fp32 biases that ComfyUI rounds to fp8 on load. TI2V-5B's VAE Decode is fed by the Parallel VAE
-  Loader as shipped: its decoded frames equal Load VAE + VAE Decode (Tiled) at that node's default widgets (a tiny
-  Wan 2.2 VAE of ComfyUI's class, built at the file's width in the server and its ranks: tests/comfy_site).
+  download), with fp32 biases that ComfyUI rounds to fp8 on load. Both VAE Decodes are fed by the Parallel VAE
+  Loader as shipped: the decoded frames equal Load VAE + VAE Decode (Tiled) at that node's default widgets (tiny Wan
+  2.1 / 2.2 VAEs of ComfyUI's classes; the 2.2 one built at the file's width in the server and its ranks:
+  tests/comfy_site).
 """
 import os
 import re
@@ -107,10 +108,13 @@ def _loads(log: str) -> int:
     return len(re.findall(r"parallel_dit: loaded weights", log))
 
 
-def _a14b_variant(api, residency, seed, prefix, steps=4, boundary=2):
+def _a14b_variant(api, residency, seed, prefix, steps=4, boundary=2, decode=False):
     """The shipped A14B graph made tiny (see comfy_host.tiny_cpu_variant), each loader on its expert: the
-    files the graph names, written as tiny fp8_scaled experts."""
+    files the graph names, written as tiny fp8_scaled experts. decode: its Parallel VAE Loader and VAE Decode kept
+    (a tiny Wan 2.1 VAE under the shipped name), the frames saved as floats."""
     g = comfy_host.tiny_cpu_variant(api, HIGH_FP8, seed=seed, prefix=prefix)
+    if decode:
+        _keep_vae_nodes(api, g, prefix)
     for nid, node in g.items():
         inp = node["inputs"]
         if node["class_type"] == "ParallelModelLoader":
@@ -135,15 +139,20 @@ def _ti2v_variant(api, image, seed, prefix):
             node["inputs"]["image"] = image
         elif node["class_type"] == "Wan22ImageToVideoLatent":
             node["inputs"].update(width=96, height=64, length=9)  # latent (1, 48, 3, 4, 6): 18 tokens
-    tiny = comfy_host.tiny_cpu_variant(g, TI2V, seed=seed, prefix=prefix)
-    for nid, node in g.items():
+    return _keep_vae_nodes(g, comfy_host.tiny_cpu_variant(g, TI2V, seed=seed, prefix=prefix), prefix)
+
+
+def _keep_vae_nodes(shipped, tiny, prefix):
+    """`tiny` with the shipped graph's VAE loaders and VAE Decode put back (the Parallel VAE Loader in fp32) and the
+    decoded frames saved as floats under <prefix>_frames."""
+    for nid, node in shipped.items():
         if node["class_type"] in ("VAELoader", "VAEDecode"):
             tiny[nid] = node
         elif node["class_type"] == "ParallelVAELoader":
             tiny[nid] = dict(node, inputs={**node["inputs"], "precision": "fp32"})
-            decode = next(k for k, v in g.items() if v["class_type"] == "VAEDecode")
-            tiny["90"] = {"class_type": "PditTestSaveImage", "inputs": {"images": [decode, 0],
-                                                                       "filename_prefix": prefix + "_frames"}}
+    decode = next(k for k, v in shipped.items() if v["class_type"] == "VAEDecode")
+    tiny["90"] = {"class_type": "PditTestSaveImage", "inputs": {"images": [decode, 0],
+                                                               "filename_prefix": prefix + "_frames"}}
     return tiny
 
 
@@ -162,9 +171,10 @@ def test_wan22_workflows_through_prompt_queue(files, tmp_path):
     experts = [write_fp8_variant(files[k], str(tmp_path / name), scaled=True) for k, name in (("high", HIGH_FP8),
                                                                                              ("low", LOW_FP8))]
     comfy_host.import_comfy()
-    vae = write_tiny_wan_vae(str(tmp_path / "wan2.2_vae.safetensors"), version="2.2")  # the name the graph loads
+    vaes = [write_tiny_wan_vae(str(tmp_path / "wan2.2_vae.safetensors"), version="2.2"),  # the names the graphs load
+            write_tiny_wan_vae(str(tmp_path / "wan_2.1_vae.safetensors"))]
     base = comfy_host.make_base_dir(str(tmp_path / "comfy"), {"diffusion_models": list(files.values()) + experts,
-                                                              "vae": [vae]})
+                                                              "vae": vaes})
     ramp = torch.linspace(0, 255, 64 * 96).reshape(64, 96, 1).expand(64, 96, 3).to(torch.uint8).contiguous().numpy()
     Image.fromarray(ramp).save(os.path.join(base, "input", "start.png"))
     a14b = comfy_host.load_workflow("wan22_a14b_t2v_parallel_api.json")
@@ -180,13 +190,15 @@ def test_wan22_workflows_through_prompt_queue(files, tmp_path):
 
         # A14B, both experts resident: two loads, then none for a new seed
         n0 = _loads(log())
-        res3 = _run(server, base, _a14b_variant(a14b, "resident", 3, "latents/res3"), "latents/res3")
+        res3 = _run(server, base, _a14b_variant(a14b, "resident", 3, "latents/res3", decode=True), "latents/res3")
         assert _loads(log()) - n0 == 2, log()[-4000:]
-        native3 = _run(server, base, comfy_host.native_variant(
-            _a14b_variant(a14b, "resident", 3, "latents/res3"), prefix="latents/native3"), "latents/native3")
+        native3 = _run(server, base, comfy_host.native_vae_nodes(comfy_host.native_variant(
+            _a14b_variant(a14b, "resident", 3, "latents/native3", decode=True), prefix="latents/native3")),
+            "latents/native3")
         assert res3.shape == native3.shape == (1, 16, 2, 8, 8)
         d_res = (res3 - native3).abs().max().item()
         assert d_res <= E2E_TOL, f"A14B resident vs native two-UNETLoader graph: {d_res:.2e}"
+        d_a14b_frames = _frames_diff(base, "latents/res3", "latents/native3", (5, 64, 64, 3))
         n1 = _loads(log())
         res4 = _run(server, base, _a14b_variant(a14b, "resident", 4, "latents/res4"), "latents/res4")
         assert _loads(log()) == n1, "resident experts were read again"
@@ -211,10 +223,17 @@ def test_wan22_workflows_through_prompt_queue(files, tmp_path):
         d_ti2v = (out - ref).abs().max().item()
         assert d_ti2v <= E2E_TOL, f"TI2V-5B parallel vs native: {d_ti2v:.2e}"
         assert out.abs().mean() > 0.1
-        frames, ref_frames = (comfy_host.saved_image(base, f"latents/{p}_frames") for p in ("ti2v", "ti2v_native"))
-        assert frames.shape == ref_frames.shape == (9, 64, 96, 3)
-        d_frames = (frames - ref_frames).abs().max().item()
-        assert d_frames <= VAE_TOL, f"TI2V-5B Parallel VAE decode vs native VAE Decode (Tiled): {d_frames:.2e}"
-        assert frames.std() > 1e-3  # a real decode, not a constant
-        print(f"queue, 2 CPU ranks (ulysses2): A14B fp8_scaled resident vs native {d_res:.2e}, swap vs resident "
-              f"{d_swap:.2e}; TI2V-5B vs native {d_ti2v:.2e}, its decoded frames {d_frames:.2e}")
+        d_frames = _frames_diff(base, "latents/ti2v", "latents/ti2v_native", (9, 64, 96, 3))
+        print(f"queue, 2 CPU ranks (ulysses2): A14B fp8_scaled resident vs native {d_res:.2e}, its decoded frames "
+              f"{d_a14b_frames:.2e}, swap vs resident {d_swap:.2e}; TI2V-5B vs native {d_ti2v:.2e}, its decoded "
+              f"frames {d_frames:.2e}")
+
+
+def _frames_diff(base, prefix, native_prefix, shape):
+    """Max abs diff of the frames the Parallel VAE Loader's VAE Decode gave vs native VAE Decode (Tiled)'s."""
+    frames, ref = (comfy_host.saved_image(base, f"{p}_frames") for p in (prefix, native_prefix))
+    assert frames.shape == ref.shape == shape
+    diff = (frames - ref).abs().max().item()
+    assert diff <= VAE_TOL, f"{prefix}: Parallel VAE decode vs native VAE Decode (Tiled): {diff:.2e}"
+    assert frames.std() > 1e-3  # a real decode, not a constant
+    return diff
