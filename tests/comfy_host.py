@@ -358,3 +358,27 @@ def saved_image(base_dir: str, prefix: str):
     if not files:
         raise FileNotFoundError(f"no image saved under output/{prefix}*")
     return load_file(files[-1])["image"]
+
+
+def keep_vae_nodes(shipped: dict, tiny: dict, prefix: str) -> dict:
+    """`tiny` (tiny_cpu_variant of `shipped`) with the shipped graph's VAE loaders and VAE Decode put back (the
+    Parallel VAE Loader in fp32) and the decoded frames saved as floats under <prefix>_frames (PditTestSaveImage)."""
+    for nid, node in shipped.items():
+        if node["class_type"] in ("VAELoader", "VAEDecode"):
+            tiny[nid] = node
+        elif node["class_type"] == "ParallelVAELoader":
+            tiny[nid] = dict(node, inputs={**node["inputs"], "precision": "fp32"})
+    decode = next(k for k, v in shipped.items() if v["class_type"] == "VAEDecode")
+    tiny["90"] = {"class_type": "PditTestSaveImage", "inputs": {"images": [decode, 0],
+                                                               "filename_prefix": prefix + "_frames"}}
+    return tiny
+
+
+def frames_diff(base_dir: str, prefix: str, native_prefix: str, shape: tuple, tol: float) -> float:
+    """Max abs diff of the frames keep_vae_nodes saved for the pack's graph and for the native one (asserted <= tol)."""
+    frames, ref = (saved_image(base_dir, f"{p}_frames") for p in (prefix, native_prefix))
+    assert frames.shape == ref.shape == shape
+    diff = (frames - ref).abs().max().item()
+    assert diff <= tol, f"{prefix}: Parallel VAE decode vs native VAE Decode (Tiled): {diff:.2e}"
+    assert frames.std() > 1e-3  # a real decode, not a constant
+    return diff

@@ -175,8 +175,9 @@ WAN22_TI2V_5B = {
 }
 
 # Cosmos Predict2 2B text-to-image: ComfyUI's native Predict2 graph (old T5-XXL text encoder, EmptySD3LatentImage,
-# Wan 2.1 VAE) with the pack's three nodes in place of Load Diffusion Model and KSampler. For video-to-world, load a
-# Video2World file and take the latent from CosmosPredict2ImageToVideoLatent (start image) instead.
+# Wan 2.1 VAE, decoded on the DiT's ranks by the Parallel VAE Loader) with the pack's three nodes in place of Load
+# Diffusion Model and KSampler. For video-to-world, load a Video2World file and take the latent from
+# CosmosPredict2ImageToVideoLatent (start image, its encode on Load VAE) instead.
 COSMOS_PREDICT2_T2I = {
     "title": "Cosmos Predict2 2B text-to-image on a parallel worker group",
     "nodes": [
@@ -191,7 +192,7 @@ COSMOS_PREDICT2_T2I = {
         (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 35, "cfg": 4.0, "sampler_name": "euler",
                                 "scheduler": "simple", "positive": link(2), "negative": link(3),
                                 "latent_image": link(6), "denoise": 1.0}),
-        (8, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (8, "ParallelVAELoader", parallel_vae_loader("wan_2.1_vae.safetensors")),
         (9, "VAEDecode", {"samples": link(7), "vae": link(8)}),
         (10, "SaveImage", {"images": link(9), "filename_prefix": "parallel_dit/cosmos_predict2_t2i"}),
     ],

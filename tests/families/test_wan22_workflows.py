@@ -28,7 +28,7 @@ from parallel_backend.testing.synthetic import write_tiny_wan, write_tiny_wan_va
 pytestmark = pytest.mark.multirank
 TOL = 1e-5    # group vs single process, one forward (fp32)
 E2E_TOL = 1e-4  # sampled latent, parallel vs native (fp32, 4 steps)
-VAE_TOL = 1e-4  # those latents decoded by the tiny Wan 2.2 VAE: the Parallel VAE Loader vs Load VAE
+VAE_TOL = 1e-4  # those latents decoded (tiny Wan 2.1 / 2.2 VAEs): the Parallel VAE Loader vs Load VAE
 HIGH, LOW, TI2V = "tiny_wan22_high_noise.safetensors", "tiny_wan22_low_noise.safetensors", "tiny_wan22_ti2v.safetensors"
 # what the shipped A14B workflow (and ComfyUI's own Wan 2.2 14B template) names
 HIGH_FP8, LOW_FP8 = ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
@@ -114,7 +114,7 @@ def _a14b_variant(api, residency, seed, prefix, steps=4, boundary=2, decode=Fals
     (a tiny Wan 2.1 VAE under the shipped name), the frames saved as floats."""
     g = comfy_host.tiny_cpu_variant(api, HIGH_FP8, seed=seed, prefix=prefix)
     if decode:
-        _keep_vae_nodes(api, g, prefix)
+        comfy_host.keep_vae_nodes(api, g, prefix)
     for nid, node in g.items():
         inp = node["inputs"]
         if node["class_type"] == "ParallelModelLoader":
@@ -139,21 +139,7 @@ def _ti2v_variant(api, image, seed, prefix):
             node["inputs"]["image"] = image
         elif node["class_type"] == "Wan22ImageToVideoLatent":
             node["inputs"].update(width=96, height=64, length=9)  # latent (1, 48, 3, 4, 6): 18 tokens
-    return _keep_vae_nodes(g, comfy_host.tiny_cpu_variant(g, TI2V, seed=seed, prefix=prefix), prefix)
-
-
-def _keep_vae_nodes(shipped, tiny, prefix):
-    """`tiny` with the shipped graph's VAE loaders and VAE Decode put back (the Parallel VAE Loader in fp32) and the
-    decoded frames saved as floats under <prefix>_frames."""
-    for nid, node in shipped.items():
-        if node["class_type"] in ("VAELoader", "VAEDecode"):
-            tiny[nid] = node
-        elif node["class_type"] == "ParallelVAELoader":
-            tiny[nid] = dict(node, inputs={**node["inputs"], "precision": "fp32"})
-    decode = next(k for k, v in shipped.items() if v["class_type"] == "VAEDecode")
-    tiny["90"] = {"class_type": "PditTestSaveImage", "inputs": {"images": [decode, 0],
-                                                               "filename_prefix": prefix + "_frames"}}
-    return tiny
+    return comfy_host.keep_vae_nodes(g, comfy_host.tiny_cpu_variant(g, TI2V, seed=seed, prefix=prefix), prefix)
 
 
 def _run(server, base, graph, prefix):
@@ -198,7 +184,7 @@ def test_wan22_workflows_through_prompt_queue(files, tmp_path):
         assert res3.shape == native3.shape == (1, 16, 2, 8, 8)
         d_res = (res3 - native3).abs().max().item()
         assert d_res <= E2E_TOL, f"A14B resident vs native two-UNETLoader graph: {d_res:.2e}"
-        d_a14b_frames = _frames_diff(base, "latents/res3", "latents/native3", (5, 64, 64, 3))
+        d_a14b_frames = comfy_host.frames_diff(base, "latents/res3", "latents/native3", (5, 64, 64, 3), VAE_TOL)
         n1 = _loads(log())
         res4 = _run(server, base, _a14b_variant(a14b, "resident", 4, "latents/res4"), "latents/res4")
         assert _loads(log()) == n1, "resident experts were read again"
@@ -223,17 +209,7 @@ def test_wan22_workflows_through_prompt_queue(files, tmp_path):
         d_ti2v = (out - ref).abs().max().item()
         assert d_ti2v <= E2E_TOL, f"TI2V-5B parallel vs native: {d_ti2v:.2e}"
         assert out.abs().mean() > 0.1
-        d_frames = _frames_diff(base, "latents/ti2v", "latents/ti2v_native", (9, 64, 96, 3))
+        d_frames = comfy_host.frames_diff(base, "latents/ti2v", "latents/ti2v_native", (9, 64, 96, 3), VAE_TOL)
         print(f"queue, 2 CPU ranks (ulysses2): A14B fp8_scaled resident vs native {d_res:.2e}, its decoded frames "
               f"{d_a14b_frames:.2e}, swap vs resident {d_swap:.2e}; TI2V-5B vs native {d_ti2v:.2e}, its decoded "
               f"frames {d_frames:.2e}")
-
-
-def _frames_diff(base, prefix, native_prefix, shape):
-    """Max abs diff of the frames the Parallel VAE Loader's VAE Decode gave vs native VAE Decode (Tiled)'s."""
-    frames, ref = (comfy_host.saved_image(base, f"{p}_frames") for p in (prefix, native_prefix))
-    assert frames.shape == ref.shape == shape
-    diff = (frames - ref).abs().max().item()
-    assert diff <= VAE_TOL, f"{prefix}: Parallel VAE decode vs native VAE Decode (Tiled): {diff:.2e}"
-    assert frames.std() > 1e-3  # a real decode, not a constant
-    return diff
