@@ -321,14 +321,16 @@ def saved_latent(base_dir: str, prefix: str):
     return load_file(files[-1])["latent_tensor"], files[-1]
 
 
-# ---- the Wan 2.2 VAE at a tiny width, in a server and its ranks ----------------------------------------------------
-def tiny_wan22_vae_env() -> dict:
-    """ComfyServer(env=...) for a server (and the ranks it spawns) that builds the Wan 2.2 VAE at
-    synthetic.TINY_WAN22_VAE's widths (tests/comfy_site/sitecustomize.py), so write_tiny_wan_vae(version="2.2")
-    files load through ComfyUI's own Load VAE and the Parallel VAE Loader alike."""
-    from parallel_backend.testing.synthetic import TINY_WAN22_VAE
+# ---- the VAEs ComfyUI builds at their release widths, tiny, in a server and its ranks ------------------------------
+def tiny_vae_env() -> dict:
+    """ComfyServer(env=...) for a server (and the ranks it spawns) that builds the Wan 2.2 and HunyuanVideo 1.0 / 1.5
+    VAEs at synthetic's tiny widths (tests/comfy_site/sitecustomize.py), so write_tiny_wan_vae(version="2.2") and
+    write_tiny_hunyuan_video_vae files load through ComfyUI's own Load VAE and the Parallel VAE Loader alike."""
+    from parallel_backend.testing import synthetic
+    widths = {"wan22": synthetic.TINY_WAN22_VAE, "hunyuan_video": synthetic.TINY_HUNYUAN_VIDEO_VAE,
+              "hunyuan_video15": synthetic.TINY_HUNYUAN_VIDEO15_VAE}
     path = [os.path.join(REPO, "tests", "comfy_site")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-    return {"PYTHONPATH": os.pathsep.join(path), "PDIT_TEST_WAN22_VAE_WIDTHS": json.dumps(TINY_WAN22_VAE)}
+    return {"PYTHONPATH": os.pathsep.join(path), "PDIT_TEST_VAE_WIDTHS": json.dumps(widths)}
 
 
 # VAE Decode (Tiled)'s / VAE Encode (Tiled)'s default widgets: what the Parallel VAE Loader's plain decode / encode run

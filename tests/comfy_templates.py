@@ -556,7 +556,7 @@ def tiny_variant(api: dict, prefix: str) -> dict:
 def tiny_decoded_variant(api: dict, prefix: str) -> dict:
     """tiny_variant with the VAE decode kept: each VAE Decode's IMAGE saved as floats (the test node
     PditTestSaveImage, under <prefix>_<i>) instead of the template's saves and previews, and the Wan 2.2 VAE kept as a
-    tiny file of ComfyUI's class (the server must build it at the file's width: comfy_host.tiny_wan22_vae_env)."""
+    tiny file of ComfyUI's class (the server must build it at the file's width: comfy_host.tiny_vae_env)."""
     g = copy.deepcopy(api)
     _stand_ins(g, wan22_vae=True)
     _smaller(g)

@@ -268,13 +268,14 @@ HUNYUAN15_T2V = {
         (8, "ParallelSampler", {"model": link(6), "seed": 42, "steps": 20, "cfg": 6.0, "sampler_name": "euler",
                                 "scheduler": "simple", "positive": link(2), "negative": link(3),
                                 "latent_image": link(7), "denoise": 1.0}),
-        (9, "VAELoader", {"vae_name": "hunyuanvideo15_vae_fp16.safetensors"}),
+        (9, "ParallelVAELoader", parallel_vae_loader("hunyuanvideo15_vae_fp16.safetensors")),
         (10, "VAEDecode", {"samples": link(8), "vae": link(9)}),
         (11, "SaveAnimatedWEBP", {"images": link(10), "filename_prefix": "parallel_dit/hunyuan_video15_t2v",
                                   "fps": 24.0, "lossless": False, "quality": 90, "method": "default"}),
     ],
 }
-# I2V: the start image VAE-encoded and its SigLIP tokens, through HunyuanVideo15ImageToVideo
+# I2V: the start image VAE-encoded (on Load VAE, as TI2V-5B's) and its SigLIP tokens, through
+# HunyuanVideo15ImageToVideo; the decode on the DiT's ranks (Parallel VAE Loader), as in T2V
 HUNYUAN15_I2V = {
     "title": "HunyuanVideo 1.5 image-to-video on a parallel worker group",
     "nodes": [
@@ -295,7 +296,8 @@ HUNYUAN15_I2V = {
         (12, "ParallelSampler", {"model": link(6), "seed": 42, "steps": 20, "cfg": 6.0, "sampler_name": "euler",
                                  "scheduler": "simple", "positive": link(11, 0), "negative": link(11, 1),
                                  "latent_image": link(11, 2), "denoise": 1.0}),
-        (13, "VAEDecode", {"samples": link(12), "vae": link(10)}),
+        (15, "ParallelVAELoader", parallel_vae_loader("hunyuanvideo15_vae_fp16.safetensors")),
+        (13, "VAEDecode", {"samples": link(12), "vae": link(15)}),
         (14, "SaveAnimatedWEBP", {"images": link(13), "filename_prefix": "parallel_dit/hunyuan_video15_i2v",
                                   "fps": 24.0, "lossless": False, "quality": 90, "method": "default"}),
     ],

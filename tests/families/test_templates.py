@@ -197,7 +197,7 @@ RESULTS = {}
 def host(tmp_path_factory):
     comfy_host.import_comfy()  # the tiny files are built from ComfyUI's own model classes
     base = comfy_host.make_base_dir(str(tmp_path_factory.mktemp("templates") / "comfy"))
-    with comfy_host.ComfyServer(base, env=comfy_host.tiny_wan22_vae_env()) as server:  # (test_template_vae_swapped)
+    with comfy_host.ComfyServer(base, env=comfy_host.tiny_vae_env()) as server:  # (test_template_vae_swapped)
         yield server, base, server.get("/object_info", timeout=60)
     if RESULTS:
         print(f"\nComfyUI {HOST} templates on 2 CPU ranks (ulysses 2; ring 2 beside the InfiniteTalk patch) vs native:")

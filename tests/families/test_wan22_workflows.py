@@ -165,7 +165,7 @@ def test_wan22_workflows_through_prompt_queue(files, tmp_path):
     Image.fromarray(ramp).save(os.path.join(base, "input", "start.png"))
     a14b = comfy_host.load_workflow("wan22_a14b_t2v_parallel_api.json")
     ti2v = comfy_host.load_workflow("wan22_ti2v_5b_parallel_api.json")
-    with comfy_host.ComfyServer(base, env=comfy_host.tiny_wan22_vae_env()) as server:
+    with comfy_host.ComfyServer(base, env=comfy_host.tiny_vae_env()) as server:
         info = server.get("/object_info")
         assert info["ParallelModelLoader"]["input"]["optional"]["residency"][1]["tooltip"]
         for name, api in (("wan22_a14b_t2v_parallel", a14b), ("wan22_ti2v_5b_parallel", ti2v)):
