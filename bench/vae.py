@@ -2,15 +2,16 @@
 tiled result is from the untiled decode.
 
     python bench/vae.py                                   # CPU: width-16 Wan 2.1 VAE, 480p / 720p latents, 5 frames
+    python bench/vae.py --frames 1                        # CPU, what a shared 2-core machine finishes: 1 frame
     python bench/vae.py --device cuda --dim 96 --frames 21 --ranks 1   # one GPU: the release's width, 81 frames
 
 A random Wan 2.1 VAE of ComfyUI's class (width --dim; the release's is 96) is written once. Rows:
   native decode        ComfyUI's vae.decode (VAE Decode), untiled;
   native tiled         vae.decode_tiled with VAE Decode (Tiled)'s default widgets (512 px, 64 overlap, 64 frames, 8);
   pack N ranks         VAE Decode on the Parallel VAE Loader's VAE: the same tiles dealt over N ranks (dp=N).
-peak: CUDA: torch.cuda.max_memory_allocated (this process for native rows, the largest rank's for the pack's);
-CPU: VmHWM above the RSS before the decode for native rows, the largest rank's VmHWM (since it started: weights,
-imports and the decode) for the pack's. "vs untiled" / "vs tiled": max abs difference from the native untiled / tiled
+peak: CUDA: torch.cuda.max_memory_allocated (this process for native rows, each rank's for the pack's); CPU: VmHWM
+above the RSS before the decode for native rows, each rank's VmHWM (since it started: weights, imports and the
+decode) for the pack's, rank 0 first. "vs untiled" / "vs tiled": max abs difference from the native untiled / tiled
 decode (pixels in [0, 1]). On a shared 2-core machine the CPU times are ratios at best.
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ def native_rows(path: str, latent, device: str) -> tuple:
     vae = comfy.sd.VAE(sd=sd, metadata=meta)
     tiles = dict(tile_x=64, tile_y=64, overlap=8, tile_t=16, overlap_t=2)  # VAE Decode (Tiled)'s defaults, Wan 2.1
     with torch.inference_mode():
+        vae.decode(latent[:, :, :1, :8, :8])  # loads the VAE onto the device (as the pack's rows): not timed
         whole, t_whole, p_whole = timed(lambda: vae.decode(latent), device)
         tiled, t_tiled, p_tiled = timed(lambda: vae.decode_tiled(latent, **tiles), device)
     return whole.float().cpu(), tiled.float().cpu(), [("native decode", t_whole, p_whole), ("native tiled", t_tiled,
@@ -89,10 +91,9 @@ def pack_row(pack, path: str, latent, device: str, ranks: int) -> tuple:
         t0 = time.perf_counter()
         out = vae.decode(latent)
         seconds = time.perf_counter() - t0
-    stats = g.stats()
-    peak = max(s.get("cuda_peak", s["peak_rss"]) for s in stats)
+    peaks = [s.get("cuda_peak", s["peak_rss"]) for s in g.stats()]
     group.stop_all()
-    return out.float().cpu(), (f"pack {ranks} rank{'s' if ranks > 1 else ''}", seconds, peak)
+    return out.float().cpu(), (f"pack {ranks} rank{'s' if ranks > 1 else ''}", seconds, peaks)
 
 
 def main():
@@ -102,10 +103,14 @@ def main():
     ap.add_argument("--frames", type=int, default=5, help="latent frames (21 = 81 video frames)")
     ap.add_argument("--latents", default="480p,720p")
     ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for the native rows (0: torch's default; "
+                    "a CPU rank gets cores / ranks): on a shared 2-core machine 2 threads ran 4x slower than 1")
     args = ap.parse_args()
     folder_paths = _common.import_comfy(args.device)  # noqa: F841  (ComfyUI importable, its `nodes` first)
     import comfy_host
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from parallel_backend.testing.synthetic import write_tiny_wan_vae
     pack = comfy_host.import_pack()
@@ -113,8 +118,8 @@ def main():
     path = write_tiny_wan_vae(os.path.join(tempfile.mkdtemp(prefix="pdit_vae_"), "wan21_vae.safetensors"),
                               dim=args.dim)
     print(f"Wan 2.1 VAE width {args.dim}, {args.frames} latent frames ({4 * args.frames - 3} video frames), "
-          f"{args.device}")
-    print(f"{'latent':8} {'row':16} {'s/decode':>9} {'peak GiB':>9} {'vs untiled':>11} {'vs tiled':>9}")
+          f"{args.device}, native rows on {torch.get_num_threads()} thread(s)")
+    print(f"{'latent':8} {'row':16} {'s/decode':>9} {'peak GiB (per rank)':>20} {'vs untiled':>11} {'vs tiled':>9}")
     for name in args.latents.split(","):
         h, w = LATENTS[name]
         latent = torch.randn(1, 16, args.frames, h, w, generator=torch.Generator().manual_seed(0))
@@ -125,8 +130,9 @@ def main():
             outs.append(out)
             rows.append(row)
         for (label, seconds, peak), out in zip(rows, outs):
-            print(f"{name:8} {label:16} {seconds:9.2f} {peak / 2**30:9.2f} {(out - whole).abs().max().item():11.2e} "
-                  f"{(out - tiled).abs().max().item():9.2e}")
+            peak = " / ".join(f"{p / 2**30:.2f}" for p in (peak if isinstance(peak, list) else [peak]))
+            print(f"{name:8} {label:16} {seconds:9.2f} {peak:>20} {(out - whole).abs().max().item():11.2e} "
+                  f"{(out - tiled).abs().max().item():9.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class ParallelVAE:
         import comfy.model_patcher
         self.parallel_spec, self.parallel_path, self.parallel_precision = spec, path, precision
         self.parallel_class = engine.vae.split_of(self.first_stage_model)["name"]  # refused by name if unknown
-        self.first_stage_model = RanksFirstStage(engine.vae.class_path(self.first_stage_model))
+        self.first_stage_model = RanksFirstStage(engine.vae.vae_kind(self.first_stage_model))
         self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=torch.device("cpu"),
                                                         offload_device=torch.device("cpu"))
         self.size = 0

@@ -321,3 +321,68 @@ def saved_latent(base_dir: str, prefix: str):
     if not files:
         raise FileNotFoundError(f"no latent saved under output/{prefix}*")
     return load_file(files[-1])["latent_tensor"], files[-1]
+
+
+# ---- the VAEs ComfyUI builds at their release widths, tiny, in a server and its ranks ------------------------------
+def tiny_vae_env() -> dict:
+    """ComfyServer(env=...) for a server (and the ranks it spawns) that builds the Wan 2.2 and HunyuanVideo 1.0 / 1.5
+    VAEs at synthetic's tiny widths (tests/comfy_site/sitecustomize.py), so write_tiny_wan_vae(version="2.2") and
+    write_tiny_hunyuan_video_vae files load through ComfyUI's own Load VAE and the Parallel VAE Loader alike."""
+    from parallel_backend.testing import synthetic
+    widths = {"wan22": synthetic.TINY_WAN22_VAE, "hunyuan_video": synthetic.TINY_HUNYUAN_VIDEO_VAE,
+              "hunyuan_video15": synthetic.TINY_HUNYUAN_VIDEO15_VAE}
+    path = [os.path.join(REPO, "tests", "comfy_site")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    return {"PYTHONPATH": os.pathsep.join(path), "PDIT_TEST_VAE_WIDTHS": json.dumps(widths)}
+
+
+# VAE Decode (Tiled)'s / VAE Encode (Tiled)'s default widgets: what the Parallel VAE Loader's plain decode / encode run
+VAE_TILED_DEFAULTS = {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}
+
+
+def native_vae_nodes(g: dict) -> dict:
+    """`g` with each Parallel VAE Loader replaced by Load VAE and plain VAE Decode / Encode by the Tiled nodes at their
+    default widgets: the native graph the pack's VAE must equal."""
+    import copy
+    g = copy.deepcopy(g)
+    for nid, node in g.items():
+        ct, inp = node["class_type"], node["inputs"]
+        if ct == "ParallelVAELoader":
+            g[nid] = {"class_type": "VAELoader", "inputs": {"vae_name": inp["vae_name"]}}
+        elif ct in ("VAEDecode", "VAEEncode"):
+            g[nid] = {"class_type": ct + "Tiled", "inputs": {**inp, **VAE_TILED_DEFAULTS}}
+    return g
+
+
+def saved_image(base_dir: str, prefix: str):
+    """The newest IMAGE the test node PditTestSaveImage wrote under output/<prefix>*, as the float tensor it got."""
+    import glob
+
+    from safetensors.torch import load_file
+    files = sorted(glob.glob(os.path.join(base_dir, "output", prefix + "*.image.safetensors")), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no image saved under output/{prefix}*")
+    return load_file(files[-1])["image"]
+
+
+def keep_vae_nodes(shipped: dict, tiny: dict, prefix: str) -> dict:
+    """`tiny` (tiny_cpu_variant of `shipped`) with the shipped graph's VAE loaders and VAE Decode put back (the
+    Parallel VAE Loader in fp32) and the decoded frames saved as floats under <prefix>_frames (PditTestSaveImage)."""
+    for nid, node in shipped.items():
+        if node["class_type"] in ("VAELoader", "VAEDecode"):
+            tiny[nid] = node
+        elif node["class_type"] == "ParallelVAELoader":
+            tiny[nid] = dict(node, inputs={**node["inputs"], "precision": "fp32"})
+    decode = next(k for k, v in shipped.items() if v["class_type"] == "VAEDecode")
+    tiny["90"] = {"class_type": "PditTestSaveImage", "inputs": {"images": [decode, 0],
+                                                               "filename_prefix": prefix + "_frames"}}
+    return tiny
+
+
+def frames_diff(base_dir: str, prefix: str, native_prefix: str, shape: tuple, tol: float) -> float:
+    """Max abs diff of the frames keep_vae_nodes saved for the pack's graph and for the native one (asserted <= tol)."""
+    frames, ref = (saved_image(base_dir, f"{p}_frames") for p in (prefix, native_prefix))
+    assert frames.shape == ref.shape == shape
+    diff = (frames - ref).abs().max().item()
+    assert diff <= tol, f"{prefix}: Parallel VAE decode vs native VAE Decode (Tiled): {diff:.2e}"
+    assert frames.std() > 1e-3  # a real decode, not a constant
+    return diff

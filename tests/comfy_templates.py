@@ -478,9 +478,9 @@ def _min_length(g: dict) -> int:
                ([MINIMAX_GUIDED_LENGTH] if guides else []))
 
 
-def _stand_ins(g: dict):
-    """Text encoders, CLIP vision, the Wan 2.2 VAE, audio encoders and SAM 3 replaced by the test nodes (see
-    tiny_variant)."""
+def _stand_ins(g: dict, wan22_vae: bool = False):
+    """Text encoders, CLIP vision, the Wan 2.2 VAE (unless `wan22_vae`: then a tiny file of its class), audio encoders
+    and SAM 3 replaced by the test nodes (see tiny_variant)."""
     for nid, node in list(g.items()):
         ct, inp = node["class_type"], node["inputs"]
         if ct == "CLIPTextEncode":
@@ -491,7 +491,7 @@ def _stand_ins(g: dict):
             siglip = "sigclip" in g.get(inp["clip_vision"][0], {}).get("inputs", {}).get("clip_name", "")
             g[nid] = {"class_type": "PditTestClipVision", "inputs": {"seed": 200 + _id_number(nid),
                                                                      **({"kind": "siglip_384"} if siglip else {})}}
-        elif ct == "VAELoader" and "2.2" in inp["vae_name"]:
+        elif ct == "VAELoader" and "2.2" in inp["vae_name"] and not wan22_vae:
             g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "wan2.2"}}
         elif ct == "VAELoader" and "hunyuanvideo15" in inp["vae_name"]:  # (1.5's VAE: 32 channels, 16x)
             g[nid] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "hunyuan_video_1.5"}}
@@ -579,6 +579,11 @@ def _latent_outputs(g: dict, prefix: str) -> dict:
     for i, samples in enumerate(saved):
         g[f"save{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": samples,
                                                                 "filename_prefix": f"{prefix}_{i}"}}
+    return _needed(g)
+
+
+def _needed(g: dict) -> dict:
+    """The nodes the "save*" outputs need (an Unconvertible error if one of them was dropped)."""
     keep, todo = set(), [k for k in g if k.startswith("save")]
     while todo:
         k = todo.pop()
@@ -632,6 +637,38 @@ def tiny_variant(api: dict, prefix: str) -> dict:
     _fewer_steps(g)
     _multitalk_files(g)
     return _latent_outputs(g, prefix)
+
+
+def tiny_decoded_variant(api: dict, prefix: str) -> dict:
+    """tiny_variant with the VAE decode kept: each VAE Decode's IMAGE saved as floats (the test node
+    PditTestSaveImage, under <prefix>_<i>) instead of the template's saves and previews, and the Wan 2.2 VAE kept as a
+    tiny file of ComfyUI's class (the server must build it at the file's width: comfy_host.tiny_vae_env)."""
+    g = copy.deepcopy(api)
+    _stand_ins(g, wan22_vae=True)
+    _smaller(g)
+    _fewer_steps(g)
+    _multitalk_files(g)
+    decoders = sorted((k for k, n in g.items() if n["class_type"] in ("VAEDecode", "VAEDecodeTiled")), key=_id_number)
+    for nid, node in list(g.items()):
+        if node["class_type"].startswith(("Save", "Preview", "CreateVideo")):
+            del g[nid]
+    for i, nid in enumerate(decoders):
+        g[f"save{i}"] = {"class_type": "PditTestSaveImage", "inputs": {"images": [nid, 0],
+                                                                       "filename_prefix": f"{prefix}_{i}"}}
+    return _needed(g)
+
+
+def parallel_vae_variant(g: dict, old_prefix: str, new_prefix: str, degrees: dict | None = None) -> dict:
+    """parallel_variant with each Load VAE replaced by Parallel VAE Loader (fp32) on the same Parallel Config, and the
+    PditTestSaveImage prefixes renamed."""
+    g = parallel_variant(g, old_prefix, new_prefix, degrees)
+    for nid, node in list(g.items()):
+        if node["class_type"] == "VAELoader":
+            g[nid] = {"class_type": "ParallelVAELoader", "inputs": {
+                "vae_name": node["inputs"]["vae_name"], "precision": "fp32", "parallel_config": ["pdit_config", 0]}}
+        elif node["class_type"] == "PditTestSaveImage":
+            node["inputs"]["filename_prefix"] = node["inputs"]["filename_prefix"].replace(old_prefix, new_prefix, 1)
+    return g
 
 
 def _multitalk_files(g: dict):
@@ -984,7 +1021,10 @@ def write_inputs(g: dict, base: str) -> dict:
             made.setdefault("latent_upscale_models", []).append(inp["model_name"])
         elif ct == "VAELoader":
             p = path_of("vae", inp["vae_name"])
-            if not os.path.exists(p):
+            if not os.path.exists(p) and "2.2" in inp["vae_name"]:  # (tiny_decoded_variant keeps it)
+                from parallel_backend.testing.synthetic import write_tiny_wan_vae
+                write_tiny_wan_vae(p, version="2.2")
+            elif not os.path.exists(p):
                 write_wan21_vae(p)
             made["vae"].append(inp["vae_name"])
         elif ct == "LoadImage":

@@ -133,6 +133,7 @@ NEGATIVE = "blurry, low quality, static, watermark, deformed, extra limbs"
 # from the boundary step on, two KSamplerAdvanced) with both experts loaded by Parallel Model Loaders on
 # one worker group. residency "resident": both experts stay on the ranks (2x weights per rank, no reload);
 # "swap": each expert is read again when its sampler starts (1x weights, two loads per prompt).
+# The decode runs on the same ranks (Parallel VAE Loader on the same Parallel Config).
 WAN22_A14B_T2V = {
     "title": "Wan 2.2 A14B text-to-video (high / low noise experts) on a parallel worker group",
     "nodes": [
@@ -156,7 +157,7 @@ WAN22_A14B_T2V = {
                                   "sampler_name": "euler", "scheduler": "simple", "positive": link(2),
                                   "negative": link(3), "latent_image": link(10), "start_at_step": 10,
                                   "end_at_step": 10000, "return_with_leftover_noise": "disable"}),
-        (12, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (12, "ParallelVAELoader", parallel_vae_loader("wan_2.1_vae.safetensors")),
         (13, "VAEDecode", {"samples": link(11), "vae": link(12)}),
         (14, "SaveAnimatedWEBP", {"images": link(13), "filename_prefix": "parallel_dit/wan22_a14b_t2v", "fps": 16.0,
                                   "lossless": False, "quality": 90, "method": "default"}),
@@ -165,6 +166,8 @@ WAN22_A14B_T2V = {
 
 # Wan 2.2 TI2V-5B: 48-channel latent from Wan22ImageToVideoLatent (Wan 2.2 VAE); with a start image the
 # first latent frame is kept clean and ComfyUI passes one timestep per latent frame (the pack handles it).
+# The decode runs on the DiT's ranks (Parallel VAE Loader); the start image's one-frame encode stays on Load VAE: it
+# may run before the DiT's loader has started the group, and the VAE loader would then start a second group for it.
 WAN22_TI2V_5B = {
     "title": "Wan 2.2 TI2V-5B text/image-to-video on a parallel worker group",
     "nodes": [
@@ -182,15 +185,17 @@ WAN22_TI2V_5B = {
         (10, "ParallelSampler", {"model": link(6), "seed": 42, "steps": 20, "cfg": 5.0, "sampler_name": "uni_pc",
                                  "scheduler": "simple", "positive": link(2), "negative": link(3),
                                  "latent_image": link(9), "denoise": 1.0}),
-        (11, "VAEDecode", {"samples": link(10), "vae": link(7)}),
+        (13, "ParallelVAELoader", parallel_vae_loader("wan2.2_vae.safetensors")),
+        (11, "VAEDecode", {"samples": link(10), "vae": link(13)}),
         (12, "SaveAnimatedWEBP", {"images": link(11), "filename_prefix": "parallel_dit/wan22_ti2v_5b", "fps": 24.0,
                                   "lossless": False, "quality": 90, "method": "default"}),
     ],
 }
 
 # Cosmos Predict2 2B text-to-image: ComfyUI's native Predict2 graph (old T5-XXL text encoder, EmptySD3LatentImage,
-# Wan 2.1 VAE) with the pack's three nodes in place of Load Diffusion Model and KSampler. For video-to-world, load a
-# Video2World file and take the latent from CosmosPredict2ImageToVideoLatent (start image) instead.
+# Wan 2.1 VAE, decoded on the DiT's ranks by the Parallel VAE Loader) with the pack's three nodes in place of Load
+# Diffusion Model and KSampler. For video-to-world, load a Video2World file and take the latent from
+# CosmosPredict2ImageToVideoLatent (start image, its encode on Load VAE) instead.
 COSMOS_PREDICT2_T2I = {
     "title": "Cosmos Predict2 2B text-to-image on a parallel worker group",
     "nodes": [
@@ -205,7 +210,7 @@ COSMOS_PREDICT2_T2I = {
         (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 35, "cfg": 4.0, "sampler_name": "euler",
                                 "scheduler": "simple", "positive": link(2), "negative": link(3),
                                 "latent_image": link(6), "denoise": 1.0}),
-        (8, "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        (8, "ParallelVAELoader", parallel_vae_loader("wan_2.1_vae.safetensors")),
         (9, "VAEDecode", {"samples": link(7), "vae": link(8)}),
         (10, "SaveImage", {"images": link(9), "filename_prefix": "parallel_dit/cosmos_predict2_t2i"}),
     ],
@@ -281,13 +286,14 @@ HUNYUAN15_T2V = {
         (8, "ParallelSampler", {"model": link(6), "seed": 42, "steps": 20, "cfg": 6.0, "sampler_name": "euler",
                                 "scheduler": "simple", "positive": link(2), "negative": link(3),
                                 "latent_image": link(7), "denoise": 1.0}),
-        (9, "VAELoader", {"vae_name": "hunyuanvideo15_vae_fp16.safetensors"}),
+        (9, "ParallelVAELoader", parallel_vae_loader("hunyuanvideo15_vae_fp16.safetensors")),
         (10, "VAEDecode", {"samples": link(8), "vae": link(9)}),
         (11, "SaveAnimatedWEBP", {"images": link(10), "filename_prefix": "parallel_dit/hunyuan_video15_t2v",
                                   "fps": 24.0, "lossless": False, "quality": 90, "method": "default"}),
     ],
 }
-# I2V: the start image VAE-encoded and its SigLIP tokens, through HunyuanVideo15ImageToVideo
+# I2V: the start image VAE-encoded (on Load VAE, as TI2V-5B's) and its SigLIP tokens, through
+# HunyuanVideo15ImageToVideo; the decode on the DiT's ranks (Parallel VAE Loader), as in T2V
 HUNYUAN15_I2V = {
     "title": "HunyuanVideo 1.5 image-to-video on a parallel worker group",
     "nodes": [
@@ -308,7 +314,8 @@ HUNYUAN15_I2V = {
         (12, "ParallelSampler", {"model": link(6), "seed": 42, "steps": 20, "cfg": 6.0, "sampler_name": "euler",
                                  "scheduler": "simple", "positive": link(11, 0), "negative": link(11, 1),
                                  "latent_image": link(11, 2), "denoise": 1.0}),
-        (13, "VAEDecode", {"samples": link(12), "vae": link(10)}),
+        (15, "ParallelVAELoader", parallel_vae_loader("hunyuanvideo15_vae_fp16.safetensors")),
+        (13, "VAEDecode", {"samples": link(12), "vae": link(15)}),
         (14, "SaveAnimatedWEBP", {"images": link(13), "filename_prefix": "parallel_dit/hunyuan_video15_i2v",
                                   "fps": 24.0, "lossless": False, "quality": 90, "method": "default"}),
     ],

@@ -16,12 +16,20 @@ import contextlib
 
 import torch
 
-# first stage model class (module.qualname) -> what the pack knows of it. "dims": the tiled path ComfyUI takes for it
-# (3: decode_tiled_3d / encode_tiled_3d, time and space). A VAE not listed is refused by its class name.
+# first stage model kind (vae_kind: its class, module.qualname, and for ComfyUI's generic autoencoder classes their
+# decoder's) -> what the pack knows of it. "dims": the tiled path ComfyUI takes for it (3: decode_tiled_3d /
+# encode_tiled_3d, time and space). A VAE not listed is refused by that name. Each listed VAE decodes and encodes
+# deterministically per tile (no noise drawn: LTX-Video's timestep-conditioned decoder draws unseeded noise).
 SPLITS = {
     "comfy.ldm.wan.vae.WanVAE": {"name": "Wan 2.1 VAE", "dims": 3},
     "comfy.ldm.wan.vae2_2.WanVAE": {"name": "Wan 2.2 VAE", "dims": 3},
+    "comfy.ldm.models.autoencoder.AutoencoderKL[comfy.ldm.modules.diffusionmodules.model.Decoder, 3-D]":
+        {"name": "HunyuanVideo 1.0 VAE (also Kandinsky 5's)", "dims": 3},
+    "comfy.ldm.models.autoencoder.AutoencodingEngine[comfy.ldm.hunyuan_video.vae_refiner.Decoder, causal]":
+        {"name": "HunyuanVideo 1.5 VAE", "dims": 3},
 }
+# ComfyUI classes that hold many VAEs (SD, Flux, HunyuanVideo...): told apart by their decoder
+GENERIC = ("comfy.ldm.models.autoencoder.AutoencoderKL", "comfy.ldm.models.autoencoder.AutoencodingEngine")
 
 
 class VAERefused(ValueError):
@@ -33,9 +41,24 @@ def class_path(module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def vae_kind(module) -> str:
+    """A first stage model's SPLITS key: its class, and for GENERIC classes the decoder's class and how it convolves
+    (3-D convs; vae_refiner's causal chunks)."""
+    path = class_path(module)
+    decoder = getattr(module, "decoder", None)
+    if path not in GENERIC or decoder is None:
+        return path
+    traits = [class_path(decoder)]
+    if isinstance(getattr(module, "post_quant_conv", None), torch.nn.Conv3d):
+        traits.append("3-D")
+    if getattr(decoder, "refiner_vae", False):
+        traits.append("causal")
+    return f"{path}[{', '.join(traits)}]"
+
+
 def split_of(first_stage_model) -> dict:
-    """The SPLITS entry for a host VAE's model, or VAERefused naming its class."""
-    path = class_path(first_stage_model)
+    """The SPLITS entry for a host VAE's model, or VAERefused naming its kind."""
+    path = vae_kind(first_stage_model)
     split = SPLITS.get(path)
     if split is None:
         known = ", ".join(s["name"] for s in SPLITS.values())

@@ -5,6 +5,7 @@ shapes with few blocks) are written here in ComfyUI's / the original release's k
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -1059,3 +1060,67 @@ def wan22_vae_width():
     def narrow(**kwargs):
         return real(**{**kwargs, **TINY_WAN22_VAE})
     return mock.patch.object(wan_vae, "WanVAE", narrow)
+
+
+# HunyuanVideo's VAEs: ComfyUI's detection fixes their widths too (1.0, Kandinsky 5's: AutoencoderKL with 3-D convs,
+# ch 128, 246 M parameters; 1.5: AutoencodingEngine with the vae_refiner encoder / decoder, 1024 wide)
+TINY_HUNYUAN_VIDEO_VAE = {"ch": 32}  # GroupNorm's 32 groups: widths 32, 64, 128, 128
+TINY_HUNYUAN_VIDEO15_VAE = {"block_out_channels": [8, 8, 16, 32, 64]}
+
+
+def _hunyuan_vae(version: str, **narrow):
+    """ComfyUI's class for a HunyuanVideo VAE, built as its detection builds it (comfy.sd) with `narrow` widths."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
+    if version == "1.0":
+        ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+                    "conv3d": True, "time_compress": 4, **narrow}
+        return AutoencoderKL(ddconfig=ddconfig, embed_dim=16)
+    ddconfig = {"block_out_channels": [128, 256, 512, 1024, 1024], "in_channels": 3, "out_channels": 3,
+                "num_res_blocks": 2, "ffactor_spatial": 16, "ffactor_temporal": 4, "downsample_match_channel": True,
+                "upsample_match_channel": True, "z_channels": 32, **narrow}
+    return AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.EmptyRegularizer"},
+        encoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Decoder", "params": ddconfig})
+
+
+def write_tiny_hunyuan_video_vae(path: str, version: str = "1.5", seed: int = 13) -> str:
+    """A random HunyuanVideo VAE of ComfyUI's class at TINY_HUNYUAN_VIDEO_VAE's / TINY_HUNYUAN_VIDEO15_VAE's widths
+    (1.0, also Kandinsky 5's; or 1.5): loads through comfy.sd.VAE within tiny_vae_widths()."""
+    narrow = TINY_HUNYUAN_VIDEO_VAE if version == "1.0" else TINY_HUNYUAN_VIDEO15_VAE
+    with torch.device("meta"):
+        vae = _hunyuan_vae(version, **narrow)
+    g = torch.Generator().manual_seed(seed)
+
+    def make(k, s):  # norm weights (GroupNorm / RMS_norm gamma) are ones plus noise
+        norm = k.endswith("gamma") or (".norm" in k and k.endswith("weight"))
+        return 1.0 + 0.1 * torch.randn(s, generator=g) if norm else random_tensor(k, s, g)
+
+    shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    entries = [(k, s, torch.float32, lambda k=k, s=s: make(k, s)) for k, s in shapes.items()]
+    return write_safetensors_stream(path, entries)
+
+
+@contextlib.contextmanager
+def tiny_vae_widths():
+    """Within: ComfyUI's detection builds the Wan 2.2 and HunyuanVideo 1.0 / 1.5 VAEs at the tiny writers' widths (its
+    own classes and code otherwise), so their tiny files load through comfy.sd.VAE. Tests only."""
+    from unittest import mock
+
+    import comfy.sd
+    kl, engine = comfy.sd.AutoencoderKL, comfy.sd.AutoencodingEngine
+
+    def narrow_kl(ddconfig, **kwargs):
+        if ddconfig.get("conv3d"):
+            ddconfig = {**ddconfig, **TINY_HUNYUAN_VIDEO_VAE}
+        return kl(ddconfig=ddconfig, **kwargs)
+
+    def narrow_engine(**kwargs):
+        for part in ("encoder_config", "decoder_config"):
+            if kwargs[part]["target"].startswith("comfy.ldm.hunyuan_video.vae_refiner."):
+                kwargs[part] = {**kwargs[part], "params": {**kwargs[part]["params"], **TINY_HUNYUAN_VIDEO15_VAE}}
+        return engine(**kwargs)
+    with wan22_vae_width(), mock.patch.object(comfy.sd, "AutoencoderKL", narrow_kl), \
+            mock.patch.object(comfy.sd, "AutoencodingEngine", narrow_engine):
+        yield

@@ -1,7 +1,8 @@
 """Test-only ComfyUI nodes (never registered by the pack): stand-ins for the umt5 text encoder (and a text encoder
 object for nodes that take the CLIP itself), CLIP vision, the
 Wan 2.2 VAE's encoder, the wav2vec2 audio encoders and SAM 3, which cannot be downloaded where the tests run, and
-ComfyUI's native Cosmos Predict2 and Cosmos 1.0 models for a tiny file (which ComfyUI's own loader cannot size)."""
+ComfyUI's native Cosmos Predict2 and Cosmos 1.0 models for a tiny file (which ComfyUI's own loader cannot size); and
+an IMAGE saved as its float tensor."""
 import math
 
 import torch
@@ -340,9 +341,38 @@ class PditTestTextEncoder:
         return (_FakeTextEncoder(width),)
 
 
+class PditTestSaveImage:
+    """Saves an IMAGE as the float tensor it is (output/<prefix>_<n>.image.safetensors): a decode compared exactly,
+    not through an 8-bit PNG."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE", {"tooltip": "the decoded frames"}),
+                             "filename_prefix": ("STRING", {"default": "images/test", "tooltip": "under output/"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, images, filename_prefix):
+        import os
+
+        import folder_paths
+        from safetensors.torch import save_file
+        base = os.path.join(folder_paths.get_output_directory(), filename_prefix)
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        n = 1
+        while os.path.exists(f"{base}_{n:05}.image.safetensors"):
+            n += 1
+        save_file({"image": images.float().contiguous().cpu()}, f"{base}_{n:05}.image.safetensors")
+        return {}
+
+
 NODE_CLASS_MAPPINGS = {"PditTestConditioning": PditTestConditioning, "PditTestVAE": PditTestVAE,
                        "PditTestTextEncoder": PditTestTextEncoder,
                        "PditTestClipVision": PditTestClipVision,
                        "PditTestCosmosPredict2Loader": PditTestCosmosPredict2Loader,
                        "PditTestCosmos1Loader": PditTestCosmos1Loader, "PditTestAudioEncoding": PditTestAudioEncoding,
-                       "PditTestSAM3Detect": PditTestSAM3Detect, "PditTestSAM3Track": PditTestSAM3Track}
+                       "PditTestSAM3Detect": PditTestSAM3Detect, "PditTestSAM3Track": PditTestSAM3Track,
+                       "PditTestSaveImage": PditTestSaveImage}

@@ -11,7 +11,6 @@ from parallel_backend.testing.synthetic import write_tiny_wan, write_tiny_wan_va
 pytestmark = [pytest.mark.e2e, pytest.mark.multirank]
 MODEL, VAE = "tiny_wan_vae_e2e.safetensors", "tiny_wan21_vae_e2e.safetensors"
 TOL = 1e-4
-TILED = {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}
 
 
 def _with_vae(shipped: dict, graph: dict, prefix: str) -> dict:
@@ -29,17 +28,8 @@ def _with_vae(shipped: dict, graph: dict, prefix: str) -> dict:
 
 
 def _native(g: dict, prefix: str) -> dict:
-    g = comfy_host.native_variant(g)
-    for nid, node in g.items():
-        ct, inp = node["class_type"], node["inputs"]
-        if ct == "ParallelVAELoader":
-            g[nid] = {"class_type": "VAELoader", "inputs": {"vae_name": inp["vae_name"]}}
-        elif ct == "VAEDecode":
-            g[nid] = {"class_type": "VAEDecodeTiled", "inputs": {**inp, **TILED}}
-        elif ct == "VAEEncode":
-            g[nid] = {"class_type": "VAEEncodeTiled", "inputs": {**inp, **TILED}}
-        elif nid == "91":
-            inp["filename_prefix"] = prefix
+    g = comfy_host.native_vae_nodes(comfy_host.native_variant(g))
+    g["91"]["inputs"]["filename_prefix"] = prefix
     return g
 
 

@@ -6,7 +6,8 @@ PditTestCosmosPredict2Loader (tests/comfy_test_nodes: ComfyUI's detection plus t
 sampled by the native KSampler in the same server, from the same graph (same seed, conditioning and latent).
 
 - text-to-image: the shipped graph (EmptySD3LatentImage: a 4-D latent ComfyUI gives a frame axis), 15 latent
-  tokens (ragged on ulysses 2);
+  tokens (ragged on ulysses 2), its VAE Decode fed by the Parallel VAE Loader (ComfyUI's Wan 2.1 VAE class, a tiny
+  file) against Load VAE + VAE Decode (Tiled) at that node's default widgets;
 - video-to-world: the same graph on a Video2World file with CosmosPredict2ImageToVideoLatent and a start
   image (fake Wan 2.1-shaped VAE encoder): 17 input channels (ComfyUI's mask concat through the MODEL the
   pack builds from the family's ComfyUI model class) and one timestep per latent frame.
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import comfy_host
-from parallel_backend.testing.synthetic import write_tiny_cosmos
+from parallel_backend.testing.synthetic import write_tiny_cosmos, write_tiny_wan_vae
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multirank]
 T2I, V2W = "tiny_cosmos_predict2_t2i.safetensors", "tiny_cosmos_predict2_v2w.safetensors"
@@ -35,7 +36,7 @@ def _native(graph, model_name, prefix):
 
 def _v2w(api, seed, prefix):
     g = {k: dict(v, inputs=dict(v["inputs"])) for k, v in api.items()}
-    vae = next(k for k, v in g.items() if v["class_type"] == "VAELoader")
+    vae = next(k for k, v in g.items() if v["class_type"] in ("VAELoader", "ParallelVAELoader"))
     g[vae] = {"class_type": "PditTestVAE", "inputs": {"seed": 7, "kind": "wan2.1"}}
     g["90"] = {"class_type": "LoadImage", "inputs": {"image": "start.png"}}
     for node in g.values():
@@ -58,7 +59,9 @@ def test_cosmos_predict2_workflow_through_prompt_queue(tmp_path):
     d = tmp_path / "models"
     d.mkdir()
     files = [write_tiny_cosmos(str(d / T2I), seed=31), write_tiny_cosmos(str(d / V2W), seed=32, preset="tiny-v2w")]
-    base = comfy_host.make_base_dir(str(tmp_path / "comfy"), {"diffusion_models": files})
+    comfy_host.import_comfy()
+    vae = write_tiny_wan_vae(str(d / "wan_2.1_vae.safetensors"))  # the name the shipped graph loads
+    base = comfy_host.make_base_dir(str(tmp_path / "comfy"), {"diffusion_models": files, "vae": [vae]})
     ramp = torch.linspace(0, 255, 48 * 80).reshape(48, 80, 1).expand(48, 80, 3).to(torch.uint8).contiguous().numpy()
     Image.fromarray(ramp).save(os.path.join(base, "input", "start.png"))
     shipped = comfy_host.load_workflow("cosmos_predict2_t2i_parallel_api.json")
@@ -73,13 +76,17 @@ def test_cosmos_predict2_workflow_through_prompt_queue(tmp_path):
                                                   for k, v in shipped.items()}
 
         # text-to-image: latent (1, 16, 1, 6, 10) after ComfyUI adds the frame axis
-        graph = comfy_host.tiny_cpu_variant(shipped, T2I, seed=3, width=80, height=48, text_width=1024,
-                                            prefix="latents/t2i")
-        out = _run(server, base, graph, "latents/t2i")
-        ref = _run(server, base, _native(graph, T2I, "latents/t2i_native"), "latents/t2i_native")
+        # its VAE Decode on the Parallel VAE Loader as shipped vs Load VAE + VAE Decode (Tiled) (tiny Wan 2.1 VAE)
+        def t2i(prefix):
+            return comfy_host.keep_vae_nodes(shipped, comfy_host.tiny_cpu_variant(
+                shipped, T2I, seed=3, width=80, height=48, text_width=1024, prefix=prefix), prefix)
+        out = _run(server, base, t2i("latents/t2i"), "latents/t2i")
+        native = comfy_host.native_vae_nodes(_native(t2i("latents/t2i_native"), T2I, "latents/t2i_native"))
+        ref = _run(server, base, native, "latents/t2i_native")
         assert out.shape == ref.shape == (1, 16, 1, 6, 10)
         d_t2i = (out - ref).abs().max().item()
         assert d_t2i <= TOL, f"Cosmos Predict2 t2i parallel vs native: {d_t2i:.2e}"
+        d_frames = comfy_host.frames_diff(base, "latents/t2i", "latents/t2i_native", (1, 48, 80, 3), TOL)
         assert out.abs().mean() > 0.1
         log = open(server.log_path).read()
         assert "as CosmosT2IPredict2 on" in log, log[-3000:]
@@ -92,5 +99,5 @@ def test_cosmos_predict2_workflow_through_prompt_queue(tmp_path):
         d_v2w = (out - ref).abs().max().item()
         assert d_v2w <= TOL, f"Cosmos Predict2 video-to-world parallel vs native: {d_v2w:.2e}"
         assert "as CosmosI2VPredict2 on" in open(server.log_path).read()
-        print(f"queue, 2 CPU ranks (ulysses2) vs ComfyUI's native Predict2 + KSampler: t2i {d_t2i:.2e}, "
-              f"video-to-world {d_v2w:.2e}")
+        print(f"queue, 2 CPU ranks (ulysses2) vs ComfyUI's native Predict2 + KSampler: t2i {d_t2i:.2e} (its "
+              f"Parallel VAE decode {d_frames:.2e}), video-to-world {d_v2w:.2e}")

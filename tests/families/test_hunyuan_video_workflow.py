@@ -9,7 +9,9 @@ of 1152), so the native UNETLoader is the oracle. The text is 12 Qwen tokens and
 (1, 32, 3, 5, 7); on tp2 each rank holds one of the 2 heads and its share of the fused single-block layers. I2V runs
 ComfyUI's HunyuanVideo15ImageToVideo on a start image (test VAE of the 1.5 VAE's shapes: 32 channels, 16x) and SigLIP
 tokens (test CLIP vision: 729 x 1152): its concat_cond reads the image / mask channels off the proxy's
-img_in.proj.weight. (The templates in test_templates.py run 1.5 T2V / I2V and 1.0 T2V on ulysses2.)
+img_in.proj.weight. Its VAE Decode is fed by the Parallel VAE Loader as shipped (a tiny 1.5 VAE of ComfyUI's class,
+built at the file's width in the server and its ranks: tests/comfy_site): the frames equal Load VAE + VAE Decode
+(Tiled) at that node's default widgets. (The templates in test_templates.py run 1.5 T2V / I2V and 1.0 T2V on ulysses2.)
 
 LoRA: a LoRA in the diffusion-pipe layout ComfyUI reads for this class (every double / single block linear, the fused
 single-block ones included) on an fp8_scaled copy of the file, on tp2 (each rank merges its rows / columns of the
@@ -22,7 +24,8 @@ import pytest
 import torch
 
 import comfy_host
-from parallel_backend.testing.synthetic import write_fp8_variant, write_hunyuan_video_lora, write_tiny_hunyuan_video
+from parallel_backend.testing.synthetic import (write_fp8_variant, write_hunyuan_video_lora, write_tiny_hunyuan_video,
+                                                write_tiny_hunyuan_video_vae)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multirank]
 MODEL = "tiny_hunyuan_video15.safetensors"
@@ -56,9 +59,10 @@ def _i2v(api: dict, image: str) -> dict:
             node["inputs"]["image"] = image
         elif ct == "HunyuanVideo15ImageToVideo":
             node["inputs"].update(SIZE)
-    g = comfy_host.tiny_cpu_variant(g, MODEL, seed=4, steps=3, prefix="latents/hy_i2v", text_width=64, degrees=MESH)
-    _texts(g)
-    return g
+    tiny = comfy_host.tiny_cpu_variant(g, MODEL, seed=4, steps=3, prefix="latents/hy_i2v", text_width=64,
+                                       degrees=MESH)
+    _texts(tiny)
+    return comfy_host.keep_vae_nodes(g, tiny, "latents/hy_i2v")  # VAE Decode on the Parallel VAE Loader, as shipped
 
 
 def _run(server, base, graph, prefix):
@@ -81,11 +85,13 @@ def server(tmp_path_factory):
     model = write_tiny_hunyuan_video(str(d / MODEL), seed=41)
     write_fp8_variant(model, str(d / FP8_MODEL), scaled=True)
     write_hunyuan_video_lora(str(d / LORA), model, seed=42)
+    comfy_host.import_comfy()
+    vae = write_tiny_hunyuan_video_vae(str(d / "hunyuanvideo15_vae_fp16.safetensors"), version="1.5")  # shipped name
     base = comfy_host.make_base_dir(str(d / "comfy"), {"diffusion_models": [model, str(d / FP8_MODEL)],
-                                                       "loras": [str(d / LORA)]})
+                                                       "loras": [str(d / LORA)], "vae": [vae]})
     ramp = torch.linspace(0, 255, 80 * 112).reshape(80, 112, 1).expand(80, 112, 3).to(torch.uint8).contiguous()
     Image.fromarray(ramp.numpy()).save(os.path.join(base, "input", "start.png"))
-    with comfy_host.ComfyServer(base) as s:
+    with comfy_host.ComfyServer(base, env=comfy_host.tiny_vae_env()) as s:  # the 1.5 VAE at the tiny file's width
         yield s, base
 
 
@@ -98,12 +104,15 @@ def test_hunyuan_video15_i2v_through_prompt_queue(server):
     assert "HunyuanVideo15ImageToVideo" in {n["class_type"] for n in i2v.values()}
     graph = _i2v(i2v, "start.png")
     out = _run(server, base, graph, "latents/hy_i2v")
-    ref = _run(server, base, comfy_host.native_variant(graph, prefix="latents/hy_i2v_native"),
-               "latents/hy_i2v_native")
+    native = comfy_host.native_vae_nodes(comfy_host.native_variant(graph, prefix="latents/hy_i2v_native"))
+    native["90"]["inputs"]["filename_prefix"] = "latents/hy_i2v_native_frames"
+    ref = _run(server, base, native, "latents/hy_i2v_native")
     log = open(server.log_path).read()
     assert out.shape == ref.shape == (1, 32, 3, 5, 7) and out.abs().mean() > 0.1
     diff = (out - ref).abs().max().item()
-    print(f"HunyuanVideo 1.5 I2V queue, 2 CPU ranks (tp2) vs native UNETLoader + KSampler: {diff:.2e}")
+    frames = comfy_host.frames_diff(base, "latents/hy_i2v", "latents/hy_i2v_native", (9, 80, 112, 3), TOL)
+    print(f"HunyuanVideo 1.5 I2V queue, 2 CPU ranks (tp2) vs native UNETLoader + KSampler: {diff:.2e}; its "
+          f"Parallel VAE decode vs Load VAE + VAE Decode (Tiled): {frames:.2e}")
     assert diff <= TOL
     assert "as HunyuanVideo15 on" in log, log[-3000:]
 

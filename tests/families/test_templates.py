@@ -381,7 +381,7 @@ RESULTS = {}
 def host(tmp_path_factory):
     comfy_host.import_comfy()  # the tiny files are built from ComfyUI's own model classes
     base = comfy_host.make_base_dir(str(tmp_path_factory.mktemp("templates") / "comfy"))
-    with comfy_host.ComfyServer(base) as server:
+    with comfy_host.ComfyServer(base, env=comfy_host.tiny_vae_env()) as server:  # (test_template_vae_swapped)
         yield server, base, server.get("/object_info", timeout=60)
     if RESULTS:
         print(f"\nComfyUI {HOST} templates on 2 CPU ranks (ulysses 2; ring 2 beside the InfiniteTalk patch) vs native:")
@@ -499,3 +499,35 @@ def test_template_runs(host, name):
         return
     tol = expected[1] if len(expected) > 1 else TOL
     assert diff <= tol, f"{name}: parallel vs native max abs diff {diff:.2e}"
+
+
+# ---- the same templates with the VAE loader swapped too ----------------------------------------------------------
+VAE_SWAPPED = ["text_to_video_wan", "image_to_video_wan", "video_wan2_2_5B_ti2v"]
+VAE_TOL = 1e-4  # decoded frames (0..1), from latents within TOL through a tiny random VAE (measured ~2e-6)
+
+
+@pytest.mark.parametrize("name", VAE_SWAPPED)
+def test_template_vae_swapped(host, name):
+    """The template with its decode kept (comfy_templates.tiny_decoded_variant: tiny Wan 2.1 / 2.2 VAE files of
+    ComfyUI's classes), natively and with each UNETLoader and each Load VAE swapped for the pack's loaders on one
+    Parallel Config: the VAE's encodes and decodes run on the DiT's ranks. The decoded frames agree within VAE_TOL."""
+    server, base, info = host
+    graph = ct.tiny_decoded_variant(ct.convert(ct.load_template(name), info), f"templates/{name}/vae_native")
+    ct.write_inputs(graph, base)
+    status, err = _run(server, graph)
+    assert status == "success", f"{name}: native run failed: {err}\n{server.log_tail()}"
+    par = ct.parallel_vae_variant(graph, "/vae_native", "/vae_parallel", ct.parallel_degrees(graph))
+    assert any(n["class_type"] == "ParallelVAELoader" for n in par.values())
+    status, err = _run(server, par)
+    assert status == "success", f"{name}: the pack's run failed: {err}\n{server.log_tail()}"
+    diffs = []
+    for node in graph.values():
+        if node["class_type"] == "PditTestSaveImage":
+            prefix = node["inputs"]["filename_prefix"]
+            ref = comfy_host.saved_image(base, prefix)
+            out = comfy_host.saved_image(base, prefix.replace("/vae_native", "/vae_parallel", 1))
+            assert out.shape == ref.shape and ref.std() > 1e-3, (name, out.shape, ref.shape)
+            diffs.append((out - ref).abs().max().item())
+    assert diffs, f"{name}: no decoded frames"
+    RESULTS[f"{name} (Parallel VAE Loader)"] = f"frames max diff {max(diffs):.1e}, {ref.shape[0]} frames"
+    assert max(diffs) <= VAE_TOL, f"{name}: decoded frames, parallel DiT + VAE vs native: {max(diffs):.2e}"

@@ -3,8 +3,11 @@ encode of the same file: the ranks' shares summed, then ComfyUI's process_output
 `vae.encode_tiled` with the same tile settings to TOL (fp32). Tile grids of 10 and 6 tiles (time x width; 10 = 5 / 5 and
 4 / 3 / 3 over the ranks), encode grids of 5 and 3 and one tile per batch row (a latent smaller than a tile: rank 2 of 3 gets none).
 
-Tiny random Wan 2.1 (width 16) and Wan 2.2 (ComfyUI's class narrowed to width 16 / 32: its detection fixes the
-release widths) VAE files; ranks forked once per world size (module fixtures).
+Tiny random Wan 2.1 (width 16), Wan 2.2 (ComfyUI's class narrowed to width 16 / 32: its detection fixes the
+release widths), HunyuanVideo 1.0 (Kandinsky 5's too; AutoencoderKL with 3-D convs, width 32) and HunyuanVideo 1.5
+(the vae_refiner autoencoder, widths 8..64) VAE files (synthetic.tiny_vae_widths narrows ComfyUI's detection); ranks
+forked once per world size (module fixtures). A VAE of ComfyUI's generic classes that is none of those (an SD / Flux
+image VAE) is refused by its kind.
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ CASES = {
                               None, None),
     "wan22_grid": ("2.2", (1, 48, 3, 2, 7), dict(tile_x=3, tile_y=3, overlap=1, tile_t=2, overlap_t=1),
                    (5, 32, 64), dict(tile_x=32, tile_y=32, overlap=16, tile_t=4, overlap_t=4)),
+    # HunyuanVideo 1.0 (Kandinsky 5's too) and 1.5: 5 decode tiles (2 / 2 / 1 on 3 ranks), 4 and 2 encode tiles
+    "hunyuan_video_grid": ("hv1.0", (1, 16, 3, 2, 6), dict(tile_x=2, tile_y=2, overlap=1, tile_t=4, overlap_t=1),
+                           (5, 16, 40), dict(tile_x=16, tile_y=16, overlap=8, tile_t=4, overlap_t=4)),
+    "hunyuan_video15_grid": ("hv1.5", (1, 32, 3, 2, 6), dict(tile_x=2, tile_y=2, overlap=1, tile_t=4, overlap_t=1),
+                             (5, 32, 48), dict(tile_x=32, tile_y=32, overlap=16, tile_t=4, overlap_t=4)),
 }
 
 
@@ -36,11 +44,9 @@ def _inputs(name):
 
 def _host_vae(path, version, device):
     from parallel_backend.models.vae import build_host_vae
-    from parallel_backend.testing.synthetic import wan22_vae_width
-    if version == "2.2":
-        with wan22_vae_width():
-            return build_host_vae(path, "fp32", device)
-    return build_host_vae(path, "fp32", device)
+    from parallel_backend.testing.synthetic import tiny_vae_widths
+    with tiny_vae_widths():
+        return build_host_vae(path, "fp32", device)
 
 
 def _rank_fn(mesh, paths):
@@ -65,9 +71,12 @@ def _rank_fn(mesh, paths):
 def paths(tmp_path_factory):
     import comfy_host
     comfy_host.import_comfy()
-    from parallel_backend.testing.synthetic import write_tiny_wan_vae
+    from parallel_backend.testing.synthetic import write_tiny_hunyuan_video_vae, write_tiny_wan_vae
     d = tmp_path_factory.mktemp("vae")
-    return {v: write_tiny_wan_vae(str(d / f"wan{v}_vae.safetensors"), version=v) for v in ("2.1", "2.2")}
+    paths = {v: write_tiny_wan_vae(str(d / f"wan{v}_vae.safetensors"), version=v) for v in ("2.1", "2.2")}
+    for v in ("1.0", "1.5"):
+        paths["hv" + v] = write_tiny_hunyuan_video_vae(str(d / f"hunyuan_video{v}_vae.safetensors"), version=v)
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +122,19 @@ def test_a_vae_the_pack_cannot_split_is_refused_by_name():
     from parallel_backend.models.vae import VAERefused, split_of
     with pytest.raises(VAERefused, match=r"cannot split this VAE \(torch.nn.modules.linear.Linear\).*Load VAE"):
         split_of(nn.Linear(2, 2))
+
+
+def test_an_image_vae_of_comfyuis_generic_class_is_refused_by_its_kind():
+    """SD / Flux VAEs share AutoencoderKL / AutoencodingEngine with HunyuanVideo's: their 2-D decoder is not split."""
+    import comfy_host
+    comfy_host.import_comfy()
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    from parallel_backend.models.vae import VAERefused, split_of
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        sd_vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    with pytest.raises(VAERefused, match=r"\(comfy.ldm.models.autoencoder.AutoencoderKL\[comfy.ldm.modules."
+                                         r"diffusionmodules.model.Decoder\]\).*HunyuanVideo 1.5 VAE"):
+        split_of(sd_vae)
