@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .config import AXES, WEIGHT_MODES, ConfigError, ParallelConfig, rank_coords, validate_config, validate_for_model
 from .parallel.pipeline import stage_ranges
-from .parallel.traffic import ring_bytes, tensor_parallel_bytes, ulysses_bytes, weight_gather_bytes
+from .parallel.traffic import output_gather_bytes, ring_bytes, tensor_parallel_bytes, ulysses_bytes, weight_gather_bytes
 from .weights.reads import held_bytes
 
 
@@ -537,6 +537,7 @@ class CallShape:
     tokens: int
     rows: int
     elt: int = 2
+    out_per_token: int = 0  # output values per token (out channels x patch volume): the split's final gather
 
 
 @dataclass(frozen=True)
@@ -604,6 +605,8 @@ def predict_call_seconds(p: Placement, call: CallShape, measured: Measured, acro
     if tp > 1:
         seconds += tensor_parallel_bytes(call.tokens / share * tp, call.dim, call.layers, tp, rows, call.elt) / \
             a2a_bw + 3 * call.layers * a2a_lat
+    if u * r > 1:  # the sequence split's output, gathered once per forward
+        seconds += output_gather_bytes(call.tokens, call.out_per_token, u * r, rows, call.elt) / a2a_bw + a2a_lat
     if pp > 1:
         sent = call.tokens / (u * r) * call.dim * call.elt
         seconds += (pp - 1) * rows * (sent / p2p_bw + p2p_lat)

@@ -26,3 +26,9 @@ def ring_bytes(tokens: int, dim: int, layers: int, r: int, rows: int = 1, elt: i
     """Ring attention over `r` ranks: per block r - 1 steps, each passing a rank's K and V share
     (2 x rows x tokens / r x dim) to the next rank."""
     return (r - 1) * 2 * rows * tokens / r * dim * elt * layers
+
+
+def output_gather_bytes(tokens: int, out_per_token: int, n: int, rows: int = 1, elt: int = 2) -> float:
+    """A sequence split over `n` ranks gathers the model's output once per forward: each rank sends its
+    (rows x tokens / n) tokens' `out_per_token` values to the n - 1 others (bench/comm_volume.py's "outside")."""
+    return rows * tokens / n * out_per_token * elt * (n - 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -552,7 +553,8 @@ class WorkerGroup:
         if rows >= self.config.replica_degree or not self.links:
             return None
         call = CallShape(info["num_heads"] * info["head_dim"], info["num_heads"], info["num_layers"],
-                         latent_tokens(tuple(x.shape), info["patch_size"]), rows, 4 if self.config.dtype == "fp32" else 2)
+                         latent_tokens(tuple(x.shape), info["patch_size"]), rows, 4 if self.config.dtype == "fp32" else 2,
+                         info["out_channels"] * math.prod(info["patch_size"]))
         measured = self.measure(info, call.tokens, context.shape[1] if context.dim() > 2 else 1)
         fold, seconds = choose_fold(self.config, call, measured)
         chosen = next(p for p in fold_choices(self.config, rows, call.heads) if p.fold == fold)

@@ -1,0 +1,63 @@
+"""runtime/link_probe.py on 2 gloo ranks: the links' probe (within its budget, and seeing a link slowed on purpose
+through the PDIT_EMULATE_LINK knob the collectives honour) and the synthetic block's timing per sequence share."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from parallel_backend.config import ParallelConfig
+from parallel_backend.parallel.collectives import emulate_link, parse_emulated_link
+
+pytestmark = pytest.mark.engine  # no ComfyUI here: runs on one host only
+PROBE_BUDGET_S = 0.5  # what a group start may spend measuring its links (CPU ranks; GPUs are faster)
+
+
+def _probe(mesh, emulate: str):
+    from parallel_backend.runtime.link_probe import probe_links
+    os.environ["PDIT_EMULATE_LINK"] = emulate  # a forkserver child: the knob as a rank would inherit it
+    return probe_links(mesh.config.world_size, mesh.config.local_ranks, mesh.device)
+
+
+@pytest.fixture(scope="module")
+def probes():
+    from parallel_backend.testing.spmd import run_on_ranks
+    config = ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype="fp32")
+    return {e: run_on_ranks(_probe, config, e) for e in ("", "gbit=0.5,delay_ms=5")}
+
+
+def test_probe_measures_every_link_class_within_its_budget(probes):
+    plain = probes[""]
+    same = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert same(plain[0]) == same(plain[1])  # every rank keeps the slowest of each class: the same numbers
+    for kind in ("all_to_all", "p2p"):
+        assert plain[0][kind]["bandwidth"] > 0.5e9 / 8 and 0 < plain[0][kind]["latency"] < 5e-3
+    assert "p2p_across" not in plain[0]  # one node
+    assert plain[0]["seconds"] < PROBE_BUDGET_S
+
+
+def test_probe_sees_a_link_slowed_on_purpose(probes):
+    slow = probes["gbit=0.5,delay_ms=5"][0]
+    for kind in ("all_to_all", "p2p"):
+        assert slow[kind]["latency"] >= 5e-3
+        assert 0.5e9 / 8 / 2 < slow[kind]["bandwidth"] < 0.5e9 / 8 * 1.5
+
+
+def test_emulated_link_knob():
+    assert parse_emulated_link("gbit=8, delay_ms=2") == (1e9, 2e-3)
+    with pytest.raises(ValueError, match="unknown fields"):
+        parse_emulated_link("mbit=8")
+    os.environ.pop("PDIT_EMULATE_LINK", None)
+    t0 = time.perf_counter()
+    emulate_link(1 << 30)
+    assert time.perf_counter() - t0 < 0.01  # unset: no wait
+
+
+def test_synthetic_block_time_falls_with_the_share():
+    from parallel_backend.runtime.link_probe import time_block
+    blocks = time_block(torch.device("cpu"), torch.float32, 256, 4, 512, 2048, 16, [1, 2, 4])
+    total = {s: sum(v) for s, v in blocks.items()}
+    assert total[4] < total[2] < total[1]
+    assert blocks[1][1] > 0  # the attention is timed apart
