@@ -542,7 +542,7 @@ class WorkerGroup:
             shares = [s for s in range(1, self.config.world_size + 1) if self.config.world_size % s == 0]
             replies = self._call("time_block", {"dim": width[0], "heads": width[1], "ffn": width[2],
                                                 "tokens": tokens, "context": context, "shares": shares}, self.load_timeout)
-            self.measured[width] = Measured(self.links, replies[0], tokens)
+            self.measured[width] = Measured(self.links, replies[0]["blocks"], replies[0]["tokens"])
         return self.measured[width]
 
     def _choose_fold(self, info: dict, x: torch.Tensor, context: torch.Tensor) -> int | None:

@@ -117,27 +117,39 @@ class _SyntheticBlock(torch.nn.Module):
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
+BLOCK_BUDGET_S = 0.25  # seconds one timed block may take: a larger latent is timed at fewer tokens and scaled
+
+
 @torch.no_grad()
 def time_block(device, dtype, dim: int, heads: int, ffn: int, tokens: int, context: int, shares: list) -> dict:
-    """{share: (projection seconds, attention seconds)} of one row through a synthetic block, for a rank holding
-    tokens / share of the sequence (projections, cross-attention to `context` text tokens) and heads / share of the
-    heads over the whole sequence (Ulysses' attention; Ring's does the same work in share steps)."""
+    """{"tokens": the tokens timed, "blocks": {share: (projection seconds, attention seconds)}} of one row through a
+    synthetic block, for a rank holding tokens / share of the sequence (projections, cross-attention to `context`
+    text tokens) and heads / share of the heads over the whole sequence (Ulysses' attention; Ring's does the same
+    work in share steps). Timed at `tokens`, or at fewer (doubling from 256 while the next size stays within
+    BLOCK_BUDGET_S) when the whole latent would take longer: planner.block_seconds scales them."""
     block = _SyntheticBlock(dim, ffn).to(device, dtype)
     ctx = torch.randn(1, max(1, context), dim, device=device, dtype=dtype)
-    head_dim = dim // heads
-    out = {}
-    for s in shares:
-        x = torch.randn(1, max(1, tokens // s), dim, device=device, dtype=dtype)
-        h = max(1, heads // s)
-        q = torch.randn(1, h, tokens, head_dim, device=device, dtype=dtype)
+    timed = min(tokens, 256)
+    # doubling the tokens at most quadruples a block's time (its attention)
+    while timed < tokens and 4 * sum(_block_seconds(block, ctx, heads, timed, 1, device, dtype, 1)) < BLOCK_BUDGET_S:
+        timed = min(tokens, 2 * timed)
+    return {"tokens": timed, "blocks": {s: _block_seconds(block, ctx, heads, timed, s, device, dtype, 2)
+                                        for s in shares}}
 
-        def proj():
-            block.projections(x, ctx, heads)
-            _sync(device)
 
-        def attn():
-            F.scaled_dot_product_attention(q, q, q)
-            _sync(device)
-        scale = heads / s / h  # heads that do not split: a rank still does 1 / share of the work
-        out[s] = (_timed(proj), _timed(attn) * scale)
-    return out
+def _block_seconds(block, ctx, heads: int, tokens: int, share: int, device, dtype, repeats: int = REPEATS) -> tuple:
+    """(projection seconds, attention seconds) of one row at `share` (see time_block)."""
+    dim = ctx.shape[-1]
+    x = torch.randn(1, max(1, tokens // share), dim, device=device, dtype=dtype)
+    h = max(1, heads // share)
+    q = torch.randn(1, h, tokens, dim // heads, device=device, dtype=dtype)
+
+    def proj():
+        block.projections(x, ctx, heads)
+        _sync(device)
+
+    def attn():
+        F.scaled_dot_product_attention(q, q, q)
+        _sync(device)
+    scale = heads / share / h  # heads that do not split: a rank still does 1 / share of the work
+    return _timed(proj, repeats), _timed(attn, repeats) * scale

@@ -57,7 +57,16 @@ def test_emulated_link_knob():
 
 def test_synthetic_block_time_falls_with_the_share():
     from parallel_backend.runtime.link_probe import time_block
-    blocks = time_block(torch.device("cpu"), torch.float32, 256, 4, 512, 2048, 16, [1, 2, 4])
-    total = {s: sum(v) for s, v in blocks.items()}
+    timed = time_block(torch.device("cpu"), torch.float32, 256, 4, 512, 1024, 16, [1, 2, 4])
+    total = {s: sum(v) for s, v in timed["blocks"].items()}
     assert total[4] < total[2] < total[1]
-    assert blocks[1][1] > 0  # the attention is timed apart
+    assert timed["blocks"][1][1] > 0  # the attention is timed apart
+    assert 256 <= timed["tokens"] <= 1024
+
+
+def test_a_large_latent_is_timed_within_the_budget():
+    from parallel_backend.runtime.link_probe import BLOCK_BUDGET_S, time_block
+    t0 = time.perf_counter()
+    timed = time_block(torch.device("cpu"), torch.float32, 512, 4, 1024, 32760, 512, [1, 2])
+    assert timed["tokens"] < 32760  # scaled up by planner.block_seconds
+    assert time.perf_counter() - t0 < 20 * BLOCK_BUDGET_S
