@@ -666,11 +666,12 @@ def best_call(config: ParallelConfig, call: CallShape, measured: Measured) -> tu
 def choose_placement(config: ParallelConfig, call: CallShape, measured: Measured, layers_total: int) -> tuple:
     """(degrees, why) for auto mode on one node with replicated weights: the mesh_candidates' mesh whose call is
     predicted fastest (each with its best fold), never one predicted slower than one rank - a pipeline or a mesh
-    whose replicas idle stands in then. `layers_total`: the model's blocks (a pipeline needs one per stage)."""
+    whose replicas idle stands in then. `layers_total`: the model's blocks (a pipeline needs one per stage; 0: no
+    pipeline)."""
     one = one_rank_seconds(call, measured)
     timed = []
     for degrees in mesh_candidates(config.world_size, call.heads):
-        if degrees["pp"] <= layers_total:
+        if degrees["pp"] == 1 or degrees["pp"] <= layers_total:
             timed.append(best_call(dataclasses.replace(config, **degrees), call, measured))
     fastest = min(seconds for _, seconds in timed)
     # within PREFERENCE_MARGIN of the fastest, the analytic ranking's order decides (the cost model does not see

