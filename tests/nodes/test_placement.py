@@ -9,6 +9,8 @@ import torch
 
 from parallel_backend.runtime import group as group_mod
 
+pytestmark = pytest.mark.multirank  # every test starts a group
+
 SLOW_LINK = "gbit=0.2,delay_ms=20"
 LATENT = {"samples": torch.zeros(1, 16, 2, 16, 16)}  # 128 tokens of the tiny Wan
 

@@ -635,6 +635,7 @@ def one_row_calls(tiny_wan, reference):
     return out
 
 
+@pytest.mark.multirank
 def test_a_one_row_call_folds_on_a_fast_link_and_runs_on_one_rank_on_a_slow_one(one_row_calls):
     fast, slow = one_row_calls[""], one_row_calls[SLOW_LINK]
     assert fast["fold"] == 2 and slow["fold"] == 1, (fast, slow)
@@ -642,6 +643,7 @@ def test_a_one_row_call_folds_on_a_fast_link_and_runs_on_one_rank_on_a_slow_one(
     assert slow["folds"][1][1] < slow["folds"][2][1]  # and the slow link's choice is measured faster too
 
 
+@pytest.mark.multirank
 def test_predicted_call_seconds_within_a_factor_of_the_measured(one_row_calls):
     for link, run in one_row_calls.items():
         for fold, (predicted, measured) in run["folds"].items():

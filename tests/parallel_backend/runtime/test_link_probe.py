@@ -28,6 +28,7 @@ def probes():
     return {e: run_on_ranks(_probe, config, e) for e in ("", "gbit=0.5,delay_ms=5")}
 
 
+@pytest.mark.multirank
 def test_probe_measures_every_link_class_within_its_budget(probes):
     plain = probes[""]
     same = lambda r: {k: v for k, v in r.items() if k != "seconds"}
@@ -38,6 +39,7 @@ def test_probe_measures_every_link_class_within_its_budget(probes):
     assert plain[0]["seconds"] < PROBE_BUDGET_S
 
 
+@pytest.mark.multirank
 def test_probe_sees_a_link_slowed_on_purpose(probes):
     slow = probes["gbit=0.5,delay_ms=5"][0]
     for kind in ("all_to_all", "p2p"):
