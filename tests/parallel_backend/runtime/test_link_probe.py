@@ -72,3 +72,57 @@ def test_a_large_latent_is_timed_within_the_budget():
     timed = time_block(torch.device("cpu"), torch.float32, 512, 4, 1024, 32760, 512, [1, 2])
     assert timed["tokens"] < 32760  # scaled up by planner.block_seconds
     assert time.perf_counter() - t0 < 20 * BLOCK_BUDGET_S
+
+
+# ---- across two network namespaces, the veth slowed by tc netem ------------------------------------------------------
+
+_ACROSS = """
+import json, os, sys, torch, torch.distributed as dist
+from parallel_backend.runtime.link_probe import probe_links
+rank, master = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://{master}:29641", rank=rank, world_size=2)
+print(json.dumps(probe_links(2, 1, torch.device("cpu"))))
+dist.destroy_process_group()
+"""
+
+
+def _probe_across(net) -> dict:
+    import json
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [net.popen(i, [sys.executable, "-c", _ACROSS, str(i), net.addresses[0]], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True,
+                       env={**env, "GLOO_SOCKET_IFNAME": net.interfaces[i], "OMP_NUM_THREADS": "1"})
+             for i in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
+@pytest.mark.multirank
+def test_auto_placement_follows_a_link_slowed_by_tc():
+    """Two ranks on two "machines" (network namespaces): the probe measures the veth as an across-nodes link, and the
+    planner's choice for a cfg-1 call on those two ranks moves from the fold (Ulysses over both) to one rank when tc
+    slows the veth from 4 Gbit/s to 0.5 Gbit/s (netem with a 1 ms delay; tbf's rate alone on a kernel without netem).
+    The call: Wan 1.3B 480p on a device taking 1.6 s a block, whose fold breaks even near 1 Gbit/s."""
+    import shutil
+    from parallel_backend.planner import CallShape, Measured, choose_fold
+    from parallel_backend.testing.netns import shape_link, two_node_netns
+    if shutil.which("tc") is None:
+        pytest.skip("iproute2's `tc` is missing: apt-get install iproute2 (the in-process emulation tests still run)")
+    measured, kinds = {}, set()
+    with two_node_netns("links") as net:
+        for mbit in (4000, 500):
+            kinds.add(shape_link(net, mbit, 1))
+            measured[mbit] = _probe_across(net)
+    fast, slow = measured[4000]["p2p_across"], measured[500]["p2p_across"]
+    assert slow["bandwidth"] < 0.6e9 / 8 < 1.5e9 / 8 < fast["bandwidth"], measured
+    if kinds == {"netem"}:
+        assert slow["latency"] >= 1e-3  # one way, 1 ms each direction
+    config = ParallelConfig(world_size=2, cfg=2, nodes=2, ranks_per_node=1, device="cpu", rendezvous="10.0.0.1:1",
+                            secret_file="/dev/null")
+    call = CallShape(dim=1536, heads=12, layers=30, tokens=32760, rows=1)
+    blocks = {1: (1.2, 0.4), 2: (0.6, 0.2)}
+    folds = {r: choose_fold(config, call, Measured(m, blocks, 32760))[0] for r, m in measured.items()}
+    assert folds == {4000: 2, 500: 1}, (folds, measured)
