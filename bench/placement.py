@@ -65,6 +65,7 @@ def _link_rows(path: str, gbit: float, delay_ms: float, latent: tuple, text_dim:
         g = get_group(ParallelConfig(world_size=2, cfg=2, device="cpu", dtype="fp32"))
     finally:
         os.environ.pop("PDIT_EMULATE_LINK")
+    g.measured_folds = True  # as auto mode sets it
     info = g.load(path, "fp32")
     out = []
     x, t, ctx = _inputs(1, latent, text_dim)

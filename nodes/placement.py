@@ -32,9 +32,11 @@ def auto_mode(config, spec: dict) -> bool:
 def place(config, spec: dict, shape, group, start) -> tuple:
     """(config, group, line for parallel_plan). Auto mode: the placement predicted fastest on the links `group`
     measured, never one predicted slower than one rank; when it differs from the group's, `start(config)` starts
-    that group instead (the old one is stopped: one group holds the devices). A user-set mesh is kept; the line
-    warns when it is predicted slower than one rank."""
+    that group instead (the old one is stopped: one group holds the devices); each call's fold is then weighed on
+    the links too. A user-set mesh is kept (and folds as documented); the line warns when it is predicted slower than
+    one rank. A group shared by two loaders follows the last one's mode."""
     planner = engine.planner
+    group.measured_folds = auto_mode(config, spec)  # a mesh the user set folds as documented (every rank busy)
     if not group.links:
         return config, group, ""
     call = declared_call(config, spec, shape)
@@ -51,6 +53,7 @@ def place(config, spec: dict, shape, group, start) -> tuple:
         engine.config.validate_config(config)
         engine.config.validate_for_model(config, shape)
         group = start(config)
+        group.measured_folds = True
     return config, group, why
 
 

@@ -147,6 +147,9 @@ class WorkerGroup:
         self.links: dict = {}     # what the ranks measured of their links at start (link_probe.probe_links)
         self.measured: dict = {}  # (dim, heads, ffn) -> planner.Measured: the links and a block of that width
         self.last_placement = None  # (placement, predicted seconds, one rank's) of the last call a fold was chosen for
+        # each call's fold from the measured links (auto mode: the loader sets it); False: fold_for's, every rank busy
+        # (a mesh the user set folds as documented)
+        self.measured_folds = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, interrupt=None) -> "WorkerGroup":
@@ -550,7 +553,7 @@ class WorkerGroup:
         nothing to choose (every replica has a row) or nothing was measured: the ranks use fold_for's."""
         from ..planner import CallShape, choose_fold, fold_choices, latent_tokens, one_rank_seconds, predict_call_seconds
         rows = x.shape[0]
-        if rows >= self.config.replica_degree or not self.links:
+        if not self.measured_folds or rows >= self.config.replica_degree or not self.links:
             return None
         call = CallShape(info["num_heads"] * info["head_dim"], info["num_heads"], info["num_layers"],
                          latent_tokens(tuple(x.shape), info["patch_size"]), rows, 4 if self.config.dtype == "fp32" else 2,

@@ -108,13 +108,18 @@ class _SyntheticBlock(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(dim)
 
     def projections(self, x, ctx, heads: int):
-        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
-        x = x + self.out(q)
+        """Everything but the self-attention kernel: the norms, modulations (shift / scale / gate) and rotary
+        embedding a DiT block applies elementwise count on a small latent."""
+        shift, scale, gate = (torch.ones_like(x[:, :1]) * 0.1 for _ in range(3))
+        q, k, v = self.qkv(self.norm(x) * (1 + scale) + shift).chunk(3, dim=-1)
+        q, k = F.rms_norm(q, q.shape[-1:]), F.rms_norm(k, k.shape[-1:])
+        q = q * torch.cos(q) + k * torch.sin(k)  # rotary's elementwise work
+        x = x + self.out(q + k + v) * gate
         c = self.cq(self.norm(x))
         ck, cv = self.ckv(ctx).chunk(2, dim=-1)
         split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
         x = x + self.cout(F.scaled_dot_product_attention(split(c), split(ck), split(cv)).transpose(1, 2).flatten(2))
-        return x + self.down(F.gelu(self.up(self.norm(x))))
+        return x + self.down(F.gelu(self.up(self.norm(x) * (1 + scale) + shift), approximate="tanh")) * gate
 
 
 BLOCK_BUDGET_S = 0.25  # seconds one timed block may take: a larger latent is timed at fewer tokens and scaled

@@ -148,7 +148,7 @@ def shape_link(net: TwoNodes, rate_mbit: int, delay_ms: float) -> str:
     `tc`; raises NetnsError when it is missing or both fail."""
     if shutil.which("tc") is None:
         raise NetnsError("iproute2's `tc` is not on PATH (apt-get install iproute2)")
-    burst = max(64 << 10, rate_mbit * 125_000 // 100)  # bytes: 10 ms at the rate, so a timer tick never starves it
+    burst = max(16 << 10, rate_mbit * 125_000 // 500)  # bytes: 2 ms at the rate (a larger burst hides the rate)
     for kind, args in (("netem", ["netem", "rate", f"{rate_mbit}mbit", "delay", f"{delay_ms}ms"]),
                        ("tbf", ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "100ms"])):
         errors = []

@@ -621,6 +621,7 @@ def one_row_calls(tiny_wan, reference):
             g = get_group(CFG2)
         finally:
             os.environ.pop("PDIT_EMULATE_LINK")
+        g.measured_folds = True  # as the loader sets it in auto mode
         info = g.load(tiny_wan, "fp32")
         got = g.forward(x, t, ctx)
         chosen, predicted, one = g.last_placement
@@ -630,7 +631,10 @@ def one_row_calls(tiny_wan, reference):
         folds = {p.fold: (planner.predict_call_seconds(p, call, measured),
                           _median_seconds(lambda: g.forward(x, t, ctx, fold=p.fold)))
                  for p in planner.fold_choices(CFG2, 1, info["num_heads"])}
-        out[link] = {"fold": chosen.fold, "error": (got - ref).abs().max().item(), "folds": folds, "one": one}
+        g.measured_folds = False  # a mesh the user set: fold_for's fold, every rank busy, whatever the link
+        g.forward(x, t, ctx)
+        out[link] = {"fold": chosen.fold, "error": (got - ref).abs().max().item(), "folds": folds, "one": one,
+                     "user_fold": g.stats()[0]["fold_per_forward"][-1]}
     stop_all()
     return out
 
@@ -641,6 +645,7 @@ def test_a_one_row_call_folds_on_a_fast_link_and_runs_on_one_rank_on_a_slow_one(
     assert fast["fold"] == 2 and slow["fold"] == 1, (fast, slow)
     assert fast["error"] < TOL and slow["error"] < TOL  # either way the reference's output
     assert slow["folds"][1][1] < slow["folds"][2][1]  # and the slow link's choice is measured faster too
+    assert fast["user_fold"] == slow["user_fold"] == "2xulysses"
 
 
 @pytest.mark.multirank
