@@ -118,7 +118,8 @@ def main(argv=None):
         finally:
             stop_all()
     print(f"model: {args.preset} width, {args.blocks} blocks, fp32; latent {latent} a row; median of {args.repeats}; "
-          f"{os.cpu_count()} cores shared by all ranks; {args.delay_ms} ms per message")
+          f"{os.cpu_count()} cores shared by all ranks (load average {os.getloadavg()[0]:.1f} at the end); "
+          f"{args.delay_ms} ms per message")
     print(table(rows, ["Gbit/s", "call", "placement", "predicted s", "measured s", "vs 1 rank", "vs native",
                        "chosen"], align="lllrrrrl"))
 
