@@ -77,27 +77,43 @@ def test_a_large_latent_is_timed_within_the_budget():
 # ---- across two network namespaces, the veth slowed by tc netem ------------------------------------------------------
 
 _ACROSS = """
-import json, os, sys, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 from parallel_backend.runtime.link_probe import probe_links
 rank, master = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"tcp://{master}:29641", rank=rank, world_size=2)
-print(json.dumps(probe_links(2, 1, torch.device("cpu"))))
+for line in sys.stdin:  # one probe per line: the test reshapes the link in between
+    print(json.dumps(probe_links(2, 1, torch.device("cpu"))), flush=True)
 dist.destroy_process_group()
 """
 
 
-def _probe_across(net) -> dict:
+def _probes_across(net, shapes) -> dict:
+    """{shape: rank 0's probe_links} with the veth shaped by each of `shapes` in turn (one process per namespace,
+    kept across the shapes)."""
     import json
     import subprocess
     import sys
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    procs = [net.popen(i, [sys.executable, "-c", _ACROSS, str(i), net.addresses[0]], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True,
-                       env={**env, "GLOO_SOCKET_IFNAME": net.interfaces[i], "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    procs = [net.popen(i, [sys.executable, "-c", _ACROSS, str(i), net.addresses[0]], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       env={**env, "GLOO_SOCKET_IFNAME": net.interfaces[i]})
              for i in (0, 1)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    return json.loads(outs[0][0].strip().splitlines()[-1])
+    out = {}
+    try:
+        for shape, apply in shapes.items():
+            apply()
+            for p in procs:
+                p.stdin.write("probe\n")
+                p.stdin.flush()
+            lines = [p.stdout.readline() for p in procs]
+            assert all(lines), [p.stderr.read()[-2000:] for p in procs]
+            out[shape] = json.loads(lines[0])
+    finally:
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            p.wait(timeout=60)
+    return out
 
 
 @pytest.mark.multirank
@@ -111,11 +127,10 @@ def test_auto_placement_follows_a_link_slowed_by_tc():
     from parallel_backend.testing.netns import shape_link, two_node_netns
     if shutil.which("tc") is None:
         pytest.skip("iproute2's `tc` is missing: apt-get install iproute2 (the in-process emulation tests still run)")
-    measured, kinds = {}, set()
+    kinds = set()
     with two_node_netns("links") as net:
-        for mbit in (4000, 500):
-            kinds.add(shape_link(net, mbit, 1))
-            measured[mbit] = _probe_across(net)
+        measured = _probes_across(net, {mbit: lambda mbit=mbit: kinds.add(shape_link(net, mbit, 1))
+                                        for mbit in (4000, 500)})
     fast, slow = measured[4000]["p2p_across"], measured[500]["p2p_across"]
     assert slow["bandwidth"] < 0.8e9 / 8 < 1.5e9 / 8 < fast["bandwidth"], measured
     if kinds == {"netem"}:
