@@ -145,7 +145,7 @@ class WorkerGroup:
         # whole call); before any, a guess of 60 s for this call's size (a 10-minute stall limit)
         self.vae_timing = None
         self.links: dict = {}     # what the ranks measured of their links at start (link_probe.probe_links)
-        self.measured: dict = {}  # (dim, heads, ffn) -> planner.Measured: the links and a block of that width
+        self.measured: dict = {}  # (dim, heads, ffn, text tokens) -> planner.Measured: the links, a block that wide
         self.last_placement = None  # (placement, predicted seconds, one rank's) of the last call a fold was chosen for
         # each call's fold from the measured links (auto mode: the loader sets it); False: fold_for's, every rank busy
         # (a mesh the user set folds as documented)
@@ -543,20 +543,23 @@ class WorkerGroup:
         width = (info["num_heads"] * info["head_dim"], info["num_heads"], info["ffn_dim"], context)
         if width not in self.measured:
             shares = [s for s in range(1, self.config.world_size + 1) if self.config.world_size % s == 0]
-            replies = self._call("time_block", {"dim": width[0], "heads": width[1], "ffn": width[2],
-                                                "tokens": tokens, "context": context, "shares": shares}, self.load_timeout)
+            ask = {"dim": width[0], "heads": width[1], "ffn": width[2], "tokens": tokens, "context": context,
+                   "shares": shares}
+            replies = self._call("time_block", ask, self.load_timeout)
             self.measured[width] = Measured(self.links, replies[0]["blocks"], replies[0]["tokens"])
         return self.measured[width]
 
     def _choose_fold(self, info: dict, x: torch.Tensor, context: torch.Tensor) -> int | None:
         """The fold this call takes (planner.choose_fold on what the group measured); None where the mesh has
         nothing to choose (every replica has a row) or nothing was measured: the ranks use fold_for's."""
-        from ..planner import CallShape, choose_fold, fold_choices, latent_tokens, one_rank_seconds, predict_call_seconds
+        from ..planner import CallShape, choose_fold, fold_choices, latent_tokens, one_rank_seconds
+        from ..planner import predict_call_seconds
         rows = x.shape[0]
         if not self.measured_folds or rows >= self.config.replica_degree or not self.links:
             return None
+        elt = 4 if self.config.dtype == "fp32" else 2
         call = CallShape(info["num_heads"] * info["head_dim"], info["num_heads"], info["num_layers"],
-                         latent_tokens(tuple(x.shape), info["patch_size"]), rows, 4 if self.config.dtype == "fp32" else 2,
+                         latent_tokens(tuple(x.shape), info["patch_size"]), rows, elt,
                          info["out_channels"] * math.prod(info["patch_size"]))
         measured = self.measure(info, call.tokens, context.shape[1] if context.dim() > 2 else 1)
         fold, seconds = choose_fold(self.config, call, measured)
