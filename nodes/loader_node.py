@@ -1,6 +1,6 @@
 import logging
 
-from . import engine, fit, gpu_sharing
+from . import engine, fit, gpu_sharing, placement
 from .backend import CATEGORY, CONFIG_TYPE
 from .comfy_hooks import install_lora_hook, install_unload_hook
 from .host_model import detected_host_class, host_model_config, refuse_unsupported_class
@@ -140,9 +140,16 @@ class ParallelModelLoader:
         # what ComfyUI holds on the ranks' GPUs (text encoders, VAE) goes first, through its own model management
         gpu_sharing.free_comfy_models_on_rank_gpus(config, rank_bytes, reserve + activations)
         import comfy.model_management  # Cancel works while a new group waits (e.g. for another machine to join)
-        group = engine.group.get_group(  # starts ranks only when no warm group matches, after the check
-            config, comfy.model_management.throw_exception_if_processing_interrupted,
-            check=lambda: fit.check_before_start(config, mb, activations))
+        def start(c):  # starts ranks only when no warm group matches, after the check
+            return engine.group.get_group(c, comfy.model_management.throw_exception_if_processing_interrupted,
+                                          check=lambda: fit.check_before_start(c, mb, activations))
+        group = start(config)
+        # what the group measured of its links: auto mode may move to the placement predicted fastest there
+        analytic = config.degrees()
+        config, group, links_line = placement.place(config, parallel_config, shape, group, start)
+        if config.degrees() != analytic:
+            why, links_line = links_line, ""
+        rank_bytes = planner.weights_per_rank(config, mb)
         try:  # the devices' free memory as the ranks found it: refuse a plan that cannot fit, before loading
             planner.check_fit(config, mb, group.device_memory, held=group.resident_bytes(path, base_precision),
                               activations=activations)
@@ -165,6 +172,7 @@ class ParallelModelLoader:
             if group.load_count == loads_before:
                 logging.info("parallel_dit: reusing warm group pids %s with %s", group.pids, model_name)
         plan = f"{config.describe()} [{why}] for {shape.family} ({shape.num_heads} heads, {shape.num_layers} blocks)"
+        plan += f"; {links_line}" if links_line else ""
         plan += gguf_plan_note(header, info)
         logging.info("parallel_dit: %s", plan)
         compile_spec = None if compile == "off" else {"backend": compile}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .config import AXES, WEIGHT_MODES, ConfigError, ParallelConfig, rank_coords, validate_config, validate_for_model
 from .parallel.pipeline import stage_ranges
-from .parallel.traffic import tensor_parallel_bytes, weight_gather_bytes
+from .parallel.traffic import output_gather_bytes, ring_bytes, tensor_parallel_bytes, ulysses_bytes, weight_gather_bytes
 from .weights.reads import held_bytes
 
 
@@ -514,3 +514,196 @@ def _stages_by_memory(spec: dict, picked: dict) -> tuple:
               for s in range(picked["pp"])]  # a stage is as big as its smallest GPU
     split = split_by_memory(stages)
     return split, f"; stage_split {','.join(map(str, split))} from each stage's GPU memory (GiB)"
+
+
+# ---- placement from what the group measured (runtime/link_probe.py) -------------------------------------------------
+
+@dataclass(frozen=True)
+class Measured:
+    """What a group measured: its links (link_probe.probe_links: all_to_all / p2p / p2p_across, each {"bandwidth":
+    bytes per second one rank sends, "latency": seconds per message}) and one row through a synthetic block of the
+    model's width at `tokens`, per sequence share ({share: (projection seconds, attention seconds)})."""
+    links: dict
+    blocks: dict
+    tokens: int
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """One model call as the cost model sees it."""
+    dim: int
+    heads: int
+    layers: int
+    tokens: int
+    rows: int
+    elt: int = 2
+    out_per_token: int = 0  # output values per token (out channels x patch volume): the split's final gather
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a call is spread: the mesh's degrees and the call's fold (1: none) into `kind`."""
+    degrees: dict
+    fold: int = 1
+    kind: str = "none"
+
+    def describe(self, rows: int) -> str:
+        busy = self.ranks(rows)
+        if busy == 1:
+            return "one rank"
+        d = self.degrees
+        parts = [f"{a}={d[a]}" for a in AXES if d.get(a, 1) > 1]
+        fold = f", folded {self.fold}x into {self.kind}" if self.fold > 1 else ""
+        world = math.prod(d.get(a, 1) for a in AXES)
+        idle = f", {world - busy} of {world} ranks idle" if busy < world else ""
+        return f"{' x '.join(parts)}{fold}{idle}"
+
+    def ranks(self, rows: int) -> int:
+        """Ranks that compute a call of `rows` rows."""
+        d = self.degrees
+        replicas = d.get("cfg", 1) * d.get("dp", 1)
+        active = min(replicas // self.fold, max(rows, 1))
+        return active * self.fold * math.prod(d.get(a, 1) for a in ("pp", "ring", "ulysses", "tp"))
+
+
+def block_seconds(measured: Measured, tokens: int, share: int) -> float:
+    """One row through one block on a rank holding 1 / `share` of `tokens`: the nearest measured share at or below
+    it, scaled (projections by the tokens, attention by their square, both by the share)."""
+    near = max((s for s in measured.blocks if s <= share), default=min(measured.blocks))
+    proj, attn = measured.blocks[near]
+    ratio = tokens / measured.tokens
+    return (proj * ratio + attn * ratio ** 2) * near / share
+
+
+def _link(measured: Measured, kind: str, across: bool) -> tuple:
+    link = measured.links.get("p2p_across" if across and "p2p_across" in measured.links else kind) or \
+        measured.links["all_to_all"]
+    return link["bandwidth"], link["latency"]
+
+
+def predict_call_seconds(p: Placement, call: CallShape, measured: Measured, across_nodes: bool = False) -> float:
+    """Seconds of one call under placement `p`: compute / shares + traffic / measured bandwidth + messages x
+    latency. Compute is the synthetic block's measured time at the rank's share; traffic is parallel/traffic.py's
+    bytes per forward of each axis; a pipeline runs rows as micro-batches and sends each stage's activation on."""
+    d = p.degrees
+    active = d.get("cfg", 1) * d.get("dp", 1) // p.fold
+    rows = -(-call.rows // active)
+    u = d.get("ulysses", 1) * (p.fold if p.kind == "ulysses" else 1)
+    r = d.get("ring", 1) * (p.fold if p.kind == "ring" else 1)
+    tp, pp = d.get("tp", 1), d.get("pp", 1)
+    share = u * r * tp
+    row = call.layers * block_seconds(measured, call.tokens, share)
+    seconds = (rows + pp - 1) * row / pp
+    a2a_bw, a2a_lat = _link(measured, "all_to_all", across_nodes and r == 1)
+    p2p_bw, p2p_lat = _link(measured, "p2p", across_nodes)
+    tokens = call.tokens / max(r, 1)  # a ring's ranks each run Ulysses over their share of the sequence
+    if u > 1:
+        seconds += ulysses_bytes(tokens, call.dim, call.layers, u, rows, call.elt) / a2a_bw + 4 * call.layers * a2a_lat
+    if r > 1:
+        seconds += ring_bytes(call.tokens / u, call.dim, call.layers, r, rows, call.elt) / p2p_bw + \
+            call.layers * (r - 1) * p2p_lat
+    if tp > 1:
+        seconds += tensor_parallel_bytes(call.tokens / share * tp, call.dim, call.layers, tp, rows, call.elt) / \
+            a2a_bw + 3 * call.layers * a2a_lat
+    if u * r > 1:  # the sequence split's output, gathered once per forward
+        seconds += output_gather_bytes(call.tokens, call.out_per_token, u * r, rows, call.elt) / a2a_bw + a2a_lat
+    if pp > 1:
+        sent = call.tokens / (u * r) * call.dim * call.elt
+        seconds += (pp - 1) * rows * (sent / p2p_bw + p2p_lat)
+    return seconds
+
+
+def one_rank_seconds(call: CallShape, measured: Measured) -> float:
+    """The same call on one rank of this group: every row through every block, no traffic."""
+    return call.rows * call.layers * block_seconds(measured, call.tokens, 1)
+
+
+def fold_choices(config: ParallelConfig, rows: int, heads: int) -> list:
+    """The placements a call of `rows` rows can take on `config`'s mesh: fold_for's (every rank busy) and, where no
+    rank must take part in every call (sharded weights gather from all), smaller folds down to none, leaving the
+    replicas without a row idle. runtime/mesh.py builds every fold's groups with the mesh."""
+    degrees, replicas = config.degrees(), config.replica_degree
+    widest = fold_for(rows, replicas)
+    folds = [widest] if config.shard_weights else [f for f in range(1, widest + 1) if replicas % f == 0]
+    return [Placement(degrees, f, "none" if f == 1 else fold_kind(config, f, heads)) for f in folds]
+
+
+def choose_fold(config: ParallelConfig, call: CallShape, measured: Measured | None) -> tuple:
+    """(fold, predicted seconds or None) for one call: the fold predicted fastest on the measured links (fold_for's
+    when nothing was measured, or on a tie: every rank busy)."""
+    choices = fold_choices(config, call.rows, call.heads)
+    if measured is None or len(choices) == 1:
+        return choices[-1].fold, None
+    timed = [(predict_call_seconds(p, call, measured, config.nodes > 1), -p.fold, p) for p in choices]
+    seconds, _, best = min(timed, key=lambda t: (t[0], t[1]))
+    return best.fold, seconds
+
+
+PREFERENCE_MARGIN = 0.1
+
+
+def mesh_candidates(world: int, heads: int) -> list:
+    """Degree sets auto mode weighs on one node with replicated weights: cfg 2 (when world is even) or not, the rest
+    split between Ulysses (while the heads divide), Ring and dp, and a pipeline over every rank."""
+    out = []
+    for cfg in ((2, 1) if world % 2 == 0 else (1,)):
+        rest = world // cfg
+        for u in (d for d in range(1, rest + 1) if rest % d == 0 and heads % d == 0):
+            for r in (d for d in range(1, rest // u + 1) if (rest // u) % d == 0):
+                out.append({**{a: 1 for a in AXES}, "cfg": cfg, "ulysses": u, "ring": r, "dp": rest // (u * r)})
+    if world > 1:
+        out.append({**{a: 1 for a in AXES}, "pp": world})
+    return out
+
+
+def best_call(config: ParallelConfig, call: CallShape, measured: Measured) -> tuple:
+    """(placement, seconds) of `config`'s mesh for this call, with its best fold."""
+    fold, seconds = choose_fold(config, call, measured)
+    p = next(p for p in fold_choices(config, call.rows, call.heads) if p.fold == fold)
+    return p, (seconds if seconds is not None else predict_call_seconds(p, call, measured, config.nodes > 1))
+
+
+def choose_placement(config: ParallelConfig, call: CallShape, measured: Measured, layers_total: int) -> tuple:
+    """(degrees, why) for auto mode on one node with replicated weights: the mesh_candidates' mesh whose call is
+    predicted fastest (each with its best fold), never one predicted slower than one rank - a pipeline or a mesh
+    whose replicas idle stands in then. `layers_total`: the model's blocks (a pipeline needs one per stage; 0: no
+    pipeline)."""
+    one = one_rank_seconds(call, measured)
+    timed = []
+    for degrees in mesh_candidates(config.world_size, call.heads):
+        if degrees["pp"] == 1 or degrees["pp"] <= layers_total:
+            timed.append(best_call(dataclasses.replace(config, **degrees), call, measured))
+    fastest = min(seconds for _, seconds in timed)
+    # within PREFERENCE_MARGIN of the fastest, the analytic ranking's order decides (the cost model does not see
+    # ring attention's merge steps or kernels' launch costs): cfg, then Ulysses, then Ring, then dp
+    near = [(p, s) for p, s in timed if s <= min(fastest * (1 + PREFERENCE_MARGIN), one)] or \
+        [min(timed, key=lambda t: t[1])]
+    best, seconds = min(near, key=lambda t: (-t[0].degrees["cfg"], -t[0].degrees["ulysses"], t[0].degrees["pp"],
+                                            -t[0].degrees["ring"]))
+    why = (f"{explain_links(measured, call)}; {best.describe(call.rows)} predicted {seconds:.3g} s per call vs "
+           f"{one:.3g} s on one rank")
+    return best.degrees, why
+
+
+def explain_links(measured: Measured, call: CallShape) -> str:
+    """What the group measured, in words."""
+    parts = []
+    for name, label in (("all_to_all", "all-to-all"), ("p2p", "send/recv"), ("p2p_across", "across nodes")):
+        link = measured.links.get(name)
+        if link:
+            parts.append(f"{label} {link['bandwidth'] / 1e9:.3g} GB/s, {link['latency'] * 1e6:.0f} us")
+    block = block_seconds(measured, call.tokens, 1)
+    return (f"measured {', '.join(parts) or 'one rank'}; a block {block * 1e3:.3g} ms at {call.tokens} tokens "
+            f"({call.rows} row{'s' if call.rows > 1 else ''} a call)")
+
+
+def check_placement(config: ParallelConfig, call: CallShape, measured: Measured) -> str:
+    """parallel_plan's line for a mesh the user set (or auto could not weigh): its prediction against one rank, a
+    warning when it is slower."""
+    p, seconds = best_call(config, call, measured)
+    one = one_rank_seconds(call, measured)
+    line = f"{explain_links(measured, call)}; {p.describe(call.rows)} predicted {seconds:.3g} s per call"
+    if seconds > one:
+        return (f"{line}: WARNING slower than one rank ({one:.3g} s): the links are too slow for this split; set the "
+                f"degrees to 0 (auto) or use fewer ranks")
+    return f"{line} vs {one:.3g} s on one rank"

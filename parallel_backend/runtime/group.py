@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -143,6 +144,12 @@ class WorkerGroup:
         # (seconds, latent elements) of the last VAE call: a stall is 10x that, scaled by size (one tile can be the
         # whole call); before any, a guess of 60 s for this call's size (a 10-minute stall limit)
         self.vae_timing = None
+        self.links: dict = {}     # what the ranks measured of their links at start (link_probe.probe_links)
+        self.measured: dict = {}  # (dim, heads, ffn, text tokens) -> planner.Measured: the links, a block that wide
+        self.last_placement = None  # (placement, predicted seconds, one rank's) of the last call a fold was chosen for
+        # each call's fold from the measured links (auto mode: the loader sets it); False: fold_for's, every rank busy
+        # (a mesh the user set folds as documented)
+        self.measured_folds = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, interrupt=None) -> "WorkerGroup":
@@ -177,6 +184,7 @@ class WorkerGroup:
             self.pids = [r["pid"] for r in replies[:self.config.local_ranks]]  # this machine's
             self.remote_pids = {r: replies[r]["pid"] for r in range(self.config.local_ranks, self.config.world_size)}
             self.device_memory = [r.get("memory") for r in replies]  # per rank, as it started (free / total)
+            self.links = replies[0].get("links") or {}  # the same on every rank (the slowest link of each class)
             self._in, self._out = ShmTensorSlot("in"), ShmTensorSlot("out")
         except BaseException:
             self.stop(graceful=False)
@@ -476,7 +484,8 @@ class WorkerGroup:
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, fault=None,
                 model_key=None, compile=None, options: dict | None = None, values: dict | None = None,
-                interrupt=None, activations: int | None = None, what: str = "", **extras) -> torch.Tensor:
+                interrupt=None, activations: int | None = None, what: str = "", fold: int | None = None,
+                **extras) -> torch.Tensor:
         """One model evaluation on the group: inputs and output cross through shared memory.
         `model_key` (model_key_for) picks one of several loaded models; default: the current one.
         `compile`: torch.compile kwargs (backend, mode, ...) the ranks' transformer blocks should run under, or
@@ -491,7 +500,9 @@ class WorkerGroup:
         stopped. A rank that makes no progress while none computes is named (WorkerGroupError) within
         max(PDIT_STALL_FLOOR_S, 10 x the longest block seen).
         `activations`: the call's activation bytes on one device (the caller's estimate, `what` describes the call):
-        a call the ranks cannot hold is refused (planner.CallTooLarge) before anything is sent."""
+        a call the ranks cannot hold is refused (planner.CallTooLarge) before anything is sent.
+        `fold`: this call's fold, forced (bench/placement.py, tests); None: the one predicted fastest on the links the
+        group measured (planner.choose_fold)."""
         key = self.models.key if model_key is None else model_key
         held = self.models.get(key)
         if held is None:
@@ -502,6 +513,7 @@ class WorkerGroup:
                    "context": context}
         tensors.update({k: v for k, v in extras.items() if v is not None})
         need = 0 if activations is None else self._check_call(activations, x.shape[0], what)
+        fold = self._choose_fold(held["info"], x, context) if fold is None else fold
         with self._lock:
             refs = self._in.write(tensors)
             # a packed latent of several streams (MiniMax H3's [video, audio]) comes back packed alike
@@ -513,12 +525,48 @@ class WorkerGroup:
             watch = CallWatch(self.progress, self.calls, self.pids, x.numel(), interrupt, self.timing,
                               remote=self.nodes is not None)
             payload = {"inputs": refs, "out": out_ref, "fault": fault, "key": key, "compile": compile,
-                       "options": self._options_message(options), "values": dict(values or {}), "call": self.calls}
+                       "options": self._options_message(options), "values": dict(values or {}), "call": self.calls,
+                       "fold": fold}
             self._call("forward", payload, self.step_timeout, watch=watch)
             if watch.longest > 0:  # what the next calls' stall limit and Cancel grace are measured against
                 self.timing = (watch.longest, x.numel())
             self.activations_done = max(self.activations_done, need)
             return self._out.read(out_ref)
+
+    def measure(self, info: dict, tokens: int, context: int) -> "object | None":
+        """planner.Measured for a model of `info`'s width (ModelShape.to_info): the links from the start, one
+        synthetic block timed by the ranks at `tokens` (and `context` text tokens) per sequence share the first time
+        (cached per group, width and text length). None for a group of one rank."""
+        from ..planner import Measured
+        if not self.links:
+            return None
+        width = (info["num_heads"] * info["head_dim"], info["num_heads"], info["ffn_dim"], context)
+        if width not in self.measured:
+            shares = [s for s in range(1, self.config.world_size + 1) if self.config.world_size % s == 0]
+            ask = {"dim": width[0], "heads": width[1], "ffn": width[2], "tokens": tokens, "context": context,
+                   "shares": shares}
+            replies = self._call("time_block", ask, self.load_timeout)
+            self.measured[width] = Measured(self.links, replies[0]["blocks"], replies[0]["tokens"])
+        return self.measured[width]
+
+    def _choose_fold(self, info: dict, x: torch.Tensor, context: torch.Tensor) -> int | None:
+        """The fold this call takes (planner.choose_fold on what the group measured); None where the mesh has
+        nothing to choose (every replica has a row) or nothing was measured: the ranks use fold_for's."""
+        from ..planner import CallShape, choose_fold, fold_choices, latent_tokens, one_rank_seconds
+        from ..planner import predict_call_seconds
+        rows = x.shape[0]
+        if not self.measured_folds or rows >= self.config.replica_degree or not self.links:
+            return None
+        elt = 4 if self.config.dtype == "fp32" else 2
+        call = CallShape(info["num_heads"] * info["head_dim"], info["num_heads"], info["num_layers"],
+                         latent_tokens(tuple(x.shape), info["patch_size"]), rows, elt,
+                         info["out_channels"] * math.prod(info["patch_size"]))
+        measured = self.measure(info, call.tokens, context.shape[1] if context.dim() > 2 else 1)
+        fold, seconds = choose_fold(self.config, call, measured)
+        chosen = next(p for p in fold_choices(self.config, rows, call.heads) if p.fold == fold)
+        self.last_placement = (chosen, seconds if seconds is not None else
+                               predict_call_seconds(chosen, call, measured), one_rank_seconds(call, measured))
+        return fold
 
     def _check_call(self, activations: int, rows: int, what: str) -> int:
         """The largest rank's activation bytes for this call; refused (CallTooLarge) when the ranks cannot hold them:

@@ -80,11 +80,13 @@ class RankMesh:
         """The widest sequence split any call can use (the base one, or the widest fold)."""
         return max([self.config.sequence_degree] + [l.groups.degree for l in self.folds.values()])
 
-    def layout_for(self, batch: int, heads: int) -> CallLayout:
+    def layout_for(self, batch: int, heads: int, fold: int | None = None) -> CallLayout:
         """The layout for a call of `batch` rows on a model with `heads` attention heads: the base mesh when every
-        replica has a row, else the smallest fold that gives each active replica at least one row."""
+        replica has a row, else the smallest fold that gives each active replica at least one row. `fold`: the
+        owner's choice for this call instead (planner.choose_fold: a smaller fold, or none, leaves replicas without
+        a row idle when the wider sequence split is predicted slower)."""
         c = self.config
-        fold = fold_for(batch, c.replica_degree)
+        fold = fold_for(batch, c.replica_degree) if fold is None else fold
         if fold == 1:
             return self.base_layout()
         return self.folds[(fold, fold_kind(c, fold, heads))]

@@ -97,6 +97,7 @@ class Rank:
         self.handlers = {"load": self.load, "forward": self.forward, "stats": self.stats}
         self.vaes: dict = {}  # VAE key -> the host's own VAE (models/vae.py), whole on every rank
         self.handlers.update(vae_load=self.vae_load, vae_tiles=self.vae_tiles)
+        self.handlers["time_block"] = self.time_block
 
     @property
     def remote(self) -> bool:
@@ -208,6 +209,7 @@ class Rank:
         extras = inputs
         extras.update(payload.get("values") or {})  # keyword inputs that are not tensors
         batch = x.shape[0]
+        model.call_fold = payload.get("fold")  # the owner's per-call choice (planner.choose_fold); None: fold_for's
         model.set_compile(payload.get("compile"))
         options = self.patch_objects.decode(payload.get("options"))  # transformer_options: model patches, ...
         if self.progress is not None:
@@ -247,6 +249,13 @@ class Rank:
             self.reader.view(out_ref)[model.rows(batch)].copy_(out.to("cpu"))
         if self.io:
             self.io.outputs(out, model.rows(batch) if writes else None, out_ref, self.reader)
+
+    def time_block(self, payload: dict) -> dict:
+        """A synthetic block of the payload's width at its tokens, per sequence share (link_probe.time_block)."""
+        from .link_probe import time_block
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(self.config.dtype, torch.bfloat16)
+        return time_block(self.device, dtype, payload["dim"], payload["heads"], payload["ffn"], payload["tokens"],
+                          payload["context"], payload["shares"])
 
     # ---- VAE -----------------------------------------------------------------------------------------------------
     def vae_load(self, payload: dict) -> dict:

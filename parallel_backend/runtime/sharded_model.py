@@ -121,7 +121,7 @@ class ShardedModel:
     def layout(self, batch: int):
         """How a call of `batch` rows runs on this mesh (runtime/mesh.py: replicas without a row fold into the
         sequence split, so no rank idles)."""
-        return self.mesh.layout_for(batch, self.shape.num_heads)
+        return self.mesh.layout_for(batch, self.shape.num_heads, getattr(self, "call_fold", None))
 
     def rows(self, batch: int) -> slice:
         """The rows of a `batch`-row call that this rank's (possibly folded) replica computes."""

@@ -39,6 +39,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
     import torch
 
     from ..config import ParallelConfig
+    from .link_probe import probe_links
     from .mesh import build_mesh
     from .rendezvous import init_process_group
 
@@ -52,6 +53,7 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
             device, session = _join_nodes(config, rank, multinode)
         else:
             device = init_process_group(config, rank, store_path)
+        links = probe_links(config.world_size, config.local_ranks, device)  # before the mesh's groups exist
         mesh = build_mesh(config, rank, device)
         if multinode:
             from .remote import FileCheck, NodeIO
@@ -61,7 +63,8 @@ def worker_main(rank: int, config_dict: dict, store_path: str, conn, parent_pid:
         conn.send(("error", rank, traceback.format_exc()))
         return
     from .rank import Rank, device_memory  # once joined: the rendezvous waits for no import
-    conn.send(("ok", {"rank": rank, "pid": os.getpid(), "coord": mesh.coord, "memory": device_memory(device)}))
+    conn.send(("ok", {"rank": rank, "pid": os.getpid(), "coord": mesh.coord, "memory": device_memory(device),
+                      "links": links}))
     owner_gone = Rank(rank, config, mesh, device, io, files, progress_ref).serve(conn)
     if owner_gone:
         shutil.rmtree(store_dir, ignore_errors=True)
@@ -85,6 +88,7 @@ def serve_remote(ctx) -> None:
     import torch
 
     from ..config import ParallelConfig
+    from .link_probe import probe_links
     from .mesh import build_mesh
     from .multinode import read_secret
     from .rank import Rank, device_memory
@@ -99,6 +103,7 @@ def serve_remote(ctx) -> None:
         torch.set_num_threads(config.threads_per_rank)
     channel = StoreChannel(ctx.store, secret, ctx.nonce, ctx.rank)
     try:
+        links = probe_links(config.world_size, config.local_ranks, ctx.device)  # node 0's ranks probe alike
         mesh = build_mesh(config, ctx.rank, ctx.device)
         io = NodeIO(config, ctx.rank)
         files = FileCheck(config, ctx.rank, ctx.store, ctx.model_dir, io)
@@ -106,7 +111,7 @@ def serve_remote(ctx) -> None:
         channel.send(("error", ctx.rank, traceback.format_exc()))
         raise
     channel.send(("ok", {"rank": ctx.rank, "pid": os.getpid(), "coord": mesh.coord, "node": ctx.node_rank,
-                         "memory": device_memory(ctx.device)}))
+                         "memory": device_memory(ctx.device), "links": links}))
     try:
         Rank(ctx.rank, config, mesh, ctx.device, io, files).serve(channel)
     finally:

@@ -140,3 +140,23 @@ def two_node_netns(tag: str | None = None):
             print("netns teardown: " + "; ".join(errors), file=sys.stderr)
             if sys.exc_info()[0] is None:
                 raise NetnsError("could not remove the test's namespaces: " + "; ".join(errors))
+
+
+def shape_link(net: TwoNodes, rate_mbit: int, delay_ms: float) -> str:
+    """Slow the veth between the namespaces on purpose, on both ends (each direction): tc netem's rate and delay, or
+    where this kernel has no netem qdisc, tc tbf's rate alone. Returns which ("netem" / "tbf"). Needs iproute2's
+    `tc`; raises NetnsError when it is missing or both fail."""
+    if shutil.which("tc") is None:
+        raise NetnsError("iproute2's `tc` is not on PATH (apt-get install iproute2)")
+    burst = max(16 << 10, rate_mbit * 125_000 // 500)  # bytes: 2 ms at the rate (a larger burst hides the rate)
+    for kind, args in (("netem", ["netem", "rate", f"{rate_mbit}mbit", "delay", f"{delay_ms}ms"]),
+                       ("tbf", ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "100ms"])):
+        errors = []
+        for i in (0, 1):
+            r = subprocess.run(["ip", "netns", "exec", net.names[i], "tc", "qdisc", "replace", "dev",
+                                net.interfaces[i], "root", *args], capture_output=True, text=True)
+            if r.returncode != 0:
+                errors.append(r.stderr.strip() or r.stdout.strip())
+        if not errors:
+            return kind
+    raise NetnsError(f"tc could not shape {net.interfaces}: {'; '.join(errors)}")

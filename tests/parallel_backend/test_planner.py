@@ -313,3 +313,93 @@ def test_latent_tokens_patch_video_and_image_latents():
     assert latent_tokens((1, 16, 60, 104), (1, 2, 2)) == 30 * 52  # an image latent: one frame
     assert latent_tokens((1, 16, 3, 7, 9), (1, 2, 2)) == 3 * 4 * 5  # a partial patch is a token
     assert latent_tokens(None, (1, 2, 2)) is None
+
+
+# ---- placement from measured links: the cost model and its choices (no process: measurements as numbers) --------
+
+from parallel_backend.parallel.traffic import ulysses_bytes  # noqa: E402
+from parallel_backend.planner import (  # noqa: E402
+    CallShape,
+    Measured,
+    Placement,
+    check_placement,
+    choose_fold,
+    choose_placement,
+    fold_choices,
+    one_rank_seconds,
+    predict_call_seconds,
+)
+
+GBIT = 1e9 / 8
+# Wan 1.3B at 480p 81 frames (dim 1536, 12 heads, 30 blocks, 32760 tokens): a block 40 ms on one GPU, halved by a
+# 2-way sequence share
+WAN13B = dict(dim=1536, heads=12, layers=30, tokens=32760)
+
+
+def measured(gbit: float, latency: float = 50e-6, world: int = 8) -> Measured:
+    link = {"bandwidth": gbit * GBIT, "latency": latency}
+    blocks = {s: (0.03 / s, 0.01 / s) for s in (1, 2, 4, 8) if world % s == 0}
+    return Measured({"all_to_all": link, "p2p": link}, blocks, WAN13B["tokens"])
+
+
+@pytest.mark.engine
+def test_predicted_traffic_is_bytes_over_bandwidth_plus_latency_per_message():
+    call = CallShape(**WAN13B, rows=1)
+    ulysses = Placement({**{a: 1 for a in AXES}, "ulysses": 2})
+    slow, fast = (predict_call_seconds(ulysses, call, measured(g, 1e-3)) for g in (10, 20))
+    compute = WAN13B["layers"] * 0.04 / 2
+    traffic = ulysses_bytes(WAN13B["tokens"], WAN13B["dim"], WAN13B["layers"], 2) / (10 * GBIT)
+    # 4 all-to-alls a block, and the output's gather once (out_per_token 0 here: its latency only)
+    assert slow == pytest.approx(compute + traffic + 4 * WAN13B["layers"] * 1e-3 + 1e-3)
+    assert slow - fast == pytest.approx(traffic / 2)
+
+
+@pytest.mark.engine
+def test_a_call_at_cfg_1_folds_on_a_fast_link_and_runs_on_one_rank_on_a_slow_one():
+    """The distill-LoRA case: one row on a cfg=2 mesh folds the idle replica into Ulysses only while the all-to-all
+    costs less than the compute it saves."""
+    config, call = cpu(world_size=2, cfg=2), CallShape(**WAN13B, rows=1)
+    folds = {g: choose_fold(config, call, measured(g)) for g in (400, 100, 25, 10, 1)}
+    assert folds[400][0] == folds[100][0] == 2
+    # 25 Gbit/s: the all-to-alls move 3 GB per call (1 s), more than the 0.6 s of compute they save: one rank
+    # computes the call, the other idles
+    assert folds[25][0] == folds[10][0] == folds[1][0] == 1
+    for g, (fold, seconds) in folds.items():
+        assert seconds <= one_rank_seconds(call, measured(g))
+    assert choose_fold(config, call, None) == (2, None)  # nothing measured: fold_for's, as before
+
+
+@pytest.mark.engine
+def test_sharded_weights_never_leave_a_rank_idle():
+    config = cpu(world_size=2, cfg=2, shard_weights=True)
+    assert [p.fold for p in fold_choices(config, 1, 12)] == [2]
+    assert choose_fold(config, CallShape(**WAN13B, rows=1), measured(0.01))[0] == 2
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_auto_placement_is_never_predicted_slower_than_one_rank(world, rows):
+    call, picks = CallShape(**WAN13B, rows=rows), {}
+    from parallel_backend.planner import best_call
+    for gbit in (400, 100, 25, 10, 1, 0.1):
+        m = measured(gbit, world=world)
+        degrees, why = choose_placement(cpu(world_size=world), call, m, WAN13B["layers"])
+        assert math.prod(degrees.values()) == world
+        validate_config(cpu(world_size=world, **degrees))
+        fold, seconds = choose_fold(cpu(world_size=world, **degrees), call, m)
+        assert seconds is None or seconds <= one_rank_seconds(call, m)
+        assert "measured all-to-all" in why and "on one rank" in why
+        picks[gbit] = best_call(cpu(world_size=world, **degrees), call, m)[0]
+    fast, slow = picks[400], picks[0.1]
+    assert slow.ranks(rows) == rows  # on a 0.1 Gbit/s link a row's rank computes it alone
+    if world > 2 or rows == 1:
+        assert fast.ranks(rows) > rows  # a fast link splits the sequence
+
+
+@pytest.mark.engine
+def test_a_user_set_mesh_is_kept_with_a_warning_when_predicted_slower_than_one_rank():
+    call = CallShape(**WAN13B, rows=1)
+    assert "WARNING" not in check_placement(cpu(world_size=2, ulysses=2), call, measured(100))
+    line = check_placement(cpu(world_size=2, ulysses=2), call, measured(0.5))
+    assert "ulysses=2 predicted" in line and "WARNING slower than one rank" in line and "0.5 GB/s" not in line

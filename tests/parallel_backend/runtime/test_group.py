@@ -588,3 +588,69 @@ def test_cancel_while_a_start_waits_for_another_node(tmp_path):
             except OSError:
                 return False
     assert port_free()  # the store closed with the group: the port is free again
+
+
+# ---- each call's fold, from the links the group measured (planner.choose_fold) ------------------------------------
+
+SLOW_LINK = "gbit=0.2,delay_ms=50"  # PDIT_EMULATE_LINK: every collective of the ranks waits as on such a link
+PREDICTION_FACTOR = 3  # the cost model's prediction against a call's measured time, either way
+CFG2 = ParallelConfig(world_size=2, cfg=2, device="cpu", dtype="fp32")
+
+
+def _median_seconds(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[repeats // 2]
+
+
+@pytest.fixture(scope="module")
+def one_row_calls(tiny_wan, reference):
+    """A cfg-1 call (one row) on a cfg=2 group over a plain and a slowed link: the fold the group chose, its output
+    against the single-rank reference, and each fold's predicted and measured seconds."""
+    from parallel_backend import planner
+    x, t, ctx = inputs(1, thw=(4, 32, 32))
+    ref = reference(x, t, ctx)
+    out = {}
+    for link in ("", SLOW_LINK):
+        stop_all()
+        os.environ["PDIT_EMULATE_LINK"] = link  # the ranks inherit it when they start
+        try:
+            g = get_group(CFG2)
+        finally:
+            os.environ.pop("PDIT_EMULATE_LINK")
+        g.measured_folds = True  # as the loader sets it in auto mode
+        info = g.load(tiny_wan, "fp32")
+        got = g.forward(x, t, ctx)
+        chosen, predicted, one = g.last_placement
+        measured = list(g.measured.values())[0]
+        call = planner.CallShape(info["num_heads"] * info["head_dim"], info["num_heads"], info["num_layers"],
+                                 planner.latent_tokens(tuple(x.shape), info["patch_size"]), 1, 4,
+                                 info["out_channels"] * 4)
+        folds = {p.fold: (planner.predict_call_seconds(p, call, measured),
+                          _median_seconds(lambda: g.forward(x, t, ctx, fold=p.fold)))
+                 for p in planner.fold_choices(CFG2, 1, info["num_heads"])}
+        g.measured_folds = False  # a mesh the user set: fold_for's fold, every rank busy, whatever the link
+        g.forward(x, t, ctx)
+        out[link] = {"fold": chosen.fold, "error": (got - ref).abs().max().item(), "folds": folds, "one": one,
+                     "user_fold": g.stats()[0]["fold_per_forward"][-1]}
+    stop_all()
+    return out
+
+
+@pytest.mark.multirank
+def test_a_one_row_call_folds_on_a_fast_link_and_runs_on_one_rank_on_a_slow_one(one_row_calls):
+    fast, slow = one_row_calls[""], one_row_calls[SLOW_LINK]
+    assert fast["fold"] == 2 and slow["fold"] == 1, (fast, slow)
+    assert fast["error"] < TOL and slow["error"] < TOL  # either way the reference's output
+    assert slow["folds"][1][1] < slow["folds"][2][1]  # and the slow link's choice is measured faster too
+    assert fast["user_fold"] == slow["user_fold"] == "2xulysses"
+
+
+@pytest.mark.multirank
+def test_predicted_call_seconds_within_a_factor_of_the_measured(one_row_calls):
+    for link, run in one_row_calls.items():
+        for fold, (predicted, measured) in run["folds"].items():
+            assert 1 / PREDICTION_FACTOR < predicted / measured < PREDICTION_FACTOR, (link, fold, predicted, measured)
