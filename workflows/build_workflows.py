@@ -324,7 +324,9 @@ HUNYUAN15_I2V = {
 # Kandinsky 5 Video Lite text-to-video (ComfyUI 0.33+): ComfyUI's own template (video_kandinsky5_t2v: Qwen2.5-VL +
 # CLIP-L text, Kandinsky5ImageToVideo's empty latent, ModelSamplingSD3 shift 5, the native KSampler, the HunyuanVideo
 # VAE) with only Load Diffusion Model swapped for the pack's two nodes; an animated WEBP instead of the template's
-# CreateVideo + SaveVideo. Give Kandinsky5ImageToVideo a start_image for image-to-video.
+# CreateVideo + SaveVideo. The decode runs on the DiT's ranks (Parallel VAE Loader: HunyuanVideo 1.0's VAE); Load VAE
+# stays on Kandinsky5ImageToVideo, which encodes only a start_image (give it one for image-to-video): that encode may
+# run before the DiT's loader has started the group, as TI2V-5B's.
 KANDINSKY5_T2V = {
     "title": "Kandinsky 5 Video Lite text-to-video on a parallel worker group",
     "nodes": [
@@ -342,7 +344,8 @@ KANDINSKY5_T2V = {
         (9, "KSampler", {"model": link(8), "seed": 42, "steps": 50, "cfg": 5.0, "sampler_name": "euler_ancestral",
                          "scheduler": "beta", "positive": link(7, 0), "negative": link(7, 1),
                          "latent_image": link(7, 2), "denoise": 1.0}),
-        (10, "VAEDecode", {"samples": link(9), "vae": link(6)}),
+        (12, "ParallelVAELoader", parallel_vae_loader("hunyuan_video_vae_bf16.safetensors")),
+        (10, "VAEDecode", {"samples": link(9), "vae": link(12)}),
         (11, "SaveAnimatedWEBP", {"images": link(10), "filename_prefix": "parallel_dit/kandinsky5_t2v", "fps": 24.0,
                                   "lossless": False, "quality": 90, "method": "default"}),
     ],
