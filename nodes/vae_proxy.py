@@ -43,8 +43,36 @@ def meta_host_vae(path: str):
     """ComfyUI's own VAE for the file, detected and built from its header on the meta device."""
     import comfy.sd
     sd = engine.reads.meta_tensors(engine.reads.read_header(path))
-    with torch.device("meta"):
-        return comfy.sd.VAE(sd=sd, device=torch.device("cpu"), metadata=engine.reads.read_metadata(path) or None)
+    metadata = engine.reads.read_metadata(path) or None
+    try:
+        with torch.device("meta"):
+            return comfy.sd.VAE(sd=sd, device=torch.device("cpu"), metadata=metadata)
+    except RuntimeError as e:  # a constructor that reads a value back (.item()) cannot run wholly on meta
+        if "meta" not in str(e) or _MetaLayers is None:
+            raise
+    with _MetaLayers("meta"):
+        return comfy.sd.VAE(sd=sd, device=torch.device("cpu"), metadata=metadata)
+
+
+def _meta_layers_class():
+    """torch.device("meta") for the layers, except that a tensor made from Python data (`torch.tensor(4)`) stays on
+    the CPU: Cosmos 1.0's wavelet patcher reads one back in its constructor (torch.log2(torch.tensor(patch_size))
+    .item()). torch's DeviceContext is private: None where this torch has no such class (such a VAE then fails to
+    load with torch's own message)."""
+    try:
+        from torch.utils._device import DeviceContext as base
+    except ImportError:
+        return None
+
+    class MetaLayers(base):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.tensor:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_function__(func, types, args, kwargs)
+    return MetaLayers
+
+
+_MetaLayers = _meta_layers_class()
 
 
 class ParallelVAE:

@@ -325,12 +325,13 @@ def saved_latent(base_dir: str, prefix: str):
 
 # ---- the VAEs ComfyUI builds at their release widths, tiny, in a server and its ranks ------------------------------
 def tiny_vae_env() -> dict:
-    """ComfyServer(env=...) for a server (and the ranks it spawns) that builds the Wan 2.2 and HunyuanVideo 1.0 / 1.5
-    VAEs at synthetic's tiny widths (tests/comfy_site/sitecustomize.py), so write_tiny_wan_vae(version="2.2") and
-    write_tiny_hunyuan_video_vae files load through ComfyUI's own Load VAE and the Parallel VAE Loader alike."""
+    """ComfyServer(env=...) for a server (and the ranks it spawns) that builds the Wan 2.2, HunyuanVideo 1.0 / 1.5 and
+    Cosmos 1.0 VAEs at synthetic's tiny widths (tests/comfy_site/sitecustomize.py), so write_tiny_wan_vae(version="2.2"),
+    write_tiny_hunyuan_video_vae and write_tiny_cosmos1_vae files load through ComfyUI's own Load VAE and the Parallel
+    VAE Loader alike."""
     from parallel_backend.testing import synthetic
     widths = {"wan22": synthetic.TINY_WAN22_VAE, "hunyuan_video": synthetic.TINY_HUNYUAN_VIDEO_VAE,
-              "hunyuan_video15": synthetic.TINY_HUNYUAN_VIDEO15_VAE}
+              "hunyuan_video15": synthetic.TINY_HUNYUAN_VIDEO15_VAE, "cosmos1": synthetic.TINY_COSMOS1_VAE}
     path = [os.path.join(REPO, "tests", "comfy_site")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
     return {"PYTHONPATH": os.pathsep.join(path), "PDIT_TEST_VAE_WIDTHS": json.dumps(widths)}
 

@@ -217,9 +217,9 @@ COSMOS_PREDICT2_T2I = {
 }
 
 # Cosmos 1.0 7B text-to-world: ComfyUI's native Cosmos 1 graph (old T5-XXL text encoder, EmptyCosmosLatentVideo,
-# the Cosmos 1.0 VAE cv8x8x8) with the pack's three nodes in place of Load Diffusion Model and KSampler. The 14B file
-# loads the same way (40 heads); for video-to-world, load a Video2World file and take the latent from
-# CosmosImageToVideoLatent (start / end image) instead.
+# the Cosmos 1.0 VAE cv8x8x8) with the pack's three nodes in place of Load Diffusion Model and KSampler, and the decode
+# on the DiT's ranks (Parallel VAE Loader). The 14B file loads the same way (40 heads); for video-to-world, load a
+# Video2World file and take the latent from CosmosImageToVideoLatent (start / end image, encoded on Load VAE) instead.
 COSMOS1_T2W = {
     "title": "Cosmos 1.0 7B text-to-world on a parallel worker group",
     "nodes": [
@@ -234,7 +234,7 @@ COSMOS1_T2W = {
         (7, "ParallelSampler", {"model": link(5), "seed": 42, "steps": 30, "cfg": 6.5,
                                 "sampler_name": "res_multistep", "scheduler": "karras", "positive": link(2),
                                 "negative": link(3), "latent_image": link(6), "denoise": 1.0}),
-        (8, "VAELoader", {"vae_name": "cosmos_cv8x8x8_1.0.safetensors"}),
+        (8, "ParallelVAELoader", parallel_vae_loader("cosmos_cv8x8x8_1.0.safetensors")),
         (9, "VAEDecode", {"samples": link(7), "vae": link(8)}),
         (10, "SaveAnimatedWEBP", {"images": link(9), "filename_prefix": "parallel_dit/cosmos1_t2w", "fps": 24.0,
                                   "lossless": False, "quality": 85, "method": "default"}),

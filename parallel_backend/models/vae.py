@@ -27,6 +27,7 @@ SPLITS = {
         {"name": "HunyuanVideo 1.0 VAE (also Kandinsky 5's)", "dims": 3},
     "comfy.ldm.models.autoencoder.AutoencodingEngine[comfy.ldm.hunyuan_video.vae_refiner.Decoder, causal]":
         {"name": "HunyuanVideo 1.5 VAE", "dims": 3},
+    "comfy.ldm.cosmos.vae.CausalContinuousVideoTokenizer": {"name": "Cosmos 1.0 tokenizer VAE (CV8x8x8)", "dims": 3},
 }
 # ComfyUI classes that hold many VAEs (SD, Flux, HunyuanVideo...): told apart by their decoder
 GENERIC = ("comfy.ldm.models.autoencoder.AutoencoderKL", "comfy.ldm.models.autoencoder.AutoencodingEngine")

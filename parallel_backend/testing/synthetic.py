@@ -1102,10 +1102,42 @@ def write_tiny_hunyuan_video_vae(path: str, version: str = "1.5", seed: int = 13
     return write_safetensors_stream(path, entries)
 
 
+# Cosmos 1.0's tokenizer VAE (CV8x8x8): comfy.sd's detection builds it with this config whatever the file holds (128
+# wide, ~100 M parameters); the tiny file is 16 wide. Its wavelet patchers' buffers are not in the module's state dict
+# but are in the release file (the detection's key), so the writer adds them.
+COSMOS1_VAE_CONFIG = {"z_channels": 16, "latent_channels": 16, "z_factor": 1, "resolution": 1024, "in_channels": 3,
+                      "out_channels": 3, "channels": 128, "channels_mult": [2, 4, 4], "num_res_blocks": 2,
+                      "attn_resolutions": [32], "dropout": 0.0, "patch_size": 4, "num_groups": 1,
+                      "temporal_compression": 8, "spacial_compression": 8}
+TINY_COSMOS1_VAE = {"channels": 16}
+
+
+def write_tiny_cosmos1_vae(path: str, seed: int = 17) -> str:
+    """A random Cosmos 1.0 tokenizer VAE of ComfyUI's class at TINY_COSMOS1_VAE's width, with the release's wavelet
+    buffers: loads through comfy.sd.VAE within tiny_vae_widths()."""
+    from comfy.ldm.cosmos.cosmos_tokenizer.patching import _WAVELETS
+    from comfy.ldm.cosmos.vae import CausalContinuousVideoTokenizer
+    vae = CausalContinuousVideoTokenizer(**{**COSMOS1_VAE_CONFIG, **TINY_COSMOS1_VAE})  # (cannot build on meta)
+    g = torch.Generator().manual_seed(seed)
+
+    def make(k, s):  # GroupNorm weights and the latent std are ones plus noise
+        near_one = k == "latent_std" or (".norm" in k and k.endswith("weight"))
+        return 1.0 + 0.1 * torch.randn(s, generator=g) if near_one else random_tensor(k, s, g)
+
+    entries = [(k, tuple(v.shape), torch.float32, lambda k=k, s=tuple(v.shape): make(k, s))
+               for k, v in vae.state_dict().items()]
+    for part in ("encoder.patcher3d", "decoder.unpatcher3d"):
+        haar = _WAVELETS["haar"].float()
+        arange = torch.arange(haar.shape[0])
+        entries += [(f"{part}.wavelets", tuple(haar.shape), torch.float32, lambda t=haar: t),
+                    (f"{part}._arange", tuple(arange.shape), torch.int64, lambda t=arange: t)]
+    return write_safetensors_stream(path, entries)
+
+
 @contextlib.contextmanager
 def tiny_vae_widths():
-    """Within: ComfyUI's detection builds the Wan 2.2 and HunyuanVideo 1.0 / 1.5 VAEs at the tiny writers' widths (its
-    own classes and code otherwise), so their tiny files load through comfy.sd.VAE. Tests only."""
+    """Within: ComfyUI's detection builds the Wan 2.2, HunyuanVideo 1.0 / 1.5 and Cosmos 1.0 VAEs at the tiny writers'
+    widths (its own classes and code otherwise), so their tiny files load through comfy.sd.VAE. Tests only."""
     from unittest import mock
 
     import comfy.sd
@@ -1121,6 +1153,12 @@ def tiny_vae_widths():
             if kwargs[part]["target"].startswith("comfy.ldm.hunyuan_video.vae_refiner."):
                 kwargs[part] = {**kwargs[part], "params": {**kwargs[part]["params"], **TINY_HUNYUAN_VIDEO15_VAE}}
         return engine(**kwargs)
+    import comfy.ldm.cosmos.vae as cosmos_vae
+    tokenizer = cosmos_vae.CausalContinuousVideoTokenizer
+
+    def narrow_cosmos1(**kwargs):
+        return tokenizer(**{**kwargs, **TINY_COSMOS1_VAE})
     with wan22_vae_width(), mock.patch.object(comfy.sd, "AutoencoderKL", narrow_kl), \
-            mock.patch.object(comfy.sd, "AutoencodingEngine", narrow_engine):
+            mock.patch.object(comfy.sd, "AutoencodingEngine", narrow_engine), \
+            mock.patch.object(cosmos_vae, "CausalContinuousVideoTokenizer", narrow_cosmos1):
         yield

@@ -1,6 +1,7 @@
 """Test-only start-up hook for a headless ComfyUI and the ranks it spawns (comfy_host.tiny_vae_env puts this folder on
 PYTHONPATH and the widths in $PDIT_TEST_VAE_WIDTHS). ComfyUI's detection builds the Wan 2.2 VAE (160 / 256 wide:
-705 M parameters) and HunyuanVideo's VAEs (1.0: 128; 1.5: 1024) at their release widths whatever the file holds;
+705 M parameters), HunyuanVideo's VAEs (1.0: 128; 1.5: 1024) and Cosmos 1.0's tokenizer (128) at their release widths
+whatever the file holds;
 here they are built at the tiny files' widths (parallel_backend.testing.synthetic's TINY_* widths, the same
 narrowing as synthetic.tiny_vae_widths), ComfyUI's own classes and code otherwise, in every process that imports
 them (server and ranks alike, so native and parallel runs load the same model)."""
@@ -35,7 +36,15 @@ def _narrow_hunyuan(module, widths: dict):
     module.AutoencoderKL, module.AutoencodingEngine = AutoencoderKL, AutoencodingEngine
 
 
-NARROW = {"comfy.ldm.wan.vae2_2": _narrow_wan22, "comfy.sd": _narrow_hunyuan}
+def _narrow_cosmos1(module, widths: dict):
+    real = module.CausalContinuousVideoTokenizer
+
+    def CausalContinuousVideoTokenizer(**kwargs):  # noqa: N802
+        return real(**{**kwargs, **widths["cosmos1"]})
+    module.CausalContinuousVideoTokenizer = CausalContinuousVideoTokenizer
+
+
+NARROW = {"comfy.ldm.wan.vae2_2": _narrow_wan22, "comfy.sd": _narrow_hunyuan, "comfy.ldm.cosmos.vae": _narrow_cosmos1}
 
 
 class _NarrowOnImport(importlib.abc.MetaPathFinder):

@@ -4,8 +4,8 @@ encode of the same file: the ranks' shares summed, then ComfyUI's process_output
 4 / 3 / 3 over the ranks), encode grids of 5 and 3 and one tile per batch row (a latent smaller than a tile: rank 2 of 3 gets none).
 
 Tiny random Wan 2.1 (width 16), Wan 2.2 (ComfyUI's class narrowed to width 16 / 32: its detection fixes the
-release widths), HunyuanVideo 1.0 (Kandinsky 5's too; AutoencoderKL with 3-D convs, width 32) and HunyuanVideo 1.5
-(the vae_refiner autoencoder, widths 8..64) VAE files (synthetic.tiny_vae_widths narrows ComfyUI's detection); ranks
+release widths), HunyuanVideo 1.0 (Kandinsky 5's too; AutoencoderKL with 3-D convs, width 32), HunyuanVideo 1.5
+(the vae_refiner autoencoder, widths 8..64) and Cosmos 1.0 (its wavelet tokenizer, width 16) VAE files (synthetic.tiny_vae_widths narrows ComfyUI's detection); ranks
 forked once per world size (module fixtures). A VAE of ComfyUI's generic classes that is none of those (an SD / Flux
 image VAE) is refused by its kind.
 """
@@ -31,6 +31,9 @@ CASES = {
                            (5, 16, 40), dict(tile_x=16, tile_y=16, overlap=8, tile_t=4, overlap_t=4)),
     "hunyuan_video15_grid": ("hv1.5", (1, 32, 3, 2, 6), dict(tile_x=2, tile_y=2, overlap=1, tile_t=4, overlap_t=1),
                              (5, 32, 48), dict(tile_x=32, tile_y=32, overlap=16, tile_t=4, overlap_t=4)),
+    # Cosmos 1.0's tokenizer (8x in time and space): 4 decode tiles (2 / 1 / 1 on 3 ranks), 6 encode tiles
+    "cosmos1_grid": ("c1.0", (1, 16, 3, 4, 6), dict(tile_x=4, tile_y=4, overlap=1, tile_t=2, overlap_t=1),
+                     (9, 32, 64), dict(tile_x=32, tile_y=32, overlap=8, tile_t=8, overlap_t=4)),
 }
 
 
@@ -71,11 +74,13 @@ def _rank_fn(mesh, paths):
 def paths(tmp_path_factory):
     import comfy_host
     comfy_host.import_comfy()
-    from parallel_backend.testing.synthetic import write_tiny_hunyuan_video_vae, write_tiny_wan_vae
+    from parallel_backend.testing.synthetic import (write_tiny_cosmos1_vae, write_tiny_hunyuan_video_vae,
+                                                    write_tiny_wan_vae)
     d = tmp_path_factory.mktemp("vae")
     paths = {v: write_tiny_wan_vae(str(d / f"wan{v}_vae.safetensors"), version=v) for v in ("2.1", "2.2")}
     for v in ("1.0", "1.5"):
         paths["hv" + v] = write_tiny_hunyuan_video_vae(str(d / f"hunyuan_video{v}_vae.safetensors"), version=v)
+    paths["c1.0"] = write_tiny_cosmos1_vae(str(d / "cosmos_cv8x8x8_1.0.safetensors"))
     return paths
 
 
