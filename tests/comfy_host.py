@@ -255,8 +255,10 @@ def tiny_cpu_variant(api: dict, model_name: str, *, world_size: int = 2, degrees
     return g
 
 
-def native_variant(api: dict, prefix: str = "latents/native") -> dict:
-    """The same graph on ComfyUI's native Load Diffusion Model + KSampler: the parity oracle."""
+def native_variant(api: dict, prefix: str = "latents/native", replace: str | None = None) -> dict:
+    """The same graph on ComfyUI's native Load Diffusion Model + KSampler: the parity oracle. Every SaveLatent saves
+    under `prefix`, or with `replace` given (a graph saving several latents), `replace` in its prefix swapped for
+    `prefix`."""
     import copy
     g = copy.deepcopy(api)
     for nid, node in list(g.items()):
@@ -268,8 +270,29 @@ def native_variant(api: dict, prefix: str = "latents/native") -> dict:
         elif ct == "ParallelSampler":
             node["class_type"] = "KSampler"
         elif ct == "SaveLatent":
-            inp["filename_prefix"] = prefix
+            old = inp["filename_prefix"]
+            inp["filename_prefix"] = prefix if replace is None else old.replace(replace, prefix, 1)
     return g
+
+
+def refused_by_class(server, model: str, text_width: int, latent: dict, message: str) -> None:
+    """On a host without the file's model class: Parallel Model Loader (2 CPU ranks) in a minimal sampling graph
+    fails the prompt with `message` (the refusal by class name)."""
+    g = {"4": {"class_type": "ParallelConfig", "inputs": {
+             "world_size": 2, "cfg": 1, "ulysses": 2, "ring": 1, "tp": 1, "dp": 1, "dtype": "fp32", "device": "cpu",
+             "attention": "sdpa"}},
+         "5": {"class_type": "ParallelModelLoader", "inputs": {"model_name": model, "base_precision": "fp32",
+                                                              "parallel_config": ["4", 0]}},
+         "6": {"class_type": "PditTestConditioning", "inputs": {"seed": 1, "tokens": 12, "width": text_width}},
+         "7": latent,
+         "8": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "seed": 3, "steps": 1, "cfg": 1.0,
+                                                    "sampler_name": "euler", "scheduler": "simple",
+                                                    "positive": ["6", 0], "negative": ["6", 0],
+                                                    "latent_image": ["7", 0], "denoise": 1.0}},
+         "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "latents/p"}}}
+    h = server.wait(server.queue(g), timeout=240)
+    assert h["status"]["status_str"] == "error"
+    assert message in str(h["status"]), h["status"]
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
@@ -326,9 +349,9 @@ def saved_latent(base_dir: str, prefix: str):
 # ---- the VAEs ComfyUI builds at their release widths, tiny, in a server and its ranks ------------------------------
 def tiny_vae_env() -> dict:
     """ComfyServer(env=...) for a server (and the ranks it spawns) that builds the Wan 2.2, HunyuanVideo 1.0 / 1.5 and
-    Cosmos 1.0 VAEs at synthetic's tiny widths (tests/comfy_site/sitecustomize.py), so write_tiny_wan_vae(version="2.2"),
-    write_tiny_hunyuan_video_vae and write_tiny_cosmos1_vae files load through ComfyUI's own Load VAE and the Parallel
-    VAE Loader alike."""
+    Cosmos 1.0 VAEs at synthetic's tiny widths (tests/comfy_site/sitecustomize.py), so write_tiny_wan_vae(version=
+    "2.2"), write_tiny_hunyuan_video_vae and write_tiny_cosmos1_vae files load through ComfyUI's own Load VAE and the
+    Parallel VAE Loader alike."""
     from parallel_backend.testing import synthetic
     widths = {"wan22": synthetic.TINY_WAN22_VAE, "hunyuan_video": synthetic.TINY_HUNYUAN_VIDEO_VAE,
               "hunyuan_video15": synthetic.TINY_HUNYUAN_VIDEO15_VAE, "cosmos1": synthetic.TINY_COSMOS1_VAE}

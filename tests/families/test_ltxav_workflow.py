@@ -58,41 +58,14 @@ def _tiny(shipped: dict, prefix: str) -> dict:
     return g
 
 
-def _native(g: dict, prefix: str) -> dict:
-    """The same graph on ComfyUI's native Load Diffusion Model: the parity oracle."""
-    out = {}
-    for nid, node in g.items():
-        ct, inp = node["class_type"], dict(node["inputs"])
-        if ct == "ParallelConfig":
-            continue
-        if ct == "ParallelModelLoader":
-            ct, inp = "UNETLoader", {"unet_name": inp["model_name"], "weight_dtype": "default"}
-        elif ct == "SaveLatent":
-            inp["filename_prefix"] = inp["filename_prefix"].replace("latents/parallel", prefix, 1)
-        out[nid] = {"class_type": ct, "inputs": inp}
-    return out
-
-
 def _refused_without_ltx2(server, shipped):
     """0.3.75: the shipped graph's LTX-2 nodes are missing; the loader alone refuses the file by class name."""
     info = server.get("/object_info")
     assert sorted({v["class_type"] for v in shipped.values()} - set(info)) == LTX2_NODES
-    g = {"4": {"class_type": "ParallelConfig", "inputs": {
-             "world_size": 2, "cfg": 1, "ulysses": 2, "ring": 1, "tp": 1, "dp": 1, "dtype": "fp32", "device": "cpu",
-             "attention": "sdpa"}},
-         "5": {"class_type": "ParallelModelLoader", "inputs": {"model_name": MODEL, "base_precision": "fp32",
-                                                              "parallel_config": ["4", 0]}},
-         "6": {"class_type": "PditTestConditioning", "inputs": {"seed": 1, "tokens": 12, "width": TEXT}},
-         "7": {"class_type": "EmptyLTXVLatentVideo", "inputs": {"width": 96, "height": 160, "length": 17,
-                                                                "batch_size": 1}},
-         "8": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "seed": 3, "steps": 1, "cfg": 1.0,
-                                                    "sampler_name": "euler", "scheduler": "simple",
-                                                    "positive": ["6", 0], "negative": ["6", 0],
-                                                    "latent_image": ["7", 0], "denoise": 1.0}},
-         "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "latents/p"}}}
-    h = server.wait(server.queue(g), timeout=240)
-    assert h["status"]["status_str"] == "error"
-    assert "LTXAVModel (LTX-2 audio + video), which this ComfyUI does not have" in str(h["status"]), h["status"]
+    comfy_host.refused_by_class(server, MODEL, TEXT,
+                                {"class_type": "EmptyLTXVLatentVideo",
+                                 "inputs": {"width": 96, "height": 160, "length": 17, "batch_size": 1}},
+                                "LTXAVModel (LTX-2 audio + video), which this ComfyUI does not have")
 
 
 def test_shipped_ltx2_workflow_through_prompt_queue(tmp_path):
@@ -111,7 +84,8 @@ def test_shipped_ltx2_workflow_through_prompt_queue(tmp_path):
                                                   for k, v in shipped.items()}
         parallel = _tiny(shipped, "latents/parallel")
         runs = {}
-        for name, graph in (("parallel", parallel), ("native", _native(parallel, "latents/native"))):
+        for name, graph in (("parallel", parallel), ("native", comfy_host.native_variant(
+                parallel, "latents/native", replace="latents/parallel"))):
             h = server.wait(server.queue(graph), timeout=300)
             assert h["status"]["status_str"] == "success", (h["status"], server.log_tail())
             runs[name] = [comfy_host.saved_latent(base, f"latents/{name}_{s}")[0] for s in ("video", "audio")]
