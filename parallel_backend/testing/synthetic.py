@@ -559,6 +559,22 @@ def write_hunyuan_video_lora(path: str, model_path: str, rank: int = 4, alpha: f
     save_file(tensors, path)
 
 
+def write_module_lora(path: str, model_path: str, modules, key_prefix: str = "", rank: int = 4, seed: int = 9) -> str:
+    """A random rank-`rank` LoRA on `modules` of the file `model_path` (whose keys are `key_prefix` + module), in
+    ComfyUI's names: `diffusion_model.<module>.lora_up.weight` / `lora_down` / `.alpha` (alpha 2)."""
+    from safetensors.torch import save_file
+
+    from ..weights.reads import read_header
+    header, g, out = read_header(model_path), torch.Generator().manual_seed(seed), {}
+    for m in modules:
+        rows, cols = header[key_prefix + m + ".weight"][0]
+        out[f"diffusion_model.{m}.lora_up.weight"] = torch.randn(rows, rank, generator=g) * 0.05
+        out[f"diffusion_model.{m}.lora_down.weight"] = torch.randn(rank, cols, generator=g) / cols ** 0.5
+        out[f"diffusion_model.{m}.alpha"] = torch.tensor(2.0)
+    save_file(out, path)
+    return path
+
+
 # ---- Kandinsky 5 (ComfyUI 0.33's Kandinsky5 class: its module names are the file's keys) ----------------------------
 # name -> sizes; ComfyUI's detection reads the width, time width, ffn, patch input and block counts (the text widths
 # 3584 / 768 and 16 output channels are the class defaults); heads = width // sum(axes_dims), 64 below 1792 wide

@@ -132,28 +132,12 @@ LORA_MODULES = ("blocks.0.attn.qkv_proj", "blocks.1.attn.out_proj", "blocks.0.ml
                 "token_refiner.blocks.0.attn.qkv_proj")
 
 
-def _write_lora(path, model_path):
-    """A rank-4 LoRA in ComfyUI's names (`diffusion_model.<module>.lora_up / lora_down / alpha`)."""
-    from safetensors.torch import save_file
-
-    from parallel_backend.weights.reads import read_header
-
-    header, g, out = read_header(model_path), torch.Generator().manual_seed(9), {}
-    for m in LORA_MODULES:
-        rows, cols = header[m + ".weight"][0]
-        out[f"diffusion_model.{m}.lora_up.weight"] = torch.randn(rows, 4, generator=g) * 0.05
-        out[f"diffusion_model.{m}.lora_down.weight"] = torch.randn(4, cols, generator=g) / cols ** 0.5
-        out[f"diffusion_model.{m}.alpha"] = torch.tensor(2.0)
-    save_file(out, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def variants(checkpoint, tmp_path_factory):
-    from parallel_backend.testing.synthetic import write_fp8_variant
+    from parallel_backend.testing.synthetic import write_fp8_variant, write_module_lora
 
     d = tmp_path_factory.mktemp("minimax_variants")
-    return {"lora": _write_lora(str(d / "minimax_h3_lora.safetensors"), checkpoint),
+    return {"lora": write_module_lora(str(d / "minimax_h3_lora.safetensors"), checkpoint, LORA_MODULES),
             "fp8_scaled": write_fp8_variant(checkpoint, str(d / "minimax_h3_fp8_scaled.safetensors"))}
 
 
