@@ -10,8 +10,8 @@ class ParallelVAELoader:
         import folder_paths
         return {"required": {
             "vae_name": (folder_paths.get_filename_list("vae"), {"tooltip": "A VAE file from ComfyUI's models/vae "
-                         "(Wan 2.1 / 2.2, HunyuanVideo 1.0 (Kandinsky 5's) / 1.5 VAE, Cosmos 1.0's tokenizer; another VAE "
-                         "is refused by name: load it with Load VAE)."}),
+                         "(Wan 2.1 / 2.2, HunyuanVideo 1.0 (Kandinsky 5's) / 1.5 VAE, Cosmos 1.0's tokenizer, LTX-2's "
+                         "video VAE; another VAE is refused by name, with why: load it with Load VAE)."}),
             "precision": (["default", "bf16", "fp16", "fp32"], {"default": "default", "tooltip":
                           "The VAE's precision on the ranks; default: ComfyUI's choice for the device."}),
             "parallel_config": (CONFIG_TYPE, {"tooltip": "From the Parallel Config node. The same config as the "

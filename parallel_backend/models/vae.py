@@ -19,7 +19,7 @@ import torch
 # first stage model kind (vae_kind: its class, module.qualname, and for ComfyUI's generic autoencoder classes their
 # decoder's) -> what the pack knows of it. "dims": the tiled path ComfyUI takes for it (3: decode_tiled_3d /
 # encode_tiled_3d, time and space). A VAE not listed is refused by that name. Each listed VAE decodes and encodes
-# deterministically per tile (no noise drawn: LTX-Video's timestep-conditioned decoder draws unseeded noise).
+# deterministically per tile (no noise drawn); NOT_SPLIT says why a known one is refused.
 SPLITS = {
     "comfy.ldm.wan.vae.WanVAE": {"name": "Wan 2.1 VAE", "dims": 3},
     "comfy.ldm.wan.vae2_2.WanVAE": {"name": "Wan 2.2 VAE", "dims": 3},
@@ -28,7 +28,18 @@ SPLITS = {
     "comfy.ldm.models.autoencoder.AutoencodingEngine[comfy.ldm.hunyuan_video.vae_refiner.Decoder, causal]":
         {"name": "HunyuanVideo 1.5 VAE", "dims": 3},
     "comfy.ldm.cosmos.vae.CausalContinuousVideoTokenizer": {"name": "Cosmos 1.0 tokenizer VAE (CV8x8x8)", "dims": 3},
+    # ComfyUI builds LTX's video VAEs from the file's config: LTX-2 / 2.3 / 2.5's decoder draws no noise
+    "comfy.ldm.lightricks.vae.causal_video_autoencoder.VideoVAE": {"name": "LTX-2 video VAE", "dims": 3},
 }
+NOT_SPLIT = {
+    "comfy.ldm.lightricks.vae.causal_video_autoencoder.VideoVAE[noise]":
+        "LTX-Video 0.9.1+'s timestep-conditioned decoder adds unseeded noise (torch.randn) to every decode, so no "
+        "split can equal ComfyUI's decode (two native decodes differ too)",
+    "comfy.ldm.minimax.vae.MiniMaxH3VideoVAE":
+        "MiniMax H3's video VAE tiles inside its own decode (ComfyUI hands it the whole latent): there are no "
+        "ComfyUI tiles to deal over the ranks",
+}
+NOISE_DRAWN = "comfy.ldm.lightricks.vae.causal_video_autoencoder.VideoVAE"  # draws noise where its config says so
 # ComfyUI classes that hold many VAEs (SD, Flux, HunyuanVideo...): told apart by their decoder
 GENERIC = ("comfy.ldm.models.autoencoder.AutoencoderKL", "comfy.ldm.models.autoencoder.AutoencodingEngine")
 
@@ -47,6 +58,9 @@ def vae_kind(module) -> str:
     (3-D convs; vae_refiner's causal chunks)."""
     path = class_path(module)
     decoder = getattr(module, "decoder", None)
+    if path == NOISE_DRAWN and (getattr(module, "timestep_conditioning", False) or
+                                any(getattr(m, "inject_noise", False) for m in module.modules())):
+        return f"{path}[noise]"
     if path not in GENERIC or decoder is None:
         return path
     traits = [class_path(decoder)]
@@ -63,8 +77,9 @@ def split_of(first_stage_model) -> dict:
     split = SPLITS.get(path)
     if split is None:
         known = ", ".join(s["name"] for s in SPLITS.values())
-        raise VAERefused(f"the Parallel VAE Loader cannot split this VAE ({path}); it splits: {known}. Load this file "
-                         f"with ComfyUI's own Load VAE node instead")
+        why = f": {NOT_SPLIT[path]}" if path in NOT_SPLIT else f"; it splits: {known}"
+        raise VAERefused(f"the Parallel VAE Loader cannot split this VAE ({path}){why}. Load this file with "
+                         f"ComfyUI's own Load VAE node instead")
     return split
 
 

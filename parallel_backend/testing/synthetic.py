@@ -1150,6 +1150,41 @@ def write_tiny_cosmos1_vae(path: str, seed: int = 17) -> str:
     return write_safetensors_stream(path, entries)
 
 
+# LTX's video VAEs: ComfyUI builds them from the file's own config (metadata "config" -> "vae"), so a tiny file is a
+# tiny config of the release's layout: LTX-2's (2.3 / 2.5 alike: pixel norm, compress_space / time / all blocks, 8x
+# time and 32x space, no timestep conditioning) at base width 8; LTX-Video 0.9.1+'s decoder is timestep-conditioned.
+def tiny_ltx_vae_config(timestep_conditioning: bool = False) -> dict:
+    def res():
+        return ["res_x", {"num_layers": 1}]
+    return {"_class_name": "CausalVideoAutoencoder", "dims": 3, "in_channels": 3, "out_channels": 3,
+            "latent_channels": 128, "patch_size": 4, "norm_layer": "pixel_norm", "latent_log_var": "uniform",
+            "encoder_blocks": [res(), ["compress_space_res", {"multiplier": 2}], res(),
+                               ["compress_time_res", {"multiplier": 2}], res(), ["compress_all_res", {"multiplier": 2}],
+                               res(), ["compress_all_res", {"multiplier": 2}], res()],
+            "decoder_blocks": [res(), ["compress_space", {"multiplier": 2}], res(), ["compress_time", {"multiplier": 2}],
+                               res(), ["compress_all", {"multiplier": 1}], res(), ["compress_all", {"multiplier": 2}],
+                               res()],
+            "scaling_factor": 1.0, "use_quant_conv": False, "causal_decoder": False,
+            "timestep_conditioning": timestep_conditioning, "normalize_latent_channels": False,
+            "encoder_base_channels": 8, "decoder_base_channels": 8, "spatial_padding_mode": "zeros"}
+
+
+def write_tiny_ltx_vae(path: str, timestep_conditioning: bool = False, seed: int = 19) -> str:
+    """A random LTX video VAE of ComfyUI's class (VideoVAE) with tiny_ltx_vae_config in its metadata, as the release
+    files carry theirs: loads through comfy.sd.VAE (and Load VAE) as it is."""
+    from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE
+    config = tiny_ltx_vae_config(timestep_conditioning)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in VideoVAE(config=config).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+
+    def make(k, s):  # the latent statistics' std (and any scale) near one
+        near_one = k.endswith(("std-of-means", "scale1", "scale2", "gamma"))
+        return 1.0 + 0.1 * torch.randn(s, generator=g) if near_one else random_tensor(k, s, g)
+    entries = [(k, s, torch.float32, lambda k=k, s=s: make(k, s)) for k, s in shapes.items()]
+    return write_safetensors_stream(path, entries, metadata={"config": json.dumps({"vae": config})})
+
+
 @contextlib.contextmanager
 def tiny_vae_widths():
     """Within: ComfyUI's detection builds the Wan 2.2, HunyuanVideo 1.0 / 1.5 and Cosmos 1.0 VAEs at the tiny writers'

@@ -83,6 +83,31 @@ def test_cancel_stops_between_tiles_and_the_group_stays_warm(vaes):
     assert _max_diff(out, ref) <= TOL
 
 
+@torch.inference_mode()
+def test_ltx2_video_vae_decodes_and_encodes_as_comfyuis_tiled_nodes(vaes, comfy, pack, tmp_path):
+    """LTX-2's video VAE (ComfyUI builds it from the file's config; its decoder draws no noise) on the same ranks: VAE
+    Decode (Tiled) over 16 tiles (latent tiles 2 x 2 x 2, stride 1) and VAE Encode equal the native nodes on ComfyUI's
+    VAE of the same file with its config (what 0.33's Load VAE builds; 0.3.75's Load VAE ignores a file's config)."""
+    from comfy import sd as comfy_sd
+    from comfy import utils as comfy_utils
+
+    import nodes as comfy_nodes
+    from parallel_backend.testing.synthetic import write_tiny_ltx_vae
+    path = write_tiny_ltx_vae(str(tmp_path / "tiny_ltx2_video_vae.safetensors"))
+    comfy["folder_paths"].add_model_folder_path("vae", str(tmp_path))
+    sd, metadata = comfy_utils.load_torch_file(path, return_metadata=True)
+    native = comfy_sd.VAE(sd=sd, metadata=metadata)
+    spec = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(2, 1, 1, 1, 1, 2, "fp32", "cpu", "sdpa")[0]
+    ours = pack.NODE_CLASS_MAPPINGS["ParallelVAELoader"]().load("tiny_ltx2_video_vae.safetensors", "fp32", spec)[0]
+    latent = _latent((1, 128, 3, 3, 5))
+    tiles = dict(tile_size=64, overlap=32, temporal_size=16, temporal_overlap=8)  # in latent units 2, 1, 2, 1
+    out = comfy_nodes.VAEDecodeTiled().decode(ours, latent, **tiles)[0]
+    assert _max_diff(out, comfy_nodes.VAEDecodeTiled().decode(native, latent, **tiles)[0]) <= TOL
+    image = out[:9]
+    enc = comfy_nodes.VAEEncode().encode(ours, image)[0]["samples"]
+    assert _max_diff(enc, comfy_nodes.VAEEncodeTiled().encode(native, image, 512, 64, 64, 8)[0]["samples"]) <= TOL
+
+
 def test_a_rank_that_dies_during_a_decode_is_named(vaes):
     import os
     import signal

@@ -5,7 +5,8 @@ encode of the same file: the ranks' shares summed, then ComfyUI's process_output
 
 Tiny random Wan 2.1 (width 16), Wan 2.2 (ComfyUI's class narrowed to width 16 / 32: its detection fixes the
 release widths), HunyuanVideo 1.0 (Kandinsky 5's too; AutoencoderKL with 3-D convs, width 32), HunyuanVideo 1.5
-(the vae_refiner autoencoder, widths 8..64) and Cosmos 1.0 (its wavelet tokenizer, width 16) VAE files (synthetic.tiny_vae_widths narrows ComfyUI's detection); ranks
+(the vae_refiner autoencoder, widths 8..64), Cosmos 1.0 (its wavelet tokenizer, width 16) and LTX-2 (ComfyUI's
+VideoVAE from the file's config, base width 8) VAE files (synthetic.tiny_vae_widths narrows ComfyUI's detection); ranks
 forked once per world size (module fixtures). A VAE of ComfyUI's generic classes that is none of those (an SD / Flux
 image VAE) is refused by its kind.
 """
@@ -34,6 +35,9 @@ CASES = {
     # Cosmos 1.0's tokenizer (8x in time and space): 4 decode tiles (2 / 1 / 1 on 3 ranks), 6 encode tiles
     "cosmos1_grid": ("c1.0", (1, 16, 3, 4, 6), dict(tile_x=4, tile_y=4, overlap=1, tile_t=2, overlap_t=1),
                      (9, 32, 64), dict(tile_x=32, tile_y=32, overlap=8, tile_t=8, overlap_t=4)),
+    # LTX-2's video VAE (8x time, 32x space, 128 channels; its decoder draws no noise): 4 decode, 2 encode tiles
+    "ltx2_grid": ("ltx2", (1, 128, 3, 2, 3), dict(tile_x=2, tile_y=2, overlap=1, tile_t=2, overlap_t=1),
+                  (9, 64, 96), dict(tile_x=64, tile_y=64, overlap=32, tile_t=16, overlap_t=8)),
 }
 
 
@@ -75,12 +79,13 @@ def paths(tmp_path_factory):
     import comfy_host
     comfy_host.import_comfy()
     from parallel_backend.testing.synthetic import (write_tiny_cosmos1_vae, write_tiny_hunyuan_video_vae,
-                                                    write_tiny_wan_vae)
+                                                    write_tiny_ltx_vae, write_tiny_wan_vae)
     d = tmp_path_factory.mktemp("vae")
     paths = {v: write_tiny_wan_vae(str(d / f"wan{v}_vae.safetensors"), version=v) for v in ("2.1", "2.2")}
     for v in ("1.0", "1.5"):
         paths["hv" + v] = write_tiny_hunyuan_video_vae(str(d / f"hunyuan_video{v}_vae.safetensors"), version=v)
     paths["c1.0"] = write_tiny_cosmos1_vae(str(d / "cosmos_cv8x8x8_1.0.safetensors"))
+    paths["ltx2"] = write_tiny_ltx_vae(str(d / "ltx2_video_vae.safetensors"))
     return paths
 
 
@@ -127,6 +132,19 @@ def test_a_vae_the_pack_cannot_split_is_refused_by_name():
     from parallel_backend.models.vae import VAERefused, split_of
     with pytest.raises(VAERefused, match=r"cannot split this VAE \(torch.nn.modules.linear.Linear\).*Load VAE"):
         split_of(nn.Linear(2, 2))
+
+
+def test_a_vae_that_draws_noise_in_its_decode_is_refused_with_the_reason(tmp_path):
+    """LTX-Video 0.9.1+'s VAE (ComfyUI's VideoVAE, timestep-conditioned by its config) adds torch.randn noise to every
+    decode: refused, the reason named; LTX-2's (same class, no conditioning) splits (ltx2_grid above)."""
+    import comfy_host
+    comfy_host.import_comfy()
+    from parallel_backend.models.vae import VAERefused, build_host_vae
+    from parallel_backend.testing.synthetic import write_tiny_ltx_vae
+    path = write_tiny_ltx_vae(str(tmp_path / "ltxv_0.9.5_vae.safetensors"), timestep_conditioning=True)
+    with pytest.raises(VAERefused, match=r"VideoVAE\[noise\]\): LTX-Video 0.9.1\+'s timestep-conditioned decoder "
+                                         r"adds unseeded noise.*Load VAE"):
+        build_host_vae(path, "fp32", torch.device("cpu"))
 
 
 def test_an_image_vae_of_comfyuis_generic_class_is_refused_by_its_kind():
