@@ -40,9 +40,12 @@ class RanksFirstStage(torch.nn.Module):
 
 
 def meta_host_vae(path: str):
-    """ComfyUI's own VAE for the file, detected and built from its header on the meta device."""
+    """ComfyUI's own VAE for the file (an all-in-one checkpoint's vae.* tensors), detected and built from its header on
+    the meta device."""
     import comfy.sd
-    sd = engine.reads.meta_tensors(engine.reads.read_header(path))
+    header = engine.reads.read_header(path)
+    prefix = engine.vae.vae_prefix(header)
+    sd = engine.reads.meta_tensors({k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)})
     metadata = engine.reads.read_metadata(path) or None
     try:
         with torch.device("meta"):

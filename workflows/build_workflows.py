@@ -355,11 +355,12 @@ KANDINSKY5_T2V = {
 # text through LTXAVTextEncoderLoader, LTXVConditioning's frame rate, the empty video and audio latents joined,
 # LTXVScheduler, CFGGuider at cfg 4 and euler_ancestral in SamplerCustomAdvanced, the pair split and each decoded) with
 # only the checkpoint's MODEL taken from the pack's two nodes. The release is one all-in-one file: put it (or a link
-# to it) in models/diffusion_models too, where Parallel Model Loader reads its model.diffusion_model.* tensors;
-# CheckpointLoaderSimple stays for the video VAE (ComfyUI's VAELoader does not read a checkpoint's vae.* tensors)
-# and its MODEL output is left unconnected. The template's x2 latent-upscale pass is not in this graph (it runs on
-# the same MODEL: LTXVLatentUpsampler, then a 3-step CFGGuider pass with the distilled LoRA). An animated WEBP and the
-# audio as a FLAC file instead of the template's CreateVideo + SaveVideo.
+# to it) in models/diffusion_models too, where Parallel Model Loader reads its model.diffusion_model.* tensors, and in
+# models/vae, where Parallel VAE Loader reads its vae.* tensors (the video decode on the DiT's ranks; the template's
+# CheckpointLoaderSimple, which would load the whole 19B file in ComfyUI's process for its VAE, is gone). The audio
+# VAE stays on LTXVAudioVAELoader (models/checkpoints). The template's x2 latent-upscale pass is not in this graph (it
+# runs on the same MODEL: LTXVLatentUpsampler, then a 3-step CFGGuider pass with the distilled LoRA). An animated
+# WEBP and the audio as a FLAC file instead of the template's CreateVideo + SaveVideo.
 LTX2_CKPT = "ltx-2-19b-dev-fp8.safetensors"
 LTX2_T2V = {
     "title": "LTX-2 19B text-to-video with audio on a parallel worker group",
@@ -389,8 +390,8 @@ LTX2_T2V = {
         (15, "SamplerCustomAdvanced", {"noise": link(11), "guider": link(14), "sampler": link(12), "sigmas": link(13),
                                        "latent_image": link(10)}),
         (16, "LTXVSeparateAVLatent", {"av_latent": link(15)}),
-        (17, "CheckpointLoaderSimple", {"ckpt_name": LTX2_CKPT}),
-        (18, "VAEDecodeTiled", {"samples": link(16, 0), "vae": link(17, 2), "tile_size": 512, "overlap": 64,
+        (17, "ParallelVAELoader", parallel_vae_loader(LTX2_CKPT)),
+        (18, "VAEDecodeTiled", {"samples": link(16, 0), "vae": link(17), "tile_size": 512, "overlap": 64,
                                 "temporal_size": 4096, "temporal_overlap": 8}),
         (19, "SaveAnimatedWEBP", {"images": link(18), "filename_prefix": "parallel_dit/ltx2_t2v", "fps": 24.0,
                                   "lossless": False, "quality": 90, "method": "default"}),

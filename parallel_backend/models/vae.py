@@ -83,13 +83,39 @@ def split_of(first_stage_model) -> dict:
     return split
 
 
-def build_host_vae(path: str, precision: str, device: torch.device):
-    """ComfyUI's own VAE for the file, as its VAELoader builds it (comfy.sd.VAE from the state dict and metadata), on
-    this rank's device in `precision` (None / "default": ComfyUI's choice for the device)."""
-    import comfy.sd
+# an all-in-one checkpoint's VAE tensors (LTX-2's release: its DiT, VAEs and config in one file), as ComfyUI's
+# CheckpointLoaderSimple takes them
+CHECKPOINT_PREFIX = "vae."
+
+
+def vae_prefix(header: dict) -> str:
+    """'' for a VAE file; CHECKPOINT_PREFIX for an all-in-one checkpoint (vae.* keys and no VAE keys of its own)."""
+    own = any(k.startswith(("decoder.", "encoder.")) for k in header)
+    return CHECKPOINT_PREFIX if not own and any(k.startswith(CHECKPOINT_PREFIX) for k in header) else ""
+
+
+def vae_state_dict(path: str) -> tuple:
+    """(state dict, metadata) of the file's VAE: the whole file, or an all-in-one checkpoint's vae.* tensors only
+    (read by name: its DiT's are not read)."""
     import comfy.utils
 
-    sd, metadata = comfy.utils.load_torch_file(path, return_metadata=True)
+    from ..weights.reads import read_header, read_metadata
+    prefix = vae_prefix(read_header(path)) if path.endswith((".safetensors", ".sft")) else ""
+    if not prefix:
+        return comfy.utils.load_torch_file(path, return_metadata=True)
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    return sd, read_metadata(path) or None
+
+
+def build_host_vae(path: str, precision: str, device: torch.device):
+    """ComfyUI's own VAE for the file, as its VAELoader (or, for an all-in-one checkpoint, CheckpointLoaderSimple)
+    builds it: comfy.sd.VAE from the state dict and metadata, on this rank's device in `precision` (None / "default":
+    ComfyUI's choice for the device)."""
+    import comfy.sd
+
+    sd, metadata = vae_state_dict(path)
     dtype = None if precision in (None, "default") else getattr(torch, {"fp32": "float32", "fp16": "float16",
                                                                         "bf16": "bfloat16"}[precision])
     vae = comfy.sd.VAE(sd=sd, device=device, dtype=dtype, metadata=metadata)

@@ -1185,6 +1185,22 @@ def write_tiny_ltx_vae(path: str, timestep_conditioning: bool = False, seed: int
     return write_safetensors_stream(path, entries, metadata={"config": json.dumps({"vae": config})})
 
 
+def write_all_in_one(path: str, dit_path: str, vae_path: str) -> str:
+    """One file of a DiT checkpoint's tensors and a VAE file's under `vae.`, their metadata configs joined ({"transformer":
+    ..., "vae": ...}), as LTX-2's release ships them (CheckpointLoaderSimple reads both from it)."""
+    from safetensors import safe_open
+
+    from ..weights.reads import read_metadata
+    entries, config = [], {}
+    for src, prefix in ((dit_path, ""), (vae_path, "vae.")):
+        config.update(json.loads(read_metadata(src).get("config", "{}")))
+        with safe_open(src, framework="pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                entries.append((prefix + k, tuple(t.shape), t.dtype, lambda t=t: t))
+    return write_safetensors_stream(path, entries, metadata={"config": json.dumps(config)})
+
+
 @contextlib.contextmanager
 def tiny_vae_widths():
     """Within: ComfyUI's detection builds the Wan 2.2, HunyuanVideo 1.0 / 1.5 and Cosmos 1.0 VAEs at the tiny writers'
