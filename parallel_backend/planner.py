@@ -256,23 +256,32 @@ def fold_kind(config: ParallelConfig, fold: int, heads: int) -> str:
     return "ulysses" if heads % (config.ulysses * fold * config.tp) == 0 and fold_fits_a_node(config, fold) else "ring"
 
 
+def axes_across_nodes(degrees: dict, local_ranks: int) -> set:
+    """The axes whose groups span nodes: the mesh is laid out outermost first (AXES) over ranks numbered node by
+    node, so innermost first an axis lies inside a node while the product so far divides the node's ranks."""
+    across, span = set(), local_ranks
+    for a in reversed(AXES):
+        d = degrees.get(a, 1)
+        if d == 1:
+            continue
+        if span % d == 0:
+            span //= d
+        else:
+            across.add(a)
+            span = 1
+    return across
+
+
 def placement(cfg: ParallelConfig) -> str:
     """Which axes cross nodes, in words (parallel_plan)."""
     if cfg.nodes == 1:
         return "one node"
-    inside, across, span = [], [], cfg.local_ranks
-    for a in reversed(AXES):  # innermost first: an axis lies inside a node while the product so far divides it
-        d = getattr(cfg, a)
-        if d == 1:
-            continue
-        if span % d == 0:
-            inside.append(f"{a}={d}")
-            span //= d
-        else:
-            across.append(f"{a}={d}")
-            span = 1
+    degrees = cfg.degrees()
+    across = axes_across_nodes(degrees, cfg.local_ranks)
+    inside = [f"{a}={degrees[a]}" for a in reversed(AXES) if degrees[a] > 1 and a not in across]
+    outside = [f"{a}={degrees[a]}" for a in reversed(AXES) if a in across]
     return (f"{cfg.nodes} nodes x {cfg.local_ranks} ranks: inside a node {' x '.join(inside) or 'nothing'}; "
-            f"across nodes {' x '.join(across) or 'nothing'}")
+            f"across nodes {' x '.join(outside) or 'nothing'}")
 
 
 # ---- limits: do the weights and a call's activations fit the ranks? --------------------------------------------------
@@ -581,10 +590,24 @@ def _link(measured: Measured, kind: str, across: bool) -> tuple:
     return link["bandwidth"], link["latency"]
 
 
-def predict_call_seconds(p: Placement, call: CallShape, measured: Measured, across_nodes: bool = False) -> float:
+def crossing_axes(p: Placement, ranks_per_node: int | None) -> set:
+    """The axes of `p` (and "fold", when its folded replicas lie on different nodes) whose groups span nodes; none on
+    one node (`ranks_per_node` None). The rule is axes_across_nodes', the fold's fold_fits_a_node's."""
+    if not ranks_per_node:
+        return set()
+    out = axes_across_nodes(p.degrees, ranks_per_node)
+    replica_ranks = math.prod(p.degrees.get(a, 1) for a in ("pp", "ring", "ulysses", "tp"))
+    if p.fold > 1 and ranks_per_node % (replica_ranks * p.fold):
+        out.add("fold")
+    return out
+
+
+def predict_call_seconds(p: Placement, call: CallShape, measured: Measured, ranks_per_node: int | None = None) -> float:
     """Seconds of one call under placement `p`: compute / shares + traffic / measured bandwidth + messages x
     latency. Compute is the synthetic block's measured time at the rank's share; traffic is parallel/traffic.py's
-    bytes per forward of each axis; a pipeline runs rows as micro-batches and sends each stage's activation on."""
+    bytes per forward of each axis, priced at the link between nodes for an axis whose groups span nodes
+    (crossing_axes; `ranks_per_node` None: one node); a pipeline runs rows as micro-batches and sends each stage's
+    activation on."""
     d = p.degrees
     active = d.get("cfg", 1) * d.get("dp", 1) // p.fold
     rows = -(-call.rows // active)
@@ -594,8 +617,11 @@ def predict_call_seconds(p: Placement, call: CallShape, measured: Measured, acro
     share = u * r * tp
     row = call.layers * block_seconds(measured, call.tokens, share)
     seconds = (rows + pp - 1) * row / pp
-    a2a_bw, a2a_lat = _link(measured, "all_to_all", across_nodes and r == 1)
-    p2p_bw, p2p_lat = _link(measured, "p2p", across_nodes)
+    across = crossing_axes(p, ranks_per_node)
+    folded_across = "fold" in across
+    a2a_bw, a2a_lat = _link(measured, "all_to_all", bool(across & {"ulysses", "tp"}) or
+                            (folded_across and p.kind == "ulysses"))
+    p2p_bw, p2p_lat = _link(measured, "p2p", bool(across & {"ring", "pp"}) or (folded_across and p.kind == "ring"))
     tokens = call.tokens / max(r, 1)  # a ring's ranks each run Ulysses over their share of the sequence
     if u > 1:
         seconds += ulysses_bytes(tokens, call.dim, call.layers, u, rows, call.elt) / a2a_bw + 4 * call.layers * a2a_lat
@@ -611,6 +637,11 @@ def predict_call_seconds(p: Placement, call: CallShape, measured: Measured, acro
         sent = call.tokens / (u * r) * call.dim * call.elt
         seconds += (pp - 1) * rows * (sent / p2p_bw + p2p_lat)
     return seconds
+
+
+def _per_node(config: ParallelConfig) -> int | None:
+    """Ranks per node where the group spans nodes, else None."""
+    return config.local_ranks if config.nodes > 1 else None
 
 
 def one_rank_seconds(call: CallShape, measured: Measured) -> float:
@@ -634,7 +665,7 @@ def choose_fold(config: ParallelConfig, call: CallShape, measured: Measured | No
     choices = fold_choices(config, call.rows, call.heads)
     if measured is None or len(choices) == 1:
         return choices[-1].fold, None
-    timed = [(predict_call_seconds(p, call, measured, config.nodes > 1), -p.fold, p) for p in choices]
+    timed = [(predict_call_seconds(p, call, measured, _per_node(config)), -p.fold, p) for p in choices]
     seconds, _, best = min(timed, key=lambda t: (t[0], t[1]))
     return best.fold, seconds
 
@@ -660,7 +691,7 @@ def best_call(config: ParallelConfig, call: CallShape, measured: Measured) -> tu
     """(placement, seconds) of `config`'s mesh for this call, with its best fold."""
     fold, seconds = choose_fold(config, call, measured)
     p = next(p for p in fold_choices(config, call.rows, call.heads) if p.fold == fold)
-    return p, (seconds if seconds is not None else predict_call_seconds(p, call, measured, config.nodes > 1))
+    return p, (seconds if seconds is not None else predict_call_seconds(p, call, measured, _per_node(config)))
 
 
 def choose_placement(config: ParallelConfig, call: CallShape, measured: Measured, layers_total: int) -> tuple:

@@ -403,3 +403,22 @@ def test_a_user_set_mesh_is_kept_with_a_warning_when_predicted_slower_than_one_r
     assert "WARNING" not in check_placement(cpu(world_size=2, ulysses=2), call, measured(100))
     line = check_placement(cpu(world_size=2, ulysses=2), call, measured(0.5))
     assert "ulysses=2 predicted" in line and "WARNING slower than one rank" in line and "0.5 GB/s" not in line
+
+
+@pytest.mark.engine
+def test_only_the_axes_that_span_nodes_are_priced_at_the_link_between_nodes():
+    """2 nodes x 2 ranks, a fast link inside a node and a slow one between them: cfg across with Ulysses inside pays
+    the fast link (as on one node); Ulysses over all 4 ranks crosses and pays the slow one; a user mesh so placed is
+    warned about, one that keeps its all-to-alls inside a node is not."""
+    from parallel_backend.planner import crossing_axes
+    m = measured(100, world=4)
+    m.links["p2p_across"] = {"bandwidth": 0.5 * GBIT, "latency": 1e-3}
+    call = CallShape(**WAN13B, rows=2)
+    inside = Placement({**{a: 1 for a in AXES}, "cfg": 2, "ulysses": 2})
+    spanning = Placement({**{a: 1 for a in AXES}, "ulysses": 4})
+    assert crossing_axes(inside, 2) == {"cfg"} and crossing_axes(spanning, 2) == {"ulysses"}
+    assert crossing_axes(inside, None) == set()
+    assert predict_call_seconds(inside, call, m, 2) == pytest.approx(predict_call_seconds(inside, call, m))
+    assert predict_call_seconds(spanning, call, m, 2) > 10 * predict_call_seconds(spanning, call, m)
+    assert "WARNING" not in check_placement(nodes(cfg=2, ulysses=2), call, m)
+    assert "WARNING slower than one rank" in check_placement(nodes(ulysses=4), call, m)
