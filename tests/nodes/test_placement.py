@@ -2,6 +2,7 @@
 predicts; auto mode moves to the placement predicted fastest (never slower than one rank), a user-set mesh is kept
 with a warning when predicted slower than one rank. Links are slowed on purpose with PDIT_EMULATE_LINK, which the
 ranks inherit as they start."""
+import math
 import os
 
 import pytest
@@ -35,11 +36,17 @@ def _stop_groups():
 
 @pytest.mark.multirank
 def test_auto_mode_says_what_it_measured_and_why_it_chose(comfy, pack):
+    """A real 2-rank group: what it chose depends on what it measured (sub-millisecond tiny blocks on a loaded CI box
+    make the pick itself noisy: which placement wins on which numbers is tested with numbers below and in
+    test_planner); here: the line says what was measured and the pick is predicted no slower than one rank."""
+    import re
     plan, config, measured_folds = _load(pack, "")
     assert measured_folds  # each call's fold weighed on the links too
-    assert config.cfg == 2  # cond and uncond on their own ranks: no traffic, half the rows each
     assert "measured all-to-all" in plan and "at 128 tokens" in plan and "on one rank" in plan, plan
-    assert "WARNING" not in plan
+    predicted, one = map(float, re.search(r"predicted ([\d.e+-]+) s per call vs ([\d.e+-]+) s on one rank",
+                                          plan).groups())
+    assert predicted <= one and "WARNING" not in plan, plan
+    assert config.world_size == 2 and math.prod(config.degrees().values()) == 2
 
 
 @pytest.mark.multirank
@@ -76,3 +83,8 @@ def test_auto_mode_moves_to_replicas_only_on_a_slow_link(comfy, pack, no_new_pro
     config, group, why = placement.place(analytic, {**spec, "ulysses": 2, "cfg": 2}, shape, Group(), started.append)
     assert config == analytic and len(started) == 1 and not group.measured_folds  # a user-set mesh is kept
     assert "WARNING slower than one rank" in why
+    fast = Group()
+    fast.links = {k: {"bandwidth": 100e9 / 8, "latency": 20e-6} for k in ("all_to_all", "p2p")}
+    config, group, why = placement.place(analytic, spec, shape, fast, started.append)
+    assert config == analytic and len(started) == 1, why  # cfg 2 x ulysses 2 stays: cond / uncond apart, no waste
+    assert "cfg=2 x ulysses=2" in why or "ulysses=2 x cfg=2" in why, why
