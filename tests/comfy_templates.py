@@ -557,10 +557,26 @@ def _text_shape(g: dict, clip_node: str) -> dict:
         return {"width": 4096, "masked_tail": 3}
     if loader.get("class_type") == "PditTestTextEncoder" or loader.get("inputs", {}).get("type") == "minimax":
         return {"width": MINIMAX_TEXT}
-    if loader.get("class_type") == "LTXAVTextEncoderLoader" or gemma:  # Gemma's raw text, the tiny file's width
-        from parallel_backend.testing.synthetic import LTXAV_PRESETS
-        return {"width": LTXAV_PRESETS["tiny"]["caption_channels"]}
+    if loader.get("class_type") == "LTXAVTextEncoderLoader" or gemma:  # Gemma's raw text for the graph's tiny file
+        return {"width": ltx2_text_width(g), "ltxav_raw": True}
     return {"width": 4096}
+
+
+def ltx2_preset(name: str) -> str:
+    """The tiny LTX-2 layout for a file name: LTX-2.3 and 2.5 files the 2.3 layout, others the 2.0 (19B) one."""
+    return "tiny_2_3" if any(v in name.lower() for v in ("ltx-2.3", "ltx-2.5")) else "tiny"
+
+
+def ltx2_text_width(g: dict) -> int:
+    """The raw text width of the graph's LTX-2 DiT: 2.0's Gemma features (caption_channels), 2.3's text encoder
+    projects them to the streams' widths (video + audio)."""
+    from parallel_backend.testing.synthetic import LTXAV_PRESETS
+    names = [str(v) for n in g.values() for k, v in n["inputs"].items() if k in ("unet_name", "ckpt_name")]
+    presets = {ltx2_preset(n) for n in names if "ltx-2" in n.lower()}
+    if len(presets) != 1:
+        raise Unconvertible(f"LTX-2 text for DiT files of {len(presets)} layouts: {sorted(names)}")
+    p = LTXAV_PRESETS[presets.pop()]
+    return p["width"] + p["audio_width"] if p.get("version") == "2.3" else p["caption_channels"]
 
 
 def _latent_outputs(g: dict, prefix: str) -> dict:
@@ -805,8 +821,8 @@ def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:
                                                     write_tiny_ltxav, write_tiny_ltxv)
     if "hunyuan" in name.lower():
         return write_hunyuan_dit(path, name, seed)
-    if "ltx-2" in name.lower():  # LTX-2 (audio + video): its metadata config gives the tiny widths
-        return write_tiny_ltxav(path, seed=seed)
+    if "ltx-2" in name.lower():  # LTX-2 (audio + video) of the name's layout: its metadata config gives the widths
+        return write_tiny_ltxav(path, seed=seed, preset=ltx2_preset(name))
     if "minimax_h3" in name.lower():
         return write_minimax_dit(path, name, seed)
     if "ltx-video" in name.lower() or "ltxv" in name.lower():

@@ -99,3 +99,20 @@ def test_a_muted_node_feeding_an_active_one_is_not_guessed():
     ui = {**UI, "nodes": [dict(n, mode=2) if n["id"] == 1 else n for n in UI["nodes"]]}
     with pytest.raises(ct.Unconvertible, match="muted"):
         ct.convert(ui, INFO)
+
+
+def test_ltx2_file_names_pick_their_tiny_layout_and_the_text_width():
+    """LTX-2 file names pick the tiny layout (2.3 and 2.5 the 2.3 layout); the test text is as wide as that layout's
+    text encoder gives it (2.0: Gemma's features at caption_channels; 2.3: video + audio widths)."""
+    from parallel_backend.testing.synthetic import LTXAV_PRESETS
+
+    assert ct.ltx2_preset("ltx-2-19b-dev-fp8.safetensors") == "tiny"
+    assert ct.ltx2_preset("ltx-2.3-22b-dev-fp8.safetensors") == "tiny_2_3"
+    assert ct.ltx2_preset("ltx-2.5-22b-distilled-transformer-comfy-int8-convrot.safetensors") == "tiny_2_3"
+    p, q = LTXAV_PRESETS["tiny"], LTXAV_PRESETS["tiny_2_3"]
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "ltx-2-19b-dev-fp8.safetensors"}}}
+    unet = {"2": {"class_type": "UNETLoader", "inputs": {"unet_name": "ltx-2.5-22b-distilled.safetensors"}}}
+    assert ct.ltx2_text_width(ckpt) == p["caption_channels"]
+    assert ct.ltx2_text_width(unet) == q["width"] + q["audio_width"]
+    with pytest.raises(ct.Unconvertible, match="2 layouts"):
+        ct.ltx2_text_width({**ckpt, **unet})

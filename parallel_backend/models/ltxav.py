@@ -12,7 +12,13 @@ queries (the plans' `key_gather_attention`). Video gathers at `norm_out`, audio 
 
 The video's per-token modulation arrives as ComfyUI's CompressedTimestep (one row per frame stretched over the
 frame's tokens); each block gets it as `_RankTimestep`, the same rows and this rank's tokens' index into them, so the
-ada values are the host's sums, picked per token. Not run split (refused with what to change): reference audio
+ada values are the host's sums, picked per token.
+
+LTX-2.3 files (LTX-2.5's are the same layout at other widths) set, in their metadata config, a per-head gate on every
+attention (`to_gate_logits`: one output a head, column-split with the heads under TP like q / k / v), the text
+cross-attention modulated by three more AdaLN rows of the stream's own timestep (cut per token with it) and by a prompt
+timestep (one row per batch row: whole on every rank), gated text connectors (run whole on every rank) and split rope
+(cut by token, and by head under TP, like the interleaved one): the plan is the same. Not run split (refused with what to change): reference audio
 (ID-LoRA's `ref_audio`, trimmed off the whole stream before the audio head) is not a cond the ranks take; guide
 attention masks as on LTXV; pipeline stages (blocks pass a pair of streams).
 """
@@ -129,11 +135,14 @@ def model_shape(video: ModelShape, shapes: dict) -> ModelShape:
 
 
 def check_mesh(model, config, path: str) -> None:
-    heads, split = model.audio_num_attention_heads, config.ulysses * config.tp
-    if heads % split:
-        raise ValueError(f"{path}: LTX-2's audio stream has {heads} attention heads, which do not divide by ulysses "
-                         f"x tp = {config.ulysses} x {config.tp}: choose ulysses x tp among "
-                         f"{[d for d in range(1, heads + 1) if heads % d == 0]}, and use ring for the rest")
+    """Both streams' heads as ComfyUI built them from the file's metadata (the audio's; LTX-2.5's video heads, 24
+    where the pack's shape assumes ComfyUI's default 32) must divide by ulysses x tp."""
+    split = config.ulysses * config.tp
+    for stream, heads in (("video", model.num_attention_heads), ("audio", model.audio_num_attention_heads)):
+        if heads % split:
+            raise ValueError(f"{path}: LTX-2's {stream} stream has {heads} attention heads, which do not divide by "
+                             f"ulysses x tp = {config.ulysses} x {config.tp}: choose ulysses x tp among "
+                             f"{[d for d in range(1, heads + 1) if heads % d == 0]}, and use ring for the rest")
 
 
 def check_rows(timestep, extras: dict, rows: slice) -> None:

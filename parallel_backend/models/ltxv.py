@@ -127,7 +127,7 @@ FLOAT32_CONDS = ("a_timestep",)  # LTX-2's audio timestep, float32 as ComfyUI ha
 
 
 def check_mesh(model, config, path: str) -> None:
-    """LTX-2's audio heads (from the file's metadata) must split like the video's."""
+    """LTX-2's heads as built from the file's metadata (audio; LTX-2.5's video) must split by ulysses x tp."""
     if variant_of(type(model).__name__).get("av"):
         av_check_mesh(model, config, path)
 

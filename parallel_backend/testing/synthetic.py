@@ -644,7 +644,17 @@ LTXAV_PRESETS = {
     "tiny": dict(width=256, audio_width=128, num_layers=2, caption_channels=32, connector_heads=2, connector_layers=1),
     "ltx-2-19b": dict(width=4096, audio_width=2048, num_layers=48, caption_channels=3840, connector_heads=30,
                       connector_layers=2),
+    # the LTX-2.3 layout (LTX-2.5's too, at other widths) at the tiny widths: gated attention, cross-attention AdaLN,
+    # the text connectors as wide as their streams (2 heads of 128 / 64), split rope in float64
+    "tiny_2_3": dict(width=256, audio_width=128, num_layers=2, caption_channels=32, connector_heads=2,
+                     connector_layers=1, version="2.3"),
 }
+# the "transformer" metadata entries of the LTX-2.3 layout (its release's flags; ComfyUI's LTXAVModel reads them)
+LTXAV_2_3_FLAGS = {"apply_gated_attention": True, "cross_attention_adaln": True,
+                   "connector_apply_gated_attention": True, "caption_proj_before_connector": True,
+                   "caption_projection_first_linear": False, "caption_projection_second_linear": False,
+                   "caption_proj_input_norm": False, "rope_type": "split", "frequencies_precision": "float64",
+                   "text_encoder_norm_type": "per_token_rms", "use_middle_indices_grid": True}
 
 
 def _adaln(prefix: str, d: int, coefficient: int) -> dict:
@@ -653,10 +663,12 @@ def _adaln(prefix: str, d: int, coefficient: int) -> dict:
     return {**s, f"{prefix}.linear.weight": (coefficient * d, d), f"{prefix}.linear.bias": (coefficient * d,)}
 
 
-def _ltx_attention(prefix: str, query: int, inner: int, context: int) -> dict:
+def _ltx_attention(prefix: str, query: int, inner: int, context: int, gated_heads: int = 0) -> dict:
+    """An LTX CrossAttention's keys; `gated_heads`: its per-head gate (to_gate_logits: query -> heads)."""
     s = {f"{prefix}.q_norm.weight": (inner,), f"{prefix}.k_norm.weight": (inner,)}
     for p, (o, i) in {"to_q": (inner, query), "to_k": (inner, context), "to_v": (inner, context),
-                      "to_out.0": (query, inner)}.items():
+                      "to_out.0": (query, inner), **({"to_gate_logits": (gated_heads, query)} if gated_heads else {})
+                      }.items():
         s[f"{prefix}.{p}.weight"], s[f"{prefix}.{p}.bias"] = (o, i), (o,)
     return s
 
@@ -666,49 +678,93 @@ def _ltx_ff(prefix: str, d: int, mult: int = 4) -> dict:
             f"{prefix}.net.2.weight": (d, mult * d), f"{prefix}.net.2.bias": (d,)}
 
 
-def _ltx_connector(prefix: str, d: int, layers: int, registers: int = 128) -> dict:
+def _ltx_connector(prefix: str, d: int, layers: int, registers: int = 128, gated_heads: int = 0) -> dict:
     s = {f"{prefix}.learnable_registers": (registers, d)}
     for i in range(layers):
-        s.update(_ltx_attention(f"{prefix}.transformer_1d_blocks.{i}.attn1", d, d, d))
+        s.update(_ltx_attention(f"{prefix}.transformer_1d_blocks.{i}.attn1", d, d, d, gated_heads))
         s.update(_ltx_ff(f"{prefix}.transformer_1d_blocks.{i}.ff", d))
     return s
 
 
 def ltxav_shapes(width, audio_width, num_layers, caption_channels, connector_heads, connector_layers,
-                 in_channels=128, audio_in_channels=128) -> dict:
-    """key -> shape of an LTX-2 audio + video DiT (ComfyUI's LTXAVModel names, without `model.diffusion_model.`)."""
+                 in_channels=128, audio_in_channels=128, version="2.0") -> dict:
+    """key -> shape of an LTX-2 audio + video DiT (ComfyUI's LTXAVModel names, without `model.diffusion_model.`);
+    version "2.3": the 2.3 layout (`_ltxav_2_3_shapes`)."""
+    if version == "2.3":
+        return _ltxav_2_3_shapes(width, audio_width, num_layers, connector_heads, connector_layers, in_channels,
+                                 audio_in_channels)
     v, a = width, audio_width
     s = {k: x for k, x in ltxv_shapes(v, 0, in_channels, caption_channels).items()}
-    s.update({"audio_patchify_proj.weight": (a, audio_in_channels), "audio_patchify_proj.bias": (a,),
-              **_adaln("audio_adaln_single", a, 6), **_adaln("av_ca_video_scale_shift_adaln_single", v, 4),
-              **_adaln("av_ca_a2v_gate_adaln_single", v, 1), **_adaln("av_ca_audio_scale_shift_adaln_single", a, 4),
-              **_adaln("av_ca_v2a_gate_adaln_single", a, 1),
+    s.update({**_ltxav_audio_in(v, a, audio_in_channels, 6),
               "audio_caption_projection.linear_1.weight": (a, caption_channels),
               "audio_caption_projection.linear_1.bias": (a,), "audio_caption_projection.linear_2.weight": (a, a),
               "audio_caption_projection.linear_2.bias": (a,),
               **_ltx_connector("audio_embeddings_connector", caption_channels, connector_layers),
               **_ltx_connector("video_embeddings_connector", caption_channels, connector_layers),
-              "audio_scale_shift_table": (2, a), "audio_proj_out.weight": (audio_in_channels, a),
-              "audio_proj_out.bias": (audio_in_channels,)})
+              **_ltxav_audio_out(a, audio_in_channels)})
     for i in range(num_layers):
-        b = f"transformer_blocks.{i}."
-        for name, (q, inner, ctx) in {"attn1": (v, v, v), "attn2": (v, v, v), "audio_attn1": (a, a, a),
-                                      "audio_attn2": (a, a, a), "audio_to_video_attn": (v, a, a),
-                                      "video_to_audio_attn": (a, a, v)}.items():
-            s.update(_ltx_attention(b + name, q, inner, ctx))
-        s.update({**_ltx_ff(b + "ff", v), **_ltx_ff(b + "audio_ff", a), b + "scale_shift_table": (6, v),
-                  b + "audio_scale_shift_table": (6, a), b + "scale_shift_table_a2v_ca_audio": (5, a),
-                  b + "scale_shift_table_a2v_ca_video": (5, v)})
+        s.update(_ltxav_block(f"transformer_blocks.{i}.", v, a, 6))
     return s
 
 
-def ltxav_metadata(width, audio_width, caption_channels, connector_heads, connector_layers, **_) -> dict:
+def _ltxav_audio_in(v: int, a: int, audio_in_channels: int, coefficient: int) -> dict:
+    """The audio stream's input and AdaLN keys and the audio <-> video cross-attention AdaLNs."""
+    return {"audio_patchify_proj.weight": (a, audio_in_channels), "audio_patchify_proj.bias": (a,),
+            **_adaln("audio_adaln_single", a, coefficient), **_adaln("av_ca_video_scale_shift_adaln_single", v, 4),
+            **_adaln("av_ca_a2v_gate_adaln_single", v, 1), **_adaln("av_ca_audio_scale_shift_adaln_single", a, 4),
+            **_adaln("av_ca_v2a_gate_adaln_single", a, 1)}
+
+
+def _ltxav_audio_out(a: int, audio_in_channels: int) -> dict:
+    return {"audio_scale_shift_table": (2, a), "audio_proj_out.weight": (audio_in_channels, a),
+            "audio_proj_out.bias": (audio_in_channels,)}
+
+
+def _ltxav_block(b: str, v: int, a: int, coefficient: int, gated: bool = False) -> dict:
+    """One BasicAVTransformerBlock (32 heads a stream; `gated`: each attention's per-head gate; coefficient 9: the
+    cross-attention AdaLN's rows and the prompt tables)."""
+    s = {}
+    for name, (q, inner, ctx) in {"attn1": (v, v, v), "attn2": (v, v, v), "audio_attn1": (a, a, a),
+                                  "audio_attn2": (a, a, a), "audio_to_video_attn": (v, a, a),
+                                  "video_to_audio_attn": (a, a, v)}.items():
+        s.update(_ltx_attention(b + name, q, inner, ctx, 32 if gated else 0))
+    s.update({**_ltx_ff(b + "ff", v), **_ltx_ff(b + "audio_ff", a), b + "scale_shift_table": (coefficient, v),
+              b + "audio_scale_shift_table": (coefficient, a), b + "scale_shift_table_a2v_ca_audio": (5, a),
+              b + "scale_shift_table_a2v_ca_video": (5, v)})
+    if coefficient == 9:
+        s.update({b + "prompt_scale_shift_table": (2, v), b + "audio_prompt_scale_shift_table": (2, a)})
+    return s
+
+
+def _ltxav_2_3_shapes(v, a, num_layers, connector_heads, connector_layers, in_channels, audio_in_channels) -> dict:
+    """The LTX-2.3 layout: every attention gated per head (to_gate_logits), the blocks' text cross-attention
+    modulated (9 AdaLN rows, the prompt AdaLNs and tables), no caption projections (the text encoder projects to the
+    streams' widths: the connectors are as wide as their streams, gated too)."""
+    s = {"patchify_proj.weight": (v, in_channels), "patchify_proj.bias": (v,), **_adaln("adaln_single", v, 9),
+         **_adaln("prompt_adaln_single", v, 2), **_adaln("audio_prompt_adaln_single", a, 2),
+         "scale_shift_table": (2, v), "proj_out.weight": (in_channels, v), "proj_out.bias": (in_channels,),
+         **_ltxav_audio_in(v, a, audio_in_channels, 9), **_ltxav_audio_out(a, audio_in_channels),
+         **_ltx_connector("audio_embeddings_connector", a, connector_layers, gated_heads=connector_heads),
+         **_ltx_connector("video_embeddings_connector", v, connector_layers, gated_heads=connector_heads)}
+    for i in range(num_layers):
+        s.update(_ltxav_block(f"transformer_blocks.{i}.", v, a, 9, gated=True))
+    return s
+
+
+def ltxav_metadata(width, audio_width, caption_channels, connector_heads, connector_layers, version="2.0",
+                   **_) -> dict:
     """The "transformer" entries of an LTX-2 file's metadata config that a tiny file needs (ComfyUI's detection
-    reads the rest from the keys; audio heads stay ComfyUI's default 32)."""
-    return {"audio_attention_head_dim": audio_width // 32, "audio_cross_attention_dim": audio_width,
+    reads the rest from the keys; audio heads stay ComfyUI's default 32); 2.3: its flags, the connectors as wide as
+    their streams."""
+    meta = {"audio_attention_head_dim": audio_width // 32, "audio_cross_attention_dim": audio_width,
             "caption_channels": caption_channels, "connector_num_attention_heads": connector_heads,
             "connector_attention_head_dim": caption_channels // connector_heads,
             "connector_num_layers": connector_layers}
+    if version == "2.3":
+        meta.update(LTXAV_2_3_FLAGS, connector_attention_head_dim=width // connector_heads,
+                    audio_connector_num_attention_heads=connector_heads,
+                    audio_connector_attention_head_dim=audio_width // connector_heads)
+    return meta
 
 
 def write_tiny_ltxav(path: str, seed: int = 0, dtype=torch.float32, preset: str = "tiny", fill: float | None = None,

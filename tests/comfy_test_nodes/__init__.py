@@ -25,15 +25,20 @@ class PditTestConditioning:
             "pooled_width": ("INT", {"default": 0, "min": 0, "max": 4096,
                                      "tooltip": "a pooled vector of this width (HunyuanVideo 1.0's CLIP-L: 768); 0: "
                                                 "None, as CLIPTextEncode gives for a text encoder without one"}),
+            "ltxav_raw": ("BOOLEAN", {"default": False,
+                                      "tooltip": "raw LTX-2 text, flagged as ComfyUI's LTX-2 text encoder flags it "
+                                                 "(unprocessed_ltxav_embeds: the DiT's text connectors run)"}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "make"
     CATEGORY = "testing"
 
-    def make(self, seed, tokens, width, masked_tail=-1, byt5_tokens=0, pooled_width=0):
+    def make(self, seed, tokens, width, masked_tail=-1, byt5_tokens=0, pooled_width=0, ltxav_raw=False):
         g = torch.Generator().manual_seed(seed)
         extra = {"pooled_output": torch.randn(1, pooled_width, generator=g) if pooled_width else None}
+        if ltxav_raw:
+            extra["unprocessed_ltxav_embeds"] = True
         if masked_tail >= 0:
             extra["attention_mask"] = (torch.arange(tokens) < tokens - masked_tail).long().view(1, tokens)
         text = torch.randn(1, tokens, width, generator=g)

@@ -1,5 +1,9 @@
 """LTX-2 audio + video, sharded on 4-rank meshes (cfg2 x ulysses2, ring2 x tp2), on 3 ranks (ring3) and on
-1 rank, equals ComfyUI 0.33's native LTXAVModel forward on the same file, <= 1e-4 max abs in fp32 (video and audio).
+1 rank, equals ComfyUI 0.33's native LTXAVModel forward on the same file, <= 1e-4 max abs in fp32 (video and audio),
+for two layouts (LAYOUTS): LTX-2 (2.0, the 19B release's) and LTX-2.3 (LTX-2.5's too, at other widths: every
+attention gated per head, the text cross-attention modulated by its own AdaLN rows and the prompt AdaLNs, the text
+connectors as wide as their streams and gated, split rope in float64, middle-of-token positions). Each rank run
+builds both files on each mesh.
 
 The oracle is ComfyUI's own loader (`comfy.sd.load_diffusion_model` detects the tiny file as LTXAV, its metadata
 config giving the tiny text and audio widths); each case runs its `diffusion_model` with what ComfyUI's LTXAV
@@ -9,7 +13,8 @@ packed into one tensor with its stream shapes and the audio timestep as a cond, 
 
 Cases: video and audio token counts that divide no sequence degree (45 video / 7 audio tokens; 31 / 5), one timestep
 per row, per-token video timesteps (frame 0 kept: image-to-video, ComfyUI's per-frame CompressedTimestep) and
-per-token audio timesteps (the first audio tokens kept), a padded text mask.
+per-token audio timesteps (the first audio tokens kept), a padded text mask, and raw text (the text encoder's
+`unprocessed_ltxav_embeds`: the text connectors run, natively in LTXAV.extra_conds, on the ranks in the forward).
 """
 import os
 
@@ -30,15 +35,17 @@ pytestmark = [pytest.mark.multirank, pytest.mark.skipif(
 TOL = 1e-4
 T_ROWS = (0.7, 0.7)  # cond and uncond at one sigma, as samplers call (see ROWS_DIFFER)
 TEXT_TOKENS = 12
-P = LTXAV_PRESETS["tiny"]
+LAYOUTS = {"2.0": "tiny", "2.3": "tiny_2_3"}  # label (the keys' stream prefix) -> LTXAV_PRESETS entry
+RAW = "raw"  # a case's text: raw (the connectors run), else processed (the connectors' output), with a padded mask
 
 # case -> (video frames, height, width), audio latent frames, per-token video timestep (i2v), per-token audio
-# timestep (audio kept at its start), padded text mask
+# timestep (audio kept at its start), text
 CASES = {
     "t2v_45v_7a_masked_text": ((3, 5, 3), 7, False, False, True),
     "i2v_45v_7a": ((3, 5, 3), 7, True, False, False),
     "a2v_45v_7a": ((3, 5, 3), 7, False, True, False),
     "t2v_31v_5a": ((1, 1, 31), 5, False, False, False),
+    "t2v_raw_text_31v_5a": ((1, 1, 31), 5, False, False, RAW),
 }
 # rows at different timesteps: LTXAVModel gates its cross-attentions by the largest timestep of the whole batch, so
 # a replica split of the rows (cfg / dp) is refused; every other split equals native
@@ -46,19 +53,31 @@ ROWS_DIFFER = "rows_differ_45v_7a"
 CASES[ROWS_DIFFER] = CASES["i2v_45v_7a"]
 
 
-def _inputs(case, seed=0):
-    """(video, audio, timestep(s), context, {keyword inputs}) as ComfyUI's LTXAV BaseModel hands them."""
-    thw, audio_len, i2v, a2v, masked = CASES[case]
+def _text_width(layout, raw):
+    """The text's width: 2.0's raw Gemma text is caption_channels wide, the connectors' output twice that (video |
+    audio); 2.3's text encoder projects to the streams' widths, raw and processed alike (video | audio)."""
+    p = LTXAV_PRESETS[LAYOUTS[layout]]
+    if p.get("version") == "2.3":
+        return p["width"] + p["audio_width"]
+    return p["caption_channels"] * (1 if raw else 2)
+
+
+def _inputs(case, layout="2.0", seed=0):
+    """(video, audio, timestep(s), context, {keyword inputs}) as ComfyUI's LTXAV BaseModel hands them to its
+    diffusion model (raw text: with the text encoder's flag, which extra_conds reads)."""
+    thw, audio_len, i2v, a2v, text = CASES[case]
     g = torch.Generator().manual_seed(seed)
     vx = torch.randn(2, 128, *thw, generator=g)
     ax = torch.randn(2, 8, audio_len, 16, generator=g)  # LTXAVModel's audio latent: 8 channels x 16 bins
-    ctx = torch.randn(2, TEXT_TOKENS, 2 * P["caption_channels"], generator=g)  # the connectors' video | audio text
+    ctx = torch.randn(2, TEXT_TOKENS, _text_width(layout, text == RAW), generator=g)
     t = torch.tensor((0.8, 0.3) if case == ROWS_DIFFER else T_ROWS)
     mask = torch.ones(2, TEXT_TOKENS, dtype=torch.long)
-    if masked:
+    if text is True:
         mask[0, 9:] = 0
         mask[1, 5:] = 0
     kw = {"frame_rate": 24, "attention_mask": mask}
+    if text == RAW:
+        kw = {"frame_rate": 24, "unprocessed_ltxav_embeds": True}
     v_t, a_t = t, t
     if i2v:  # LTXAV.process_timestep: the denoise mask times sigma, one entry per video token
         dm = torch.ones(2, 1, *thw)
@@ -72,34 +91,49 @@ def _inputs(case, seed=0):
     return vx, ax, (v_t, a_t), ctx, kw
 
 
-def _run(model):
+def _keys(layout, case):
+    """The (video, audio) output keys of a case: ("<layout> video", case), ("<layout> audio", case)."""
+    return (f"{layout} video", case), (f"{layout} audio", case)
+
+
+def _run(model, layout="2.0"):
     import comfy.utils
 
     out = {}
     for case in CASES:
-        vx, ax, (v_t, a_t), ctx, kw = _inputs(case)
+        vx, ax, (v_t, a_t), ctx, kw = _inputs(case, layout)
+        video_key, audio_key = _keys(layout, case)
         x, shapes = comfy.utils.pack_latents([vx, ax])
         try:
             y = model.forward_rows(x, v_t, ctx, a_timestep=a_t, latent_shapes=[tuple(s) for s in shapes], **kw)
         except ValueError as e:
-            out[("video", case)] = out[("audio", case)] = str(e)
+            out[video_key] = out[audio_key] = str(e)
             continue
         rows = model.rows(2)
         if y is None:
-            out[("video", case)] = out[("audio", case)] = (rows, None)
+            out[video_key] = out[audio_key] = (rows, None)
             continue
         video, audio = comfy.utils.unpack_latents(y, shapes)
-        out[("video", case)], out[("audio", case)] = (rows, video), (rows, audio)
+        out[video_key], out[audio_key] = (rows, video), (rows, audio)
     return out
 
 
-def _run_mesh(mesh, path):
-    return _run(ShardedModel(mesh, path, "fp32"))
+def _run_mesh(mesh, paths):
+    """Every layout's file on this mesh (one rank run for both)."""
+    return {k: v for layout, path in paths.items() for k, v in _run(ShardedModel(mesh, path, "fp32"), layout).items()}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    """The 2.0 layout's file (the LoRA / fp8 variants are made of it)."""
     return write_tiny_ltxav(str(tmp_path_factory.mktemp("ltxav") / "ltx2_tiny.safetensors"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(checkpoint, tmp_path_factory):
+    """layout -> tiny file."""
+    d = tmp_path_factory.mktemp("ltxav_2_3")
+    return {"2.0": checkpoint, "2.3": write_tiny_ltxav(str(d / "ltx2_3_tiny.safetensors"), seed=5, preset="tiny_2_3")}
 
 
 def ltxav_native(path):
@@ -110,36 +144,71 @@ def ltxav_native(path):
     return comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float32}).model
 
 
+def _native(diffusion_model, layout, case):
+    """ComfyUI's forward of a case: raw text through the connectors first, as LTXAV.extra_conds does."""
+    vx, ax, t, ctx, kw = _inputs(case, layout)
+    with torch.no_grad():
+        if kw.pop("unprocessed_ltxav_embeds", False):
+            ctx = diffusion_model.preprocess_text_embeds(ctx, unprocessed=True)
+        return diffusion_model([vx, ax], t, ctx, **kw)
+
+
 @pytest.fixture(scope="module")
-def native_outputs(checkpoint):
-    base = ltxav_native(checkpoint)
-    assert type(base).__name__ == "LTXAV" and type(base.diffusion_model).__name__ == "LTXAVModel"
+def native_models(checkpoints):
+    """layout -> ComfyUI's LTXAVModel of its file."""
+    out = {}
+    for layout, path in checkpoints.items():
+        base = ltxav_native(path)
+        assert type(base).__name__ == "LTXAV" and type(base.diffusion_model).__name__ == "LTXAVModel"
+        out[layout] = base.diffusion_model
+    return out
+
+
+@pytest.fixture(scope="module")
+def native_outputs(native_models):
     ref = {}
-    for case in CASES:
-        vx, ax, t, ctx, kw = _inputs(case)
-        with torch.no_grad():
-            video, audio = base.diffusion_model([vx, ax], t, ctx, **kw)
-        ref[("video", case)], ref[("audio", case)] = video.float(), audio.float()
+    for layout, model in native_models.items():
+        for case in CASES:
+            video, audio = _native(model, layout, case)
+            video_key, audio_key = _keys(layout, case)
+            ref[video_key], ref[audio_key] = video.float(), audio.float()
     return ref
 
 
+def test_the_2_3_layout_is_built_with_its_flags(native_models):
+    """ComfyUI's loader builds the 2.3 file with its metadata's flags: gated attention (blocks and connectors),
+    cross-attention AdaLN (9 rows, the prompt AdaLNs), no caption projection, split rope in float64."""
+    model = native_models["2.3"]
+    block = model.transformer_blocks[0]
+    assert model.cross_attention_adaln and block.scale_shift_table.shape[0] == 9
+    assert model.prompt_adaln_single is not None and model.audio_prompt_adaln_single is not None
+    assert all(getattr(block, a).to_gate_logits is not None for a in ("attn1", "attn2", "audio_to_video_attn"))
+    assert model.video_embeddings_connector.transformer_1d_blocks[0].attn1.to_gate_logits is not None
+    assert model.caption_proj_before_connector and not model.caption_projection_first_linear
+    assert model.split_positional_embedding == "split" and model.freq_grid_generator.__name__.endswith("_np")
+
+
 def test_native_outputs_are_not_trivial(native_outputs):
-    """The audio reaches the video and back (the cross-attentions act), and per-token timesteps change both."""
-    v, a = native_outputs[("video", "t2v_45v_7a_masked_text")], native_outputs[("audio", "t2v_45v_7a_masked_text")]
-    assert v.abs().mean() > 0.1 and a.abs().mean() > 0.1
-    assert (native_outputs[("audio", "a2v_45v_7a")] - native_outputs[("audio", "i2v_45v_7a")]).abs().max() > 1e-2
-    assert (native_outputs[("video", "a2v_45v_7a")] - native_outputs[("video", "i2v_45v_7a")]).abs().max() > 1e-2
+    """The audio reaches the video and back (the cross-attentions act), per-token timesteps change both, and the
+    text reaches both streams (raw text through the connectors)."""
+    for layout in LAYOUTS:
+        out = {(k[0].split()[1], k[1]): v for k, v in native_outputs.items() if k[0].startswith(layout + " ")}
+        v, a = out[("video", "t2v_45v_7a_masked_text")], out[("audio", "t2v_45v_7a_masked_text")]
+        assert v.abs().mean() > 0.1 and a.abs().mean() > 0.1
+        for stream in ("video", "audio"):
+            assert (out[(stream, "a2v_45v_7a")] - out[(stream, "i2v_45v_7a")]).abs().max() > 1e-2
+            assert (out[(stream, "t2v_raw_text_31v_5a")] - out[(stream, "t2v_31v_5a")]).abs().max() > 1e-2
 
 
-def test_one_rank_equals_comfyui_native(checkpoint, native_outputs):
+def test_one_rank_equals_comfyui_native(checkpoints, native_outputs):
     mesh = single_rank_mesh(ParallelConfig(world_size=1, device="cpu", dtype="fp32"), torch.device("cpu"))
-    assert_rows_match(native_outputs, [_run_mesh(mesh, checkpoint)], "1 rank", TOL)
+    assert_rows_match(native_outputs, [_run_mesh(mesh, checkpoints)], "1 rank", TOL)
 
 
 @pytest.fixture(scope="module")
-def world4(checkpoint):
+def world4(checkpoints):
     config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
-    return run_on_ranks(run_meshes, config, _run_mesh, checkpoint, MESHES_4, timeout=600)
+    return run_on_ranks(run_meshes, config, _run_mesh, checkpoints, MESHES_4, timeout=600)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES_4))
@@ -147,15 +216,15 @@ def test_sharded_forward_equals_comfyui_native(native_outputs, world4, mesh):
     config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4[mesh])
     per_rank = [r[mesh] for r in world4]
     if config.cfg > 1:  # the replicas split the rows: rows at different timesteps are refused with what to change
-        assert all("set cfg and dp to 1" in r[("video", ROWS_DIFFER)] for r in per_rank)
+        assert all("set cfg and dp to 1" in r[_keys(layout, ROWS_DIFFER)[0]] for r in per_rank for layout in LAYOUTS)
         native_outputs = {k: v for k, v in native_outputs.items() if k[1] != ROWS_DIFFER}
     assert_rows_match(native_outputs, per_rank, config.describe(), TOL)
 
 
-def test_odd_world_size_ring3_equals_comfyui_native(checkpoint, native_outputs):
+def test_odd_world_size_ring3_equals_comfyui_native(checkpoints, native_outputs):
     """3 ranks: 32 heads do not divide by 3, so both streams split by Ring; every token count is ragged on 3."""
     config = ParallelConfig(world_size=3, device="cpu", dtype="fp32", ring=3)
-    assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoint), config.describe(), TOL)
+    assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoints), config.describe(), TOL)
 
 
 # ---- a LoRA (ComfyUI's key layout) and an fp8_scaled file on tp2: each layer's rows split after the merge / scale ----
@@ -206,9 +275,9 @@ def _native_variant(path, lora=None):
         patcher.patch_model()
         try:
             for case in VARIANT_CASES:
-                vx, ax, t, ctx, kw = _inputs(case)
-                video, audio = patcher.model.diffusion_model([vx, ax], t, ctx, **kw)
-                out[("video", case)], out[("audio", case)] = video.float(), audio.float()
+                video, audio = _native(patcher.model.diffusion_model, "2.0", case)
+                video_key, audio_key = _keys("2.0", case)
+                out[video_key], out[audio_key] = video.float(), audio.float()
         finally:
             patcher.unpatch_model()
     return out
@@ -236,7 +305,6 @@ def test_lora_and_fp8_scaled_on_tp2_equal_comfyui_native(native_outputs, checkpo
     for kind in ("lora", "fp8_scaled"):
         ref = _native_variant(checkpoint, variants["lora"]) if kind == "lora" else _native_variant(
             variants["fp8_scaled"])
-        for stream in ("video", "audio"):  # the variant changes both streams' outputs
-            key = (stream, "t2v_45v_7a_masked_text")
+        for key in _keys("2.0", "t2v_45v_7a_masked_text"):  # the variant changes both streams' outputs
             assert (ref[key] - native_outputs[key]).abs().max() > 1e-3, (kind, stream)
         assert_rows_match(ref, [r[kind] for r in per_rank], f"tp2 {kind}", TOL)

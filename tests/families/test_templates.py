@@ -156,9 +156,11 @@ EXPECTED = {
 }
 GUIDE_MASK = refused("masks the self-attention over the whole sequence, which the sequence split")
 # LTX-Video, LTX-2 (2.0 / 2.3 / 2.5) and MiniMax H3: the DiT of an LTX all-in-one checkpoint (CheckpointLoaderSimple)
-# goes through UNETLoader in both runs (the loader the parallel run swaps). LTX-2.3 / 2.5 files are tiny LTX-2
-# (19B layout) files under the template's names: the graphs and their nodes are what these test, not those releases'
-# own layouts; MiniMax H3's int8_convrot files are int8 (MINIMAX_INT8; 1.1e-6 as an fp32 file, measured once)
+# goes through UNETLoader in both runs (the loader the parallel run swaps). The DiT file's name picks its tiny layout
+# (comfy_templates.ltx2_preset): LTX-2 names the 2.0 (19B) layout, LTX-2.3 and 2.5 names the 2.3 layout (gated
+# attention, cross-attention AdaLN, the connectors as wide as the streams; 2.5's own widths aside), with Gemma's raw
+# text as wide as that layout's text encoder gives it; MiniMax H3's int8_convrot files are int8 (MINIMAX_INT8; 1.1e-6
+# as an fp32 file, measured once)
 LTX_MINIMAX_EXPECTED = {
     "ltxv_text_to_video": MATCH,
     "ltxv_image_to_video": MATCH,   # LTXVImgToVideo's start frame: a denoise mask (per-token timesteps)

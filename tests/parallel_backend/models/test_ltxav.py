@@ -75,15 +75,34 @@ def test_host_model_parameters_are_the_file_keys_and_each_plan_names_its_streams
     assert len(named(video.attention_heads)) == 6 * len(blocks)
 
 
-def test_audio_heads_that_do_not_split_are_refused_with_what_to_change(tiny):
+def test_the_2_3_layouts_gates_are_split_with_their_heads(tiny, tmp_path):
+    """LTX-2.3's gated attention: every TP entry of the plan (the per-head gates too) names modules of the 2.3
+    layout's model, each gate column-split like its attention's q / k / v (one row a head)."""
+    path = write_tiny_ltxav(str(tmp_path / "ltx2_3.safetensors"), preset="tiny_2_3")
+    model, _, _ = ltxv.build(read_header(path), torch.float32, path)
+    names = [n for n, _ in model.named_modules()]
+    plan = ltxv.plan_for(model)
+    for pattern, style in plan.tp.items():
+        named = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        assert named or ".[0-9][0-9]." in pattern, pattern
+        if pattern.endswith("to_gate_logits"):
+            assert style == plan.tp[pattern.replace("to_gate_logits", "to_q")] == "host_colwise"
+            assert all(model.get_submodule(n).out_features == model.get_submodule(n.rpartition(".")[0]).heads
+                       for n in named)
+
+
+@pytest.mark.parametrize("stream, attr", [("audio", "audio_num_attention_heads"), ("video", "num_attention_heads")])
+def test_heads_that_do_not_split_are_refused_with_what_to_change(tiny, stream, attr):
+    """A file whose metadata gives a stream heads that ulysses x tp does not divide (here 6; LTX-2.5's video has
+    24, where the pack's shape assumes 32) is refused on the built model."""
     path, _, (model, _, _) = tiny
     ltxv.check_mesh(model, ParallelConfig(world_size=4, device="cpu", ulysses=2, tp=2), path)
-    model.audio_num_attention_heads = 6  # a file whose metadata gives the audio stream 6 heads
+    setattr(model, attr, 6)
     try:
-        with pytest.raises(ValueError, match=r"audio stream has 6 attention heads.*ulysses x tp = 2 x 2.*among"):
+        with pytest.raises(ValueError, match=rf"{stream} stream has 6 attention heads.*ulysses x tp = 2 x 2.*among"):
             ltxv.check_mesh(model, ParallelConfig(world_size=4, device="cpu", ulysses=2, tp=2), path)
     finally:
-        model.audio_num_attention_heads = 32
+        setattr(model, attr, 32)
 
 
 def test_rows_at_different_timesteps_are_refused_on_a_replica_split():

@@ -84,14 +84,17 @@ def test_diffusers_names_map_to_the_file_keys():
     assert names["transformer_blocks.0.attn1.norm_q.weight"] == "model.diffusion_model.transformer_blocks.0.attn1.q_norm.weight"
 
 
-def test_an_ltx2_audio_video_file_builds_ltxavmodel_or_is_refused_by_class_name():
-    """An LTX-2 file (ComfyUI 0.33 detects LTXAVModel by its audio AdaLN key): on 0.33 the family builds it (its plan:
-    tests/parallel_backend/models/test_ltxav.py); on a ComfyUI without the class (0.3.75, which would build a
-    video-only LTXVModel of it) it is refused before any weight is read, with the update to make."""
+@pytest.mark.parametrize("preset", ["tiny", "tiny_2_3"])
+def test_an_ltx2_audio_video_file_builds_ltxavmodel_or_is_refused_by_class_name(preset):
+    """An LTX-2 file of the 2.0 or 2.3 layout (ComfyUI 0.33 detects LTXAVModel by its audio AdaLN key): on 0.33 the
+    family builds it (its plan: tests/parallel_backend/models/test_ltxav.py); on a ComfyUI without the class (0.3.75,
+    which would build a video-only LTXVModel of it) it is refused before any weight is read, with the update to
+    make."""
     from parallel_backend.models.host import import_host
+    from parallel_backend.testing.synthetic import LTXAV_PRESETS, ltxav_shapes
 
     import_host("cpu")
-    header = {**_header("tiny"), "model.diffusion_model.audio_adaln_single.linear.weight": ((6 * 256, 256), "BF16")}
+    header = {"model.diffusion_model." + k: (s, "BF16") for k, s in ltxav_shapes(**LTXAV_PRESETS[preset]).items()}
     assert ltxv.file_class(header) == "LTXAVModel" and detect_family(header) is ltxv
     if ltxv.host_has_class("LTXAVModel"):
         return
