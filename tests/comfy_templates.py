@@ -798,8 +798,10 @@ def wan_dit_shapes(unet_config: dict) -> dict:
 
 
 # tiny HunyuanVideo files (2 heads of 128, one double and one single block) with umt5's text width, as the test
-# conditioning gives it; 1.0 with its CLIP-L vector and guidance embedders, 1.5 with ByT5 and SigLIP projections
+# conditioning gives it; 1.0 with its CLIP-L vector and guidance embedders, 1.5 with ByT5 and SigLIP projections, 1.5's
+# SR distilled files (`sr_distilled` in the name) with 98 input channels and the meanflow embedding
 HUNYUAN_TINY = {"1.5": dict(preset="tiny", text_dim=4096),
+                "1.5-sr": dict(preset="tiny-sr-distilled", text_dim=4096),
                 "1.0": dict(preset="tiny", text_dim=4096, in_channels=16, out_channels=16, patch=(1, 2, 2), byt5=False,
                             vision=False, guidance=True, vector=True)}
 
@@ -810,8 +812,27 @@ def write_hunyuan_dit(path: str, name: str, seed: int) -> str:
     from parallel_backend.testing.synthetic import write_tiny_hunyuan_video
     n = name.lower()
     dtype = torch.bfloat16 if "bf16" in n else torch.float16 if "fp16" in n else torch.float32
-    version = "1.5" if "1.5" in n or "15" in n else "1.0"
+    version = ("1.5-sr" if "sr_distilled" in n else "1.5") if "1.5" in n or "15" in n else "1.0"
     return write_tiny_hunyuan_video(path, seed=seed, dtype=dtype, **HUNYUAN_TINY[version])
+
+
+def write_hunyuan_latent_upsampler(path: str, seed: int = 14) -> str:
+    """A random HunyuanVideo 1.5 latent upsampler of ComfyUI's 1080p class (comfy.ldm.hunyuan_video.upsampler
+    .Upsampler: ResNet blocks at the size HunyuanVideo15LatentUpscaleWithModel upscaled to), 32 wide: ComfyUI's
+    LatentUpscaleModelLoader reads its widths from the file."""
+    import torch
+    from comfy.ldm.hunyuan_video.upsampler import Upsampler
+
+    from parallel_backend.testing.synthetic import random_tensor, write_safetensors_stream
+    with torch.device("meta"):
+        model = Upsampler(z_channels=32, out_channels=32, block_out_channels=(32,))
+    g = torch.Generator().manual_seed(seed)
+
+    def make(k, s):  # RMS_norm gammas: ones plus noise, like any norm weight
+        return 1.0 + 0.1 * torch.randn(s, generator=g) if k.endswith("gamma") else random_tensor(k, s, g)
+
+    return write_safetensors_stream(path, [(k, s, torch.float32, lambda k=k, s=s: make(k, s))
+                                           for k, s in host_state_shapes(model).items()])
 
 
 def write_dit(path: str, name: str, seed: int, dims: dict = DIT) -> str:

@@ -22,6 +22,11 @@ output projections and MLPs Megatron-style; the single blocks' fused linear1 [q 
 equal blocks and linear2 [attention | 4 x MLP] in 5 (mlp_ratio 4, ComfyUI's detection fixes it); the per-head q / k
 RMSNorms act on head_dim and stay whole, as do the modulations, the token refiner, the embedders and the final layer.
 
+1.5's distilled files run as they are: the SR distilled file (HunyuanVideo15_SR_Distilled) is 98 channels into the
+patch embedding (whole on every rank, before the split), and its meanflow embedding (`time_r_in`, also in the
+step-distilled files) reads the schedule's next sigma from the call's transformer_options (`sigmas`,
+`sample_sigmas`), which cross to the ranks with each call (a cfg replica gets its rows' sigmas).
+
 Refused by name: `guiding_frame_index` (1.0 I2V "v2 replace": modulation rows by token position) and `ref_latent`
 (reference tokens cut off by position after the blocks), both conds the ranks do not take; the transformer_options
 patches the class applies (attn1_patch / attn1_output_patch on 0.33, the `dit` double / single block replacements)

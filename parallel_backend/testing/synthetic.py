@@ -442,6 +442,14 @@ HUNYUAN_PRESETS = {
                               patch=(1, 1, 1), byt5=True, vision=True, meanflow=False, guidance=False),
     "hunyuan-video-1.0": dict(hidden=3072, depth=20, single=40, text_dim=4096, in_channels=16, out_channels=16,
                               patch=(1, 2, 2), byt5=False, vision=False, meanflow=False, guidance=True, vector=True),
+    # 1.5's distilled releases at the tiny sizes. SR distilled (720p / 1080p_sr_distilled, ComfyUI's
+    # HunyuanVideo15_SR_Distilled): 98 input channels (32 noise + HunyuanVideo15SuperResolution's 66: image, mask,
+    # low-res latent, mask) and the meanflow `time_r_in`; step distilled (480p_i2v_step_distilled): `time_r_in` on the
+    # 65-channel layout. (1.5's cfg-distilled files have the base layout: no guidance_in, cfg 1 in the sampler.)
+    "tiny-sr-distilled": dict(hidden=256, depth=1, single=1, text_dim=64, in_channels=98, out_channels=32,
+                              patch=(1, 1, 1), byt5=True, vision=True, meanflow=True, guidance=False),
+    "tiny-step-distilled": dict(hidden=256, depth=1, single=1, text_dim=64, in_channels=65, out_channels=32,
+                                patch=(1, 1, 1), byt5=True, vision=True, meanflow=True, guidance=False),
 }
 # ComfyUI's module names -> the released names (the inverse of supported_models.HunyuanVideo's renaming at load)
 _HUNYUAN_RELEASED = (("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."),  # (first: the embedders' own names keep mlp.0)

@@ -6,6 +6,14 @@ fp32, on both hosts (0.33 joins the text before the image tokens, 0.3.75 after t
 tokens, 3 SigLIP image tokens: 16) is held whole by every rank and counted once as keys; the masked case (batch 1,
 the host's integer text mask with 3 of 9 tokens off) checks the mask folds into the split keys. HunyuanVideo 1.0 (patch
 1 x 2 x 2, single blocks, its pooled CLIP-L `y` and guidance) on ring2 x tp2 and cfg2 x ulysses2.
+
+1.5's distilled files, in the same rank runs (each rank loads them after the base file), with the inputs ComfyUI's
+sampler hands their class: the SR distilled file (ComfyUI's HunyuanVideo15_SR_Distilled: 98 input channels, the noise
+and HunyuanVideo15SuperResolution's 66 channels through the class's own concat_cond at noise_augmentation 0.7,
+`disable_time_r` False from its extra_conds) and the step-distilled file (HunyuanVideo15 with `time_r_in`); both add
+the meanflow embedding of the next sigma of the schedule (`transformer_options` sigmas / sample_sigmas, which cross
+to the ranks with the call; each cfg replica gets its rows' sigmas). 1.5's cfg-distilled files have the base layout
+(no guidance_in): the base file covers them.
 """
 import pytest
 import torch
@@ -36,32 +44,99 @@ def _case(name):
     return x, torch.tensor([0.7, 0.3]), ctx, conds
 
 
-def _run_mesh(mesh, path):
-    m = ShardedModel(mesh, path, "fp32")
+# the distilled files: preset -> (ComfyUI's supported_models class, the cases each runs)
+VARIANTS = {"sr-distilled": ("HunyuanVideo15_SR_Distilled", ("sr_t2v",)),
+            "step-distilled": ("HunyuanVideo15", ("step_i2v", "step_text_mask"))}
+SCHEDULE = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])  # sample_sigmas; the case's rows are at 0.75
+
+
+def _sr_inputs(base_model, g):
+    """(x, context, conds) as ComfyUI's HunyuanVideo15_SR_Distilled gets them for 2 rows: the node
+    HunyuanVideo15SuperResolution's conditioning from a latent, the class's extra_conds (its concat_cond at
+    noise_augmentation 0.7, the guidance, `disable_time_r`), the concat channels joined to the noise as its
+    apply_model does."""
+    from comfy_extras.nodes_hunyuan import HunyuanVideo15SuperResolution
+
+    noise, ctx = torch.randn(2, 32, 3, 5, 7, generator=g), torch.randn(2, 9, 64, generator=g)
+    low = {"samples": torch.randn(1, 32, 3, 5, 7, generator=g)}
+    positive = HunyuanVideo15SuperResolution.execute([[ctx[:1], {}]], [[ctx[:1], {}]], low, 0.7)[0][0][1]
+    out = base_model.extra_conds(noise=noise, device=torch.device("cpu"), seed=5, cross_attn=ctx, pooled_output=None,
+                                 conditioning_byt5small=torch.randn(2, 4, 1472, generator=g), **positive)
+    conds = {k: c.process_cond(batch_size=2, area=None).cond for k, c in out.items()}
+    x = torch.cat((noise, conds.pop("c_concat")), dim=1)
+    return x, conds.pop("c_crossattn"), conds
+
+
+def _variant_case(name, base_model=None):
+    """(x, timestep, context, conds, transformer_options) of a distilled file's case: rows at sigma 0.75 of
+    SCHEDULE, the timestep ComfyUI's flow sampling gives (sigma x 1000)."""
+    g = torch.Generator().manual_seed(20 + len(name))
+    if name == "sr_t2v":
+        x, ctx, conds = _sr_inputs(base_model, g)
+    else:
+        x, ctx = torch.randn(2, 65, 3, 5, 7, generator=g), torch.randn(2, 9, 64, generator=g)
+        conds = {"txt_byt5": torch.randn(2, 4, 1472, generator=g), "clip_fea": torch.randn(2, 3, 1152, generator=g)}
+    rows = 1 if name == "step_text_mask" else 2
+    if rows == 1:
+        conds = {"attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0]])}
+    sigmas = torch.full((rows,), 0.75)
+    options = {"sigmas": sigmas, "sample_sigmas": SCHEDULE}
+    return x[:rows], sigmas * 1000, ctx[:rows], conds, options
+
+
+def _run_mesh(mesh, paths):
+    """On every rank: each file's cases (the base file's, then the distilled ones')."""
     out = {}
-    for name in CASES:
-        x, t, ctx, conds = _case(name)
-        out[("tiny", name)] = (m.rows(x.shape[0]), m.forward_rows(x, t, ctx, **conds), m.last_fold)
+    for preset, path in paths.items():
+        m = ShardedModel(mesh, path, "fp32")
+        if preset == "tiny":
+            for name in CASES:
+                x, t, ctx, conds = _case(name)
+                out[(preset, name)] = (m.rows(x.shape[0]), m.forward_rows(x, t, ctx, **conds), m.last_fold)
+            continue
+        inputs = torch.load(path + ".inputs.pt")  # the cases' inputs, as the native side made them
+        for name in VARIANTS[preset][1]:
+            x, t, ctx, conds, options = inputs[name]
+            out[(preset, name)] = (m.rows(x.shape[0]), m.forward_rows(x, t, ctx, transformer_options=options,
+                                                                     **conds), m.last_fold)
     return out
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_hunyuan_video(str(tmp_path_factory.mktemp("hunyuan") / "hunyuan_video15_tiny.safetensors"),
-                                    seed=2)
+def checkpoints(tmp_path_factory):
+    """preset -> tiny file: the base 1.5 file and the distilled ones (each with its cases' inputs beside it)."""
+    d = tmp_path_factory.mktemp("hunyuan")
+    paths = {"tiny": write_tiny_hunyuan_video(str(d / "hunyuan_video15_tiny.safetensors"), seed=2)}
+    for i, preset in enumerate(VARIANTS):
+        paths[preset] = write_tiny_hunyuan_video(str(d / f"hunyuan_video15_{preset}.safetensors"), seed=4 + i,
+                                                 preset=f"tiny-{preset}")
+    return paths
 
 
 @pytest.fixture(scope="module")
-def native_outputs(checkpoint):
+def checkpoint(checkpoints):
+    return checkpoints["tiny"]
+
+
+@pytest.fixture(scope="module")
+def native_outputs(checkpoints):
+    """ComfyUI's own loader and _forward on each file (the distilled cases' inputs saved for the ranks)."""
     comfy_host.import_comfy()
     import comfy.sd
 
-    dm = comfy.sd.load_diffusion_model(checkpoint).model.diffusion_model
     ref = {}
-    for name in CASES:
-        x, t, ctx, conds = _case(name)
-        with torch.no_grad():
-            ref[("tiny", name)] = dm._forward(x, t, ctx, transformer_options={}, **conds).float()
+    for preset, path in checkpoints.items():
+        base = comfy.sd.load_diffusion_model(path).model
+        if preset != "tiny":
+            assert type(base).__name__ == VARIANTS[preset][0] and base.diffusion_model.time_r_in is not None
+        cases = {n: _variant_case(n, base) for n in VARIANTS[preset][1]} if preset in VARIANTS else {}
+        if cases:
+            torch.save(cases, path + ".inputs.pt")
+        for name in CASES if preset == "tiny" else cases:
+            x, t, ctx, conds, options = cases[name] if cases else (*_case(name), {})
+            with torch.no_grad():
+                ref[(preset, name)] = base.diffusion_model._forward(x, t, ctx, transformer_options=options,
+                                                                    **conds).float()
     return ref
 
 
@@ -80,10 +155,28 @@ def test_native_outputs_are_not_trivial(native_outputs, checkpoint):
     assert a.abs().mean() > 0.1 and (a - unmasked).abs().max() > 1e-2  # the mask changes the output
 
 
+def test_distilled_inputs_change_native_outputs(native_outputs, checkpoints):
+    """The meanflow embedding of the next sigma changes each distilled file's output (ComfyUI skips it with
+    disable_time_r True, as its HunyuanImage 2.1 refiner sets), and so do the SR file's 66 concat channels."""
+    comfy_host.import_comfy()
+    import comfy.sd
+
+    for preset, (_, names) in VARIANTS.items():
+        dm = comfy.sd.load_diffusion_model(checkpoints[preset]).model.diffusion_model
+        x, t, ctx, conds, options = torch.load(checkpoints[preset] + ".inputs.pt")[names[0]]
+        ref = native_outputs[(preset, names[0])]
+        with torch.no_grad():
+            plain = dm._forward(x, t, ctx, transformer_options=options, **{**conds, "disable_time_r": True})
+            assert ref.abs().mean() > 0.1 and (ref - plain).abs().max() > 1e-2, preset
+            if preset == "sr-distilled":
+                assert (ref - dm._forward(torch.cat((x[:, :32], 0 * x[:, 32:]), 1), t, ctx,
+                                          transformer_options=options, **conds)).abs().max() > 1e-2
+
+
 @pytest.fixture(scope="module")
-def world4(checkpoint):
+def world4(checkpoints):
     config = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **MESHES_4["cfg2xulysses2"])
-    return run_on_ranks(run_meshes, config, _run_mesh, checkpoint, MESHES_4, timeout=600)
+    return run_on_ranks(run_meshes, config, _run_mesh, checkpoints, MESHES_4, timeout=600)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES_4))
@@ -94,20 +187,20 @@ def test_sharded_forward_equals_comfyui_native(native_outputs, world4, mesh):
         assert {r[mesh][("tiny", "text_mask")][2] for r in world4} != {"none"}
 
 
-def _run_meshes_3(mesh0, path):
+def _run_meshes_3(mesh0, paths):
     from parallel_backend.runtime.mesh import build_mesh
 
     out = {}
     for name, degrees in MESHES_3.items():
         cfg = ParallelConfig(world_size=3, device="cpu", dtype="fp32", **degrees)
         mesh = mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device)
-        out[name] = _run_mesh(mesh, path)
+        out[name] = _run_mesh(mesh, paths)
     return out
 
 
-def test_odd_world_size_equals_comfyui_native(native_outputs, checkpoint):
+def test_odd_world_size_equals_comfyui_native(native_outputs, checkpoints):
     config = ParallelConfig(world_size=3, device="cpu", dtype="fp32", **MESHES_3["ring3"])
-    per_rank = run_on_ranks(_run_meshes_3, config, checkpoint, timeout=600)
+    per_rank = run_on_ranks(_run_meshes_3, config, checkpoints, timeout=600)
     for mesh in MESHES_3:
         assert_rows_match(native_outputs, [r[mesh] for r in per_rank], mesh, TOL)
 
@@ -115,8 +208,9 @@ def test_odd_world_size_equals_comfyui_native(native_outputs, checkpoint):
 def test_sharded_weights_equal_comfyui_native(native_outputs, checkpoint):
     """Sharded weights (each double / single block's weights split over the ranks, gathered per block) on ulysses2."""
     config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", ulysses=2, shard_weights=True)
-    per_rank = run_on_ranks(_run_mesh, config, checkpoint, timeout=600)
-    assert_rows_match(native_outputs, per_rank, config.describe(), TOL)
+    per_rank = run_on_ranks(_run_mesh, config, {"tiny": checkpoint}, timeout=600)
+    base = {k: v for k, v in native_outputs.items() if k[0] == "tiny"}
+    assert_rows_match(base, per_rank, config.describe(), TOL)
 
 
 # HunyuanVideo 1.0 (T2V): patch (1, 2, 2), the pooled CLIP-L vector `y` (vector_in) and the guidance number

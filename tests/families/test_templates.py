@@ -148,8 +148,8 @@ EXPECTED = {
     "api_wan3_0_r2v": missing("Wan3ReferenceToVideoApi"),
     "api_wan3_0_t2v": missing("Wan3ReferenceToVideoApi"),
     "templates_mjm_looped_restyler": missing("GeminiNodeV3"),
-    # HunyuanVideo (1.5: its super-resolution pass is bypassed in both templates; 1.0: CLIP-L pooled vector and
-    # FluxGuidance's guidance)
+    # HunyuanVideo (1.5: its super-resolution pass is bypassed in both templates, test_template_sr_pass enables it;
+    # 1.0: CLIP-L pooled vector and FluxGuidance's guidance)
     "video_hunyuan_video_1.5_720p_t2v": MATCH,
     "video_hunyuan_video_1.5_720p_i2v": MATCH,
     "hunyuan_video_text_to_video": MATCH,
@@ -533,3 +533,64 @@ def test_template_vae_swapped(host, name):
     assert diffs, f"{name}: no decoded frames"
     RESULTS[f"{name} (Parallel VAE Loader)"] = f"frames max diff {max(diffs):.1e}, {ref.shape[0]} frames"
     assert max(diffs) <= VAE_TOL, f"{name}: decoded frames, parallel DiT + VAE vs native: {max(diffs):.2e}"
+
+
+# ---- HunyuanVideo 1.5: the templates' super-resolution pass enabled ------------------------------------------------
+SR_TEMPLATES = ["video_hunyuan_video_1.5_720p_t2v", "video_hunyuan_video_1.5_720p_i2v"]
+SR_GROUP = "Video Upscale 1080P"  # the group a user enables with Ctrl-B (bypassed in the template)
+
+
+def _with_sr_pass(ui: dict) -> dict:
+    """The template with its super-resolution group's nodes enabled (bypass off), as Ctrl-B on the group does (the
+    SR model's EasyCache in the group included; the first pass's stays bypassed)."""
+    x, y, w, h = next(g["bounding"] for g in ui["groups"] if g["title"].startswith(SR_GROUP))
+    for node in ui["nodes"]:
+        if node.get("mode") == 4 and x <= node["pos"][0] <= x + w and y <= node["pos"][1] <= y + h:
+            node["mode"] = 0
+    return ui
+
+
+def _sr_sized(api: dict, graph: dict) -> dict:
+    """The tiny graph's SR pass: upscaled 2x (HunyuanVideo15LatentUpscaleWithModel to 192 x 128, where _smaller set
+    the template's 1920 x 1080 to the first pass's 96 x 64), and its SplitSigmas scaled with the steps
+    (the template's 4 of 8 steps: 2 of 4)."""
+    for nid, node in graph.items():
+        if node["class_type"] == "HunyuanVideo15LatentUpscaleWithModel":
+            node["inputs"].update(width=2 * ct.WIDTH, height=2 * ct.HEIGHT)
+        elif node["class_type"] == "SplitSigmas":
+            scheduler = api[node["inputs"]["sigmas"][0]]["inputs"]
+            new = graph[node["inputs"]["sigmas"][0]]["inputs"]["steps"]
+            node["inputs"]["step"] = round(api[nid]["inputs"]["step"] * new / scheduler["steps"])
+    return graph
+
+
+@pytest.mark.parametrize("name", SR_TEMPLATES)
+def test_template_sr_pass(host, name):
+    """The 1.5 template with its super-resolution pass enabled: the first pass's latent upscaled by
+    HunyuanVideo15LatentUpscaleWithModel (a tiny latent upsampler of ComfyUI's 1080p class), conditioned by
+    HunyuanVideo15SuperResolution and sampled by the SR distilled DiT (ComfyUI's HunyuanVideo15_SR_Distilled: 98
+    input channels, the meanflow embedding of the next sigma; EasyCache on it) in two SamplerCustomAdvanced halves,
+    both DiTs swapped for the pack's loader on the same 2 ranks. Both passes' latents agree with native within TOL."""
+    server, base, info = host
+    api = ct.convert(_with_sr_pass(ct.load_template(name)), info)
+    graph = _sr_sized(api, ct.tiny_variant(api, f"templates/{name}_sr/native"))
+    assert {"HunyuanVideo15SuperResolution", "HunyuanVideo15LatentUpscaleWithModel"} <= {
+        n["class_type"] for n in graph.values()}
+    upsampler = next(n["inputs"]["model_name"] for n in graph.values()
+                     if n["class_type"] == "LatentUpscaleModelLoader")
+    path = os.path.join(base, "models", "latent_upscale_models", upsampler)
+    if not os.path.exists(path):  # (write_inputs then keeps it)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ct.write_hunyuan_latent_upsampler(path)
+    ct.write_inputs(graph, base)
+    diff, native = _compare(server, base, graph, f"{name} (SR pass)")
+    assert diff is not None, f"{name} (SR pass): the pack failed: {native}"
+    par = _latents(base, ct.parallel_variant(graph, "/native", "/parallel", ct.parallel_degrees(graph)))
+    per = sorted((tuple(ref.shape), (par[p.replace("/native", "/parallel", 1)] - ref).abs().max().item())
+                 for p, ref in native.items())
+    assert len(per) == 2 and per[0][0][-2:] != per[1][0][-2:], per  # the first pass's latent, then the SR one
+    classes = _loaded_classes(server, graph, name)
+    assert classes == ["HunyuanVideo15", "HunyuanVideo15_SR_Distilled"], classes
+    RESULTS[f"{name} (SR pass)"] = ", ".join(f"{what} {shape} {d:.1e}" for what, (shape, d) in
+                                             zip(("first pass", "SR pass"), per)) + f", {'/'.join(classes)}"
+    assert diff <= TOL, f"{name} (SR pass): parallel vs native max abs diff {diff:.2e}"
