@@ -4,7 +4,8 @@
 LTX-Video's layout is Wan's (video split, text a whole cross-attention input): its bytes are the formula's exactly.
 HunyuanVideo keeps its text whole on every rank inside the joint attention, so each all-to-all / ring pass carries
 the text too: more than Wan's formula at the same image tokens, growing with the text. MiniMax H3 (ComfyUI 0.33
-only) splits one packed sequence [text | audio | video]: Wan's formula at the packed length.
+only) splits one packed sequence [text | audio | video]: Wan's formula at the packed length. LTX-2 (0.33 only) splits
+both streams and gathers the other stream's keys / values whole for its audio <-> video cross-attentions.
 """
 import pytest
 
@@ -12,8 +13,8 @@ import comfy_host
 from bench import comm_volume as cv
 
 pytestmark = pytest.mark.multirank
-HAS_MINIMAX = comfy_host.comfyui_version() != "0.3.75"  # the class is ComfyUI 0.33's (0.3.75 refuses the file)
-NAMES = ["ltxv", "hunyuan_video"] + (["minimax"] if HAS_MINIMAX else [])
+NEWER = comfy_host.comfyui_version() != "0.3.75"  # MiniMax H3 and LTX-2 are ComfyUI 0.33's classes (0.3.75 refuses)
+NAMES = ["ltxv", "hunyuan_video"] + (["minimax", "ltxav"] if NEWER else [])
 E = 2  # bf16 bytes
 BYT5 = 4  # the bench's HunyuanVideo inputs: 4 ByT5 tokens join the text
 MINIMAX_AUDIO = 14  # ... and MiniMax's audio latent packs 14 rows
@@ -73,7 +74,7 @@ def test_hunyuan_video_joint_text_rides_every_exchange(measured):
         assert per_s == wan[1] and per_e > 0 and wan[2] == 0, (axis, per_s, per_e, wan)
 
 
-@pytest.mark.skipif(not HAS_MINIMAX, reason="this ComfyUI has no MiniMax H3 class")
+@pytest.mark.skipif(not NEWER, reason="this ComfyUI has no MiniMax H3 class")
 def test_minimax_packed_sequence_is_wans_formula_at_the_packed_length(measured):
     p = cv.family_preset("minimax")
     D, L = p["hidden"], p["num_layers"]
@@ -85,6 +86,22 @@ def test_minimax_packed_sequence_is_wans_formula_at_the_packed_length(measured):
         assert _blocks(rec["ulysses"]) > cv.wan_blocks("minimax", "ulysses", grid, extra)  # text + audio ride along
         assert _blocks(rec["tp"]) == L * 2 * P * D * E  # attention out + fc2: no cross-attention
         assert extra > MINIMAX_AUDIO  # the text is in the packed length too
+
+
+@pytest.mark.skipif(not NEWER, reason="this ComfyUI has no LTX-2 (LTXAV) class")
+def test_ltx2_second_stream_and_its_key_value_gathers(measured):
+    """Per block, n = 2: each stream's self-attention exchanges its own half (video S / 2 tokens of width D, audio
+    A / 2 of width Da), and the two cross-attentions gather the other stream's local K and V projected to the audio
+    width: audio -> video attention the audio's, video -> audio attention the video's (all-gather: (n-1) x local)."""
+    p = cv.family_preset("ltxav")
+    D, Da, L = p["width"], p["audio_width"], p["num_layers"]
+    for grid, A, S in _points("ltxav"):
+        rec = {a: measured[(f"ltxav/{a}2", grid, A)] for a in cv.FAMILY_AXES}
+        gathers = 2 * (A // 2) * Da * E + 2 * (S // 2) * Da * E
+        assert _blocks(rec["ulysses"]) == L * (4 * (S // 2) * D * E // 2 + 4 * (A // 2) * Da * E // 2 + gathers)
+        assert _blocks(rec["ring"]) == L * (2 * (S // 2) * D * E + 2 * (A // 2) * Da * E + gathers)
+        assert rec["ulysses"]["total"]["all_to_all"] == L * (4 * (S // 2) * D * E // 2 + 4 * (A // 2) * Da * E // 2)
+        assert _blocks(rec["ulysses"]) > cv.wan_blocks("ltxav", "ulysses", grid, A)
 
 
 def test_projection_to_real_size(measured):
