@@ -532,7 +532,8 @@ def family_blocks_real(name: str, recs: list, axis: str, real: tuple) -> float:
 
 def wan_blocks(name: str, axis: str, grid: tuple, extra: int, preset: str = "tiny") -> int:
     """Wan's analytic in-block bytes at the family's width, video tokens and split block count (one row, bf16, the
-    family's text as Wan's context; LTX-2: the tiny inputs' 12 text tokens, Wan's 512 at real size)."""
+    family's text as Wan's context; where E is more than the text (LTX-2, MiniMax) 12 tokens at the tiny size and Wan's
+    512 at the real one: only TP's qk-norm sums read it)."""
     fam, p = FAMILIES[name], family_preset(name, preset)
     layers = sum(p[key] for _, key, split in fam.units if split)
     ctx_len = extra if fam.extra == "text" else (12 if preset == "tiny" else CONTEXT_LEN)
