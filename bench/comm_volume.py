@@ -4,6 +4,7 @@
     python bench/comm_volume.py --measure-degrees 2,4  # also measure on 4 ranks (slower)
     python bench/comm_volume.py --no-measure         # formula only (instant)
     python bench/comm_volume.py --measure-weights bf16,Q4_K --weight-formats bf16,fp8,Q8_0,Q6_K,Q5_K,Q4_K
+    python bench/comm_volume.py --families all      # the other families' layouts beside Wan's formula (below)
 
 CONVENTION (the one that reproduces design.md's table)
     Bytes SENT BY ONE RANK (every rank of an axis sends the same amount) during ONE forward of ONE
@@ -53,6 +54,16 @@ MEASURED
     bf16 and --measure-weights GGUF files (write_gguf_dit): the gathers' bytes counted in the real
     all-gathers equal model.sharded_weights.gathered_bytes() (padded shards) and, per block x the real
     block count, weight_gather_bytes of the full model.
+
+OTHER FAMILIES (--families ltxv,ltxav,minimax,hunyuan_video,kandinsky5,cosmos,cosmos1 or all; needs the host's
+    ComfyUI at $COMFYUI_PATH, families whose class it lacks are skipped) run each family's tiny synthetic file
+    (testing.synthetic write_tiny_<family>) on 2 CPU gloo ranks under ulysses2, ring2 and tp2, bf16, one row, at three
+    (video tokens S, added tokens E) points, E being what the layout adds beside the split video: the text (whole on
+    every rank in HunyuanVideo's joint attention), LTX-2's audio stream (split, with its a2v / v2a K/V gathers),
+    MiniMax's text + audio rows (one packed split sequence). Bytes are counted per block (SHARD_UNITS' blocks) and
+    outside, and set beside this file's Wan formula at the same width, video tokens and split blocks ([F1]). [F2]
+    PROJECTS (does not measure) the in-block bytes to each family's real width, block count and a stated 720p-ish
+    latent from the fitted per-token slopes. docs/performance.md has the table.
 """
 from __future__ import annotations
 
@@ -292,6 +303,334 @@ def measure_points(grids: list, contexts: list) -> list:
     return [(grids[0], contexts[0]), (grids[1], contexts[0]), (grids[0], contexts[1])]
 
 
+# ---- other families: their attention layouts' bytes beside Wan's formula (--families) ---------------------------
+
+@dataclass(frozen=True)
+class Family:
+    """One family's tiny measurement and its real sizes. `units`: (block container, preset key of its count, whether
+    it runs on the split tokens as Wan's blocks do) in the family's SHARD_UNITS order; `grids`: two latent grids of
+    different video token counts and `extras` two lengths of the stream the layout adds (`extra`: the text; LTX-2:
+    its audio; MiniMax: text + audio rows, one packed sequence), run as three points; `reals`: (preset, 720p-ish
+    latent grid, extra length, what they are) to project to; `attn_width`: (tiny, real) attention widths where they
+    are not the widths (MiniMax: heads x head dim)."""
+    writer: str
+    presets: str
+    width: str
+    units: tuple
+    channels: int
+    patch: tuple
+    grids: tuple
+    extras: tuple
+    extra: str
+    reals: tuple
+    host_file: str
+    layout: str
+    attn_width: tuple | None = None
+
+
+_TWO = ((2, 2, 2), (4, 2, 2))  # 8 and 16 video tokens at patch 1 x 1 x 1
+_TWO_P2 = ((2, 4, 4), (4, 4, 4))  # 8 and 16 video tokens at patch 1 x 2 x 2
+_WAN_LIKE = "video split, text cross-attention whole (as Wan)"
+FAMILIES = {
+    "ltxv": Family("write_tiny_ltxv", "LTXV_PRESETS", "width", (("transformer_blocks", "num_layers", True),), 128,
+                   (1, 1, 1), _TWO, (8, 16), "text",
+                   (("ltxv-13b", (16, 22, 40), 128, "1280x704, 121 frames (32x32x8 VAE), 128 T5 tokens"),),
+                   "comfy/ldm/lightricks/model.py", _WAN_LIKE),
+    "ltxav": Family("write_tiny_ltxav", "LTXAV_PRESETS", "width", (("transformer_blocks", "num_layers", True),), 128,
+                    (1, 1, 1), _TWO, (4, 8), "audio",
+                    (("ltx-2-19b", (16, 22, 40), 126, "1280x704, 121 frames; 126 audio tokens (5 s x 25 / s)"),),
+                    "comfy/ldm/lightricks/av_model.py",
+                    "video and audio split; a2v / v2a cross-attention gathers the other stream's K/V whole"),
+    "minimax": Family("write_tiny_minimax", "MINIMAX_PRESETS", "hidden", (("blocks", "num_layers", True),), 24,
+                      (1, 2, 2), _TWO_P2, (22, 30), "text+audio",
+                      (("minimax-h3", (37, 48, 84), 926, "1344x768, 124 frames (16x16, 17k+5 -> 5k+2 VAE); 512 text "
+                        "(assumed) + 414 audio rows (5.2 s x 40 / s x 2)"),),
+                      "comfy/ldm/minimax/model.py", "one packed sequence [text | audio | video] split whole",
+                      attn_width=(384, 7168)),
+    "hunyuan_video": Family("write_tiny_hunyuan_video", "HUNYUAN_PRESETS", "hidden",
+                            (("double_blocks", "depth", True), ("single_blocks", "single", True)), 65, (1, 1, 1),
+                            _TWO, (8, 16), "text",
+                            (("hunyuan-video-1.5", (31, 45, 80), 256, "1280x720, 121 frames (16x16x4 VAE), patch 1; "
+                              "256 text tokens (assumed) + the tiny's 4 ByT5"),
+                             ("hunyuan-video-1.0", (33, 45, 80), 256, "1280x720, 129 frames (8x8x4 VAE), patch 2x2; "
+                              "256 text tokens")),
+                            "comfy/ldm/hunyuan_video/model.py", "image split, text whole on every rank (joint)"),
+    "kandinsky5": Family("write_tiny_kandinsky5", "KANDINSKY5_PRESETS", "model_dim",
+                         (("text_transformer_blocks", "text_blocks", False),
+                          ("visual_transformer_blocks", "visual_blocks", True)), 33, (1, 2, 2), _TWO_P2, (8, 16),
+                         "text", (("kandinsky5-lite-video", (31, 90, 160), 256, "1280x720, 121 frames (8x8x4 VAE); "
+                                   "256 text tokens (assumed)"),
+                                  ("kandinsky5-pro-video", (31, 90, 160), 256, "the same")),
+                         "comfy/ldm/kandinsky5/model.py", "each frame's plane split, text blocks whole"),
+    "cosmos": Family("write_tiny_cosmos", "COSMOS_PRESETS", "model_channels", (("blocks", "num_blocks", True),), 16,
+                     (1, 2, 2), _TWO_P2, (8, 16), "text",
+                     (("cosmos-predict2-14b-t2i", (24, 88, 160), 512, "1280x704, 93 frames (Wan 2.1 VAE); 512 T5"),),
+                     "comfy/ldm/cosmos/predict2.py", _WAN_LIKE),
+    "cosmos1": Family("write_tiny_cosmos1", "COSMOS1_PRESETS", "model_channels", (("blocks", "num_blocks", True),),
+                      16, (1, 2, 2), _TWO_P2, (8, 16), "text",
+                      (("cosmos-1.0-14b-t2w", (16, 88, 160), 512, "1280x704, 121 frames (8x8x8 tokenizer); 512 T5"),),
+                      "comfy/ldm/cosmos/model.py", _WAN_LIKE),
+}
+FAMILY_AXES = ("ulysses", "ring", "tp")
+
+
+def family_preset(name: str, preset: str = "tiny") -> dict:
+    from parallel_backend.testing import synthetic
+
+    return getattr(synthetic, FAMILIES[name].presets)[preset]
+
+
+def family_points(fam: Family) -> list:
+    """(S1, E1), (S2, E1), (S1, E2): enough for an affine fit in the video tokens and the added stream."""
+    return [(fam.grids[0], fam.extras[0]), (fam.grids[1], fam.extras[0]), (fam.grids[0], fam.extras[1])]
+
+
+def host_root() -> str | None:
+    """The ComfyUI folder the ranks import: $COMFYUI_PATH, else the one already on sys.path (none: None)."""
+    import importlib.util
+
+    if os.environ.get("COMFYUI_PATH"):
+        return os.environ["COMFYUI_PATH"]
+    spec = importlib.util.find_spec("comfy")
+    return os.path.dirname(list(spec.submodule_search_locations)[0]) if spec else None
+
+
+def host_has(name: str) -> bool:
+    """Whether that ComfyUI has the family's class (its file, read without importing ComfyUI)."""
+    root = host_root()
+    return root is not None and os.path.isfile(os.path.join(root, FAMILIES[name].host_file))
+
+
+def family_inputs(name: str, grid: tuple, extra: int, g):
+    """(x, timestep, context, conds) of one row as the family's native parity test builds it (inside a rank: LTX-2
+    and MiniMax pack their two latents with ComfyUI's own pack_latents)."""
+    fam = FAMILIES[name]
+    x = torch.randn(1, fam.channels, *grid, generator=g)
+    text = {"text": extra, "text+audio": extra - 14}.get(fam.extra, 12)  # MiniMax: 14 audio rows below
+    if name in ("ltxav", "minimax"):
+        import comfy.utils
+
+        audio = torch.randn(1, 8, extra, 16, generator=g) if name == "ltxav" else torch.randn(1, 32, 2, 7, generator=g)
+        x, shapes = comfy.utils.pack_latents([x, audio])
+        shapes = [tuple(s) for s in shapes]
+    if name == "ltxav":
+        t = torch.tensor([0.7])
+        return x, t, torch.randn(1, text, 64, generator=g), {"a_timestep": t, "latent_shapes": shapes,
+                                                             "frame_rate": 24}
+    if name == "minimax":
+        return x, torch.tensor([700.0]), torch.randn(1, text, 96, generator=g), {
+            "latent_shapes": shapes, "minimax_payload": {"seed": 3, "audio_scale": 1.0}}
+    ctx_width, t = {"ltxv": (4096, 0.7), "hunyuan_video": (64, 0.7), "kandinsky5": (3584, 700.0),
+                    "cosmos": (1024, 0.8), "cosmos1": (1024, 0.6)}[name]
+    ctx = torch.randn(1, text, ctx_width, generator=g)
+    conds = {"ltxv": lambda: {"frame_rate": 24},
+             "hunyuan_video": lambda: {"txt_byt5": torch.randn(1, 4, 1472, generator=g)},  # joins the text: 4 more
+             "kandinsky5": lambda: {"y": torch.randn(1, 768, generator=g)}}.get(name, dict)()
+    return x, torch.tensor([t]), ctx, conds
+
+
+def _unit_hooks(model, units: tuple, live: dict, acc: dict) -> list:
+    """Hooks that add the bytes each block of each unit sent to acc[unit] (counter snapshotted around each block)."""
+    hooks = []
+    for unit in units:
+        for block in model.get_submodule(unit).children():
+            def pre(*_):
+                live["snap"] = sum(live["c"].values())
+
+            def post(*_, unit=unit):
+                acc[unit] = acc.get(unit, 0) + sum(live["c"].values()) - live["snap"]
+            hooks += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    return hooks
+
+
+def _rank_families(mesh0, jobs: list, precision: str) -> list:
+    """On every rank: for each job (family file x axis) one forward per (grid, extra) point under count_bytes();
+    the bytes by kind in all and per block unit."""
+    from parallel_backend.parallel.collectives import count_bytes
+    from parallel_backend.runtime.mesh import build_mesh
+    from parallel_backend.runtime.sharded_model import ShardedModel
+
+    results = []
+    for job in jobs:
+        mesh = build_mesh(ParallelConfig(**job["config"]), mesh0.rank, mesh0.device)
+        model = ShardedModel(mesh, job["path"], precision)
+        units = [u for u, _, _ in FAMILIES[job["family"]].units]
+        live, acc = {}, {}
+        hooks = _unit_hooks(model.model, units, live, acc)
+        for grid, extra in family_points(FAMILIES[job["family"]]):
+            x, t, ctx, conds = family_inputs(job["family"], grid, extra, torch.Generator().manual_seed(0))
+            acc.clear()
+            with count_bytes() as counted:
+                live["c"] = counted
+                out = model.forward_rows(x, t, ctx, **conds)
+            results.append({"name": job["name"], "grid": grid, "extra": extra, "total": dict(counted),
+                            "units": dict(acc), "finite": None if out is None else bool(torch.isfinite(out).all())})
+        for h in hooks:
+            h.remove()
+        del model
+        gc.collect()
+    return results
+
+
+def family_jobs(tmp: str, names: list, axes=FAMILY_AXES, precision: str = "bf16") -> list:
+    """Write each family's tiny file, one job per axis at degree 2 (every tiny model's heads divide by 2)."""
+    from parallel_backend.testing import synthetic
+
+    jobs = []
+    for name in names:
+        fam = FAMILIES[name]
+        path = getattr(synthetic, fam.writer)(os.path.join(tmp, f"tiny_{name}.safetensors"))
+        jobs += [{"name": f"{name}/{axis}2", "family": name, "path": path,
+                  "config": dict(world_size=2, device="cpu", dtype=precision, **{axis: 2})} for axis in axes]
+    return jobs
+
+
+def measure_families(jobs: list, precision: str = "bf16") -> dict:
+    """-> {(job name, grid, extra): rank-0 record}; raises where the two ranks sent different bytes."""
+    from parallel_backend.testing.spmd import run_on_ranks
+
+    base = ParallelConfig(world_size=2, ulysses=2, device="cpu", dtype=precision)
+    per_rank = run_on_ranks(_rank_families, base, jobs, precision, timeout=1800)
+    out = {}
+    for rec, other in zip(*per_rank):
+        if (rec["total"], rec["units"]) != (other["total"], other["units"]):
+            raise AssertionError(f"ranks sent different bytes for {rec['name']}: {rec} vs {other}")
+        out[(rec["name"], rec["grid"], rec["extra"])] = rec
+    return out
+
+
+def family_split_tokens(name: str, grid: tuple) -> int:
+    return math.prod(-(-g // p) for g, p in zip(grid, FAMILIES[name].patch))
+
+
+def _affine(name: str, values: list) -> tuple:
+    """(v at the first point, slope per video token, slope per extra token) from the three family_points values."""
+    fam = FAMILIES[name]
+    (g1, e1), (g2, _), (_, e2) = family_points(fam)
+    s1, s2 = family_split_tokens(name, g1), family_split_tokens(name, g2)
+    v1, v2, v3 = values
+    return v1, (v2 - v1) / (s2 - s1), (v3 - v1) / (e2 - e1)
+
+
+def family_blocks_real(name: str, recs: list, axis: str, real: tuple) -> float:
+    """PROJECTED in-block bytes of one forward at a real size `real` (a Family.reals entry): per block of each unit
+    fitted a + b*S + c*E on the tiny records, evaluated at the real video tokens and extra length, times the real
+    width ratio (the attention width for Ulysses / Ring where it differs: every collective of these blocks moves
+    activations of that width) and the real block count."""
+    fam, tiny, big = FAMILIES[name], family_preset(name), family_preset(name, real[0])
+    g1, e1 = family_points(fam)[0]
+    ds, de = family_split_tokens(name, real[1]) - family_split_tokens(name, g1), real[2] - e1
+    scale = big[fam.width] / tiny[fam.width]
+    if fam.attn_width and axis != "tp":
+        scale = fam.attn_width[1] / fam.attn_width[0]
+    out = 0.0
+    for unit, key, _ in fam.units:
+        v1, bs, be = _affine(name, [r["units"].get(unit, 0) / tiny[key] for r in recs])
+        out += (v1 + bs * ds + be * de) * scale * big[key]
+    return out
+
+
+def wan_blocks(name: str, axis: str, grid: tuple, extra: int, preset: str = "tiny") -> int:
+    """Wan's analytic in-block bytes at the family's width, video tokens and split block count (one row, bf16, the
+    family's text as Wan's context; where E is more than the text (LTX-2, MiniMax) 12 tokens at the tiny size and Wan's
+    512 at the real one: only TP's qk-norm sums read it)."""
+    fam, p = FAMILIES[name], family_preset(name, preset)
+    layers = sum(p[key] for _, key, split in fam.units if split)
+    ctx_len = extra if fam.extra == "text" else (12 if preset == "tiny" else CONTEXT_LEN)
+    s = Shape(p[fam.width], max(1, p[fam.width] // HEAD_DIM), 4 * p[fam.width], layers,
+              family_split_tokens(name, grid), ctx_len=ctx_len)
+    return layers * sum(analytic(axis, 2, s)["per_block"].values())
+
+
+def family_records(measured: dict, name: str, axis: str) -> list | None:
+    recs = [measured.get((f"{name}/{axis}2", g, e)) for g, e in family_points(FAMILIES[name])]
+    return None if any(r is None for r in recs) else recs
+
+
+def family_tiny_rows(measured: dict, names: list) -> list:
+    """Per family x axis at the first point: measured in-block and outside bytes, Wan's formula, the slopes."""
+    rows = []
+    for name in names:
+        fam = FAMILIES[name]
+        g1, e1 = family_points(fam)[0]
+        for axis in FAMILY_AXES:
+            recs = family_records(measured, name, axis)
+            if recs is None:
+                continue
+            blk, bs, be = _affine(name, [sum(r["units"].values()) for r in recs])
+            wan, ws, we = _affine(name, [wan_blocks(name, axis, g, e) for g, e in family_points(fam)])
+            out = sum(recs[0]["total"].values()) - blk
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(recs[0]["total"].items()) if v)
+            rows.append([name, f"{axis}2", family_split_tokens(name, g1), f"{fam.extra} {e1}", blk, wan,
+                         f"{blk / wan:.2f}" if wan else "-", f"{bs:g}", f"{ws:g}", f"{be:g}", f"{we:g}", out, kinds])
+    return rows
+
+
+def family_real_rows(measured: dict, names: list) -> list:
+    """Per family x real preset: Wan's formula and the projected bytes of each axis (GB) with their ratio to Wan."""
+    rows = []
+    for name in names:
+        fam = FAMILIES[name]
+        for real in fam.reals:
+            p = family_preset(name, real[0])
+            row = [name, real[0], p[fam.width], "+".join(str(p[k]) for _, k, _ in fam.units),
+                   family_split_tokens(name, real[1]), f"{fam.extra} {real[2]}"]
+            for axis in FAMILY_AXES:
+                recs = family_records(measured, name, axis)
+                wan = wan_blocks(name, axis, real[1], real[2], real[0])
+                proj = None if recs is None else family_blocks_real(name, recs, axis, real)
+                row += [gb(wan), "-" if proj is None else gb(proj), "-" if proj is None else f"{proj / wan:.2f}"]
+            rows.append(row)
+    return rows
+
+
+def host_version() -> str:
+    import re
+
+    try:
+        with open(os.path.join(host_root() or "", "comfyui_version.py")) as f:
+            return re.search(r"__version__\s*=\s*[\"']([^\"']+)", f.read()).group(1)
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+def families_main(names: list, axes: tuple = FAMILY_AXES) -> int:
+    """--families: measure each family's tiny file on 2 CPU gloo ranks, print it beside Wan's formula."""
+    have = [n for n in names if host_has(n)]
+    skipped = sorted(set(names) - set(have))
+    header("Communication volume per forward, other families' layouts beside Wan's formula (2 CPU gloo ranks)")
+    print(f"ComfyUI {host_version()} at {host_root()}; skipped (class not in this host): {', '.join(skipped) or '-'}")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="pdit_bench_comm_fam_") as tmp:
+        measured = measure_families(family_jobs(tmp, have, axes))
+    print(f"measured in {time.perf_counter() - t0:.0f} s (writing the files, spawning 2 ranks, {len(measured)} "
+          f"forwards); both ranks sent the same bytes in every forward (checked)\n")
+    for name in have:
+        print(f"  {name:14s} {FAMILIES[name].layout}")
+    print("\n[F1] MEASURED, tiny synthetic files (testing.synthetic presets 'tiny'), bf16, one forward of one row, "
+          "bytes SENT BY ONE RANK. blk = inside the\n     transformer blocks (counter snapshotted around each block), "
+          "out = outside them (the final gather). Wan = this script's analytic() per block x the\n     family's split "
+          "blocks, at the family's width and VIDEO tokens S (its text as Wan's context). /S, /E: bytes per block-set "
+          "per video token and per\n     token of the stream the layout adds (E: text, LTX-2: audio), from the three "
+          "runs (S1,E1) (S2,E1) (S1,E2).")
+    print(table(family_tiny_rows(measured, have),
+                ["family", "axis", "S", "E", "blk B", "Wan blk B", "ratio", "/S", "Wan /S", "/E", "Wan /E", "out B",
+                 "measured by kind"], "llrlrrrrrrrrl"))
+    print("\n[F2] PROJECTED (not measured) in-block GB per forward, per rank, at each family's real width, block count "
+          "and a 720p-ish latent: the tiny per-block bytes\n     fitted a + b*S + c*E, evaluated at the real S and E, "
+          "x real width / tiny width (MiniMax's Ulysses / Ring: attention width 56 x 128), x the real block count.\n"
+          "     Wan = analytic() at the same width, S and split blocks; x Wan = PROJECTED / Wan. TP rows also scale "
+          "LTXV's per-token fp32 qk-norm sums\n     with the width (they do not grow with it: < 1 % too high). "
+          "The final gathers (outside the blocks, < 1 %) are left out. Real sizes:")
+    for name in have:
+        for real in FAMILIES[name].reals:
+            print(f"       {real[0]}: {real[3]}")
+    cols = [c for a in FAMILY_AXES for c in (f"Wan {a}2", f"{a}2 PROJ", "x Wan")]
+    print(table(family_real_rows(measured, have), ["family", "real preset", "width", "blocks", "S", "E"] + cols,
+                "llrlrl" + "r" * len(cols)))
+    return 0
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 LINK_GBIT = (25, 100, 400)
@@ -345,7 +684,17 @@ def main(argv=None) -> int:
                     help="weight formats of the analytic sharded-weights vs TP table")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="ranks' device; auto = cuda when enough GPUs, else cpu/gloo")
+    ap.add_argument("--families", default=None, metavar="LIST",
+                    help=f"instead of Wan: measure these families' tiny files on 2 CPU ranks beside Wan's formula "
+                         f"('all' = {','.join(FAMILIES)}; needs $COMFYUI_PATH)")
+    ap.add_argument("--family-axes", default=",".join(FAMILY_AXES), help="axes of --families (degree 2 each)")
     args = ap.parse_args(argv)
+    if args.families:
+        names = list(FAMILIES) if args.families == "all" else [n.strip() for n in args.families.split(",")]
+        unknown = [n for n in names if n not in FAMILIES]
+        if unknown:
+            ap.error(f"--families: unknown {unknown}; known: {list(FAMILIES)}")
+        return families_main(names, tuple(a.strip() for a in args.family_axes.split(",") if a.strip()))
 
     models = [MODELS[m.strip().lower()] for m in args.models.split(",") if m.strip()]
     resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
