@@ -85,8 +85,10 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def write_fast_checkpoint(path: str, shapes: dict, dtype=None, seed: int = 0) -> str:
-    """A synthetic checkpoint of real shapes, written fast.
+def write_fast_checkpoint(path: str, shapes: dict, dtype=None, seed: int = 0, prefix: str = "",
+                          metadata: dict | None = None, extra: dict | None = None) -> str:
+    """A synthetic checkpoint of real shapes, written fast (keys under `prefix`; `metadata`: the file's string
+    metadata; `extra`: {key: tensor} stored as given in place of the drawn ones, e.g. fp32 buffers).
 
     parallel_backend.testing.synthetic.write_checkpoint draws every value with torch.randn (about 40 s for
     Wan 14B's width with 2 blocks on a 2-core box). Benchmarks that measure bytes and memory only
@@ -117,8 +119,9 @@ def write_fast_checkpoint(path: str, shapes: dict, dtype=None, seed: int = 0) ->
         t = t.to(dtype)
         if n > t.numel():  # tile in the target dtype: one pass over the output bytes
             t = t.repeat(-(-n // t.numel()))[:n]
-        sd[key] = t.reshape(shape).contiguous()
-    save_file(sd, path)
+        sd[prefix + key] = t.reshape(shape).contiguous()
+    sd.update({prefix + k: t.contiguous() for k, t in (extra or {}).items()})
+    save_file(sd, path, metadata=metadata)
     return path
 
 

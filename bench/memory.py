@@ -4,6 +4,11 @@
     python bench/memory.py --blocks 2 --tps 1,2 --shards '' --gguf ''   # the old tp-only rows
     python bench/memory.py --modes tp2,shard2 --gguf Q8_0,Q4_K --fp8
     python bench/memory.py --blocks 3 --modes shard2 --gguf ''      # the forward's steady state under prefetch
+    python bench/memory.py --family ltxv --modes tp1,tp2,shard2 --fp8   # another family: its largest release
+
+Another --family (kandinsky5, ltxv, ltxav, minimax, hunyuan_video, cosmos, cosmos1: FAMILIES, each written in
+its write_tiny_<family> layout) prints tables [1k] / [2k] only: --blocks of each block list at the real widths,
+the rest at its real size, projected to the real block counts (LTX-2 and MiniMax H3 load without the forward).
 
 A synthetic safetensors file with the real Wan 2.1 14B shapes (dim 5120, 40 heads, ffn 13824) but
 only --blocks blocks is written in bf16 (in a child process, so this parent's RSS stays small); --gguf
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import re
@@ -48,6 +54,8 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
@@ -57,7 +65,9 @@ import torch  # noqa: E402
 
 from bench._common import WEIGHT_FORMATS, header, mib, table, wan_file_header, write_fast_checkpoint  # noqa: E402
 from parallel_backend.config import ParallelConfig  # noqa: E402
+from parallel_backend.testing import synthetic as syn  # noqa: E402
 from parallel_backend.testing.synthetic import WAN_PRESETS, wan_shapes  # noqa: E402
+from parallel_backend.weights.reads import held_bytes, read_header  # noqa: E402
 
 PRESET = "wan2.1-14b"  # the default; --preset tiny / wan2.1-1.3b for a quick run (the tests')
 PRESETS = ("tiny", "wan2.1-1.3b", "wan2.1-14b")
@@ -135,23 +145,35 @@ def _file_ranges(path: str) -> list:
     return out
 
 
-FWD_GRID, FWD_CTX = (1, 4, 8), 8  # the tiny forward: 1 x 2 x 4 = 8 tokens after 1x2x2 patches, 8 text tokens
-# family -> (text width, pooled inputs {name: width}) of the tiny forward (Wan: umt5's 4096)
-FWD_TEXT = {"kandinsky5": (3584, {"y": 768})}
+FWD_TOKENS, FWD_CTX = 8, 8  # the tiny forward: a 1 x 2 x 4 patch grid (8 tokens), 8 text tokens
+WAN_FWD = (4096, {})  # the tiny forward's (text width, {extra input: shape}): Wan's umt5 width, no other input
 
 
-def _rank_load(mesh, paths: list, precision: str, forward: bool = True) -> list:
+def _rank_load(mesh, paths: list, precision: str, forward=WAN_FWD, groups=None) -> list:
     """In each rank: load each file of `paths` in turn, each dropped before the next (one spawn per mode: starting
-    ranks costs far more than a load here); only the first load's figures can use ru_maxrss (a process peak)."""
-    return [{**_load_one(mesh, path, precision, forward), "first": i == 0} for i, path in enumerate(paths)]
+    ranks costs far more than a load here); only the first load's figures can use ru_maxrss (a process peak).
+    `forward`: the tiny forward's inputs (text width, {name: shape}), None for none; `groups`: module lists whose
+    bytes and lengths are recorded one by one (default: the family's BLOCKS)."""
+    return [{**_load_one(mesh, path, precision, forward, groups), "first": i == 0} for i, path in enumerate(paths)]
 
 
-def _load_one(mesh, path: str, precision: str, forward: bool = True) -> dict:
+def _group_bytes(model, local: list, groups) -> dict:
+    """{module list: (bytes this rank holds in it, its length)} (a list the model lacks: (0, 0))."""
+    out = {}
+    for g in groups or (model.family.BLOCKS,):
+        try:
+            count = len(model.model.get_submodule(g))
+        except AttributeError:
+            count = 0
+        out[g] = (sum(t.numel() * t.element_size() for n, t in local if n.startswith(g + ".")), count)
+    return out
+
+
+def _load_one(mesh, path: str, precision: str, forward=WAN_FWD, groups=None) -> dict:
     """Baseline after imports, then load `path` and record the memory figures (then one tiny forward)."""
     from safetensors import safe_open  # noqa: F401
 
     from parallel_backend.models.host import import_host
-    from parallel_backend.parallel.collectives import count_bytes
     from parallel_backend.parallel.sharded_weights import is_sharded, local_tensor
     from parallel_backend.runtime.sharded_model import ShardedModel
 
@@ -198,6 +220,7 @@ def _load_one(mesh, path: str, precision: str, forward: bool = True) -> dict:
         "after_rss": after.get("VmRSS", 0), "after_anon": after.get("RssAnon", 0),
         "max_anon": sampler.max["RssAnon"], "max_file": sampler.max["RssFile"], "max_total": sampler.max["RssTotal"],
         "cuda_peak": torch.cuda.max_memory_allocated(mesh.device) if mesh.device.type == "cuda" else None,
+        "groups": _group_bytes(model, local, groups),
     }
     # Read every parameter once, as the first forward does: pages of a lazily mapped file fault in now.
     with torch.no_grad():
@@ -208,32 +231,39 @@ def _load_one(mesh, path: str, precision: str, forward: bool = True) -> dict:
                touched_file=touched.get("RssFile", 0), peak_rss_touched=_ru_maxrss())
     del params, local, aliased
     if forward:  # one tiny forward: what it holds beyond the weights (gathered blocks, a dequantized layer)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, model.shape.in_channels, *FWD_GRID, generator=g)
-        text_width, pooled = FWD_TEXT.get(model.family.FAMILY, (4096, {}))
-        ctx = torch.randn(1, FWD_CTX, text_width, generator=g)
-        conds = {k: torch.randn(1, w, generator=g) for k, w in pooled.items()}
-        gc.collect()
-        if mesh.device.type == "cuda":
-            torch.cuda.synchronize(mesh.device)
-            torch.cuda.reset_peak_memory_stats(mesh.device)
-            cuda_before = torch.cuda.memory_allocated(mesh.device)
-        before = _status_kb("VmRSS").get("VmRSS", 0)
-        _reset_hwm()
-        t0 = time.perf_counter()
-        with count_bytes() as counted:
-            y = model.forward_rows(x, torch.full((1,), 500.0), ctx, **conds)
-        out.update(fwd_s=time.perf_counter() - t0, fwd_rss_before=before,
-                   fwd_hwm=_status_kb("VmHWM").get("VmHWM", 0) if hwm_reset else None,
-                   fwd_gathered=counted.get("weight_gather", 0),
-                   fwd_gathered_formula=model.sharded_weights.gathered_bytes() if model.sharded_weights else 0,
-                   fwd_finite=None if y is None else bool(torch.isfinite(y).all()),
-                   fwd_cuda=(torch.cuda.max_memory_allocated(mesh.device) - cuda_before
-                             if mesh.device.type == "cuda" else None))
-        del y
+        out.update(_tiny_forward(model, mesh, *forward, hwm_reset))
     del model
     gc.collect()
     return out
+
+
+def _tiny_forward(model, mesh, text_width: int, extras: dict, hwm_reset: bool) -> dict:
+    """One forward of FWD_TOKENS tokens (a 1 x 2 x 4 grid of the family's patches) and FWD_CTX text tokens, with
+    `extras` {name: shape} drawn at random: its RSS peak over the weights, the bytes it gathered, finite or not."""
+    from parallel_backend.parallel.collectives import count_bytes
+
+    pt, ph, pw = model.shape.patch_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, model.shape.in_channels, pt, 2 * ph, 4 * pw, generator=g)
+    ctx = torch.randn(1, FWD_CTX, text_width, generator=g)
+    conds = {k: torch.randn(*shape, generator=g) for k, shape in extras.items()}
+    gc.collect()
+    if mesh.device.type == "cuda":
+        torch.cuda.synchronize(mesh.device)
+        torch.cuda.reset_peak_memory_stats(mesh.device)
+        cuda_before = torch.cuda.memory_allocated(mesh.device)
+    before = _status_kb("VmRSS").get("VmRSS", 0)
+    _reset_hwm()
+    t0 = time.perf_counter()
+    with count_bytes() as counted:
+        y = model.forward_rows(x, torch.full((1,), 500.0), ctx, **conds)
+    return dict(fwd_s=time.perf_counter() - t0, fwd_rss_before=before,
+                fwd_hwm=_status_kb("VmHWM").get("VmHWM", 0) if hwm_reset else None,
+                fwd_gathered=counted.get("weight_gather", 0),
+                fwd_gathered_formula=model.sharded_weights.gathered_bytes() if model.sharded_weights else 0,
+                fwd_finite=None if y is None else bool(torch.isfinite(y).all()),
+                fwd_cuda=(torch.cuda.max_memory_allocated(mesh.device) - cuda_before
+                          if mesh.device.type == "cuda" else None))
 
 
 def _write_file(path: str, blocks: int, preset: str = PRESET) -> None:
@@ -393,9 +423,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", type=int, default=1, help="blocks in the synthetic file (real model: 40)")
     ap.add_argument("--preset", default=None, help=f"the shapes: Wan {', '.join(PRESETS)} (default {PRESET}; tiny: "
-                    f"the tests' quick run); with --family kandinsky5 a KANDINSKY5_PRESETS name")
-    ap.add_argument("--family", default="wan", choices=("wan", "kandinsky5"),
-                    help="kandinsky5: tables [1k] / [2k] only (bf16 and fp8 files; --blocks visual blocks)")
+                    f"the tests' quick run); with another --family a name of its synthetic <FAMILY>_PRESETS (default: "
+                    f"its largest release)")
+    ap.add_argument("--family", default="wan", choices=("wan", *FAMILIES),
+                    help="another family than Wan: tables [1k] / [2k] only (bf16 and fp8 files; --blocks of each of "
+                         "its block lists, the rest at its real size)")
     ap.add_argument("--tps", default="1,2,4", help="tensor-parallel degrees to load with (modes tpN)")
     ap.add_argument("--shards", default="2,4", help="sharded-weights world sizes to load with (modes shardN; '' none)")
     ap.add_argument("--modes", default="", help="explicit mode list, e.g. tp1,tp2,shard2 (overrides --tps/--shards)")
@@ -457,7 +489,7 @@ def main(argv=None) -> int:
         for mode in all_modes:  # one spawn per mode, loading its files in turn
             fmts = [f for f in formats if mode in (modes if f == "bf16" else vmodes)]
             per_rank = run_on_ranks(_rank_load, mode_config(mode, device), [files[f] for f in fmts], "bf16",
-                                    not args.no_forward, timeout=1800)
+                                    None if args.no_forward else WAN_FWD, timeout=1800)
             for j, fmt in enumerate(fmts):
                 results[fmt, mode] = [recs[j] for recs in per_rank]
     results = {k: results[k] for k in sorted(results, key=lambda k: (formats.index(k[0]), all_modes.index(k[1])))}
@@ -526,7 +558,7 @@ def main(argv=None) -> int:
           "returns zero-copy views\nand weights/reads.py's .to() keeps them when dtype and device already match); "
           "their pages count as file RSS only once read.")
     if rows_f:
-        print(f"\n[2b] One tiny forward ({math.prod(FWD_GRID) // 4} tokens, {FWD_CTX} text tokens, batch 1) after "
+        print(f"\n[2b] One tiny forward ({FWD_TOKENS} tokens, {FWD_CTX} text tokens, batch 1) after "
               f"the load, rank 0 (MiB): what it holds beyond the weights")
         print(table(rows_f, ["weights", "mode", "fwd peak"] + (["cuda peak"] if device == "cuda" else [])
                     + ["block whole", "blocks held", "cast", "expected", "peak/exp", "gathered", "gather formula",
@@ -622,40 +654,138 @@ def main(argv=None) -> int:
     return 0
 
 
-# ---- another family (Kandinsky 5): measured per-rank bytes and RSS, projected to the real block count ---------------
+# ---- the other families: measured per-rank bytes and RSS, projected to the real block count --------------------------
+@dataclass(frozen=True)
+class FamilyBench:
+    """How the bench writes and loads one family's file (parallel_backend/testing/synthetic.py's write_tiny_<family>
+    layout, written by write_fast_checkpoint in bf16): its presets, its shapes (preset dict -> {key: shape}), the
+    largest real preset (the default), the block lists --blocks cuts and the projection scales ((preset key, module
+    list), ...), the key prefix, the metadata config ("transformer" entries, from the preset dict), tensors stored as
+    given (fp32 buffers), and the tiny forward's inputs (preset dict -> (text width, {input: shape})), None where
+    the forward needs inputs the bench cannot make simply (`no_forward`: why)."""
+    presets: dict
+    shapes: Callable
+    default: str
+    blocks: tuple
+    prefix: str = ""
+    metadata: Callable | None = None
+    extra: Callable | None = None
+    forward: Callable | None = None
+    no_forward: str = ""
+
+
+def _hunyuan_file_shapes(**cfg) -> dict:
+    return {syn.hunyuan_released_name(k): v for k, v in syn.hunyuan_video_shapes(**cfg).items()}
+
+
+def _minimax_rope(cfg: dict) -> dict:  # a geometric ladder in fp32, as write_tiny_minimax and the release keep it
+    return {"rope.inv_freq": 1.0 / (10000.0 ** (torch.arange(cfg["rope_len"], dtype=torch.float32) / cfg["rope_len"]))}
+
+
+def _hunyuan_inputs(cfg: dict) -> tuple:  # 1.0: the pooled CLIP-L vector and the guidance strength
+    return cfg["text_dim"], ({"y": (1, 768)} if cfg.get("vector") else {}) | ({"guidance": (1,)} if cfg["guidance"]
+                                                                              else {})
+
+
+LTX = "model.diffusion_model."
+FAMILIES = {
+    "kandinsky5": FamilyBench(syn.KANDINSKY5_PRESETS, syn.kandinsky5_shapes, "kandinsky5-lite-video",
+                              (("visual_blocks", "visual_transformer_blocks"),),
+                              forward=lambda cfg: (3584, {"y": (1, 768)})),
+    "ltxv": FamilyBench(syn.LTXV_PRESETS, syn.ltxv_shapes, "ltxv-13b", (("num_layers", "transformer_blocks"),),
+                        prefix=LTX, forward=lambda cfg: (cfg["caption_channels"], {})),
+    "ltxav": FamilyBench(syn.LTXAV_PRESETS, syn.ltxav_shapes, "ltx-2-19b", (("num_layers", "transformer_blocks"),),
+                         prefix=LTX, metadata=syn.ltxav_metadata,
+                         no_forward="its forward takes the packed audio + video latent"),
+    "minimax": FamilyBench(syn.MINIMAX_PRESETS, syn.minimax_shapes, "minimax-h3", (("num_layers", "blocks"),),
+                           extra=_minimax_rope, no_forward="its forward takes [video, audio] latents"),
+    "hunyuan_video": FamilyBench(syn.HUNYUAN_PRESETS, _hunyuan_file_shapes, "hunyuan-video-1.5",
+                                 (("depth", "double_blocks"), ("single", "single_blocks")), forward=_hunyuan_inputs),
+    "cosmos": FamilyBench(syn.COSMOS_PRESETS, syn.cosmos_predict2_shapes, "cosmos-predict2-14b-t2i",
+                          (("num_blocks", "blocks"),), prefix="net.",
+                          extra=lambda cfg: syn.cosmos_rope_ranges(cfg["model_channels"] // cfg["num_heads"]),
+                          forward=lambda cfg: (1024, {})),
+    "cosmos1": FamilyBench(syn.COSMOS1_PRESETS, syn.cosmos1_shapes, "cosmos-1.0-14b-t2w", (("num_blocks", "blocks"),),
+                           prefix="net.", forward=lambda cfg: (1024, {})),
+}
+
+
+def family_config(family: str, preset: str, blocks: int) -> tuple:
+    """(the real preset's dict, the file's: each block list cut to `blocks`, a list the model lacks stays empty)."""
+    spec = FAMILIES[family]
+    real = spec.presets[preset]
+    return real, {**real, **{k: min(blocks, real[k]) for k, _ in spec.blocks}}
+
+
 def _write_family_file(path: str, family: str, preset: str, blocks: int) -> None:
-    from parallel_backend.testing.synthetic import KANDINSKY5_PRESETS, kandinsky5_shapes
-    shapes = kandinsky5_shapes(**{**KANDINSKY5_PRESETS[preset], "visual_blocks": blocks})
-    write_fast_checkpoint(path, shapes, dtype=torch.bfloat16)
+    spec = FAMILIES[family]
+    _, cfg = family_config(family, preset, blocks)
+    meta = {"config": json.dumps({"transformer": spec.metadata(**cfg)})} if spec.metadata else None
+    write_fast_checkpoint(path, spec.shapes(**cfg), dtype=torch.bfloat16, prefix=spec.prefix, metadata=meta,
+                          extra=spec.extra(cfg) if spec.extra else None)
+
+
+def whole_bytes(family: str, preset: str, blocks: int | None = None) -> int:
+    """Bytes of the whole model (or a `blocks`-block file of it) as a bf16 load holds it, from the shapes alone."""
+    spec = FAMILIES[family]
+    _, cfg = family_config(family, preset, blocks if blocks is not None else 10**9)
+    extra = spec.extra(cfg) if spec.extra else {}
+    return sum(math.prod(sh) * (extra[k].element_size() if k in extra else 2) for k, sh in spec.shapes(**cfg).items())
+
+
+def _family_runs(args, family: str, preset: str, modes: list, device: str, formats: list) -> tuple:
+    """({(format, mode): per-rank records}, {format: the file's bytes as held}): the file (and its fp8 copy)
+    written, then loaded on every mode."""
+    from parallel_backend.testing.spmd import run_on_ranks
+
+    spec = FAMILIES[family]
+    real, cfg = family_config(family, preset, args.blocks)
+    forward = None if args.no_forward or not spec.forward else spec.forward(cfg)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="pdit_bench_mem_") as tmp:
+        files = {"bf16": os.path.join(tmp, f"{preset}.safetensors")}
+        _in_child(_write_family_file, files["bf16"], family, preset, args.blocks)
+        if "fp8" in formats:
+            files["fp8"] = os.path.join(tmp, f"{preset}_fp8.safetensors")
+            _in_child(_write_variant, files["bf16"], files["fp8"], "fp8")
+        print(f"file: {', '.join(f'{cfg[k]} of {real[k]} {m}' for k, m in spec.blocks)}, bf16 "
+              f"{mib(os.path.getsize(files['bf16']))} MiB; loaded in bf16 on {device} ranks, modes {', '.join(modes)}"
+              + ("" if forward or args.no_forward else f"\nno tiny forward for {family}: {spec.no_forward} (the "
+                                                      f"bench makes only plain latents); load figures only"))
+        for mode in modes:
+            per_rank = run_on_ranks(_rank_load, mode_config(mode, device), [files[f] for f in formats], "bf16",
+                                    forward, [m for _, m in spec.blocks], timeout=1800)
+            for j, fmt in enumerate(formats):
+                results[fmt, mode] = [recs[j] for recs in per_rank]
+        full = {f: sum(held_bytes(sh, d, "bf16") for sh, d in read_header(p).values()) for f, p in files.items()}
+    return results, full
+
+
+def project(r: dict, spec: FamilyBench, real: dict) -> tuple:
+    """(per-block bytes of each block list, non-block bytes, bytes at the real block counts) of one rank's record."""
+    per = [b / n if n else 0.0 for b, n in (r["groups"][m] for _, m in spec.blocks)]
+    other = r["param_bytes"] - sum(r["groups"][m][0] for _, m in spec.blocks)
+    return per, other, other + sum(p * real[k] for p, (k, _) in zip(per, spec.blocks))
 
 
 def family_main(args, modes: list, device: str) -> int:
     """Tables [1k] (per rank at load and after one tiny forward) and [2k] (projection to the real model from the
     measured block / non-block split) for a family other than Wan."""
-    from parallel_backend.testing.spmd import run_on_ranks
-    from parallel_backend.testing.synthetic import KANDINSKY5_PRESETS
-    from parallel_backend.weights.reads import held_bytes, read_header
-
-    preset = args.preset or "kandinsky5-lite-video"
-    real = KANDINSKY5_PRESETS[preset]
-    header(f"Per-rank parameter bytes and RSS at load, {preset} shapes ({real['model_dim']} wide, "
-           f"{real['visual_blocks']} visual + {real['text_blocks']} text blocks): tensor parallel, sharded weights")
+    spec = FAMILIES[args.family]
+    preset = args.preset or spec.default
+    if preset not in spec.presets:
+        raise SystemExit(f"--preset for {args.family}: one of {', '.join(spec.presets)}")
+    real = spec.presets[preset]
+    counts = " + ".join(f"{real[k]} {m}" for k, m in spec.blocks if real[k])
+    header(f"Per-rank parameter bytes and RSS at load, {args.family} {preset} shapes ({counts}): tensor parallel, "
+           f"sharded weights")
     formats = ["bf16"] + (["fp8"] if args.fp8 else [])
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="pdit_bench_mem_") as tmp:
-        files = {"bf16": os.path.join(tmp, f"{preset}.safetensors")}
-        _in_child(_write_family_file, files["bf16"], args.family, preset, args.blocks)
-        if args.fp8:
-            files["fp8"] = os.path.join(tmp, f"{preset}_fp8.safetensors")
-            _in_child(_write_variant, files["bf16"], files["fp8"], "fp8")
-        full = {f: sum(held_bytes(sh, d, "bf16") for sh, d in read_header(p).values()) for f, p in files.items()}
-        print(f"file: {args.blocks} of {real['visual_blocks']} visual blocks, bf16 {mib(os.path.getsize(files['bf16']))}"
-              f" MiB; loaded in bf16 on {device} ranks, modes {', '.join(modes)}\n")
-        for mode in modes:
-            per_rank = run_on_ranks(_rank_load, mode_config(mode, device), [files[f] for f in formats], "bf16",
-                                    not args.no_forward, timeout=1800)
-            for j, fmt in enumerate(formats):
-                results[fmt, mode] = [recs[j] for recs in per_rank]
+    results, full = _family_runs(args, args.family, preset, modes, device, formats)
+    _family_tables(results, full, spec, real, whole_bytes(args.family, preset))
+    return 0
+
+
+def _family_tables(results: dict, full: dict, spec: FamilyBench, real: dict, whole: int) -> None:
     rows, rows_p = [], []
     for (fmt, mode), ranks in results.items():
         for r in ranks:
@@ -663,21 +793,24 @@ def family_main(args, modes: list, device: str) -> int:
             rows.append([fmt, mode, r["rank"], mib(r["param_bytes"]), f"{r['param_bytes'] / full[fmt]:.3f}",
                          mib(r["bytes_read"]), mib(r["peak_rss"] - r["base_rss"]) if r["first"] else "-",
                          "" if r["hwm"] is None else mib(r["hwm"] - r["base_rss"]), "" if fwd is None else mib(fwd),
-                         f"{r['load_s']:.1f}", "yes" if r.get("fwd_finite") in (True, None) else "NO"])
-        r = ranks[0]
-        per_block, other = r["block_bytes"] / r["num_blocks"], r["param_bytes"] - r["block_bytes"]
-        rows_p.append([fmt, mode, mib(per_block), mib(other),
-                       f"{(other + per_block * real['visual_blocks']) / 2**30:.2f}"])
+                         f"{r['load_s']:.1f}", {True: "yes", False: "NO"}.get(r.get("fwd_finite"), "-")])
+        per, other, proj = project(ranks[0], spec, real)
+        tp1 = results.get((fmt, "tp1"))
+        rows_p.append([fmt, mode, " / ".join(mib(p) for p in per), mib(other), f"{proj / 2**30:.2f}",
+                       f"{proj / project(tp1[0], spec, real)[2]:.3f}" if tp1 else "",
+                       f"{proj / whole:.3f}" if fmt == "bf16" else "", f"{1 / parse_mode(mode)[1]:.3f}"])
     print("[1k] At load and one tiny forward, per rank (MiB; 'of full' = params / the whole file as held):")
     print(table(rows, ["weights", "mode", "rank", "params MiB", "of full", "read MiB", "load delta", "VmHWM delta",
                        "fwd peak", "load s", "finite"], "llr" + "r" * 8))
-    print("load delta: ru_maxrss after the load - RSS before it (first load of a spawn only); VmHWM delta: the load's "
-          "own peak - that RSS; fwd peak: VmHWM over one forward of 8 tokens - RSS before it.")
-    print(f"\n[2k] Projection to the real {real['visual_blocks']} visual blocks, per rank (rank 0), from the MEASURED "
-          f"split (non-block: embeddings, out layer and the {real['text_blocks']} text blocks, which sharded weights "
-          f"split too):")
-    print(table(rows_p, ["weights", "mode", "per block MiB", "non-block MiB", "params GiB"], "llrrr"))
-    return 0
+    print(f"load delta: ru_maxrss after the load - RSS before it (first load of a spawn only); VmHWM delta: the load's "
+          f"own peak - that RSS; fwd peak: VmHWM over one forward of {FWD_TOKENS} tokens - RSS before it ('-': none).")
+    blocks = " + ".join(f"{real[k]} {m}" for k, m in spec.blocks if real[k])
+    print(f"\n[2k] Projection to the real {blocks}, per rank (rank 0), from the MEASURED split (non-block: what the "
+          f"file holds outside those lists, at its real size):")
+    print(table(rows_p, ["weights", "mode", "per block MiB", "non-block MiB", "params GiB", "of tp1", "of whole",
+                         "ideal 1/n"], "llrrrrrr"))
+    print(f"per block: one block of each list ({' / '.join(m for _, m in spec.blocks)}); of whole: params / the whole "
+          f"bf16 model counted from its shapes ({whole / 2**30:.2f} GiB, 2 bytes an element, fp32 buffers 4).")
 
 
 if __name__ == "__main__":

@@ -153,3 +153,55 @@ def test_kandinsky5_run_prints_per_rank_rows():
         assert 0.5 * whole < held < 0.75 * whole, (held, whole)  # the embeddings and out layer stay whole
         assert rows["shard2", rank]["finite"] == "yes"
     assert [row["mode"] for row in _table(r.stdout, "[2k] Projection")] == ["tp1", "shard2"]
+
+
+# the released sizes (billions of parameters) each family's largest preset must count, from its shapes alone
+RELEASED_B = {("ltxv", "ltxv-13b"): 13, ("ltxav", "ltx-2-19b"): 19, ("hunyuan_video", "hunyuan-video-1.5"): 8.3,
+              ("hunyuan_video", "hunyuan-video-1.0"): 13, ("cosmos", "cosmos-predict2-14b-t2i"): 14,
+              ("cosmos1", "cosmos-1.0-14b-t2w"): 14, ("kandinsky5", "kandinsky5-pro-video"): 19}
+
+
+def test_every_family_counts_its_released_size_and_cuts_its_blocks():
+    """From the shapes alone (no spawn): each large preset's parameter count is the release's, and a 1-block file
+    holds one block of each block list (HunyuanVideo 1.0: a double and a single block) at the real widths."""
+    for (family, preset), billions in RELEASED_B.items():
+        assert abs(mem.whole_bytes(family, preset) / 2 / 1e9 - billions) < 0.1 * billions, (family, preset)
+    for family, spec in mem.FAMILIES.items():
+        assert spec.default in spec.presets and "tiny" in spec.presets
+        real, cfg = mem.family_config(family, spec.default, 1)
+        assert all(cfg[k] == min(1, real[k]) for k, _ in spec.blocks)
+        assert mem.whole_bytes(family, spec.default, 1) < mem.whole_bytes(family, spec.default) / 5, family
+
+
+def _family_available(family: str) -> bool:
+    """Whether this ComfyUI has the family's class (0.3.75 lacks MiniMax H3, LTX-2 and Kandinsky 5)."""
+    lightricks = os.path.join(comfy_host.comfyui_path(), "comfy", "ldm", "lightricks", "av_model.py")
+    return {"ltxav": os.path.isfile(lightricks)}.get(family, family not in ("minimax", "kandinsky5")
+                                                        or comfy_host.comfyui_version() != "0.3.75")
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("family", ["ltxv", "hunyuan_video", "minimax"])
+def test_family_run_prints_halved_blocks_on_tp2_and_sharded_x2(family):
+    """--family on the tiny preset, 1 block of each block list, tp2 and sharded x2 (2 spawns of 2 ranks): both
+    ranks' rows; one block on each rank about half of the whole block as its shapes count it (sharded x2: FSDP's
+    rows, tp2: the TP plan, norms and modulation whole); the projection below the whole model and above its
+    1 / 2 share; a finite forward, or none with the reason said (MiniMax H3's [video, audio] latents)."""
+    if not _family_available(family):
+        pytest.skip(f"this ComfyUI has no {family} class")
+    env = {**os.environ, "COMFYUI_PATH": comfy_host.comfyui_path()}
+    r = subprocess.run([sys.executable, "bench/memory.py", "--family", family, "--preset", "tiny", "--blocks", "1",
+                        "--modes", "tp2,shard2", "--device", "cpu"], cwd=comfy_host.REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {(row["mode"], row["rank"]): row for row in _table(r.stdout, "[1k] At load")}
+    assert set(rows) == {(m, k) for m in ("tp2", "shard2") for k in "01"}
+    forward = mem.FAMILIES[family].forward is not None
+    assert all(row["finite"] == ("yes" if forward else "-") for row in rows.values()), rows
+    assert forward or f"no tiny forward for {family}" in r.stdout
+    block = (mem.whole_bytes(family, "tiny", 1) - mem.whole_bytes(family, "tiny", 0)) / 2**20  # one of each list
+    proj = {row["mode"]: row for row in _table(r.stdout, "[2k] Projection")}
+    for mode, (lo, hi) in (("shard2", (0.45, 0.58)), ("tp2", (0.45, 0.75))):
+        held = sum(float(b) for b in proj[mode]["per block MiB"].split(" / "))
+        assert lo * block < held < hi * block, (mode, held, block)
+        assert 0.5 < float(proj[mode]["of whole"]) < 1.0, proj[mode]
