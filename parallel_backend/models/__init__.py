@@ -19,7 +19,7 @@ def detect_family(shapes: dict, path: str = "<file>"):
     for fam in FAMILIES.values():
         if fam.detect(shapes):
             arch = getattr(shapes, "architecture", None)
-            if arch is not None and arch != getattr(fam, "GGUF_ARCHITECTURE", fam.FAMILY):
+            if arch is not None and arch not in getattr(fam, "GGUF_ARCHITECTURES", (fam.FAMILY,)):
                 raise UnsupportedModelError(f"{path}: its tensors are a {fam.FAMILY} DiT but the GGUF says its "
                                             f"architecture is {arch!r}; the file is mislabelled or damaged")
             return fam

@@ -28,7 +28,7 @@ from .cosmos_common import converted_names, cosmos_shapes, strip_cosmos
 FAMILY = "cosmos_predict2"
 BLOCKS = "blocks"  # the transformer blocks (what torch.compile compiles, one by one)
 SHARD_UNITS = (BLOCKS,)  # sharded-weights mode: one gather per block; the rest is held whole
-GGUF_ARCHITECTURE = "cosmos"  # city96's GGUF files name every Cosmos generation "cosmos"
+GGUF_ARCHITECTURES = ("cosmos",)  # city96's GGUF files name every Cosmos generation "cosmos"
 PATCH = (1, 2, 2)          # (t, h, w): every Predict2 release; ComfyUI's detection fixes it too
 MAX_SIZE = (128, 240, 240)  # ComfyUI: max_frames 128, max_img_h / w 240 (only bounds the learnable embedding)
 

@@ -40,6 +40,7 @@ from ..config import ModelShape
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "hunyuan_video"
+GGUF_ARCHITECTURES = ("hyvid",)  # city96's GGUF files name HunyuanVideo 1.0 and 1.5 "hyvid"
 BLOCKS = "double_blocks"  # what torch.compile compiles block by block (the single blocks run eager)
 SHARD_UNITS = ("double_blocks", "single_blocks")
 # the planner's block bytes: a double block and the single block of the same index count as one (total exact)

@@ -201,8 +201,13 @@ def host_has_class(name: str) -> bool:
 
 def check_file_class(header: dict) -> str:
     """The LTX class the file asks for; refused where this ComfyUI lacks it (0.3.75 would build a video-only
-    LTXVModel of an LTX-2 file, its audio unused)."""
+    LTXVModel of an LTX-2 file, its audio unused). An LTX-2 GGUF is refused: ComfyUI builds LTX-2 from the
+    safetensors file's metadata config (connector and audio layout), which a GGUF does not carry."""
     wanted = file_class(header)
+    if wanted == "LTXAVModel" and getattr(header, "architecture", None) is not None:
+        raise ValueError("it is an LTX-2 GGUF, which carries no metadata config (ComfyUI builds LTX-2's connectors and "
+                         "audio stream from the safetensors file's), so the pack cannot build the model ComfyUI "
+                         "would: load the LTX-2 safetensors or fp8 file (both run on every axis)")
     if not host_has_class(wanted):
         raise ValueError(f"its key {AUDIO_KEY} makes it ComfyUI's {wanted} (LTX-2 audio + video), which "
                          f"this ComfyUI does not have (it would build LTXVModel and sample another model): update "

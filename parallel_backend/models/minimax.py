@@ -33,6 +33,8 @@ from ..config import ModelShape
 from ..parallel.plan import ParallelPlan, SeqGather, SeqSplit
 
 FAMILY = "minimax_h3"
+# GGUF files: "minimax_h3", or "wan", which MiniMax H3 GGUFs are labelled so that ComfyUI-GGUF accepts them
+GGUF_ARCHITECTURES = ("minimax_h3", "wan")
 BLOCKS = "blocks"
 SHARD_UNITS = (BLOCKS,)
 PATCH = (1, 2, 2)  # every H3 release; ComfyUI's detection fixes it (latents_dim = video_out rows // 4)

@@ -1,6 +1,6 @@
-"""GGUF DiT files (city96's ComfyUI-GGUF layout for Wan / Cosmos): header checks and per-rank row reads that keep
-the quantized bytes quantized. The loader reads a .gguf through `GGUFSliceReader` (reads.open_slices picks it by
-extension); the layers that stay quantized are weights/gguf_linear.py's.
+"""GGUF DiT files (city96's ComfyUI-GGUF layout: Wan, Cosmos, LTX-Video, HunyuanVideo, MiniMax H3): header checks
+and per-rank row reads that keep the quantized bytes quantized. The loader reads a .gguf through `GGUFSliceReader`
+(reads.open_slices picks it by extension); the layers that stay quantized are weights/gguf_linear.py's.
 
 Layout: the tensors carry the safetensors DiT's own keys (`blocks.0.self_attn.q.weight`), the architecture is the
 `general.architecture` string, and each tensor's dims are stored in ggml order (innermost first), so the PyTorch
@@ -24,7 +24,9 @@ import torch
 
 from .checkpoint import CheckpointError, ReopeningReader
 
-ARCHITECTURES = ("wan", "cosmos")
+# general.architecture of the DiT files the pack runs: city96 ComfyUI-GGUF's names for Wan, Cosmos, LTX-Video / LTX-2
+# and HunyuanVideo, and "minimax_h3" as the MiniMax H3 files name theirs; the family is told by the keys (models/)
+ARCHITECTURES = ("wan", "cosmos", "ltxv", "hyvid", "minimax_h3")
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 GGUF_MAGIC = b"GGUF"
 
@@ -40,7 +42,7 @@ QUANTIZED_TYPES = tuple(name for name, (block, _) in QUANT_BLOCKS.items() if blo
 
 class GGUFHeader(dict):
     """key -> (PyTorch shape, quant type name), as `reads.read_header` gives (shape, dtype); `.architecture`
-    is the file's `general.architecture` ("wan" or "cosmos")."""
+    is the file's `general.architecture` (one of ARCHITECTURES)."""
 
     def __init__(self, tensors: dict, architecture: str):
         super().__init__(tensors)
@@ -123,7 +125,7 @@ def _check(reader, path):
 
 
 def read_gguf_header(path: str) -> GGUFHeader:
-    """key -> (PyTorch shape, quant type name) of a Wan / Cosmos GGUF, with `.architecture`; metadata only."""
+    """key -> (PyTorch shape, quant type name) of a DiT GGUF, with `.architecture`; metadata only."""
     reader = open_reader(path)
     arch = _check(reader, path)
     return GGUFHeader({t.name: (_torch_shape(reader, t, path), t.tensor_type.name) for t in reader.tensors}, arch)

@@ -249,3 +249,47 @@ def test_hunyuan_video_10_pooled_clip_and_guidance_equal_comfyui_native(tmp_path
     per_rank = run_on_ranks(run_meshes, config, _run_10, path, meshes, timeout=600)
     for mesh in meshes:
         assert_rows_match({("hunyuan-1.0", "y_guidance"): ref}, [r[mesh] for r in per_rank], mesh, TOL)
+
+
+# a city96-layout GGUF ("hyvid"): 2 ranks, tensor parallel (the fused q/k/v and the single blocks' linears split on
+# quant-block boundaries) and Ulysses (each rank the whole quantized weights)
+GGUF_MESHES = {"tp2": dict(tp=2), "ulysses2": dict(ulysses=2)}
+
+
+def _run_gguf(mesh0, path):
+    from parallel_backend.runtime.mesh import build_mesh
+
+    out = {}
+    for name, degrees in GGUF_MESHES.items():
+        cfg = ParallelConfig(world_size=2, device="cpu", dtype="fp32", **degrees)
+        mesh = mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device)
+        m = ShardedModel(mesh, path, "fp32")
+        x, t, ctx, conds = _case("t2v_i2v_conds")
+        out[name] = {("gguf", "t2v_i2v_conds"): (m.rows(2), m.forward_rows(x, t, ctx, **conds)),
+                     "info": m.info()}
+    return out
+
+
+def test_gguf_q8_0_equals_comfyui_native_on_its_dequantized_weights(checkpoint, tmp_path):
+    """HunyuanVideo 1.5 as a Q8_0 GGUF (city96's layout, architecture "hyvid") on tp2 and ulysses2: its block linears
+    stay quantized on the ranks and the output equals ComfyUI's forward on the file's dequantized weights (ComfyUI
+    has no GGUF loader of its own: ComfyUI-GGUF dequantizes the same bytes per layer)."""
+    from parallel_backend.testing.gguf_files import write_dequantized_safetensors, write_gguf_dit
+
+    comfy_host.import_comfy()
+    import comfy.sd
+
+    path = str(tmp_path / "hunyuanvideo1.5_720p_t2v-Q8_0.gguf")
+    write_gguf_dit(checkpoint, path, "Q8_0", architecture="hyvid")
+    deq = write_dequantized_safetensors(path, str(tmp_path / "hunyuan_video15_dequantized.safetensors"))
+    x, t, ctx, conds = _case("t2v_i2v_conds")
+    with torch.no_grad():
+        ref = comfy.sd.load_diffusion_model(deq).model.diffusion_model._forward(
+            x, t, ctx, transformer_options={}, **conds).float()
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", **GGUF_MESHES["tp2"])
+    per_rank = run_on_ranks(_run_gguf, config, path, timeout=600)
+    for mesh in GGUF_MESHES:
+        info = per_rank[0][mesh]["info"]
+        assert info["family"] == "hunyuan_video" and info["gguf_quantized_layers"] >= 8, info
+        assert not info["gguf_dequantized_at_load"], info
+        assert_rows_match({("gguf", "t2v_i2v_conds"): ref}, [r[mesh] for r in per_rank], f"GGUF Q8_0 {mesh}", TOL)

@@ -306,5 +306,5 @@ def test_lora_and_fp8_scaled_on_tp2_equal_comfyui_native(native_outputs, checkpo
         ref = _native_variant(checkpoint, variants["lora"]) if kind == "lora" else _native_variant(
             variants["fp8_scaled"])
         for key in _keys("2.0", "t2v_45v_7a_masked_text"):  # the variant changes both streams' outputs
-            assert (ref[key] - native_outputs[key]).abs().max() > 1e-3, (kind, stream)
+            assert (ref[key] - native_outputs[key]).abs().max() > 1e-3, (kind, key)
         assert_rows_match(ref, [r[kind] for r in per_rank], f"tp2 {kind}", TOL)

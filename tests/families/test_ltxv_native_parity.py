@@ -179,3 +179,41 @@ def test_odd_world_size_ring3_equals_comfyui_native(checkpoint, native_outputs):
     per_rank = run_on_ranks(_run_mesh, config, checkpoint)
     assert_rows_match(native_outputs, per_rank, config.describe(), TOL)
     _check_weak_guide(per_rank, True, None)
+
+
+GGUF_MESHES = {"tp2": dict(tp=2), "ulysses2": dict(ulysses=2)}
+
+
+def _run_gguf(mesh0, path):
+    from parallel_backend.runtime.mesh import build_mesh
+
+    out = {}
+    for name, degrees in GGUF_MESHES.items():
+        cfg = ParallelConfig(world_size=2, device="cpu", dtype="fp32", **degrees)
+        m = ShardedModel(mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device), path, "fp32")
+        out[name] = {**_run(m), "info": m.info()}
+    return out
+
+
+def test_gguf_q8_0_equals_comfyui_native_on_its_dequantized_weights(checkpoint, tmp_path):
+    """LTX-Video 0.9 as a Q8_0 GGUF (city96's layout, architecture "ltxv") on tp2 and ulysses2: its block linears
+    stay quantized on the ranks (split on quant-block boundaries under TP) and every case equals ComfyUI's forward
+    on the file's dequantized weights (ComfyUI-GGUF dequantizes the same bytes per layer). LTX-2 GGUFs are refused
+    (tests/parallel_backend/models/test_ltxv.py)."""
+    from parallel_backend.testing.gguf_files import write_dequantized_safetensors, write_gguf_dit
+
+    path = str(tmp_path / "ltx-video-2b-v0.9.5-Q8_0.gguf")
+    write_gguf_dit(checkpoint, path, "Q8_0", architecture="ltxv")
+    deq = write_dequantized_safetensors(path, str(tmp_path / "ltxv_deq.safetensors"))
+    dm, ref = ltxv_native(deq).diffusion_model, {}
+    for case in CASES:
+        x, t, ctx, kw = _inputs(case)
+        with torch.no_grad():
+            ref[("tiny", case)] = dm(x, t, ctx, **kw).float()
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", **GGUF_MESHES["tp2"])
+    per_rank = run_on_ranks(_run_gguf, config, path, timeout=600)
+    for mesh in GGUF_MESHES:
+        info = per_rank[0][mesh]["info"]
+        assert info["family"] == "ltxv" and info["gguf_quantized_layers"] >= 8, info
+        assert not info["gguf_dequantized_at_load"], info
+        assert_rows_match(ref, [r[mesh] for r in per_rank], f"GGUF Q8_0 {mesh}", TOL)

@@ -136,9 +136,15 @@ LORA_MODULES = ("blocks.0.attn.qkv_proj", "blocks.1.attn.out_proj", "blocks.0.ml
 def variants(checkpoint, tmp_path_factory):
     from parallel_backend.testing.synthetic import write_fp8_variant, write_module_lora
 
+    from parallel_backend.testing.gguf_files import write_dequantized_safetensors, write_gguf_dit
+
     d = tmp_path_factory.mktemp("minimax_variants")
+    gguf = str(d / "minimax_h3-Q8_0.gguf")  # city96's layout under the architecture name MiniMax H3 files carry
+    write_gguf_dit(checkpoint, gguf, "Q8_0", architecture="minimax_h3")
     return {"lora": write_module_lora(str(d / "minimax_h3_lora.safetensors"), checkpoint, LORA_MODULES),
-            "fp8_scaled": write_fp8_variant(checkpoint, str(d / "minimax_h3_fp8_scaled.safetensors"))}
+            "fp8_scaled": write_fp8_variant(checkpoint, str(d / "minimax_h3_fp8_scaled.safetensors")),
+            "gguf": gguf,
+            "gguf_dequantized": write_dequantized_safetensors(gguf, str(d / "minimax_h3_deq.safetensors"))}
 
 
 def _native_variant(path, lora=None):
@@ -171,23 +177,27 @@ def _run_variants(mesh, checkpoint, variants):
     lora = ShardedModel(mesh, checkpoint, "fp32")
     lora.set_loras(lora_key([(variants["lora"], LORA_STRENGTH)]))
     fp8 = ShardedModel(mesh, variants["fp8_scaled"], "fp32")
-    out = {"lora": {}, "fp8_scaled": {}}
+    gguf = ShardedModel(mesh, variants["gguf"], "fp32")
+    out = {"lora": {}, "fp8_scaled": {}, "gguf": {}, "gguf_info": gguf.info()}
     for name in CASES:
         video, audio, t, ctx, conds = _case(name)
         x, shapes = comfy.utils.pack_latents([video, audio])
-        for kind, m in (("lora", lora), ("fp8_scaled", fp8)):
+        for kind, m in (("lora", lora), ("fp8_scaled", fp8), ("gguf", gguf)):
             out[kind][("tiny", name)] = (m.rows(1), m.forward_rows(x, t, ctx, latent_shapes=shapes, **conds))
     return out
 
 
-def test_lora_and_fp8_scaled_on_tp2_equal_comfyui_native(native_outputs, checkpoint, variants):
+def test_lora_fp8_scaled_and_gguf_on_tp2_equal_comfyui_native(native_outputs, checkpoint, variants):
     """A LoRA merged on the ranks (ComfyUI's own key map and patch code per layer, then the TP split of the fused
     q/k/v and SwiGLU rows) and an fp8_scaled file (ComfyUI's scaled-fp8 layers) on tp2 equal ComfyUI's LoraLoader /
-    its loader of the same files."""
+    its loader of the same files; a Q8_0 GGUF (its block linears kept quantized, split on quant-block boundaries)
+    equals ComfyUI's loader of its dequantized weights."""
     config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", tp=2)
     per_rank = run_on_ranks(_run_variants, config, checkpoint, variants, timeout=600)
-    for kind in ("lora", "fp8_scaled"):
+    info = per_rank[0]["gguf_info"]
+    assert info["gguf_quantized_layers"] >= 8 and not info["gguf_dequantized_at_load"], info
+    for kind in ("lora", "fp8_scaled", "gguf"):
         ref = _native_variant(checkpoint, variants["lora"]) if kind == "lora" else _native_variant(
-            variants["fp8_scaled"])
+            variants["gguf_dequantized" if kind == "gguf" else kind])
         assert (ref[("tiny", "t2va_70tok")] - native_outputs[("tiny", "t2va_70tok")]).abs().max() > 1e-3, kind
         assert_rows_match(ref, [r[kind] for r in per_rank], f"tp2 {kind}", TOL)

@@ -100,3 +100,18 @@ def test_an_ltx2_audio_video_file_builds_ltxavmodel_or_is_refused_by_class_name(
         return
     with pytest.raises(ValueError, match=r"makes it ComfyUI's LTXAVModel .* which this ComfyUI does not have .* update"):
         ltxv.build(header, torch.float32, "ltx-2-19b-dev.safetensors")
+
+
+def test_an_ltx2_gguf_is_refused_with_the_file_to_load_instead():
+    """An LTX-2 GGUF (architecture "ltxv", LTXAVModel's keys) carries no metadata config, from which ComfyUI builds
+    LTX-2's connectors and audio stream: refused before any rank starts (the loader calls check_file_class), on
+    either host, naming the files that run; an LTX-Video 0.9 GGUF passes (tests/families/test_ltxv_native_parity.py)."""
+    from parallel_backend.testing.synthetic import LTXAV_PRESETS, ltxav_shapes
+    from parallel_backend.weights.gguf import GGUFHeader
+
+    av = GGUFHeader({k: (s, "Q8_0") for k, s in ltxav_shapes(**LTXAV_PRESETS["tiny"]).items()}, "ltxv")
+    with pytest.raises(ValueError, match=r"LTX-2 GGUF, which carries no metadata config .* load the LTX-2 "
+                                         r"safetensors or fp8 file"):
+        ltxv.check_file_class(av)
+    video = GGUFHeader({k: (s, "Q8_0") for k, s in ltxv_shapes(**LTXV_PRESETS["tiny"]).items()}, "ltxv")
+    assert detect_family(video) is ltxv and ltxv.check_file_class(video) == "LTXVModel"

@@ -42,6 +42,17 @@ def test_detected_as_minimax_and_nothing_else():
         detect_family({"foo.weight": ((2, 2), "F32")})
 
 
+def test_a_gguf_labelled_minimax_h3_or_wan_is_minimax_and_another_label_is_refused():
+    """MiniMax H3 GGUFs name their architecture "minimax_h3", or "wan" so that ComfyUI-GGUF loads them: both are
+    MiniMax H3 by their keys; any other label is a mislabelled file (the GGUF forward: test_minimax_native_parity)."""
+    from parallel_backend.weights.gguf import GGUFHeader
+
+    for label in ("minimax_h3", "wan"):
+        assert detect_family(GGUFHeader(_header("tiny", "Q8_0"), label)) is minimax
+    with pytest.raises(UnsupportedModelError, match=r"a minimax_h3 DiT but the GGUF says .* 'hyvid'"):
+        detect_family(GGUFHeader(_header("tiny", "Q8_0"), "hyvid"), "h3.gguf")
+
+
 def test_shape_and_block_bytes_for_auto_mode():
     """Heads, head dim and each block's bytes of the real release (the text refiner's blocks are not DiT blocks)."""
     shape = minimax.model_shape(_header("minimax-h3"))
