@@ -20,7 +20,8 @@ share plus some text, which the gather drops). Modulation is per row (one vector
 TP: the fused q / k / v projections of both streams are split by thirds (each rank its heads of q, of k, of v), their
 output projections and MLPs Megatron-style; the single blocks' fused linear1 [q | k | v | 4 x MLP] is split in 7
 equal blocks and linear2 [attention | 4 x MLP] in 5 (mlp_ratio 4, ComfyUI's detection fixes it); the per-head q / k
-RMSNorms act on head_dim and stay whole, as do the modulations, the token refiner, the embedders and the final layer.
+RMSNorms act on head_dim and stay whole, as do the token refiner, the embedders and the final layer; the modulations
+are split by their input features (row-parallel on the whole `vec`, one row per sample all-reduced).
 
 1.5's distilled files run as they are: the SR distilled file (HunyuanVideo15_SR_Distilled) is 98 channels into the
 patch embedding (whole on every rank, before the split), and its meanflow embedding (`time_r_in`, also in the
@@ -60,7 +61,11 @@ def _plan(text_at: str) -> ParallelPlan:
             **{f"double_blocks.*.{s}_attn.proj": "host_rowwise" for s in _STREAMS},
             **{f"double_blocks.*.{s}_mlp.0": "host_colwise" for s in _STREAMS},
             **{f"double_blocks.*.{s}_mlp.2": "host_rowwise" for s in _STREAMS},
-            "single_blocks.*.linear1": "host_colwise_7chunks", "single_blocks.*.linear2": "host_rowwise_5chunks"},
+            "single_blocks.*.linear1": "host_colwise_7chunks", "single_blocks.*.linear2": "host_rowwise_5chunks",
+            # the modulations (hidden -> 6 / 3 x hidden: a third of a 1.5 double block's weights) split by their
+            # input features, their one row per sample all-reduced
+            **{f"double_blocks.*.{s}_mod.lin": "host_rowwise_sliced_input" for s in _STREAMS},
+            "single_blocks.*.modulation.lin": "host_rowwise_sliced_input"},
         # a double block views its qkv by num_heads; a single block splits linear1's output by hidden_size and
         # mlp_hidden_dim_first and views by num_heads: all three become this rank's share
         attention_heads=tuple((p, "num_heads") for p in _DOUBLE + _SINGLE)

@@ -58,6 +58,9 @@ def _tp() -> dict:
         tp[f"{attn}.out_layer"] = "host_rowwise"
     for block in _VISUAL + _TEXT:
         tp.update({f"{block}.feed_forward.in_layer": "host_colwise", f"{block}.feed_forward.out_layer": "host_rowwise"})
+    # the modulations (time_dim -> 9 / 6 x model_dim) split by their input features, their rows all-reduced
+    tp.update({f"{block}.visual_modulation.out_layer": "host_rowwise_sliced_input" for block in _VISUAL})
+    tp.update({f"{block}.text_modulation.out_layer": "host_rowwise_sliced_input" for block in _TEXT})
     return tp
 
 

@@ -20,7 +20,7 @@ cross-attention modulated by three more AdaLN rows of the stream's own timestep 
 timestep (one row per batch row: whole on every rank), gated text connectors (run whole on every rank) and split rope
 (cut by token, and by head under TP, like the interleaved one): the plan is the same. Not run split (refused with what to change): reference audio
 (ID-LoRA's `ref_audio`, trimmed off the whole stream before the audio head) is not a cond the ranks take; guide
-attention masks as on LTXV; pipeline stages (blocks pass a pair of streams).
+attention masks as on LTXV.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from .ltxav import CROSSING_FLAGS as AV_CROSSING_FLAGS, host_forward as av_host_
 FAMILY = "ltxv"
 BLOCKS = "transformer_blocks"  # the transformer blocks (what torch.compile compiles, one by one)
 SHARD_UNITS = (BLOCKS,)  # sharded-weights mode: one gather per block; the rest is held whole
-PIPELINE_CLASSES = ("LTXVModel",)  # a plain loop over transformer_blocks
+PIPELINE_CLASSES = ("LTXVModel", "LTXAVModel")  # a plain loop over transformer_blocks (LTX-2: of (video, audio))
 PATCH = (1, 1, 1)  # SymmetricPatchifier(1): one token per latent voxel
 HEADS = 32  # ComfyUI's detection: attention_head_dim = width // 32 (num_attention_heads keeps its default, 32)
 

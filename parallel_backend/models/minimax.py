@@ -41,10 +41,14 @@ PATCH = (1, 2, 2)  # every H3 release; ComfyUI's detection fixes it (latents_dim
 # the planner's block bytes: `blocks.N.` of the DiT, not the text refiner's own `token_refiner.blocks.N.`
 BLOCK_PATTERN = r"(^|(?<!token_refiner)\.)blocks\.([0-9]+)\."
 CLASSES = ("MiniMaxH3Model",)
+PIPELINE_CLASSES = CLASSES  # a plain loop over `blocks` (the text refiner, embeddings and head on every stage)
 
 PLAN = ParallelPlan(
     tp={"blocks.*.attn.qkv_proj": "host_colwise_qkv", "blocks.*.attn.out_proj": "host_rowwise",
-        "blocks.*.mlp.fc1": "host_colwise_kv", "blocks.*.mlp.fc2": "host_rowwise"},
+        "blocks.*.mlp.fc1": "host_colwise_kv", "blocks.*.mlp.fc2": "host_rowwise",
+        # each block's AdaLN (time_dim -> 18 x hidden: 260 M of a block's 646 M weights in the release) split by its
+        # input features, its few rows (one a timestep) all-reduced: whole on every rank it held 40 % of a block
+        "blocks.*.adaln_proj.linear": "host_rowwise_sliced_input"},
     attention_heads=("blocks.*.attn",), heads_attr="heads",
     # block(x, t_emb, mod_segments, rope_freqs): the packed tokens split at the first block that runs; its segment
     # table and its rope table (1, S, 1, rot / 2, 2, 2) cut to this rank's tokens at every block

@@ -6,7 +6,7 @@ Each stage runs the host's own forward whole: the embeddings and the head (small
 stage, the blocks outside the stage's range are `SkippedBlock`s (identity, no weights, the plan's hooks carried
 over). The first block of a stage's range takes its input from the previous stage (a receive into the shape the
 local tensor has at that point, so Ulysses / Ring inside a stage compose: rank (s, u) talks to rank (s +- 1, u));
-the last block of the range sends its output on. Only the last stage's output is real: it is the replica's leader.
+the last block of the range sends its output on (a tuple of streams, LTX-2's (video, audio), tensor by tensor). Only the last stage's output is real: it is the replica's leader.
 A block-replacement patch (SkipLayerGuidance) could skip a stage's boundary block and with it a send: refused.
 """
 from __future__ import annotations
@@ -84,15 +84,17 @@ class PipelineStage:
 
     def _receive(self, module, args):
         x = args[0]
-        buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
-        dist.recv(buf, src=self._peer(self.stage - 1))
+        bufs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in _streams(x)]  # contiguous
+        for buf in bufs:
+            dist.recv(buf, src=self._peer(self.stage - 1))
         self.received += 1
-        return (buf, *args[1:])
+        return (bufs[0] if isinstance(x, torch.Tensor) else type(x)(bufs), *args[1:])
 
     def _send(self, module, args, out):
-        t = out.contiguous()
-        _count("pp_p2p", t.numel() * t.element_size())
-        self.pending.append((dist.isend(t, dst=self._peer(self.stage + 1)), t))
+        for t in _streams(out):
+            t = t.contiguous()
+            _count("pp_p2p", t.numel() * t.element_size())
+            self.pending.append((dist.isend(t, dst=self._peer(self.stage + 1)), t))
         self.sent += 1
         return out
 
@@ -105,6 +107,15 @@ class PipelineStage:
     @property
     def is_last(self) -> bool:
         return self.stage == self.stages - 1
+
+
+def _streams(x) -> list:
+    """The tensors a block passes on: one, or a tuple / list of them (LTX-2's (video, audio) pair), in order."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return list(x)
+    raise TypeError(f"a pipeline stage passes a tensor or a tuple of tensors between blocks, not {type(x).__name__}")
 
 
 def refuse_block_patches(transformer_options) -> None:

@@ -176,7 +176,8 @@ class ShardedModel:
 
     def _pipelined(self, args, kw) -> torch.Tensor:
         """Each row a micro-batch: stage s computes row k while stage s + 1 computes row k - 1 (the sends are
-        asynchronous); the stage waits for its sends once all rows were issued."""
+        asynchronous); the stage waits for its sends once all rows were issued. Rows a model couples (LTX-2's gates
+        read the batch's largest timestep: the family's check_rows refuses a row alone) go as one micro-batch."""
         from ..parallel.patch_points import options_for_rows, refuse_between_blocks
         from ..parallel.pipeline import refuse_block_patches
 
@@ -184,18 +185,30 @@ class ShardedModel:
         refuse_block_patches(options)
         refuse_between_blocks(options, getattr(self.family, "PATCH_POINTS", {}))
         model, x, t, ctx = args
-        outs = []
+        n, outs = x.shape[0], []
+        step = n if self._rows_coupled(t, kw) else 1
         try:
-            for k in range(x.shape[0]):
+            for k in range(0, n, step):
                 self.seq_state.begin_forward()  # each micro-batch is a forward of its own
-                row = lambda v: v[k:k + 1] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == x.shape[0] else v
+                row = lambda v: v[k:k + step] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
                 if options is not None:
-                    kw["transformer_options"] = options_for_rows(options, slice(k, k + 1), x.shape[0])
-                outs.append(self.family.forward(model, x[k:k + 1], t[k:k + 1], row(ctx),
-                                                **{n: row(v) for n, v in kw.items()}))
+                    kw["transformer_options"] = options_for_rows(options, slice(k, k + step), n)
+                outs.append(self.family.forward(model, x[k:k + step], t[k:k + step], row(ctx),
+                                                **{name: row(v) for name, v in kw.items()}))
         finally:
             self.pipeline.finish()
         return torch.cat(outs, dim=0)
+
+    def _rows_coupled(self, timestep, kw) -> bool:
+        """Whether a row alone would compute differently than in its batch (the family's check_rows refuses it)."""
+        check = getattr(self.family, "check_rows", None)
+        if check is None or timestep.shape[0] == 1:
+            return False
+        try:
+            check(type(self.model).__name__, timestep, kw, slice(0, 1))
+        except ValueError:
+            return True
+        return False
 
 
 LIST_SEP = "#"  # a list-of-tensors input crosses as one tensor per item, named `<input>#<index>`

@@ -53,7 +53,8 @@ def test_ltxv_layout_is_wans_formula_exactly(measured):
 def test_hunyuan_video_joint_text_rides_every_exchange(measured):
     """Per double and per single block, n = 2: Ulysses 4 all-to-alls of the local (text + S/2, D) tensor, each half
     of it leaving; Ring one pass of K and V of that length; TP 2 all-reduces of (S + text, D) in a double block (its
-    attention and MLP outputs, both streams), 1 in a single block (2 (n-1)/n x bytes = the bytes at n = 2)."""
+    attention and MLP outputs, both streams), 1 in a single block (2 (n-1)/n x bytes = the bytes at n = 2), plus
+    the modulations' one row (6 x D per stream of a double block, 3 x D in a single block: split by input)."""
     p = cv.family_preset("hunyuan_video")
     D, blocks = p["hidden"], p["depth"] + p["single"]
     for grid, extra, S in _points("hunyuan_video"):
@@ -61,8 +62,8 @@ def test_hunyuan_video_joint_text_rides_every_exchange(measured):
         rec = {a: measured[(f"hunyuan_video/{a}2", grid, extra)] for a in cv.FAMILY_AXES}
         assert _blocks(rec["ulysses"]) == blocks * 4 * (T + S // 2) * D * E // 2
         assert _blocks(rec["ring"]) == blocks * 2 * (T + S // 2) * D * E
-        assert rec["tp"]["units"] == {"double_blocks": p["depth"] * 2 * (S + T) * D * E,
-                                      "single_blocks": p["single"] * (S + T) * D * E}
+        assert rec["tp"]["units"] == {"double_blocks": p["depth"] * 2 * (S + T + 6) * D * E,
+                                      "single_blocks": p["single"] * (S + T + 3) * D * E}
         for axis in ("ulysses", "ring"):  # more than Wan at the same image tokens: the text is the difference
             assert _blocks(rec[axis]) > cv.wan_blocks("hunyuan_video", axis, grid, extra)
     # per text token it grows where Wan's formula does not; per image token it grows as Wan's
@@ -84,7 +85,8 @@ def test_minimax_packed_sequence_is_wans_formula_at_the_packed_length(measured):
         wan_packed = L * cv.analytic("ulysses", 2, cv.Shape(D, 6, 0, L, P))["per_block"]["all_to_all"]
         assert _blocks(rec["ulysses"]) == _blocks(rec["ring"]) == wan_packed
         assert _blocks(rec["ulysses"]) > cv.wan_blocks("minimax", "ulysses", grid, extra)  # text + audio ride along
-        assert _blocks(rec["tp"]) == L * 2 * P * D * E  # attention out + fc2: no cross-attention
+        # attention out + fc2 (no cross-attention), and the AdaLN's 2 timestep rows of 18 x D (split by input)
+        assert _blocks(rec["tp"]) == L * 2 * (P + 18) * D * E
         assert extra > MINIMAX_AUDIO  # the text is in the packed length too
 
 

@@ -227,6 +227,13 @@ def test_odd_world_size_ring3_equals_comfyui_native(checkpoints, native_outputs)
     assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoints), config.describe(), TOL)
 
 
+def test_pipeline_stages_equal_comfyui_native(checkpoints, native_outputs):
+    """Two pipeline stages (one block each, both layouts): the (video, audio) pair passes stage to stage, stream by
+    stream; the connectors, embeddings and both heads run on each stage."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", pp=2)
+    assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoints), config.describe(), TOL)
+
+
 # ---- a LoRA (ComfyUI's key layout) and an fp8_scaled file on tp2: each layer's rows split after the merge / scale ----
 LORA_STRENGTH = 0.8
 # column- and row-split layers of both streams and of the audio <-> video cross-attentions

@@ -125,6 +125,14 @@ def test_odd_world_size_equals_comfyui_native(native_outputs, checkpoint):
         assert_rows_match(native_outputs, [r[mesh] for r in per_rank], mesh, TOL)
 
 
+def test_pipeline_stages_equal_comfyui_native(native_outputs, checkpoint):
+    """Two pipeline stages (one DiT block each; the text refiner, the packing and the final layer on both; the
+    packed sequence passed stage to stage) equal native."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", pp=2)
+    per_rank = run_on_ranks(_run_mesh, config, checkpoint, timeout=600)
+    assert_rows_match(native_outputs, per_rank, config.describe(), TOL)
+
+
 # ---- a LoRA (ComfyUI's key layout) and an fp8_scaled file on tp2: each layer's rows split after the merge / scale ----
 LORA_STRENGTH = 0.8
 # fused q/k/v (split by thirds) and SwiGLU fc1 (by halves), row-split out_proj / fc2, the text refiner's block too

@@ -79,7 +79,8 @@ def test_synthetic_layout_is_comfyui_kandinsky5(preset):
 
 def test_plan_reaches_every_block_and_no_norm():
     """On a 12-block model: every visual block's rope is cut and its self-attention (only) runs sequence-parallel,
-    every attention and feed-forward linear is TP-split, and no q / k norm or modulation is."""
+    every attention, feed-forward and modulation linear is TP-split (the modulations by their input features), and
+    no q / k norm is."""
     if not _has_kandinsky5():
         pytest.skip("this ComfyUI has no Kandinsky 5 class")
     import fnmatch
@@ -94,7 +95,7 @@ def test_plan_reaches_every_block_and_no_norm():
     hit = lambda patterns: {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}  # noqa: E731
     assert hit(plan.seq_split_kwargs) == {f"visual_transformer_blocks.{i}" for i in range(12)}
     assert hit(plan.sequence_attention) == {f"visual_transformer_blocks.{i}.self_attention" for i in range(12)}
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and "_transformer_blocks." in n and "modulation" not in n}
-    assert hit(plan.tp) == linears and len(linears) == 12 * 10 + 6
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "_transformer_blocks." in n}
+    assert hit(plan.tp) == linears and len(linears) == 12 * 11 + 7
+    assert {plan.tp[p] for p in plan.tp if "modulation" in p} == {"host_rowwise_sliced_input"}
     assert all(hasattr(model.get_submodule(n), "num_heads") for n in hit(plan.attention_heads))
