@@ -31,7 +31,8 @@ step-distilled files) reads the schedule's next sigma from the call's transforme
 Refused by name: `guiding_frame_index` (1.0 I2V "v2 replace": modulation rows by token position) and `ref_latent`
 (reference tokens cut off by position after the blocks), both conds the ranks do not take; the transformer_options
 patches the class applies (attn1_patch / attn1_output_patch on 0.33, the `dit` double / single block replacements)
-are not described here, so the ranks refuse them where the tokens are split; pipeline stages (two block lists).
+are not described here, so the ranks refuse them where the tokens are split. Pipeline stages cut the double and the
+single blocks as one sequence (img and txt pass between double blocks, the joined sequence between single blocks).
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ SHARD_UNITS = ("double_blocks", "single_blocks")
 # the planner's block bytes: a double block and the single block of the same index count as one (total exact)
 BLOCK_PATTERN = r"(^|\.)(?:double|single)_blocks\.([0-9]+)\."
 CLASSES = ("HunyuanVideo",)
+# pipeline stages cut the double blocks, then the single blocks (1.0; 1.5 has none) as one sequence: a double
+# block is called by keyword and passes img and txt on, a single block the joined sequence
+PIPELINE_CLASSES = CLASSES
+PIPELINE_BLOCKS = (("double_blocks", ("img", "txt")), ("single_blocks", ()))
 HEAD_DIM = 128  # ComfyUI derives the heads as hidden // 128 and the rope as axes (16, 56, 56)
 
 _STREAMS = ("img", "txt")

@@ -4,9 +4,11 @@ already computes row k + 1 (GPipe's forward schedule, falling out of asynchronou
 
 Each stage runs the host's own forward whole: the embeddings and the head (small, outside the blocks) run on every
 stage, the blocks outside the stage's range are `SkippedBlock`s (identity, no weights, the plan's hooks carried
-over). The first block of a stage's range takes its input from the previous stage (a receive into the shape the
+over). The block before a stage's range gives the previous stage's output as its own (a receive into the shape the
 local tensor has at that point, so Ulysses / Ring inside a stage compose: rank (s, u) talks to rank (s +- 1, u));
-the last block of the range sends its output on (a tuple of streams, LTX-2's (video, audio), tensor by tensor). Only the last stage's output is real: it is the replica's leader.
+the last block of the range sends its output on, tensor by tensor where it is a tuple of streams (LTX-2's (video,
+audio), HunyuanVideo's (img, txt)). Several block lists (HunyuanVideo 1.0's double, then single blocks) are cut as
+one sequence. Only the last stage's output is real: it is the replica's leader.
 A block-replacement patch (SkipLayerGuidance) could skip a stage's boundary block and with it a send: refused.
 """
 from __future__ import annotations
@@ -37,29 +39,35 @@ def stage_ranges(layers: int, stages: int, split: tuple = ()) -> list:
 
 
 class SkippedBlock(nn.Module):
-    """A block another stage holds: passes its input through."""
+    """A block another stage holds: passes its input through (the keyword streams `carry` names, as a tuple, for
+    blocks called by keyword: HunyuanVideo's double blocks take and return img and txt)."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, carry: tuple = ()):
         super().__init__()
-        self.index = index
+        self.index, self.carry = index, carry
 
-    def forward(self, x, *args, **kwargs):
-        return x
+    def forward(self, *args, **kwargs):
+        return tuple(kwargs[name] for name in self.carry) if self.carry else args[0]
 
     def extra_repr(self) -> str:
         return f"block {self.index} lives on another pipeline stage"
 
 
 class PipelineStage:
-    """This rank's stage of `model`'s `blocks` (a ModuleList path): blocks outside the range replaced (call
-    `skip_outside` before TP / loading), the hops installed after the plan's hooks (`install_hops`)."""
+    """This rank's stage of `model`'s blocks: `blocks` is a ModuleList path, or ((path, carry), ...) for lists run
+    one after the other (HunyuanVideo 1.0: double, then single blocks), cut as one sequence of blocks. Blocks
+    outside the range are replaced (call `skip_outside` before TP / loading), the hops installed after the plan's
+    hooks (`install_hops`)."""
 
-    def __init__(self, model: nn.Module, blocks: str, stage: int, stages: int, group, split: tuple = ()):
-        self.model, self.blocks_path, self.stage, self.stages, self.group = model, blocks, stage, stages, group
-        container = model.get_submodule(blocks)
-        if not isinstance(container, nn.ModuleList):
-            raise ValueError(f"pipeline stages need the blocks as a list; {blocks} is a {type(container).__name__}")
-        self.ranges = stage_ranges(len(container), stages, split)
+    def __init__(self, model: nn.Module, blocks, stage: int, stages: int, group, split: tuple = ()):
+        self.model, self.stage, self.stages, self.group = model, stage, stages, group
+        self.blocks = []  # (module path, carry): carry names the keyword streams a block takes and returns
+        for path, list_carry in ([(blocks, ())] if isinstance(blocks, str) else blocks):
+            container = model.get_submodule(path)
+            if not isinstance(container, nn.ModuleList):
+                raise ValueError(f"pipeline stages need the blocks as a list; {path} is a {type(container).__name__}")
+            self.blocks += [(f"{path}.{i}", tuple(list_carry)) for i in range(len(container))]
+        self.ranges = stage_ranges(len(self.blocks), stages, split)
         self.start, self.stop = self.ranges[stage]
         self.pending: list = []  # (work, tensor) of sends not yet completed
         self.sent = self.received = 0
@@ -67,28 +75,28 @@ class PipelineStage:
     def skip_outside(self) -> None:
         from .plan import replace_module
 
-        container = self.model.get_submodule(self.blocks_path)
-        for i in range(len(container)):
+        for i, (name, carry) in enumerate(self.blocks):
             if not self.start <= i < self.stop:
-                replace_module(self.model, f"{self.blocks_path}.{i}", SkippedBlock(i))
+                replace_module(self.model, name, SkippedBlock(i, carry))
 
     def _peer(self, stage: int) -> int:
         return dist.get_global_rank(self.group, stage)
 
     def install_hops(self) -> None:
-        container = self.model.get_submodule(self.blocks_path)
+        """The stage before this one's first block (a SkippedBlock here) gives the received streams as its output,
+        so whatever the host does between blocks, and the plan's hooks on the first block, see them as they would
+        unsplit; the last block of the range sends its output on."""
         if self.stage > 0:
-            container[self.start].register_forward_pre_hook(self._receive)
+            self.model.get_submodule(self.blocks[self.start - 1][0]).register_forward_hook(self._receive)
         if self.stage < self.stages - 1:
-            container[self.stop - 1].register_forward_hook(self._send)
+            self.model.get_submodule(self.blocks[self.stop - 1][0]).register_forward_hook(self._send)
 
-    def _receive(self, module, args):
-        x = args[0]
-        bufs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in _streams(x)]  # contiguous
+    def _receive(self, module, args, out):
+        bufs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in _streams(out)]  # contiguous
         for buf in bufs:
             dist.recv(buf, src=self._peer(self.stage - 1))
         self.received += 1
-        return (bufs[0] if isinstance(x, torch.Tensor) else type(x)(bufs), *args[1:])
+        return bufs[0] if isinstance(out, torch.Tensor) else type(out)(bufs)
 
     def _send(self, module, args, out):
         for t in _streams(out):

@@ -71,7 +71,8 @@ def cut_pipeline(model, family, mesh, path: str):
         raise ValueError(f"{path}: pipeline stages (pp={c.pp}) run {', '.join(classes) or 'no class'} of "
                          f"{family.FAMILY}, not ComfyUI's {type(model).__name__}: set pp to 1 and use "
                          f"ulysses / ring / cfg (or sharded weights to fit)")
-    stage = PipelineStage(model, family.BLOCKS, mesh.coord["pp"], c.pp, mesh.groups["pp"], c.stage_split)
+    blocks = getattr(family, "PIPELINE_BLOCKS", family.BLOCKS)  # a family whose blocks are several lists names them
+    stage = PipelineStage(model, blocks, mesh.coord["pp"], c.pp, mesh.groups["pp"], c.stage_split)
     stage.skip_outside()
     return stage
 

@@ -205,6 +205,14 @@ def test_odd_world_size_equals_comfyui_native(native_outputs, checkpoints):
         assert_rows_match(native_outputs, [r[mesh] for r in per_rank], mesh, TOL)
 
 
+def test_pipeline_stages_equal_comfyui_native(native_outputs, checkpoint):
+    """Two pipeline stages over the tiny file's double block and single block (cut as one sequence): the stage
+    boundary falls where the host joins img and txt, so (img, txt) crosses and the next stage joins them."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", pp=2)
+    per_rank = run_on_ranks(_run_mesh, config, {"tiny": checkpoint}, timeout=600)
+    assert_rows_match({k: v for k, v in native_outputs.items() if k[0] == "tiny"}, per_rank, config.describe(), TOL)
+
+
 def test_sharded_weights_equal_comfyui_native(native_outputs, checkpoint):
     """Sharded weights (each double / single block's weights split over the ranks, gathered per block) on ulysses2."""
     config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", ulysses=2, shard_weights=True)
@@ -293,3 +301,20 @@ def test_gguf_q8_0_equals_comfyui_native_on_its_dequantized_weights(checkpoint, 
         assert info["family"] == "hunyuan_video" and info["gguf_quantized_layers"] >= 8, info
         assert not info["gguf_dequantized_at_load"], info
         assert_rows_match({("gguf", "t2v_i2v_conds"): ref}, [r[mesh] for r in per_rank], f"GGUF Q8_0 {mesh}", TOL)
+
+
+def test_hunyuan_video_10_pipeline_stages_equal_comfyui_native(tmp_path):
+    """1.0 with 3 double and 1 single block on two stages: the boundary inside the double blocks (the second double
+    block's (img, txt) output crosses), the second stage running the last double block, the join and the single
+    block."""
+    comfy_host.import_comfy()
+    import comfy.sd
+
+    path = write_tiny_hunyuan_video(str(tmp_path / "hunyuan_video10_tiny.safetensors"), seed=3, **{**V10, "depth": 3})
+    x, t, ctx, conds = _case_10()
+    with torch.no_grad():
+        ref = comfy.sd.load_diffusion_model(path).model.diffusion_model._forward(
+            x, t, ctx, transformer_options={}, **conds).float()
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", pp=2)
+    assert_rows_match({("hunyuan-1.0", "y_guidance"): ref}, run_on_ranks(_run_10, config, path, timeout=600),
+                      config.describe(), TOL)
