@@ -227,6 +227,13 @@ def test_odd_world_size_ring3_equals_comfyui_native(checkpoints, native_outputs)
     assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoints), config.describe(), TOL)
 
 
+def test_sharded_weights_equal_comfyui_native(checkpoints, native_outputs):
+    """Sharded weights (each block's weights, both streams', split over the ranks, gathered as it runs) on ulysses2,
+    both layouts."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", ulysses=2, shard_weights=True)
+    assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoints), config.describe(), TOL)
+
+
 def test_pipeline_stages_equal_comfyui_native(checkpoints, native_outputs):
     """Two pipeline stages (one block each, both layouts): the (video, audio) pair passes stage to stage, stream by
     stream; the connectors, embeddings and both heads run on each stage."""

@@ -181,6 +181,12 @@ def test_odd_world_size_ring3_equals_comfyui_native(checkpoint, native_outputs):
     _check_weak_guide(per_rank, True, None)
 
 
+def test_sharded_weights_equal_comfyui_native(checkpoint, native_outputs):
+    """Sharded weights (each block's weights split over the ranks, gathered as it runs) on ulysses2."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", ulysses=2, shard_weights=True)
+    assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoint), config.describe(), TOL)
+
+
 def test_pipeline_stages_equal_comfyui_native(checkpoint, native_outputs):
     """Two pipeline stages (the tiny file's blocks halved; embeddings, text and the head on each stage), each row a
     micro-batch: every case (per-token i2v timesteps, masked text) equals native."""

@@ -125,6 +125,12 @@ def test_odd_world_size_equals_comfyui_native(native_outputs, checkpoint):
         assert_rows_match(native_outputs, [r[mesh] for r in per_rank], mesh, TOL)
 
 
+def test_sharded_weights_equal_comfyui_native(native_outputs, checkpoint):
+    """Sharded weights (each DiT block's weights split over the ranks, gathered as it runs) on ulysses2."""
+    config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", ulysses=2, shard_weights=True)
+    assert_rows_match(native_outputs, run_on_ranks(_run_mesh, config, checkpoint, timeout=600), config.describe(), TOL)
+
+
 def test_pipeline_stages_equal_comfyui_native(native_outputs, checkpoint):
     """Two pipeline stages (one DiT block each; the text refiner, the packing and the final layer on both; the
     packed sequence passed stage to stage) equal native."""
