@@ -24,8 +24,9 @@ def declared_call(config, spec: dict, shape):
 
 
 def auto_mode(config, spec: dict) -> bool:
-    """Whether auto mode may move the degrees: every axis left at auto, one node, replicated weights."""
-    return (config.world_size > 1 and config.nodes == 1 and not config.shard_weights and config.tp == 1
+    """Whether auto mode may move the degrees: every axis left at auto, replicated weights (on one node or several:
+    the other nodes rejoin the restarted group with its new degrees)."""
+    return (config.world_size > 1 and not config.shard_weights and config.tp == 1
             and all(not spec.get(a) for a in AXES_AUTO) and spec.get("pp", 1) in (0, 1) and not config.stage_split)
 
 

@@ -258,6 +258,15 @@ def nodes(a: dict) -> dict:
     out["lora_moves"] = (want - sample(native, 1.0)).abs().max().item()
     import parallel_backend.runtime.group as group
     out["folds"] = [st["fold_per_forward"][-1] for st in group.active_groups()[0].stats()]
+    # a declared latent: auto mode weighs the meshes on the links the group measured (across nodes too) and restarts
+    # the group where another is predicted faster (node 1 rejoins it)
+    declared = pack.NODE_CLASS_MAPPINGS["ParallelConfig"]().make(
+        4, 0, 0, 0, 0, 0, "fp32", "cpu", "sdpa", latent=latent, nodes=2, ranks_per_node=2,
+        rendezvous=a["rendezvous"], secret_file=a["secret"], rejoin_timeout=a["rejoin"])[0]
+    placed, out["auto_plan"] = pack.NODE_CLASS_MAPPINGS["ParallelModelLoader"]().load("tiny.safetensors", "fp32",
+                                                                                        declared)
+    out["diffs"]["auto placement (declared latent), cfg 4.0"] = (sample(placed, 4.0) - sample(native, 4.0)).abs().max(
+    ).item()
     group.stop_all()
     return out
 

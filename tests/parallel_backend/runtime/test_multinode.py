@@ -541,8 +541,11 @@ def test_the_pack_nodes_sample_across_two_nodes_like_native_comfyui(net, secrets
         assert diff <= 1e-4, (what, diff, r)
     assert r["lora_moves"] > 1e-2, r  # the LoRA changes the latent: the parity above is not trivial
     assert r["folds"] == ["2xring"] * 4, r["folds"]  # cfg 1.0's one row: the idle replica joins the ring
+    # with a declared latent auto mode weighs the meshes on the measured links, the one between the nodes included
+    auto = r["auto_plan"]
+    assert "across nodes" in auto and "predicted" in auto and "on one rank" in auto, auto
     print("\npack nodes on 2 nodes x 2 ranks vs native ComfyUI: " +
-          "; ".join(f"{k} {v:.2e}" for k, v in r["diffs"].items()) + f"\nparallel_plan: {plan}")
+          "; ".join(f"{k} {v:.2e}" for k, v in r["diffs"].items()) + f"\nparallel_plan: {plan}\nauto: {auto}")
 
 
 @pytest.mark.multirank
