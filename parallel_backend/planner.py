@@ -697,8 +697,8 @@ def best_call(config: ParallelConfig, call: CallShape, measured: Measured) -> tu
 def choose_placement(config: ParallelConfig, call: CallShape, measured: Measured, layers_total: int) -> tuple:
     """(degrees, why) for auto mode with replicated weights: the mesh_candidates' mesh whose call is predicted
     fastest (each with its best fold; on several nodes the axes whose groups span nodes priced at the link between
-    them), never one predicted slower than one rank - a pipeline or a mesh whose replicas idle stands in then. `layers_total`: the model's blocks (a pipeline needs one per stage; 0: no
-    pipeline)."""
+    them), never one predicted slower than one rank - a pipeline or a mesh whose replicas idle stands in then.
+    `layers_total`: the model's blocks (a pipeline needs one per stage; 0: no pipeline)."""
     one = one_rank_seconds(call, measured)
     timed = []
     for degrees in mesh_candidates(config.world_size, call.heads):
