@@ -540,7 +540,9 @@ def test_the_pack_nodes_sample_across_two_nodes_like_native_comfyui(net, secrets
     for what, diff in r["diffs"].items():
         assert diff <= 1e-4, (what, diff, r)
     assert r["lora_moves"] > 1e-2, r  # the LoRA changes the latent: the parity above is not trivial
-    assert r["folds"] == ["2xring"] * 4, r["folds"]  # cfg 1.0's one row: the idle replica joins the ring
+    # cfg 1.0's one row: each call's fold is weighed on the measured links (auto degrees): the idle replica joins the
+    # ring across the nodes, or stays idle where that is predicted faster; never the Ulysses all-to-all across nodes
+    assert len(set(r["folds"])) == 1 and r["folds"][0] in ("2xring", "none"), r["folds"]
     # with a declared latent auto mode weighs the meshes on the measured links, the one between the nodes included
     auto = r["auto_plan"]
     assert "across nodes" in auto and "predicted" in auto and "on one rank" in auto, auto
