@@ -694,6 +694,12 @@ def best_call(config: ParallelConfig, call: CallShape, measured: Measured) -> tu
     return p, (seconds if seconds is not None else predict_call_seconds(p, call, measured, _per_node(config)))
 
 
+def inside_nodes(config: ParallelConfig) -> bool:
+    """Whether Ulysses x TP (an all-to-all / all-reduce every layer) stays inside a node, as config.validate_nodes
+    requires of a multi-node mesh."""
+    return config.nodes == 1 or config.local_ranks % (config.ulysses * config.tp) == 0
+
+
 def choose_placement(config: ParallelConfig, call: CallShape, measured: Measured, layers_total: int) -> tuple:
     """(degrees, why) for auto mode with replicated weights: the mesh_candidates' mesh whose call is predicted
     fastest (each with its best fold; on several nodes the axes whose groups span nodes priced at the link between
@@ -702,8 +708,9 @@ def choose_placement(config: ParallelConfig, call: CallShape, measured: Measured
     one = one_rank_seconds(call, measured)
     timed = []
     for degrees in mesh_candidates(config.world_size, call.heads):
-        if degrees["pp"] == 1 or degrees["pp"] <= layers_total:
-            timed.append(best_call(dataclasses.replace(config, **degrees), call, measured))
+        candidate = dataclasses.replace(config, **degrees)
+        if (degrees["pp"] == 1 or degrees["pp"] <= layers_total) and inside_nodes(candidate):
+            timed.append(best_call(candidate, call, measured))
     fastest = min(seconds for _, seconds in timed)
     # within PREFERENCE_MARGIN of the fastest, the analytic ranking's order decides (the cost model does not see
     # ring attention's merge steps or kernels' launch costs): cfg, then Ulysses, then Ring, then dp

@@ -422,3 +422,18 @@ def test_only_the_axes_that_span_nodes_are_priced_at_the_link_between_nodes():
     assert predict_call_seconds(spanning, call, m, 2) > 10 * predict_call_seconds(spanning, call, m)
     assert "WARNING" not in check_placement(nodes(cfg=2, ulysses=2), call, m)
     assert "WARNING slower than one rank" in check_placement(nodes(ulysses=4), call, m)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("rows", [1, 2])
+def test_auto_placement_on_two_nodes_keeps_ulysses_inside_a_node(rows):
+    """On 2 nodes x 2 ranks a fast inside link and a fast across one make Ulysses 4 the cheapest split, which would span
+    the nodes: never picked (config.validate_nodes refuses it); every pick validates as a multi-node config."""
+    call = CallShape(**WAN13B, rows=rows)
+    for gbit in (400, 25, 1):
+        link = {"bandwidth": gbit * GBIT, "latency": 50e-6}
+        m = Measured({"all_to_all": link, "p2p": link, "p2p_across": link}, measured(gbit, world=4).blocks,
+                     WAN13B["tokens"])
+        degrees, _ = choose_placement(nodes(), call, m, WAN13B["layers"])
+        assert degrees["ulysses"] * degrees["tp"] <= 2, (gbit, degrees)
+        validate_config(nodes(**degrees))
