@@ -200,6 +200,12 @@ def _validate_kernels(cfg: ParallelConfig) -> None:
                           f"ComfyUI's Python environment and restart ComfyUI, or pick attention 'sdpa'")
 
 
+def per_layer_axes_inside_a_node(cfg) -> bool:
+    """Whether Ulysses x TP (an all-to-all / all-reduce in every layer) lies inside a node: the mesh puts them
+    innermost, so they must divide a node's ranks."""
+    return cfg.nodes == 1 or cfg.local_ranks % (cfg.ulysses * cfg.tp) == 0
+
+
 def validate_nodes(cfg: ParallelConfig) -> None:
     """The multi-node fields: a world that splits evenly into nodes, a rendezvous address and a secret file, and a
     placement that keeps the per-layer all-to-all (Ulysses) and TP inside a node."""
@@ -226,7 +232,7 @@ def validate_nodes(cfg: ParallelConfig) -> None:
         raise ConfigError("several nodes need a secret_file: the same file on every node, made with "
                           "`python -c \"import secrets; print(secrets.token_hex(32))\" > pdit.secret`")
     inner = cfg.ulysses * cfg.tp
-    if cfg.local_ranks % inner:
+    if not per_layer_axes_inside_a_node(cfg):
         raise ConfigError(f"ulysses x tp = {inner} would span nodes ({cfg.local_ranks} ranks per node): their "
                           f"all-to-all / all-reduce runs in every layer and belongs inside a node; use ring, cfg or "
                           f"pp across nodes (e.g. ulysses={math.gcd(inner, cfg.local_ranks)}, ring="

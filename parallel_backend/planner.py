@@ -12,7 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from .config import AXES, WEIGHT_MODES, ConfigError, ParallelConfig, rank_coords, validate_config, validate_for_model
+from .config import (AXES, WEIGHT_MODES, ConfigError, ParallelConfig, per_layer_axes_inside_a_node, rank_coords,
+                     validate_config, validate_for_model)
 from .parallel.pipeline import stage_ranges
 from .parallel.traffic import output_gather_bytes, ring_bytes, tensor_parallel_bytes, ulysses_bytes, weight_gather_bytes
 from .weights.reads import held_bytes
@@ -694,12 +695,6 @@ def best_call(config: ParallelConfig, call: CallShape, measured: Measured) -> tu
     return p, (seconds if seconds is not None else predict_call_seconds(p, call, measured, _per_node(config)))
 
 
-def inside_nodes(config: ParallelConfig) -> bool:
-    """Whether Ulysses x TP (an all-to-all / all-reduce every layer) stays inside a node, as config.validate_nodes
-    requires of a multi-node mesh."""
-    return config.nodes == 1 or config.local_ranks % (config.ulysses * config.tp) == 0
-
-
 def choose_placement(config: ParallelConfig, call: CallShape, measured: Measured, layers_total: int) -> tuple:
     """(degrees, why) for auto mode with replicated weights: the mesh_candidates' mesh whose call is predicted
     fastest (each with its best fold; on several nodes the axes whose groups span nodes priced at the link between
@@ -709,7 +704,7 @@ def choose_placement(config: ParallelConfig, call: CallShape, measured: Measured
     timed = []
     for degrees in mesh_candidates(config.world_size, call.heads):
         candidate = dataclasses.replace(config, **degrees)
-        if (degrees["pp"] == 1 or degrees["pp"] <= layers_total) and inside_nodes(candidate):
+        if (degrees["pp"] == 1 or degrees["pp"] <= layers_total) and per_layer_axes_inside_a_node(candidate):
             timed.append(best_call(candidate, call, measured))
     fastest = min(seconds for _, seconds in timed)
     # within PREFERENCE_MARGIN of the fastest, the analytic ranking's order decides (the cost model does not see

@@ -9,12 +9,13 @@ MESHES_4 = {"cfg2xulysses2": dict(cfg=2, ulysses=2), "ring2xtp2": dict(ring=2, t
 
 
 def run_meshes(mesh0, run_mesh, paths, meshes):
-    """On every rank: {mesh name: run_mesh(mesh, paths)} for each of `meshes` (name -> degrees)."""
+    """On every rank: {mesh name: run_mesh(mesh, paths)} for each of `meshes` (name -> degrees) over the ranks
+    run_on_ranks started (mesh0's world size)."""
     from parallel_backend.runtime.mesh import build_mesh
 
     out = {}
     for name, degrees in meshes.items():
-        cfg = ParallelConfig(world_size=4, device="cpu", dtype="fp32", **degrees)
+        cfg = ParallelConfig(world_size=mesh0.config.world_size, device="cpu", dtype="fp32", **degrees)
         mesh = mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device)
         out[name] = run_mesh(mesh, paths)
     return out

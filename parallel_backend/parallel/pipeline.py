@@ -83,7 +83,7 @@ class PipelineStage:
         return dist.get_global_rank(self.group, stage)
 
     def install_hops(self) -> None:
-        """The stage before this one's first block (a SkippedBlock here) gives the received streams as its output,
+        """The block before this stage's first one (a SkippedBlock here) gives the received streams as its output,
         so whatever the host does between blocks, and the plan's hooks on the first block, see them as they would
         unsplit; the last block of the range sends its output on."""
         if self.stage > 0:

@@ -264,18 +264,10 @@ def test_hunyuan_video_10_pooled_clip_and_guidance_equal_comfyui_native(tmp_path
 GGUF_MESHES = {"tp2": dict(tp=2), "ulysses2": dict(ulysses=2)}
 
 
-def _run_gguf(mesh0, path):
-    from parallel_backend.runtime.mesh import build_mesh
-
-    out = {}
-    for name, degrees in GGUF_MESHES.items():
-        cfg = ParallelConfig(world_size=2, device="cpu", dtype="fp32", **degrees)
-        mesh = mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device)
-        m = ShardedModel(mesh, path, "fp32")
-        x, t, ctx, conds = _case("t2v_i2v_conds")
-        out[name] = {("gguf", "t2v_i2v_conds"): (m.rows(2), m.forward_rows(x, t, ctx, **conds)),
-                     "info": m.info()}
-    return out
+def _run_gguf(mesh, path):
+    m = ShardedModel(mesh, path, "fp32")
+    x, t, ctx, conds = _case("t2v_i2v_conds")
+    return {("gguf", "t2v_i2v_conds"): (m.rows(2), m.forward_rows(x, t, ctx, **conds)), "info": m.info()}
 
 
 def test_gguf_q8_0_equals_comfyui_native_on_its_dequantized_weights(checkpoint, tmp_path):
@@ -295,7 +287,7 @@ def test_gguf_q8_0_equals_comfyui_native_on_its_dequantized_weights(checkpoint, 
         ref = comfy.sd.load_diffusion_model(deq).model.diffusion_model._forward(
             x, t, ctx, transformer_options={}, **conds).float()
     config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", **GGUF_MESHES["tp2"])
-    per_rank = run_on_ranks(_run_gguf, config, path, timeout=600)
+    per_rank = run_on_ranks(run_meshes, config, _run_gguf, path, GGUF_MESHES, timeout=600)
     for mesh in GGUF_MESHES:
         info = per_rank[0][mesh]["info"]
         assert info["family"] == "hunyuan_video" and info["gguf_quantized_layers"] >= 8, info

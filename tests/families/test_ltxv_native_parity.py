@@ -197,15 +197,9 @@ def test_pipeline_stages_equal_comfyui_native(checkpoint, native_outputs):
 GGUF_MESHES = {"tp2": dict(tp=2), "ulysses2": dict(ulysses=2)}
 
 
-def _run_gguf(mesh0, path):
-    from parallel_backend.runtime.mesh import build_mesh
-
-    out = {}
-    for name, degrees in GGUF_MESHES.items():
-        cfg = ParallelConfig(world_size=2, device="cpu", dtype="fp32", **degrees)
-        m = ShardedModel(mesh0 if cfg == mesh0.config else build_mesh(cfg, mesh0.rank, mesh0.device), path, "fp32")
-        out[name] = {**_run(m), "info": m.info()}
-    return out
+def _run_gguf(mesh, path):
+    m = ShardedModel(mesh, path, "fp32")
+    return {**_run(m), "info": m.info()}
 
 
 def test_gguf_q8_0_equals_comfyui_native_on_its_dequantized_weights(checkpoint, tmp_path):
@@ -224,7 +218,7 @@ def test_gguf_q8_0_equals_comfyui_native_on_its_dequantized_weights(checkpoint, 
         with torch.no_grad():
             ref[("tiny", case)] = dm(x, t, ctx, **kw).float()
     config = ParallelConfig(world_size=2, device="cpu", dtype="fp32", **GGUF_MESHES["tp2"])
-    per_rank = run_on_ranks(_run_gguf, config, path, timeout=600)
+    per_rank = run_on_ranks(run_meshes, config, _run_gguf, path, GGUF_MESHES, timeout=600)
     for mesh in GGUF_MESHES:
         info = per_rank[0][mesh]["info"]
         assert info["family"] == "ltxv" and info["gguf_quantized_layers"] >= 8, info
